@@ -1,0 +1,171 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ParamKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PARAM_KIND_UNSPECIFIED: _ClassVar[ParamKind]
+    FLOAT: _ClassVar[ParamKind]
+    INT: _ClassVar[ParamKind]
+    BOOL: _ClassVar[ParamKind]
+    STR: _ClassVar[ParamKind]
+PARAM_KIND_UNSPECIFIED: ParamKind
+FLOAT: ParamKind
+INT: ParamKind
+BOOL: ParamKind
+STR: ParamKind
+
+class Value(_message.Message):
+    __slots__ = ("f", "i", "b", "s", "list")
+    F_FIELD_NUMBER: _ClassVar[int]
+    I_FIELD_NUMBER: _ClassVar[int]
+    B_FIELD_NUMBER: _ClassVar[int]
+    S_FIELD_NUMBER: _ClassVar[int]
+    LIST_FIELD_NUMBER: _ClassVar[int]
+    f: float
+    i: int
+    b: bool
+    s: str
+    list: ValueList
+    def __init__(self, f: _Optional[float] = ..., i: _Optional[int] = ..., b: _Optional[bool] = ..., s: _Optional[str] = ..., list: _Optional[_Union[ValueList, _Mapping]] = ...) -> None: ...
+
+class ValueList(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[Value]
+    def __init__(self, items: _Optional[_Iterable[_Union[Value, _Mapping]]] = ...) -> None: ...
+
+class DesiredParam(_message.Message):
+    __slots__ = ("value", "version", "at_step")
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    AT_STEP_FIELD_NUMBER: _ClassVar[int]
+    value: Value
+    version: int
+    at_step: int
+    def __init__(self, value: _Optional[_Union[Value, _Mapping]] = ..., version: _Optional[int] = ..., at_step: _Optional[int] = ...) -> None: ...
+
+class DesiredState(_message.Message):
+    __slots__ = ("version", "params", "paused", "pause_version", "pause_at_step")
+    class ParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: DesiredParam
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[DesiredParam, _Mapping]] = ...) -> None: ...
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_AT_STEP_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    params: _containers.MessageMap[str, DesiredParam]
+    paused: bool
+    pause_version: int
+    pause_at_step: int
+    def __init__(self, version: _Optional[int] = ..., params: _Optional[_Mapping[str, DesiredParam]] = ..., paused: _Optional[bool] = ..., pause_version: _Optional[int] = ..., pause_at_step: _Optional[int] = ...) -> None: ...
+
+class Outcome(_message.Message):
+    __slots__ = ("name", "version", "applied", "step", "old", "new", "reason", "time", "late")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    OLD_FIELD_NUMBER: _ClassVar[int]
+    NEW_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    LATE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    applied: bool
+    step: int
+    old: Value
+    new: Value
+    reason: str
+    time: float
+    late: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., applied: _Optional[bool] = ..., step: _Optional[int] = ..., old: _Optional[_Union[Value, _Mapping]] = ..., new: _Optional[_Union[Value, _Mapping]] = ..., reason: _Optional[str] = ..., time: _Optional[float] = ..., late: _Optional[bool] = ...) -> None: ...
+
+class Acks(_message.Message):
+    __slots__ = ("outcomes",)
+    class OutcomesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Outcome
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Outcome, _Mapping]] = ...) -> None: ...
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    outcomes: _containers.MessageMap[str, Outcome]
+    def __init__(self, outcomes: _Optional[_Mapping[str, Outcome]] = ...) -> None: ...
+
+class ParamSpec(_message.Message):
+    __slots__ = ("name", "kind", "is_list", "choices", "min", "max", "doc", "builtin", "default", "length")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    IS_LIST_FIELD_NUMBER: _ClassVar[int]
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    DOC_FIELD_NUMBER: _ClassVar[int]
+    BUILTIN_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: ParamKind
+    is_list: bool
+    choices: _containers.RepeatedScalarFieldContainer[str]
+    min: float
+    max: float
+    doc: str
+    builtin: bool
+    default: Value
+    length: int
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ParamKind, str]] = ..., is_list: _Optional[bool] = ..., choices: _Optional[_Iterable[str]] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., doc: _Optional[str] = ..., builtin: _Optional[bool] = ..., default: _Optional[_Union[Value, _Mapping]] = ..., length: _Optional[int] = ...) -> None: ...
+
+class Schema(_message.Message):
+    __slots__ = ("params",)
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    params: _containers.RepeatedCompositeFieldContainer[ParamSpec]
+    def __init__(self, params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ...) -> None: ...
+
+class Status(_message.Message):
+    __slots__ = ("step", "steps_per_sec", "metrics", "paused", "values", "time", "pid", "applied_version")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class ValuesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STEPS_PER_SEC_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    steps_per_sec: float
+    metrics: _containers.ScalarMap[str, float]
+    paused: bool
+    values: _containers.MessageMap[str, Value]
+    time: float
+    pid: int
+    applied_version: int
+    def __init__(self, step: _Optional[int] = ..., steps_per_sec: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., paused: _Optional[bool] = ..., values: _Optional[_Mapping[str, Value]] = ..., time: _Optional[float] = ..., pid: _Optional[int] = ..., applied_version: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""What runs inside every worker: the boot entry, the step boundary, the torch hooks."""

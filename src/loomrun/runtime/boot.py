@@ -1,0 +1,57 @@
+"""The worker's entry point: `python -m loomrun.runtime.boot (SCRIPT | -m MODULE) [ARGS]...`.
+
+It attaches the worker's runtime, then runs the user's code as `__main__`, exactly as
+`python SCRIPT ARGS` or `python -m MODULE ARGS` would, tracebacks included.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+import traceback
+
+_OWN_FILES = (os.path.abspath(__file__), os.path.abspath(runpy.__file__))
+
+
+def _user_traceback(tb):
+    """Skip the frames of this module and of runpy, so the user's error reads as usual."""
+    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) in _OWN_FILES:
+        tb = tb.tb_next
+    return tb
+
+
+def run_target(argv: list[str]) -> None:
+    if argv[0] == "-m":
+        module, args = argv[1], argv[2:]
+        sys.argv = [module, *args]
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    else:
+        script, args = argv[0], argv[1:]
+        sys.argv = [script, *args]
+        sys.path[0] = os.path.dirname(os.path.realpath(script))
+        runpy.run_path(script, run_name="__main__")
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    if not argv or (argv[0] == "-m" and len(argv) < 2):
+        sys.exit("usage: python -m loomrun.runtime.boot (SCRIPT | -m MODULE) [ARGS]...")
+    from loomrun.runtime.worker import attach
+
+    attach()
+    try:
+        run_target(argv)
+    except SystemExit:
+        raise
+    except BaseException as error:  # noqa: BLE001 - reported like the interpreter would
+        tb = _user_traceback(error.__traceback__)
+        if isinstance(error, KeyboardInterrupt):
+            traceback.print_exception(type(error), error, tb)
+            sys.exit(130)
+        sys.excepthook(type(error), error, tb)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

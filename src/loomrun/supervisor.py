@@ -1,0 +1,415 @@
+"""Spawns the workers and owns their lifetime: environment, signals, restarts, failures.
+
+The supervisor never imports torch: starting it costs a Python start-up, not a torch import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loomrun.output import ConsoleStream, ReplicaOutput, prefix_for, say, use_color
+
+EXIT_STOPPED_BY = {signal.SIGINT: 130, signal.SIGTERM: 143}
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything `loomrun run` was asked to do, already validated."""
+
+    job: str
+    script: str | None = None
+    module: str | None = None
+    args: tuple[str, ...] = ()
+    nproc: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "localhost"
+    master_port: int | None = None
+    max_restarts: int = 0
+    restart_policy: str = "group"
+    log_dir: Path | None = None
+    console_filter: frozenset[str] | None = None
+    grace: float = 30.0
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes
+
+    def rank_of(self, local_rank: int) -> int:
+        return self.node_rank * self.nproc + local_rank
+
+    def replica_names(self) -> list[str]:
+        """Global names: node 1 of 2 with 4 per node has r4..r7."""
+        return [f"r{self.rank_of(i)}" for i in range(self.nproc)]
+
+    def worker_command(self) -> list[str]:
+        target = ["-m", self.module] if self.module else [self.script]
+        return [sys.executable, "-m", "loomrun.runtime.boot", *target, *self.args]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def worker_env(
+    spec: LaunchSpec,
+    local_rank: int,
+    master_port: int,
+    restart_count: int,
+    error_file: Path,
+    base: dict[str, str],
+) -> dict[str, str]:
+    """torchrun's worker environment for one replica, plus loomrun's own variables."""
+    rank = spec.rank_of(local_rank)
+    env = dict(base)
+    env.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(spec.world_size),
+        LOCAL_WORLD_SIZE=str(spec.nproc),
+        GROUP_RANK=str(spec.node_rank),
+        GROUP_WORLD_SIZE=str(spec.nnodes),
+        ROLE_RANK=str(rank),
+        ROLE_NAME="default",
+        ROLE_WORLD_SIZE=str(spec.world_size),
+        MASTER_ADDR=spec.master_addr,
+        MASTER_PORT=str(master_port),
+        TORCHELASTIC_RUN_ID=spec.job,
+        TORCHELASTIC_RESTART_COUNT=str(restart_count),
+        TORCHELASTIC_MAX_RESTARTS=str(spec.max_restarts),
+        TORCHELASTIC_ERROR_FILE=str(error_file),
+        TORCHELASTIC_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT",
+        LOOMRUN_JOB=spec.job,
+        LOOMRUN_REPLICA=f"r{rank}",
+    )
+    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    # Output goes through a pipe to the supervisor; unbuffered keeps it live and in order.
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if spec.nproc > 1:
+        env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def exit_code_of(returncode: int) -> int:
+    """A shell's view of a child's status: 128+n for death by signal n."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name} (exit code {exit_code_of(returncode)})"
+    return f"exit code {returncode}"
+
+
+def _parent_death_preexec():
+    """A pre-exec function that makes the kernel SIGKILL the worker when the supervisor dies."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    prctl = libc.prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the supervisor died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+@dataclass
+class Replica:
+    """One worker slot: its identity stays, its process changes across restarts."""
+
+    name: str
+    local_rank: int
+    restarts: int = 0
+    proc: asyncio.subprocess.Process | None = None
+    pgid: int | None = None
+    started: float = 0.0
+    output: ReplicaOutput | None = None
+    pumps: list[asyncio.Task] = field(default_factory=list)
+    error_file: Path | None = None
+    finished: bool = False
+
+
+class Supervisor:
+    """Runs one node's replicas until they finish, fail past their restarts, or are stopped."""
+
+    def __init__(self, spec: LaunchSpec):
+        self.spec = spec
+        color_out, color_err = use_color(sys.stdout), use_color(sys.stderr)
+        self._console_out = ConsoleStream(sys.stdout.buffer)
+        self._console_err = ConsoleStream(sys.stderr.buffer)
+        self._color = color_out and color_err
+        self.replicas = [Replica(name, i) for i, name in enumerate(spec.replica_names())]
+        self.group_restarts = 0
+        self.master_port = spec.master_port or free_port()
+        self._preexec = _parent_death_preexec()
+        self._stop_signal: signal.Signals | None = None
+        self._stop_requested = asyncio.Event()
+        self._run_dir: Path | None = None
+        self._own_run_dir = False
+
+    # -- the main loop ---------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        self._prepare_run_dir()
+        if self.spec.nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
+            say(
+                "setting OMP_NUM_THREADS=1 for each worker to avoid overloading the machine; "
+                "set it yourself to tune it"
+            )
+        try:
+            for replica in self.replicas:
+                await self._start(replica)
+            return await self._watch()
+        finally:
+            await self._stop([r for r in self.replicas if self._alive(r)], signal.SIGTERM)
+            self._reap_groups()
+            for replica in self.replicas:
+                await self._drain(replica)
+            self._release_run_dir()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    async def _watch(self) -> int:
+        waits = {asyncio.ensure_future(self._wait(r)): r for r in self.replicas}
+        stop = asyncio.ensure_future(self._stop_requested.wait())
+        try:
+            while waits:
+                done, _ = await asyncio.wait(
+                    [*waits, stop], return_when=asyncio.FIRST_COMPLETED
+                )
+                if stop in done:
+                    return await self._stop_on_signal()
+                for task in done:
+                    replica = waits.pop(task, None)
+                    if replica is None:  # its process was replaced by a group restart
+                        continue
+                    returncode = task.result()
+                    if returncode == 0:
+                        replica.finished = True
+                        continue
+                    restarted = await self._restart_after_failure(replica, returncode)
+                    if not restarted:
+                        return exit_code_of(returncode)
+                    for r in restarted:
+                        for t in [t for t, x in waits.items() if x is r]:
+                            t.cancel()
+                            del waits[t]
+                        waits[asyncio.ensure_future(self._wait(r))] = r
+            return 0
+        finally:
+            stop.cancel()
+            for task in waits:
+                task.cancel()
+
+    async def _wait(self, replica: Replica) -> int:
+        return await replica.proc.wait()
+
+    # -- failures and restarts ---------------------------------------------------
+
+    async def _restart_after_failure(self, replica: Replica, returncode: int) -> list[Replica]:
+        """Restart per the policy and return who was restarted; [] when out of restarts."""
+        await self._drain(replica)
+        spec = self.spec
+        reason = f"{replica.name} {describe_exit(returncode)}"
+        if spec.restart_policy == "replica":
+            if replica.restarts >= spec.max_restarts:
+                await self._fail(replica, returncode)
+                return []
+            replica.restarts += 1
+            say(f"restarting {replica.name} (restart {replica.restarts}/{spec.max_restarts}): {reason}")
+            await self._start(replica)
+            return [replica]
+        if self.group_restarts >= spec.max_restarts:
+            await self._fail(replica, returncode)
+            return []
+        self.group_restarts += 1
+        say(f"restarting all replicas (restart {self.group_restarts}/{spec.max_restarts}): {reason}")
+        await self._stop([r for r in self.replicas if self._alive(r)], signal.SIGTERM)
+        for r in self.replicas:
+            await self._drain(r)
+            r.restarts = self.group_restarts
+            r.finished = False
+            await self._start(r)
+        return list(self.replicas)
+
+    async def _fail(self, replica: Replica, returncode: int) -> None:
+        runtime = time.monotonic() - replica.started
+        others = [r for r in self.replicas if r is not replica and self._alive(r)]
+        tail = " stopping the other replicas." if others else ""
+        say(
+            f"replica {replica.name} failed: {describe_exit(returncode)} "
+            f"(pid {replica.proc.pid}, after {runtime:.1f}s).{tail}"
+        )
+        detail = self._error_detail(replica)
+        if detail:
+            say(f"last lines of {replica.name}'s error:")
+            for line in detail:
+                say(f"  {line}")
+        await self._stop(others, signal.SIGTERM)
+
+    def _error_detail(self, replica: Replica) -> list[str]:
+        """The traceback torch's @record left, or else the end of the replica's stderr."""
+        try:
+            record = json.loads(replica.error_file.read_text())
+            message = record.get("message", {})
+            if isinstance(message, dict):
+                text = message.get("extraInfo", {}).get("py_callstack") or message.get("message")
+            else:
+                text = str(message)
+            if text:
+                return str(text).rstrip().splitlines()[-20:]
+        except (OSError, ValueError, AttributeError, TypeError):
+            pass
+        return list(replica.output.tail)[-20:] if replica.output else []
+
+    # -- signals -------------------------------------------------------------------
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self._stop_signal is not None:
+            say(f"second {sig.name}: killing every worker now")
+            for replica in self.replicas:
+                self._signal_group(replica, signal.SIGKILL)
+            return
+        self._stop_signal = sig
+        self._stop_requested.set()
+
+    async def _stop_on_signal(self) -> int:
+        sig = self._stop_signal
+        alive = [r for r in self.replicas if self._alive(r)]
+        if alive:
+            say(
+                f"got {sig.name}: passing it to {len(alive)} worker(s), "
+                f"SIGKILL after {self.spec.grace:g}s (again to kill now)"
+            )
+        await self._stop(alive, sig)
+        return EXIT_STOPPED_BY.get(sig, 128 + int(sig))
+
+    # -- processes -----------------------------------------------------------------
+
+    async def _start(self, replica: Replica) -> None:
+        spec = self.spec
+        attempt_dir = self._run_dir / f"attempt_{replica.restarts}" / replica.name
+        attempt_dir.mkdir(parents=True, exist_ok=True)
+        replica.error_file = attempt_dir / "error.json"
+        replica.error_file.unlink(missing_ok=True)
+        show = spec.console_filter is None or replica.name in spec.console_filter
+        replica.output = ReplicaOutput(
+            prefix_for(replica.name, replica.local_rank, self._color),
+            show,
+            self._console_out,
+            self._console_err,
+            attempt_dir if spec.log_dir else None,
+        )
+        env = worker_env(
+            spec,
+            replica.local_rank,
+            self.master_port,
+            replica.restarts,
+            replica.error_file,
+            dict(os.environ),
+        )
+        replica.proc = await asyncio.create_subprocess_exec(
+            *spec.worker_command(),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+            preexec_fn=self._preexec,
+            limit=1 << 20,
+        )
+        replica.pgid = replica.proc.pid
+        replica.started = time.monotonic()
+        replica.pumps = [
+            asyncio.ensure_future(replica.output.pump(replica.proc.stdout, "stdout")),
+            asyncio.ensure_future(replica.output.pump(replica.proc.stderr, "stderr")),
+        ]
+
+    @staticmethod
+    def _alive(replica: Replica) -> bool:
+        return replica.proc is not None and replica.proc.returncode is None
+
+    @staticmethod
+    def _signal_group(replica: Replica, sig: int) -> None:
+        if replica.pgid is None:
+            return
+        try:
+            os.killpg(replica.pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    async def _stop(self, replicas: list[Replica], sig: int) -> None:
+        """`sig` to each replica's whole process group, the grace period, then SIGKILL."""
+        if not replicas:
+            return
+        for replica in replicas:
+            self._signal_group(replica, sig)
+        waits = [asyncio.ensure_future(r.proc.wait()) for r in replicas]
+        _, pending = await asyncio.wait(waits, timeout=self.spec.grace)
+        if pending:
+            late = [r.name for r in replicas if self._alive(r)]
+            say(f"{', '.join(late)} still running after {self.spec.grace:g}s: sending SIGKILL")
+            for replica in replicas:
+                self._signal_group(replica, signal.SIGKILL)
+            await asyncio.wait(pending)
+        # Whatever the workers left in their groups (dataloader workers, shells) goes too.
+        for replica in replicas:
+            self._signal_group(replica, signal.SIGKILL)
+
+    def _reap_groups(self) -> None:
+        for replica in self.replicas:
+            self._signal_group(replica, signal.SIGKILL)
+
+    async def _drain(self, replica: Replica) -> None:
+        """Let the log pumps reach EOF, but not wait on a grandchild holding the pipe open."""
+        if replica.pumps:
+            _, pending = await asyncio.wait(replica.pumps, timeout=1.0)
+            for task in pending:
+                task.cancel()
+            replica.pumps = []
+        if replica.output is not None:
+            replica.output.close()
+
+    # -- the run directory (error files, logs) ---------------------------------------
+
+    def _prepare_run_dir(self) -> None:
+        if self.spec.log_dir is not None:
+            self._run_dir = Path(self.spec.log_dir) / self.spec.job
+            self._run_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            self._run_dir = Path(tempfile.mkdtemp(prefix=f"loomrun-{self.spec.job}-"))
+            self._own_run_dir = True
+
+    def _release_run_dir(self) -> None:
+        if self._own_run_dir and self._run_dir is not None:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+
+
+def run(spec: LaunchSpec) -> int:
+    return asyncio.run(Supervisor(spec).run())
