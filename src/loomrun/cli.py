@@ -96,7 +96,9 @@ def _validate_job(ctx, param, value):
 
 def _module_precedes_script(raw: list[str], script: str) -> bool:
     """True when the script stood after `-m MODULE`, i.e. it is an argument of the module."""
-    positions = [i for i, a in enumerate(raw) if a in ("-m", "--module") or a.startswith("--module=")]
+    positions = [
+        i for i, a in enumerate(raw) if a in ("-m", "--module") or a.startswith("--module=")
+    ]
     return bool(positions) and script in raw[positions[0] :]
 
 
@@ -248,7 +250,9 @@ def run_command(
         if script.startswith("-"):
             raise click.UsageError(f"no such option: {script}")
         if not Path(script).is_file():
-            raise click.BadParameter(f"'{script}' does not exist or is not a file", param_hint="SCRIPT")
+            raise click.BadParameter(
+                f"'{script}' does not exist or is not a file", param_hint="SCRIPT"
+            )
     if standalone and nnodes > 1:
         raise click.UsageError("--standalone is for one node, but --nnodes is more than 1")
     if node_rank >= nnodes:

@@ -6,6 +6,7 @@ The supervisor never imports torch: starting it costs a Python start-up, not a t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -200,9 +201,7 @@ class Supervisor:
         stop = asyncio.ensure_future(self._stop_requested.wait())
         try:
             while waits:
-                done, _ = await asyncio.wait(
-                    [*waits, stop], return_when=asyncio.FIRST_COMPLETED
-                )
+                done, _ = await asyncio.wait([*waits, stop], return_when=asyncio.FIRST_COMPLETED)
                 if stop in done:
                     return await self._stop_on_signal()
                 for task in done:
@@ -242,14 +241,16 @@ class Supervisor:
                 await self._fail(replica, returncode)
                 return []
             replica.restarts += 1
-            say(f"restarting {replica.name} (restart {replica.restarts}/{spec.max_restarts}): {reason}")
+            count = f"restart {replica.restarts}/{spec.max_restarts}"
+            say(f"restarting {replica.name} ({count}): {reason}")
             await self._start(replica)
             return [replica]
         if self.group_restarts >= spec.max_restarts:
             await self._fail(replica, returncode)
             return []
         self.group_restarts += 1
-        say(f"restarting all replicas (restart {self.group_restarts}/{spec.max_restarts}): {reason}")
+        count = f"restart {self.group_restarts}/{spec.max_restarts}"
+        say(f"restarting all replicas ({count}): {reason}")
         await self._stop([r for r in self.replicas if self._alive(r)], signal.SIGTERM)
         for r in self.replicas:
             await self._drain(r)
@@ -359,10 +360,8 @@ class Supervisor:
     def _signal_group(replica: Replica, sig: int) -> None:
         if replica.pgid is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(replica.pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     async def _stop(self, replicas: list[Replica], sig: int) -> None:
         """`sig` to each replica's whole process group, the grace period, then SIGKILL."""

@@ -11,12 +11,12 @@ import runpy
 import sys
 import traceback
 
-_OWN_FILES = (os.path.abspath(__file__), os.path.abspath(runpy.__file__))
+_OWN_FILES = {__file__, runpy.__file__, "<frozen runpy>"}
 
 
 def _user_traceback(tb):
     """Skip the frames of this module and of runpy, so the user's error reads as usual."""
-    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) in _OWN_FILES:
+    while tb is not None and tb.tb_frame.f_code.co_filename in _OWN_FILES:
         tb = tb.tb_next
     return tb
 
@@ -46,8 +46,9 @@ def main() -> None:
         raise
     except BaseException as error:  # noqa: BLE001 - reported like the interpreter would
         tb = _user_traceback(error.__traceback__)
+        error = error.with_traceback(tb)
         if isinstance(error, KeyboardInterrupt):
-            traceback.print_exception(type(error), error, tb)
+            traceback.print_exception(error)
             sys.exit(130)
         sys.excepthook(type(error), error, tb)
         sys.exit(1)

@@ -1,0 +1,102 @@
+"""Shared fixtures: run the real `loomrun` command, and clean up after it whatever happens."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+EXAMPLES = ROOT / "examples"
+LOOMRUN = [sys.executable, "-m", "loomrun.cli"]
+
+
+def shm_segments() -> set[str]:
+    return {name for name in os.listdir("/dev/shm") if name.startswith("loomrun")}
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_segments():
+    """Every test must remove the shared-memory segments it made, on every exit path."""
+    before = shm_segments()
+    yield
+    deadline = time.monotonic() + 5
+    while (left := shm_segments() - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left, f"shared-memory segments left behind: {sorted(left)}"
+
+
+class Processes:
+    """Started supervisors; each is SIGKILLed with its whole group at the end of the test."""
+
+    def __init__(self):
+        self.started: list[subprocess.Popen] = []
+
+    def start(self, *args: str, env: dict | None = None, cwd=None, **kwargs) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [*LOOMRUN, *map(str, args)],
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            **kwargs,
+        )
+        self.started.append(proc)
+        return proc
+
+    def cleanup(self) -> None:
+        for proc in self.started:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+@pytest.fixture
+def procs():
+    p = Processes()
+    yield p
+    p.cleanup()
+
+
+def run_loomrun(*args, env=None, timeout=120, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*LOOMRUN, *map(str, args)],
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes; it only waits for its parent to reap it.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
