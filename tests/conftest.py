@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from loomrun.mailbox import sweep_stale
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 EXAMPLES = ROOT / "examples"
@@ -54,11 +56,18 @@ class Processes:
         return proc
 
     def cleanup(self) -> None:
+        """SIGTERM, as a user would stop a job; SIGKILL and a stale sweep if that fails."""
         for proc in self.started:
             if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.started:
+            try:
+                proc.communicate(timeout=40)
+            except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+                proc.communicate(timeout=10)
+                sweep_stale()
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import EXAMPLES, SCRIPTS, pid_alive, run_loomrun, wait_for
 
+from loomrun.mailbox import SHM_DIR, sweep_stale
+
 # Keys whose values differ by design between two launches (ports, ids, temp paths), or that
 # loomrun deliberately leaves out: it hosts no TCPStore, so USE_AGENT_STORE would hang
 # init_process_group.
@@ -185,9 +187,13 @@ def test_worker_killed_by_signal_gives_128_plus_n():
     assert "killed by SIGKILL" in result.stderr
 
 
+JOB = f"sleepers-{os.getpid()}"
+
+
 def _start_sleepers(procs, tmp_path, replicas=2, grace="30"):
     sup = procs.start(
-        "--replicas", str(replicas), "--grace", grace, SCRIPTS / "sleep_with_child.py",
+        "--replicas", str(replicas), "--grace", grace, "--job", JOB,
+        SCRIPTS / "sleep_with_child.py",
         env={"DUMP_DIR": str(tmp_path)},
     )  # fmt: skip
     files = wait_for(
@@ -232,6 +238,10 @@ def test_sigkilled_supervisor_takes_its_workers_with_it(procs, tmp_path):
     sup.kill()
     sup.wait(10)
     wait_for(lambda: not any(pid_alive(p) for p in workers), 1.0, what="workers to die")
+    # A SIGKILL leaves no chance to clean up: the next loomrun start sweeps the segments.
+    left = {p.name for p in SHM_DIR.glob(f"loomrun-{JOB}-*")}
+    assert left == {f"loomrun-{JOB}-r0", f"loomrun-{JOB}-r1"}
+    assert {p.name for p in sweep_stale()} >= left
 
 
 def test_max_restarts_restarts_the_group_and_counts():

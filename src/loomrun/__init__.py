@@ -1,0 +1,21 @@
+"""loomrun: launch a PyTorch job like torchrun, then steer it while it trains.
+
+Inside a worker, `import loomrun` is the API: `loomrun.param`, `@loomrun.handler`,
+`loomrun.step`, `loomrun.report`. Outside loomrun each is a cheap no-op, so the same
+script runs under plain `python`. The names load lazily: the supervisor and the CLI
+import this package and must stay light.
+"""
+
+_API = {"param", "handler", "step", "report", "Param"}
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from loomrun.runtime import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'loomrun' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(_API | set(globals()))

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loomrun.mailbox import Mailbox, MailboxError, segment_path, sweep_stale
 from loomrun.output import ConsoleStream, ReplicaOutput, prefix_for, say, use_color
 
 EXIT_STOPPED_BY = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -170,6 +171,7 @@ class Supervisor:
         self._stop_requested = asyncio.Event()
         self._run_dir: Path | None = None
         self._own_run_dir = False
+        self.mailboxes: dict[str, Mailbox] = {}
 
     # -- the main loop ---------------------------------------------------------
 
@@ -184,14 +186,20 @@ class Supervisor:
                 "set it yourself to tune it"
             )
         try:
+            self._open_mailboxes()
             for replica in self.replicas:
                 await self._start(replica)
             return await self._watch()
+        except MailboxError as error:
+            say(str(error))
+            return 1
         finally:
             await self._stop([r for r in self.replicas if self._alive(r)], signal.SIGTERM)
             self._reap_groups()
             for replica in self.replicas:
                 await self._drain(replica)
+            for mailbox in self.mailboxes.values():
+                mailbox.unlink()
             self._release_run_dir()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
@@ -335,6 +343,7 @@ class Supervisor:
             replica.error_file,
             dict(os.environ),
         )
+        env["LOOMRUN_MAILBOX"] = str(self.mailboxes[replica.name].path)
         replica.proc = await asyncio.create_subprocess_exec(
             *spec.worker_command(),
             stdin=asyncio.subprocess.DEVNULL,
@@ -394,6 +403,13 @@ class Supervisor:
             replica.pumps = []
         if replica.output is not None:
             replica.output.close()
+
+    def _open_mailboxes(self) -> None:
+        """One segment per replica, before any worker starts; kept across restarts."""
+        sweep_stale()
+        for replica in self.replicas:
+            path = segment_path(self.spec.job, replica.name)
+            self.mailboxes[replica.name] = Mailbox.create(path)
 
     # -- the run directory (error files, logs) ---------------------------------------
 

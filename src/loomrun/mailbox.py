@@ -1,0 +1,200 @@
+"""The shared-memory mailbox between the supervisor and one worker, both sides.
+
+One segment per replica under /dev/shm, made by the supervisor (mode 0600) before the
+worker starts and removed by it on every exit path. The segment holds four slots, each
+written by one side only under a sequence lock, so a reader never sees a torn payload:
+
+    desired  supervisor -> worker   the whole latest DesiredState (level-triggered)
+    acks     worker -> supervisor   the latest Outcome of every parameter
+    schema   worker -> supervisor   the declared parameters
+    status   worker -> supervisor   step, rate, metrics, values
+
+A slot is `seq: u64 | length: u32 | pad: u32 | payload`. The writer makes seq odd, writes,
+then makes it even again; a reader retries while seq is odd or changed under it. Payloads
+are protobuf messages from proto/loomrun.proto: nothing is unpickled.
+
+The segment is opened with os.open + mmap, not multiprocessing.shared_memory, whose
+resource tracker can unlink a segment when a worker exits (CPython issue 82300).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import time
+from pathlib import Path
+
+from google.protobuf.message import DecodeError, Message
+
+from loomrun._proto import loomrun_pb2 as pb
+
+MAGIC = b"LOOMMBX1"
+SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
+SLOT_NAMES = ("desired", "acks", "schema", "status")
+SLOT_SIZES = {"desired": 128 << 10, "acks": 64 << 10, "schema": 64 << 10, "status": 32 << 10}
+SLOT_TYPES = {"desired": pb.DesiredState, "acks": pb.Acks, "schema": pb.Schema, "status": pb.Status}
+_HEADER = 64
+_SLOT_HEADER = 16
+_TORN_READ_TRIES = 10_000
+
+
+class MailboxError(RuntimeError):
+    """A mailbox that cannot be made, opened, written or read; one line for a person."""
+
+
+def _layout() -> tuple[dict[str, tuple[int, int]], int]:
+    offsets, position = {}, _HEADER
+    for name in SLOT_NAMES:
+        offsets[name] = (position, SLOT_SIZES[name])
+        position += _SLOT_HEADER + SLOT_SIZES[name]
+    return offsets, position
+
+
+SLOTS, SEGMENT_SIZE = _layout()
+
+
+def segment_path(job: str, replica: str) -> Path:
+    return SHM_DIR / f"loomrun-{job}-{replica}"
+
+
+def sweep_stale() -> list[Path]:
+    """Remove segments whose supervisor is gone: a SIGKILL leaves no chance to clean up."""
+    removed = []
+    for path in SHM_DIR.glob("loomrun-*"):
+        try:
+            with open(path, "rb") as f:
+                header = f.read(20)
+        except OSError:
+            continue
+        if len(header) < 20 or header[:8] != MAGIC:
+            continue
+        pid = struct.unpack_from("<i", header, 16)[0]
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        except PermissionError:
+            pass
+    return removed
+
+
+class Slot:
+    """One single-writer region of the segment, under a sequence lock."""
+
+    def __init__(self, view: memoryview, name: str):
+        offset, capacity = SLOTS[name]
+        self.name = name
+        self.capacity = capacity
+        self.seq = view[offset : offset + 8].cast("Q")
+        self._length = view[offset + 8 : offset + 12].cast("I")
+        self._payload = view[offset + _SLOT_HEADER : offset + _SLOT_HEADER + capacity]
+        self._type = SLOT_TYPES[name]
+
+    def write(self, message: Message) -> int:
+        data = message.SerializeToString()
+        if len(data) > self.capacity:
+            raise MailboxError(
+                f"the {self.name} state is {len(data)} bytes, more than the mailbox's "
+                f"{self.capacity} bytes for it; nothing was written"
+            )
+        seq = self.seq[0]
+        self.seq[0] = seq + 1
+        self._length[0] = len(data)
+        self._payload[: len(data)] = data
+        self.seq[0] = seq + 2
+        return seq + 2
+
+    def read_bytes(self) -> tuple[int, bytes]:
+        """The latest complete payload and its sequence number (0 and b"" before any write)."""
+        for attempt in range(_TORN_READ_TRIES):
+            before = self.seq[0]
+            if before & 1:
+                if attempt > 100:
+                    time.sleep(0)
+                continue
+            length = self._length[0]
+            data = None if length > self.capacity else bytes(self._payload[:length])
+            if self.seq[0] == before:
+                if data is None:
+                    raise MailboxError(f"the {self.name} slot holds a bad length {length}")
+                return before, data
+        raise MailboxError(f"the {self.name} slot stayed mid-write; is its writer stuck?")
+
+    def read(self) -> tuple[int, Message | None]:
+        """The latest message, or None before the first write. Raises MailboxError if malformed."""
+        seq, data = self.read_bytes()
+        if seq == 0:
+            return 0, None
+        message = self._type()
+        try:
+            message.ParseFromString(data)
+        except DecodeError:
+            raise MailboxError(f"the {self.name} slot holds a malformed message") from None
+        return seq, message
+
+    def release(self) -> None:
+        for view in (self.seq, self._length, self._payload):
+            view.release()
+
+
+class Mailbox:
+    """One replica's segment, opened by either side; `create` and `unlink` are the supervisor's."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path = path
+        try:
+            self._map = mmap.mmap(fd, SEGMENT_SIZE)
+        finally:
+            os.close(fd)
+        self._view = memoryview(self._map)
+        self.slots = {name: Slot(self._view, name) for name in SLOT_NAMES}
+        self.desired, self.acks = self.slots["desired"], self.slots["acks"]
+        self.schema, self.status = self.slots["schema"], self.slots["status"]
+
+    @classmethod
+    def create(cls, path: Path) -> Mailbox:
+        """Make a fresh segment; one left under that name by a crashed run is replaced."""
+        path.unlink(missing_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        except OSError as error:
+            raise MailboxError(f"cannot create the mailbox {path}: {error.strerror}") from None
+        try:
+            os.ftruncate(fd, SEGMENT_SIZE)
+            header = struct.pack("<IIi", SEGMENT_SIZE, len(SLOT_NAMES), os.getpid())
+            os.pwrite(fd, MAGIC + header, 0)
+        except OSError as error:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise MailboxError(f"cannot size the mailbox {path}: {error.strerror}") from None
+        return cls(path, fd)
+
+    @classmethod
+    def attach(cls, path: Path) -> Mailbox:
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError as error:
+            raise MailboxError(f"cannot open the mailbox {path}: {error.strerror}") from None
+        header = os.pread(fd, 16, 0)
+        if header[:8] != MAGIC or struct.unpack("<I", header[8:12])[0] != SEGMENT_SIZE:
+            os.close(fd)
+            raise MailboxError(f"{path} is not a loomrun mailbox of this version")
+        return cls(path, fd)
+
+    def owner_pid(self) -> int:
+        """The pid of the supervisor that made the segment."""
+        return struct.unpack_from("<i", self._map, 16)[0]
+
+    def close(self) -> None:
+        if self._map.closed:
+            return
+        for slot in self.slots.values():
+            slot.release()
+        self._view.release()
+        self._map.close()
+
+    def unlink(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)

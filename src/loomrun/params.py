@@ -1,0 +1,316 @@
+"""Typed parameters: declaration, conversion from text, validation, and their wire form.
+
+Pure functions, shared by the CLI (which validates before sending anything) and the
+worker (which validates again before applying). Nothing here is ever evaluated: text
+becomes a value through int(), float(), a fixed table of booleans, or json.loads.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from loomrun._proto import loomrun_pb2 as pb
+
+KINDS = {"float": float, "int": int, "bool": bool, "str": str}
+_BOOLS = {
+    "true": True, "false": False, "yes": True, "no": False,
+    "on": True, "off": False, "1": True, "0": False,
+}  # fmt: skip
+_TYPE_WORDS = {
+    "float": ("a float", "floats"),
+    "int": ("an integer", "integers"),
+    "bool": ("a boolean", "booleans"),
+    "str": ("a string", "strings"),
+}
+_KIND_TO_PB = {"float": pb.FLOAT, "int": pb.INT, "bool": pb.BOOL, "str": pb.STR}
+_PB_TO_KIND = {v: k for k, v in _KIND_TO_PB.items()}
+
+
+class ParamError(ValueError):
+    """A value that does not fit its parameter; the message is one line for a person."""
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """What a parameter accepts. `enum` is the worker's own Enum type, never sent."""
+
+    name: str
+    kind: str = "float"
+    is_list: bool = False
+    length: int = 0
+    choices: tuple = ()
+    min: float | None = None
+    max: float | None = None
+    doc: str = ""
+    builtin: bool = False
+    default: Any = None
+    enum: type | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"parameter kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
+
+    @property
+    def type_name(self) -> str:
+        """How the expected type reads in an error message."""
+        if self.choices:
+            item = plural = "one of " + ", ".join(_show(c) for c in self.choices)
+        else:
+            item, plural = _TYPE_WORDS[self.kind]
+        if not self.is_list:
+            return item
+        count = f"{self.length} " if self.length else ""
+        return f"a list of {count}{plural}"
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _fail(spec: ParamSpec, given: Any, expected: str | None = None) -> ParamError:
+    return ParamError(
+        f"invalid value for {spec.name}: expected {expected or spec.type_name}, got {given!r}"
+    )
+
+
+# -- text (command line) to value ----------------------------------------------------
+
+
+def _parse_scalar(spec: ParamSpec, text: str) -> Any:
+    raw = text.strip()
+    if spec.kind == "float":
+        try:
+            value = float(raw)
+        except ValueError:
+            raise _fail(spec, text, "a float (like 0.001 or 1e-3)") from None
+        if not math.isfinite(value):
+            raise _fail(spec, text, "a finite float")
+        return value
+    if spec.kind == "int":
+        try:
+            return int(raw, 10)
+        except ValueError:
+            raise _fail(spec, text, "an integer (like 64)") from None
+    if spec.kind == "bool":
+        try:
+            return _BOOLS[raw.lower()]
+        except KeyError:
+            raise _fail(spec, text, "a boolean (true/false, yes/no, on/off, 1/0)") from None
+    return text
+
+
+def parse(spec: ParamSpec, text: str) -> Any:
+    """Convert command-line text to a checked value: "1e-3" -> 0.001, "0.9,0.999" -> list."""
+    if not spec.is_list:
+        return check(spec, _parse_scalar(spec, text))
+    stripped = text.strip()
+    if stripped.startswith("["):
+        try:
+            items = json.loads(stripped)
+        except ValueError:
+            raise _fail(spec, text, f"{spec.type_name} as a JSON list or comma list") from None
+        if not isinstance(items, list):
+            raise _fail(spec, text)
+        items = [i if isinstance(i, str) or spec.kind == "str" else str(i) for i in items]
+        if spec.kind == "bool":
+            items = [str(i).lower() for i in items]
+    else:
+        items = [] if not stripped else stripped.split(",")
+    return check(spec, [_parse_scalar(spec, str(i)) for i in items])
+
+
+# -- typed value (from the wire, or Python) checked against the spec ---------------------
+
+
+def _check_scalar(spec: ParamSpec, value: Any) -> Any:
+    kind = spec.kind
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _fail(spec, value)
+        value = float(value)
+        if not math.isfinite(value):
+            raise _fail(spec, value, "a finite float")
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise _fail(spec, value, "an integer")
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise _fail(spec, value, "a boolean")
+    elif not isinstance(value, str):
+        raise _fail(spec, value, "a string")
+    if spec.choices and value not in spec.choices:
+        raise _fail(spec, value)
+    if spec.min is not None and value < spec.min:
+        raise ParamError(
+            f"invalid value for {spec.name}: {_show(value)} is below the minimum {spec.min:g}"
+        )
+    if spec.max is not None and value > spec.max:
+        raise ParamError(
+            f"invalid value for {spec.name}: {_show(value)} is above the maximum {spec.max:g}"
+        )
+    return value
+
+
+def check(spec: ParamSpec, value: Any) -> Any:
+    """Validate a typed value and return it normalised (ints widen to floats, tuples to lists)."""
+    if not spec.is_list:
+        if isinstance(value, list | tuple):
+            raise _fail(spec, value)
+        return _check_scalar(spec, value)
+    if not isinstance(value, list | tuple):
+        raise _fail(spec, value)
+    if spec.length and len(value) != spec.length:
+        raise _fail(spec, value)
+    return [_check_scalar(spec, item) for item in value]
+
+
+# -- declarations from Python annotations ------------------------------------------------
+
+
+def spec_from_annotation(name: str, annotation: Any, **options: Any) -> ParamSpec:
+    """A spec from a type: float, int, bool, str, Literal[...], an Enum, list/tuple of those."""
+    origin = typing.get_origin(annotation)
+    is_enum = isinstance(annotation, type) and issubclass(annotation, enum.Enum)
+    if (origin is typing.Literal or is_enum) and options.pop("choices", ()):
+        raise TypeError(f"{name}: the choices come from {annotation!r}; give no choices=")
+    if origin in (list, tuple):
+        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        length = 0
+        if origin is tuple and len(typing.get_args(annotation)) == len(args) and args:
+            length = len(args)
+        item = spec_from_annotation(name, args[0] if args else str, **options)
+        return _replace(item, is_list=True, length=length)
+    if origin is typing.Literal:
+        choices = typing.get_args(annotation)
+        kinds = {type(c) for c in choices}
+        if len(kinds) != 1 or next(iter(kinds)) not in KINDS.values():
+            raise TypeError(f"{name}: Literal choices must all be of one of float, int, bool, str")
+        return ParamSpec(name, next(iter(kinds)).__name__, choices=tuple(choices), **options)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        names = tuple(member.name for member in annotation)
+        default = options.pop("default", None)
+        if isinstance(default, enum.Enum):
+            default = default.name
+        return ParamSpec(name, "str", choices=names, enum=annotation, default=default, **options)
+    for kind, py_type in KINDS.items():
+        if annotation is py_type:
+            spec = ParamSpec(name, kind, **options)
+            if spec.choices:
+                spec = _replace(
+                    spec, choices=tuple(check(_replace(spec, choices=()), c) for c in spec.choices)
+                )
+            return spec
+    raise TypeError(
+        f"{name}: cannot steer a parameter of type {annotation!r} "
+        "(expected float, int, bool, str, Literal[...], an Enum, or a list of those)"
+    )
+
+
+def _replace(spec: ParamSpec, **changes: Any) -> ParamSpec:
+    values = {f: getattr(spec, f) for f in spec.__dataclass_fields__}
+    values.update(changes)
+    return ParamSpec(**values)
+
+
+def to_python(spec: ParamSpec, value: Any) -> Any:
+    """The value a handler receives: Enum members for Enum parameters, tuples stay lists."""
+    if spec.enum is not None:
+        if isinstance(value, list):
+            return [spec.enum[v] for v in value]
+        return spec.enum[value]
+    return value
+
+
+# -- the wire form -------------------------------------------------------------------------
+
+
+def to_pb(value: Any) -> pb.Value:
+    out = pb.Value()
+    if isinstance(value, bool):
+        out.b = value
+    elif isinstance(value, int):
+        out.i = value
+    elif isinstance(value, float):
+        out.f = value
+    elif isinstance(value, str):
+        out.s = value
+    elif isinstance(value, enum.Enum):
+        out.s = value.name
+    elif isinstance(value, list | tuple):
+        out.list.SetInParent()
+        out.list.items.extend(to_pb(v) for v in value)
+    else:
+        raise TypeError(f"cannot send a value of type {type(value).__name__}")
+    return out
+
+
+def from_pb(value: pb.Value) -> Any:
+    which = value.WhichOneof("kind")
+    if which is None:
+        return None
+    if which == "list":
+        return [from_pb(v) for v in value.list.items]
+    return getattr(value, which)
+
+
+def spec_to_pb(spec: ParamSpec) -> pb.ParamSpec:
+    out = pb.ParamSpec(
+        name=spec.name,
+        kind=_KIND_TO_PB[spec.kind],
+        is_list=spec.is_list,
+        choices=[json.dumps(c) for c in spec.choices],
+        doc=spec.doc,
+        builtin=spec.builtin,
+        length=spec.length,
+    )
+    if spec.min is not None:
+        out.min = spec.min
+    if spec.max is not None:
+        out.max = spec.max
+    if spec.default is not None:
+        out.default.CopyFrom(to_pb(spec.default))
+    return out
+
+
+def spec_from_pb(message: pb.ParamSpec) -> ParamSpec:
+    """Read a published spec; a malformed one raises ParamError, never anything else."""
+    kind = _PB_TO_KIND.get(message.kind)
+    if kind is None or not message.name:
+        raise ParamError(f"malformed parameter spec {message.name!r}: unknown kind")
+    try:
+        choices = tuple(json.loads(c) for c in message.choices)
+    except ValueError:
+        raise ParamError(f"malformed parameter spec {message.name!r}: bad choices") from None
+    return ParamSpec(
+        name=message.name,
+        kind=kind,
+        is_list=message.is_list,
+        length=message.length,
+        choices=choices,
+        min=message.min if message.HasField("min") else None,
+        max=message.max if message.HasField("max") else None,
+        doc=message.doc,
+        builtin=message.builtin,
+        default=from_pb(message.default) if message.HasField("default") else None,
+    )
+
+
+def format_value(value: Any) -> str:
+    """How a value reads in a table or a message: 0.002, true, [0.9, 0.999], adam."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
+    if value is None:
+        return "-"
+    return str(value)

@@ -1,0 +1,173 @@
+"""The worker-facing API, re-exported as `loomrun.param`, `loomrun.handler`, ...
+
+Declarations publish a typed schema (so `loomrun set` can check a value before sending
+it) and register where a change goes. Outside loomrun every call is a cheap no-op.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+import typing
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from loomrun import params as P
+from loomrun.runtime import worker as _worker
+from loomrun.runtime.worker import Target
+
+
+class Param:
+    """A declared parameter; `.value` is its live value."""
+
+    def __init__(self, spec: P.ParamSpec):
+        self.spec = spec
+        self.value = P.to_python(spec, spec.default) if spec.default is not None else None
+
+    def _get(self) -> Any:
+        return self.spec.default if self.value is None else _wire(self.value)
+
+    def _put(self, value: Any) -> None:
+        self.value = P.to_python(self.spec, value)
+
+    def __repr__(self) -> str:
+        return f"Param({self.spec.name}={self.value!r})"
+
+
+def _wire(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return [_wire(v) for v in value]
+    name = getattr(value, "name", None)
+    return name if name is not None and hasattr(type(value), "__members__") else value
+
+
+def _options(min, max, choices, doc, default) -> dict[str, Any]:
+    return {"min": min, "max": max, "choices": tuple(choices), "doc": doc or "", "default": default}
+
+
+def param(
+    name: str,
+    type: Any = float,
+    *,
+    default: Any = None,
+    min: float | None = None,
+    max: float | None = None,
+    choices: tuple | list = (),
+    doc: str = "",
+) -> Param:
+    """Declare a steerable parameter: `batch = loomrun.param("batch", int, default=64)`."""
+    spec = P.spec_from_annotation(name, type, **_options(min, max, choices, doc, default))
+    if spec.default is not None and spec.enum is None:
+        spec = P._replace(spec, default=P.check(spec, spec.default))
+    declared = Param(spec)
+    worker = _worker.current
+    if worker is not None:
+        worker.add_target(Target(spec, declared._get, declared._put))
+    return declared
+
+
+class _Handler:
+    """A function or method called with the new value; a method is called on every instance."""
+
+    def __init__(self, name: str | None, fn: Callable, options: dict[str, Any]):
+        functools.update_wrapper(self, fn)
+        self.fn = fn
+        parameters = list(inspect.signature(fn).parameters.values())
+        if not parameters:
+            raise TypeError(f"handler {fn.__qualname__} must take the new value as its argument")
+        value = parameters[-1]
+        annotation = typing.get_type_hints(fn).get(value.name)
+        if annotation is None:
+            raise TypeError(
+                f"handler {fn.__qualname__}: annotate {value.name!r} with its type "
+                "(float, int, bool, str, Literal[...], an Enum or a list)"
+            )
+        if options["default"] is None and value.default is not inspect.Parameter.empty:
+            options["default"] = value.default
+        self.spec = P.spec_from_annotation(name or fn.__name__, annotation, **options)
+        self.current = _wire(self.spec.default) if self.spec.default is not None else None
+        self.instances: weakref.WeakSet | None = None
+        self.owner = ""
+        worker = _worker.current
+        if worker is not None:
+            worker.add_target(Target(self.spec, lambda: self.current, self._put))
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else types.MethodType(self.fn, obj)
+
+    def __set_name__(self, owner: type, attr: str) -> None:
+        self.instances = weakref.WeakSet()
+        self.owner = owner.__qualname__
+        handlers = owner.__dict__.get("__loomrun_handlers__")
+        if handlers is None:
+            handlers = []
+            _track_instances(owner, handlers)
+        handlers.append(self)
+
+    def _put(self, value: Any) -> None:
+        converted = P.to_python(self.spec, value)
+        if self.instances is None:
+            self.fn(converted)
+        else:
+            live = list(self.instances)
+            if not live:
+                raise P.ParamError(f"no {self.owner} exists yet to apply {self.spec.name} to")
+            for obj in live:
+                self.fn(obj, converted)
+        self.current = value
+
+
+def _track_instances(owner: type, handlers: list[_Handler]) -> None:
+    """Wrap the class's __init__ so each new instance is known to its handler methods."""
+    original = owner.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        for handler in handlers:
+            handler.instances.add(self)
+
+    owner.__loomrun_handlers__ = handlers
+    owner.__init__ = __init__
+
+
+def handler(
+    name: str | None = None,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    choices: tuple | list = (),
+    doc: str | None = None,
+):
+    """Call the decorated function (or method) with the new value when `name` changes.
+
+    The value's type comes from the annotation of the function's last parameter.
+    """
+
+    def decorate(fn: Callable) -> _Handler:
+        return _Handler(name, fn, _options(min, max, choices, doc or fn.__doc__, None))
+
+    return decorate
+
+
+def step(**metrics: Any) -> None:
+    """Mark a step boundary (for loops without a torch optimizer) and report metrics."""
+    worker = _worker.current
+    if worker is None:
+        return
+    if metrics:
+        worker.report(metrics)
+    worker.explicit_steps = True
+    worker.boundary()
+
+
+def report(**metrics: Any) -> None:
+    """Report metrics (loss=..., acc=...) with the next status, without a step boundary."""
+    worker = _worker.current
+    if worker is not None:
+        worker.report(metrics)

@@ -1,0 +1,42 @@
+"""A training loop that prints the lr each optimizer step used: `used <step> <lr>`."""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--steps", type=int, default=400)
+parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+parser.add_argument("--scheduler", choices=["none", "step", "lambda"], default="none")
+parser.add_argument("--step-time", type=float, default=0.005)
+parser.add_argument("--crash-at-step", type=int, default=0)
+args = parser.parse_args()
+
+torch.manual_seed(0)
+model = nn.Linear(4, 1)
+if args.optimizer == "sgd":
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+else:
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+scheduler = None
+if args.scheduler == "step":
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=50, gamma=0.5)
+elif args.scheduler == "lambda":
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1.0 + 0.01 * s))
+
+restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+for step in range(1, args.steps + 1):
+    loss = model(torch.randn(8, 4)).pow(2).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    print(f"used {step} {optimizer.param_groups[0]['lr']!r}", flush=True)
+    if scheduler is not None:
+        scheduler.step()
+    if step == args.crash_at_step and not restarted:
+        sys.exit(7)
+    time.sleep(args.step_time)

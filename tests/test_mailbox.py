@@ -1,0 +1,136 @@
+"""The shared-memory mailbox: sequence lock, limits, malformed payloads, cleanup."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from loomrun._proto import loomrun_pb2 as pb
+from loomrun.desired import DesiredConfig
+from loomrun.mailbox import SHM_DIR, Mailbox, MailboxError, segment_path, sweep_stale
+
+
+@pytest.fixture
+def mailbox():
+    box = Mailbox.create(segment_path(f"test-{secrets.token_hex(4)}", "r0"))
+    yield box
+    box.unlink()
+
+
+def test_segment_is_private_and_removed(mailbox):
+    assert stat.S_IMODE(os.stat(mailbox.path).st_mode) == 0o600
+    path = mailbox.path
+    mailbox.unlink()
+    assert not path.exists()
+
+
+def test_empty_slot_reads_as_nothing(mailbox):
+    assert mailbox.desired.read() == (0, None)
+
+
+def test_two_writes_before_one_read_keep_the_latest_whole_state(mailbox):
+    desired = DesiredConfig()
+    desired.set("lr", 0.1)
+    mailbox.desired.write(desired.state)
+    desired.set("momentum", 0.8)
+    mailbox.desired.write(desired.state)
+    other = Mailbox.attach(mailbox.path)
+    try:
+        seq, state = other.desired.read()
+    finally:
+        other.close()
+    assert seq == 4
+    assert set(state.params) == {"lr", "momentum"}
+    assert state.params["momentum"].version == 2
+
+
+def test_too_large_a_state_is_refused_not_truncated(mailbox):
+    status = pb.Status(step=1)
+    mailbox.status.write(status)
+    big = pb.Status(step=2, metrics={f"m{i}": float(i) for i in range(10_000)})
+    with pytest.raises(MailboxError, match="more than the mailbox's"):
+        mailbox.status.write(big)
+    assert mailbox.status.read()[1].step == 1
+
+
+def test_malformed_payload_is_a_clear_error(mailbox):
+    slot = mailbox.desired
+    slot.seq[0] = 1
+    slot._length[0] = 4
+    slot._payload[:4] = b"\xff\xff\xff\xff"
+    slot.seq[0] = 2
+    with pytest.raises(MailboxError, match="malformed"):
+        slot.read()
+    slot._length[0] = 1 << 30
+    with pytest.raises(MailboxError, match="bad length"):
+        slot.read()
+
+
+def test_attach_refuses_what_is_not_a_mailbox(tmp_path):
+    other = tmp_path / "plain"
+    other.write_bytes(b"x" * 100)
+    with pytest.raises(MailboxError, match="not a loomrun mailbox"):
+        Mailbox.attach(other)
+    with pytest.raises(MailboxError, match="cannot open"):
+        Mailbox.attach(tmp_path / "missing")
+
+
+def test_stale_segments_of_a_dead_supervisor_are_swept():
+    path = segment_path(f"test-{secrets.token_hex(4)}", "r0")
+    code = (
+        "from pathlib import Path; from loomrun.mailbox import Mailbox; "
+        f"Mailbox.create(Path({str(path)!r}))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert path.exists()  # its maker exited without unlinking, as a SIGKILL would leave it
+    assert path in sweep_stale()
+    assert not path.exists()
+
+
+def test_writer_and_reader_processes_never_tear_and_lose_nothing(mailbox):
+    """A writer process rewrites a self-checking status as fast as it can; we read as fast."""
+    writes = 20_000
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                from pathlib import Path
+                from loomrun._proto import loomrun_pb2 as pb
+                from loomrun.mailbox import Mailbox
+                box = Mailbox.attach(Path({str(mailbox.path)!r}))
+                for i in range(1, {writes} + 1):
+                    pad = {{f"k{{j}}": float(i) for j in range(i % 50)}}
+                    box.status.write(pb.Status(step=i, steps_per_sec=-i, metrics=pad))
+                box.close()
+                """
+            ),
+        ]
+    )
+    reads, last = 0, 0
+    while writer.poll() is None or reads == 0:
+        seq, status = mailbox.status.read()
+        if status is None:
+            continue
+        reads += 1
+        assert status.steps_per_sec == -status.step, "torn read"
+        assert len(status.metrics) == status.step % 50, "torn read"
+        assert all(v == status.step for v in status.metrics.values()), "torn read"
+        assert status.step >= last, "went back in time"
+        last = status.step
+    assert writer.wait() == 0
+    seq, status = mailbox.status.read()
+    assert status.step == writes and seq == 2 * writes
+    assert reads > 100
+
+
+def test_shm_dir_is_dev_shm_on_linux():
+    if sys.platform.startswith("linux"):
+        assert str(SHM_DIR) == "/dev/shm"
