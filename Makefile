@@ -35,6 +35,8 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/launch.py
+	$(PY) benchmarks/poll.py
+	$(PY) benchmarks/overhead.py
 
 proto: install
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=src/loomrun/_proto \

@@ -7,6 +7,7 @@ is needed for that. The one loomrun call here, `loomrun.report`, publishes the l
 """
 
 import argparse
+import os
 import time
 
 import torch
@@ -27,7 +28,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    torch.manual_seed(args.seed)
+    # Replicas here are independent runs (no DDP): each gets its own seed.
+    torch.manual_seed(args.seed + int(os.environ.get("RANK", "0")))
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     scheduler = None

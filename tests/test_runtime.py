@@ -221,3 +221,20 @@ def test_script_runs_under_plain_python_with_the_api_as_no_ops(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "step    20" in result.stdout
+
+
+@pytest.mark.slow
+def test_lightning_module_under_loomrun_with_live_changes(procs, steer_of):
+    pytest.importorskip("lightning")
+    job = job_id("lightning")
+    sup = start(procs, SCRIPTS / "lightning_train.py", job=job)
+    steer = steer_of(job)
+    steer.wait_step(20, timeout=120)
+    assert {"lr", "dropout"} <= set(steer.schema())
+    assert steer.outcome("lr", steer.set("lr", 0.01)).applied
+    assert steer.outcome("dropout", steer.set("dropout", 0.25)).applied
+    wait_for(lambda: "train_loss" in steer.status().metrics, 10, what="train_loss in status")
+    out, err = sup.communicate(timeout=180)
+    assert sup.returncode == 0, err
+    assert "dropout -> 0.25" in out
+    assert "epoch 29 lr 0.01 dropout 0.25" in out
