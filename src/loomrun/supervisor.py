@@ -243,22 +243,20 @@ class Supervisor:
         """Restart per the policy and return who was restarted; [] when out of restarts."""
         await self._drain(replica)
         spec = self.spec
-        reason = f"{replica.name} {describe_exit(returncode)}"
-        if spec.restart_policy == "replica":
-            if replica.restarts >= spec.max_restarts:
-                await self._fail(replica, returncode)
-                return []
-            replica.restarts += 1
-            count = f"restart {replica.restarts}/{spec.max_restarts}"
-            say(f"restarting {replica.name} ({count}): {reason}")
-            await self._start(replica)
-            return [replica]
-        if self.group_restarts >= spec.max_restarts:
+        per_replica = spec.restart_policy == "replica"
+        used = replica.restarts if per_replica else self.group_restarts
+        if used >= spec.max_restarts:
             await self._fail(replica, returncode)
             return []
+        exited = f"{replica.name} {describe_exit(returncode)}"
+        why = f"(restart {used + 1}/{spec.max_restarts}): {exited}"
+        if per_replica:
+            replica.restarts += 1
+            say(f"restarting {replica.name} {why}")
+            await self._start(replica)
+            return [replica]
         self.group_restarts += 1
-        count = f"restart {self.group_restarts}/{spec.max_restarts}"
-        say(f"restarting all replicas ({count}): {reason}")
+        say(f"restarting all replicas {why}")
         await self._stop([r for r in self.replicas if self._alive(r)], signal.SIGTERM)
         for r in self.replicas:
             await self._drain(r)
@@ -270,10 +268,10 @@ class Supervisor:
     async def _fail(self, replica: Replica, returncode: int) -> None:
         runtime = time.monotonic() - replica.started
         others = [r for r in self.replicas if r is not replica and self._alive(r)]
-        tail = " stopping the other replicas." if others else ""
+        tail = "; stopping the other replicas" if others else ""
         say(
             f"replica {replica.name} failed: {describe_exit(returncode)} "
-            f"(pid {replica.proc.pid}, after {runtime:.1f}s).{tail}"
+            f"(pid {replica.proc.pid}, after {runtime:.1f}s){tail}"
         )
         detail = self._error_detail(replica)
         if detail:
