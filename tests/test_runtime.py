@@ -238,3 +238,24 @@ def test_lightning_module_under_loomrun_with_live_changes(procs, steer_of):
     assert sup.returncode == 0, err
     assert "dropout -> 0.25" in out
     assert "epoch 29 lr 0.01 dropout 0.25" in out
+
+
+def test_malformed_desired_state_is_one_line_and_training_goes_on(procs, steer_of):
+    job = job_id("garbage")
+    sup = start(procs, SCRIPTS / "steered.py", "--steps", "100000", job=job)
+    steer = steer_of(job)
+    steer.wait_step(5)
+    slot = steer.box.desired
+    seq = slot.seq[0]
+    slot.seq[0] = seq + 1
+    slot._length[0] = 7
+    slot._payload[:7] = b"\x0a\xff\xff\xff\xff\xff\xff"
+    slot.seq[0] = seq + 2
+    before = steer.status().step
+    steer.wait_step(before + 20)
+    outcome = steer.outcome("lr", steer.set("lr", 0.03))
+    assert outcome.applied
+    sup.terminate()
+    _, err = sup.communicate(timeout=30)
+    assert "[r0] loomrun: the desired slot holds a malformed message" in err
+    assert "Traceback" not in err
