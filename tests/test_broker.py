@@ -1,0 +1,68 @@
+"""The bundled broker, for real: start nats-server on a free loopback port, use JetStream KV."""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats
+import pytest
+from conftest import pid_alive
+
+from loomrun.broker import BrokerError, BundledBroker, answers, host_port, is_loopback
+from loomrun.supervisor import free_port
+
+
+@pytest.fixture
+def broker(tmp_path):
+    started = BundledBroker.start(free_port(), store=tmp_path / "js")
+    yield started
+    started.stop()
+
+
+def test_bundled_broker_serves_jetstream_key_value_on_loopback(broker):
+    assert broker.url.startswith("nats://127.0.0.1:")
+    assert answers(*host_port(broker.url))
+
+    async def round_trip() -> bytes:
+        nc = await nats.connect(broker.url)
+        try:
+            kv = await nc.jetstream().create_key_value(bucket="loomrun_test")
+            await kv.put("job.r0.lr", b"0.002")
+            return (await kv.get("job.r0.lr")).value
+        finally:
+            await nc.close()
+
+    assert asyncio.run(round_trip()) == b"0.002"
+
+
+def test_stop_ends_the_server(broker):
+    pid = broker.process.pid
+    broker.stop()
+    assert not pid_alive(pid)
+    assert not answers(*host_port(broker.url))
+
+
+def test_a_port_with_a_broker_already_is_refused(broker, tmp_path):
+    _, port = host_port(broker.url)
+    with pytest.raises(BrokerError, match="already answers"):
+        BundledBroker.start(port, store=tmp_path / "other")
+
+
+def test_a_bad_store_is_a_clear_error(tmp_path):
+    (tmp_path / "js").write_text("a file where the store directory should be")
+    with pytest.raises(BrokerError, match="cannot use .* for the broker's store"):
+        BundledBroker.start(free_port(), store=tmp_path / "js")
+
+
+@pytest.mark.parametrize(
+    "url, loopback",
+    [("nats://127.0.0.1:4222", True), ("localhost:4222", True), ("nats://10.1.2.3", False)],
+)
+def test_urls(url, loopback):
+    assert is_loopback(url) is loopback
+
+
+@pytest.mark.parametrize("url", ["http://x:1", "nats://host:99999", "nats://"])
+def test_bad_urls_are_one_line_errors(url):
+    with pytest.raises(BrokerError):
+        host_port(url)
