@@ -128,3 +128,48 @@ class BundledBroker:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+@dataclass(frozen=True)
+class BrokerOptions:
+    """How to reach the broker; credentials and TLS go through the NATS client's own options."""
+
+    url: str = DEFAULT_URL
+    creds: str | None = None
+    token: str | None = None
+    ca: str | None = None
+
+    def connect_kwargs(self) -> dict:
+        kwargs: dict = {"servers": [self.url]}
+        if self.creds:
+            kwargs["user_credentials"] = self.creds
+        if self.token:
+            kwargs["token"] = self.token
+        if self.ca or self.url.startswith("tls://"):
+            import ssl
+
+            kwargs["tls"] = ssl.create_default_context(cafile=self.ca)
+        return kwargs
+
+
+async def connect_client(options: BrokerOptions, timeout: float = 3.0):
+    """A short-lived connection for a command: fails fast with one line when nobody answers."""
+    import nats
+
+    async def quiet(_error):
+        return None
+
+    try:
+        return await nats.connect(
+            **options.connect_kwargs(),
+            connect_timeout=timeout,
+            allow_reconnect=False,
+            max_reconnect_attempts=0,
+            error_cb=quiet,
+        )
+    except Exception as error:  # noqa: BLE001 - every way to fail is one sentence here
+        detail = str(error) or type(error).__name__
+        raise BrokerError(
+            f"cannot reach the NATS broker at {options.url} ({detail}); is a loomrun job "
+            "running? (set --nats or LOOMRUN_NATS to point at its broker)"
+        ) from None

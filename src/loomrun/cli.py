@@ -3,6 +3,10 @@
 Exit codes of `loomrun run`: 0 when every replica finished; the failed replica's own exit
 code when one failed past its restarts (128+N when killed by signal N); 130 or 143 when
 stopped by SIGINT or SIGTERM; 2 for a usage error, with nothing started.
+
+Exit codes of `set`, `pause`, `resume`: 0 every targeted replica applied the change; 1 some
+rejected it (or applied it late); 3 timed out (the change stays desired and will still
+apply); 2 usage error, nothing written; 4 the broker cannot be reached.
 """
 
 from __future__ import annotations
@@ -18,6 +22,44 @@ from pathlib import Path
 import click
 
 JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+EXIT_REJECTED, EXIT_TIMED_OUT, EXIT_NO_BROKER = 1, 3, 4
+
+
+def broker_options(f):
+    """--nats, --nats-creds and --nats-ca for every command; a token comes from the environment."""
+    f = click.option(
+        "--nats-ca",
+        type=click.Path(dir_okay=False, exists=True),
+        envvar="LOOMRUN_NATS_CA",
+        help="CA file for a tls:// broker.",
+    )(f)
+    f = click.option(
+        "--nats-creds",
+        type=click.Path(dir_okay=False, exists=True),
+        envvar="LOOMRUN_NATS_CREDS",
+        help="NATS credentials file (JWT and NKey seed).",
+    )(f)
+    f = click.option(
+        "--nats",
+        "nats_url",
+        envvar="LOOMRUN_NATS",
+        default="nats://127.0.0.1:4222",
+        show_default=True,
+        metavar="URL",
+        help="NATS broker [env LOOMRUN_NATS; token from LOOMRUN_NATS_TOKEN].",
+    )(f)
+    return f
+
+
+def _broker(nats_url: str, nats_creds: str | None, nats_ca: str | None):
+    from loomrun.broker import BrokerError, BrokerOptions, host_port
+
+    try:
+        host_port(nats_url)
+    except BrokerError as error:
+        raise click.BadParameter(str(error), param_hint="--nats") from None
+    token = os.environ.get("LOOMRUN_NATS_TOKEN") or None
+    return BrokerOptions(nats_url, creds=nats_creds, token=token, ca=nats_ca)
 
 
 class LoomGroup(click.Group):
@@ -203,6 +245,15 @@ def _module_precedes_script(raw: list[str], script: str) -> bool:
     default=None,
     help="Job id; scopes everything [default: script name plus a short suffix].",
 )
+@broker_options
+@click.option(
+    "--wait-broker",
+    is_flag=True,
+    help="Keep trying a remote broker that does not answer, instead of running uncontrolled.",
+)
+@click.option(
+    "--no-broker", is_flag=True, help="Run without live control: no NATS at all, like torchrun."
+)
 @click.argument("target", nargs=-1, type=click.UNPROCESSED, metavar="SCRIPT [ARGS]...")
 @click.pass_context
 def run_command(
@@ -220,6 +271,11 @@ def run_command(
     replicas_filter: str | None,
     grace: float,
     job: str | None,
+    nats_url: str,
+    nats_creds: str | None,
+    nats_ca: str | None,
+    wait_broker: bool,
+    no_broker: bool,
     target: tuple[str, ...],
 ) -> None:
     """Start SCRIPT (or -m MODULE) on --replicas worker processes, torchrun-style.
@@ -281,8 +337,313 @@ def run_command(
         log_dir=log_dir,
         console_filter=parse_replica_filter(replicas_filter, names),
         grace=grace,
+        broker=None if no_broker else _broker(nats_url, nats_creds, nats_ca),
+        wait_broker=wait_broker,
     )
     ctx.exit(run(spec))
+
+
+def _steer(options, work):
+    """Run `work(steering)` against the broker; its errors become one-line CLI errors."""
+    import asyncio
+
+    from loomrun.broker import BrokerError
+    from loomrun.client import SteerError, Steering
+
+    async def session():
+        async with Steering.connect(options) as steering:
+            return await work(steering)
+
+    try:
+        return asyncio.run(session())
+    except SteerError as error:
+        raise click.UsageError(str(error)) from None
+    except BrokerError as error:
+        click.echo(f"Error: {error}", err=True)
+        sys.exit(EXIT_NO_BROKER)
+
+
+def _replica_list(ctx, param, values: tuple[str, ...]) -> list[str] | None:
+    names = [v.strip() for value in values for v in value.split(",") if v.strip()]
+    for name in names:
+        if not re.fullmatch(r"r\d+", name):
+            raise click.BadParameter(f"'{name}' is not a replica name (expected r0, r1, ...)")
+    return names or None
+
+
+def _parse_assignments(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
+    from loomrun.subjects import PARAM_NAME
+
+    changes: dict[str, str] = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not PARAM_NAME.match(name):
+            raise click.BadParameter(f"'{item}' is not KEY=VALUE (like lr=0.002)")
+        changes[name] = value
+    return changes
+
+
+def steering_options(f):
+    f = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")(f)
+    f = click.option("--no-wait", is_flag=True, help="Write the change and return at once.")(f)
+    f = click.option(
+        "--timeout",
+        type=click.FloatRange(min=0),
+        default=30.0,
+        show_default=True,
+        help="Seconds to wait for every replica's answer.",
+    )(f)
+    f = click.option(
+        "--at-step",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Apply at this step number [default: next step; several replicas: a step "
+        "ahead of the slowest].",
+    )(f)
+    f = click.option(
+        "--replica",
+        "replicas",
+        multiple=True,
+        callback=_replica_list,
+        metavar="r1,r2",
+        help="Only these replicas [default: all of the job's].",
+    )(f)
+    f = click.option(
+        "--job", callback=_validate_job, help="Job id [default: the only running job]."
+    )(f)
+    return broker_options(f)
+
+
+def _report(results, as_json: bool, job: str | None, waited: bool) -> int:
+    """Print what became of each change; return the exit code it means."""
+    import json
+
+    from loomrun.params import format_value
+
+    states = {r.state for r in results}
+    if not waited:
+        code, summary = 0, "written"
+    elif "timed out" in states:
+        code, summary = EXIT_TIMED_OUT, "timed out"
+    elif states & {"rejected", "late"}:
+        code, summary = EXIT_REJECTED, "rejected" if "rejected" in states else "late"
+    else:
+        code, summary = 0, "applied"
+    if as_json:
+        found = results[0].job if results else job
+        changes = [r.as_dict() for r in results]
+        click.echo(json.dumps({"job": found, "result": summary, "changes": changes}))
+        return code
+    for r in results:
+        d = r.as_dict()
+        head = f"{r.replica}  {r.name}"
+        if not waited:
+            click.echo(f"{head}  = {format_value(r.requested)}  written (version {r.version})")
+        elif r.state == "timed out":
+            click.echo(
+                f"{head}  no answer yet: still desired, it applies when the replica gets to it"
+            )
+        elif r.state == "rejected":
+            click.echo(f"{head}  rejected: {d['reason']}")
+        else:
+            change = f"{format_value(d['old'])} -> {format_value(d['new'])}"
+            late = f" LATE (wanted at step {r.at_step})" if r.state == "late" else ""
+            click.echo(f"{head}  {change}  at step {d['step']}{late}  ({d['latency_ms']:.1f} ms)")
+    if code == EXIT_REJECTED and "late" in states:
+        click.echo("Error: some replicas applied the change late: ranks may now differ", err=True)
+    return code
+
+
+@main.command(
+    "set", epilog="Exit codes: 0 applied; 1 rejected or late; 3 timed out; 2 usage; 4 no broker."
+)
+@click.argument(
+    "assignments", nargs=-1, required=True, callback=_parse_assignments, metavar="KEY=VALUE..."
+)
+@steering_options
+def set_command(assignments, job, replicas, at_step, timeout, no_wait, as_json, **broker):
+    """Change parameters of a running job, between two steps.
+
+    \b
+      loomrun set lr=0.002                   every replica of the only running job
+      loomrun set lr=1e-3 momentum=0.8 --replica r1 --job train-1a2b3c
+    Values are checked against the schema the replicas published before anything is
+    sent; then `set` waits until every replica applied (or rejected) the change.
+    """
+    options = _broker(**broker)
+    results = _steer(
+        options,
+        lambda s: s.set(job, assignments, replicas, at_step, timeout, wait=not no_wait),
+    )
+    sys.exit(_report(results, as_json, job, not no_wait))
+
+
+def _pause_command(paused: bool):
+    def command(job, replicas, at_step, timeout, no_wait, as_json, **broker):
+        options = _broker(**broker)
+        results = _steer(
+            options, lambda s: s.pause(job, paused, replicas, at_step, timeout, wait=not no_wait)
+        )
+        if as_json or no_wait:
+            sys.exit(_report(results, as_json, job, not no_wait))
+        word = "paused" if paused else "resumed"
+        for r in results:
+            if r.outcome is None:
+                click.echo(f"{r.replica}  no answer yet: still desired")
+            else:
+                click.echo(
+                    f"{r.replica}  {word} at step {r.outcome.step}  ({r.latency * 1000:.1f} ms)"
+                )
+        sys.exit(EXIT_TIMED_OUT if any(r.outcome is None for r in results) else 0)
+
+    return command
+
+
+main.command("pause", epilog="Exit codes: 0 done; 3 timed out; 2 usage; 4 no broker.")(
+    steering_options(_pause_command(True))
+)
+main.commands["pause"].help = "Pause replicas between two steps (all of them by default)."
+main.command("resume", epilog="Exit codes: 0 done; 3 timed out; 2 usage; 4 no broker.")(
+    steering_options(_pause_command(False))
+)
+main.commands["resume"].help = "Resume paused replicas."
+
+
+@main.command("get")
+@click.option("--job", callback=_validate_job, help="Job id [default: the only running job].")
+@click.option("--replica", "replicas", multiple=True, callback=_replica_list, metavar="r1,r2")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@broker_options
+def get_command(job, replicas, as_json, **broker):
+    """List each replica's parameters: type, bounds, doc, current value, last change."""
+    import json
+
+    from loomrun import tables
+    from loomrun.params import format_value, from_pb
+
+    async def gather(steering):
+        found = await steering.job(job)
+        targets = steering.targets(found, replicas)
+        statuses = await steering.statuses(found.job)
+        outcomes = await steering.outcomes(found.job)
+        return (
+            found.job,
+            [(r, await steering.schema(found.job, r)) for r in targets],
+            statuses,
+            outcomes,
+        )
+
+    name, schemas, statuses, outcomes = _steer(_broker(**broker), gather)
+    listing = []
+    for replica, specs in schemas:
+        values = statuses[replica].status.values if replica in statuses else {}
+        for spec in specs.values():
+            last = outcomes.get((replica, spec.name))
+            bounds = [
+                f"{k} {v:g}" for k, v in (("min", spec.min), ("max", spec.max)) if v is not None
+            ]
+            listing.append(
+                {
+                    "replica": replica,
+                    "name": spec.name,
+                    "type": spec.type_name,
+                    "bounds": ", ".join(bounds),
+                    "builtin": spec.builtin,
+                    "doc": spec.doc,
+                    "value": from_pb(values[spec.name]) if spec.name in values else spec.default,
+                    "changed_at_step": last.step if last and last.applied else None,
+                    "changed_at": last.time if last and last.applied else None,
+                }
+            )
+    if as_json:
+        click.echo(json.dumps({"job": name, "params": listing}))
+        return
+    rows = [
+        [
+            p["replica"], p["name"], format_value(p["value"]), p["type"], p["bounds"],
+            f"step {p['changed_at_step']}" if p["changed_at_step"] is not None else "",
+            p["doc"],
+        ]
+        for p in listing
+    ]  # fmt: skip
+    tables.render(
+        ["replica", "param", "value", "type", "bounds", "changed", "doc"], rows, title=name
+    )
+
+
+@main.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@broker_options
+def ls_command(as_json, **broker):
+    """List the jobs on the broker: host, replicas, start time, script, state."""
+    import json
+    import time
+
+    from loomrun import tables
+
+    async def gather(steering):
+        try:
+            return await steering.jobs()
+        except Exception as error:  # noqa: BLE001 - an empty broker has no buckets yet
+            if "no loomrun job" in str(error):
+                return []
+            raise
+
+    jobs = _steer(_broker(**broker), gather)
+    listing = [
+        {
+            "job": j.job,
+            "state": "lost" if j.lost else "running",
+            "hosts": sorted({n.host for n in j.nodes}),
+            "replicas": j.replicas,
+            "started": min(n.started for n in j.nodes),
+            "script": j.nodes[0].script,
+            "nodes": len(j.nodes),
+        }
+        for j in jobs
+    ]
+    if as_json:
+        click.echo(json.dumps({"jobs": listing}))
+        return
+    if not listing:
+        click.echo("no loomrun job on this broker")
+        return
+    rows = [
+        [
+            j["job"], j["state"], ",".join(j["hosts"]), str(len(j["replicas"])),
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j["started"])), j["script"],
+        ]
+        for j in listing
+    ]  # fmt: skip
+    tables.render(["job", "state", "host", "replicas", "started", "script"], rows)
+
+
+@main.command("server")
+@click.option("--listen", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", type=click.IntRange(1, 65535), default=4222, show_default=True)
+@click.option("--token", envvar="LOOMRUN_NATS_TOKEN", help="Require this token from clients.")
+def server_command(listen, port, token):
+    """Run the bundled NATS broker (JetStream on) in the foreground, for a long-lived broker."""
+    import os as _os
+
+    from loomrun.broker import BrokerError, server_binary, state_dir
+
+    if listen not in ("127.0.0.1", "localhost", "::1") and not token:
+        click.echo(
+            f"loomrun: listening on {listen} without --token: anyone who reaches it can steer",
+            err=True,
+        )
+    try:
+        binary = server_binary()
+    except BrokerError as error:
+        raise click.ClickException(str(error)) from None
+    store = state_dir() / f"jetstream-{port}"
+    store.mkdir(parents=True, exist_ok=True)
+    command = [str(binary), "-a", listen, "-p", str(port), "-js", "-sd", str(store)]
+    if token:
+        command += ["--auth", token]
+    click.echo(f"loomrun: NATS broker on nats://{listen}:{port}, store {store}", err=True)
+    _os.execv(command[0], command)
 
 
 def _check_module(module: str) -> None:

@@ -27,6 +27,17 @@ class DesiredConfig:
         entry.at_step = at_step
         return version
 
+    def put(self, name: str, want: pb.DesiredParam, version: int) -> None:
+        """Take a change as it came off the wire; `version` is its revision in the bucket."""
+        entry = self.state.params[name]
+        entry.CopyFrom(want)
+        entry.version = self._next(version)
+
+    def drop(self, name: str) -> None:
+        """Forget a parameter's desired value: the worker keeps what it has."""
+        if name in self.state.params:
+            del self.state.params[name]
+
     def pause(self, paused: bool, version: int | None = None, at_step: int = 0) -> int:
         version = self._next(version)
         self.state.paused = paused

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loomrun.broker import BrokerOptions
 from loomrun.mailbox import Mailbox, MailboxError, segment_path, sweep_stale
 from loomrun.output import ConsoleStream, ReplicaOutput, prefix_for, say, use_color
 
@@ -45,6 +46,12 @@ class LaunchSpec:
     log_dir: Path | None = None
     console_filter: frozenset[str] | None = None
     grace: float = 30.0
+    broker: BrokerOptions | None = field(default_factory=BrokerOptions)
+    wait_broker: bool = False
+
+    @property
+    def target_name(self) -> str:
+        return f"-m {self.module}" if self.module else str(self.script)
 
     @property
     def world_size(self) -> int:
@@ -152,6 +159,7 @@ class Replica:
     pumps: list[asyncio.Task] = field(default_factory=list)
     error_file: Path | None = None
     finished: bool = False
+    failure_note: str = ""
 
 
 class Supervisor:
@@ -172,6 +180,7 @@ class Supervisor:
         self._run_dir: Path | None = None
         self._own_run_dir = False
         self.mailboxes: dict[str, Mailbox] = {}
+        self.control = None
 
     # -- the main loop ---------------------------------------------------------
 
@@ -187,6 +196,7 @@ class Supervisor:
             )
         try:
             self._open_mailboxes()
+            await self._start_control()
             for replica in self.replicas:
                 await self._start(replica)
             return await self._watch()
@@ -198,6 +208,8 @@ class Supervisor:
             self._reap_groups()
             for replica in self.replicas:
                 await self._drain(replica)
+            if self.control is not None:
+                await self.control.close()
             for mailbox in self.mailboxes.values():
                 mailbox.unlink()
             self._release_run_dir()
@@ -219,6 +231,7 @@ class Supervisor:
                     returncode = task.result()
                     if returncode == 0:
                         replica.finished = True
+                        self._tell_exit(replica, 0, "exited with code 0")
                         continue
                     restarted = await self._restart_after_failure(replica, returncode)
                     if not restarted:
@@ -245,11 +258,16 @@ class Supervisor:
         spec = self.spec
         per_replica = spec.restart_policy == "replica"
         used = replica.restarts if per_replica else self.group_restarts
+        exited = f"{replica.name} {describe_exit(returncode)}"
+        if replica.failure_note:
+            exited += f" ({replica.failure_note})"
+            replica.failure_note = ""
         if used >= spec.max_restarts:
+            self._tell_exit(replica, exit_code_of(returncode), exited)
             await self._fail(replica, returncode)
             return []
-        exited = f"{replica.name} {describe_exit(returncode)}"
         why = f"(restart {used + 1}/{spec.max_restarts}): {exited}"
+        self._tell_exit(replica, exit_code_of(returncode), exited, restarting=True)
         if per_replica:
             replica.restarts += 1
             say(f"restarting {replica.name} {why}")
@@ -354,6 +372,8 @@ class Supervisor:
         )
         replica.pgid = replica.proc.pid
         replica.started = time.monotonic()
+        if self.control is not None:
+            self.control.replica_started(replica.name, replica.proc.pid, replica.restarts)
         replica.pumps = [
             asyncio.ensure_future(replica.output.pump(replica.proc.stdout, "stdout")),
             asyncio.ensure_future(replica.output.pump(replica.proc.stderr, "stderr")),
@@ -401,6 +421,37 @@ class Supervisor:
             replica.pumps = []
         if replica.output is not None:
             replica.output.close()
+
+    async def _start_control(self) -> None:
+        """The NATS side: it connects alongside the workers' start, never ahead of it."""
+        if self.spec.broker is None:
+            return
+        from loomrun.control import ControlPlane, ReplicaView
+
+        views = [ReplicaView(r.name, r.local_rank, self.mailboxes[r.name]) for r in self.replicas]
+        self.control = ControlPlane(
+            job=self.spec.job,
+            node_rank=self.spec.node_rank,
+            nnodes=self.spec.nnodes,
+            script=" ".join([self.spec.target_name, *self.spec.args]),
+            replicas=views,
+            options=self.spec.broker,
+            on_device_failure=self.fail_device,
+            wait_broker=self.spec.wait_broker,
+        )
+        await self.control.start()
+
+    def _tell_exit(self, replica: Replica, code: int, text: str, restarting: bool = False) -> None:
+        if self.control is not None:
+            self.control.replica_exited(replica.name, code, text, restarting)
+
+    def fail_device(self, name: str, note: str) -> None:
+        """A health checker says this replica's device failed: stop it; the policy decides."""
+        for replica in self.replicas:
+            if replica.name == name and self._alive(replica):
+                say(f"{name}: {note}; stopping it")
+                replica.failure_note = note
+                self._signal_group(replica, signal.SIGTERM)
 
     def _open_mailboxes(self) -> None:
         """One segment per replica, before any worker starts; kept across restarts."""

@@ -169,3 +169,103 @@ class Status(_message.Message):
     pid: int
     applied_version: int
     def __init__(self, step: _Optional[int] = ..., steps_per_sec: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., paused: _Optional[bool] = ..., values: _Optional[_Mapping[str, Value]] = ..., time: _Optional[float] = ..., pid: _Optional[int] = ..., applied_version: _Optional[int] = ...) -> None: ...
+
+class ReplicaStatus(_message.Message):
+    __slots__ = ("job", "replica", "host", "state", "restarts", "exit_code", "status", "device_uuid", "device_name", "gpu_util", "gpu_mem_used", "gpu_mem_total", "time", "pid")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
+    GPU_UTIL_FIELD_NUMBER: _ClassVar[int]
+    GPU_MEM_USED_FIELD_NUMBER: _ClassVar[int]
+    GPU_MEM_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    replica: str
+    host: str
+    state: str
+    restarts: int
+    exit_code: int
+    status: Status
+    device_uuid: str
+    device_name: str
+    gpu_util: float
+    gpu_mem_used: float
+    gpu_mem_total: float
+    time: float
+    pid: int
+    def __init__(self, job: _Optional[str] = ..., replica: _Optional[str] = ..., host: _Optional[str] = ..., state: _Optional[str] = ..., restarts: _Optional[int] = ..., exit_code: _Optional[int] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., device_uuid: _Optional[str] = ..., device_name: _Optional[str] = ..., gpu_util: _Optional[float] = ..., gpu_mem_used: _Optional[float] = ..., gpu_mem_total: _Optional[float] = ..., time: _Optional[float] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class JobInfo(_message.Message):
+    __slots__ = ("job", "host", "replicas", "started", "script", "pid", "node_rank", "nnodes", "heartbeat", "broker")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    SCRIPT_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    NODE_RANK_FIELD_NUMBER: _ClassVar[int]
+    NNODES_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    BROKER_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    host: str
+    replicas: _containers.RepeatedScalarFieldContainer[str]
+    started: float
+    script: str
+    pid: int
+    node_rank: int
+    nnodes: int
+    heartbeat: float
+    broker: str
+    def __init__(self, job: _Optional[str] = ..., host: _Optional[str] = ..., replicas: _Optional[_Iterable[str]] = ..., started: _Optional[float] = ..., script: _Optional[str] = ..., pid: _Optional[int] = ..., node_rank: _Optional[int] = ..., nnodes: _Optional[int] = ..., heartbeat: _Optional[float] = ..., broker: _Optional[str] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("job", "replica", "kind", "text", "time", "step", "code")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    replica: str
+    kind: str
+    text: str
+    time: float
+    step: int
+    code: int
+    def __init__(self, job: _Optional[str] = ..., replica: _Optional[str] = ..., kind: _Optional[str] = ..., text: _Optional[str] = ..., time: _Optional[float] = ..., step: _Optional[int] = ..., code: _Optional[int] = ...) -> None: ...
+
+class Device(_message.Message):
+    __slots__ = ("uuid", "job", "replica", "host", "pid", "name", "memory")
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    uuid: str
+    job: str
+    replica: str
+    host: str
+    pid: int
+    name: str
+    memory: int
+    def __init__(self, uuid: _Optional[str] = ..., job: _Optional[str] = ..., replica: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., name: _Optional[str] = ..., memory: _Optional[int] = ...) -> None: ...
+
+class DeviceFailure(_message.Message):
+    __slots__ = ("uuid", "reason")
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    uuid: str
+    reason: str
+    def __init__(self, uuid: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...

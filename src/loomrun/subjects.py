@@ -1,0 +1,74 @@
+"""Every name loomrun uses on NATS: buckets, keys and subjects, each scoped by job id.
+
+loomrun_desired   {job}.{replica}.param.{name}   DesiredParam (version = KV revision)
+                  {job}.{replica}.pause          DesiredParam with a bool value
+loomrun_state     {job}.{replica}.schema         Schema
+                  {job}.{replica}.outcome.{name} Outcome of the latest change
+loomrun_status    {job}.{replica}                ReplicaStatus (memory, a few per second)
+loomrun_jobs      {job}.n{node_rank}             JobInfo with a heartbeat
+loomrun_devices   {uuid}                         Device
+stream LOOMRUN_EVENTS on loomrun.{job}.events.{replica}   Event
+subject loomrun.devices.failed                   DeviceFailure (from health checkers)
+"""
+
+from __future__ import annotations
+
+import re
+
+DESIRED = "loomrun_desired"
+STATE = "loomrun_state"
+STATUS = "loomrun_status"
+JOBS = "loomrun_jobs"
+DEVICES = "loomrun_devices"
+EVENTS_STREAM = "LOOMRUN_EVENTS"
+EVENTS_SUBJECTS = "loomrun.*.events.>"
+DEVICE_FAILED = "loomrun.devices.failed"
+PAUSE = "pause"
+HEARTBEAT_SECONDS = 2.0
+LOST_AFTER_SECONDS = 10.0
+
+PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_KEY_TOKEN = re.compile(r"[^A-Za-z0-9_=-]")
+
+
+def desired_param(job: str, replica: str, name: str) -> str:
+    return f"{job}.{replica}.param.{name}"
+
+
+def desired_pause(job: str, replica: str) -> str:
+    return f"{job}.{replica}.{PAUSE}"
+
+
+def schema(job: str, replica: str) -> str:
+    return f"{job}.{replica}.schema"
+
+
+def outcome(job: str, replica: str, name: str) -> str:
+    return f"{job}.{replica}.outcome.{name}"
+
+
+def status(job: str, replica: str) -> str:
+    return f"{job}.{replica}"
+
+
+def job_node(job: str, node_rank: int) -> str:
+    return f"{job}.n{node_rank}"
+
+
+def device(uuid: str) -> str:
+    """A device UUID as one KV key token (GPU-... and MIG-... keep their shape)."""
+    return _KEY_TOKEN.sub("_", uuid)
+
+
+def events(job: str, replica: str = "job") -> str:
+    return f"loomrun.{job}.events.{replica}"
+
+
+def split_desired(key: str) -> tuple[str, str, str | None] | None:
+    """`job.r1.param.lr` -> ("r1", "param", "lr"); `job.r1.pause` -> ("r1", "pause", None)."""
+    parts = key.split(".")
+    if len(parts) == 4 and parts[2] == "param":
+        return parts[1], "param", parts[3]
+    if len(parts) == 3 and parts[2] == PAUSE:
+        return parts[1], PAUSE, None
+    return None
