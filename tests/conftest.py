@@ -12,12 +12,28 @@ from pathlib import Path
 
 import pytest
 
+from loomrun.broker import BundledBroker
 from loomrun.mailbox import sweep_stale
+from loomrun.supervisor import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 EXAMPLES = ROOT / "examples"
 LOOMRUN = [sys.executable, "-m", "loomrun.cli"]
+
+
+FAKE_NVML = Path(__file__).resolve().parent / "fake_nvml"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_broker(tmp_path_factory):
+    """One real nats-server for the session, as a shared host broker; state kept out of ~."""
+    state = tmp_path_factory.mktemp("state")
+    os.environ["XDG_STATE_HOME"] = str(state)
+    broker = BundledBroker.start(free_port())
+    os.environ["LOOMRUN_NATS"] = broker.url
+    yield broker
+    broker.stop()
 
 
 def shm_segments() -> set[str]:

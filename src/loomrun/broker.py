@@ -7,6 +7,7 @@ directory, so desired config survives a broker restart.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -29,6 +30,11 @@ def state_dir() -> Path:
     """Where loomrun keeps its state: $XDG_STATE_HOME/loomrun or ~/.local/state/loomrun."""
     base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
     return Path(base) / "loomrun"
+
+
+def default_store(port: int) -> Path:
+    """JetStream's store for the bundled broker on `port`: whoever takes it over finds it."""
+    return state_dir() / f"jetstream-{port}"
 
 
 def server_binary() -> Path:
@@ -86,7 +92,7 @@ class BundledBroker:
     ) -> BundledBroker:
         if answers("127.0.0.1", port):
             raise BrokerError(f"a NATS server already answers on 127.0.0.1:{port}; connect to it")
-        store = store or state_dir() / "jetstream"
+        store = store or default_store(port)
         try:
             store.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -159,16 +165,29 @@ async def connect_client(options: BrokerOptions, timeout: float = 3.0):
     async def quiet(_error):
         return None
 
+    host, port = host_port(options.url)
     try:
-        return await nats.connect(
-            **options.connect_kwargs(),
-            connect_timeout=timeout,
-            allow_reconnect=False,
-            max_reconnect_attempts=0,
-            error_cb=quiet,
+        socket.create_connection((host, port), timeout=min(timeout, 1.0)).close()
+    except OSError:
+        raise BrokerError(
+            f"cannot reach the NATS broker at {options.url} (nothing answers there); is a "
+            "loomrun job running? (set --nats or LOOMRUN_NATS to point at its broker)"
+        ) from None
+    try:
+        return await asyncio.wait_for(
+            nats.connect(
+                **options.connect_kwargs(),
+                connect_timeout=timeout,
+                allow_reconnect=False,
+                max_reconnect_attempts=1,
+                error_cb=quiet,
+            ),
+            timeout,
         )
     except Exception as error:  # noqa: BLE001 - every way to fail is one sentence here
         detail = str(error) or type(error).__name__
+        if isinstance(error, asyncio.TimeoutError | ConnectionRefusedError | OSError):
+            detail = "nothing answers there"
         raise BrokerError(
             f"cannot reach the NATS broker at {options.url} ({detail}); is a loomrun job "
             "running? (set --nats or LOOMRUN_NATS to point at its broker)"

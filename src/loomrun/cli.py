@@ -626,7 +626,7 @@ def server_command(listen, port, token):
     """Run the bundled NATS broker (JetStream on) in the foreground, for a long-lived broker."""
     import os as _os
 
-    from loomrun.broker import BrokerError, server_binary, state_dir
+    from loomrun.broker import BrokerError, default_store, server_binary
 
     if listen not in ("127.0.0.1", "localhost", "::1") and not token:
         click.echo(
@@ -637,7 +637,7 @@ def server_command(listen, port, token):
         binary = server_binary()
     except BrokerError as error:
         raise click.ClickException(str(error)) from None
-    store = state_dir() / f"jetstream-{port}"
+    store = default_store(port)
     store.mkdir(parents=True, exist_ok=True)
     command = [str(binary), "-a", listen, "-p", str(port), "-js", "-sd", str(store)]
     if token:

@@ -26,6 +26,7 @@ from loomrun.broker import BrokerOptions, connect_client
 
 # How far ahead of the slowest replica an automatic at-step lands, in seconds of its steps.
 AT_STEP_LEAD = 0.3
+RATE_WAIT = 2.0
 BUILTIN_NAMES = {"lr", "momentum", "weight_decay", "betas"}
 
 
@@ -105,7 +106,8 @@ def pick_at_step(statuses: list[pb.ReplicaStatus], now: float) -> int:
     target = 0
     for status in statuses:
         age = max(0.0, now - status.status.time) if status.status.time else 0.0
-        ahead = math.ceil(status.status.steps_per_sec * (age + AT_STEP_LEAD))
+        rate = 0.0 if status.status.paused else status.status.steps_per_sec
+        ahead = math.ceil(rate * (age + AT_STEP_LEAD))
         target = max(target, status.status.step + ahead + 1)
     return target
 
@@ -283,7 +285,8 @@ class Steering:
     ) -> list[Result]:
         found = await self.job(job)
         targets = self.targets(found, replicas)
-        at_step = await self._common_step(found.job, targets, at_step)
+        if paused:  # resuming needs no common step: paused replicas stand still together
+            at_step = await self._common_step(found.job, targets, at_step)
         writes = {(r, S.PAUSE): (S.desired_pause(found.job, r), paused) for r in targets}
         return await self._write_and_wait(found.job, writes, at_step or 0, timeout, wait)
 
@@ -291,8 +294,13 @@ class Steering:
         """Replicas that train together change at one step number: given, or picked here."""
         if at_step is not None or len(targets) < 2:
             return at_step or 0
-        statuses = await self.statuses(job)
-        return pick_at_step([statuses[r] for r in targets if r in statuses], time.time())
+        deadline = time.monotonic() + RATE_WAIT
+        while True:
+            statuses = [s for r, s in (await self.statuses(job)).items() if r in targets]
+            unknown = [s for s in statuses if not s.status.paused and s.status.steps_per_sec <= 0]
+            if (len(statuses) == len(targets) and not unknown) or time.monotonic() > deadline:
+                return pick_at_step(statuses, time.time())
+            await asyncio.sleep(0.1)  # a replica that just started has no step rate yet
 
     async def _write_and_wait(
         self,

@@ -164,6 +164,20 @@ class ControlPlane:
                 raise
 
     async def _prepare(self) -> None:
+        await self._ensure_buckets()
+        for name in self.replicas:  # a new run starts from the script's own values
+            for key in await self._keys(self.kv[S.DESIRED], f"{self.job}.{name}.>"):
+                await self.kv[S.DESIRED].purge(key)
+            for key in await self._keys(self.kv[S.STATE], f"{self.job}.{name}.>"):
+                await self.kv[S.STATE].purge(key)
+        await self.nc.subscribe(S.DEVICE_FAILED, cb=self._device_failed)
+        for replica in self.replicas.values():
+            if replica.device is not None:
+                self._register_device(replica)
+        self._queue_job_info()
+
+    async def _ensure_buckets(self) -> None:
+        """The buckets and the events stream; a broker started afresh may have none."""
         from nats.js import api
 
         self.kv[S.DESIRED] = await self._bucket(S.DESIRED)
@@ -175,17 +189,6 @@ class ControlPlane:
             await self.js.add_stream(
                 name=S.EVENTS_STREAM, subjects=[S.EVENTS_SUBJECTS], max_age=86400, max_msgs=100_000
             )
-        for name in self.replicas:  # a new run starts from the script's own values
-            for key in await self._keys(self.kv[S.DESIRED], f"{self.job}.{name}.>"):
-                await self.kv[S.DESIRED].purge(key)
-            for key in await self._keys(self.kv[S.STATE], f"{self.job}.{name}.>"):
-                await self.kv[S.STATE].purge(key)
-        await self.nc.subscribe(S.DEVICE_FAILED, cb=self._device_failed)
-        for replica in self.replicas.values():
-            if replica.device is not None:
-                self._register_device(replica)
-        self._queue_job_info()
-        self._fast_until = 0.0
 
     async def _bucket(self, name: str, **config):
         from nats.js.errors import BucketNotFoundError
@@ -253,7 +256,7 @@ class ControlPlane:
         say(f"reconnected to the NATS broker at {self.options.url}")
         if self._watch_task is not None:
             self._watch_task.cancel()
-        self._watch_task = asyncio.ensure_future(self._watch_desired())
+        self._watch_task = asyncio.ensure_future(self._resync())
         self._queue_job_info()
         for replica in self.replicas.values():
             if replica.device is not None:
@@ -264,6 +267,14 @@ class ControlPlane:
         return None  # disconnects are reported once by _disconnected, not per retry
 
     # -- desired config: NATS -> mailbox ------------------------------------------------
+
+    async def _resync(self) -> None:
+        try:
+            await self._ensure_buckets()
+        except Exception as error:  # noqa: BLE001 - retried on the next reconnect
+            say(f"cannot set up the job's state on the broker again ({error})")
+            return
+        await self._watch_desired()
 
     async def _watch_desired(self) -> None:
         kv = self.kv[S.DESIRED]
@@ -411,7 +422,10 @@ class ControlPlane:
         replica.seen = {"acks": 0, "schema": 0, "status": 0}
         replica.outcomes.clear()
         self._register_device(replica)
-        self.event(name, "started", f"pid {pid}" + (f", restart {restarts}" if restarts else ""))
+        if restarts:
+            self.event(name, "restarted", f"pid {pid}, restart {restarts}")
+        else:
+            self.event(name, "started", f"pid {pid}")
         self._queue_status(replica, force=True)
 
     def replica_exited(self, name: str, exit_code: int, text: str, restarting: bool) -> None:

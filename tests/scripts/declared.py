@@ -14,6 +14,7 @@ class Mode(enum.Enum):
 
 batch = loomrun.param("batch", int, default=32, min=1, max=4096, doc="examples per step")
 mode = loomrun.param("mode", Mode, default=Mode.FAST)
+note = loomrun.param("note", str, default="")
 
 
 @loomrun.handler("temperature", min=0.0)

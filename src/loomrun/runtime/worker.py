@@ -51,7 +51,7 @@ class Worker:
         self._seen = 0
         self._due = _NEVER
         self._next_status = 0.0
-        self._rate_mark = (time.monotonic(), 0)
+        self._rate_mark: tuple[float, int] | None = None
         self._rate = 0.0
         self._warned: set[str] = set()
         # Names whose target appears with the first optimizer: a change to them waits
@@ -188,10 +188,15 @@ class Worker:
                 self.warn_once(f"metric {key!r} is not a number ({value!r}); it is left out")
 
     def write_status(self, now: float) -> None:
-        mark_time, mark_step = self._rate_mark
-        if now - mark_time >= 1.0 or (self._rate == 0.0 and now - mark_time >= STATUS_INTERVAL):
-            self._rate = (self.step - mark_step) / (now - mark_time)
-            self._rate_mark = (now, self.step)
+        if self._rate_mark is None:
+            if self.step > 0:  # the rate counts from the first step, not from start-up
+                self._rate_mark = (now, self.step)
+        else:
+            mark_time, mark_step = self._rate_mark
+            elapsed = now - mark_time
+            if elapsed >= 1.0 or (self._rate == 0.0 and elapsed >= STATUS_INTERVAL):
+                self._rate = (self.step - mark_step) / elapsed
+                self._rate_mark = (now, self.step)
         status = pb.Status(
             step=self.step,
             steps_per_sec=self._rate,

@@ -1,0 +1,325 @@
+"""The control plane, run for real: a nats-server, supervisors, workers, and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import secrets
+import signal
+
+import pytest
+import torch
+from conftest import EXAMPLES, FAKE_NVML, SCRIPTS, run_loomrun, wait_for
+
+from loomrun import subjects as S
+from loomrun._proto import loomrun_pb2 as pb
+from loomrun.broker import BrokerError, BrokerOptions, BundledBroker, answers, host_port
+from loomrun.client import SteerError, Steering
+from loomrun.supervisor import free_port
+
+
+def job_id(name: str) -> str:
+    return f"{name}-{secrets.token_hex(3)}"
+
+
+def steering(work, url: str | None = None):
+    """Run `work(steering)` against the test broker from synchronous test code."""
+
+    async def session():
+        async with Steering.connect(BrokerOptions(url or os.environ["LOOMRUN_NATS"])) as s:
+            return await work(s)
+
+    return asyncio.run(session())
+
+
+def wait_ready(job: str, replicas=("r0",), name="lr", url=None, timeout=60):
+    """Until every replica published `name` in its schema (builtins: after its first step)."""
+
+    async def ready(s):
+        for replica in replicas:
+            try:
+                if name not in await s.schema(job, replica):
+                    return False
+            except SteerError:  # not registered yet
+                return False
+        return True
+
+    def probe():
+        try:
+            return steering(ready, url)
+        except BrokerError:  # the job has not started its bundled broker yet
+            return False
+
+    wait_for(probe, timeout, interval=0.2, what=f"{job} to publish {name}")
+
+
+def start(procs, script, *args, job, replicas=1, extra=(), env=None):
+    return procs.start("--replicas", replicas, "--job", job, *extra, script, *args, env=env)
+
+
+def test_set_get_pause_resume_ls_through_the_cli(procs):
+    job = job_id("cli")
+    start(procs, SCRIPTS / "steered.py", "--steps", "100000", job=job, replicas=2)
+    wait_ready(job, ("r0", "r1"))
+
+    listed = json.loads(run_loomrun("ls", "--json").stdout)
+    mine = [j for j in listed["jobs"] if j["job"] == job]
+    assert mine and mine[0]["replicas"] == ["r0", "r1"] and mine[0]["state"] == "running"
+    assert "steered.py --steps 100000" in mine[0]["script"]
+
+    result = run_loomrun("set", "lr=0.05", "--replica", "r1", "--job", job)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("r1  lr  0.1 -> 0.05  at step ")
+
+    got = json.loads(run_loomrun("get", "--job", job, "--json").stdout)
+    values = {(p["replica"], p["name"]): p for p in got["params"]}
+    assert values[("r0", "momentum")]["type"] == "a float"
+    assert values[("r1", "lr")]["changed_at_step"] is not None
+    assert values[("r0", "lr")]["changed_at_step"] is None
+
+    paused = run_loomrun("pause", "--job", job, "--json")
+    assert paused.returncode == 0, paused.stderr
+    steps = {c["replica"]: c["step"] for c in json.loads(paused.stdout)["changes"]}
+    assert steps["r0"] == steps["r1"], "replicas pause together, at one step"
+    resumed = run_loomrun("resume", "--job", job)
+    assert resumed.returncode == 0 and "r0  resumed at step" in resumed.stdout
+
+
+def test_set_refuses_bad_requests_before_writing_anything(procs):
+    job = job_id("refuse")
+    start(procs, SCRIPTS / "steered.py", "--steps", "100000", job=job)
+    wait_ready(job)
+    cases = [
+        (["set", "lrr=0.1", "--job", job], "r0 has no parameter 'lrr' (did you mean 'lr'?)"),
+        (["set", "lr=fast", "--job", job], "invalid value for lr: expected a float"),
+        (["set", "lr=-1", "--job", job], "-1.0 is below the minimum 0"),
+        (["set", "lr=0.1", "--job", job, "--replica", "r9"], f"job {job} has no replica 'r9'"),
+        (["set", "lr=0.1", "--job", "nojob"], "no job 'nojob' on this broker"),
+        (["set", "lr", "--job", job], "'lr' is not KEY=VALUE"),
+        (["set", "lr=0.1", "--replica", "one", "--job", job], "'one' is not a replica name"),
+    ]
+    for args, message in cases:
+        result = run_loomrun(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+
+    async def desired_keys(s):
+        return await s.entries(S.DESIRED, f"{job}.>")
+
+    assert steering(desired_keys) == {}, "a refused set writes nothing"
+
+
+def test_no_broker_is_one_line_and_exit_4():
+    result = run_loomrun("set", "lr=0.1", "--nats", f"nats://127.0.0.1:{free_port()}")
+    assert result.returncode == 4
+    assert "cannot reach the NATS broker" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_job_is_required_when_several_run(procs):
+    jobs = [job_id("many"), job_id("many")]
+    for job in jobs:
+        start(procs, SCRIPTS / "steered.py", "--steps", "100000", job=job)
+    for job in jobs:
+        wait_ready(job)
+    result = run_loomrun("set", "lr=0.1")
+    assert result.returncode == 2
+    assert "jobs are running" in result.stderr and all(j in result.stderr for j in jobs)
+
+
+def test_rejected_by_the_worker_and_timed_out_exit_codes(procs):
+    job = job_id("codes")
+    start(procs, SCRIPTS / "declared.py", job=job)
+    wait_ready(job, name="explode")
+    rejected = run_loomrun("set", "explode=true", "--job", job)
+    assert rejected.returncode == 1
+    assert (
+        "rejected: explode handler raised RuntimeError: this handler always fails"
+        in rejected.stdout
+    )
+    late = run_loomrun("set", "batch=8", "--job", job, "--at-step", "100000000", "--timeout", "1")
+    assert late.returncode == 3
+    assert "still desired" in late.stdout
+
+    async def too_big(s):
+        return await s.set(job, {"note": "x" * 200_000}, timeout=20)
+
+    (result,) = steering(too_big)
+    assert result.state == "rejected"
+    assert "more than the mailbox's" in result.outcome.reason
+
+
+@pytest.mark.slow
+def test_ddp_live_lr_change_keeps_ranks_bitwise_identical(procs, tmp_path):
+    job = job_id("ddp")
+    sup = start(
+        procs, EXAMPLES / "ddp_train.py", "--steps", "400", "--step-time", "0.01",
+        "--save", tmp_path / "model", job=job, replicas=2,
+    )  # fmt: skip
+    wait_ready(job, ("r0", "r1"))
+    result = run_loomrun("set", "lr=0.003", "--job", job, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    changes = json.loads(result.stdout)["changes"]
+    assert {c["replica"] for c in changes} == {"r0", "r1"}
+    assert changes[0]["step"] == changes[1]["step"] == changes[0]["at_step"]
+    out, err = sup.communicate(timeout=120)
+    assert sup.returncode == 0, err
+    assert "lr 0.003" in out
+    rank0 = torch.load(tmp_path / "model.rank0.pt")
+    rank1 = torch.load(tmp_path / "model.rank1.pt")
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), f"{key} differs between ranks"
+
+
+def _fuzz_messages(job: str, count: int):
+    rng = random.Random(1234)
+    subjects = [
+        f"$KV.{S.DESIRED}.{job}.r0.param.lr",
+        f"$KV.{S.DESIRED}.{job}.r0.param.momentum",
+        f"$KV.{S.DESIRED}.{job}.r0.pause",
+        f"$KV.{S.DESIRED}.{job}.r0.param.nope",
+        f"$KV.{S.DESIRED}.{job}.r7.param.lr",
+        f"$KV.{S.DESIRED}.{job}.garbage",
+        S.DEVICE_FAILED,
+        f"loomrun.{job}.events.r0",
+    ]
+    for _ in range(count):
+        size = rng.choice([0, 1, 3, 17, 64, 500])
+        yield rng.choice(subjects), bytes(rng.getrandbits(8) for _ in range(size))
+
+
+def test_malformed_and_random_messages_do_not_stop_the_job(procs):
+    job = job_id("fuzz")
+    sup = start(procs, SCRIPTS / "steered.py", "--steps", "1000000", job=job)
+    wait_ready(job)
+
+    async def fuzz(s):
+        for subject, data in _fuzz_messages(job, 300):
+            await s.nc.publish(subject, data)
+        await s.nc.flush()
+        wrong = pb.DesiredParam()
+        wrong.value.s = "not a number"
+        await (await s.kv(S.DESIRED)).put(
+            S.desired_param(job, "r0", "lr"), wrong.SerializeToString()
+        )
+        await asyncio.sleep(0.5)
+        await s.pause(job, False, timeout=10)
+        return await s.set(job, {"lr": 0.0123}, timeout=20)
+
+    (result,) = steering(fuzz)
+    assert result.state == "applied", result.as_dict()
+    assert sup.poll() is None, "the supervisor must survive"
+
+
+def _events(job: str, url=None) -> list[pb.Event]:
+    async def read(s):
+        js = s.nc.jetstream()
+        sub = await js.subscribe(f"loomrun.{job}.events.>", ordered_consumer=True)
+        events = []
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=0.5)
+                events.append(pb.Event.FromString(msg.data))
+        except Exception:  # noqa: BLE001 - no more for now
+            pass
+        await sub.unsubscribe()
+        return events
+
+    return steering(read, url)
+
+
+@pytest.mark.slow
+def test_device_failure_stops_and_restarts_the_replica(procs):
+    job = job_id("gpu")
+    env = {"PYTHONPATH": f"{FAKE_NVML}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    sup = start(
+        procs, SCRIPTS / "steered.py", "--steps", "100000", job=job, replicas=2, env=env,
+        extra=("--max-restarts", "1", "--restart-policy", "replica"),
+    )  # fmt: skip
+    wait_ready(job, ("r0", "r1"))
+
+    async def devices(s):
+        found = await s.entries(S.DEVICES, ">")
+        return {d.replica: d for d in map(pb.Device.FromString, found.values()) if d.job == job}
+
+    registered = wait_for(lambda: len(d := steering(devices)) == 2 and d, 10, what="devices")
+    assert registered["r1"].uuid == "GPU-fake0000-0000-0000-0000-000000000001"
+    assert registered["r1"].name == "Fake GPU 80GB" and registered["r1"].memory == 80 * 2**30
+
+    async def status(s):
+        return (await s.statuses(job)).get("r0")
+
+    telemetry = wait_for(lambda: (st := steering(status)) and st.gpu_util and st, 10, what="gpu")
+    assert telemetry.gpu_util == 42 and telemetry.device_name == "Fake GPU 80GB"
+
+    async def fail(s):
+        failure = pb.DeviceFailure(uuid=registered["r1"].uuid, reason="XID 79")
+        await s.nc.publish(S.DEVICE_FAILED, failure.SerializeToString())
+        await s.nc.flush()
+
+    steering(fail)
+    wait_for(
+        lambda: any(e.kind == "restarted" and e.replica == "r1" and "restart 1" in e.text
+                    for e in _events(job)),
+        30,
+        what="r1 to restart",
+    )  # fmt: skip
+    events = _events(job)
+    assert any(e.replica == "r1" and e.kind == "device_failed" for e in events)
+    failed = [e for e in events if e.replica == "r1" and e.kind == "failed"]
+    assert failed and "XID 79" in failed[0].text and failed[0].code == 143
+    assert not any(e.replica == "r0" and e.kind in ("failed", "restarted") for e in events)
+    wait_ready(job, ("r1",))
+    assert sup.poll() is None
+    sup.send_signal(signal.SIGTERM)
+    _, err = sup.communicate(timeout=60)
+    assert f"device {registered['r1'].uuid} failed: XID 79" in err
+    assert "restarting r1 (restart 1/1)" in err
+
+
+@pytest.mark.slow
+def test_a_change_made_while_the_broker_was_down_lands_after_reconnect(procs):
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}"
+    broker = BundledBroker.start(port)
+    try:
+        job = job_id("reconnect")
+        start(
+            procs, SCRIPTS / "steered.py", "--steps", "1000000", job=job, env={"LOOMRUN_NATS": url}
+        )
+        wait_ready(job, url=url)
+        broker.stop()
+        # The supervisor takes the broker over (same port, same store) or we restart it.
+        wait_for(lambda: answers(*host_port(url)), 15, interval=0.2, what="a broker again")
+        if not answers(*host_port(url)):
+            broker = BundledBroker.start(port)
+        result = run_loomrun("set", "lr=0.0456", "--job", job, "--nats", url, "--timeout", "30")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "-> 0.0456" in result.stdout
+    finally:
+        broker.stop()
+
+
+@pytest.mark.slow
+def test_shared_broker_is_taken_over_when_its_starter_ends(procs):
+    url = f"nats://127.0.0.1:{free_port()}"
+    env = {"LOOMRUN_NATS": url}
+    first, second = job_id("first"), job_id("second")
+    a = start(procs, SCRIPTS / "steered.py", "--steps", "1000000", job=first, env=env)
+    wait_ready(first, url=url)
+    b = start(procs, SCRIPTS / "steered.py", "--steps", "1000000", job=second, env=env)
+    wait_ready(second, url=url)
+    a.send_signal(signal.SIGTERM)
+    _, a_err = a.communicate(timeout=60)
+    assert "started the bundled NATS broker" in a_err
+    wait_for(lambda: answers(*host_port(url)), 15, interval=0.2, what="the broker taken over")
+    result = run_loomrun("set", "lr=0.0321", "--job", second, "--nats", url, "--timeout", "30")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert b.poll() is None
+    b.send_signal(signal.SIGTERM)
+    _, b_err = b.communicate(timeout=60)
+    assert "started the bundled NATS broker" in b_err, "the second job took the broker over"
+    wait_for(lambda: not answers(*host_port(url)), 15, what="the broker to stop with its job")
