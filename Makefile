@@ -37,6 +37,7 @@ bench: install
 	$(PY) benchmarks/launch.py
 	$(PY) benchmarks/poll.py
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/latency.py
 
 proto: install
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=src/loomrun/_proto \

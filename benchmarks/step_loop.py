@@ -9,6 +9,7 @@ from torch import nn
 parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=3000)
 parser.add_argument("--warmup", type=int, default=200)
+parser.add_argument("--quiet", action="store_true", help="print nothing (runs until stopped)")
 args = parser.parse_args()
 
 torch.manual_seed(0)
@@ -23,4 +24,5 @@ for step in range(args.warmup + args.steps):
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-print(f"steps_per_sec {args.steps / (time.perf_counter() - started):.2f}")
+if not args.quiet:
+    print(f"steps_per_sec {args.steps / (time.perf_counter() - started):.2f}")

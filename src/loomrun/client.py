@@ -119,14 +119,22 @@ class Steering:
         self.nc = nc
         self.js = nc.jetstream()
         self._kv: dict[str, Any] = {}
+        # A long-lived client (the Python API) reads a replica's schema once; a missing name
+        # makes it read again, since workers declare parameters as they go.
+        self._schemas: dict[tuple[str, str], dict[str, P.ParamSpec]] = {}
+        self._jobs: dict[str, Job] = {}
+        self._outcome_watchers: dict[str, asyncio.Task] = {}
+        self._waiting: dict[tuple[str, str, str], list[tuple[Result, asyncio.Event]]] = {}
 
     @classmethod
     @contextlib.asynccontextmanager
     async def connect(cls, options: BrokerOptions, timeout: float = 3.0):
         nc = await connect_client(options, timeout)
+        steering = cls(nc)
         try:
-            yield cls(nc)
+            yield steering
         finally:
+            await steering.close()
             with contextlib.suppress(Exception):
                 await nc.close()
 
@@ -168,6 +176,8 @@ class Steering:
 
     async def job(self, job: str | None) -> Job:
         """The job named, or the only running one; otherwise an error that lists them."""
+        if job in self._jobs:
+            return self._jobs[job]
         jobs = await self.jobs()
         running = [j for j in jobs if not j.lost]
         if job is None:
@@ -179,6 +189,7 @@ class Steering:
             raise SteerError(f"{len(running)} jobs are running ({names}): choose one with --job")
         for candidate in jobs:
             if candidate.job == job:
+                self._jobs[job] = candidate
                 return candidate
         known = [j.job for j in running]
         listing = f"running: {', '.join(known)}" if known else "no job is running"
@@ -197,16 +208,20 @@ class Steering:
 
     # -- state of replicas ---------------------------------------------------------------
 
-    async def schema(self, job: str, replica: str) -> dict[str, P.ParamSpec]:
+    async def schema(self, job: str, replica: str, fresh: bool = True) -> dict[str, P.ParamSpec]:
+        if not fresh and (job, replica) in self._schemas:
+            return self._schemas[(job, replica)]
         found = await self.entries(S.STATE, S.schema(job, replica))
         data = found.get(S.schema(job, replica))
         if data is None:
             raise SteerError(f"{replica} of {job} has not published its parameters yet")
         try:
             schema = pb.Schema.FromString(data)
-            return {s.name: P.spec_from_pb(s) for s in schema.params}
+            specs = {s.name: P.spec_from_pb(s) for s in schema.params}
         except (DecodeError, P.ParamError) as error:
             raise SteerError(f"{replica} of {job} published a malformed schema ({error})") from None
+        self._schemas[(job, replica)] = specs
+        return specs
 
     async def statuses(self, job: str) -> dict[str, pb.ReplicaStatus]:
         out = {}
@@ -231,7 +246,9 @@ class Steering:
         """Convert and validate every change for every replica; nothing is written."""
         checked: dict[str, dict[str, Any]] = {}
         for replica in replicas:
-            specs = await self.schema(job, replica)
+            specs = await self.schema(job, replica, fresh=False)
+            if not set(changes) <= set(specs):
+                specs = await self.schema(job, replica)
             checked[replica] = {}
             for name, text in changes.items():
                 spec = specs.get(name)
@@ -302,6 +319,37 @@ class Steering:
                 return pick_at_step(statuses, time.time())
             await asyncio.sleep(0.1)  # a replica that just started has no step rate yet
 
+    async def _watch_outcomes(self, job: str) -> None:
+        """One watcher per job for this session: every `set` waits on it, none builds its own."""
+        if job in self._outcome_watchers:
+            return
+        watcher = await (await self.kv(S.STATE)).watch(f"{job}.*.outcome.*")
+
+        async def route() -> None:
+            async for entry in watcher:
+                if entry is None or not entry.value:
+                    continue
+                parts = entry.key.split(".")
+                waiting = self._waiting.get((job, parts[1], parts[3])) if len(parts) == 4 else None
+                if not waiting:
+                    continue
+                try:
+                    outcome = pb.Outcome.FromString(entry.value)
+                except DecodeError:
+                    continue
+                for result, done in list(waiting):
+                    if outcome.version >= result.version:
+                        result.outcome = outcome
+                        result.latency = time.perf_counter() - result.latency
+                        waiting.remove((result, done))
+                        done.set()
+
+        self._outcome_watchers[job] = asyncio.ensure_future(route())
+
+    async def close(self) -> None:
+        for task in self._outcome_watchers.values():
+            task.cancel()
+
     async def _write_and_wait(
         self,
         job: str,
@@ -310,50 +358,28 @@ class Steering:
         timeout: float,
         wait: bool,
     ) -> list[Result]:
-        desired, state = await self.kv(S.DESIRED), await self.kv(S.STATE)
-        results = {
-            (r, name): Result(job, r, name, value, at_step=at_step)
-            for (r, name), (_, value) in writes.items()
-        }
-        answered = asyncio.Event()
-        started = time.perf_counter()
-
-        def take(entry) -> None:
-            parts = entry.key.split(".")
-            result = results.get((parts[1], parts[3])) if len(parts) == 4 else None
-            if result is None or result.outcome is not None or not result.version:
-                return
-            try:
-                outcome = pb.Outcome.FromString(entry.value)
-            except DecodeError:
-                return
-            if outcome.version >= result.version:
-                result.outcome = outcome
-                result.latency = time.perf_counter() - started
-                if all(r.outcome is not None for r in results.values()):
-                    answered.set()
-
-        watcher = await state.watch(f"{job}.*.outcome.*") if wait else None
-        try:
-            for (r, name), (key, value) in writes.items():
-                want = pb.DesiredParam(at_step=at_step)
-                want.value.CopyFrom(P.to_pb(value))
-                results[(r, name)].version = await desired.put(key, want.SerializeToString())
-            if watcher is None:
-                return list(results.values())
-            deadline = time.monotonic() + timeout
-            while not answered.is_set():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                try:
-                    entry = await watcher.updates(timeout=left)
-                except Exception:  # noqa: BLE001 - nats' TimeoutError: the deadline passed
-                    break
-                if entry is not None and entry.value:
-                    take(entry)
-        finally:
-            if watcher is not None:
-                with contextlib.suppress(Exception):
-                    await watcher.stop()
-        return list(results.values())
+        desired = await self.kv(S.DESIRED)
+        if wait:
+            await self._watch_outcomes(job)
+        results, pending = [], []
+        for (replica, name), (key, value) in writes.items():
+            result = Result(job, replica, name, value, at_step=at_step)
+            want = pb.DesiredParam(at_step=at_step)
+            want.value.CopyFrom(P.to_pb(value))
+            done = asyncio.Event()
+            if wait:  # registered before the write, so no answer can slip past
+                result.latency = time.perf_counter()
+                self._waiting.setdefault((job, replica, name), []).append((result, done))
+                pending.append((result, done))
+            result.version = await desired.put(key, want.SerializeToString())
+            results.append(result)
+        if pending:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(d.wait() for _, d in pending)), timeout)
+            for result, done in pending:
+                if result.outcome is None:
+                    result.latency = None
+                    waiters = self._waiting.get((job, result.replica, result.name), [])
+                    if (result, done) in waiters:
+                        waiters.remove((result, done))
+        return results

@@ -37,9 +37,13 @@ from loomrun.output import say
 
 STATUS_PUBLISH_INTERVAL = 0.25
 TELEMETRY_INTERVAL = 1.0
+# The mailboxes are polled fast only while a change written to one is still unanswered
+# (a set is waiting on it): a busy spin for SPIN_FOR, since most changes land within a step
+# and asyncio cannot sleep less than 1 ms; then every FAST_POLL, up to FAST_POLL_FOR.
+SPIN_FOR = 0.005
 FAST_POLL = 0.001
 SLOW_POLL = 0.02
-FAST_POLL_FOR = 5.0
+FAST_POLL_FOR = 2.0
 
 
 class ReplicaView:
@@ -98,7 +102,9 @@ class ControlPlane:
         self._tasks: list[asyncio.Task] = []
         self._watcher = None
         self._watch_task: asyncio.Task | None = None
-        self._fast_until = 0.0
+        self._unanswered: dict[tuple[str, str], float] = {}
+        self._written = asyncio.Event()
+        self._spin_until = 0.0
         self._closing = False
 
     # -- start and stop ---------------------------------------------------------------
@@ -328,7 +334,11 @@ class ControlPlane:
                 )
                 self._put(S.STATE, S.outcome(self.job, replica.name, name), outcome)
             return
-        self._fast_until = time.monotonic() + FAST_POLL_FOR
+        if version:
+            now = time.monotonic()
+            self._unanswered[(replica.name, name)] = now + FAST_POLL_FOR
+            self._spin_until = now + SPIN_FOR
+            self._written.set()
 
     # -- mailbox -> NATS ------------------------------------------------------------------
 
@@ -340,7 +350,14 @@ class ControlPlane:
                     self._read_back(replica, now)
                 except MailboxError as error:
                     say(f"{replica.name}: {error}")
-            await asyncio.sleep(FAST_POLL if now < self._fast_until else SLOW_POLL)
+            if self._unanswered:
+                self._unanswered = {k: t for k, t in self._unanswered.items() if t > now}
+            if self._unanswered:
+                await asyncio.sleep(0 if now < self._spin_until else FAST_POLL)
+                continue
+            self._written.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._written.wait(), SLOW_POLL)
 
     def _read_back(self, replica: ReplicaView, now: float) -> None:
         box = replica.mailbox
@@ -351,6 +368,7 @@ class ControlPlane:
                 for name, outcome in acks.outcomes.items():
                     if replica.outcomes.get(name) != (outcome.version, outcome.applied):
                         replica.outcomes[name] = (outcome.version, outcome.applied)
+                        self._unanswered.pop((replica.name, name), None)
                         self._queue_outcome(replica, outcome)
         if box.schema.seq[0] != replica.seen["schema"]:
             seq, schema = box.schema.read()
@@ -518,23 +536,30 @@ class ControlPlane:
                 self._wake.set()
 
     async def _flush(self) -> None:
+        """Outcomes first (a `set` waits on them), then the rest; events and status, which
+        change often and matter only as the latest, go out without waiting for an ack."""
         while self._latest or self._events:
             if self.nc is None or not self.nc.is_connected:
                 raise ConnectionError("not connected")
-            if self._latest:
-                (bucket, key), data = next(iter(self._latest.items()))
-                kv = self.kv[bucket]
-                if data is None:
-                    with contextlib.suppress(Exception):
-                        await kv.delete(key)
-                else:
-                    await kv.put(key, data)
-                if self._latest.get((bucket, key)) is data:
-                    del self._latest[(bucket, key)]
-            if self._events:
+            while self._events:
                 event = self._events[0]
-                await self.js.publish(S.events(self.job, event.replica), event.SerializeToString())
+                await self.nc.publish(S.events(self.job, event.replica), event.SerializeToString())
                 self._events.popleft()
+            if not self._latest:
+                break
+            item = next((k for k in self._latest if k[0] == S.STATE), None)
+            bucket, key = item or next(iter(self._latest))
+            data = self._latest[(bucket, key)]
+            kv = self.kv[bucket]
+            if data is None:
+                with contextlib.suppress(Exception):
+                    await kv.delete(key)
+            elif bucket == S.STATUS:
+                await self.nc.publish(f"$KV.{S.STATUS}.{key}", data)
+            else:
+                await kv.put(key, data)
+            if self._latest.get((bucket, key)) is data:
+                del self._latest[(bucket, key)]
 
 
 def _show(value: pb.Value) -> str:
