@@ -593,7 +593,7 @@ def ls_command(as_json, **broker):
     listing = [
         {
             "job": j.job,
-            "state": "lost" if j.lost else "running",
+            "state": j.state,
             "hosts": sorted({n.host for n in j.nodes}),
             "replicas": j.replicas,
             "started": min(n.started for n in j.nodes),
@@ -616,6 +616,51 @@ def ls_command(as_json, **broker):
         for j in listing
     ]  # fmt: skip
     tables.render(["job", "state", "host", "replicas", "started", "script"], rows)
+
+
+@main.command("watch")
+@click.option("--job", callback=_validate_job, help="Only this job [default: every job].")
+@click.option("--replica", "replicas", multiple=True, callback=_replica_list, metavar="r1,r2")
+@click.option("--once", is_flag=True, help="Print one snapshot and exit (1 if there is no job).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per snapshot.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=None,
+    help="Seconds between frames [default: 0.25 on a terminal, 2 otherwise].",
+)
+@click.option(
+    "--metrics",
+    default=None,
+    metavar="a,b",
+    help="Metric columns [default: loss and the most common others, 3 in all].",
+)
+@broker_options
+def watch_command(job, replicas, once, as_json, interval, metrics, **broker):
+    """Show every replica live: state, step, rate, metrics, lr, last change, GPU, restarts.
+
+    A rich live table on a terminal; plain-text snapshots when piped. Closing it never
+    affects the job.
+    """
+    from loomrun.watch import run_watch
+
+    chosen = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
+
+    async def watch(options):
+        return await run_watch(options, job, replicas, once, as_json, interval, chosen)
+
+    import asyncio
+
+    from loomrun.broker import BrokerError
+
+    try:
+        code = asyncio.run(watch(_broker(**broker)))
+    except KeyboardInterrupt:
+        code = 0
+    except BrokerError as error:
+        click.echo(f"Error: {error}", err=True)
+        code = EXIT_NO_BROKER
+    sys.exit(code)
 
 
 @main.command("server")

@@ -47,10 +47,24 @@ class Job:
         return sorted(names, key=lambda r: int(r[1:]) if r[1:].isdigit() else 0)
 
     @property
+    def finished(self) -> bool:
+        return all(n.finished for n in self.nodes)
+
+    @property
+    def exit_code(self) -> int:
+        return max((n.exit_code for n in self.nodes), default=0)
+
+    @property
     def lost(self) -> bool:
-        """No supervisor of the job has sent a heartbeat lately: it vanished."""
+        """No supervisor of the job has sent a heartbeat lately, nor said it finished."""
         newest = max((n.heartbeat for n in self.nodes), default=0.0)
-        return time.time() - newest > S.LOST_AFTER_SECONDS
+        return not self.finished and time.time() - newest > S.LOST_AFTER_SECONDS
+
+    @property
+    def state(self) -> str:
+        if self.finished:
+            return "exited 0" if self.exit_code == 0 else f"failed: {self.exit_code}"
+        return "lost" if self.lost else "running"
 
 
 @dataclass
@@ -179,7 +193,7 @@ class Steering:
         if job in self._jobs:
             return self._jobs[job]
         jobs = await self.jobs()
-        running = [j for j in jobs if not j.lost]
+        running = [j for j in jobs if not j.lost and not j.finished]
         if job is None:
             if len(running) == 1:
                 return running[0]

@@ -189,7 +189,7 @@ class ControlPlane:
         self.kv[S.DESIRED] = await self._bucket(S.DESIRED)
         self.kv[S.STATE] = await self._bucket(S.STATE)
         self.kv[S.STATUS] = await self._bucket(S.STATUS, storage=api.StorageType.MEMORY, ttl=3600)
-        self.kv[S.JOBS] = await self._bucket(S.JOBS)
+        self.kv[S.JOBS] = await self._bucket(S.JOBS, ttl=86400)
         self.kv[S.DEVICES] = await self._bucket(S.DEVICES)
         with contextlib.suppress(Exception):
             await self.js.add_stream(
@@ -219,15 +219,18 @@ class ControlPlane:
         await watcher.stop()
         return keys
 
-    async def close(self) -> None:
-        """Unregister the job and its devices, flush what is pending, stop a bundled broker."""
+    async def close(self, exit_code: int) -> None:
+        """Record how the job ended, drop its devices, flush what is pending, stop a bundled
+        broker. The job stays listed as finished, so `ls` and `watch` can say how it ended."""
         self._closing = True
         if self.nc is not None and self.nc.is_connected:
             for replica in self.replicas.values():
+                if replica.state not in ("exited", "failed"):
+                    replica.state = "stopped"  # by loomrun: a signal, or another one failed
                 self._queue_status(replica, force=True)
                 if replica.device is not None:
                     self._latest[(S.DEVICES, S.device(replica.device.uuid))] = None
-            self._latest[(S.JOBS, S.job_node(self.job, self.node_rank))] = None
+            self._queue_job_info(finished=time.time(), exit_code=exit_code)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._flush(), 3.0)
         for task in [*self._tasks, self._watch_task]:
@@ -487,7 +490,7 @@ class ControlPlane:
         )
         self._put(S.DEVICES, S.device(device.uuid), record)
 
-    def _queue_job_info(self) -> None:
+    def _queue_job_info(self, finished: float = 0.0, exit_code: int = 0) -> None:
         info = pb.JobInfo(
             job=self.job,
             host=self.host,
@@ -499,6 +502,8 @@ class ControlPlane:
             nnodes=self.nnodes,
             heartbeat=time.time(),
             broker=self.options.url,
+            finished=finished,
+            exit_code=exit_code,
         )
         self._put(S.JOBS, S.job_node(self.job, self.node_rank), info)
 

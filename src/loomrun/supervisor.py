@@ -194,12 +194,14 @@ class Supervisor:
                 "setting OMP_NUM_THREADS=1 for each worker to avoid overloading the machine; "
                 "set it yourself to tune it"
             )
+        code = 1
         try:
             self._open_mailboxes()
             await self._start_control()
             for replica in self.replicas:
                 await self._start(replica)
-            return await self._watch()
+            code = await self._watch()
+            return code
         except MailboxError as error:
             say(str(error))
             return 1
@@ -209,7 +211,7 @@ class Supervisor:
             for replica in self.replicas:
                 await self._drain(replica)
             if self.control is not None:
-                await self.control.close()
+                await self.control.close(code)
             for mailbox in self.mailboxes.values():
                 mailbox.unlink()
             self._release_run_dir()

@@ -203,7 +203,7 @@ class ReplicaStatus(_message.Message):
     def __init__(self, job: _Optional[str] = ..., replica: _Optional[str] = ..., host: _Optional[str] = ..., state: _Optional[str] = ..., restarts: _Optional[int] = ..., exit_code: _Optional[int] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., device_uuid: _Optional[str] = ..., device_name: _Optional[str] = ..., gpu_util: _Optional[float] = ..., gpu_mem_used: _Optional[float] = ..., gpu_mem_total: _Optional[float] = ..., time: _Optional[float] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job", "host", "replicas", "started", "script", "pid", "node_rank", "nnodes", "heartbeat", "broker")
+    __slots__ = ("job", "host", "replicas", "started", "script", "pid", "node_rank", "nnodes", "heartbeat", "broker", "finished", "exit_code")
     JOB_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +214,8 @@ class JobInfo(_message.Message):
     NNODES_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     BROKER_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     job: str
     host: str
     replicas: _containers.RepeatedScalarFieldContainer[str]
@@ -224,7 +226,9 @@ class JobInfo(_message.Message):
     nnodes: int
     heartbeat: float
     broker: str
-    def __init__(self, job: _Optional[str] = ..., host: _Optional[str] = ..., replicas: _Optional[_Iterable[str]] = ..., started: _Optional[float] = ..., script: _Optional[str] = ..., pid: _Optional[int] = ..., node_rank: _Optional[int] = ..., nnodes: _Optional[int] = ..., heartbeat: _Optional[float] = ..., broker: _Optional[str] = ...) -> None: ...
+    finished: float
+    exit_code: int
+    def __init__(self, job: _Optional[str] = ..., host: _Optional[str] = ..., replicas: _Optional[_Iterable[str]] = ..., started: _Optional[float] = ..., script: _Optional[str] = ..., pid: _Optional[int] = ..., node_rank: _Optional[int] = ..., nnodes: _Optional[int] = ..., heartbeat: _Optional[float] = ..., broker: _Optional[str] = ..., finished: _Optional[float] = ..., exit_code: _Optional[int] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("job", "replica", "kind", "text", "time", "step", "code")

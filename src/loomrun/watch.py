@@ -1,0 +1,385 @@
+"""`loomrun watch`: every replica of every job, live.
+
+Messages update a model as they arrive; the view is drawn from a snapshot of it on its own
+clock (a few times a second at most), so 64 replicas updating quickly cost no more to draw
+than 2. On a terminal the view is a rich Live table; elsewhere it is plain-text snapshots,
+and `--json` prints each snapshot as one JSON object with the table's fields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from loomrun import params as P
+from loomrun import subjects as S
+from loomrun._proto import loomrun_pb2 as pb
+
+STALE_AFTER = 3.0  # seconds without status: a dozen publish intervals
+EVENTS_SHOWN = 8
+EVENTS_SINCE = 600.0  # seconds of event history read at start
+DEFAULT_METRICS = 3
+FINISHED_SHOWN = 60.0  # seconds a finished job stays in the view (unless named with --job)
+
+
+def describe_state(status: pb.ReplicaStatus, age: float, job_lost: bool) -> str:
+    if job_lost:
+        return "lost"
+    state = status.state or "starting"
+    if state == "exited":
+        return f"exited {status.exit_code}"
+    if state == "failed":
+        code = status.exit_code
+        if code > 128:
+            with contextlib.suppress(ValueError):
+                return f"failed: {signal.Signals(code - 128).name}"
+        return f"failed: {code}"
+    if state in ("running", "paused", "starting") and age > STALE_AFTER:
+        return "stale"
+    return state
+
+
+def _age(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+@dataclass
+class WatchModel:
+    """What the watcher knows: the latest status per replica, jobs, recent events."""
+
+    jobs: dict[str, dict[int, pb.JobInfo]] = field(default_factory=dict)
+    statuses: dict[tuple[str, str], pb.ReplicaStatus] = field(default_factory=dict)
+    events: deque = field(default_factory=lambda: deque(maxlen=200))
+    changes: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def take_status(self, key: str, data: bytes | None) -> None:
+        job, _, replica = key.partition(".")
+        if not data:
+            self.statuses.pop((job, replica), None)
+            return
+        with contextlib.suppress(DecodeError):
+            self.statuses[(job, replica)] = pb.ReplicaStatus.FromString(data)
+
+    def take_job(self, key: str, data: bytes | None) -> None:
+        job, _, node = key.partition(".")
+        if not data:
+            self.jobs.get(job, {}).pop(int(node[1:] or 0), None)
+            if not self.jobs.get(job):
+                self.jobs.pop(job, None)
+            return
+        with contextlib.suppress(DecodeError, ValueError):
+            self.jobs.setdefault(job, {})[int(node[1:])] = pb.JobInfo.FromString(data)
+
+    def take_event(self, data: bytes) -> None:
+        with contextlib.suppress(DecodeError):
+            event = pb.Event.FromString(data)
+            self.events.append(event)
+            if event.kind == "applied":
+                self.changes[(event.job, event.replica)] = event.text
+
+    def snapshot(
+        self,
+        now: float,
+        job: str | None = None,
+        replicas: list[str] | None = None,
+        metrics: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """Everything one frame shows, as plain data (the --json form)."""
+        jobs = []
+        for name in sorted(self.jobs, key=lambda j: min(n.started for n in self.jobs[j].values())):
+            if job is not None and name != job:
+                continue
+            nodes = list(self.jobs[name].values())
+            finished = all(n.finished for n in nodes)
+            if finished and job is None and now - max(n.finished for n in nodes) > FINISHED_SHOWN:
+                continue
+            heartbeat = max(n.heartbeat for n in nodes)
+            lost = not finished and now - heartbeat > S.LOST_AFTER_SECONDS
+            state = "lost" if lost else "running"
+            if finished:
+                code = max(n.exit_code for n in nodes)
+                state = "exited 0" if code == 0 else f"failed: {code}"
+            rows = []
+            for (job_name, replica), status in self.statuses.items():
+                if job_name != name or (replicas and replica not in replicas):
+                    continue
+                rows.append(self._row(status, now, lost))
+            rows.sort(key=lambda r: int(r["replica"][1:]) if r["replica"][1:].isdigit() else 0)
+            started = min(n.started for n in nodes)
+            jobs.append(
+                {
+                    "job": name,
+                    "script": nodes[0].script,
+                    "broker": nodes[0].broker,
+                    "hosts": sorted({n.host for n in nodes}),
+                    "state": state,
+                    "uptime": round(now - started, 1),
+                    "replicas": rows,
+                    "totals": {
+                        "replicas": len(rows),
+                        "running": sum(r["state"] == "running" for r in rows),
+                        "steps_per_sec": round(sum(r["steps_per_sec"] for r in rows), 2),
+                    },
+                }
+            )
+        names = {j["job"] for j in jobs}
+        events = [
+            {
+                "time": e.time,
+                "job": e.job,
+                "replica": e.replica,
+                "kind": e.kind,
+                "text": e.text,
+            }
+            for e in reversed(self.events)
+            if e.job in names and (not replicas or e.replica in replicas)
+        ][:EVENTS_SHOWN]
+        shown = metrics or _common_metrics(jobs)
+        return {"time": now, "jobs": jobs, "events": events, "metrics": shown}
+
+    def _row(self, status: pb.ReplicaStatus, now: float, lost: bool) -> dict[str, Any]:
+        worker = status.status
+        age = max(0.0, now - status.time)
+        values = {k: P.from_pb(v) for k, v in worker.values.items()}
+        return {
+            "replica": status.replica,
+            "host": status.host,
+            "device": status.device_name or "-",
+            "device_uuid": status.device_uuid,
+            "state": describe_state(status, age, lost),
+            "step": worker.step,
+            "steps_per_sec": round(worker.steps_per_sec, 2),
+            "metrics": dict(worker.metrics),
+            "lr": values.get("lr"),
+            "values": values,
+            "last_change": self.changes.get((status.job, status.replica)),
+            "gpu_util": status.gpu_util if status.device_uuid.startswith(("GPU", "MIG")) else None,
+            "gpu_mem_used": status.gpu_mem_used or None,
+            "gpu_mem_total": status.gpu_mem_total or None,
+            "restarts": status.restarts,
+            "exit_code": status.exit_code,
+            "age": round(age, 2),
+            "pid": status.pid,
+        }
+
+
+def _common_metrics(jobs: list[dict]) -> list[str]:
+    seen: dict[str, int] = {}
+    for job in jobs:
+        for row in job["replicas"]:
+            for name in row["metrics"]:
+                seen[name] = seen.get(name, 0) + 1
+    ordered = sorted(seen, key=lambda n: (n != "loss", -seen[n], n))
+    return ordered[:DEFAULT_METRICS]
+
+
+# -- drawing ----------------------------------------------------------------------------
+
+COLUMNS = ["replica", "host", "device", "state", "step", "steps/s"]
+TAIL_COLUMNS = ["lr", "last change", "gpu", "restarts", "age"]
+
+
+def _cells(row: dict, metrics: list[str]) -> list[str]:
+    gpu = "-"
+    if row["gpu_util"] is not None:
+        gpu = f"{row['gpu_util']:.0f}%"
+        if row["gpu_mem_total"]:
+            gpu += f" {row['gpu_mem_used'] / 2**30:.1f}/{row['gpu_mem_total'] / 2**30:.0f}G"
+    return [
+        row["replica"],
+        row["host"],
+        row["device"],
+        row["state"],
+        str(row["step"]),
+        f"{row['steps_per_sec']:.1f}",
+        *(P.format_value(row["metrics"].get(m)) for m in metrics),
+        P.format_value(row["lr"]),
+        row["last_change"] or "-",
+        gpu,
+        str(row["restarts"]),
+        _age(row["age"]),
+    ]
+
+
+def _header(job: dict) -> str:
+    totals = job["totals"]
+    return (
+        f"{job['job']}  {job['state']}  {job['script']}  broker {job['broker']}  "
+        f"up {_age(job['uptime'])}  {totals['running']}/{totals['replicas']} running  "
+        f"{totals['steps_per_sec']:.1f} steps/s"
+    )
+
+
+def _event_line(event: dict) -> str:
+    stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+    return f"{stamp}  {event['job']}/{event['replica']}  {event['kind']}: {event['text']}"
+
+
+def render_plain(snapshot: dict) -> str:
+    from loomrun.tables import plain
+
+    if not snapshot["jobs"]:
+        return "no loomrun job is running (waiting for one)"
+    metrics = snapshot["metrics"]
+    blocks = []
+    for job in snapshot["jobs"]:
+        rows = [_cells(r, metrics) for r in job["replicas"]]
+        blocks.append(plain([*COLUMNS, *metrics, *TAIL_COLUMNS], rows, title=_header(job)))
+    if snapshot["events"]:
+        blocks.append("events (newest first):\n" + "\n".join(map(_event_line, snapshot["events"])))
+    return "\n\n".join(blocks)
+
+
+_STATE_STYLES = {"running": "green", "paused": "yellow", "stale": "bold red", "lost": "bold red"}
+
+
+def render_rich(snapshot: dict):
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    if not snapshot["jobs"]:
+        return Text("no loomrun job is running (waiting for one)", style="dim")
+    metrics = snapshot["metrics"]
+    parts = []
+    for job in snapshot["jobs"]:
+        table = Table(title=_header(job), title_justify="left", header_style="bold", expand=False)
+        for column in [*COLUMNS, *metrics, *TAIL_COLUMNS]:
+            table.add_column(column, justify="right" if column in ("step", "steps/s") else "left")
+        for row in job["replicas"]:
+            cells = _cells(row, metrics)
+            state = row["state"]
+            style = _STATE_STYLES.get(state, "red" if state.startswith("failed") else "")
+            cells[3] = Text(state, style=style)
+            table.add_row(*cells)
+        parts.append(table)
+    if snapshot["events"]:
+        parts.append(Text("events (newest first)", style="bold"))
+        parts.extend(Text(_event_line(e)) for e in snapshot["events"])
+    return Group(*parts)
+
+
+# -- the loop -------------------------------------------------------------------------------
+
+
+async def _feed(steering, model: WatchModel, job: str | None, ready: asyncio.Event) -> list:
+    """Start the watchers that keep `model` current; `ready` is set once the initial state is in."""
+    from nats.js import api
+
+    status_kv, jobs_kv = await steering.kv(S.STATUS), await steering.kv(S.JOBS)
+    pattern = f"{job}.>" if job else ">"
+    tasks = []
+    initial = []
+    for kv, take in ((status_kv, model.take_status), (jobs_kv, model.take_job)):
+        watcher = await kv.watch(pattern)
+        done = asyncio.Event()
+        initial.append(done)
+
+        async def pump(watcher=watcher, take=take, done=done):
+            async for entry in watcher:
+                if entry is None:
+                    done.set()
+                    continue
+                deleted = entry.operation in ("DEL", "PURGE")
+                take(entry.key, None if deleted else entry.value)
+                if entry.delta == 0:
+                    done.set()
+
+        tasks.append(asyncio.ensure_future(pump()))
+    since = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=EVENTS_SINCE)
+    config = api.ConsumerConfig(
+        deliver_policy=api.DeliverPolicy.BY_START_TIME, opt_start_time=since
+    )
+
+    async def take_event(msg) -> None:
+        model.take_event(msg.data)
+
+    with contextlib.suppress(Exception):  # no events stream yet: no events to show
+        await steering.js.subscribe(
+            f"loomrun.{job or '*'}.events.>", ordered_consumer=True, config=config, cb=take_event
+        )
+
+    async def all_in():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(d.wait() for d in initial)), 2.0)
+        await asyncio.sleep(0.3)  # let the recent events arrive too
+        ready.set()
+
+    tasks.append(asyncio.ensure_future(all_in()))
+    return tasks
+
+
+async def run_watch(
+    options,
+    job: str | None,
+    replicas: list[str] | None,
+    once: bool,
+    as_json: bool,
+    interval: float,
+    metrics: list[str] | None,
+) -> int:
+    from loomrun.client import SteerError, Steering
+
+    model = WatchModel()
+    async with Steering.connect(options) as steering:
+        while True:
+            try:
+                await steering.kv(S.JOBS)
+                await steering.kv(S.STATUS)
+                break
+            except SteerError:
+                if once:
+                    print("no loomrun job on this broker", file=sys.stderr)
+                    return 1
+                if sys.stdout.isatty() or not as_json:
+                    print("no loomrun job on this broker yet; waiting for one", file=sys.stderr)
+                await asyncio.sleep(2.0)
+        ready = asyncio.Event()
+        tasks = await _feed(steering, model, job, ready)
+        try:
+            await ready.wait()
+            if once:
+                snap = model.snapshot(time.time(), job, replicas, metrics)
+                if not snap["jobs"]:
+                    known = f"no job {job!r} on this broker" if job else "no loomrun job is running"
+                    print(known, file=sys.stderr)
+                    return 1
+                print(json.dumps(snap) if as_json else render_plain(snap))
+                return 0
+            if sys.stdout.isatty() and not as_json:
+                await _live(model, job, replicas, metrics, interval or 0.25)
+            else:
+                interval = interval or 2.0
+                while True:
+                    snap = model.snapshot(time.time(), job, replicas, metrics)
+                    print(json.dumps(snap) if as_json else render_plain(snap) + "\n", flush=True)
+                    await asyncio.sleep(interval)
+        finally:
+            for task in tasks:
+                task.cancel()
+    return 0
+
+
+async def _live(model, job, replicas, metrics, interval) -> None:
+    from rich.live import Live
+
+    refresh = max(interval, 0.1)  # drawn on this clock, whatever the message rate
+    with Live(auto_refresh=False, screen=False, transient=False) as live:
+        while True:
+            live.update(render_rich(model.snapshot(time.time(), job, replicas, metrics)))
+            live.refresh()
+            await asyncio.sleep(refresh)
