@@ -573,9 +573,13 @@ def get_command(job, replicas, as_json, **broker):
 
 @main.command("ls")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--all", "show_all", is_flag=True, help="Also jobs that ended over 10 minutes ago.")
 @broker_options
-def ls_command(as_json, **broker):
-    """List the jobs on the broker: host, replicas, start time, script, state."""
+def ls_command(as_json, show_all, **broker):
+    """List the jobs on the broker: state, host, replicas, start time, script.
+
+    Running jobs, and those that ended (or were lost) in the last 10 minutes.
+    """
     import json
     import time
 
@@ -590,6 +594,9 @@ def ls_command(as_json, **broker):
             raise
 
     jobs = _steer(_broker(**broker), gather)
+    if not show_all:
+        recent = time.time() - 600
+        jobs = [j for j in jobs if max(max(n.heartbeat, n.finished) for n in j.nodes) > recent]
     listing = [
         {
             "job": j.job,

@@ -223,6 +223,8 @@ class ControlPlane:
         """Record how the job ended, drop its devices, flush what is pending, stop a bundled
         broker. The job stays listed as finished, so `ls` and `watch` can say how it ended."""
         self._closing = True
+        for task in self._tasks:  # the final flush below is the only one running
+            task.cancel()
         if self.nc is not None and self.nc.is_connected:
             for replica in self.replicas.values():
                 if replica.state not in ("exited", "failed"):
@@ -563,8 +565,11 @@ class ControlPlane:
                 await self.nc.publish(f"$KV.{S.STATUS}.{key}", data)
             else:
                 await kv.put(key, data)
-            if self._latest.get((bucket, key)) is data:
+            if self._latest.get((bucket, key), _GONE) is data:
                 del self._latest[(bucket, key)]
+
+
+_GONE = object()
 
 
 def _show(value: pb.Value) -> str:

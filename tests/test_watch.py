@@ -1,0 +1,227 @@
+"""`loomrun watch` and the demo, run for real; the model behind the view, unit-tested."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import re
+import secrets
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+
+import pytest
+from conftest import EXAMPLES, LOOMRUN, ROOT, SCRIPTS, run_loomrun, wait_for
+from test_control import start, wait_ready
+
+from loomrun._proto import loomrun_pb2 as pb
+from loomrun.watch import WatchModel, describe_state, render_plain
+
+
+def job_id(name: str) -> str:
+    return f"{name}-{secrets.token_hex(3)}"
+
+
+def snapshot(job: str) -> dict:
+    result = run_loomrun("watch", "--once", "--json", "--job", job)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def rows_of(snap: dict) -> dict[str, dict]:
+    (job,) = snap["jobs"]
+    return {row["replica"]: row for row in job["replicas"]}
+
+
+def test_once_plain_and_json_show_every_replica_and_the_change(procs):
+    job = job_id("watch")
+    start(
+        procs,
+        EXAMPLES / "train.py",
+        "--steps",
+        "100000",
+        "--step-time",
+        "0.005",
+        job=job,
+        replicas=2,
+    )
+    wait_ready(job, ("r0", "r1"))
+    assert run_loomrun("set", "lr=0.004", "--replica", "r1", "--job", job).returncode == 0
+
+    def settled():
+        rows = rows_of(snapshot(job))
+        return rows["r1"]["lr"] == 0.004 and all(r["steps_per_sec"] > 0 for r in rows.values())
+
+    wait_for(settled, 15, interval=0.3, what="the change and step rates in the view")
+    snap = snapshot(job)
+    rows = rows_of(snap)
+    assert set(rows) == {"r0", "r1"}
+    for row in rows.values():
+        assert row["state"] == "running" and row["step"] > 0 and row["device"] == "CPU"
+        assert 0 < row["metrics"]["loss"] < 100 and row["age"] < 3 and row["restarts"] == 0
+    assert rows["r0"]["lr"] == 0.01 and rows["r0"]["last_change"] is None
+    assert rows["r1"]["last_change"].startswith("lr 0.01 -> 0.004 at step ")
+    assert snap["metrics"][0] == "loss"
+    assert any(e["kind"] == "applied" and e["replica"] == "r1" for e in snap["events"])
+
+    plain = run_loomrun("watch", "--once", "--job", job)
+    assert plain.returncode == 0
+    assert "\x1b" not in plain.stdout, "no control codes when not a terminal"
+    lines = plain.stdout.splitlines()
+    assert lines[0].startswith(f"{job}  running")
+    assert re.search(r"^r1 .* running .* 0\.004 .*lr 0\.01 -> 0\.004", plain.stdout, re.M)
+
+
+def test_failed_replica_shows_its_code_after_the_job_ended():
+    job = job_id("failed")
+    result = run_loomrun(
+        "--replicas", "2", "--job", job, SCRIPTS / "exit_with.py", "3", env={"FAIL_RANK": "1"}
+    )
+    assert result.returncode == 3
+    snap = snapshot(job)
+    assert snap["jobs"][0]["state"] == "failed: 3"
+    rows = rows_of(snap)
+    assert rows["r1"]["state"] == "failed: 3" and rows["r1"]["exit_code"] == 3
+    assert rows["r0"]["state"] == "stopped"
+    listed = {j["job"]: j for j in json.loads(run_loomrun("ls", "--json").stdout)["jobs"]}
+    assert listed[job]["state"] == "failed: 3"
+
+
+def test_a_replica_without_status_shows_as_stale(procs):
+    job = job_id("stale")
+    start(procs, SCRIPTS / "steered.py", "--steps", "1000000", job=job, replicas=2)
+    wait_ready(job, ("r0", "r1"))
+    pid = wait_for(lambda: rows_of(snapshot(job))["r1"]["pid"], 10, what="r1's pid")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: rows_of(snapshot(job))["r1"]["state"] == "stale", 15, what="stale")
+        assert rows_of(snapshot(job))["r0"]["state"] == "running"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: rows_of(snapshot(job))["r1"]["state"] == "running", 15, what="running")
+
+
+@pytest.mark.slow
+def test_a_job_whose_supervisor_vanished_shows_as_lost(procs):
+    job = job_id("lost")
+    sup = start(procs, SCRIPTS / "steered.py", "--steps", "1000000", job=job)
+    wait_ready(job)
+    sup.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: snapshot(job)["jobs"][0]["state"] == "lost", 30, interval=1, what="lost")
+        assert rows_of(snapshot(job))["r0"]["state"] == "lost"
+    finally:
+        sup.send_signal(signal.SIGCONT)
+
+
+def test_once_without_a_job_exits_1():
+    result = run_loomrun("watch", "--once", "--job", "nosuchjob")
+    assert result.returncode == 1
+    assert "no job 'nosuchjob'" in result.stderr
+
+
+def _read_pty(fd: int, seconds: float) -> bytes:
+    out, deadline = b"", time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            try:
+                out += os.read(fd, 65536)
+            except OSError:
+                break
+    return out
+
+
+def test_live_view_in_a_real_terminal(procs):
+    job = job_id("live")
+    sup = start(procs, SCRIPTS / "steered.py", "--steps", "1000000", job=job, replicas=2)
+    wait_ready(job, ("r0", "r1"))
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 200, 0, 0))
+    watcher = subprocess.Popen(
+        [*LOOMRUN, "watch", "--job", job],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "200", "LINES": "40"},
+        start_new_session=True,
+    )
+    os.close(slave)
+    try:
+        screen = _read_pty(master, 5.0).decode("utf-8", "replace")
+        assert "\x1b[" in screen, "a live view redraws with control codes"
+        text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen)
+        assert job in text and "replica" in text and "┃" in text
+        steps = [int(s) for s in re.findall(r"│ r0 .*?│ running\s*│\s*(\d+)", text)]
+        assert len(set(steps)) >= 2, f"the table must update; r0 steps seen: {steps}"
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(10) == 0
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+        os.close(master)
+    assert sup.poll() is None, "closing the view never affects the job"
+
+
+@pytest.mark.slow
+def test_the_demo_runs_and_checks_itself():
+    result = subprocess.run(
+        [sys.executable, ROOT / "examples" / "demo.py"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "demo ok" in result.stdout
+
+
+# -- the model, without processes ------------------------------------------------------------
+
+
+def _status(replica="r0", state="running", step=10, age=0.0, now=1000.0, code=0, **metrics):
+    status = pb.ReplicaStatus(
+        job="j", replica=replica, host="h", state=state, exit_code=code, time=now - age
+    )
+    status.status.step = step
+    status.status.steps_per_sec = 5.0
+    status.status.metrics.update(metrics)
+    return status
+
+
+@pytest.mark.parametrize(
+    "state, age, code, lost, shown",
+    [
+        ("running", 0.5, 0, False, "running"),
+        ("running", 10.0, 0, False, "stale"),
+        ("paused", 0.5, 0, False, "paused"),
+        ("exited", 100.0, 0, False, "exited 0"),
+        ("failed", 100.0, 3, False, "failed: 3"),
+        ("failed", 1.0, 137, False, "failed: SIGKILL"),
+        ("running", 0.5, 0, True, "lost"),
+    ],
+)
+def test_describe_state(state, age, code, lost, shown):
+    assert describe_state(_status(state=state, code=code), age, lost) == shown
+
+
+def test_model_snapshot_groups_by_job_and_hides_old_finished_jobs():
+    model = WatchModel()
+    now = 1000.0
+    running = pb.JobInfo(job="j", host="h", replicas=["r0", "r1"], started=900, heartbeat=999)
+    model.take_job("j.n0", running.SerializeToString())
+    done = pb.JobInfo(job="old", started=100, heartbeat=200, finished=300, exit_code=0)
+    model.take_job("old.n0", done.SerializeToString())
+    for replica in ("r1", "r0"):
+        model.take_status(f"j.{replica}", _status(replica, loss=0.5, acc=0.9).SerializeToString())
+    model.take_status("j.r9", b"\xff not protobuf")
+    snap = model.snapshot(now)
+    assert [j["job"] for j in snap["jobs"]] == ["j"]
+    assert [r["replica"] for r in snap["jobs"][0]["replicas"]] == ["r0", "r1"]
+    assert snap["metrics"] == ["loss", "acc"]
+    assert snap["jobs"][0]["totals"] == {"replicas": 2, "running": 2, "steps_per_sec": 10.0}
+    assert model.snapshot(now, job="old")["jobs"][0]["state"] == "exited 0"
+    text = render_plain(snap)
+    assert "r0" in text and "0.5" in text and "\x1b" not in text
