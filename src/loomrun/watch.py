@@ -29,6 +29,7 @@ STALE_AFTER = 3.0  # seconds without status: a dozen publish intervals
 EVENTS_SHOWN = 8
 EVENTS_SINCE = 600.0  # seconds of event history read at start
 DEFAULT_METRICS = 3
+DRAW_SHARE = 4.0  # wait at least this many times a frame's drawing time before the next
 FINISHED_SHOWN = 60.0  # seconds a finished job stays in the view (unless named with --job)
 
 
@@ -257,14 +258,16 @@ def render_rich(snapshot: dict):
     metrics = snapshot["metrics"]
     parts = []
     for job in snapshot["jobs"]:
-        table = Table(title=_header(job), title_justify="left", header_style="bold", expand=False)
+        table = Table(title=_header(job), title_justify="left", header_style="bold")
+        # Text cells and no wrapping: no markup to parse, no line breaking to work out, which
+        # keeps a 64-replica frame cheap (benchmarks/watch_render.py).
         for column in [*COLUMNS, *metrics, *TAIL_COLUMNS]:
-            table.add_column(column, justify="right" if column in ("step", "steps/s") else "left")
+            justify = "right" if column in ("step", "steps/s") else "left"
+            table.add_column(column, justify=justify, no_wrap=True, overflow="ellipsis")
         for row in job["replicas"]:
-            cells = _cells(row, metrics)
+            cells = [Text(cell) for cell in _cells(row, metrics)]
             state = row["state"]
-            style = _STATE_STYLES.get(state, "red" if state.startswith("failed") else "")
-            cells[3] = Text(state, style=style)
+            cells[3].stylize(_STATE_STYLES.get(state, "red" if state.startswith("failed") else ""))
             table.add_row(*cells)
         parts.append(table)
     if snapshot["events"]:
@@ -380,6 +383,9 @@ async def _live(model, job, replicas, metrics, interval) -> None:
     refresh = max(interval, 0.1)  # drawn on this clock, whatever the message rate
     with Live(auto_refresh=False, screen=False, transient=False) as live:
         while True:
+            started = time.perf_counter()
             live.update(render_rich(model.snapshot(time.time(), job, replicas, metrics)))
             live.refresh()
-            await asyncio.sleep(refresh)
+            cost = time.perf_counter() - started
+            # A big table draws less often: drawing takes at most a quarter of a core.
+            await asyncio.sleep(max(refresh, DRAW_SHARE * cost))
