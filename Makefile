@@ -38,6 +38,7 @@ bench: install
 	$(PY) benchmarks/poll.py
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/latency.py
+	$(PY) benchmarks/watch_render.py
 
 proto: install
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=src/loomrun/_proto \
