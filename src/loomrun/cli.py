@@ -478,35 +478,34 @@ def set_command(assignments, job, replicas, at_step, timeout, no_wait, as_json, 
     sys.exit(_report(results, as_json, job, not no_wait))
 
 
-def _pause_command(paused: bool):
-    def command(job, replicas, at_step, timeout, no_wait, as_json, **broker):
-        options = _broker(**broker)
-        results = _steer(
-            options, lambda s: s.pause(job, paused, replicas, at_step, timeout, wait=not no_wait)
-        )
-        if as_json or no_wait:
-            sys.exit(_report(results, as_json, job, not no_wait))
-        word = "paused" if paused else "resumed"
-        for r in results:
-            if r.outcome is None:
-                click.echo(f"{r.replica}  no answer yet: still desired")
-            else:
-                click.echo(
-                    f"{r.replica}  {word} at step {r.outcome.step}  ({r.latency * 1000:.1f} ms)"
-                )
-        sys.exit(EXIT_TIMED_OUT if any(r.outcome is None for r in results) else 0)
-
-    return command
+def _pause_or_resume(paused, job, replicas, at_step, timeout, no_wait, as_json, **broker):
+    options = _broker(**broker)
+    results = _steer(
+        options, lambda s: s.pause(job, paused, replicas, at_step, timeout, wait=not no_wait)
+    )
+    if as_json or no_wait:
+        sys.exit(_report(results, as_json, job, not no_wait))
+    word = "paused" if paused else "resumed"
+    for r in results:
+        if r.outcome is None:
+            click.echo(f"{r.replica}  no answer yet: still desired")
+        else:
+            click.echo(f"{r.replica}  {word} at step {r.outcome.step}  ({r.latency * 1000:.1f} ms)")
+    sys.exit(EXIT_TIMED_OUT if any(r.outcome is None for r in results) else 0)
 
 
-main.command("pause", epilog="Exit codes: 0 done; 3 timed out; 2 usage; 4 no broker.")(
-    steering_options(_pause_command(True))
-)
-main.commands["pause"].help = "Pause replicas between two steps (all of them by default)."
-main.command("resume", epilog="Exit codes: 0 done; 3 timed out; 2 usage; 4 no broker.")(
-    steering_options(_pause_command(False))
-)
-main.commands["resume"].help = "Resume paused replicas."
+@main.command("pause", epilog="Exit codes: 0 done; 3 timed out; 2 usage; 4 no broker.")
+@steering_options
+def pause_command(**kwargs):
+    """Pause replicas between two steps (every replica by default: DDP ranks move together)."""
+    _pause_or_resume(True, **kwargs)
+
+
+@main.command("resume", epilog="Exit codes: 0 done; 3 timed out; 2 usage; 4 no broker.")
+@steering_options
+def resume_command(**kwargs):
+    """Resume paused replicas."""
+    _pause_or_resume(False, **kwargs)
 
 
 @main.command("get")
