@@ -91,6 +91,8 @@ class ControlPlane:
         self.wait_broker = wait_broker
         self.host = socket.gethostname()
         self.devices = Devices()
+        for replica in replicas:
+            replica.device = self.devices.for_replica(replica.local_rank)
         self.started = time.time()
         self.nc = None
         self.js = None
@@ -111,8 +113,6 @@ class ControlPlane:
 
     async def start(self) -> None:
         """Connect (starting the bundled broker when nothing answers on loopback) and serve."""
-        for replica in self.replicas.values():
-            replica.device = self.devices.for_replica(replica.local_rank)
         self._tasks.append(asyncio.ensure_future(self._pump_mailboxes()))
         self._tasks.append(asyncio.ensure_future(self._connect_and_serve()))
 
