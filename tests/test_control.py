@@ -323,3 +323,20 @@ def test_shared_broker_is_taken_over_when_its_starter_ends(procs):
     _, b_err = b.communicate(timeout=60)
     assert "started the bundled NATS broker" in b_err, "the second job took the broker over"
     wait_for(lambda: not answers(*host_port(url)), 15, what="the broker to stop with its job")
+
+
+def test_a_token_protects_the_bundled_broker(procs):
+    url = f"nats://127.0.0.1:{free_port()}"
+    job = job_id("token")
+    env = {"LOOMRUN_NATS": url, "LOOMRUN_NATS_TOKEN": "s3cret"}
+    start(procs, SCRIPTS / "steered.py", "--steps", "1000000", job=job, env=env)
+    wait_for(lambda: answers(*host_port(url)), 30, interval=0.2, what="the bundled broker")
+    refused = run_loomrun("set", "lr=0.02", "--job", job, "--nats", url)
+    assert refused.returncode == 4, refused.stderr
+    assert "Traceback" not in refused.stderr
+
+    def applied():
+        result = run_loomrun("set", "lr=0.02", "--job", job, env=env)
+        return result.returncode == 0 and "-> 0.02" in result.stdout
+
+    wait_for(applied, 60, interval=0.5, what="a set with the token to apply")

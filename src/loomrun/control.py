@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import socket
@@ -163,7 +164,8 @@ class ControlPlane:
     async def _start_bundled(self, port: int) -> None:
         loop = asyncio.get_running_loop()
         try:
-            self.broker = await loop.run_in_executor(None, BundledBroker.start, port)
+            start = functools.partial(BundledBroker.start, port, token=self.options.token)
+            self.broker = await loop.run_in_executor(None, start)
             say(f"started the bundled NATS broker on {self.broker.url} (loopback only)")
         except BrokerError as error:
             if "already answers" not in str(error):  # another job won the race: share it
