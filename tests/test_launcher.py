@@ -293,3 +293,12 @@ def test_ddp_example_trains_under_loomrun(tmp_path):
     assert "[r0] step    30" in result.stdout
     assert "world 2" in result.stdout
     assert (tmp_path / "model.rank0.pt").exists() and (tmp_path / "model.rank1.pt").exists()
+
+
+def test_the_supervisor_side_never_imports_torch():
+    code = (
+        "import sys; import loomrun.cli, loomrun.supervisor, loomrun.control, loomrun.client, "
+        "loomrun.watch; print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr

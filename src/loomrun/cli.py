@@ -340,7 +340,27 @@ def run_command(
         broker=None if no_broker else _broker(nats_url, nats_creds, nats_ca),
         wait_broker=wait_broker,
     )
+    if spec.broker is not None and not wait_broker:
+        _check_remote_broker(spec.broker)
     ctx.exit(run(spec))
+
+
+def _check_remote_broker(options) -> None:
+    """A remote broker that does not answer is an error before anything starts."""
+    import socket
+
+    from loomrun.broker import host_port, is_loopback
+
+    if is_loopback(options.url):
+        return  # the bundled broker starts itself there
+    host, port = host_port(options.url)
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as error:
+        raise click.ClickException(
+            f"cannot reach the NATS broker at {options.url} ({error.strerror or error}); "
+            "start it, pass --wait-broker to keep trying, or --no-broker to run without it"
+        ) from None
 
 
 def _steer(options, work):

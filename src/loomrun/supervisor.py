@@ -189,6 +189,12 @@ class Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
         self._prepare_run_dir()
+        names = [r.name for r in self.replicas]
+        shown = names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
+        control = (
+            f", steer it with `loomrun set --job {self.spec.job} ...`" if self.spec.broker else ""
+        )
+        say(f"job {self.spec.job}: {len(names)} replica(s) {shown}{control}")
         if self.spec.nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
             say(
                 "setting OMP_NUM_THREADS=1 for each worker to avoid overloading the machine; "
