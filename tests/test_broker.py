@@ -66,3 +66,15 @@ def test_urls(url, loopback):
 def test_bad_urls_are_one_line_errors(url):
     with pytest.raises(BrokerError):
         host_port(url)
+
+
+def test_nats_is_imported_without_its_websocket_transport_and_aiohttp_still_works():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from loomrun.broker import import_nats; import_nats(); "
+        "loaded = 'aiohttp' in sys.modules; import aiohttp; print(loaded, aiohttp.__name__)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.split() == ["False", "aiohttp"], result.stderr

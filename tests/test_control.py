@@ -126,8 +126,9 @@ def test_job_is_required_when_several_run(procs):
     for job in jobs:
         wait_ready(job)
     result = run_loomrun("set", "lr=0.1")
-    assert result.returncode == 2
-    assert "jobs are running" in result.stderr and all(j in result.stderr for j in jobs)
+    said = result.stdout + result.stderr
+    assert result.returncode == 2, said
+    assert "jobs are running" in result.stderr and all(j in result.stderr for j in jobs), said
 
 
 def test_rejected_by_the_worker_and_timed_out_exit_codes(procs):

@@ -32,6 +32,22 @@ def state_dir() -> Path:
     return Path(base) / "loomrun"
 
 
+def import_nats():
+    """nats-py without its WebSocket transport, which loomrun never uses (nats:// and tls://
+    only): nats-py imports aiohttp for it when present, a fifth of a second per command."""
+    if "nats" in sys.modules:
+        return sys.modules["nats"]
+    masked = "aiohttp" not in sys.modules
+    if masked:
+        sys.modules["aiohttp"] = None  # nats-py catches the ImportError and goes without
+    try:
+        import nats
+    finally:
+        if masked and sys.modules.get("aiohttp", 0) is None:
+            del sys.modules["aiohttp"]
+    return nats
+
+
 def default_store(port: int) -> Path:
     """JetStream's store for the bundled broker on `port`: whoever takes it over finds it."""
     return state_dir() / f"jetstream-{port}"
@@ -160,7 +176,7 @@ class BrokerOptions:
 
 async def connect_client(options: BrokerOptions, timeout: float = 3.0):
     """A short-lived connection for a command: fails fast with one line when nobody answers."""
-    import nats
+    nats = import_nats()
 
     async def quiet(_error):
         return None

@@ -29,6 +29,7 @@ from loomrun.broker import (
     BundledBroker,
     answers,
     host_port,
+    import_nats,
     is_loopback,
 )
 from loomrun.desired import DesiredConfig
@@ -140,7 +141,7 @@ class ControlPlane:
         self._watch_task = asyncio.ensure_future(self._watch_desired())
 
     async def _connect(self) -> None:
-        import nats
+        nats = import_nats()
 
         host, port = host_port(self.options.url)
         if is_loopback(self.options.url) and not answers(host, port):
