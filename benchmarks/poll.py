@@ -24,6 +24,11 @@ def per_call_ns(fn, calls: int) -> float:
     return (time.perf_counter_ns() - started) / calls
 
 
+def torch_free_optimizer():
+    """Something shaped like an optimizer, for the hook's identity check (no torch needed)."""
+    return type("Optimizer", (), {"param_groups": [{"lr": 0.1}]})()
+
+
 def empty_loop(calls: int) -> None:
     for _ in range(calls):
         pass
@@ -39,8 +44,8 @@ def main() -> None:
     try:
         worker = Worker(mailbox)
         optimizers = Optimizers(worker)
-        primary = object()
-        optimizers._primary = primary
+        primary = torch_free_optimizer()
+        optimizers._meet(primary)
         q = multiprocessing.Queue()
 
         def boundary(calls: int) -> None:

@@ -47,11 +47,15 @@ class Optimizers:
         self.worker = worker
         self.optimizers: weakref.WeakSet = weakref.WeakSet()
         self.schedulers: weakref.WeakSet = weakref.WeakSet()
-        self._primary = None
+        # The counting optimizer, held weakly: when a script replaces its optimizer, the next
+        # one to step takes over. The id is what the hot path compares; the weakref's callback
+        # clears it before the id can be reused.
+        self._primary_id: int | None = None
+        self._primary_ref = None
 
     def pre_step(self, optimizer, args, kwargs) -> None:
         """The global step pre-hook: the step boundary, when this is the counting optimizer."""
-        if optimizer is self._primary:
+        if id(optimizer) == self._primary_id:
             if not self.worker.explicit_steps:
                 self.worker.boundary()
             return
@@ -72,10 +76,14 @@ class Optimizers:
             if added:
                 self.worker.write_schema()
                 self.worker.recheck()
-        if self._primary is None or self._primary not in self.optimizers:
-            self._primary = optimizer
+        if self._primary_id is None:
+            self._primary_id = id(optimizer)
+            self._primary_ref = weakref.ref(optimizer, self._primary_gone)
             if not self.worker.explicit_steps:
                 self.worker.boundary()
+
+    def _primary_gone(self, _ref) -> None:
+        self._primary_id = None
 
     def _has(self, key: str) -> bool:
         return any(key in g for o in self.optimizers for g in o.param_groups)
