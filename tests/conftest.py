@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from loomrun.broker import BundledBroker
-from loomrun.mailbox import sweep_stale
+from loomrun.mailbox import Mailbox, segment_path, sweep_stale
 from loomrun.supervisor import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +35,14 @@ def session_broker(tmp_path_factory):
     os.environ["LOOMRUN_NATS"] = broker.url
     yield broker
     broker.stop()
+
+
+@pytest.fixture
+def mailbox():
+    """A fresh mailbox segment of this process, removed afterwards."""
+    box = Mailbox.create(segment_path(f"test-{secrets.token_hex(4)}", "r0"))
+    yield box
+    box.unlink()
 
 
 def shm_segments() -> set[str]:

@@ -16,13 +16,6 @@ from loomrun.desired import DesiredConfig
 from loomrun.mailbox import SHM_DIR, Mailbox, MailboxError, segment_path, sweep_stale
 
 
-@pytest.fixture
-def mailbox():
-    box = Mailbox.create(segment_path(f"test-{secrets.token_hex(4)}", "r0"))
-    yield box
-    box.unlink()
-
-
 def test_segment_is_private_and_removed(mailbox):
     assert stat.S_IMODE(os.stat(mailbox.path).st_mode) == 0o600
     path = mailbox.path

@@ -3,20 +3,9 @@
 from __future__ import annotations
 
 import gc
-import secrets
 
-import pytest
-
-from loomrun.mailbox import Mailbox, segment_path
 from loomrun.runtime.optim import Optimizers
 from loomrun.runtime.worker import Worker
-
-
-@pytest.fixture
-def mailbox():
-    box = Mailbox.create(segment_path(f"test-{secrets.token_hex(4)}", "r0"))
-    yield box
-    box.unlink()
 
 
 def test_a_replaced_optimizer_hands_the_step_count_to_the_next(mailbox):
