@@ -668,19 +668,15 @@ def watch_command(job, replicas, once, as_json, interval, metrics, **broker):
     A rich live table on a terminal; plain-text snapshots when piped. Closing it never
     affects the job.
     """
-    from loomrun.watch import run_watch
-
-    chosen = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
-
-    async def watch(options):
-        return await run_watch(options, job, replicas, once, as_json, interval, chosen)
-
     import asyncio
 
     from loomrun.broker import BrokerError
+    from loomrun.watch import run_watch
 
+    chosen = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
+    options = _broker(**broker)
     try:
-        code = asyncio.run(watch(_broker(**broker)))
+        code = asyncio.run(run_watch(options, job, replicas, once, as_json, interval, chosen))
     except KeyboardInterrupt:
         code = 0
     except BrokerError as error:
