@@ -1,14 +1,16 @@
-"""Drives a running job's mailbox from a test the way the supervisor does: desired in, acks out."""
+"""Drives a job's mailbox from a test the way the supervisor does: desired in, acks out.
+
+Only for jobs started with --no-broker: then no control plane writes the desired slot, and
+this is its one writer. A job with live control is steered through `Steering` or the CLI.
+"""
 
 from __future__ import annotations
-
-import time
 
 from conftest import wait_for
 
 from loomrun import params as P
 from loomrun._proto import loomrun_pb2 as pb
-from loomrun.desired import DesiredConfig
+from loomrun.desired import PAUSE, DesiredConfig
 from loomrun.mailbox import Mailbox, segment_path
 
 
@@ -19,25 +21,23 @@ class Steer:
         self.box = Mailbox.attach(path)
         self.desired = DesiredConfig()
 
-    def set(self, name: str, value, at_step: int = 0) -> int:
-        version = self.desired.set(name, value, at_step=at_step)
+    def set(self, name: str, value, at_step: int = 0) -> str:
+        change_id = self.desired.set(name, value, at_step=at_step)
         self.box.desired.write(self.desired.state)
-        return version
+        return change_id
 
-    def pause(self, paused: bool) -> int:
-        version = self.desired.pause(paused)
-        self.box.desired.write(self.desired.state)
-        return version
+    def pause(self, paused: bool) -> str:
+        return self.set(PAUSE, paused)
 
-    def outcome(self, name: str, version: int, timeout: float = 30) -> pb.Outcome:
+    def outcome(self, name: str, change_id: str, timeout: float = 30) -> pb.Outcome:
         def answered():
             _, acks = self.box.acks.read()
-            if acks is not None and name in acks.outcomes:
-                outcome = acks.outcomes[name]
-                return outcome if outcome.version >= version else None
+            for outcome in acks.recent if acks is not None else ():
+                if outcome.name == name and outcome.change_id == change_id:
+                    return outcome
             return None
 
-        return wait_for(answered, timeout, what=f"the outcome of {name} v{version}")
+        return wait_for(answered, timeout, what=f"the outcome of {name} ({change_id})")
 
     def status(self) -> pb.Status:
         return self.box.status.read()[1] or pb.Status()
@@ -58,7 +58,13 @@ class Steer:
         self.box.close()
 
 
-def stays_still(steer: Steer, seconds: float) -> bool:
-    first = steer.status().step
-    time.sleep(seconds)
-    return steer.status().step == first
+def stays_still(steer: Steer, statuses: int = 5) -> bool:
+    """The step does not move while the worker writes `statuses` more statuses (a paused
+    worker still writes one every tenth of a second)."""
+    first = steer.status()
+    wait_for(
+        lambda: steer.status().time >= first.time + statuses * 0.1,
+        30,
+        what=f"{statuses} more statuses",
+    )
+    return steer.status().step == first.step

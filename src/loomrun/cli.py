@@ -5,8 +5,9 @@ code when one failed past its restarts (128+N when killed by signal N); 130 or 1
 stopped by SIGINT or SIGTERM; 2 for a usage error, with nothing started.
 
 Exit codes of `set`, `pause`, `resume`: 0 every targeted replica applied the change; 1 some
-rejected it (or applied it late); 3 timed out (the change stays desired and will still
-apply); 2 usage error, nothing written; 4 the broker cannot be reached.
+did not (rejected it, missed its step, or a later change replaced it first); 3 timed out
+(the change stays desired and will still apply); 2 usage error, nothing written; 4 the
+broker cannot be reached.
 """
 
 from __future__ import annotations
@@ -414,11 +415,16 @@ def steering_options(f):
         help="Seconds to wait for every replica's answer.",
     )(f)
     f = click.option(
+        "--force",
+        is_flag=True,
+        help="Change only some ranks of a process group, although they will then differ.",
+    )(f)
+    f = click.option(
         "--at-step",
         type=click.IntRange(min=1),
         default=None,
-        help="Apply at this step number [default: next step; several replicas: a step "
-        "ahead of the slowest].",
+        help="Apply at exactly this step number, or nowhere if a replica is past it "
+        "[default: at once; ranks of a process group: at one step they agree on].",
     )(f)
     f = click.option(
         "--replica",
@@ -435,7 +441,8 @@ def steering_options(f):
 
 
 def _report(results, as_json: bool, job: str | None, waited: bool) -> int:
-    """Print what became of each change; return the exit code it means."""
+    """Print what became of each change, each line from that change's own answer; return
+    the exit code it means."""
     import json
 
     from loomrun.params import format_value
@@ -445,8 +452,9 @@ def _report(results, as_json: bool, job: str | None, waited: bool) -> int:
         code, summary = 0, "written"
     elif "timed out" in states:
         code, summary = EXIT_TIMED_OUT, "timed out"
-    elif states & {"rejected", "late"}:
-        code, summary = EXIT_REJECTED, "rejected" if "rejected" in states else "late"
+    elif states != {"applied"}:
+        code = EXIT_REJECTED
+        summary = next(s for s in ("rejected", "missed", "superseded") if s in states)
     else:
         code, summary = 0, "applied"
     if as_json:
@@ -458,70 +466,75 @@ def _report(results, as_json: bool, job: str | None, waited: bool) -> int:
         d = r.as_dict()
         head = f"{r.replica}  {r.name}"
         if not waited:
-            click.echo(f"{head}  = {format_value(r.requested)}  written (version {r.version})")
+            click.echo(f"{head}  = {format_value(r.requested)}  written (change {r.change_id})")
         elif r.state == "timed out":
             click.echo(
                 f"{head}  no answer yet: still desired, it applies when the replica gets to it"
             )
         elif r.state == "rejected":
             click.echo(f"{head}  rejected: {d['reason']}")
+        elif r.state == "missed":
+            click.echo(f"{head}  not applied: {d['reason']}")
+        elif r.state == "superseded":
+            click.echo(f"{head}  not applied: a later change to {r.name} reached {r.replica} first")
+        elif r.name == "pause":
+            word = "paused" if d["new"] else "resumed"
+            click.echo(f"{r.replica}  {word} at step {d['step']}  ({d['latency_ms']:.1f} ms)")
         else:
             change = f"{format_value(d['old'])} -> {format_value(d['new'])}"
-            late = f" LATE (wanted at step {r.at_step})" if r.state == "late" else ""
-            click.echo(f"{head}  {change}  at step {d['step']}{late}  ({d['latency_ms']:.1f} ms)")
-    if code == EXIT_REJECTED and "late" in states:
-        click.echo("Error: some replicas applied the change late: ranks may now differ", err=True)
+            click.echo(f"{head}  {change}  at step {d['step']}  ({d['latency_ms']:.1f} ms)")
     return code
 
 
-@main.command(
-    "set", epilog="Exit codes: 0 applied; 1 rejected or late; 3 timed out; 2 usage; 4 no broker."
+EXIT_CODES = (
+    "Exit codes: 0 applied; 1 not applied (rejected, missed its step, or replaced by a later "
+    "change); 3 timed out; 2 usage; 4 no broker."
 )
+
+
+@main.command("set", epilog=EXIT_CODES)
 @click.argument(
     "assignments", nargs=-1, required=True, callback=_parse_assignments, metavar="KEY=VALUE..."
 )
 @steering_options
-def set_command(assignments, job, replicas, at_step, timeout, no_wait, as_json, **broker):
+def set_command(assignments, job, replicas, at_step, force, timeout, no_wait, as_json, **broker):
     """Change parameters of a running job, between two steps.
 
     \b
       loomrun set lr=0.002                   every replica of the only running job
       loomrun set lr=1e-3 momentum=0.8 --replica r1 --job train-1a2b3c
+      loomrun set lr.1=1e-4                  only the second param group's lr
     Values are checked against the schema the replicas published before anything is
-    sent; then `set` waits until every replica applied (or rejected) the change.
+    sent; then `set` waits until every replica answered this very change: applied (at
+    which step, old -> new), rejected, or missed. `lr` keeps the param groups' ratios.
+    Independent replicas apply it at once; the ranks of a process group all at one step.
     """
     options = _broker(**broker)
     results = _steer(
         options,
-        lambda s: s.set(job, assignments, replicas, at_step, timeout, wait=not no_wait),
+        lambda s: s.set(job, assignments, replicas, at_step, timeout, not no_wait, force),
     )
     sys.exit(_report(results, as_json, job, not no_wait))
 
 
-def _pause_or_resume(paused, job, replicas, at_step, timeout, no_wait, as_json, **broker):
+def _pause_or_resume(paused, job, replicas, at_step, force, timeout, no_wait, as_json, **broker):
     options = _broker(**broker)
     results = _steer(
-        options, lambda s: s.pause(job, paused, replicas, at_step, timeout, wait=not no_wait)
+        options,
+        lambda s: s.pause(job, paused, replicas, at_step, timeout, not no_wait, force),
     )
-    if as_json or no_wait:
-        sys.exit(_report(results, as_json, job, not no_wait))
-    word = "paused" if paused else "resumed"
-    for r in results:
-        if r.outcome is None:
-            click.echo(f"{r.replica}  no answer yet: still desired")
-        else:
-            click.echo(f"{r.replica}  {word} at step {r.outcome.step}  ({r.latency * 1000:.1f} ms)")
-    sys.exit(EXIT_TIMED_OUT if any(r.outcome is None for r in results) else 0)
+    sys.exit(_report(results, as_json, job, not no_wait))
 
 
-@main.command("pause", epilog="Exit codes: 0 done; 3 timed out; 2 usage; 4 no broker.")
+@main.command("pause", epilog=EXIT_CODES)
 @steering_options
 def pause_command(**kwargs):
-    """Pause replicas between two steps (every replica by default: DDP ranks move together)."""
+    """Pause replicas between two steps (every replica by default; the ranks of a process
+    group at one step they agree on)."""
     _pause_or_resume(True, **kwargs)
 
 
-@main.command("resume", epilog="Exit codes: 0 done; 3 timed out; 2 usage; 4 no broker.")
+@main.command("resume", epilog=EXIT_CODES)
 @steering_options
 def resume_command(**kwargs):
     """Resume paused replicas."""
@@ -538,6 +551,7 @@ def get_command(job, replicas, as_json, **broker):
     import json
 
     from loomrun import tables
+    from loomrun._proto import loomrun_pb2 as pb
     from loomrun.params import format_value, from_pb
 
     async def gather(steering):
@@ -558,6 +572,7 @@ def get_command(job, replicas, as_json, **broker):
         values = statuses[replica].status.values if replica in statuses else {}
         for spec in specs.values():
             last = outcomes.get((replica, spec.name))
+            applied = last is not None and last.state == pb.APPLIED
             bounds = [
                 f"{k} {v:g}" for k, v in (("min", spec.min), ("max", spec.max)) if v is not None
             ]
@@ -570,8 +585,8 @@ def get_command(job, replicas, as_json, **broker):
                     "builtin": spec.builtin,
                     "doc": spec.doc,
                     "value": from_pb(values[spec.name]) if spec.name in values else spec.default,
-                    "changed_at_step": last.step if last and last.applied else None,
-                    "changed_at": last.time if last and last.applied else None,
+                    "changed_at_step": last.step if applied else None,
+                    "changed_at": last.time if applied else None,
                 }
             )
     if as_json:

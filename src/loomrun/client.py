@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
-import math
+import getpass
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,11 +25,24 @@ from loomrun import params as P
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.broker import BrokerOptions, connect_client
+from loomrun.desired import change, new_change_id
 
-# How far ahead of the slowest replica an automatic at-step lands, in seconds of its steps.
-AT_STEP_LEAD = 0.3
-RATE_WAIT = 2.0
 BUILTIN_NAMES = {"lr", "momentum", "weight_decay", "betas"}
+STATES = {
+    pb.APPLIED: "applied",
+    pb.REJECTED: "rejected",
+    pb.MISSED: "missed",
+    pb.SUPERSEDED: "superseded",
+}
+
+
+def origin() -> str:
+    """Who asks, as the change's record says: user@host."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
 
 
 class SteerError(Exception):
@@ -69,24 +84,24 @@ class Job:
 
 @dataclass
 class Result:
-    """What became of one change on one replica."""
+    """What became of one change on one replica: only ever its own answer."""
 
     job: str
     replica: str
     name: str
     requested: Any
-    version: int = 0
+    change_id: str = ""
     at_step: int = 0
+    revision: int = 0
     outcome: pb.Outcome | None = None
     latency: float | None = None
+    started: float = 0.0
 
     @property
     def state(self) -> str:
         if self.outcome is None:
             return "timed out"
-        if not self.outcome.applied:
-            return "rejected"
-        return "late" if self.outcome.late else "applied"
+        return STATES.get(self.outcome.state, "rejected")
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -95,7 +110,7 @@ class Result:
             "name": self.name,
             "state": self.state,
             "requested": self.requested,
-            "version": self.version,
+            "change_id": self.change_id,
         }
         if self.at_step:
             out["at_step"] = self.at_step
@@ -110,20 +125,17 @@ class Result:
         return out
 
 
+@dataclass
+class ReplicaSchema:
+    """What one replica published: its parameters, and the process group it trains in."""
+
+    specs: dict[str, P.ParamSpec]
+    group_size: int = 0
+
+
 def suggest(name: str, known: list[str]) -> str:
     close = difflib.get_close_matches(name, known, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def pick_at_step(statuses: list[pb.ReplicaStatus], now: float) -> int:
-    """A step every replica reaches only after the change has arrived: ahead of the slowest."""
-    target = 0
-    for status in statuses:
-        age = max(0.0, now - status.status.time) if status.status.time else 0.0
-        rate = 0.0 if status.status.paused else status.status.steps_per_sec
-        ahead = math.ceil(rate * (age + AT_STEP_LEAD))
-        target = max(target, status.status.step + ahead + 1)
-    return target
 
 
 class Steering:
@@ -133,12 +145,13 @@ class Steering:
         self.nc = nc
         self.js = nc.jetstream()
         self._kv: dict[str, Any] = {}
-        # A long-lived client (the Python API) reads a replica's schema once; a missing name
-        # makes it read again, since workers declare parameters as they go.
-        self._schemas: dict[tuple[str, str], dict[str, P.ParamSpec]] = {}
+        # A long-lived client (the Python API) reads the schemas once; a missing name or
+        # replica makes it read them again, since workers declare parameters as they go.
+        self._schemas: dict[str, dict[str, ReplicaSchema]] = {}
         self._jobs: dict[str, Job] = {}
-        self._outcome_watchers: dict[str, asyncio.Task] = {}
-        self._waiting: dict[tuple[str, str, str], list[tuple[Result, asyncio.Event]]] = {}
+        self._listening: dict[str, Any] = {}
+        # (job, replica, name, change id) -> the Result waiting for that very answer.
+        self._waiting: dict[tuple[str, str, str, str], tuple[Result, asyncio.Event]] = {}
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -222,20 +235,29 @@ class Steering:
 
     # -- state of replicas ---------------------------------------------------------------
 
-    async def schema(self, job: str, replica: str, fresh: bool = True) -> dict[str, P.ParamSpec]:
-        if not fresh and (job, replica) in self._schemas:
-            return self._schemas[(job, replica)]
-        found = await self.entries(S.STATE, S.schema(job, replica))
-        data = found.get(S.schema(job, replica))
-        if data is None:
+    async def schemas(self, job: str, fresh: bool = True) -> dict[str, ReplicaSchema]:
+        """What every replica of the job published (a replica that has not yet is absent)."""
+        if not fresh and job in self._schemas:
+            return self._schemas[job]
+        found = {}
+        for key, data in (await self.entries(S.STATE, f"{job}.*.schema")).items():
+            replica = key.split(".")[1]
+            try:
+                schema = pb.Schema.FromString(data)
+                specs = {s.name: P.spec_from_pb(s) for s in schema.params}
+            except (DecodeError, P.ParamError) as error:
+                raise SteerError(
+                    f"{replica} of {job} published a malformed schema ({error})"
+                ) from None
+            found[replica] = ReplicaSchema(specs, schema.group_size)
+        self._schemas[job] = found
+        return found
+
+    async def schema(self, job: str, replica: str) -> dict[str, P.ParamSpec]:
+        found = (await self.schemas(job)).get(replica)
+        if found is None:
             raise SteerError(f"{replica} of {job} has not published its parameters yet")
-        try:
-            schema = pb.Schema.FromString(data)
-            specs = {s.name: P.spec_from_pb(s) for s in schema.params}
-        except (DecodeError, P.ParamError) as error:
-            raise SteerError(f"{replica} of {job} published a malformed schema ({error})") from None
-        self._schemas[(job, replica)] = specs
-        return specs
+        return found.specs
 
     async def statuses(self, job: str) -> dict[str, pb.ReplicaStatus]:
         out = {}
@@ -246,8 +268,8 @@ class Steering:
 
     async def outcomes(self, job: str) -> dict[tuple[str, str], pb.Outcome]:
         out = {}
-        for key, data in (await self.entries(S.STATE, f"{job}.*.outcome.*")).items():
-            parts = key.split(".")
+        for key, data in (await self.entries(S.STATE, f"{job}.*.outcome.>")).items():
+            parts = key.split(".", 3)
             with contextlib.suppress(DecodeError):
                 out[(parts[1], parts[3])] = pb.Outcome.FromString(data)
         return out
@@ -255,14 +277,17 @@ class Steering:
     # -- changes -------------------------------------------------------------------------
 
     async def check(
-        self, job: str, replicas: list[str], changes: dict[str, str]
+        self, job: str, replicas: list[str], changes: dict[str, Any]
     ) -> dict[str, dict[str, Any]]:
         """Convert and validate every change for every replica; nothing is written."""
+        schemas = await self.schemas(job, fresh=False)
+        if any(r not in schemas or not set(changes) <= set(schemas[r].specs) for r in replicas):
+            schemas = await self.schemas(job)
         checked: dict[str, dict[str, Any]] = {}
         for replica in replicas:
-            specs = await self.schema(job, replica, fresh=False)
-            if not set(changes) <= set(specs):
-                specs = await self.schema(job, replica)
+            if replica not in schemas:
+                raise SteerError(f"{replica} of {job} has not published its parameters yet")
+            specs = schemas[replica].specs
             checked[replica] = {}
             for name, text in changes.items():
                 spec = specs.get(name)
@@ -284,6 +309,28 @@ class Steering:
                 checked[replica][name] = value
         return checked
 
+    def _whole_groups(self, job: Job, targets: list[str], force: bool) -> bool:
+        """True when the change may go to each target at once; refuse part of a group.
+
+        Ranks that train together take a change together (the workers agree in band on the
+        step); a change to only some of them would make them differ, or hang a collective.
+        """
+        schemas = self._schemas.get(job.job, {})
+        grouped = [r for r in targets if schemas.get(r) and schemas[r].group_size > 1]
+        if not grouped:
+            return False
+        left_out = [r for r in job.replicas if r not in targets]
+        if not left_out:
+            return False
+        if not force:
+            size = schemas[grouped[0]].group_size
+            raise SteerError(
+                f"{', '.join(grouped)} of {job.job} train in one process group of {size} ranks "
+                f"with {', '.join(left_out)}: changing only some ranks would make them differ "
+                "(or hang their collectives); target all of them, or pass --force"
+            )
+        return True
+
     async def set(
         self,
         job: str | None,
@@ -292,18 +339,19 @@ class Steering:
         at_step: int | None = None,
         timeout: float = 30.0,
         wait: bool = True,
+        force: bool = False,
     ) -> list[Result]:
-        """Check, write and (unless wait=False) wait for every replica's outcome."""
+        """Check, write and (unless wait=False) wait for every replica's own answer."""
         found = await self.job(job)
         targets = self.targets(found, replicas)
         checked = await self.check(found.job, targets, changes)
-        at_step = await self._common_step(found.job, targets, at_step)
-        writes = {
-            (r, name): (S.desired_param(found.job, r, name), value)
+        at_once = self._whole_groups(found, targets, force)
+        writes = [
+            (r, name, S.desired_param(found.job, r, name), value)
             for r in targets
             for name, value in checked[r].items()
-        }
-        return await self._write_and_wait(found.job, writes, at_step or 0, timeout, wait)
+        ]
+        return await self._write_and_wait(found.job, writes, at_step or 0, at_once, timeout, wait)
 
     async def pause(
         self,
@@ -313,87 +361,113 @@ class Steering:
         at_step: int | None = None,
         timeout: float = 30.0,
         wait: bool = True,
+        force: bool = False,
     ) -> list[Result]:
+        """Pause (or resume) replicas between two steps; ranks of a group at one step."""
         found = await self.job(job)
         targets = self.targets(found, replicas)
-        if paused:  # resuming needs no common step: paused replicas stand still together
-            at_step = await self._common_step(found.job, targets, at_step)
-        writes = {(r, S.PAUSE): (S.desired_pause(found.job, r), paused) for r in targets}
-        return await self._write_and_wait(found.job, writes, at_step or 0, timeout, wait)
+        await self.schemas(found.job)
+        at_once = self._whole_groups(found, targets, force)
+        writes = [(r, S.PAUSE, S.desired_pause(found.job, r), paused) for r in targets]
+        return await self._write_and_wait(found.job, writes, at_step or 0, at_once, timeout, wait)
 
-    async def _common_step(self, job: str, targets: list[str], at_step: int | None) -> int:
-        """Replicas that train together change at one step number: given, or picked here."""
-        if at_step is not None or len(targets) < 2:
-            return at_step or 0
-        deadline = time.monotonic() + RATE_WAIT
-        while True:
-            statuses = [s for r, s in (await self.statuses(job)).items() if r in targets]
-            unknown = [s for s in statuses if not s.status.paused and s.status.steps_per_sec <= 0]
-            if (len(statuses) == len(targets) and not unknown) or time.monotonic() > deadline:
-                return pick_at_step(statuses, time.time())
-            await asyncio.sleep(0.1)  # a replica that just started has no step rate yet
-
-    async def _watch_outcomes(self, job: str) -> None:
-        """One watcher per job for this session: every `set` waits on it, none builds its own."""
-        if job in self._outcome_watchers:
+    async def _listen(self, job: str) -> None:
+        """Hear every outcome of the job from now on: subscribed (and flushed, so the server
+        has it) before anything is written, so no answer can slip past."""
+        if job in self._listening:
             return
-        watcher = await (await self.kv(S.STATE)).watch(f"{job}.*.outcome.*")
 
-        async def route() -> None:
-            async for entry in watcher:
-                if entry is None or not entry.value:
-                    continue
-                parts = entry.key.split(".")
-                waiting = self._waiting.get((job, parts[1], parts[3])) if len(parts) == 4 else None
-                if not waiting:
-                    continue
-                try:
-                    outcome = pb.Outcome.FromString(entry.value)
-                except DecodeError:
-                    continue
-                for result, done in list(waiting):
-                    if outcome.version >= result.version:
-                        result.outcome = outcome
-                        result.latency = time.perf_counter() - result.latency
-                        waiting.remove((result, done))
-                        done.set()
+        async def route(msg) -> None:
+            try:
+                outcome = pb.Outcome.FromString(msg.data)
+            except DecodeError:
+                return
+            key = (job, outcome.replica, outcome.name, outcome.change_id)
+            waiting = self._waiting.pop(key, None)
+            if waiting is not None:
+                result, done = waiting
+                result.outcome = outcome
+                result.latency = time.perf_counter() - result.started
+                done.set()
 
-        self._outcome_watchers[job] = asyncio.ensure_future(route())
+        self._listening[job] = await self.nc.subscribe(S.outcomes(job), cb=route)
+        await self.nc.flush()
 
     async def close(self) -> None:
-        for task in self._outcome_watchers.values():
-            task.cancel()
+        for subscription in self._listening.values():
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
 
     async def _write_and_wait(
         self,
         job: str,
-        writes: dict[tuple[str, str], tuple[str, Any]],
+        writes: list[tuple[str, str, str, Any]],
         at_step: int,
+        at_once: bool,
         timeout: float,
         wait: bool,
     ) -> list[Result]:
         desired = await self.kv(S.DESIRED)
         if wait:
-            await self._watch_outcomes(job)
-        results, pending = [], []
-        for (replica, name), (key, value) in writes.items():
-            result = Result(job, replica, name, value, at_step=at_step)
-            want = pb.DesiredParam(at_step=at_step)
-            want.value.CopyFrom(P.to_pb(value))
-            done = asyncio.Event()
-            if wait:  # registered before the write, so no answer can slip past
-                result.latency = time.perf_counter()
-                self._waiting.setdefault((job, replica, name), []).append((result, done))
+            await self._listen(job)
+        who = origin()
+        ids = {name: new_change_id() for _, name, _, _ in writes}
+        before = await self._previous(desired, writes) if at_step and wait else {}
+        results, pending, puts = [], [], []
+        for replica, name, key, value in writes:
+            want = change(value, at_step, at_once, who, ids[name])
+            result = Result(job, replica, name, value, want.change_id, at_step)
+            if wait:
+                done = asyncio.Event()
+                self._waiting[(job, replica, name, want.change_id)] = (result, done)
                 pending.append((result, done))
-            result.version = await desired.put(key, want.SerializeToString())
+            result.started = time.perf_counter()
             results.append(result)
+            puts.append(desired.put(key, want.SerializeToString()))
+        try:
+            revisions = await asyncio.gather(*puts)
+        except Exception as error:  # noqa: BLE001 - one sentence for the person asking
+            for result, _ in pending:
+                self._waiting.pop((job, result.replica, result.name, result.change_id), None)
+            raise SteerError(
+                f"could not write the change to the broker ({error or type(error).__name__}); "
+                "some replicas may have it: check with `loomrun get`"
+            ) from None
+        for result, revision in zip(results, revisions, strict=True):
+            result.revision = revision
         if pending:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*(d.wait() for _, d in pending)), timeout)
-            for result, done in pending:
-                if result.outcome is None:
-                    result.latency = None
-                    waiters = self._waiting.get((job, result.replica, result.name), [])
-                    if (result, done) in waiters:
-                        waiters.remove((result, done))
+            for result, _ in pending:
+                self._waiting.pop((job, result.replica, result.name, result.change_id), None)
+        missed = [r for r in results if r.state == "missed"]
+        if missed:
+            await self._put_back(desired, writes, results, before)
         return results
+
+    @staticmethod
+    async def _previous(desired, writes) -> dict[str, bytes | None]:
+        """What each key held before this change: a missed change is put back to it."""
+        from nats.js.errors import KeyNotFoundError
+
+        async def read(key: str) -> bytes | None:
+            try:
+                return (await desired.get(key)).value
+            except KeyNotFoundError:
+                return None
+
+        keys = [key for _, _, key, _ in writes]
+        return dict(zip(keys, await asyncio.gather(*(read(k) for k in keys)), strict=True))
+
+    @staticmethod
+    async def _put_back(desired, writes, results, before) -> None:
+        """A missed change was applied nowhere: the desired state goes back to what it was,
+        unless someone changed it since (then theirs stands)."""
+        for (_, _, key, _), result in zip(writes, results, strict=True):
+            if result.state != "missed" or key not in before:
+                continue
+            with contextlib.suppress(Exception):
+                if before[key] is None:
+                    await desired.delete(key, last=result.revision)
+                else:
+                    await desired.update(key, before[key], last=result.revision)

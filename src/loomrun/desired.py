@@ -1,51 +1,82 @@
 """The desired state of one replica, as the supervisor keeps it and writes it to the mailbox.
 
-Level-triggered: each change bumps a version, and the whole state is written every time,
-so a worker that missed a write, or restarted, still converges on the latest state.
+Level-triggered: the whole state is written every time, so a worker that missed a write,
+or restarted, still converges on the latest state. A change is known by the id its client
+gave it, never by a key-value revision: revisions start again when a broker's store is
+made anew, ids do not repeat. The version here is the supervisor's own counter.
 """
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from loomrun import params as P
 from loomrun._proto import loomrun_pb2 as pb
 
+PAUSE = "pause"
+
+
+def new_change_id() -> str:
+    return secrets.token_hex(8)
+
+
+def change(
+    value: Any, at_step: int = 0, at_once: bool = False, origin: str = "", change_id: str = ""
+) -> pb.DesiredParam:
+    """A desired change, as a client writes it; a fresh id unless given. One `set` gives
+    the same id to every replica it changes: ranks agree on a change by its id."""
+    want = pb.DesiredParam(
+        at_step=at_step, change_id=change_id or new_change_id(), at_once=at_once, origin=origin
+    )
+    want.value.CopyFrom(P.to_pb(value))
+    return want
+
 
 class DesiredConfig:
-    """Parameter values and the paused flag wanted for one replica, with versions."""
+    """Parameter values and the paused flag wanted for one replica."""
 
     def __init__(self) -> None:
         self.state = pb.DesiredState()
 
-    def set(self, name: str, value: Any, version: int | None = None, at_step: int = 0) -> int:
-        """Want `name` = `value`; returns the change's version (the next one unless given)."""
-        version = self._next(version)
-        entry = self.state.params[name]
-        entry.value.CopyFrom(P.to_pb(value))
+    def entry(self, name: str) -> pb.DesiredParam | None:
+        if name == PAUSE:
+            return self.state.pause if self.state.HasField("pause") else None
+        return self.state.params.get(name)
+
+    def take(self, name: str, want: pb.DesiredParam) -> int:
+        """Hold `want` for `name`; returns its version, or 0 when that change is held already
+        (the same change seen again, after a reconnect)."""
+        held = self.entry(name)
+        if held is not None and held.change_id == want.change_id:
+            return 0
+        version = self.state.version + 1
+        entry = self.state.pause if name == PAUSE else self.state.params[name]
+        entry.CopyFrom(want)
         entry.version = version
-        entry.at_step = at_step
+        self.state.version = version
         return version
 
-    def put(self, name: str, want: pb.DesiredParam, version: int) -> None:
-        """Take a change as it came off the wire; `version` is its revision in the bucket."""
-        entry = self.state.params[name]
-        entry.CopyFrom(want)
-        entry.version = self._next(version)
+    def set(self, name: str, value: Any, at_step: int = 0, at_once: bool = False) -> str:
+        """Want `name` = `value` (from code, not the wire); returns the new change's id."""
+        want = change(value, at_step, at_once)
+        self.take(name, want)
+        return want.change_id
 
     def drop(self, name: str) -> None:
         """Forget a parameter's desired value: the worker keeps what it has."""
-        if name in self.state.params:
+        if name == PAUSE:
+            self.state.ClearField("pause")
+        elif name in self.state.params:
             del self.state.params[name]
 
-    def pause(self, paused: bool, version: int | None = None, at_step: int = 0) -> int:
-        version = self._next(version)
-        self.state.paused = paused
-        self.state.pause_version = version
-        self.state.pause_at_step = at_step
-        return version
-
-    def _next(self, version: int | None) -> int:
-        version = self.state.version + 1 if version is None else version
-        self.state.version = max(self.state.version, version)
-        return version
+    def rebase(self) -> None:
+        """The state restarted replicas start from: every value at once, none waiting for a
+        step number of the incarnation before or for an agreement of its ranks."""
+        entries = list(self.state.params.values())
+        if self.state.HasField("pause"):
+            entries.append(self.state.pause)
+        for entry in entries:
+            entry.at_step = 0
+            entry.at_once = True
+        self.state.version += 1

@@ -11,7 +11,13 @@ written by one side only under a sequence lock, so a reader never sees a torn pa
 
 A slot is `seq: u64 | length: u32 | pad: u32 | payload`. The writer makes seq odd, writes,
 then makes it even again; a reader retries while seq is odd or changed under it. Payloads
-are protobuf messages from proto/loomrun.proto: nothing is unpickled.
+are protobuf messages from proto/loomrun.proto: nothing is unpickled. Besides the slots,
+the header holds the worker's step counter, written at every step boundary, so the
+supervisor knows where a worker really ended even when it was killed between two statuses.
+
+A worker killed in the middle of a write leaves its slot's seq odd: the supervisor resets
+the worker's slots before it starts the replacement (`reset_worker_side`), and its reads
+(`try_read`) give up at once on a slot that is mid-write instead of spinning.
 
 The segment is opened with os.open + mmap, not multiprocessing.shared_memory, whose
 resource tracker can unlink a segment when a worker exits (CPython issue 82300).
@@ -34,9 +40,12 @@ SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 SLOT_NAMES = ("desired", "acks", "schema", "status")
 SLOT_SIZES = {"desired": 128 << 10, "acks": 64 << 10, "schema": 64 << 10, "status": 32 << 10}
 SLOT_TYPES = {"desired": pb.DesiredState, "acks": pb.Acks, "schema": pb.Schema, "status": pb.Status}
+WORKER_SLOTS = ("acks", "schema", "status")
 _HEADER = 64
+_STEP_OFFSET = 24
 _SLOT_HEADER = 16
 _TORN_READ_TRIES = 10_000
+_QUICK_READ_TRIES = 3
 
 
 class MailboxError(RuntimeError):
@@ -100,15 +109,17 @@ class Slot:
                 f"{self.capacity} bytes for it; nothing was written"
             )
         seq = self.seq[0]
+        seq += seq & 1  # an earlier writer died mid-write: start from an even number again
         self.seq[0] = seq + 1
         self._length[0] = len(data)
         self._payload[: len(data)] = data
         self.seq[0] = seq + 2
         return seq + 2
 
-    def read_bytes(self) -> tuple[int, bytes]:
-        """The latest complete payload and its sequence number (0 and b"" before any write)."""
-        for attempt in range(_TORN_READ_TRIES):
+    def read_bytes(self, tries: int = _TORN_READ_TRIES) -> tuple[int, bytes] | None:
+        """The latest complete payload and its sequence number (0 and b"" before any write);
+        None when it stayed mid-write for `tries` attempts."""
+        for attempt in range(tries):
             before = self.seq[0]
             if before & 1:
                 if attempt > 100:
@@ -120,11 +131,26 @@ class Slot:
                 if data is None:
                     raise MailboxError(f"the {self.name} slot holds a bad length {length}")
                 return before, data
-        raise MailboxError(f"the {self.name} slot stayed mid-write; is its writer stuck?")
+        return None
 
     def read(self) -> tuple[int, Message | None]:
-        """The latest message, or None before the first write. Raises MailboxError if malformed."""
-        seq, data = self.read_bytes()
+        """The latest message, or None before the first write. Raises MailboxError if malformed
+        or if the slot stays mid-write (its writer is stuck or died writing)."""
+        found = self._read(_TORN_READ_TRIES)
+        if found is None:
+            raise MailboxError(f"the {self.name} slot stayed mid-write; is its writer stuck?")
+        return found
+
+    def try_read(self) -> tuple[int, Message | None] | None:
+        """Like read, but None at once when the slot is mid-write: for an event loop, which
+        must never spin on a writer that may have died; it reads again on its next round."""
+        return self._read(_QUICK_READ_TRIES)
+
+    def _read(self, tries: int) -> tuple[int, Message | None] | None:
+        found = self.read_bytes(tries)
+        if found is None:
+            return None
+        seq, data = found
         if seq == 0:
             return 0, None
         message = self._type()
@@ -133,6 +159,11 @@ class Slot:
         except DecodeError:
             raise MailboxError(f"the {self.name} slot holds a malformed message") from None
         return seq, message
+
+    def clear(self) -> None:
+        """Back to never written; only while no writer can be running."""
+        self._length[0] = 0
+        self.seq[0] = 0
 
     def release(self) -> None:
         for view in (self.seq, self._length, self._payload):
@@ -152,6 +183,8 @@ class Mailbox:
         self.slots = {name: Slot(self._view, name) for name in SLOT_NAMES}
         self.desired, self.acks = self.slots["desired"], self.slots["acks"]
         self.schema, self.status = self.slots["schema"], self.slots["status"]
+        # The worker's step counter: one aligned 8-byte store per step, read without a lock.
+        self.step = self._view[_STEP_OFFSET : _STEP_OFFSET + 8].cast("q")
 
     @classmethod
     def create(cls, path: Path) -> Mailbox:
@@ -183,15 +216,27 @@ class Mailbox:
             raise MailboxError(f"{path} is not a loomrun mailbox of this version")
         return cls(path, fd)
 
+    @property
+    def closed(self) -> bool:
+        return self._map.closed
+
     def owner_pid(self) -> int:
         """The pid of the supervisor that made the segment."""
         return struct.unpack_from("<i", self._map, 16)[0]
+
+    def reset_worker_side(self) -> None:
+        """Forget what the last worker wrote (it may have died mid-write): the supervisor
+        calls this between two workers, when no worker of this replica runs."""
+        for name in WORKER_SLOTS:
+            self.slots[name].clear()
+        self.step[0] = 0
 
     def close(self) -> None:
         if self._map.closed:
             return
         for slot in self.slots.values():
             slot.release()
+        self.step.release()
         self._view.release()
         self._map.close()
 

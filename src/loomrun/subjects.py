@@ -8,6 +8,7 @@ loomrun_status    {job}.{replica}                ReplicaStatus (memory, a few pe
 loomrun_jobs      {job}.n{node_rank}             JobInfo with a heartbeat
 loomrun_devices   {uuid}                         Device
 stream LOOMRUN_EVENTS on loomrun.{job}.events.{replica}   Event
+subject loomrun.{job}.outcomes.{replica}         Outcome, each once, as it happens
 subject loomrun.devices.failed                   DeviceFailure (from health checkers)
 """
 
@@ -27,7 +28,8 @@ PAUSE = "pause"
 HEARTBEAT_SECONDS = 2.0
 LOST_AFTER_SECONDS = 10.0
 
-PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+# A parameter's name; `lr.0`, `lr.1`, ... name one optimizer param group's lr.
+PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}(\.[0-9]{1,4})?$")
 _KEY_TOKEN = re.compile(r"[^A-Za-z0-9_=-]")
 
 
@@ -64,11 +66,17 @@ def events(job: str, replica: str = "job") -> str:
     return f"loomrun.{job}.events.{replica}"
 
 
+def outcomes(job: str, replica: str = "*") -> str:
+    """Where a supervisor publishes each outcome once, as it happens (a `set` listens here)."""
+    return f"loomrun.{job}.outcomes.{replica}"
+
+
 def split_desired(key: str) -> tuple[str, str, str | None] | None:
     """`job.r1.param.lr` -> ("r1", "param", "lr"); `job.r1.pause` -> ("r1", "pause", None)."""
     parts = key.split(".")
-    if len(parts) == 4 and parts[2] == "param":
-        return parts[1], "param", parts[3]
+    if len(parts) in (4, 5) and parts[2] == "param":
+        name = ".".join(parts[3:])
+        return (parts[1], "param", name) if PARAM_NAME.match(name) else None
     if len(parts) == 3 and parts[2] == PAUSE:
         return parts[1], PAUSE, None
     return None

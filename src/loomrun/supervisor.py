@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loomrun.broker import BrokerOptions
+from loomrun.desired import DesiredConfig
 from loomrun.mailbox import Mailbox, MailboxError, segment_path, sweep_stale
 from loomrun.output import ConsoleStream, ReplicaOutput, prefix_for, say, use_color
 
@@ -279,6 +280,7 @@ class Supervisor:
         if per_replica:
             replica.restarts += 1
             say(f"restarting {replica.name} {why}")
+            self._prepare_restart(replica)
             await self._start(replica)
             return [replica]
         self.group_restarts += 1
@@ -288,8 +290,30 @@ class Supervisor:
             await self._drain(r)
             r.restarts = self.group_restarts
             r.finished = False
+        for r in self.replicas:  # every mailbox ready before any worker starts: one baseline
+            self._prepare_restart(r)
+        for r in self.replicas:
             await self._start(r)
         return list(self.replicas)
+
+    def _prepare_restart(self, replica: Replica) -> None:
+        """A clean mailbox for the next worker (the last may have died mid-write), holding
+        every desired value to apply at once: no step number of the last incarnation, and no
+        agreement of ranks that all start from scratch, carries over."""
+        if self.control is not None:
+            self.control.replica_restarting(replica.name)
+            return
+        mailbox = self.mailboxes[replica.name]
+        mailbox.reset_worker_side()
+        try:
+            _, state = mailbox.desired.read()
+        except MailboxError:
+            state = None
+        if state is not None:
+            desired = DesiredConfig()
+            desired.state.CopyFrom(state)
+            desired.rebase()
+            mailbox.desired.write(desired.state)
 
     async def _fail(self, replica: Replica, returncode: int) -> None:
         runtime = time.monotonic() - replica.started

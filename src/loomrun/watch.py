@@ -25,7 +25,7 @@ from loomrun import params as P
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 
-STALE_AFTER = 3.0  # seconds without status: a dozen publish intervals
+STALE_AFTER = 3.0  # seconds without a heartbeat from the replica's supervisor (every 1 s)
 EVENTS_SHOWN = 8
 EVENTS_SINCE = 600.0  # seconds of event history read at start
 DEFAULT_METRICS = 3
@@ -36,18 +36,21 @@ FINISHED_SHOWN = 60.0  # seconds a finished job stays in the view (unless named 
 def describe_state(status: pb.ReplicaStatus, age: float, job_lost: bool) -> str:
     if job_lost:
         return "lost"
-    state = status.state or "starting"
-    if state == "exited":
+    state = status.state
+    if state == pb.EXITED:
         return f"exited {status.exit_code}"
-    if state == "failed":
+    if state == pb.FAILED:
         code = status.exit_code
         if code > 128:
             with contextlib.suppress(ValueError):
                 return f"failed: {signal.Signals(code - 128).name}"
         return f"failed: {code}"
-    if state in ("running", "paused", "starting") and age > STALE_AFTER:
+    alive = (pb.RUNNING, pb.PAUSED, pb.STARTING, pb.REPLICA_STATE_UNSPECIFIED)
+    if state in alive and age > STALE_AFTER:
         return "stale"
-    return state
+    if state == pb.REPLICA_STATE_UNSPECIFIED:
+        return "starting"
+    return pb.ReplicaState.Name(state).lower()
 
 
 def _age(seconds: float) -> str:
@@ -308,18 +311,27 @@ async def _feed(steering, model: WatchModel, job: str | None, ready: asyncio.Eve
         deliver_policy=api.DeliverPolicy.BY_START_TIME, opt_start_time=since
     )
 
+    events_in = asyncio.Event()
+    initial.append(events_in)
+
     async def take_event(msg) -> None:
         model.take_event(msg.data)
+        if msg.metadata.num_pending == 0:
+            events_in.set()  # caught up with the recent events
 
-    with contextlib.suppress(Exception):  # no events stream yet: no events to show
-        await steering.js.subscribe(
+    try:
+        subscription = await steering.js.subscribe(
             f"loomrun.{job or '*'}.events.>", ordered_consumer=True, config=config, cb=take_event
         )
+        info = await subscription.consumer_info()
+        if info.num_pending == 0 and not info.delivered.consumer_seq:
+            events_in.set()  # no recent events at all
+    except Exception:  # noqa: BLE001 - no events stream yet: no events to show
+        events_in.set()
 
     async def all_in():
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.gather(*(d.wait() for d in initial)), 2.0)
-        await asyncio.sleep(0.3)  # let the recent events arrive too
         ready.set()
 
     tasks.append(asyncio.ensure_future(all_in()))

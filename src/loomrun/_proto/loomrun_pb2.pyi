@@ -7,6 +7,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class OutcomeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OUTCOME_STATE_UNSPECIFIED: _ClassVar[OutcomeState]
+    APPLIED: _ClassVar[OutcomeState]
+    REJECTED: _ClassVar[OutcomeState]
+    MISSED: _ClassVar[OutcomeState]
+    SUPERSEDED: _ClassVar[OutcomeState]
+
 class ParamKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PARAM_KIND_UNSPECIFIED: _ClassVar[ParamKind]
@@ -14,11 +22,35 @@ class ParamKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INT: _ClassVar[ParamKind]
     BOOL: _ClassVar[ParamKind]
     STR: _ClassVar[ParamKind]
+
+class ReplicaState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REPLICA_STATE_UNSPECIFIED: _ClassVar[ReplicaState]
+    STARTING: _ClassVar[ReplicaState]
+    RUNNING: _ClassVar[ReplicaState]
+    PAUSED: _ClassVar[ReplicaState]
+    RESTARTING: _ClassVar[ReplicaState]
+    EXITED: _ClassVar[ReplicaState]
+    FAILED: _ClassVar[ReplicaState]
+    STOPPED: _ClassVar[ReplicaState]
+OUTCOME_STATE_UNSPECIFIED: OutcomeState
+APPLIED: OutcomeState
+REJECTED: OutcomeState
+MISSED: OutcomeState
+SUPERSEDED: OutcomeState
 PARAM_KIND_UNSPECIFIED: ParamKind
 FLOAT: ParamKind
 INT: ParamKind
 BOOL: ParamKind
 STR: ParamKind
+REPLICA_STATE_UNSPECIFIED: ReplicaState
+STARTING: ReplicaState
+RUNNING: ReplicaState
+PAUSED: ReplicaState
+RESTARTING: ReplicaState
+EXITED: ReplicaState
+FAILED: ReplicaState
+STOPPED: ReplicaState
 
 class Value(_message.Message):
     __slots__ = ("f", "i", "b", "s", "list")
@@ -41,17 +73,23 @@ class ValueList(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[Value, _Mapping]]] = ...) -> None: ...
 
 class DesiredParam(_message.Message):
-    __slots__ = ("value", "version", "at_step")
+    __slots__ = ("value", "version", "at_step", "change_id", "at_once", "origin")
     VALUE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     AT_STEP_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_ID_FIELD_NUMBER: _ClassVar[int]
+    AT_ONCE_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
     value: Value
     version: int
     at_step: int
-    def __init__(self, value: _Optional[_Union[Value, _Mapping]] = ..., version: _Optional[int] = ..., at_step: _Optional[int] = ...) -> None: ...
+    change_id: str
+    at_once: bool
+    origin: str
+    def __init__(self, value: _Optional[_Union[Value, _Mapping]] = ..., version: _Optional[int] = ..., at_step: _Optional[int] = ..., change_id: _Optional[str] = ..., at_once: _Optional[bool] = ..., origin: _Optional[str] = ...) -> None: ...
 
 class DesiredState(_message.Message):
-    __slots__ = ("version", "params", "paused", "pause_version", "pause_at_step")
+    __slots__ = ("version", "params", "pause")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -61,50 +99,47 @@ class DesiredState(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[DesiredParam, _Mapping]] = ...) -> None: ...
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
-    PAUSED_FIELD_NUMBER: _ClassVar[int]
-    PAUSE_VERSION_FIELD_NUMBER: _ClassVar[int]
-    PAUSE_AT_STEP_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_FIELD_NUMBER: _ClassVar[int]
     version: int
     params: _containers.MessageMap[str, DesiredParam]
-    paused: bool
-    pause_version: int
-    pause_at_step: int
-    def __init__(self, version: _Optional[int] = ..., params: _Optional[_Mapping[str, DesiredParam]] = ..., paused: _Optional[bool] = ..., pause_version: _Optional[int] = ..., pause_at_step: _Optional[int] = ...) -> None: ...
+    pause: DesiredParam
+    def __init__(self, version: _Optional[int] = ..., params: _Optional[_Mapping[str, DesiredParam]] = ..., pause: _Optional[_Union[DesiredParam, _Mapping]] = ...) -> None: ...
 
 class Outcome(_message.Message):
-    __slots__ = ("name", "version", "applied", "step", "old", "new", "reason", "time", "late")
+    __slots__ = ("name", "version", "state", "step", "old", "new", "reason", "time", "change_id", "seq", "replica", "origin")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
-    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     OLD_FIELD_NUMBER: _ClassVar[int]
     NEW_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
-    LATE_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
-    applied: bool
+    state: OutcomeState
     step: int
     old: Value
     new: Value
     reason: str
     time: float
-    late: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., applied: _Optional[bool] = ..., step: _Optional[int] = ..., old: _Optional[_Union[Value, _Mapping]] = ..., new: _Optional[_Union[Value, _Mapping]] = ..., reason: _Optional[str] = ..., time: _Optional[float] = ..., late: _Optional[bool] = ...) -> None: ...
+    change_id: str
+    seq: int
+    replica: str
+    origin: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[OutcomeState, str]] = ..., step: _Optional[int] = ..., old: _Optional[_Union[Value, _Mapping]] = ..., new: _Optional[_Union[Value, _Mapping]] = ..., reason: _Optional[str] = ..., time: _Optional[float] = ..., change_id: _Optional[str] = ..., seq: _Optional[int] = ..., replica: _Optional[str] = ..., origin: _Optional[str] = ...) -> None: ...
 
 class Acks(_message.Message):
-    __slots__ = ("outcomes",)
-    class OutcomesEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: Outcome
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Outcome, _Mapping]] = ...) -> None: ...
-    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
-    outcomes: _containers.MessageMap[str, Outcome]
-    def __init__(self, outcomes: _Optional[_Mapping[str, Outcome]] = ...) -> None: ...
+    __slots__ = ("recent", "read_version")
+    RECENT_FIELD_NUMBER: _ClassVar[int]
+    READ_VERSION_FIELD_NUMBER: _ClassVar[int]
+    recent: _containers.RepeatedCompositeFieldContainer[Outcome]
+    read_version: int
+    def __init__(self, recent: _Optional[_Iterable[_Union[Outcome, _Mapping]]] = ..., read_version: _Optional[int] = ...) -> None: ...
 
 class ParamSpec(_message.Message):
     __slots__ = ("name", "kind", "is_list", "choices", "min", "max", "doc", "builtin", "default", "length")
@@ -131,10 +166,16 @@ class ParamSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ParamKind, str]] = ..., is_list: _Optional[bool] = ..., choices: _Optional[_Iterable[str]] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., doc: _Optional[str] = ..., builtin: _Optional[bool] = ..., default: _Optional[_Union[Value, _Mapping]] = ..., length: _Optional[int] = ...) -> None: ...
 
 class Schema(_message.Message):
-    __slots__ = ("params",)
+    __slots__ = ("params", "group_size", "group_rank", "agree_every")
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_RANK_FIELD_NUMBER: _ClassVar[int]
+    AGREE_EVERY_FIELD_NUMBER: _ClassVar[int]
     params: _containers.RepeatedCompositeFieldContainer[ParamSpec]
-    def __init__(self, params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ...) -> None: ...
+    group_size: int
+    group_rank: int
+    agree_every: int
+    def __init__(self, params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., group_size: _Optional[int] = ..., group_rank: _Optional[int] = ..., agree_every: _Optional[int] = ...) -> None: ...
 
 class Status(_message.Message):
     __slots__ = ("step", "steps_per_sec", "metrics", "paused", "values", "time", "pid", "applied_version")
@@ -189,7 +230,7 @@ class ReplicaStatus(_message.Message):
     job: str
     replica: str
     host: str
-    state: str
+    state: ReplicaState
     restarts: int
     exit_code: int
     status: Status
@@ -200,7 +241,7 @@ class ReplicaStatus(_message.Message):
     gpu_mem_total: float
     time: float
     pid: int
-    def __init__(self, job: _Optional[str] = ..., replica: _Optional[str] = ..., host: _Optional[str] = ..., state: _Optional[str] = ..., restarts: _Optional[int] = ..., exit_code: _Optional[int] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., device_uuid: _Optional[str] = ..., device_name: _Optional[str] = ..., gpu_util: _Optional[float] = ..., gpu_mem_used: _Optional[float] = ..., gpu_mem_total: _Optional[float] = ..., time: _Optional[float] = ..., pid: _Optional[int] = ...) -> None: ...
+    def __init__(self, job: _Optional[str] = ..., replica: _Optional[str] = ..., host: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., restarts: _Optional[int] = ..., exit_code: _Optional[int] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., device_uuid: _Optional[str] = ..., device_name: _Optional[str] = ..., gpu_util: _Optional[float] = ..., gpu_mem_used: _Optional[float] = ..., gpu_mem_total: _Optional[float] = ..., time: _Optional[float] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class JobInfo(_message.Message):
     __slots__ = ("job", "host", "replicas", "started", "script", "pid", "node_rank", "nnodes", "heartbeat", "broker", "finished", "exit_code")

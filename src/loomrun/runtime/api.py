@@ -16,7 +16,7 @@ from typing import Any
 
 from loomrun import params as P
 from loomrun.runtime import worker as _worker
-from loomrun.runtime.worker import Target
+from loomrun.runtime.target import Target
 
 
 class Param:

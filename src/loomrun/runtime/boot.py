@@ -37,9 +37,12 @@ def main() -> None:
     argv = sys.argv[1:]
     if not argv or (argv[0] == "-m" and len(argv) < 2):
         sys.exit("usage: python -m loomrun.runtime.boot (SCRIPT | -m MODULE) [ARGS]...")
+    from loomrun.runtime import optim
     from loomrun.runtime.worker import attach
 
-    attach()
+    worker = attach()
+    if worker is not None:
+        optim.install(worker)
     try:
         run_target(argv)
     except SystemExit:

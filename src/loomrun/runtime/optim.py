@@ -4,10 +4,12 @@ Nothing here imports torch. The hooks go in when the user's script imports torch
 post-import hook), so a worker that never uses torch never pays for it.
 
 A global optimizer step pre-hook is the step boundary: the first optimizer seen counts
-the steps; changes to lr, momentum, weight_decay and betas are applied to every param
-group of every optimizer before the step runs. LR schedulers are tracked so that a live
-lr change also moves what they compute from (closed-form schedulers such as LambdaLR and
-OneCycleLR recompute lr from base_lrs every step and would erase it otherwise).
+the steps; changes to lr, momentum, weight_decay and betas are applied before the step
+runs. `lr` is the first param group's learning rate, and the other groups keep their
+ratio to it (a backbone at a tenth of the head's lr stays at a tenth); with several groups
+`lr.0`, `lr.1`, ... set one group exactly. LR schedulers are tracked so that a live lr
+change also moves what they compute from: closed-form ones (LambdaLR, OneCycleLR, CyclicLR)
+recompute lr from base values every step and would erase the change otherwise.
 """
 
 from __future__ import annotations
@@ -16,14 +18,18 @@ import importlib.abc
 import importlib.util
 import sys
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loomrun import params as P
-from loomrun.runtime.worker import Target, Worker
+from loomrun.runtime.target import Target
+
+if TYPE_CHECKING:
+    from loomrun.runtime.worker import Worker
 
 BUILTINS = {
     "lr": P.ParamSpec(
-        "lr", "float", min=0.0, doc="learning rate of every param group", builtin=True
+        "lr", "float", min=0.0, builtin=True,
+        doc="learning rate of the first param group; the others keep their ratio to it",
     ),
     "momentum": P.ParamSpec(
         "momentum", "float", min=0.0, max=1.0, doc="momentum of every param group", builtin=True
@@ -36,8 +42,19 @@ BUILTINS = {
         doc="Adam-style (beta1, beta2) of every param group", builtin=True,
     ),
 }  # fmt: skip
-# Keys a scheduler keeps beside "lr" in a param group and computes from (OneCycleLR, CyclicLR).
-_LR_ANCHORS = ("initial_lr", "max_lr", "min_lr", "base_lr")
+# What schedulers keep in a param group beside "lr" and compute from (OneCycleLR, and
+# "initial_lr", which every scheduler made later reads its base from).
+_GROUP_ANCHORS = ("initial_lr", "max_lr", "min_lr")
+# What they keep per group on themselves: every scheduler's base_lrs and last lr; CyclicLR's
+# peaks. Absolute floors (eta_min, ReduceLROnPlateau's min_lrs) stay where the user put them.
+_SCHEDULER_LISTS = ("base_lrs", "_last_lr", "max_lrs")
+
+
+def group_spec(index: int) -> P.ParamSpec:
+    return P.ParamSpec(
+        f"lr.{index}", "float", min=0.0, builtin=True,
+        doc=f"learning rate of param group {index} alone",
+    )  # fmt: skip
 
 
 class Optimizers:
@@ -45,13 +62,20 @@ class Optimizers:
 
     def __init__(self, worker: Worker):
         self.worker = worker
-        self.optimizers: weakref.WeakSet = weakref.WeakSet()
+        self._optimizers: list[weakref.ref] = []  # in the order first seen: lr.N counts on it
         self.schedulers: weakref.WeakSet = weakref.WeakSet()
         # The counting optimizer, held weakly: when a script replaces its optimizer, the next
         # one to step takes over. The id is what the hot path compares; the weakref's callback
         # clears it before the id can be reused.
         self._primary_id: int | None = None
         self._primary_ref = None
+
+    @property
+    def optimizers(self) -> list:
+        live = [o for o in (ref() for ref in self._optimizers) if o is not None]
+        if len(live) != len(self._optimizers):
+            self._optimizers = [weakref.ref(o) for o in live]
+        return live
 
     def pre_step(self, optimizer, args, kwargs) -> None:
         """The global step pre-hook: the step boundary, when this is the counting optimizer."""
@@ -63,17 +87,9 @@ class Optimizers:
 
     def _meet(self, optimizer) -> None:
         """First sight of an optimizer: track it, publish its keys, make it count if first."""
-        if optimizer not in self.optimizers:
-            self.optimizers.add(optimizer)
-            added = False
-            for name, spec in BUILTINS.items():
-                if name not in self.worker.targets and self._has(name):
-                    self.worker.targets[name] = Target(
-                        spec, lambda key=name: self.get(key), lambda v, key=name: self.put(key, v)
-                    )
-                    added = True
-            self.worker.awaiting = frozenset()
-            if added:
+        if not any(o is optimizer for o in self.optimizers):
+            self._optimizers.append(weakref.ref(optimizer))
+            if self._publish_targets():
                 self.worker.write_schema()
                 self.worker.recheck()
         if self._primary_id is None:
@@ -82,47 +98,89 @@ class Optimizers:
             if not self.worker.explicit_steps:
                 self.worker.boundary()
 
+    def _publish_targets(self) -> bool:
+        specs = [spec for name, spec in BUILTINS.items() if self._has(name)]
+        groups = self.groups()
+        if len(groups) > 1:
+            specs += [group_spec(i) for i in range(len(groups))]
+        added = False
+        for spec in specs:
+            if spec.name not in self.worker.targets:
+                self.worker.targets[spec.name] = Target(
+                    spec,
+                    lambda key=spec.name: self.get(key),
+                    lambda v, key=spec.name: self.put(key, v),
+                )
+                added = True
+        return added
+
     def _primary_gone(self, _ref) -> None:
         self._primary_id = None
 
+    def groups(self) -> list[tuple[Any, int, dict]]:
+        """Every param group of every optimizer: (optimizer, index in it, group)."""
+        return [(o, i, g) for o in self.optimizers for i, g in enumerate(o.param_groups)]
+
     def _has(self, key: str) -> bool:
-        return any(key in g for o in self.optimizers for g in o.param_groups)
+        return any(key in g for _, _, g in self.groups())
 
     def get(self, key: str) -> Any:
-        for optimizer in self.optimizers:
-            for group in optimizer.param_groups:
-                if key in group:
-                    return _plain(group[key])
+        if key.startswith("lr."):
+            groups = self.groups()
+            index = int(key[3:])
+            return _plain(groups[index][2]["lr"]) if index < len(groups) else None
+        for _, _, group in self.groups():
+            if key in group:
+                return _plain(group[key])
         return None
 
     def put(self, key: str, value: Any) -> None:
-        for optimizer in list(self.optimizers):
-            for index, group in enumerate(optimizer.param_groups):
-                if key not in group:
-                    continue
-                if key == "lr":
-                    self._move_schedules(optimizer, index, group, value)
-                current = group[key]
-                if hasattr(current, "fill_"):  # a tensor lr (capturable optimizers)
-                    current.fill_(value)
-                else:
-                    group[key] = tuple(value) if key == "betas" else value
+        groups = self.groups()
+        if key.startswith("lr."):
+            index = int(key[3:])
+            if index >= len(groups):
+                raise P.ParamError(f"there is no param group {index} (there are {len(groups)})")
+            self._set_lr(*groups[index], value)
+        elif key == "lr":
+            first = float(_plain(groups[0][2]["lr"])) if groups else 0.0
+            for optimizer, index, group in groups:
+                if first:
+                    self._set_lr(
+                        optimizer, index, group, float(_plain(group["lr"])) * value / first
+                    )
+                else:  # from 0 there is no ratio to keep
+                    self._set_lr(optimizer, index, group, value)
+        else:
+            for _, _, group in groups:
+                if key in group:
+                    _store(group, key, tuple(value) if key == "betas" else value)
 
-    def _move_schedules(self, optimizer, index: int, group: dict, value: float) -> None:
+    def _set_lr(self, optimizer, index: int, group: dict, value: float) -> None:
+        """One group's lr, and what its schedulers compute it from, scaled alike."""
         old = float(_plain(group["lr"]))
-        scale = value / old if old else None
-        for anchor in _LR_ANCHORS:
+
+        def moved(anchor: float) -> float:
+            return anchor * value / old if old else value
+
+        for anchor in _GROUP_ANCHORS:
             if anchor in group and not hasattr(group[anchor], "fill_"):
-                group[anchor] = group[anchor] * scale if scale is not None else value
+                group[anchor] = moved(group[anchor])
         for scheduler in list(self.schedulers):
             if getattr(scheduler, "optimizer", None) is not optimizer:
                 continue
-            base = getattr(scheduler, "base_lrs", None)
-            if base is not None and index < len(base):
-                base[index] = base[index] * scale if scale is not None else value
-            last = getattr(scheduler, "_last_lr", None)
-            if last is not None and index < len(last):
-                last[index] = value
+            for attribute in _SCHEDULER_LISTS:
+                values = getattr(scheduler, attribute, None)
+                if isinstance(values, list) and index < len(values):
+                    values[index] = moved(_plain(values[index]))
+        _store(group, "lr", value)
+
+
+def _store(group: dict, key: str, value: Any) -> None:
+    current = group[key]
+    if hasattr(current, "fill_"):  # a tensor lr (capturable optimizers)
+        current.fill_(value)
+    else:
+        group[key] = value
 
 
 def _plain(value: Any) -> Any:
@@ -137,8 +195,11 @@ def _hook_torch(worker: Worker) -> None:
     import torch.optim.lr_scheduler as lr_scheduler
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+    from loomrun.runtime import group
+
     optimizers = Optimizers(worker)
     register_optimizer_step_pre_hook(optimizers.pre_step)
+    group.install(worker)
     original_init = lr_scheduler.LRScheduler.__init__
 
     def tracked_init(scheduler, *args, **kwargs):
@@ -181,7 +242,6 @@ def install(worker: Worker) -> None:
         except Exception as error:  # noqa: BLE001 - never break the user's import
             worker.warn_once(f"cannot hook torch optimizers ({error}); built-ins are off")
 
-    worker.awaiting = frozenset(BUILTINS)
     if "torch.optim" in sys.modules:
         hook()
     else:

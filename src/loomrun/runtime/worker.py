@@ -1,37 +1,38 @@
 """The worker's side of loomrun: the step boundary, applying desired changes, status.
 
 The step boundary is the hottest path of loomrun. When nothing changed it costs one
-integer read from the mailbox, two compares and a clock read; everything else (reading
-the desired state, applying, acknowledging, writing status) happens off that path.
+integer read from the mailbox, one store of the step counter, two compares and a clock
+read; everything else (reading the desired state, applying, answering, writing status)
+happens off that path.
+
+Every change the worker reads gets exactly one answer, named by the change's id: applied,
+rejected, missed (its step had passed) or superseded (a later change to the same parameter
+replaced it before it was due). Ranks of one process group take group changes only at
+agreement points, every `agree_every` steps, where they compare (in band, one tiny
+collective) what they hold: each rank applies the same changes at the same step, or none.
 """
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 from loomrun import params as P
 from loomrun._proto import loomrun_pb2 as pb
+from loomrun.desired import PAUSE
 from loomrun.mailbox import Mailbox, MailboxError
+from loomrun.runtime.target import Target
 
 STATUS_INTERVAL = 0.1
 PAUSE_POLL = 0.005
-PAUSE = "pause"
+RECENT_OUTCOMES = 128
 _NEVER = math.inf
-
-
-class Target:
-    """Something a parameter's value goes into: a declared param, a handler, an optimizer key."""
-
-    def __init__(self, spec: P.ParamSpec, get: Callable[[], Any], put: Callable[[Any], None]):
-        self.spec = spec
-        self.get = get
-        self.put = put
 
 
 class Worker:
@@ -43,27 +44,33 @@ class Worker:
         self.explicit_steps = False
         self.paused = False
         self.targets: dict[str, Target] = {}
-        self.metrics: dict[str, float] = {}
-        self.outcomes: dict[str, pb.Outcome] = {}
-        self._applied: dict[str, int] = {}
-        self._desired: pb.DesiredState | None = None
+        # Metrics as reported (a tensor stays a tensor): converted only when a status is due,
+        # so reporting a GPU loss every step does not sync the device every step.
+        self.metrics: dict[str, Any] = {}
+        # The process group's agreement (runtime.group), once torch.distributed is set up.
+        self.group = None
+        self._step_view = mailbox.step
         self._seq_view = mailbox.desired.seq
         self._seen = 0
+        self._desired = pb.DesiredState()
+        self._answered: dict[str, str] = {}  # name -> id of the change last answered
+        self._in_effect: dict[str, str] = {}  # name -> id of the change last applied
+        self._scheduled: dict[str, pb.DesiredParam] = {}  # agreed, waiting for their step
+        self._recent: deque[pb.Outcome] = deque(maxlen=RECENT_OUTCOMES)
+        self._outcome_seq = 0
         self._due = _NEVER
         self._next_status = 0.0
         self._rate_mark: tuple[float, int] | None = None
         self._rate = 0.0
         self._warned: set[str] = set()
-        # Names whose target appears with the first optimizer: a change to them waits
-        # for it instead of being rejected, unless stepping shows there is no optimizer.
-        self.awaiting: frozenset[str] = frozenset()
 
     # -- the hot path --------------------------------------------------------------
 
     def boundary(self) -> None:
         """Called between two steps: counts the step, applies what is due, reports status."""
-        self.step += 1
-        if self._seq_view[0] != self._seen or self.step >= self._due:
+        step = self.step = self.step + 1
+        self._step_view[0] = step
+        if self._seq_view[0] != self._seen or step >= self._due:
             self.sync()
         now = time.monotonic()
         if now >= self._next_status:
@@ -71,65 +78,135 @@ class Worker:
 
     # -- desired state ---------------------------------------------------------------
 
-    def sync(self) -> None:
-        """Read the latest desired state and apply whatever is due; block while paused."""
-        self._read_desired()
-        self._apply_due()
+    def sync(self, at_boundary: bool = True) -> None:
+        """Read the latest desired state and apply whatever is due; block while paused.
+        Agreement with the other ranks happens only at a boundary: they all reach it."""
+        if self._read_desired() | self._settle(agree=at_boundary):
+            self._write_acks()
+        if not at_boundary:
+            if self.paused:
+                self._due = 0  # paused before the first step: stop at the first boundary
+            return
         while self.paused:
             time.sleep(PAUSE_POLL)
-            if self._seq_view[0] != self._seen:
-                self._read_desired()
-                self._apply_due()
+            if self._read_desired() | self._settle(agree=False):
+                self._write_acks()
             now = time.monotonic()
             if now >= self._next_status:
                 self.write_status(now)
 
-    def _read_desired(self) -> None:
+    def _entries(self, desired: pb.DesiredState) -> dict[str, pb.DesiredParam]:
+        entries = dict(desired.params)
+        if desired.HasField("pause"):
+            entries[PAUSE] = desired.pause
+        return entries
+
+    def _read_desired(self) -> bool:
+        """Take the latest desired state; answer `superseded` for every change held unanswered
+        that the new state replaces. True when a new state was read (the acks say so)."""
+        if self._seq_view[0] == self._seen:
+            return False
         try:
             seq, desired = self.mailbox.desired.read()
         except MailboxError as error:
             self._seen = self._seq_view[0]
             self.warn_once(str(error))
-            return
+            return False
         self._seen = seq
-        if desired is not None:
-            self._desired = desired
-
-    def _apply_due(self) -> None:
-        desired = self._desired
         if desired is None:
-            self._due = _NEVER
-            return
-        due, answered = _NEVER, False
-        for name, want in desired.params.items():
-            if want.version <= self._applied.get(name, 0):
+            return False
+        now = self._entries(desired)
+        for name, held in self._entries(self._desired).items():
+            if self._open(name, held) and now.get(name, held).change_id != held.change_id:
+                self._answer(self._outcome(name, held, pb.SUPERSEDED), quiet=True)
+        self._desired = desired
+        return True
+
+    def _open(self, name: str, want: pb.DesiredParam) -> bool:
+        """Not answered yet, nor in effect (a change put back after a later one was missed),
+        nor agreed on and waiting for its step."""
+        if want.change_id in (self._answered.get(name), self._in_effect.get(name)):
+            return False
+        scheduled = self._scheduled.get(name)
+        return scheduled is None or scheduled.change_id != want.change_id
+
+    def _settle(self, agree: bool) -> bool:
+        """Apply every change that is due now; note when the next one is. True if any was."""
+        step, due, answered = self.step, _NEVER, False
+        for name, want in list(self._scheduled.items()):
+            if step >= want.at_step:
+                del self._scheduled[name]
+                self._answer(self._decide(name, want, step))
+                answered = True
+            else:
+                due = min(due, want.at_step)
+        grouped = {}
+        for name, want in self._entries(self._desired).items():
+            if not self._open(name, want):
                 continue
-            target = self.targets.get(name)
-            if target is None and name in self.awaiting and self.step < 2:
-                due = min(due, 2)
+            if self.group is not None and not want.at_once:
+                grouped[name] = want
                 continue
-            if want.at_step > 0 and self.step < want.at_step:
+            if name not in self.targets and name != PAUSE and step < 2:
+                due = min(due, 2)  # declared by the script as it starts, or by its optimizer
+                continue
+            if want.at_step > step:
                 due = min(due, want.at_step)
                 continue
-            self._applied[name] = want.version
-            self.outcomes[name] = self._apply(name, target, want)
+            self._answer(self._decide(name, want, step))
             answered = True
-        if desired.pause_version > self._applied.get(PAUSE, 0):
-            if desired.pause_at_step > 0 and self.step < desired.pause_at_step:
-                due = min(due, desired.pause_at_step)
-            else:
-                self._applied[PAUSE] = desired.pause_version
-                self.outcomes[PAUSE] = self._set_paused(desired)
-                answered = True
+        if self.group is not None:
+            if agree and step % self.group.every == 0:
+                answered |= self._agree(grouped, step)
+                due = min([due, *(w.at_step for w in self._scheduled.values())])
+            due = min(due, (step // self.group.every + 1) * self.group.every)
         self._due = due
-        if answered:
-            self._write(self.mailbox.acks, pb.Acks(outcomes=self.outcomes))
-            self.write_status(time.monotonic())
+        return answered
 
-    def _apply(self, name: str, target: Target | None, want: pb.DesiredParam) -> pb.Outcome:
-        outcome = pb.Outcome(name=name, version=want.version, step=self.step, time=time.time())
+    def _agree(self, grouped: dict[str, pb.DesiredParam], step: int) -> bool:
+        """One collective: when every rank holds exactly these changes, all take them now."""
+        if not self.group.agree(grouped):
+            return False
+        answered = False
+        for name, want in sorted(grouped.items()):
+            if want.at_step > step:
+                self._scheduled[name] = want
+            else:
+                self._answer(self._decide(name, want, step, agreed=True))
+                answered = True
+        return answered
+
+    def _decide(self, name: str, want: pb.DesiredParam, step: int, agreed=False) -> pb.Outcome:
+        if 0 < want.at_step < step:
+            outcome = self._outcome(name, want, pb.MISSED)
+            if agreed:
+                outcome.reason = (
+                    f"the ranks agreed on it at step {step}, after its step {want.at_step}: "
+                    "no rank applied it"
+                )
+            else:
+                outcome.reason = f"it arrived at step {step}, after its step {want.at_step}"
+            return outcome
+        if name == PAUSE:
+            return self._set_paused(want)
+        return self._apply(name, want)
+
+    def _outcome(self, name: str, want: pb.DesiredParam, state) -> pb.Outcome:
+        outcome = pb.Outcome(
+            name=name,
+            version=want.version,
+            state=state,
+            step=self.step,
+            time=time.time(),
+            change_id=want.change_id,
+            origin=want.origin,
+        )
         outcome.new.CopyFrom(want.value)
-        outcome.late = 0 < want.at_step < self.step
+        return outcome
+
+    def _apply(self, name: str, want: pb.DesiredParam) -> pb.Outcome:
+        outcome = self._outcome(name, want, pb.REJECTED)
+        target = self.targets.get(name)
         if target is None:
             known = ", ".join(sorted(self.targets)) or "none declared"
             outcome.reason = f"unknown parameter {name!r} (this replica has: {known})"
@@ -146,22 +223,32 @@ class Worker:
             return outcome
         if old is not None:
             outcome.old.CopyFrom(P.to_pb(old))
-        outcome.applied = True
+        outcome.state = pb.APPLIED
         return outcome
 
-    def _set_paused(self, desired: pb.DesiredState) -> pb.Outcome:
-        outcome = pb.Outcome(
-            name=PAUSE,
-            version=desired.pause_version,
-            step=self.step,
-            time=time.time(),
-            applied=True,
-        )
+    def _set_paused(self, want: pb.DesiredParam) -> pb.Outcome:
+        outcome = self._outcome(PAUSE, want, pb.REJECTED)
+        if want.value.WhichOneof("kind") != "b":
+            outcome.reason = "the paused flag must be a boolean"
+            return outcome
         outcome.old.b = self.paused
-        outcome.new.b = desired.paused
-        outcome.late = 0 < desired.pause_at_step < self.step
-        self.paused = desired.paused
+        outcome.state = pb.APPLIED
+        self.paused = want.value.b
         return outcome
+
+    def _answer(self, outcome: pb.Outcome, quiet: bool = False) -> None:
+        self._outcome_seq += 1
+        outcome.seq = self._outcome_seq
+        if not quiet:
+            self._answered[outcome.name] = outcome.change_id
+        if outcome.state == pb.APPLIED:
+            self._in_effect[outcome.name] = outcome.change_id
+        self._recent.append(outcome)
+
+    def _write_acks(self) -> None:
+        acks = pb.Acks(recent=self._recent, read_version=self._desired.version)
+        self._write(self.mailbox.acks, acks)
+        self.write_status(time.monotonic())
 
     # -- targets and schema ------------------------------------------------------------
 
@@ -172,20 +259,40 @@ class Worker:
     def add_target(self, target: Target) -> None:
         self.targets[target.spec.name] = target
         self.write_schema()
-        self._apply_due()
+        if self._settle(agree=False):
+            self._write_acks()
+
+    def join_group(self, group) -> None:
+        """This worker now trains in a process group: group changes wait for agreement."""
+        self.group = group
+        self.write_schema()
+        self._due = 0
+
+    def leave_group(self) -> None:
+        self.group = None
+        self.write_schema()
 
     def write_schema(self) -> None:
         schema = pb.Schema(params=[P.spec_to_pb(t.spec) for t in self.targets.values()])
+        if self.group is not None:
+            schema.group_size, schema.group_rank = self.group.size, self.group.rank
+            schema.agree_every = self.group.every
         self._write(self.mailbox.schema, schema)
 
     # -- status ----------------------------------------------------------------------
 
     def report(self, metrics: dict[str, Any]) -> None:
-        for key, value in metrics.items():
+        self.metrics.update(metrics)
+
+    def _numbers(self) -> dict[str, float]:
+        numbers = {}
+        for key, value in list(self.metrics.items()):
             try:
-                self.metrics[key] = float(value)
-            except (TypeError, ValueError):
+                numbers[key] = float(value)
+            except (TypeError, ValueError, RuntimeError):
+                del self.metrics[key]
                 self.warn_once(f"metric {key!r} is not a number ({value!r}); it is left out")
+        return numbers
 
     def write_status(self, now: float) -> None:
         if self._rate_mark is None:
@@ -200,11 +307,11 @@ class Worker:
         status = pb.Status(
             step=self.step,
             steps_per_sec=self._rate,
-            metrics=self.metrics,
+            metrics=self._numbers(),
             paused=self.paused,
             time=time.time(),
             pid=os.getpid(),
-            applied_version=self._desired.version if self._desired is not None else 0,
+            applied_version=self._desired.version,
         )
         for name, target in self.targets.items():
             try:
@@ -215,6 +322,12 @@ class Worker:
                 continue
         self._write(self.mailbox.status, status)
         self._next_status = now + STATUS_INTERVAL
+
+    def final_status(self) -> None:
+        """At exit, however the script ended: where it really stopped, not the last periodic
+        status (which can be a tenth of a second of steps behind)."""
+        if not self.mailbox.closed:
+            self.write_status(time.monotonic())
 
     def _write(self, slot, message) -> None:
         try:
@@ -243,10 +356,8 @@ def attach() -> Worker | None:
         print(f"loomrun: {error}; this worker runs without live control", file=sys.stderr)
         return None
     current = Worker(mailbox)
-    from loomrun.runtime import optim
-
-    optim.install(current)
     current.write_schema()
-    current.sync()
+    current.sync(at_boundary=False)
     current.write_status(time.monotonic())
+    atexit.register(current.final_status)
     return current

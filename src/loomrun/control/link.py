@@ -1,0 +1,168 @@
+"""The supervisor's connection to the broker: connect (starting the bundled broker when
+nothing answers on loopback), take a shared bundled broker over when the job that started
+it ends, and keep the job's buckets and stream there."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import random
+from collections.abc import Awaitable, Callable
+
+from loomrun import subjects as S
+from loomrun.broker import (
+    BrokerError,
+    BrokerOptions,
+    BundledBroker,
+    answers,
+    host_port,
+    import_nats,
+    is_loopback,
+)
+from loomrun.output import say
+
+
+class BrokerLink:
+    def __init__(self, options: BrokerOptions):
+        self.options = options
+        self.nc = None
+        self.js = None
+        self.kv: dict[str, object] = {}
+        self.broker: BundledBroker | None = None
+        self.closing = False
+        # Called after every reconnection, once the buckets are there again.
+        self.on_reconnect: list[Callable[[], Awaitable[None]]] = []
+
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    async def connect(self, wait_broker: bool) -> bool:
+        """Connect, retrying while it makes sense; False when the job runs without control."""
+        while not self.closing:
+            try:
+                await self._connect()
+                break
+            except BrokerError as error:
+                if not wait_broker and not is_loopback(self.options.url):
+                    say(f"{error}; this job runs without live control")
+                    return False
+                say(f"{error}; trying again")
+                await asyncio.sleep(2.0)
+        if self.nc is None:
+            return False
+        try:
+            await self.ensure_buckets()
+        except Exception as error:  # noqa: BLE001 - never take the job down
+            say(f"cannot set up the job's state on the broker ({error}); no live control")
+            return False
+        return True
+
+    async def _connect(self) -> None:
+        nats = import_nats()
+        host, port = host_port(self.options.url)
+        if is_loopback(self.options.url) and not answers(host, port):
+            await self._start_bundled(port)
+        try:
+            self.nc = await nats.connect(
+                **self.options.connect_kwargs(),
+                connect_timeout=2,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                disconnected_cb=self._disconnected,
+                reconnected_cb=self._reconnected,
+                error_cb=self._error,
+            )
+        except Exception as error:  # noqa: BLE001 - one sentence, then the caller decides
+            raise BrokerError(
+                f"cannot reach the NATS broker at {self.options.url} ({error})"
+            ) from None
+        self.js = self.nc.jetstream()
+
+    async def _start_bundled(self, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            start = functools.partial(BundledBroker.start, port, token=self.options.token)
+            self.broker = await loop.run_in_executor(None, start)
+            say(f"started the bundled NATS broker on {self.broker.url} (loopback only)")
+        except BrokerError as error:
+            if "already answers" not in str(error):  # another job won the race: share it
+                raise
+
+    async def ensure_buckets(self) -> None:
+        """The buckets and the events stream; a broker started afresh may have none."""
+        from nats.js import api
+
+        self.kv[S.DESIRED] = await self._bucket(S.DESIRED)
+        self.kv[S.STATE] = await self._bucket(S.STATE)
+        self.kv[S.STATUS] = await self._bucket(S.STATUS, storage=api.StorageType.MEMORY, ttl=3600)
+        self.kv[S.JOBS] = await self._bucket(S.JOBS, ttl=86400)
+        self.kv[S.DEVICES] = await self._bucket(S.DEVICES)
+        with contextlib.suppress(Exception):
+            await self.js.add_stream(
+                name=S.EVENTS_STREAM, subjects=[S.EVENTS_SUBJECTS], max_age=86400, max_msgs=100_000
+            )
+
+    async def _bucket(self, name: str, **config):
+        from nats.js.errors import BucketNotFoundError
+
+        for _ in range(3):
+            try:
+                return await self.js.key_value(name)
+            except BucketNotFoundError:
+                pass
+            with contextlib.suppress(Exception):  # another supervisor may create it first
+                return await self.js.create_key_value(bucket=name, history=1, **config)
+        return await self.js.key_value(name)
+
+    async def keys(self, bucket: str, pattern: str) -> list[str]:
+        watcher = await self.kv[bucket].watch(pattern, meta_only=True, ignore_deletes=True)
+        found = []
+        async for entry in watcher:
+            if entry is None:
+                break
+            found.append(entry.key)
+        await watcher.stop()
+        return found
+
+    async def close(self) -> None:
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.close(), 3.0)
+        if self.broker is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.broker.stop)
+
+    # -- connection events -------------------------------------------------------------
+
+    async def _disconnected(self) -> None:
+        if self.closing:
+            return
+        say(f"lost the NATS broker at {self.options.url}; training goes on, reconnecting")
+        if is_loopback(self.options.url):
+            asyncio.ensure_future(self._take_over())
+
+    async def _take_over(self) -> None:
+        """The job that started the shared broker ended: start it again, state intact."""
+        await asyncio.sleep(random.uniform(0.1, 0.6))
+        host, port = host_port(self.options.url)
+        if self.closing or answers(host, port):
+            return
+        with contextlib.suppress(BrokerError):
+            await self._start_bundled(port)
+
+    async def _reconnected(self) -> None:
+        say(f"reconnected to the NATS broker at {self.options.url}")
+        asyncio.ensure_future(self._after_reconnect())
+
+    async def _after_reconnect(self) -> None:
+        try:
+            await self.ensure_buckets()
+        except Exception as error:  # noqa: BLE001 - retried on the next reconnect
+            say(f"cannot set up the job's state on the broker again ({error})")
+            return
+        for callback in self.on_reconnect:
+            await callback()
+
+    async def _error(self, error) -> None:
+        return None  # disconnects are reported once by _disconnected, not per retry

@@ -1,0 +1,184 @@
+"""ControlPlane: one node's connection to NATS for one job, as the supervisor drives it.
+
+It wires the five parts (link, relay, pump, outbox, registry; see the package's docstring)
+and takes the supervisor's news of its replicas: started, exited, about to restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Callable
+
+from loomrun import subjects as S
+from loomrun._proto import loomrun_pb2 as pb
+from loomrun.broker import BrokerOptions
+from loomrun.control.link import BrokerLink
+from loomrun.control.outbox import Outbox
+from loomrun.control.pump import MailboxPump
+from loomrun.control.registry import Registry
+from loomrun.control.relay import DesiredRelay
+from loomrun.desired import DesiredConfig
+from loomrun.devices import DeviceInfo, Devices
+from loomrun.mailbox import Mailbox
+
+
+class ReplicaView:
+    """What the control plane knows of one replica; the supervisor keeps it current."""
+
+    def __init__(self, name: str, local_rank: int, mailbox: Mailbox):
+        self.name = name
+        self.local_rank = local_rank
+        self.mailbox = mailbox
+        self.state = pb.STARTING
+        self.pid = 0
+        self.restarts = 0
+        self.exit_code = 0
+        self.device: DeviceInfo | None = None
+        self.desired = DesiredConfig()
+        self.written: dict[str, dict] = {}  # name -> change id -> relay.Written, unanswered
+        self.seen = {"acks": 0, "schema": 0, "status": 0}
+        self.outcome_seq = 0
+        self.status: pb.Status | None = None
+        self.next_status = 0.0
+        self.heartbeat = 0.0
+        self.telemetry = None
+        self.next_telemetry = 0.0
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        job: str,
+        node_rank: int,
+        nnodes: int,
+        script: str,
+        replicas: list[ReplicaView],
+        options: BrokerOptions,
+        on_device_failure: Callable[[str, str], None],
+        wait_broker: bool = False,
+    ):
+        self.job = job
+        self.replicas = {r.name: r for r in replicas}
+        self.on_device_failure = on_device_failure
+        self.wait_broker = wait_broker
+        host = socket.gethostname()
+        self.devices = Devices()
+        for replica in replicas:
+            replica.device = self.devices.for_replica(replica.local_rank)
+        self.link = BrokerLink(options)
+        self.outbox = Outbox(self.link)
+        self.pump = MailboxPump(job, host, self.replicas, self.outbox, self.devices, self.event)
+        self.relay = DesiredRelay(job, self.replicas, self.link, self.outbox, self.pump.written)
+        self.registry = Registry(
+            job, node_rank, nnodes, script, host, options.url, self.replicas, self.outbox,
+            self.event,
+        )  # fmt: skip
+        self._tasks: list[asyncio.Task] = []
+        self._watch_task: asyncio.Task | None = None
+
+    # -- start and stop ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Pump the mailboxes at once; connect (or start the bundled broker) beside it."""
+        self._tasks.append(asyncio.ensure_future(self.pump.run()))
+        self._tasks.append(asyncio.ensure_future(self._serve()))
+
+    async def _serve(self) -> None:
+        if not await self.link.connect(self.wait_broker):
+            return
+        try:
+            await self._forget_last_run()
+            await self.registry.subscribe(self.link.nc, self.on_device_failure)
+        except Exception as error:  # noqa: BLE001 - never take the job down
+            from loomrun.output import say
+
+            say(f"cannot set up the job's state on the broker ({error}); no live control")
+            return
+        self.registry.publish_all()
+        self.link.on_reconnect.append(self._resync)
+        self._tasks.append(asyncio.ensure_future(self.outbox.run()))
+        self._tasks.append(asyncio.ensure_future(self.registry.heartbeat()))
+        self._watch_task = asyncio.ensure_future(self.relay.watch())
+
+    async def _forget_last_run(self) -> None:
+        """A new run starts from the script's own values, not a past run's of the same id."""
+        for name in self.replicas:
+            for bucket in (S.DESIRED, S.STATE):
+                for key in await self.link.keys(bucket, f"{self.job}.{name}.>"):
+                    await self.link.kv[bucket].purge(key)
+
+    async def _resync(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        self._watch_task = asyncio.ensure_future(self.relay.watch())
+        self.registry.publish_all()
+        for replica in self.replicas.values():
+            self.pump.publish_status(replica, force=True)
+        self.outbox.wake()
+
+    async def close(self, exit_code: int) -> None:
+        """Record how the job ended, drop its devices, flush what is pending, stop a bundled
+        broker. The job stays listed as finished, so `ls` and `watch` can say how it ended."""
+        self.link.closing = True
+        for task in self._tasks:  # the final flush below is the only one running
+            task.cancel()
+        if self.link.connected:
+            for replica in self.replicas.values():
+                if replica.state not in (pb.EXITED, pb.FAILED):
+                    replica.state = pb.STOPPED  # by loomrun: a signal, or another one failed
+                self.pump.read_back(replica, time.monotonic(), final=True)
+                self.pump.publish_status(replica, force=True)
+                self.registry.drop_device(replica)
+            self.registry.publish_job(finished=time.time(), exit_code=exit_code)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.outbox.flush(), 3.0)
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        await self.link.close()
+        self.devices.close()
+
+    # -- lifecycle, from the supervisor -------------------------------------------------------
+
+    def replica_restarting(self, name: str) -> None:
+        """Before a replica's next worker starts: it starts from every desired value at once."""
+        replica = self.replicas[name]
+        replica.mailbox.reset_worker_side()
+        self.relay.rebase(replica)
+
+    def replica_started(self, name: str, pid: int, restarts: int) -> None:
+        replica = self.replicas[name]
+        replica.state, replica.pid, replica.restarts, replica.exit_code = (
+            pb.STARTING, pid, restarts, 0,
+        )  # fmt: skip
+        replica.status = None
+        replica.seen = {"acks": 0, "schema": 0, "status": 0}
+        replica.outcome_seq = 0
+        self.registry.register_device(replica)
+        if restarts:
+            self.event(name, "restarted", f"pid {pid}, restart {restarts}")
+        else:
+            self.event(name, "started", f"pid {pid}")
+        self.pump.publish_status(replica, force=True)
+
+    def replica_exited(self, name: str, exit_code: int, text: str, restarting: bool) -> None:
+        replica = self.replicas[name]
+        self.pump.read_back(replica, time.monotonic(), final=True)  # where it really ended
+        replica.exit_code = exit_code
+        if restarting:
+            replica.state = pb.RESTARTING
+        else:
+            replica.state = pb.EXITED if exit_code == 0 else pb.FAILED
+        self.event(name, "exited" if exit_code == 0 else "failed", text, code=exit_code)
+        if not restarting:
+            self.registry.drop_device(replica)
+        self.pump.publish_status(replica, force=True)
+
+    def event(self, replica: str, kind: str, text: str, step: int = 0, code: int = 0) -> None:
+        event = pb.Event(
+            job=self.job, replica=replica, kind=kind, text=text, time=time.time(), step=step,
+            code=code,
+        )  # fmt: skip
+        self.outbox.publish(S.events(self.job, replica), event)

@@ -1,0 +1,176 @@
+"""The mailboxes out: each worker's outcomes, schema and status, published.
+
+Outcomes go out each exactly once, in the order the worker answered, on the job's outcomes
+subject (a `set` waits there for its own change's id) and as the latest per parameter for
+`get`. A change the relay replaced before the worker read it is answered here: superseded.
+Status goes out when the worker wrote one, and at least every heartbeat while the replica
+lives, so a replica in a long step still shows as alive; the step counter comes from the
+mailbox header, which the worker bumps at every step.
+
+The mailboxes are polled fast only while a written change is unanswered (a `set` is waiting
+on it): a busy spin for SPIN_FOR, since most changes land within a step and asyncio cannot
+sleep less than 1 ms; then every FAST_POLL, up to FAST_POLL_FOR. A mailbox slot caught
+mid-write is read again on the next round, never spun on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from loomrun import params as P
+from loomrun import subjects as S
+from loomrun._proto import loomrun_pb2 as pb
+from loomrun.mailbox import MailboxError
+from loomrun.output import say
+
+STATUS_PUBLISH_INTERVAL = 0.25
+HEARTBEAT_INTERVAL = 1.0
+TELEMETRY_INTERVAL = 1.0
+SPIN_FOR = 0.005
+FAST_POLL = 0.001
+SLOW_POLL = 0.02
+FAST_POLL_FOR = 2.0
+LIVE = (pb.STARTING, pb.RUNNING, pb.PAUSED)
+
+
+class MailboxPump:
+    def __init__(self, job: str, host: str, replicas: dict, outbox, devices, events):
+        self.job = job
+        self.host = host
+        self.replicas = replicas
+        self.outbox = outbox
+        self.devices = devices
+        self.events = events
+        self._written = asyncio.Event()
+        self._spin_until = 0.0
+        self._fast_until = 0.0
+
+    def written(self, replica, refused: pb.Outcome | None) -> None:
+        """The relay wrote a change (poll fast for its answer), or refused to (answer now)."""
+        if refused is not None:
+            self._publish_outcome(replica, refused)
+            return
+        now = time.monotonic()
+        self._spin_until = now + SPIN_FOR
+        self._fast_until = now + FAST_POLL_FOR
+        self._written.set()
+
+    async def run(self) -> None:
+        while True:
+            now = time.monotonic()
+            for replica in self.replicas.values():
+                try:
+                    self.read_back(replica, now)
+                except MailboxError as error:
+                    say(f"{replica.name}: {error}")
+            waiting = any(w for r in self.replicas.values() for w in r.written.values())
+            if waiting and now < self._fast_until:
+                await asyncio.sleep(0 if now < self._spin_until else FAST_POLL)
+                continue
+            self._written.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._written.wait(), SLOW_POLL)
+
+    def read_back(self, replica, now: float, final: bool = False) -> None:
+        box = replica.mailbox
+        if box.acks.seq[0] != replica.seen["acks"]:
+            found = box.acks.try_read()
+            if found is not None:
+                replica.seen["acks"] = found[0]
+                if found[1] is not None:
+                    self._take_acks(replica, found[1])
+        if box.schema.seq[0] != replica.seen["schema"]:
+            found = box.schema.try_read()
+            if found is not None:
+                replica.seen["schema"] = found[0]
+                if found[1] is not None:
+                    self.outbox.put(S.STATE, S.schema(self.job, replica.name), found[1])
+        fresh = box.status.seq[0] != replica.seen["status"]
+        if fresh and (final or now >= replica.next_status):
+            found = box.status.try_read()
+            if found is not None:
+                replica.seen["status"] = found[0]
+                if found[1] is not None:
+                    replica.status = found[1]
+                    if replica.state in LIVE:
+                        replica.state = pb.PAUSED if found[1].paused else pb.RUNNING
+                    self.publish_status(replica)
+                    return
+        if replica.state in LIVE and now >= replica.heartbeat:
+            self.publish_status(replica)
+
+    def _take_acks(self, replica, acks: pb.Acks) -> None:
+        for outcome in acks.recent:
+            if outcome.seq <= replica.outcome_seq:
+                continue
+            replica.outcome_seq = outcome.seq
+            replica.written.get(outcome.name, {}).pop(outcome.change_id, None)
+            self._publish_outcome(replica, outcome)
+        for name, changes in replica.written.items():
+            for change_id, written in list(changes.items()):
+                if written.replaced_at and written.replaced_at <= acks.read_version:
+                    del changes[change_id]  # replaced before the worker ever read it
+                    outcome = pb.Outcome(
+                        name=name,
+                        version=written.want.version,
+                        state=pb.SUPERSEDED,
+                        step=replica.mailbox.step[0],
+                        time=time.time(),
+                        change_id=change_id,
+                        origin=written.want.origin,
+                    )
+                    outcome.new.CopyFrom(written.want.value)
+                    self._publish_outcome(replica, outcome)
+
+    def _publish_outcome(self, replica, outcome: pb.Outcome) -> None:
+        outcome.replica = replica.name
+        self.outbox.publish(S.outcomes(self.job, replica.name), outcome)
+        if outcome.state == pb.SUPERSEDED:
+            return  # never in effect: neither the latest answer nor an event
+        self.outbox.put(S.STATE, S.outcome(self.job, replica.name, outcome.name), outcome)
+        self.events(replica.name, *describe(outcome), step=outcome.step)
+
+    def publish_status(self, replica, force: bool = False) -> None:
+        now = time.monotonic()
+        if replica.device is not None and now >= replica.next_telemetry:
+            replica.telemetry = self.devices.telemetry(replica.device)
+            replica.next_telemetry = now + TELEMETRY_INTERVAL
+        message = pb.ReplicaStatus(
+            job=self.job,
+            replica=replica.name,
+            host=self.host,
+            state=replica.state,
+            restarts=replica.restarts,
+            exit_code=replica.exit_code,
+            time=time.time(),
+            pid=replica.pid,
+        )
+        if replica.status is not None:
+            message.status.CopyFrom(replica.status)
+        message.status.step = max(message.status.step, replica.mailbox.step[0])
+        if replica.device is not None:
+            message.device_uuid = replica.device.uuid
+            message.device_name = replica.device.name
+        if replica.telemetry is not None:
+            message.gpu_util = replica.telemetry.util
+            message.gpu_mem_used = replica.telemetry.mem_used
+            message.gpu_mem_total = replica.telemetry.mem_total
+        self.outbox.put(S.STATUS, S.status(self.job, replica.name), message)
+        replica.next_status = now + (0 if force else STATUS_PUBLISH_INTERVAL)
+        replica.heartbeat = now + HEARTBEAT_INTERVAL
+
+
+def describe(outcome: pb.Outcome) -> tuple[str, str]:
+    """An outcome as an event: its kind and one line."""
+    new = P.format_value(P.from_pb(outcome.new))
+    if outcome.state == pb.APPLIED and outcome.name == S.PAUSE:
+        word = "paused" if outcome.new.b else "resumed"
+        return word, f"{word} at step {outcome.step}"
+    if outcome.state == pb.APPLIED:
+        old = P.format_value(P.from_pb(outcome.old)) if outcome.HasField("old") else "?"
+        return "applied", f"{outcome.name} {old} -> {new} at step {outcome.step}"
+    if outcome.state == pb.MISSED:
+        return "missed", f"{outcome.name}={new} not applied: {outcome.reason}"
+    return "rejected", f"{outcome.name}={new}: {outcome.reason}"

@@ -1,0 +1,120 @@
+"""Desired config in: the job's keys in the desired-config bucket, copied into the mailboxes.
+
+The bucket is watched; on every reconnection the watch starts over from its current
+contents, so a change made while the supervisor was away still lands. A change is known by
+its id, so seeing it again (after a reconnect) changes nothing, and a store made anew
+(revisions starting over) cannot make new changes look old.
+
+The relay also remembers which changes it wrote and which later ones replaced them: a
+replaced change that the worker never read gets its answer (superseded) from the pump.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from google.protobuf.message import DecodeError
+
+from loomrun import subjects as S
+from loomrun._proto import loomrun_pb2 as pb
+from loomrun.desired import PAUSE
+from loomrun.mailbox import MailboxError
+from loomrun.output import say
+
+
+class Written:
+    """A change written to a replica's mailbox and not answered yet."""
+
+    __slots__ = ("want", "replaced_at")
+
+    def __init__(self, want: pb.DesiredParam):
+        self.want = want
+        self.replaced_at = 0  # the desired version that replaced it, once one did
+
+
+class DesiredRelay:
+    def __init__(self, job: str, replicas: dict, link, outbox, on_written):
+        self.job = job
+        self.replicas = replicas
+        self.link = link
+        self.outbox = outbox
+        self.on_written = on_written
+        self._watcher = None
+
+    async def watch(self) -> None:
+        """Copy every change of the job's keys into the mailboxes, until stopped."""
+        if self._watcher is not None:
+            with contextlib.suppress(Exception):
+                await self._watcher.stop()
+        try:
+            self._watcher = watcher = await self.link.kv[S.DESIRED].watch(f"{self.job}.>")
+        except Exception as error:  # noqa: BLE001 - retried on the next reconnect
+            say(f"cannot watch the desired config ({error})")
+            return
+        async for entry in watcher:
+            if entry is not None:
+                self.take(entry.key, entry.operation, entry.value)
+
+    def take(self, key: str, operation: str | None, data: bytes | None) -> None:
+        """One entry off the wire: anything malformed is one line, and changes nothing."""
+        parsed = S.split_desired(key)
+        if parsed is None or parsed[0] not in self.replicas:
+            return
+        replica = self.replicas[parsed[0]]
+        name = parsed[2] or PAUSE
+        if operation in ("DEL", "PURGE") or not data:
+            replica.desired.drop(name)
+            self.write(replica)
+            return
+        try:
+            want = pb.DesiredParam.FromString(data)
+        except DecodeError:
+            say(f"ignored a malformed desired value for {key} (not a DesiredParam)")
+            return
+        if not want.change_id or len(want.change_id) > 64:
+            say(f"ignored a desired value for {key} without a proper change id")
+            return
+        if name == PAUSE and want.value.WhichOneof("kind") != "b":
+            say(f"ignored a malformed pause value for {key} (expected a boolean)")
+            return
+        if want.at_step < 0:
+            say(f"ignored a desired value for {key} with a negative step")
+            return
+        version = replica.desired.take(name, want)
+        if not version:
+            return  # the change this replica holds already
+        for earlier in replica.written.setdefault(name, {}).values():
+            earlier.replaced_at = earlier.replaced_at or version
+        replica.written[name][want.change_id] = Written(replica.desired.entry(name))
+        self.write(replica, name)
+
+    def write(self, replica, name: str | None = None) -> None:
+        try:
+            replica.mailbox.desired.write(replica.desired.state)
+        except MailboxError as error:
+            say(f"{replica.name}: {error}")
+            if name is None:
+                return
+            want = replica.desired.entry(name)
+            replica.desired.drop(name)
+            replica.written.get(name, {}).pop(want.change_id, None)
+            outcome = pb.Outcome(
+                name=name,
+                state=pb.REJECTED,
+                reason=str(error),
+                time=time.time(),
+                change_id=want.change_id,
+                replica=replica.name,
+                origin=want.origin,
+            )
+            outcome.new.CopyFrom(want.value)
+            self.on_written(replica, outcome)
+            return
+        if name is not None:
+            self.on_written(replica, None)
+
+    def rebase(self, replica) -> None:
+        """The replica restarts: it starts from every desired value at once."""
+        replica.desired.rebase()
+        self.write(replica)

@@ -1,0 +1,95 @@
+"""Agreement of the ranks of one process group on which changes to apply, and when.
+
+A change delivered to each rank's mailbox can always reach one rank a step later than the
+others: timing alone cannot make ranks agree. So ranks agree in band. Every `every` steps
+(the same steps on every rank) each rank contributes a digest of the group changes it
+holds unanswered to one tiny all_reduce on a gloo group of loomrun's own, made right after
+the script's `init_process_group` (so the script's own collectives never see it). When the
+minimum and the maximum digest are equal, every rank holds the same changes, and every
+rank applies them at this very step; otherwise none does, and they try again `every`
+steps later. Cost: one all_reduce of two int64 per `every` steps (benchmarks/poll.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+
+DEFAULT_EVERY = 8
+
+
+def digest(changes) -> int:
+    """A 63-bit digest of {name: DesiredParam}; 0 for none."""
+    if not changes:
+        return 0
+    h = hashlib.blake2b(digest_size=8)
+    for name in sorted(changes):
+        h.update(f"{name}\0{changes[name].change_id}\n".encode())
+    return int.from_bytes(h.digest(), "little") >> 1 or 1
+
+
+def agree_every() -> int:
+    """Steps between agreement points: LOOMRUN_AGREE_EVERY, the same on every rank."""
+    try:
+        return max(1, int(os.environ.get("LOOMRUN_AGREE_EVERY", DEFAULT_EVERY)))
+    except ValueError:
+        return DEFAULT_EVERY
+
+
+class Agreement:
+    """The ranks' side channel: a gloo group of the whole world, and the agreement on it."""
+
+    def __init__(self, dist, torch, size: int, rank: int, every: int):
+        self._dist, self._torch = dist, torch
+        self._group = dist.new_group(backend="gloo")
+        self.size, self.rank, self.every = size, rank, every
+
+    def agree(self, changes) -> bool:
+        """True when every rank holds exactly `changes` (a collective: all ranks call it)."""
+        mine = digest(changes)
+        both = self._torch.tensor([mine, -mine], dtype=self._torch.int64)
+        self._dist.all_reduce(both, op=self._dist.ReduceOp.MIN, group=self._group)
+        low, minus_high = both.tolist()
+        return low == -minus_high
+
+
+def install(worker) -> None:
+    """Wrap torch.distributed's init and destroy so the worker joins and leaves the group."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    if not dist.is_available():
+        return
+    init, destroy = c10d.init_process_group, c10d.destroy_process_group
+
+    @functools.wraps(init)
+    def init_process_group(*args, **kwargs):
+        result = init(*args, **kwargs)
+        size = dist.get_world_size()
+        if size > 1:
+            try:
+                agreement = Agreement(dist, torch, size, dist.get_rank(), agree_every())
+            except Exception as error:  # noqa: BLE001 - never break the script's own setup
+                worker.warn_once(
+                    f"cannot set up the ranks' agreement ({error}); changes to this job "
+                    "apply on each rank as they arrive"
+                )
+            else:
+                worker.join_group(agreement)
+        return result
+
+    @functools.wraps(destroy)
+    def destroy_process_group(*args, **kwargs):
+        if not args and kwargs.get("group") is None:
+            worker.leave_group()
+        return destroy(*args, **kwargs)
+
+    # Modules that bound the names at their own import (device_mesh does) are patched too.
+    for module in (c10d, dist, sys.modules.get("torch.distributed.device_mesh")):
+        if getattr(module, "init_process_group", None) is init:
+            module.init_process_group = init_process_group
+        if getattr(module, "destroy_process_group", None) is destroy:
+            module.destroy_process_group = destroy_process_group
