@@ -18,7 +18,7 @@ import time
 
 import pytest
 from conftest import EXAMPLES, LOOMRUN, ROOT, SCRIPTS, run_loomrun, wait_for
-from test_control import start, wait_ready
+from test_control import start, steering, wait_ready
 
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.watch import WatchModel, describe_state, render_plain
@@ -93,17 +93,30 @@ def test_failed_replica_shows_its_code_after_the_job_ended():
     assert listed[job]["state"] == "failed: 3"
 
 
-def test_a_replica_without_status_shows_as_stale(procs):
+def test_a_slow_step_is_not_stale_but_a_silent_supervisor_is(procs):
     job = job_id("stale")
-    start(procs, SCRIPTS / "steered.py", "--steps", "1000000", job=job, replicas=2)
+    sup = start(
+        procs, SCRIPTS / "steered.py", "--steps", "1000000", "--step-time", "6",
+        job=job, replicas=2,
+    )  # fmt: skip
     wait_ready(job, ("r0", "r1"))
-    pid = wait_for(lambda: rows_of(snapshot(job))["r1"]["pid"], 10, what="r1's pid")
-    os.kill(pid, signal.SIGSTOP)
+
+    async def statuses(s):
+        return await s.statuses(job)
+
+    def long_in_a_step():
+        found = steering(statuses)
+        return all(st.time - st.status.time > 4 for st in found.values()) and len(found) == 2
+
+    wait_for(long_in_a_step, 30, interval=0.2, what="4 s into a step with no new status")
+    rows = rows_of(snapshot(job))
+    assert {r["state"] for r in rows.values()} == {"running"}, rows
+    assert all(r["age"] < 3 for r in rows.values()), "the heartbeat keeps the age low"
+    sup.send_signal(signal.SIGSTOP)  # no more heartbeats
     try:
         wait_for(lambda: rows_of(snapshot(job))["r1"]["state"] == "stale", 15, what="stale")
-        assert rows_of(snapshot(job))["r0"]["state"] == "running"
     finally:
-        os.kill(pid, signal.SIGCONT)
+        sup.send_signal(signal.SIGCONT)
     wait_for(lambda: rows_of(snapshot(job))["r1"]["state"] == "running", 15, what="running")
 
 
@@ -183,8 +196,9 @@ def test_the_demo_runs_and_checks_itself():
 
 def _status(replica="r0", state="running", step=10, age=0.0, now=1000.0, code=0, **metrics):
     status = pb.ReplicaStatus(
-        job="j", replica=replica, host="h", state=state, exit_code=code, time=now - age
-    )
+        job="j", replica=replica, host="h", state=pb.ReplicaState.Value(state.upper()),
+        exit_code=code, time=now - age,
+    )  # fmt: skip
     status.status.step = step
     status.status.steps_per_sec = 5.0
     status.status.metrics.update(metrics)

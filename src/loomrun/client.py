@@ -324,9 +324,10 @@ class Steering:
             return False
         if not force:
             size = schemas[grouped[0]].group_size
+            verb = "trains" if len(grouped) == 1 else "train"
             raise SteerError(
-                f"{', '.join(grouped)} of {job.job} train in one process group of {size} ranks "
-                f"with {', '.join(left_out)}: changing only some ranks would make them differ "
+                f"{', '.join(grouped)} {verb} in one process group of {size} ranks with "
+                f"{', '.join(left_out)}: changing only some ranks would make them differ "
                 "(or hang their collectives); target all of them, or pass --force"
             )
         return True
@@ -367,7 +368,8 @@ class Steering:
         found = await self.job(job)
         targets = self.targets(found, replicas)
         await self.schemas(found.job)
-        at_once = self._whole_groups(found, targets, force)
+        # Resuming needs no agreement: paused ranks all stand at one step already.
+        at_once = self._whole_groups(found, targets, force) or not paused
         writes = [(r, S.PAUSE, S.desired_pause(found.job, r), paused) for r in targets]
         return await self._write_and_wait(found.job, writes, at_step or 0, at_once, timeout, wait)
 

@@ -23,6 +23,14 @@ def set_temperature(value: float = 1.0):
     print(f"temperature -> {value!r}", flush=True)
 
 
+@loomrun.handler("batch_size")
+def set_batch_size(n: int = 32):
+    """examples per step, checked by the handler itself"""
+    if n <= 0:
+        raise ValueError(f"batch_size must be positive, not {n}")
+    print(f"batch_size -> {n}", flush=True)
+
+
 @loomrun.handler("explode")
 def explode(value: bool):
     raise RuntimeError("this handler always fails")

@@ -8,33 +8,41 @@ import time
 import torch
 from torch import nn
 
+import loomrun
+
 parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=400)
 parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
 parser.add_argument("--scheduler", choices=["none", "step", "lambda"], default="none")
 parser.add_argument("--step-time", type=float, default=0.005)
 parser.add_argument("--crash-at-step", type=int, default=0)
+parser.add_argument("--groups", type=int, default=1, help="param groups, lr 0.1, 0.01, ...")
 args = parser.parse_args()
 
 torch.manual_seed(0)
 model = nn.Linear(4, 1)
+groups = [{"params": [model.weight]}, {"params": [model.bias], "lr": 0.01}][: args.groups]
+if args.groups == 1:
+    groups = [{"params": model.parameters()}]
 if args.optimizer == "sgd":
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
 else:
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    optimizer = torch.optim.Adam(groups, lr=0.1)
 scheduler = None
 if args.scheduler == "step":
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=50, gamma=0.5)
 elif args.scheduler == "lambda":
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1.0 + 0.01 * s))
 
+batch = loomrun.param("batch", int, default=8, min=1, doc="examples per step")
 restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
 for step in range(1, args.steps + 1):
-    loss = model(torch.randn(8, 4)).pow(2).mean()
+    loss = model(torch.randn(batch.value, 4)).pow(2).mean()
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    print(f"used {step} {optimizer.param_groups[0]['lr']!r}", flush=True)
+    lrs = " ".join(repr(g["lr"]) for g in optimizer.param_groups)
+    print(f"used {step} {lrs} batch {batch.value}", flush=True)
     if scheduler is not None:
         scheduler.step()
     if step == args.crash_at_step and not restarted:

@@ -143,13 +143,11 @@ class Optimizers:
             self._set_lr(*groups[index], value)
         elif key == "lr":
             first = float(_plain(groups[0][2]["lr"])) if groups else 0.0
-            for optimizer, index, group in groups:
-                if first:
-                    self._set_lr(
-                        optimizer, index, group, float(_plain(group["lr"])) * value / first
-                    )
-                else:  # from 0 there is no ratio to keep
-                    self._set_lr(optimizer, index, group, value)
+            for position, (optimizer, index, group) in enumerate(groups):
+                lr = value  # the first group exactly; from 0 there is no ratio to keep
+                if position and first:
+                    lr = float(_plain(group["lr"])) * value / first
+                self._set_lr(optimizer, index, group, lr)
         else:
             for _, _, group in groups:
                 if key in group:

@@ -144,7 +144,8 @@ class Worker:
         for name, want in self._entries(self._desired).items():
             if not self._open(name, want):
                 continue
-            if self.group is not None and not want.at_once:
+            resume = name == PAUSE and not want.value.b  # paused ranks cannot agree
+            if self.group is not None and not want.at_once and not resume:
                 grouped[name] = want
                 continue
             if name not in self.targets and name != PAUSE and step < 2:
