@@ -217,10 +217,16 @@ def test_a_new_broker_store_does_not_make_new_changes_look_old(procs):
         shutil.rmtree(default_store(port))  # whoever starts it again starts it empty
         wait_for(lambda: answers(*host_port(url)), 15, interval=0.2, what="a broker again")
 
+        said = []
+
         def applied():
             result = run_loomrun("set", "lr=0.0123", "--job", job, "--timeout", "10", env=env)
+            said.append(result.stdout + result.stderr)
             return result.returncode == 0 and "0.04 -> 0.0123" in result.stdout
 
-        wait_for(applied, 60, interval=0.5, what="a change on the new store to apply")
+        try:
+            wait_for(applied, 60, interval=0.5, what="a change on the new store to apply")
+        except AssertionError:
+            raise AssertionError(f"{said[-3:]}") from None
     finally:
         broker.stop()

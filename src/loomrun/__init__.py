@@ -13,7 +13,8 @@ def __getattr__(name: str):
     if name in _API:
         from loomrun.runtime import api
 
-        return getattr(api, name)
+        value = globals()[name] = getattr(api, name)  # later lookups skip this function
+        return value
     raise AttributeError(f"module 'loomrun' has no attribute {name!r}")
 
 

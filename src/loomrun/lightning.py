@@ -29,8 +29,8 @@ class LoomCallback(Callback):
         worker = _worker.current
         if worker is None:
             return
-        metrics = {}
-        for key, value in trainer.callback_metrics.items():
-            if getattr(value, "numel", lambda: 1)() == 1:
-                metrics[key] = float(value)
-        worker.report(metrics)
+        # The tensors themselves: the worker reads their values only when a status is due
+        # (a few times a second), so a GPU metric does not sync the device every batch.
+        worker.report(
+            {k: v for k, v in trainer.callback_metrics.items() if getattr(v, "numel", int)() == 1}
+        )

@@ -116,6 +116,7 @@ class ControlPlane:
         self._watch_task = asyncio.ensure_future(self.relay.watch())
         self.registry.publish_all()
         for replica in self.replicas.values():
+            replica.seen["schema"] = 0  # published again: the store may be a new one
             self.pump.publish_status(replica, force=True)
         self.outbox.wake()
 
