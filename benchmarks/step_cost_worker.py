@@ -36,7 +36,11 @@ def empty_loop(calls: int) -> None:
 
 
 best: dict[str, float] = {}
-cases = {"empty loop": empty_loop, "loomrun.step()": public_step, "optimizer.step()": optimizer_step}
+cases = {
+    "empty loop": empty_loop,
+    "loomrun.step()": public_step,
+    "optimizer.step()": optimizer_step,
+}
 for _ in range(ROUNDS):
     for name, fn in cases.items():
         calls = CALLS if name != "optimizer.step()" else CALLS // 4

@@ -67,12 +67,18 @@ def main() -> int:
         for command in ("pause", "resume"):
             if loomrun(command, "--job", JOB).returncode != 0:
                 failures.append(f"{command} was not acknowledged")
-        time.sleep(1.0)
-        snapshot = loomrun("watch", "--once", "--job", JOB)
         replicas = {f"r{i}" for i in range(4)}
-        rows = {line.split()[0]: line for line in snapshot.stdout.splitlines() if line.strip()}
-        if not replicas <= set(rows) or "0.002" not in rows["r1"]:
-            failures.append("watch --once does not show 4 replicas with r1's new lr")
+        deadline = time.monotonic() + 10
+        while True:  # until the status after the change is in: it is a few tenths away
+            snapshot = loomrun("watch", "--once", "--job", JOB, show=False)
+            lines = snapshot.stdout.splitlines()
+            rows = {line.split()[0]: line for line in lines if line.strip()}
+            if replicas <= set(rows) and "0.002" in rows["r1"]:
+                print(f"\n$ loomrun watch --once --job {JOB}\n{snapshot.stdout}", flush=True)
+                break
+            if time.monotonic() > deadline:
+                failures.append("watch --once does not show 4 replicas with r1's new lr")
+                break
         output, _ = job.communicate(timeout=120)
     finally:
         if job.poll() is None:

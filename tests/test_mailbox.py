@@ -127,3 +127,19 @@ def test_writer_and_reader_processes_never_tear_and_lose_nothing(mailbox):
 def test_shm_dir_is_dev_shm_on_linux():
     if sys.platform.startswith("linux"):
         assert str(SHM_DIR) == "/dev/shm"
+
+
+def test_a_writer_that_died_mid_write_is_never_spun_on_and_reset_clears_it(mailbox):
+    from loomrun._proto import loomrun_pb2 as pb
+
+    mailbox.acks.write(pb.Acks(read_version=3))
+    mailbox.acks.seq[0] += 1  # a worker killed between its two seq stores
+    mailbox.step[0] = 41
+    assert mailbox.acks.try_read() is None, "the supervisor's read gives up at once"
+    with pytest.raises(MailboxError, match="stayed mid-write"):
+        mailbox.acks.read()
+    mailbox.reset_worker_side()
+    assert mailbox.acks.try_read() == (0, None) and mailbox.step[0] == 0
+    mailbox.acks.seq[0] = 7  # odd again: the next writer starts from an even number
+    seq = mailbox.acks.write(pb.Acks(read_version=4))
+    assert seq % 2 == 0 and mailbox.acks.read()[1].read_version == 4

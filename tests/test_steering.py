@@ -230,3 +230,13 @@ def test_a_new_broker_store_does_not_make_new_changes_look_old(procs):
             raise AssertionError(f"{said[-3:]}") from None
     finally:
         broker.stop()
+
+
+def test_a_finished_job_shows_where_it_really_ended(procs):
+    job = job_id("final")
+    sup = start(procs, SCRIPTS / "steered.py", "--steps", "300", "--step-time", "0", job=job)
+    out, err = sup.communicate(timeout=120)
+    assert sup.returncode == 0, err
+    snap = json.loads(run_loomrun("watch", "--once", "--json", "--job", job).stdout)
+    (row,) = snap["jobs"][0]["replicas"]
+    assert row["step"] == 300 and row["state"] == "exited 0", row
