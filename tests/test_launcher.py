@@ -196,12 +196,12 @@ def _start_sleepers(procs, tmp_path, replicas=2, grace="30"):
         SCRIPTS / "sleep_with_child.py",
         env={"DUMP_DIR": str(tmp_path)},
     )  # fmt: skip
-    files = wait_for(
-        lambda: (f := sorted(tmp_path.glob("*.pids"))) and len(f) == replicas and f,
-        timeout=30,
-        what="workers to start",
-    )
-    time.sleep(0.2)
+    def written():  # every file whole: the line ends once both pids are in
+        files = sorted(tmp_path.glob("*.pids"))
+        whole = len(files) == replicas and all(f.read_text().endswith("\n") for f in files)
+        return whole and files
+
+    files = wait_for(written, timeout=30, what="workers to start")
     return sup, [int(p) for f in files for p in f.read_text().split()]
 
 
@@ -223,8 +223,10 @@ def test_grace_period_ends_in_sigkill(procs, tmp_path):
         "time.sleep(600)\n"
     )
     sup = procs.start("--grace", "1", script, env={"DUMP_DIR": str(tmp_path)})
-    pid_file = wait_for(lambda: next(tmp_path.glob("*.pids"), None), 30, what="worker")
-    time.sleep(0.2)
+    pid_file = wait_for(
+        lambda: (f := next(tmp_path.glob("*.pids"), None)) and f.read_text() and f, 30,
+        what="worker",
+    )  # fmt: skip
     pid = int(pid_file.read_text())
     sup.send_signal(signal.SIGTERM)
     assert sup.wait(20) == 143

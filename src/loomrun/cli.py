@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -257,28 +258,7 @@ def _module_precedes_script(raw: list[str], script: str) -> bool:
 )
 @click.argument("target", nargs=-1, type=click.UNPROCESSED, metavar="SCRIPT [ARGS]...")
 @click.pass_context
-def run_command(
-    ctx: click.Context,
-    replicas: int,
-    module: str | None,
-    nnodes: int,
-    node_rank: int,
-    master_addr: str | None,
-    master_port: int | None,
-    standalone: bool,
-    max_restarts: int,
-    restart_policy: str,
-    log_dir: Path | None,
-    replicas_filter: str | None,
-    grace: float,
-    job: str | None,
-    nats_url: str,
-    nats_creds: str | None,
-    nats_ca: str | None,
-    wait_broker: bool,
-    no_broker: bool,
-    target: tuple[str, ...],
-) -> None:
+def run_command(ctx: click.Context, target: tuple[str, ...], **options) -> None:
     """Start SCRIPT (or -m MODULE) on --replicas worker processes, torchrun-style.
 
     Options loomrun knows are loomrun's wherever they stand before `--`; everything
@@ -286,21 +266,94 @@ def run_command(
     Each worker gets torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
     MASTER_PORT, TORCHELASTIC_*, ...) plus LOOMRUN_JOB and LOOMRUN_REPLICA (r0, r1, ...).
     """
-    from loomrun.supervisor import LaunchSpec, run
+    from loomrun.supervisor import run
 
-    script, args = None, list(target)
-    if module is not None:
-        if not module or module.startswith("-") or module.endswith(".py") or "/" in module:
+    spec = RunOptions(**options).spec(target, ctx.meta["loomrun.raw_args"])
+    if spec.broker is not None and not spec.wait_broker:
+        _check_remote_broker(spec.broker)
+    ctx.exit(run(spec))
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """`loomrun run`'s options as click parsed them; `spec` checks them together."""
+
+    replicas: int
+    module: str | None
+    nnodes: int
+    node_rank: int
+    master_addr: str | None
+    master_port: int | None
+    standalone: bool
+    max_restarts: int
+    restart_policy: str
+    log_dir: Path | None
+    replicas_filter: str | None
+    grace: float
+    job: str | None
+    nats_url: str
+    nats_creds: str | None
+    nats_ca: str | None
+    wait_broker: bool
+    no_broker: bool
+
+    def spec(self, target: tuple[str, ...], raw_args: list[str]):
+        """The validated LaunchSpec; a usage error names the option that is wrong."""
+        from loomrun.supervisor import LaunchSpec
+
+        script, args = self._target(target, raw_args)
+        if self.standalone and self.nnodes > 1:
+            raise click.UsageError("--standalone is for one node, but --nnodes is more than 1")
+        if self.node_rank >= self.nnodes:
             raise click.BadParameter(
-                f"'{module}' is not a module name (expected a dotted name like pkg.train)",
-                param_hint="-m",
+                f"{self.node_rank} is out of range (expected 0..{self.nnodes - 1} with "
+                f"--nnodes {self.nnodes})",
+                param_hint="--node-rank",
             )
-        if args and not _module_precedes_script(ctx.meta["loomrun.raw_args"], args[0]):
-            raise click.UsageError(
-                f"got both a script ('{args[0]}') and -m {module}: give one of them"
-            )
-        _check_module(module)
-    else:
+        master_addr = self.master_addr or ("localhost" if self.nnodes == 1 else "127.0.0.1")
+        master_port = self.master_port
+        if master_port is None and self.nnodes > 1:
+            master_port = 29500
+        rendezvous = f"{master_addr}:{master_port}"
+        job = self.job or default_job_id(script, self.module, self.nnodes, rendezvous)
+        names = [f"r{self.node_rank * self.replicas + i}" for i in range(self.replicas)]
+        broker = None
+        if not self.no_broker:
+            broker = _broker(self.nats_url, self.nats_creds, self.nats_ca)
+        return LaunchSpec(
+            job=job,
+            script=script,
+            module=self.module,
+            args=tuple(args),
+            nproc=self.replicas,
+            nnodes=self.nnodes,
+            node_rank=self.node_rank,
+            master_addr=master_addr,
+            master_port=master_port,
+            max_restarts=self.max_restarts,
+            restart_policy=self.restart_policy,
+            log_dir=self.log_dir,
+            console_filter=parse_replica_filter(self.replicas_filter, names),
+            grace=self.grace,
+            broker=broker,
+            wait_broker=self.wait_broker,
+        )
+
+    def _target(self, target: tuple[str, ...], raw_args: list[str]):
+        """The script (None for -m) and the arguments that go to it."""
+        module, args = self.module, list(target)
+        if module is not None:
+            if not module or module.startswith("-") or module.endswith(".py") or "/" in module:
+                raise click.BadParameter(
+                    f"'{module}' is not a module name (expected a dotted name like pkg.train)",
+                    param_hint="-m",
+                )
+            if args and not _module_precedes_script(raw_args, args[0]):
+                raise click.UsageError(
+                    f"got both a script ('{args[0]}') and -m {module}: give one of them"
+                )
+            _check_module(module)
+            return None, args
         if not args:
             raise click.UsageError("missing SCRIPT (or -m MODULE) to run")
         script = args.pop(0)
@@ -310,40 +363,7 @@ def run_command(
             raise click.BadParameter(
                 f"'{script}' does not exist or is not a file", param_hint="SCRIPT"
             )
-    if standalone and nnodes > 1:
-        raise click.UsageError("--standalone is for one node, but --nnodes is more than 1")
-    if node_rank >= nnodes:
-        raise click.BadParameter(
-            f"{node_rank} is out of range (expected 0..{nnodes - 1} with --nnodes {nnodes})",
-            param_hint="--node-rank",
-        )
-    if master_addr is None:
-        master_addr = "localhost" if nnodes == 1 else "127.0.0.1"
-    if master_port is None and nnodes > 1:
-        master_port = 29500
-    job = job or default_job_id(script, module, nnodes, f"{master_addr}:{master_port}")
-    names = [f"r{node_rank * replicas + i}" for i in range(replicas)]
-    spec = LaunchSpec(
-        job=job,
-        script=script,
-        module=module,
-        args=tuple(args),
-        nproc=replicas,
-        nnodes=nnodes,
-        node_rank=node_rank,
-        master_addr=master_addr,
-        master_port=master_port,
-        max_restarts=max_restarts,
-        restart_policy=restart_policy,
-        log_dir=log_dir,
-        console_filter=parse_replica_filter(replicas_filter, names),
-        grace=grace,
-        broker=None if no_broker else _broker(nats_url, nats_creds, nats_ca),
-        wait_broker=wait_broker,
-    )
-    if spec.broker is not None and not wait_broker:
-        _check_remote_broker(spec.broker)
-    ctx.exit(run(spec))
+        return script, args
 
 
 def _check_remote_broker(options) -> None:
