@@ -196,6 +196,7 @@ def _start_sleepers(procs, tmp_path, replicas=2, grace="30"):
         SCRIPTS / "sleep_with_child.py",
         env={"DUMP_DIR": str(tmp_path)},
     )  # fmt: skip
+
     def written():  # every file whole: the line ends once both pids are in
         files = sorted(tmp_path.glob("*.pids"))
         whole = len(files) == replicas and all(f.read_text().endswith("\n") for f in files)

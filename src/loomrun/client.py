@@ -280,6 +280,8 @@ class Steering:
         self, job: str, replicas: list[str], changes: dict[str, Any]
     ) -> dict[str, dict[str, Any]]:
         """Convert and validate every change for every replica; nothing is written."""
+        if S.PAUSE in changes:
+            raise SteerError("pause is not a parameter: use `loomrun pause` and `loomrun resume`")
         schemas = await self.schemas(job, fresh=False)
         if any(r not in schemas or not set(changes) <= set(schemas[r].specs) for r in replicas):
             schemas = await self.schemas(job)
@@ -309,18 +311,20 @@ class Steering:
                 checked[replica][name] = value
         return checked
 
-    def _whole_groups(self, job: Job, targets: list[str], force: bool) -> bool:
+    async def _whole_groups(self, job: Job, targets: list[str], force: bool) -> bool:
         """True when the change may go to each target at once; refuse part of a group.
 
         Ranks that train together take a change together (the workers agree in band on the
         step); a change to only some of them would make them differ, or hang a collective.
         """
-        schemas = self._schemas.get(job.job, {})
-        grouped = [r for r in targets if schemas.get(r) and schemas[r].group_size > 1]
-        if not grouped:
-            return False
         left_out = [r for r in job.replicas if r not in targets]
         if not left_out:
+            return False
+        schemas = self._schemas.get(job.job, {})
+        if not any(s.group_size > 1 for s in schemas.values()):
+            schemas = await self.schemas(job.job)  # a cached schema may predate the group
+        grouped = [r for r in targets if schemas.get(r) and schemas[r].group_size > 1]
+        if not grouped:
             return False
         if not force:
             size = schemas[grouped[0]].group_size
@@ -346,7 +350,7 @@ class Steering:
         found = await self.job(job)
         targets = self.targets(found, replicas)
         checked = await self.check(found.job, targets, changes)
-        at_once = self._whole_groups(found, targets, force)
+        at_once = await self._whole_groups(found, targets, force)
         writes = [
             (r, name, S.desired_param(found.job, r, name), value)
             for r in targets
@@ -369,7 +373,7 @@ class Steering:
         targets = self.targets(found, replicas)
         await self.schemas(found.job)
         # Resuming needs no agreement: paused ranks all stand at one step already.
-        at_once = self._whole_groups(found, targets, force) or not paused
+        at_once = await self._whole_groups(found, targets, force) or not paused
         writes = [(r, S.PAUSE, S.desired_pause(found.job, r), paused) for r in targets]
         return await self._write_and_wait(found.job, writes, at_step or 0, at_once, timeout, wait)
 

@@ -33,11 +33,19 @@ def change(
     return want
 
 
+def copy(want: pb.DesiredParam) -> pb.DesiredParam:
+    """A copy that a later change of the held entry leaves as it is."""
+    kept = pb.DesiredParam()
+    kept.CopyFrom(want)
+    return kept
+
+
 class DesiredConfig:
     """Parameter values and the paused flag wanted for one replica."""
 
     def __init__(self) -> None:
         self.state = pb.DesiredState()
+        self._previous: dict[str, pb.DesiredParam | None] = {}
 
     def entry(self, name: str) -> pb.DesiredParam | None:
         if name == PAUSE:
@@ -50,6 +58,7 @@ class DesiredConfig:
         held = self.entry(name)
         if held is not None and held.change_id == want.change_id:
             return 0
+        self._previous[name] = copy(held) if held is not None else None
         version = self.state.version + 1
         entry = self.state.pause if name == PAUSE else self.state.params[name]
         entry.CopyFrom(want)
@@ -57,18 +66,37 @@ class DesiredConfig:
         self.state.version = version
         return version
 
+    def restore(self, name: str) -> None:
+        """Back to what `name` held before the last `take`: that change was not written, or
+        was applied nowhere (missed)."""
+        if name not in self._previous:
+            return
+        previous = self._previous.pop(name)
+        if previous is None:
+            self.drop(name)
+            return
+        entry = self.state.pause if name == PAUSE else self.state.params[name]
+        entry.CopyFrom(previous)
+        self.state.version += 1
+
     def set(self, name: str, value: Any, at_step: int = 0, at_once: bool = False) -> str:
         """Want `name` = `value` (from code, not the wire); returns the new change's id."""
         want = change(value, at_step, at_once)
         self.take(name, want)
         return want.change_id
 
-    def drop(self, name: str) -> None:
-        """Forget a parameter's desired value: the worker keeps what it has."""
+    def drop(self, name: str) -> int:
+        """Forget a parameter's desired value (the worker keeps what it has); returns the
+        version that no longer holds it, or 0 when there was none."""
+        if self.entry(name) is None:
+            return 0
         if name == PAUSE:
             self.state.ClearField("pause")
-        elif name in self.state.params:
+        else:
             del self.state.params[name]
+        self._previous.pop(name, None)
+        self.state.version += 1
+        return self.state.version
 
     def rebase(self) -> None:
         """The state restarted replicas start from: every value at once, none waiting for a

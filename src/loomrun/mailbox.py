@@ -35,10 +35,10 @@ from google.protobuf.message import DecodeError, Message
 
 from loomrun._proto import loomrun_pb2 as pb
 
-MAGIC = b"LOOMMBX1"
+MAGIC = b"LOOMMBX2"
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 SLOT_NAMES = ("desired", "acks", "schema", "status")
-SLOT_SIZES = {"desired": 128 << 10, "acks": 64 << 10, "schema": 64 << 10, "status": 32 << 10}
+SLOT_SIZES = {"desired": 128 << 10, "acks": 256 << 10, "schema": 64 << 10, "status": 64 << 10}
 SLOT_TYPES = {"desired": pb.DesiredState, "acks": pb.Acks, "schema": pb.Schema, "status": pb.Status}
 WORKER_SLOTS = ("acks", "schema", "status")
 _HEADER = 64

@@ -17,6 +17,7 @@ parser.add_argument("--scheduler", choices=["none", "step", "lambda"], default="
 parser.add_argument("--step-time", type=float, default=0.005)
 parser.add_argument("--crash-at-step", type=int, default=0)
 parser.add_argument("--groups", type=int, default=1, help="param groups, lr 0.1, 0.01, ...")
+parser.add_argument("--slow-rank", type=int, default=-1, help="this rank steps 10x slower")
 args = parser.parse_args()
 
 torch.manual_seed(0)
@@ -47,4 +48,5 @@ for step in range(1, args.steps + 1):
         scheduler.step()
     if step == args.crash_at_step and not restarted:
         sys.exit(7)
-    time.sleep(args.step_time)
+    slow = os.environ.get("RANK") == str(args.slow_rank)
+    time.sleep(args.step_time * (10 if slow else 1))

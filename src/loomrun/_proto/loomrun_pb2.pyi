@@ -134,12 +134,14 @@ class Outcome(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[OutcomeState, str]] = ..., step: _Optional[int] = ..., old: _Optional[_Union[Value, _Mapping]] = ..., new: _Optional[_Union[Value, _Mapping]] = ..., reason: _Optional[str] = ..., time: _Optional[float] = ..., change_id: _Optional[str] = ..., seq: _Optional[int] = ..., replica: _Optional[str] = ..., origin: _Optional[str] = ...) -> None: ...
 
 class Acks(_message.Message):
-    __slots__ = ("recent", "read_version")
+    __slots__ = ("recent", "read_version", "scheduled")
     RECENT_FIELD_NUMBER: _ClassVar[int]
     READ_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULED_FIELD_NUMBER: _ClassVar[int]
     recent: _containers.RepeatedCompositeFieldContainer[Outcome]
     read_version: int
-    def __init__(self, recent: _Optional[_Iterable[_Union[Outcome, _Mapping]]] = ..., read_version: _Optional[int] = ...) -> None: ...
+    scheduled: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, recent: _Optional[_Iterable[_Union[Outcome, _Mapping]]] = ..., read_version: _Optional[int] = ..., scheduled: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ParamSpec(_message.Message):
     __slots__ = ("name", "kind", "is_list", "choices", "min", "max", "doc", "builtin", "default", "length")

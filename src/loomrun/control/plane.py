@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 
 from loomrun import subjects as S
@@ -22,7 +23,7 @@ from loomrun.control.registry import Registry
 from loomrun.control.relay import DesiredRelay
 from loomrun.desired import DesiredConfig
 from loomrun.devices import DeviceInfo, Devices
-from loomrun.mailbox import Mailbox
+from loomrun.mailbox import Mailbox, MailboxError
 
 
 class ReplicaView:
@@ -39,6 +40,8 @@ class ReplicaView:
         self.device: DeviceInfo | None = None
         self.desired = DesiredConfig()
         self.written: dict[str, dict] = {}  # name -> change id -> relay.Written, unanswered
+        self.seen_ids: dict[str, deque] = {}  # name -> ids of changes written lately
+        self.missed: deque[str] = deque(maxlen=256)  # ids of changes applied nowhere
         self.seen = {"acks": 0, "schema": 0, "status": 0}
         self.outcome_seq = 0
         self.status: pb.Status | None = None
@@ -72,6 +75,7 @@ class ControlPlane:
         self.outbox = Outbox(self.link)
         self.pump = MailboxPump(job, host, self.replicas, self.outbox, self.devices, self.event)
         self.relay = DesiredRelay(job, self.replicas, self.link, self.outbox, self.pump.written)
+        self.pump.on_missed = self.relay.missed
         self.registry = Registry(
             job, node_rank, nnodes, script, host, options.url, self.replicas, self.outbox,
             self.event,
@@ -130,7 +134,7 @@ class ControlPlane:
             for replica in self.replicas.values():
                 if replica.state not in (pb.EXITED, pb.FAILED):
                     replica.state = pb.STOPPED  # by loomrun: a signal, or another one failed
-                self.pump.read_back(replica, time.monotonic(), final=True)
+                self._last_read(replica)
                 self.pump.publish_status(replica, force=True)
                 self.registry.drop_device(replica)
             self.registry.publish_job(finished=time.time(), exit_code=exit_code)
@@ -166,7 +170,7 @@ class ControlPlane:
 
     def replica_exited(self, name: str, exit_code: int, text: str, restarting: bool) -> None:
         replica = self.replicas[name]
-        self.pump.read_back(replica, time.monotonic(), final=True)  # where it really ended
+        self._last_read(replica)  # where it really ended
         replica.exit_code = exit_code
         if restarting:
             replica.state = pb.RESTARTING
@@ -176,6 +180,14 @@ class ControlPlane:
         if not restarting:
             self.registry.drop_device(replica)
         self.pump.publish_status(replica, force=True)
+
+    def _last_read(self, replica: ReplicaView) -> None:
+        try:
+            self.pump.read_back(replica, time.monotonic(), final=True)
+        except MailboxError as error:
+            from loomrun.output import say
+
+            say(f"{replica.name}: {error}")
 
     def event(self, replica: str, kind: str, text: str, step: int = 0, code: int = 0) -> None:
         event = pb.Event(

@@ -43,6 +43,7 @@ class MailboxPump:
         self.outbox = outbox
         self.devices = devices
         self.events = events
+        self.on_missed = None  # the relay's: a missed change is no longer wanted
         self._written = asyncio.Event()
         self._spin_until = 0.0
         self._fast_until = 0.0
@@ -108,8 +109,13 @@ class MailboxPump:
             replica.outcome_seq = outcome.seq
             replica.written.get(outcome.name, {}).pop(outcome.change_id, None)
             self._publish_outcome(replica, outcome)
+            if outcome.state == pb.MISSED and self.on_missed is not None:
+                self.on_missed(replica, outcome)
+        held = set(acks.scheduled)  # agreed on, waiting for their step: answered later
         for name, changes in replica.written.items():
             for change_id, written in list(changes.items()):
+                if change_id in held:
+                    continue
                 if written.replaced_at and written.replaced_at <= acks.read_version:
                     del changes[change_id]  # replaced before the worker ever read it
                     outcome = pb.Outcome(

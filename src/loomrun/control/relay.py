@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import deque
 
 from google.protobuf.message import DecodeError
 
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
-from loomrun.desired import PAUSE
+from loomrun.desired import PAUSE, copy
 from loomrun.mailbox import MailboxError
 from loomrun.output import say
+
+SEEN_IDS = 32  # per parameter: enough to know a change put back after a missed one
 
 
 class Written:
@@ -40,6 +43,7 @@ class DesiredRelay:
         self.link = link
         self.outbox = outbox
         self.on_written = on_written
+        self.refusal = ""
         self._watcher = None
 
     async def watch(self) -> None:
@@ -63,9 +67,14 @@ class DesiredRelay:
             return
         replica = self.replicas[parsed[0]]
         name = parsed[2] or PAUSE
+        if parsed[1] == "param" and name == PAUSE:
+            say(f"ignored {key}: 'pause' is loomrun's own flag, not a parameter")
+            return
         if operation in ("DEL", "PURGE") or not data:
-            replica.desired.drop(name)
-            self.write(replica)
+            version = replica.desired.drop(name)
+            if version:
+                self._replaced(replica, name, version)
+                self.write(replica)
             return
         try:
             want = pb.DesiredParam.FromString(data)
@@ -81,38 +90,60 @@ class DesiredRelay:
         if want.at_step < 0:
             say(f"ignored a desired value for {key} with a negative step")
             return
+        if want.change_id in replica.missed:
+            return  # applied nowhere: it stays out of what a restarted worker starts from
+        seen = replica.seen_ids.setdefault(name, deque(maxlen=SEEN_IDS))
+        again = want.change_id in seen  # put back after a missed change: answered before
         version = replica.desired.take(name, want)
         if not version:
-            return  # the change this replica holds already
-        for earlier in replica.written.setdefault(name, {}).values():
-            earlier.replaced_at = earlier.replaced_at or version
-        replica.written[name][want.change_id] = Written(replica.desired.entry(name))
-        self.write(replica, name)
+            return  # the change this replica holds already (seen again after a reconnect)
+        if not self.write(replica):
+            replica.desired.restore(name)
+            if not again:
+                self.on_written(replica, self._refused(replica, want, name))
+            return
+        self._replaced(replica, name, version)
+        if not again:
+            seen.append(want.change_id)
+            written = Written(copy(replica.desired.entry(name)))
+            replica.written.setdefault(name, {})[want.change_id] = written
+        self.on_written(replica, None)
 
-    def write(self, replica, name: str | None = None) -> None:
+    @staticmethod
+    def _replaced(replica, name: str, version: int) -> None:
+        for earlier in replica.written.get(name, {}).values():
+            earlier.replaced_at = earlier.replaced_at or version
+
+    def _refused(self, replica, want: pb.DesiredParam, name: str) -> pb.Outcome:
+        outcome = pb.Outcome(
+            name=name,
+            state=pb.REJECTED,
+            reason=self.refusal,
+            time=time.time(),
+            change_id=want.change_id,
+            replica=replica.name,
+            origin=want.origin,
+        )
+        outcome.new.CopyFrom(want.value)
+        return outcome
+
+    def write(self, replica) -> bool:
         try:
             replica.mailbox.desired.write(replica.desired.state)
         except MailboxError as error:
+            self.refusal = str(error)
             say(f"{replica.name}: {error}")
-            if name is None:
-                return
-            want = replica.desired.entry(name)
-            replica.desired.drop(name)
-            replica.written.get(name, {}).pop(want.change_id, None)
-            outcome = pb.Outcome(
-                name=name,
-                state=pb.REJECTED,
-                reason=str(error),
-                time=time.time(),
-                change_id=want.change_id,
-                replica=replica.name,
-                origin=want.origin,
-            )
-            outcome.new.CopyFrom(want.value)
-            self.on_written(replica, outcome)
-            return
-        if name is not None:
-            self.on_written(replica, None)
+            return False
+        return True
+
+    def missed(self, replica, outcome: pb.Outcome) -> None:
+        """A change applied nowhere: what the replica wants goes back to what it held, so a
+        restarted worker does not start from it either."""
+        replica.missed.append(outcome.change_id)
+        held = replica.desired.entry(outcome.name)
+        if held is not None and held.change_id == outcome.change_id:
+            replica.desired.restore(outcome.name)
+            self.write(replica)
 
     def rebase(self, replica) -> None:
         """The replica restarts: it starts from every desired value at once."""

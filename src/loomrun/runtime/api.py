@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 import types
 import typing
 import weakref
@@ -43,6 +44,18 @@ def _wire(value: Any) -> Any:
     return name if name is not None and hasattr(type(value), "__members__") else value
 
 
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+def _checked(name: str) -> str:
+    if name == "pause" or not _NAME.fullmatch(name):
+        raise ValueError(
+            f"{name!r} cannot name a loomrun parameter (expected letters, digits and _, at "
+            "most 64, not starting with a digit; 'pause' is loomrun's own)"
+        )
+    return name
+
+
 def _options(min, max, choices, doc, default) -> dict[str, Any]:
     return {"min": min, "max": max, "choices": tuple(choices), "doc": doc or "", "default": default}
 
@@ -58,7 +71,7 @@ def param(
     doc: str = "",
 ) -> Param:
     """Declare a steerable parameter: `batch = loomrun.param("batch", int, default=64)`."""
-    spec = P.spec_from_annotation(name, type, **_options(min, max, choices, doc, default))
+    spec = P.spec_from_annotation(_checked(name), type, **_options(min, max, choices, doc, default))
     if spec.default is not None and spec.enum is None:
         spec = P._replace(spec, default=P.check(spec, spec.default))
     declared = Param(spec)
@@ -86,7 +99,7 @@ class _Handler:
             )
         if options["default"] is None and value.default is not inspect.Parameter.empty:
             options["default"] = value.default
-        self.spec = P.spec_from_annotation(name or fn.__name__, annotation, **options)
+        self.spec = P.spec_from_annotation(_checked(name or fn.__name__), annotation, **options)
         self.current = _wire(self.spec.default) if self.spec.default is not None else None
         self.instances: weakref.WeakSet | None = None
         self.owner = ""

@@ -2,12 +2,16 @@
 
 A change delivered to each rank's mailbox can always reach one rank a step later than the
 others: timing alone cannot make ranks agree. So ranks agree in band. Every `every` steps
-(the same steps on every rank) each rank contributes a digest of the group changes it
-holds unanswered to one tiny all_reduce on a gloo group of loomrun's own, made right after
-the script's `init_process_group` (so the script's own collectives never see it). When the
-minimum and the maximum digest are equal, every rank holds the same changes, and every
-rank applies them at this very step; otherwise none does, and they try again `every`
-steps later. Cost: one all_reduce of two int64 per `every` steps (benchmarks/poll.py).
+(the same steps on every rank) each rank contributes digests of the group changes it holds
+unanswered to one tiny all_reduce on a gloo group of loomrun's own, made right after the
+script's `init_process_group` (so the script's own collectives never see it).
+
+The changes are spread by parameter name over BUCKETS buckets, one digest of names and
+change ids per bucket, and the all_reduce takes the minimum of [digests, -digests]: where a
+bucket's minimum and maximum are equal, every rank holds exactly the same changes for
+those names, and every rank applies them at this very step; otherwise none does, and they
+compare again `every` steps later. Buckets keep one parameter that some rank lacks from
+holding up the others. Cost: one all_reduce of 2 x BUCKETS int64 per `every` steps.
 """
 
 from __future__ import annotations
@@ -18,16 +22,24 @@ import os
 import sys
 
 DEFAULT_EVERY = 8
+BUCKETS = 64
 
 
-def digest(changes) -> int:
-    """A 63-bit digest of {name: DesiredParam}; 0 for none."""
-    if not changes:
-        return 0
-    h = hashlib.blake2b(digest_size=8)
+def bucket(name: str) -> int:
+    """The same on every rank (Python's own hash() is salted per process)."""
+    return hashlib.blake2b(name.encode(), digest_size=2).digest()[0] % BUCKETS
+
+
+def digests(changes) -> list[int]:
+    """Per bucket, a 63-bit digest of {name: DesiredParam} in it; 0 for an empty bucket."""
+    hashers: dict[int, hashlib.blake2b] = {}
     for name in sorted(changes):
+        h = hashers.setdefault(bucket(name), hashlib.blake2b(digest_size=8))
         h.update(f"{name}\0{changes[name].change_id}\n".encode())
-    return int.from_bytes(h.digest(), "little") >> 1 or 1
+    out = [0] * BUCKETS
+    for index, h in hashers.items():
+        out[index] = int.from_bytes(h.digest(), "little") >> 1 or 1
+    return out
 
 
 def agree_every() -> int:
@@ -46,13 +58,15 @@ class Agreement:
         self._group = dist.new_group(backend="gloo")
         self.size, self.rank, self.every = size, rank, every
 
-    def agree(self, changes) -> bool:
-        """True when every rank holds exactly `changes` (a collective: all ranks call it)."""
-        mine = digest(changes)
-        both = self._torch.tensor([mine, -mine], dtype=self._torch.int64)
+    def agree(self, changes) -> set[str]:
+        """The names of `changes` that every rank holds exactly so (a collective: every
+        rank calls it at the same step)."""
+        mine = digests(changes)
+        both = self._torch.tensor(mine + [-d for d in mine], dtype=self._torch.int64)
         self._dist.all_reduce(both, op=self._dist.ReduceOp.MIN, group=self._group)
-        low, minus_high = both.tolist()
-        return low == -minus_high
+        values = both.tolist()
+        agreed = {i for i in range(BUCKETS) if values[i] == -values[BUCKETS + i] == mine[i]}
+        return {name for name in changes if bucket(name) in agreed}
 
 
 def install(worker) -> None:

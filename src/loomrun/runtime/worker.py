@@ -31,7 +31,8 @@ from loomrun.runtime.target import Target
 
 STATUS_INTERVAL = 0.1
 PAUSE_POLL = 0.005
-RECENT_OUTCOMES = 128
+RECENT_OUTCOMES = 512
+LARGEST_VALUE = 2048  # bytes of a value repeated in an outcome or a status; larger: left out
 _NEVER = math.inf
 
 
@@ -49,6 +50,10 @@ class Worker:
         self.metrics: dict[str, Any] = {}
         # The process group's agreement (runtime.group), once torch.distributed is set up.
         self.group = None
+        # Launched as one of several ranks: until the script sets up its process group or
+        # takes its first step, a change waits, so that no rank applies alone what its
+        # group will agree on. (A script without a process group starts stepping first.)
+        self.expect_group = os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1")
         self._step_view = mailbox.step
         self._seq_view = mailbox.desired.seq
         self._seen = 0
@@ -117,7 +122,8 @@ class Worker:
             return False
         now = self._entries(desired)
         for name, held in self._entries(self._desired).items():
-            if self._open(name, held) and now.get(name, held).change_id != held.change_id:
+            replaced = name not in now or now[name].change_id != held.change_id
+            if replaced and self._open(name, held):
                 self._answer(self._outcome(name, held, pb.SUPERSEDED), quiet=True)
         self._desired = desired
         return True
@@ -148,6 +154,9 @@ class Worker:
             if self.group is not None and not want.at_once and not resume:
                 grouped[name] = want
                 continue
+            if self.expect_group and self.group is None and step == 0 and not want.at_once:
+                due = min(due, 1)
+                continue
             if name not in self.targets and name != PAUSE and step < 2:
                 due = min(due, 2)  # declared by the script as it starts, or by its optimizer
                 continue
@@ -165,17 +174,25 @@ class Worker:
         return answered
 
     def _agree(self, grouped: dict[str, pb.DesiredParam], step: int) -> bool:
-        """One collective: when every rank holds exactly these changes, all take them now."""
-        if not self.group.agree(grouped):
-            return False
-        answered = False
-        for name, want in sorted(grouped.items()):
+        """One collective: the changes every rank holds alike, every rank takes now (or
+        schedules for their step); the others wait for the next agreement point."""
+        agreed = self.group.agree(grouped)
+        for name in sorted(agreed):
+            want = grouped[name]
             if want.at_step > step:
+                self._supersede_scheduled(name, want.change_id)
                 self._scheduled[name] = want
             else:
                 self._answer(self._decide(name, want, step, agreed=True))
-                answered = True
-        return answered
+        return bool(agreed)
+
+    def _supersede_scheduled(self, name: str, change_id: str) -> None:
+        """A later change to `name` was taken: one agreed on earlier, still waiting for its
+        step, will not apply (every rank decides this at the same step)."""
+        scheduled = self._scheduled.get(name)
+        if scheduled is not None and scheduled.change_id != change_id:
+            del self._scheduled[name]
+            self._answer(self._outcome(name, scheduled, pb.SUPERSEDED), quiet=True)
 
     def _decide(self, name: str, want: pb.DesiredParam, step: int, agreed=False) -> pb.Outcome:
         if 0 < want.at_step < step:
@@ -238,16 +255,28 @@ class Worker:
         return outcome
 
     def _answer(self, outcome: pb.Outcome, quiet: bool = False) -> None:
-        self._outcome_seq += 1
-        outcome.seq = self._outcome_seq
+        """Every change read gets one answer; `quiet` ones (superseded) leave the name open
+        for the change that replaced it."""
         if not quiet:
+            self._supersede_scheduled(outcome.name, outcome.change_id)
             self._answered[outcome.name] = outcome.change_id
         if outcome.state == pb.APPLIED:
             self._in_effect[outcome.name] = outcome.change_id
+        for value in (outcome.old, outcome.new):
+            if value.ByteSize() > LARGEST_VALUE:  # the client knows what it asked for
+                value.Clear()
+        self._outcome_seq += 1
+        outcome.seq = self._outcome_seq
         self._recent.append(outcome)
 
     def _write_acks(self) -> None:
-        acks = pb.Acks(recent=self._recent, read_version=self._desired.version)
+        acks = pb.Acks(
+            recent=self._recent,
+            read_version=self._desired.version,
+            scheduled=[w.change_id for w in self._scheduled.values()],
+        )
+        while acks.ByteSize() > self.mailbox.acks.capacity and len(acks.recent) > 1:
+            del acks.recent[: len(acks.recent) // 4 or 1]  # the oldest were read long ago
         self._write(self.mailbox.acks, acks)
         self.write_status(time.monotonic())
 
@@ -266,6 +295,7 @@ class Worker:
     def join_group(self, group) -> None:
         """This worker now trains in a process group: group changes wait for agreement."""
         self.group = group
+        self.expect_group = False
         self.write_schema()
         self._due = 0
 
@@ -318,7 +348,9 @@ class Worker:
             try:
                 value = target.get()
                 if value is not None:
-                    status.values[name].CopyFrom(P.to_pb(value))
+                    wire = P.to_pb(value)
+                    if wire.ByteSize() <= LARGEST_VALUE:
+                        status.values[name].CopyFrom(wire)
             except Exception:  # noqa: BLE001, S112 - a value we cannot read is left out
                 continue
         self._write(self.mailbox.status, status)

@@ -1,0 +1,156 @@
+"""The answer protocol in one process: a real relay, mailbox, worker and pump, no broker.
+
+The relay takes entries as the bucket's watch delivers them; the worker steps; the pump
+reads the acks and queues what it would publish. Every change written must get exactly
+one answer, its own, whatever the order of writes and reads. (No supervisor process owns
+this mailbox: the test is its one supervisor.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from loomrun import subjects as S
+from loomrun._proto import loomrun_pb2 as pb
+from loomrun.control.outbox import Outbox
+from loomrun.control.plane import ReplicaView
+from loomrun.control.pump import MailboxPump
+from loomrun.control.relay import DesiredRelay
+from loomrun.desired import change
+from loomrun.params import ParamSpec
+from loomrun.runtime.target import Target
+from loomrun.runtime.worker import Worker
+
+JOB = "protocol"
+
+
+class Rig:
+    def __init__(self, mailbox, monkeypatch):
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+        self.replica = ReplicaView("r0", 0, mailbox)
+        replicas = {"r0": self.replica}
+        self.outbox = Outbox(link=None)
+        self.pump = MailboxPump(JOB, "host", replicas, self.outbox, None, lambda *a, **k: None)
+        self.relay = DesiredRelay(JOB, replicas, None, self.outbox, self.pump.written)
+        self.pump.on_missed = self.relay.missed
+        self.worker = Worker(mailbox)
+        self.values = {"lr": 0.1}
+        spec = ParamSpec("lr", "float", min=0.0)
+        self.worker.add_target(
+            Target(spec, lambda: self.values["lr"], lambda v: self.values.update(lr=v))
+        )
+        self.revision = 0
+
+    def write(self, value, at_step=0, change_id="", name="lr") -> pb.DesiredParam:
+        want = change(value, at_step=at_step, change_id=change_id)
+        self.revision += 1
+        self.relay.take(S.desired_param(JOB, "r0", name), "PUT", want.SerializeToString())
+        return want
+
+    def step(self, times: int = 1) -> None:
+        for _ in range(times):
+            self.worker.boundary()
+        self.pump.read_back(self.replica, 0.0)
+
+    def answers(self) -> list[tuple[str, str]]:
+        """(change id, state) of every outcome published, in order."""
+        found = []
+        for subject, data in self.outbox._messages:
+            if subject.startswith(f"loomrun.{JOB}.outcomes."):
+                outcome = pb.Outcome.FromString(data)
+                found.append((outcome.change_id, pb.OutcomeState.Name(outcome.state)))
+        return found
+
+
+@pytest.fixture
+def rig(mailbox, monkeypatch):
+    return Rig(mailbox, monkeypatch)
+
+
+def test_the_same_key_twice_gets_two_answers_each_its_own(rig):
+    x = rig.write(0.2)
+    rig.step()
+    y = rig.write(0.2)
+    rig.step()
+    assert rig.answers() == [(x.change_id, "APPLIED"), (y.change_id, "APPLIED")]
+    assert rig.values["lr"] == 0.2
+
+
+def test_a_change_replaced_before_the_worker_read_it_is_superseded_once(rig):
+    x = rig.write(0.2)
+    y = rig.write(0.3)
+    rig.step()
+    rig.step()
+    assert sorted(rig.answers()) == sorted([(y.change_id, "APPLIED"), (x.change_id, "SUPERSEDED")])
+    assert rig.values["lr"] == 0.3
+
+
+def test_a_change_replaced_while_it_waited_for_its_step_is_superseded_by_the_worker(rig):
+    rig.step(3)
+    x = rig.write(0.2, at_step=50)
+    rig.step()
+    y = rig.write(0.3)
+    rig.step(60)
+    assert rig.answers() == [(x.change_id, "SUPERSEDED"), (y.change_id, "APPLIED")]
+    assert rig.values["lr"] == 0.3
+
+
+def test_a_missed_change_is_applied_nowhere_even_after_it_is_put_back(rig):
+    a = rig.write(0.2)
+    rig.step(5)
+    b = rig.write(0.9, at_step=2)
+    rig.step()
+    assert rig.answers()[-1] == (b.change_id, "MISSED")
+    assert rig.values["lr"] == 0.2
+    assert rig.replica.desired.entry("lr").change_id == a.change_id, "put back in the relay"
+    rig.write(0.2, change_id=a.change_id)  # the client's put-back in the bucket
+    rig.step()
+    c = rig.write(0.4)
+    rig.step(2)
+    assert rig.answers() == [
+        (a.change_id, "APPLIED"),
+        (b.change_id, "MISSED"),
+        (c.change_id, "APPLIED"),
+    ], "no second answer for the change put back"
+    rig.relay.rebase(rig.replica)
+    assert rig.replica.desired.entry("lr").change_id == c.change_id
+
+
+def test_a_huge_value_does_not_stop_the_answers(rig):
+    big = rig.write("x" * 70_000, name="note")
+    rig.step(2)
+    x = rig.write(0.5)
+    rig.step(2)
+    assert [state for _, state in rig.answers()] == ["REJECTED", "APPLIED"]
+    assert rig.answers()[0][0] == big.change_id and rig.answers()[1][0] == x.change_id
+
+
+def test_many_answers_in_one_step_all_reach_the_pump(rig):
+    for i in range(300):
+        spec = ParamSpec(f"p{i}", "int")
+        rig.worker.targets[spec.name] = Target(spec, lambda: 0, lambda v: None)
+    wants = [rig.write(i, name=f"p{i}") for i in range(300)]
+    rig.step()
+    assert {cid for cid, _ in rig.answers()} == {w.change_id for w in wants}
+
+
+def test_a_deleted_change_is_answered_superseded(rig):
+    rig.step(3)
+    x = rig.write(0.2, at_step=100)
+    rig.step()
+    rig.relay.take(S.desired_param(JOB, "r0", "lr"), "DEL", None)
+    rig.step(2)
+    assert rig.answers() == [(x.change_id, "SUPERSEDED")]
+
+
+def test_a_rank_of_several_holds_a_change_until_it_knows_its_group(mailbox, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    worker = Worker(mailbox)
+    values = {}
+    worker.add_target(Target(ParamSpec("lr", "float"), lambda: 0.1, lambda v: values.update(lr=v)))
+    relay = DesiredRelay(JOB, {"r0": ReplicaView("r0", 0, mailbox)}, None, None, lambda *a: None)
+    want = change(0.5)
+    relay.take(S.desired_param(JOB, "r0", "lr"), "PUT", want.SerializeToString())
+    worker.sync(at_boundary=False)
+    assert values == {}, "not applied alone before the script set up its process group"
+    worker.boundary()  # stepping with no process group: it trains alone after all
+    assert values == {"lr": 0.5}
