@@ -120,12 +120,14 @@ def main() -> None:
             cli = []
             for i in range(args.cli_calls):
                 started = time.perf_counter()
-                subprocess.run(
+                done = subprocess.run(
                     [LOOMRUN, "set", f"lr={0.02 + i * 0.0001}", "--job", JOB],
                     env=env,
-                    check=True,
                     capture_output=True,
+                    text=True,
                 )
+                if done.returncode != 0:
+                    raise SystemExit(f"CLI set #{i} exited {done.returncode}: {done.stderr}")
                 cli.append(time.perf_counter() - started)
             results["CLI loomrun set"] = cli
             job.send_signal(signal.SIGTERM)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from loomrun.broker import BundledBroker
-from loomrun.mailbox import Mailbox, segment_path, sweep_stale
+from loomrun.mailbox import Mailbox, new_segment_path, sweep_stale
 from loomrun.supervisor import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +40,7 @@ def session_broker(tmp_path_factory):
 @pytest.fixture
 def mailbox():
     """A fresh mailbox segment of this process, removed afterwards."""
-    box = Mailbox.create(segment_path(f"test-{secrets.token_hex(4)}", "r0"))
+    box = Mailbox.create(new_segment_path(f"test-{secrets.token_hex(4)}", "r0"))
     yield box
     box.unlink()
 

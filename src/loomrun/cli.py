@@ -390,6 +390,7 @@ def _steer(options, work):
 
     from loomrun.broker import BrokerError
     from loomrun.client import SteerError, Steering
+    from loomrun.printable import printable
 
     async def session():
         async with Steering.connect(options) as steering:
@@ -398,9 +399,9 @@ def _steer(options, work):
     try:
         return asyncio.run(session())
     except SteerError as error:
-        raise click.UsageError(str(error)) from None
+        raise click.UsageError(printable(error)) from None
     except BrokerError as error:
-        click.echo(f"Error: {error}", err=True)
+        click.echo(f"Error: {printable(error)}", err=True)
         sys.exit(EXIT_NO_BROKER)
 
 
@@ -466,6 +467,10 @@ def _report(results, as_json: bool, job: str | None, waited: bool) -> int:
     import json
 
     from loomrun.params import format_value
+    from loomrun.printable import printable
+
+    def say(line: str) -> None:
+        click.echo(printable(line))  # names, values and reasons come from the broker
 
     states = {r.state for r in results}
     if not waited:
@@ -486,23 +491,21 @@ def _report(results, as_json: bool, job: str | None, waited: bool) -> int:
         d = r.as_dict()
         head = f"{r.replica}  {r.name}"
         if not waited:
-            click.echo(f"{head}  = {format_value(r.requested)}  written (change {r.change_id})")
+            say(f"{head}  = {format_value(r.requested)}  written (change {r.change_id})")
         elif r.state == "timed out":
-            click.echo(
-                f"{head}  no answer yet: still desired, it applies when the replica gets to it"
-            )
+            say(f"{head}  no answer yet: still desired, it applies when the replica gets to it")
         elif r.state == "rejected":
-            click.echo(f"{head}  rejected: {d['reason']}")
+            say(f"{head}  rejected: {d['reason']}")
         elif r.state == "missed":
-            click.echo(f"{head}  not applied: {d['reason']}")
+            say(f"{head}  not applied: {d['reason']}")
         elif r.state == "superseded":
-            click.echo(f"{head}  not applied: a later change to {r.name} reached {r.replica} first")
+            say(f"{head}  not applied: a later change to {r.name} reached {r.replica} first")
         elif r.name == "pause":
             word = "paused" if d["new"] else "resumed"
-            click.echo(f"{r.replica}  {word} at step {d['step']}  ({d['latency_ms']:.1f} ms)")
+            say(f"{r.replica}  {word} at step {d['step']}  ({d['latency_ms']:.1f} ms)")
         else:
             change = f"{format_value(d['old'])} -> {format_value(d['new'])}"
-            click.echo(f"{head}  {change}  at step {d['step']}  ({d['latency_ms']:.1f} ms)")
+            say(f"{head}  {change}  at step {d['step']}  ({d['latency_ms']:.1f} ms)")
     return code
 
 
@@ -723,29 +726,50 @@ def watch_command(job, replicas, once, as_json, interval, metrics, **broker):
 @main.command("server")
 @click.option("--listen", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", type=click.IntRange(1, 65535), default=4222, show_default=True)
-@click.option("--token", envvar="LOOMRUN_NATS_TOKEN", help="Require this token from clients.")
+@click.option(
+    "--token",
+    envvar="LOOMRUN_NATS_TOKEN",
+    help="Require this token from clients [default: this user's secret, made on first use].",
+)
 def server_command(listen, port, token):
-    """Run the bundled NATS broker (JetStream on) in the foreground, for a long-lived broker."""
-    import os as _os
+    """Run the bundled NATS broker (JetStream on) in the foreground, for a long-lived broker.
 
-    from loomrun.broker import BrokerError, default_store, server_binary
+    It always requires a token: yours from your state directory unless --token (or
+    LOOMRUN_NATS_TOKEN) gives another. Your own loomrun commands on this host connect
+    without flags; anyone else needs the token.
+    """
+    from loomrun.broker import (
+        BrokerError,
+        default_store,
+        local_secret,
+        private_state_dir,
+        secret_path,
+        server_binary,
+        server_config,
+        write_private,
+    )
 
-    if listen not in ("127.0.0.1", "localhost", "::1") and not token:
-        click.echo(
-            f"loomrun: listening on {listen} without --token: anyone who reaches it can steer",
-            err=True,
-        )
     try:
         binary = server_binary()
-    except BrokerError as error:
+        state = private_state_dir()
+        secret = token or local_secret()
+        store = default_store(port)
+        store.mkdir(parents=True, exist_ok=True, mode=0o700)
+        config = state / f"nats-server-{port}.conf"
+        write_private(config, server_config(listen, port, store, secret, None))
+    except (BrokerError, OSError) as error:
         raise click.ClickException(str(error)) from None
-    store = default_store(port)
-    store.mkdir(parents=True, exist_ok=True)
-    command = [str(binary), "-a", listen, "-p", str(port), "-js", "-sd", str(store)]
+    url = f"nats://{listen}:{port}"
+    click.echo(f"loomrun: NATS broker on {url}, store {store}", err=True)
     if token:
-        command += ["--auth", token]
-    click.echo(f"loomrun: NATS broker on nats://{listen}:{port}, store {store}", err=True)
-    _os.execv(command[0], command)
+        click.echo("loomrun: clients connect with LOOMRUN_NATS_TOKEN set to that token", err=True)
+    else:
+        click.echo(
+            f"loomrun: your loomrun commands here connect as they are; elsewhere, "
+            f"LOOMRUN_NATS={url} LOOMRUN_NATS_TOKEN=$(cat {secret_path()})",
+            err=True,
+        )
+    os.execv(str(binary), [str(binary), "-c", str(config)])
 
 
 def _check_module(module: str) -> None:

@@ -21,12 +21,19 @@ the worker's slots before it starts the replacement (`reset_worker_side`), and i
 
 The segment is opened with os.open + mmap, not multiprocessing.shared_memory, whose
 resource tracker can unlink a segment when a worker exits (CPython issue 82300).
+
+/dev/shm is shared by every user of the machine. A segment's name carries the user's uid
+and a random part, and is made with O_EXCL (which never follows a link): a file another
+user made beforehand cannot stop a job or catch its mailbox. The sweep of segments left by
+dead supervisors touches only this user's, made in this pid namespace.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import re
+import secrets
 import struct
 import time
 from pathlib import Path
@@ -43,6 +50,7 @@ SLOT_TYPES = {"desired": pb.DesiredState, "acks": pb.Acks, "schema": pb.Schema, 
 WORKER_SLOTS = ("acks", "schema", "status")
 _HEADER = 64
 _STEP_OFFSET = 24
+_PIDNS_OFFSET = 32
 _SLOT_HEADER = 16
 _TORN_READ_TRIES = 10_000
 _QUICK_READ_TRIES = 3
@@ -63,22 +71,46 @@ def _layout() -> tuple[dict[str, tuple[int, int]], int]:
 SLOTS, SEGMENT_SIZE = _layout()
 
 
-def segment_path(job: str, replica: str) -> Path:
-    return SHM_DIR / f"loomrun-{job}-{replica}"
+def new_segment_path(job: str, replica: str) -> Path:
+    """A name nobody can have taken: this user's uid, the replica, and a random part."""
+    return SHM_DIR / f"loomrun-{os.getuid()}-{job}-{replica}-{secrets.token_hex(4)}"
+
+
+def find_segment(job: str, replica: str) -> Path | None:
+    """The segment of a running job's replica, made by this user (None if there is none)."""
+    pattern = re.compile(
+        rf"loomrun-{os.getuid()}-{re.escape(job)}-{re.escape(replica)}-[0-9a-f]{{8}}"
+    )
+    found = [p for p in SHM_DIR.glob(f"loomrun-{os.getuid()}-*") if pattern.fullmatch(p.name)]
+    return found[0] if len(found) == 1 else None
+
+
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
 
 
 def sweep_stale() -> list[Path]:
-    """Remove segments whose supervisor is gone: a SIGKILL leaves no chance to clean up."""
-    removed = []
+    """Remove this user's segments whose supervisor is gone (a SIGKILL leaves it no chance
+    to clean up). Another user's, or one made in another pid namespace (where its pid means
+    another process), is never touched."""
+    removed, uid, namespace = [], os.getuid(), _pid_namespace()
     for path in SHM_DIR.glob("loomrun-*"):
         try:
+            info = path.lstat()
+            if info.st_uid != uid or not path.is_file() or path.is_symlink():
+                continue
             with open(path, "rb") as f:
-                header = f.read(20)
+                header = f.read(_PIDNS_OFFSET + 8)
         except OSError:
             continue
-        if len(header) < 20 or header[:8] != MAGIC:
+        if len(header) < _PIDNS_OFFSET + 8 or header[:8] != MAGIC:
             continue
         pid = struct.unpack_from("<i", header, 16)[0]
+        if struct.unpack_from("<Q", header, _PIDNS_OFFSET)[0] != namespace:
+            continue
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -188,16 +220,16 @@ class Mailbox:
 
     @classmethod
     def create(cls, path: Path) -> Mailbox:
-        """Make a fresh segment; one left under that name by a crashed run is replaced."""
-        path.unlink(missing_ok=True)
+        """Make a fresh segment under a name no file has (see new_segment_path)."""
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
         except OSError as error:
             raise MailboxError(f"cannot create the mailbox {path}: {error.strerror}") from None
         try:
             os.ftruncate(fd, SEGMENT_SIZE)
             header = struct.pack("<IIi", SEGMENT_SIZE, len(SLOT_NAMES), os.getpid())
             os.pwrite(fd, MAGIC + header, 0)
+            os.pwrite(fd, struct.pack("<Q", _pid_namespace()), _PIDNS_OFFSET)
         except OSError as error:
             os.close(fd)
             path.unlink(missing_ok=True)
@@ -207,7 +239,7 @@ class Mailbox:
     @classmethod
     def attach(cls, path: Path) -> Mailbox:
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
         except OSError as error:
             raise MailboxError(f"cannot open the mailbox {path}: {error.strerror}") from None
         header = os.pread(fd, 16, 0)

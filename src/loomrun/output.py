@@ -9,6 +9,8 @@ from collections import deque
 from pathlib import Path
 from typing import BinaryIO
 
+from loomrun.printable import printable
+
 # Bright, readable on dark and light terminals; cycled over replicas.
 _COLORS = (36, 33, 35, 32, 34, 31, 96, 93, 95, 92, 94, 91)
 _CHUNK = 1 << 16
@@ -27,7 +29,7 @@ def use_color(stream) -> bool:
 def say(message: str) -> None:
     """The supervisor's own voice on stderr: one line, prefixed so it is told apart."""
     try:
-        sys.stderr.write(f"loomrun: {message}\n")
+        sys.stderr.write(f"loomrun: {printable(message)}\n")
         sys.stderr.flush()
     except (BrokenPipeError, ValueError):
         pass

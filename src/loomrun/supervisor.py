@@ -20,12 +20,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loomrun.broker import BrokerOptions
+from loomrun.broker import BrokerOptions, sweep_orphan_brokers
 from loomrun.desired import DesiredConfig
-from loomrun.mailbox import Mailbox, MailboxError, segment_path, sweep_stale
+from loomrun.mailbox import Mailbox, MailboxError, new_segment_path, sweep_stale
 from loomrun.output import ConsoleStream, ReplicaOutput, prefix_for, say, use_color
+from loomrun.watchdog import Watchdog
 
-EXIT_STOPPED_BY = {signal.SIGINT: 130, signal.SIGTERM: 143}
+EXIT_STOPPED_BY = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
+# A closed terminal or a dropped ssh session (SIGHUP) stops the job like SIGTERM does.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -87,6 +90,7 @@ def worker_env(
     """torchrun's worker environment for one replica, plus loomrun's own variables."""
     rank = spec.rank_of(local_rank)
     env = dict(base)
+    env.pop("LOOMRUN_NATS_TOKEN", None)  # the broker's secret is the supervisor's, not the script's
     env.update(
         RANK=str(rank),
         LOCAL_RANK=str(local_rank),
@@ -182,13 +186,15 @@ class Supervisor:
         self._own_run_dir = False
         self.mailboxes: dict[str, Mailbox] = {}
         self.control = None
+        self.watchdog: Watchdog | None = None
 
     # -- the main loop ---------------------------------------------------------
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
+        self.watchdog = Watchdog()
         self._prepare_run_dir()
         names = [r.name for r in self.replicas]
         shown = names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
@@ -214,15 +220,16 @@ class Supervisor:
             return 1
         finally:
             await self._stop([r for r in self.replicas if self._alive(r)], signal.SIGTERM)
-            self._reap_groups()
             for replica in self.replicas:
+                self._reaped(replica)
                 await self._drain(replica)
             if self.control is not None:
                 await self.control.close(code)
             for mailbox in self.mailboxes.values():
                 mailbox.unlink()
             self._release_run_dir()
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            self.watchdog.close()
+            for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
 
     async def _watch(self) -> int:
@@ -238,6 +245,7 @@ class Supervisor:
                     if replica is None:  # its process was replaced by a group restart
                         continue
                     returncode = task.result()
+                    self._reaped(replica)
                     if returncode == 0:
                         replica.finished = True
                         self._tell_exit(replica, 0, "exited with code 0")
@@ -358,13 +366,14 @@ class Supervisor:
 
     async def _stop_on_signal(self) -> int:
         sig = self._stop_signal
+        passed = signal.SIGTERM if sig == signal.SIGHUP else sig  # scripts handle SIGTERM
         alive = [r for r in self.replicas if self._alive(r)]
         if alive:
             say(
-                f"got {sig.name}: passing it to {len(alive)} worker(s), "
+                f"got {sig.name}: passing {passed.name} to {len(alive)} worker(s), "
                 f"SIGKILL after {self.spec.grace:g}s (again to kill now)"
             )
-        await self._stop(alive, sig)
+        await self._stop(alive, passed)
         return EXIT_STOPPED_BY.get(sig, 128 + int(sig))
 
     # -- processes -----------------------------------------------------------------
@@ -403,6 +412,7 @@ class Supervisor:
             limit=1 << 20,
         )
         replica.pgid = replica.proc.pid
+        self.watchdog.tell(f"group {replica.pgid}")
         replica.started = time.monotonic()
         if self.control is not None:
             self.control.replica_started(replica.name, replica.proc.pid, replica.restarts)
@@ -436,13 +446,19 @@ class Supervisor:
             for replica in replicas:
                 self._signal_group(replica, signal.SIGKILL)
             await asyncio.wait(pending)
-        # Whatever the workers left in their groups (dataloader workers, shells) goes too.
         for replica in replicas:
-            self._signal_group(replica, signal.SIGKILL)
+            self._reaped(replica)
 
-    def _reap_groups(self) -> None:
-        for replica in self.replicas:
-            self._signal_group(replica, signal.SIGKILL)
+    def _reaped(self, replica: Replica) -> None:
+        """Its worker is gone: what it left in its process group (dataloader workers, a
+        shell, a helper) goes too, right away, while the group id is still held by them or
+        just freed; then the group is forgotten, so no signal ever reaches a group that is
+        no longer ours (ids are reused)."""
+        if replica.pgid is None or self._alive(replica):
+            return
+        self._signal_group(replica, signal.SIGKILL)
+        self.watchdog.tell(f"forget {replica.pgid}")
+        replica.pgid = None
 
     async def _drain(self, replica: Replica) -> None:
         """Let the log pumps reach EOF, but not wait on a grandchild holding the pipe open."""
@@ -470,6 +486,7 @@ class Supervisor:
             options=self.spec.broker,
             on_device_failure=self.fail_device,
             wait_broker=self.spec.wait_broker,
+            on_local_broker=lambda port: self.watchdog.tell(f"broker {port}"),
         )
         for replica in self.replicas:
             if replica.proc is not None:
@@ -490,9 +507,14 @@ class Supervisor:
 
     def _open_mailboxes(self) -> None:
         """One segment per replica, before any worker starts; kept across restarts."""
-        sweep_stale()
+        swept = sweep_stale()
+        if swept:
+            say(f"removed {len(swept)} shared-memory segment(s) left by loomrun jobs that died")
+        for port in sweep_orphan_brokers():
+            say(f"stopped the bundled NATS broker on port {port}, which no loomrun job used")
         for replica in self.replicas:
-            path = segment_path(self.spec.job, replica.name)
+            path = new_segment_path(self.spec.job, replica.name)
+            self.watchdog.tell(f"segment {path}")
             self.mailboxes[replica.name] = Mailbox.create(path)
 
     # -- the run directory (error files, logs) ---------------------------------------

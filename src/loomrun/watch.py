@@ -24,6 +24,7 @@ from google.protobuf.message import DecodeError
 from loomrun import params as P
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
+from loomrun.printable import printable
 
 STALE_AFTER = 3.0  # seconds without a heartbeat from the replica's supervisor (every 1 s)
 EVENTS_SHOWN = 8
@@ -203,7 +204,7 @@ def _cells(row: dict, metrics: list[str]) -> list[str]:
         gpu = f"{row['gpu_util']:.0f}%"
         if row["gpu_mem_total"]:
             gpu += f" {row['gpu_mem_used'] / 2**30:.1f}/{row['gpu_mem_total'] / 2**30:.0f}G"
-    return [
+    cells = [
         row["replica"],
         row["host"],
         row["device"],
@@ -217,11 +218,12 @@ def _cells(row: dict, metrics: list[str]) -> list[str]:
         str(row["restarts"]),
         _age(row["age"]),
     ]
+    return [printable(cell) for cell in cells]  # what the broker says, safe for a terminal
 
 
 def _header(job: dict) -> str:
     totals = job["totals"]
-    return (
+    return printable(
         f"{job['job']}  {job['state']}  {job['script']}  broker {job['broker']}  "
         f"up {_age(job['uptime'])}  {totals['running']}/{totals['replicas']} running  "
         f"{totals['steps_per_sec']:.1f} steps/s"
@@ -230,7 +232,8 @@ def _header(job: dict) -> str:
 
 def _event_line(event: dict) -> str:
     stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
-    return f"{stamp}  {event['job']}/{event['replica']}  {event['kind']}: {event['text']}"
+    line = f"{stamp}  {event['job']}/{event['replica']}  {event['kind']}: {event['text']}"
+    return printable(line)
 
 
 def render_plain(snapshot: dict) -> str:
@@ -261,7 +264,7 @@ def render_rich(snapshot: dict):
     metrics = snapshot["metrics"]
     parts = []
     for job in snapshot["jobs"]:
-        table = Table(title=_header(job), title_justify="left", header_style="bold")
+        table = Table(title=Text(_header(job)), title_justify="left", header_style="bold")
         # Text cells and no wrapping: no markup to parse, no line breaking to work out, which
         # keeps a 64-replica frame cheap (benchmarks/watch_render.py).
         for column in [*COLUMNS, *metrics, *TAIL_COLUMNS]:

@@ -19,13 +19,20 @@ from loomrun.broker import (
     host_port,
     import_nats,
     is_loopback,
+    join,
+    leave,
+    refused,
 )
 from loomrun.output import say
 
 
 class BrokerLink:
-    def __init__(self, options: BrokerOptions):
+    def __init__(self, options: BrokerOptions, on_local_broker=None):
         self.options = options
+        # Told the port of a bundled broker on this host once this job uses it: if the
+        # supervisor dies, its watchdog leaves it for it (and stops it, if it was the last).
+        self.on_local_broker = on_local_broker
+        self._local_port: int | None = None
         self.nc = None
         self.js = None
         self.kv: dict[str, object] = {}
@@ -45,6 +52,9 @@ class BrokerLink:
                 await self._connect()
                 break
             except BrokerError as error:
+                if "authorization" in str(error).lower():
+                    say(f"{refused(self.options.url)}; this job runs without live control")
+                    return False
                 if not wait_broker and not is_loopback(self.options.url):
                     say(f"{error}; this job runs without live control")
                     return False
@@ -79,6 +89,11 @@ class BrokerLink:
                 f"cannot reach the NATS broker at {self.options.url} ({error})"
             ) from None
         self.js = self.nc.jetstream()
+        if is_loopback(self.options.url):
+            self._local_port = port
+            join(port)
+            if self.on_local_broker is not None:
+                self.on_local_broker(port)
 
     async def _start_bundled(self, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -127,11 +142,16 @@ class BrokerLink:
         return found
 
     async def close(self) -> None:
+        """Disconnect; the last job to leave a bundled broker stops it (another job still on
+        it keeps it, whoever started it)."""
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.close(), 3.0)
+        if self._local_port is not None:
+            port = self._local_port
+            await asyncio.get_running_loop().run_in_executor(None, leave, port)
         if self.broker is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.broker.stop)
+            self.broker.process.poll()  # reap it, if leaving stopped it
 
     # -- connection events -------------------------------------------------------------
 

@@ -62,6 +62,7 @@ class ControlPlane:
         options: BrokerOptions,
         on_device_failure: Callable[[str, str], None],
         wait_broker: bool = False,
+        on_local_broker: Callable[[int], None] | None = None,
     ):
         self.job = job
         self.replicas = {r.name: r for r in replicas}
@@ -71,7 +72,7 @@ class ControlPlane:
         self.devices = Devices()
         for replica in replicas:
             replica.device = self.devices.for_replica(replica.local_rank)
-        self.link = BrokerLink(options)
+        self.link = BrokerLink(options, on_local_broker)
         self.outbox = Outbox(self.link)
         self.pump = MailboxPump(job, host, self.replicas, self.outbox, self.devices, self.event)
         self.relay = DesiredRelay(job, self.replicas, self.link, self.outbox, self.pump.written)

@@ -1,0 +1,91 @@
+"""Nothing outlives a job: the watchdog that cleans up after a supervisor however it died.
+
+The supervisor starts this watchdog first, in a session of its own, and keeps the write
+end of a pipe to it. The kernel closes that pipe when the supervisor dies, however it
+dies, SIGKILL included: the watchdog reads end-of-file at once. As the job goes, the
+supervisor tells it, one line each, the process groups of its workers, its shared-memory
+segments and the bundled broker it uses. On end-of-file without a goodbye (`done`), the
+watchdog kills those process groups, removes those segments, and stops the broker if no
+other live process uses it; then it exits.
+
+Why a watchdog: the workers' parent-death signal (PR_SET_PDEATHSIG) reaches each worker,
+but not what the worker started (a helper process, a shell), which would live on with
+parent 1; a kill of the worker's whole process group reaches them all, and someone alive
+has to send it. pidfds would need the watcher to be alive too, and the supervisor is the
+one that died. The watchdog costs one small process per job, asleep on a read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+
+class Watchdog:
+    """The supervisor's end: what to clean up if it dies, told as the job goes."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "loomrun.watchdog", str(os.getpid())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C or a SIGHUP of the terminal is not for it
+        )
+
+    def tell(self, line: str) -> None:
+        try:
+            self.process.stdin.write(f"{line}\n".encode())
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            pass  # it died: nothing to tell, the supervisor cleans up itself
+
+    def close(self) -> None:
+        """The supervisor cleaned up itself: the watchdog leaves without acting."""
+        self.tell("done")
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(5)
+
+
+def main() -> None:
+    supervisor = int(sys.argv[1])
+    groups: set[int] = set()
+    segments: set[str] = set()
+    brokers: set[int] = set()
+    done = False
+    for raw in sys.stdin.buffer:
+        command, _, argument = raw.decode(errors="replace").strip().partition(" ")
+        if command == "group":
+            groups.add(int(argument))
+        elif command == "forget":
+            groups.discard(int(argument))
+        elif command == "segment":
+            segments.add(argument)
+        elif command == "unsegment":
+            segments.discard(argument)
+        elif command == "broker":
+            brokers.add(int(argument))
+        elif command == "done":
+            done = True
+    if done:
+        return
+    for pgid in groups:
+        with contextlib.suppress(OSError):
+            os.killpg(pgid, signal.SIGKILL)
+    for path in segments:
+        with contextlib.suppress(OSError):
+            Path(path).unlink()
+    from loomrun.broker import leave
+
+    for port in brokers:
+        leave(port, supervisor)
+
+
+if __name__ == "__main__":
+    main()
