@@ -62,6 +62,16 @@ def test_worker_env_matches_torchrun_key_by_key(tmp_path):
         assert ours[rank]["name"] == "__main__"
 
 
+def test_the_brokers_token_never_reaches_a_worker(tmp_path):
+    result = run_loomrun(
+        "--no-broker", SCRIPTS / "dump_env.py",
+        env={"DUMP_DIR": str(tmp_path), "LOOMRUN_NATS_TOKEN": "s3cret"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    env = read_dumps(tmp_path)["0"]["env"]
+    assert "LOOMRUN_NATS_TOKEN" not in env and "s3cret" not in json.dumps(env)
+
+
 def test_env_layout_across_nodes(tmp_path):
     result = run_loomrun(
         "--nnodes", "2", "--node-rank", "1", "--replicas", "2", "--job", "multi",
@@ -96,6 +106,8 @@ def test_argument_rule(tmp_path, args, replicas, script_argv):
     assert len(dumps) == replicas
     for dump in dumps.values():
         assert dump["argv"] == [script, *script_argv]
+    taken = "--replicas" in args[args.index("{s}") :] and "--" not in args
+    assert ("took --replicas after the script as loomrun's own" in result.stderr) == taken
 
 
 def test_module_target(tmp_path):

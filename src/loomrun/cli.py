@@ -1,8 +1,8 @@
 """The `loomrun` command line: `loomrun [run] [OPTIONS] SCRIPT [ARGS]...` and the steering commands.
 
 Exit codes of `loomrun run`: 0 when every replica finished; the failed replica's own exit
-code when one failed past its restarts (128+N when killed by signal N); 130 or 143 when
-stopped by SIGINT or SIGTERM; 2 for a usage error, with nothing started.
+code when one failed past its restarts (128+N when killed by signal N); 130, 143 or 129 when
+stopped by SIGINT, SIGTERM or SIGHUP; 2 for a usage error, with nothing started.
 
 Exit codes of `set`, `pause`, `resume`: 0 every targeted replica applied the change; 1 some
 did not (rejected it, missed its step, or a later change replaced it first); 3 timed out
@@ -151,7 +151,7 @@ def _module_precedes_script(raw: list[str], script: str) -> bool:
     cls=RunCommand,
     context_settings={"ignore_unknown_options": True, "allow_interspersed_args": True},
     epilog="Exit codes: 0 all replicas finished; the failed replica's own code "
-    "(128+N for signal N); 130/143 stopped by SIGINT/SIGTERM; 2 usage error.",
+    "(128+N for signal N); 130/143/129 stopped by SIGINT/SIGTERM/SIGHUP; 2 usage error.",
 )
 @click.option(
     "--replicas",
@@ -242,6 +242,14 @@ def _module_precedes_script(raw: list[str], script: str) -> bool:
     help="Seconds between SIGTERM/SIGINT to the workers and SIGKILL.",
 )
 @click.option(
+    "--step-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="SECONDS",
+    help="Stop a replica that takes no step for this long (after its first) and restart "
+    "it per --restart-policy [default: off; a hang is only shown].",
+)
+@click.option(
     "--job",
     callback=_validate_job,
     default=None,
@@ -268,10 +276,30 @@ def run_command(ctx: click.Context, target: tuple[str, ...], **options) -> None:
     """
     from loomrun.supervisor import run
 
-    spec = RunOptions(**options).spec(target, ctx.meta["loomrun.raw_args"])
+    raw = ctx.meta["loomrun.raw_args"]
+    spec = RunOptions(**options).spec(target, raw)
+    taken = _own_options_after(raw, spec.module or spec.script, ctx.command)
+    if taken:
+        click.echo(
+            f"loomrun: took {', '.join(taken)} after the script as loomrun's own; to pass "
+            f"{'it' if len(taken) == 1 else 'them'} to the script instead, put "
+            f"{'it' if len(taken) == 1 else 'them'} after `--`",
+            err=True,
+        )
     if spec.broker is not None and not spec.wait_broker:
         _check_remote_broker(spec.broker)
     ctx.exit(run(spec))
+
+
+def _own_options_after(raw: list[str], target: str, command: click.Command) -> list[str]:
+    """loomrun's options that stood after the script (and before `--`): a script with an
+    option of the same name would silently lose it, so the user is told."""
+    names = {o for p in command.params if isinstance(p, click.Option) for o in p.opts}
+    end = raw.index("--") if "--" in raw else len(raw)
+    if target not in raw[:end]:
+        return []
+    after = raw[raw.index(target) + 1 : end]
+    return list(dict.fromkeys(a.split("=", 1)[0] for a in after if a.split("=", 1)[0] in names))
 
 
 @dataclass(frozen=True)
@@ -290,6 +318,7 @@ class RunOptions:
     log_dir: Path | None
     replicas_filter: str | None
     grace: float
+    step_timeout: float | None
     job: str | None
     nats_url: str
     nats_creds: str | None
@@ -335,6 +364,7 @@ class RunOptions:
             log_dir=self.log_dir,
             console_filter=parse_replica_filter(self.replicas_filter, names),
             grace=self.grace,
+            step_timeout=self.step_timeout,
             broker=broker,
             wait_broker=self.wait_broker,
         )

@@ -79,7 +79,10 @@ class Job:
     def state(self) -> str:
         if self.finished:
             return "exited 0" if self.exit_code == 0 else f"failed: {self.exit_code}"
-        return "lost" if self.lost else "running"
+        if self.lost:
+            return "lost"
+        hung = sorted({r for node in self.nodes for r in node.hung})
+        return f"running, {', '.join(hung)} hung" if hung else "running"
 
 
 @dataclass

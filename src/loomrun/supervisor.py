@@ -26,6 +26,8 @@ from loomrun.mailbox import Mailbox, MailboxError, new_segment_path, sweep_stale
 from loomrun.output import ConsoleStream, ReplicaOutput, prefix_for, say, use_color
 from loomrun.watchdog import Watchdog
 
+HANG_AFTER = 60.0
+PROGRESS_CHECK = 0.5
 EXIT_STOPPED_BY = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 # A closed terminal or a dropped ssh session (SIGHUP) stops the job like SIGTERM does.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -50,6 +52,7 @@ class LaunchSpec:
     log_dir: Path | None = None
     console_filter: frozenset[str] | None = None
     grace: float = 30.0
+    step_timeout: float | None = None
     broker: BrokerOptions | None = field(default_factory=BrokerOptions)
     wait_broker: bool = False
 
@@ -165,6 +168,43 @@ class Replica:
     error_file: Path | None = None
     finished: bool = False
     failure_note: str = ""
+    progress: Progress = field(default_factory=lambda: Progress())
+
+
+def hang_after() -> float:
+    """Seconds without a step or a status before a replica shows as hung (at least; ten
+    of its usual steps if longer): LOOMRUN_HANG_AFTER, default 60."""
+    try:
+        return max(0.1, float(os.environ.get("LOOMRUN_HANG_AFTER", HANG_AFTER)))
+    except ValueError:
+        return HANG_AFTER
+
+
+@dataclass
+class Progress:
+    """Whether a worker still moves, read off its mailbox: the step counter it bumps at each
+    step, and its status, which it writes even while paused."""
+
+    since: float = field(default_factory=time.monotonic)
+    step: int = 0
+    status: int = 0
+    step_time: float = 0.0  # seconds per step, smoothed
+    hung: bool = False
+
+    def quiet_for(self, step: int, status: int, now: float) -> float:
+        """Seconds since the step or the status last moved; 0 before the first step."""
+        if step != self.step:
+            if self.step:
+                per_step = (now - self.since) / max(1, step - self.step)
+                self.step_time = (
+                    per_step if not self.step_time else 0.8 * self.step_time + 0.2 * per_step
+                )
+            self.step, self.status, self.since = step, status, now
+            return 0.0
+        if status != self.status:
+            self.status, self.since = status, now
+            return 0.0
+        return now - self.since if step else 0.0
 
 
 class Supervisor:
@@ -213,7 +253,11 @@ class Supervisor:
             for replica in self.replicas:
                 await self._start(replica)
             await self._start_control()  # after the spawns: importing nats alone takes 0.3 s
-            code = await self._watch()
+            progress = asyncio.ensure_future(self._watch_progress())
+            try:
+                code = await self._watch()
+            finally:
+                progress.cancel()
             return code
         except MailboxError as error:
             say(str(error))
@@ -412,6 +456,7 @@ class Supervisor:
             limit=1 << 20,
         )
         replica.pgid = replica.proc.pid
+        replica.progress = Progress()
         self.watchdog.tell(f"group {replica.pgid}")
         replica.started = time.monotonic()
         if self.control is not None:
@@ -501,9 +546,45 @@ class Supervisor:
         """A health checker says this replica's device failed: stop it; the policy decides."""
         for replica in self.replicas:
             if replica.name == name and self._alive(replica):
-                say(f"{name}: {note}; stopping it")
-                replica.failure_note = note
-                self._signal_group(replica, signal.SIGTERM)
+                self._terminate(replica, note)
+
+    def _terminate(self, replica: Replica, note: str) -> None:
+        """Stop one replica as a failure (the restart policy decides what follows): SIGTERM,
+        and SIGKILL after the grace period if that very process still runs."""
+        say(f"{replica.name}: {note}; stopping it")
+        replica.failure_note = note
+        self._signal_group(replica, signal.SIGTERM)
+        proc = replica.proc
+
+        async def kill_later() -> None:
+            await asyncio.sleep(self.spec.grace)
+            if replica.proc is proc and self._alive(replica):
+                self._signal_group(replica, signal.SIGKILL)
+
+        asyncio.ensure_future(kill_later())
+
+    async def _watch_progress(self) -> None:
+        """Replicas that neither step nor write a status: shown as hung, and with
+        --step-timeout stopped and restarted per the policy."""
+        timeout = self.spec.step_timeout
+        while True:
+            await asyncio.sleep(PROGRESS_CHECK)
+            now = time.monotonic()
+            for replica in self.replicas:
+                if not self._alive(replica) or replica.failure_note:
+                    continue
+                box, progress = self.mailboxes[replica.name], replica.progress
+                quiet = progress.quiet_for(box.step[0], box.status.seq[0], now)
+                hung = quiet >= max(hang_after(), 10 * progress.step_time)
+                hung = hung or (timeout is not None and quiet >= timeout)
+                if hung != progress.hung:
+                    progress.hung = hung
+                    if hung:
+                        say(f"{replica.name} took no step for {quiet:.0f}s: it looks hung")
+                    if self.control is not None:
+                        self.control.replica_hung(replica.name, hung)
+                if timeout is not None and quiet >= timeout:
+                    self._terminate(replica, f"no step for {timeout:g}s (--step-timeout)")
 
     def _open_mailboxes(self) -> None:
         """One segment per replica, before any worker starts; kept across restarts."""

@@ -46,7 +46,7 @@ def describe_state(status: pb.ReplicaStatus, age: float, job_lost: bool) -> str:
             with contextlib.suppress(ValueError):
                 return f"failed: {signal.Signals(code - 128).name}"
         return f"failed: {code}"
-    alive = (pb.RUNNING, pb.PAUSED, pb.STARTING, pb.REPLICA_STATE_UNSPECIFIED)
+    alive = (pb.RUNNING, pb.PAUSED, pb.STARTING, pb.HUNG, pb.REPLICA_STATE_UNSPECIFIED)
     if state in alive and age > STALE_AFTER:
         return "stale"
     if state == pb.REPLICA_STATE_UNSPECIFIED:
@@ -251,7 +251,10 @@ def render_plain(snapshot: dict) -> str:
     return "\n\n".join(blocks)
 
 
-_STATE_STYLES = {"running": "green", "paused": "yellow", "stale": "bold red", "lost": "bold red"}
+_STATE_STYLES = {
+    "running": "green", "paused": "yellow", "stale": "bold red", "lost": "bold red",
+    "hung": "bold red",
+}  # fmt: skip
 
 
 def render_rich(snapshot: dict):

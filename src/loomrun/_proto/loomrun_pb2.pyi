@@ -33,6 +33,7 @@ class ReplicaState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXITED: _ClassVar[ReplicaState]
     FAILED: _ClassVar[ReplicaState]
     STOPPED: _ClassVar[ReplicaState]
+    HUNG: _ClassVar[ReplicaState]
 OUTCOME_STATE_UNSPECIFIED: OutcomeState
 APPLIED: OutcomeState
 REJECTED: OutcomeState
@@ -51,6 +52,7 @@ RESTARTING: ReplicaState
 EXITED: ReplicaState
 FAILED: ReplicaState
 STOPPED: ReplicaState
+HUNG: ReplicaState
 
 class Value(_message.Message):
     __slots__ = ("f", "i", "b", "s", "list")
@@ -246,7 +248,7 @@ class ReplicaStatus(_message.Message):
     def __init__(self, job: _Optional[str] = ..., replica: _Optional[str] = ..., host: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., restarts: _Optional[int] = ..., exit_code: _Optional[int] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., device_uuid: _Optional[str] = ..., device_name: _Optional[str] = ..., gpu_util: _Optional[float] = ..., gpu_mem_used: _Optional[float] = ..., gpu_mem_total: _Optional[float] = ..., time: _Optional[float] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job", "host", "replicas", "started", "script", "pid", "node_rank", "nnodes", "heartbeat", "broker", "finished", "exit_code")
+    __slots__ = ("job", "host", "replicas", "started", "script", "pid", "node_rank", "nnodes", "heartbeat", "broker", "finished", "exit_code", "hung")
     JOB_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
@@ -259,6 +261,7 @@ class JobInfo(_message.Message):
     BROKER_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    HUNG_FIELD_NUMBER: _ClassVar[int]
     job: str
     host: str
     replicas: _containers.RepeatedScalarFieldContainer[str]
@@ -271,7 +274,8 @@ class JobInfo(_message.Message):
     broker: str
     finished: float
     exit_code: int
-    def __init__(self, job: _Optional[str] = ..., host: _Optional[str] = ..., replicas: _Optional[_Iterable[str]] = ..., started: _Optional[float] = ..., script: _Optional[str] = ..., pid: _Optional[int] = ..., node_rank: _Optional[int] = ..., nnodes: _Optional[int] = ..., heartbeat: _Optional[float] = ..., broker: _Optional[str] = ..., finished: _Optional[float] = ..., exit_code: _Optional[int] = ...) -> None: ...
+    hung: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job: _Optional[str] = ..., host: _Optional[str] = ..., replicas: _Optional[_Iterable[str]] = ..., started: _Optional[float] = ..., script: _Optional[str] = ..., pid: _Optional[int] = ..., node_rank: _Optional[int] = ..., nnodes: _Optional[int] = ..., heartbeat: _Optional[float] = ..., broker: _Optional[str] = ..., finished: _Optional[float] = ..., exit_code: _Optional[int] = ..., hung: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("job", "replica", "kind", "text", "time", "step", "code")

@@ -190,6 +190,17 @@ class ControlPlane:
 
             say(f"{replica.name}: {error}")
 
+    def replica_hung(self, name: str, hung: bool) -> None:
+        replica = self.replicas[name]
+        if hung and replica.state in (pb.RUNNING, pb.STARTING):
+            replica.state = pb.HUNG
+            self.event(name, "hung", "no step and no status for a while")
+        elif not hung and replica.state == pb.HUNG:
+            replica.state = pb.RUNNING
+        self.registry.hung = {r.name for r in self.replicas.values() if r.state == pb.HUNG}
+        self.registry.publish_job()
+        self.pump.publish_status(replica, force=True)
+
     def event(self, replica: str, kind: str, text: str, step: int = 0, code: int = 0) -> None:
         event = pb.Event(
             job=self.job, replica=replica, kind=kind, text=text, time=time.time(), step=step,

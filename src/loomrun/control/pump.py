@@ -32,7 +32,7 @@ SPIN_FOR = 0.005
 FAST_POLL = 0.001
 SLOW_POLL = 0.02
 FAST_POLL_FOR = 2.0
-LIVE = (pb.STARTING, pb.RUNNING, pb.PAUSED)
+LIVE = (pb.STARTING, pb.RUNNING, pb.PAUSED, pb.HUNG)
 
 
 class MailboxPump:
@@ -95,7 +95,7 @@ class MailboxPump:
                 replica.seen["status"] = found[0]
                 if found[1] is not None:
                     replica.status = found[1]
-                    if replica.state in LIVE:
+                    if replica.state in LIVE:  # a status written: not hung (any more)
                         replica.state = pb.PAUSED if found[1].paused else pb.RUNNING
                     self.publish_status(replica)
                     return

@@ -27,6 +27,7 @@ class Registry:
         self.events = events
         self.started = time.time()
         self.on_device_failure = None
+        self.hung: set[str] = set()
 
     async def subscribe(self, nc, on_device_failure) -> None:
         self.on_device_failure = on_device_failure
@@ -52,6 +53,7 @@ class Registry:
             broker=self.url,
             finished=finished,
             exit_code=exit_code,
+            hung=sorted(self.hung),
         )
         self.outbox.put(S.JOBS, S.job_node(self.job, self.node_rank), info)
 

@@ -1,0 +1,243 @@
+"""The fault suite: what a long training run meets, each tried for real, and what was lost
+(the goal is nothing). Real nats-server, real workers, real torch; bounded in time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import time
+
+import pytest
+from click.testing import CliRunner
+from conftest import SCRIPTS, run_loomrun, wait_for
+from netcut import CuttableProxy
+from test_control import _events, job_id, start, steering, wait_ready
+
+from loomrun import subjects as S
+from loomrun._proto import loomrun_pb2 as pb
+from loomrun.broker import BrokerOptions, BundledBroker
+from loomrun.cli import main as cli_main
+from loomrun.client import Steering
+from loomrun.mailbox import Mailbox, find_segment
+from loomrun.supervisor import free_port
+
+
+def step_rate(job: str, replica: str = "r0", seconds: float = 2.0) -> float:
+    """Steps per second, read off the step counter in the replica's mailbox (read only)."""
+    box = Mailbox.attach(find_segment(job, replica))
+    try:
+        first, started = box.step[0], time.monotonic()
+        wait_for(lambda: time.monotonic() - started >= seconds, seconds + 5, interval=0.1)
+        return (box.step[0] - first) / (time.monotonic() - started)
+    finally:
+        box.close()
+
+
+def values(job: str, url: str | None = None) -> dict[tuple[str, str], object]:
+    args = ["get", "--job", job, "--json", *(["--nats", url] if url else [])]
+    got = run_loomrun(*args)
+    assert got.returncode == 0, got.stderr
+    return {(p["replica"], p["name"]): p["value"] for p in json.loads(got.stdout)["params"]}
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_step_restarts_with_every_change(procs):
+    job = job_id("kill9")
+    sup = start(
+        procs, SCRIPTS / "steered.py", "--steps", "1000000", "--step-time", "0.01",
+        job=job, replicas=2, extra=("--max-restarts", "1"),
+    )  # fmt: skip
+    wait_ready(job, ("r0", "r1"), name="batch")
+    wait_ready(job, ("r0", "r1"))
+    changed = run_loomrun("set", "lr=0.05", "batch=16", "--job", job)
+    assert changed.returncode == 0, changed.stdout + changed.stderr
+
+    async def pid_of(s):
+        return (await s.statuses(job))["r1"].pid
+
+    os.kill(steering(pid_of), signal.SIGKILL)
+    wait_for(
+        lambda: any(e.kind == "restarted" and e.replica == "r1" for e in _events(job)),
+        30, what="the group to restart",
+    )  # fmt: skip
+    failed = [e for e in _events(job) if e.replica == "r1" and e.kind == "failed"]
+    assert failed and "SIGKILL" in failed[0].text, failed
+    wait_ready(job, ("r0", "r1"))
+    assert values(job)[("r0", "lr")] == 0.05 and values(job)[("r1", "lr")] == 0.05
+    assert values(job)[("r1", "batch")] == 16 and values(job)[("r0", "batch")] == 16
+    sup.send_signal(signal.SIGTERM)
+    out, _ = sup.communicate(timeout=60)
+    restarted = out[out.rindex("[r1] used 1 ") :]
+    assert restarted.startswith("[r1] used 1 0.05 batch 16"), restarted[:80]
+
+
+@pytest.mark.slow
+def test_a_broker_outage_costs_no_steps_and_loses_no_change(procs):
+    port = free_port()
+    broker = BundledBroker.start(port)
+    proxy = CuttableProxy(port)
+    direct = f"nats://127.0.0.1:{port}"
+    try:
+        job = job_id("outage")
+        env = {"LOOMRUN_NATS": f"nats://127.0.0.1:{proxy.port}"}
+        sup = start(
+            procs, SCRIPTS / "steered.py", "--steps", "10000000", "--step-time", "0.002",
+            job=job, env=env,
+        )  # fmt: skip
+        wait_ready(job, url=direct)
+        before = step_rate(job, seconds=3)
+        proxy.cut()  # the broker is gone for the supervisor, for several seconds
+        queued = run_loomrun("set", "lr=0.0456", "--job", job, "--nats", direct, "--no-wait")
+        assert queued.returncode == 0, queued.stdout + queued.stderr
+        during = step_rate(job, seconds=4)
+        assert during >= 0.9 * before, f"{during:.0f} steps/s in the outage, {before:.0f} before"
+        proxy.restore()
+        wait_for(
+            lambda: values(job, direct)[("r0", "lr")] == 0.0456, 30, interval=0.3,
+            what="the change queued in the outage to apply",
+        )  # fmt: skip
+
+        async def fresh(s):
+            return time.time() - (await s.statuses(job))["r0"].time < 2
+
+        wait_for(lambda: steering(fresh, direct), 10, what="status to flow again")
+        answered = run_loomrun("set", "lr=0.0789", "--job", job, "--nats", direct)
+        assert answered.returncode == 0 and "0.0456 -> 0.0789" in answered.stdout
+        assert sup.poll() is None
+    finally:
+        proxy.close()
+        broker.stop()
+
+
+@pytest.mark.slow
+def test_a_flood_of_sets_from_four_clients_is_answered_in_full(procs):
+    job = job_id("flood")
+    start(procs, SCRIPTS / "steered.py", "--steps", "10000000", "--step-time", "0.002", job=job)
+    wait_ready(job)
+    before = step_rate(job, seconds=3)
+    url = os.environ["LOOMRUN_NATS"]
+    rates = []
+
+    async def client(index: int) -> list:
+        async with Steering.connect(BrokerOptions(url)) as s:
+            results = []
+            for i in range(500):
+                value = round(0.001 + index * 0.01 + i * 1e-5, 8)
+                (result,) = await s.set(job, {"lr": value}, timeout=60)
+                results.append(result)
+            return results
+
+    async def flood():
+        async def measure():
+            rates.append(await asyncio.to_thread(step_rate, job, "r0", 3.0))
+
+        found = await asyncio.gather(*(client(i) for i in range(4)), measure())
+        return [r for results in found[:4] for r in results]
+
+    results = asyncio.run(flood())
+    assert len(results) == 2000
+    states = {r.state for r in results}
+    assert states <= {"applied", "superseded"}, states
+    last = max(results, key=lambda r: r.revision)
+    assert values(job)[("r0", "lr")] == last.requested, "the last one written is in effect"
+    assert rates[0] >= 0.9 * before, f"{rates[0]:.0f} steps/s in the flood, {before:.0f} before"
+
+
+def _random_argv(rng: random.Random) -> list[str]:
+    words = [
+        "set", "get", "pause", "resume", "watch", "ls", "server", "run", "--job", "--replica",
+        "--at-step", "--timeout", "--json", "--force", "--once", "--nats", "--replicas",
+        "--nnodes", "--node-rank", "--master-port", "-m", "--", "lr=0.1", "lr=", "=1",
+        "lr.0=x", "r1", "r-1", "nojob", "-1", "1e309", "nan", "\x1b[2J", "日本", "",
+        "--interval", "0", "--metrics", "--grace", "--step-timeout", "missing.py",
+    ]  # fmt: skip
+    return [rng.choice(words) for _ in range(rng.randint(0, 6))]
+
+
+def test_random_command_lines_are_one_line_errors_never_tracebacks():
+    rng = random.Random(20261123)
+    runner = CliRunner()
+    for _ in range(500):
+        argv = _random_argv(rng)
+        if argv[:1] in (["server"], ["watch"]) and "--once" not in argv:
+            argv = ["--help"]  # neither runs a foreground broker nor watches for ever here
+        result = runner.invoke(cli_main, argv, catch_exceptions=True)
+        shown = result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit), (
+            argv, repr(result.exception))  # fmt: skip
+        assert "Traceback" not in shown, (argv, shown)
+        if result.exit_code not in (0, 1, 3):
+            errors = [line for line in shown.splitlines() if line.startswith("Error")]
+            assert len(errors) <= 1, (argv, shown)
+
+
+def test_another_users_commands_are_refused_in_one_sentence(tmp_path):
+    other = {"XDG_STATE_HOME": str(tmp_path / "state"), "HOME": str(tmp_path)}
+    for command in (["set", "lr=0.1", "--job", "any"], ["pause", "--job", "any"], ["ls"], ["get"]):
+        result = run_loomrun(*command, env=other)
+        assert result.returncode == 4, (command, result.stdout, result.stderr)
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert "refused this user's credentials" in result.stderr
+
+
+def test_what_the_broker_says_is_printed_safely(procs):
+    job = job_id("escape")
+    start(procs, SCRIPTS / "steered.py", "--steps", "10000000", job=job)
+    wait_ready(job)
+    evil = "x\x1b]0;owned\x07\x1b[2J\r"
+
+    async def plant(s):
+        info = pb.JobInfo(job=job + "-evil", host=evil, script=evil, replicas=["r0"],
+                          heartbeat=time.time(), started=time.time())  # fmt: skip
+        await (await s.kv(S.JOBS)).put(f"{job}-evil.n0", info.SerializeToString())
+        event = pb.Event(job=job, replica="r0", kind="applied", text=evil, time=time.time())
+        await s.nc.publish(S.events(job, "r0"), event.SerializeToString())
+        await s.nc.flush()
+
+    steering(plant)
+    for command in (["ls"], ["watch", "--once", "--job", job], ["watch", "--once"]):
+        result = run_loomrun(*command)
+        assert "\x1b" not in result.stdout and "\r" not in result.stdout, command
+        assert "\\x1b" in result.stdout or command[0] == "watch", (command, result.stdout)
+
+
+def test_a_segment_name_taken_beforehand_does_not_stop_a_job(tmp_path):
+    job = job_id("squat")
+    squatted = [f"/dev/shm/loomrun-{job}-r0", f"/dev/shm/loomrun-{os.getuid()}-{job}-r0"]
+    for path in squatted:
+        with open(path, "w") as f:
+            f.write("not yours")
+        os.chown(path, 54321, 54321)  # another user's file (we are root in the sandbox)
+    try:
+        result = run_loomrun("--no-broker", "--job", job, SCRIPTS / "exit_with.py", "0")
+        assert result.returncode == 0, result.stderr
+        assert all(os.path.exists(p) for p in squatted), "another user's files are theirs"
+    finally:
+        for path in squatted:
+            os.unlink(path)
+
+
+@pytest.mark.slow
+def test_a_hung_replica_is_shown_and_restarted_with_step_timeout(procs):
+    job = job_id("hang")
+    sup = start(
+        procs, SCRIPTS / "hangs.py", job=job, env={"LOOMRUN_HANG_AFTER": "1"},
+        extra=("--step-timeout", "5", "--max-restarts", "1", "--grace", "1"),
+    )  # fmt: skip
+
+    def state():
+        result = run_loomrun("watch", "--once", "--json", "--job", job)
+        if result.returncode != 0:
+            return None
+        return json.loads(result.stdout)["jobs"][0]["replicas"][0]["state"]
+
+    wait_for(lambda: state() == "hung", 30, interval=0.2, what="r0 shown as hung")
+    listed = {j["job"]: j for j in json.loads(run_loomrun("ls", "--json").stdout)["jobs"]}
+    assert listed[job]["state"] == "running, r0 hung", listed[job]
+    out, err = sup.communicate(timeout=90)
+    assert sup.returncode == 0, err
+    assert "no step for 5s (--step-timeout)" in err and "restarting all replicas" in err
+    assert "finished" in out
