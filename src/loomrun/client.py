@@ -136,6 +136,22 @@ class ReplicaSchema:
     group_size: int = 0
 
 
+def superseded(result: Result, newer: pb.Outcome | None) -> pb.Outcome:
+    """The answer of a change that a newer change to the same key overtook."""
+    outcome = pb.Outcome(
+        name=result.name,
+        state=pb.SUPERSEDED,
+        step=newer.step if newer is not None else 0,
+        time=time.time(),
+        change_id=result.change_id,
+        replica=result.replica,
+        revision=result.revision,
+        reason="a later change to it reached the replica first",
+    )
+    outcome.new.CopyFrom(P.to_pb(result.requested))
+    return outcome
+
+
 def suggest(name: str, known: list[str]) -> str:
     close = difflib.get_close_matches(name, known, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -153,8 +169,10 @@ class Steering:
         self._schemas: dict[str, dict[str, ReplicaSchema]] = {}
         self._jobs: dict[str, Job] = {}
         self._listening: dict[str, Any] = {}
-        # (job, replica, name, change id) -> the Result waiting for that very answer.
-        self._waiting: dict[tuple[str, str, str, str], tuple[Result, asyncio.Event]] = {}
+        # (job, replica, name) -> the Results waiting for an answer to a change of that key.
+        self._waiting: dict[tuple[str, str, str], list[tuple[Result, asyncio.Event]]] = {}
+        # (job, replica, name) -> the newest bucket revision answered for that key.
+        self._newest: dict[tuple[str, str, str], int] = {}
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -391,16 +409,24 @@ class Steering:
                 outcome = pb.Outcome.FromString(msg.data)
             except DecodeError:
                 return
-            key = (job, outcome.replica, outcome.name, outcome.change_id)
-            waiting = self._waiting.pop(key, None)
-            if waiting is not None:
-                result, done = waiting
-                result.outcome = outcome
-                result.latency = time.perf_counter() - result.started
-                done.set()
+            key = (job, outcome.replica, outcome.name)
+            self._newest[key] = max(self._newest.get(key, 0), outcome.revision)
+            for result, done in list(self._waiting.get(key, ())):
+                if result.change_id == outcome.change_id:
+                    self._settle(key, result, done, outcome)
+                elif result.revision and outcome.revision > result.revision:
+                    self._settle(key, result, done, superseded(result, outcome))
 
         self._listening[job] = await self.nc.subscribe(S.outcomes(job), cb=route)
         await self.nc.flush()
+
+    def _settle(self, key, result: Result, done: asyncio.Event, outcome: pb.Outcome) -> None:
+        """This result's answer: its own outcome, or news that a newer change to the same
+        key was answered first (its own, then, can never come)."""
+        result.outcome = outcome
+        result.latency = time.perf_counter() - result.started
+        self._waiting[key].remove((result, done))
+        done.set()
 
     async def close(self) -> None:
         for subscription in self._listening.values():
@@ -428,7 +454,7 @@ class Steering:
             result = Result(job, replica, name, value, want.change_id, at_step)
             if wait:
                 done = asyncio.Event()
-                self._waiting[(job, replica, name, want.change_id)] = (result, done)
+                self._waiting.setdefault((job, replica, name), []).append((result, done))
                 pending.append((result, done))
             result.started = time.perf_counter()
             results.append(result)
@@ -436,23 +462,31 @@ class Steering:
         try:
             revisions = await asyncio.gather(*puts)
         except Exception as error:  # noqa: BLE001 - one sentence for the person asking
-            for result, _ in pending:
-                self._waiting.pop((job, result.replica, result.name, result.change_id), None)
+            self._forget(job, pending)
             raise SteerError(
                 f"could not write the change to the broker ({error or type(error).__name__}); "
                 "some replicas may have it: check with `loomrun get`"
             ) from None
         for result, revision in zip(results, revisions, strict=True):
             result.revision = revision
+        for result, done in pending:  # a newer change to its key was answered already
+            key = (job, result.replica, result.name)
+            if not done.is_set() and self._newest.get(key, 0) > result.revision:
+                self._settle(key, result, done, superseded(result, None))
         if pending:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*(d.wait() for _, d in pending)), timeout)
-            for result, _ in pending:
-                self._waiting.pop((job, result.replica, result.name, result.change_id), None)
+            self._forget(job, pending)
         missed = [r for r in results if r.state == "missed"]
         if missed:
             await self._put_back(desired, writes, results, before)
         return results
+
+    def _forget(self, job: str, pending) -> None:
+        for result, done in pending:
+            waiting = self._waiting.get((job, result.replica, result.name), [])
+            if (result, done) in waiting:
+                waiting.remove((result, done))
 
     @staticmethod
     async def _previous(desired, writes) -> dict[str, bytes | None]:

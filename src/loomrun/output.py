@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import queue
 import sys
+import threading
 from collections import deque
 from pathlib import Path
 from typing import BinaryIO
@@ -26,10 +29,18 @@ def use_color(stream) -> bool:
         return False
 
 
+# The supervisor's stderr console once it has one: its own lines then queue behind the
+# workers' lines already read, so a failure summary follows the traceback it sums up.
+_stderr: ConsoleStream | None = None
+
+
 def say(message: str) -> None:
     """The supervisor's own voice on stderr: one line, prefixed so it is told apart."""
+    line = f"loomrun: {printable(message)}\n"
+    if _stderr is not None and _stderr.say(line.encode()):
+        return
     try:
-        sys.stderr.write(f"loomrun: {printable(message)}\n")
+        sys.stderr.write(line)
         sys.stderr.flush()
     except (BrokenPipeError, ValueError):
         pass
@@ -44,23 +55,61 @@ def prefix_for(name: str, index: int, color: bool) -> bytes:
 class ConsoleStream:
     """One of the supervisor's own streams (stdout or stderr), shared by every replica.
 
-    Each call to `write_lines` is one write of whole lines, so lines from different
-    replicas never interleave mid-line. A closed pipe (`loomrun ... | head`) silences
-    the console but never the job.
+    Each write is one write of whole lines, so lines from different replicas never
+    interleave mid-line. The writes happen on a thread of their own: a console that does
+    not keep up (a paused `less`, a full pipe nobody reads) holds back the workers' output,
+    as it would for any program, but never the supervisor's event loop, which keeps
+    steering, restarts and signals going. A closed pipe (`loomrun ... | head`) silences the
+    console but never the job.
     """
 
-    def __init__(self, stream: BinaryIO):
+    def __init__(self, stream: BinaryIO, backlog: int = 256):
         self._stream = stream
         self._closed = False
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=backlog)
+        self._thread = threading.Thread(target=self._drain, name="console", daemon=True)
+        self._thread.start()
 
-    def write_lines(self, data: bytes) -> None:
+    def speak_here(self) -> None:
+        """Make `say` go through this console (the supervisor's stderr)."""
+        global _stderr
+        _stderr = self
+
+    def _drain(self) -> None:
+        while (data := self._queue.get()) is not None:
+            if self._closed:
+                continue
+            try:
+                self._stream.write(data)
+                self._stream.flush()
+            except (BrokenPipeError, ValueError, OSError):
+                self._closed = True
+
+    async def write_lines(self, data: bytes) -> None:
         if self._closed or not data:
             return
         try:
-            self._stream.write(data)
-            self._stream.flush()
-        except (BrokenPipeError, ValueError, OSError):
-            self._closed = True
+            self._queue.put_nowait(data)
+        except queue.Full:  # the console is behind: wait for it without blocking the loop
+            await asyncio.get_running_loop().run_in_executor(None, self._queue.put, data)
+
+    def say(self, line: bytes) -> bool:
+        """Queue one line of the supervisor's own; False when the console is stuck or gone."""
+        try:
+            self._queue.put_nowait(line)
+        except queue.Full:
+            return False
+        return not self._closed
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write out what is queued (for at most `timeout`: a console nobody reads must not
+        keep the supervisor from exiting)."""
+        global _stderr
+        if _stderr is self:
+            _stderr = None
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=timeout)
+        self._thread.join(timeout)
 
 
 class ReplicaOutput:
@@ -95,15 +144,15 @@ class ReplicaOutput:
             pending += chunk
             cut = pending.rfind(b"\n") + 1
             if cut:
-                self._emit(pending[:cut], stream)
+                await self._emit(pending[:cut], stream)
                 pending = pending[cut:]
             elif len(pending) >= _CHUNK:  # a very long line: pass it on in pieces
-                self._emit(pending + b"\n", stream)
+                await self._emit(pending + b"\n", stream)
                 pending = b""
         if pending:
-            self._emit(pending + b"\n", stream)
+            await self._emit(pending + b"\n", stream)
 
-    def _emit(self, lines: bytes, stream: str) -> None:
+    async def _emit(self, lines: bytes, stream: str) -> None:
         log = self.files.get(stream)
         if log is not None:
             log.write(lines)
@@ -114,7 +163,7 @@ class ReplicaOutput:
                 self.tail.append(line.decode("utf-8", "replace"))
         if self.show:
             prefixed = b"".join(self.prefix + line + b"\n" for line in split)
-            self.consoles[stream].write_lines(prefixed)
+            await self.consoles[stream].write_lines(prefixed)
 
     def close(self) -> None:
         for f in self.files.values():

@@ -215,6 +215,7 @@ class Supervisor:
         color_out, color_err = use_color(sys.stdout), use_color(sys.stderr)
         self._console_out = ConsoleStream(sys.stdout.buffer)
         self._console_err = ConsoleStream(sys.stderr.buffer)
+        self._console_err.speak_here()
         self._color = color_out and color_err
         self.replicas = [Replica(name, i) for i, name in enumerate(spec.replica_names())]
         self.group_restarts = 0
@@ -273,6 +274,8 @@ class Supervisor:
                 mailbox.unlink()
             self._release_run_dir()
             self.watchdog.close()
+            self._console_out.close()
+            self._console_err.close()
             for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
 

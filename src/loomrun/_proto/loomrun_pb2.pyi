@@ -75,20 +75,22 @@ class ValueList(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[Value, _Mapping]]] = ...) -> None: ...
 
 class DesiredParam(_message.Message):
-    __slots__ = ("value", "version", "at_step", "change_id", "at_once", "origin")
+    __slots__ = ("value", "version", "at_step", "change_id", "at_once", "origin", "revision")
     VALUE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     AT_STEP_FIELD_NUMBER: _ClassVar[int]
     CHANGE_ID_FIELD_NUMBER: _ClassVar[int]
     AT_ONCE_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     value: Value
     version: int
     at_step: int
     change_id: str
     at_once: bool
     origin: str
-    def __init__(self, value: _Optional[_Union[Value, _Mapping]] = ..., version: _Optional[int] = ..., at_step: _Optional[int] = ..., change_id: _Optional[str] = ..., at_once: _Optional[bool] = ..., origin: _Optional[str] = ...) -> None: ...
+    revision: int
+    def __init__(self, value: _Optional[_Union[Value, _Mapping]] = ..., version: _Optional[int] = ..., at_step: _Optional[int] = ..., change_id: _Optional[str] = ..., at_once: _Optional[bool] = ..., origin: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class DesiredState(_message.Message):
     __slots__ = ("version", "params", "pause")
@@ -108,7 +110,7 @@ class DesiredState(_message.Message):
     def __init__(self, version: _Optional[int] = ..., params: _Optional[_Mapping[str, DesiredParam]] = ..., pause: _Optional[_Union[DesiredParam, _Mapping]] = ...) -> None: ...
 
 class Outcome(_message.Message):
-    __slots__ = ("name", "version", "state", "step", "old", "new", "reason", "time", "change_id", "seq", "replica", "origin")
+    __slots__ = ("name", "version", "state", "step", "old", "new", "reason", "time", "change_id", "seq", "replica", "origin", "revision")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +123,7 @@ class Outcome(_message.Message):
     SEQ_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     state: OutcomeState
@@ -133,7 +136,8 @@ class Outcome(_message.Message):
     seq: int
     replica: str
     origin: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[OutcomeState, str]] = ..., step: _Optional[int] = ..., old: _Optional[_Union[Value, _Mapping]] = ..., new: _Optional[_Union[Value, _Mapping]] = ..., reason: _Optional[str] = ..., time: _Optional[float] = ..., change_id: _Optional[str] = ..., seq: _Optional[int] = ..., replica: _Optional[str] = ..., origin: _Optional[str] = ...) -> None: ...
+    revision: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[OutcomeState, str]] = ..., step: _Optional[int] = ..., old: _Optional[_Union[Value, _Mapping]] = ..., new: _Optional[_Union[Value, _Mapping]] = ..., reason: _Optional[str] = ..., time: _Optional[float] = ..., change_id: _Optional[str] = ..., seq: _Optional[int] = ..., replica: _Optional[str] = ..., origin: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class Acks(_message.Message):
     __slots__ = ("recent", "read_version", "scheduled")

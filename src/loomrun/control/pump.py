@@ -29,6 +29,7 @@ STATUS_PUBLISH_INTERVAL = 0.25
 HEARTBEAT_INTERVAL = 1.0
 TELEMETRY_INTERVAL = 1.0
 SPIN_FOR = 0.005
+SPIN_SHARE = 0.2  # at most this share of a core spent spinning, in a flood of changes
 FAST_POLL = 0.001
 SLOW_POLL = 0.02
 FAST_POLL_FOR = 2.0
@@ -46,6 +47,7 @@ class MailboxPump:
         self.on_missed = None  # the relay's: a missed change is no longer wanted
         self._written = asyncio.Event()
         self._spin_until = 0.0
+        self._spin_again = 0.0
         self._fast_until = 0.0
 
     def written(self, replica, refused: pb.Outcome | None) -> None:
@@ -54,7 +56,9 @@ class MailboxPump:
             self._publish_outcome(replica, refused)
             return
         now = time.monotonic()
-        self._spin_until = now + SPIN_FOR
+        if now >= self._spin_again:  # a flood of changes must not take a core from training
+            self._spin_until = now + SPIN_FOR
+            self._spin_again = now + SPIN_FOR / SPIN_SHARE
         self._fast_until = now + FAST_POLL_FOR
         self._written.set()
 
@@ -126,6 +130,7 @@ class MailboxPump:
                         time=time.time(),
                         change_id=change_id,
                         origin=written.want.origin,
+                        revision=written.want.revision,
                     )
                     outcome.new.CopyFrom(written.want.value)
                     self._publish_outcome(replica, outcome)

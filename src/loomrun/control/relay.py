@@ -58,9 +58,9 @@ class DesiredRelay:
             return
         async for entry in watcher:
             if entry is not None:
-                self.take(entry.key, entry.operation, entry.value)
+                self.take(entry.key, entry.operation, entry.value, entry.revision or 0)
 
-    def take(self, key: str, operation: str | None, data: bytes | None) -> None:
+    def take(self, key: str, operation: str | None, data: bytes | None, revision: int = 0) -> None:
         """One entry off the wire: anything malformed is one line, and changes nothing."""
         parsed = S.split_desired(key)
         if parsed is None or parsed[0] not in self.replicas:
@@ -90,6 +90,7 @@ class DesiredRelay:
         if want.at_step < 0:
             say(f"ignored a desired value for {key} with a negative step")
             return
+        want.revision = revision
         if want.change_id in replica.missed:
             return  # applied nowhere: it stays out of what a restarted worker starts from
         seen = replica.seen_ids.setdefault(name, deque(maxlen=SEEN_IDS))
@@ -123,6 +124,7 @@ class DesiredRelay:
             change_id=want.change_id,
             replica=replica.name,
             origin=want.origin,
+            revision=want.revision,
         )
         outcome.new.CopyFrom(want.value)
         return outcome

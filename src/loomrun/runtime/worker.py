@@ -218,6 +218,7 @@ class Worker:
             time=time.time(),
             change_id=want.change_id,
             origin=want.origin,
+            revision=want.revision,
         )
         outcome.new.CopyFrom(want.value)
         return outcome
