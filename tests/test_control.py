@@ -199,7 +199,7 @@ def test_malformed_and_random_messages_do_not_stop_the_job(procs):
     wait_ready(job)
 
     async def fuzz(s):
-        for subject, data in _fuzz_messages(job, 300):
+        for subject, data in _fuzz_messages(job, 500):
             await s.nc.publish(subject, data)
         await s.nc.flush()
         wrong = pb.DesiredParam()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import EXAMPLES, SCRIPTS, pid_alive, run_loomrun, wait_for
 
-from loomrun.broker import answers
+from loomrun.broker import HOST, answers
 from loomrun.mailbox import SHM_DIR
 from loomrun.supervisor import free_port
 
@@ -257,7 +257,7 @@ def test_sigkilled_supervisor_leaves_nothing_behind(procs, tmp_path):
     files = wait_for(lambda: _pid_files(tmp_path, 2), 30, what="workers to start")
     pids = [int(p) for f in files for p in f.read_text().split()]
     wait_for(lambda: answers("127.0.0.1", port), 30, what="its bundled broker")
-    broker_pid = int((state / "loomrun" / f"broker-{port}.pid").read_text())
+    broker_pid = int((state / "loomrun" / f"broker-{HOST}-{port}.pid").read_text())
     segments = set(SHM_DIR.glob(f"loomrun-{os.getuid()}-{JOB}-r*"))
     assert len(segments) == 2
     sup.kill()

@@ -143,3 +143,50 @@ def test_a_writer_that_died_mid_write_is_never_spun_on_and_reset_clears_it(mailb
     mailbox.acks.seq[0] = 7  # odd again: the next writer starts from an even number
     seq = mailbox.acks.write(pb.Acks(read_version=4))
     assert seq % 2 == 0 and mailbox.acks.read()[1].read_version == 4
+
+
+def test_the_sweep_touches_only_this_users_segments_of_this_pid_namespace():
+    import struct
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    made = []
+    for owner, namespace in ((54321, None), (os.getuid(), 12345)):
+        path = new_segment_path(f"test-{secrets.token_hex(4)}", "r0")
+        Mailbox.create(path).close()
+        with open(path, "r+b") as f:  # a dead supervisor's, as a SIGKILL would leave it
+            f.seek(16)
+            f.write(struct.pack("<i", int(dead)))
+            if namespace is not None:  # made in another pid namespace: that pid is not ours
+                f.seek(32)
+                f.write(struct.pack("<Q", namespace))
+        os.chown(path, owner, owner)
+        made.append(path)
+    try:
+        swept = sweep_stale()
+        assert not set(made) & set(swept)
+        assert all(p.exists() for p in made)
+    finally:
+        for path in made:
+            path.unlink(missing_ok=True)
+
+
+def test_a_segment_is_made_anew_under_an_unguessable_name_never_through_a_link(tmp_path):
+    names = {new_segment_path("job", "r0").name for _ in range(20)}
+    assert len(names) == 20, "a random part in every name: nobody can take it beforehand"
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    path = new_segment_path("job", "r0")
+    path.symlink_to(victim)
+    try:
+        with pytest.raises(MailboxError, match="cannot create the mailbox"):
+            Mailbox.create(path)
+        assert victim.read_text() == "keep"
+    finally:
+        path.unlink()
+    path.write_text("made by someone else")
+    try:
+        with pytest.raises(MailboxError, match="cannot create the mailbox"):
+            Mailbox.create(path)
+    finally:
+        path.unlink()

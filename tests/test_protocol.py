@@ -94,7 +94,7 @@ def test_a_change_replaced_while_it_waited_for_its_step_is_superseded_by_the_wor
     assert rig.values["lr"] == 0.3
 
 
-def test_a_missed_change_is_applied_nowhere_even_after_it_is_put_back(rig):
+def test_a_missed_change_is_applied_nowhere_even_when_seen_again(rig):
     a = rig.write(0.2)
     rig.step(5)
     b = rig.write(0.9, at_step=2)
@@ -102,7 +102,7 @@ def test_a_missed_change_is_applied_nowhere_even_after_it_is_put_back(rig):
     assert rig.answers()[-1] == (b.change_id, "MISSED")
     assert rig.values["lr"] == 0.2
     assert rig.replica.desired.entry("lr").change_id == a.change_id, "put back in the relay"
-    rig.write(0.2, change_id=a.change_id)  # the client's put-back in the bucket
+    rig.write(0.2, change_id=a.change_id)  # the same change again (a replay of the bucket)
     rig.step()
     c = rig.write(0.4)
     rig.step(2)
@@ -154,3 +154,14 @@ def test_a_rank_of_several_holds_a_change_until_it_knows_its_group(mailbox, monk
     assert values == {}, "not applied alone before the script set up its process group"
     worker.boundary()  # stepping with no process group: it trains alone after all
     assert values == {"lr": 0.5}
+
+
+def test_a_change_never_applied_is_not_brought_back_by_a_missed_one(rig):
+    rig.step(5)
+    a = rig.write(0.2)
+    b = rig.write(0.9, at_step=2)  # replaces a before the worker read it, then is missed
+    rig.step(3)
+    assert sorted(rig.answers()) == sorted([(a.change_id, "SUPERSEDED"), (b.change_id, "MISSED")])
+    rig.step(5)
+    assert rig.values["lr"] == 0.1, "neither applied: the value the worker had stays"
+    assert len(rig.answers()) == 2, "no second answer for a"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import secrets
@@ -29,7 +30,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 class BrokerError(RuntimeError):
@@ -61,21 +61,31 @@ def secret_path() -> Path:
 def local_secret(create: bool = True) -> str | None:
     """This user's secret for the bundled broker: made on first use, 0600."""
     path = secret_path()
-    try:
-        return path.read_text().strip() or None
-    except FileNotFoundError:
-        if not create:
-            return None
-    except OSError as error:
-        raise BrokerError(f"cannot read loomrun's secret {path}: {error.strerror}") from None
+    if path.exists() or not create:
+        return _read_secret(path) if path.exists() else None
     private_state_dir()
     secret = secrets.token_urlsafe(32)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another loomrun made it first
-        return path.read_text().strip()
+    temporary = path.with_name(f".secret.{os.getpid()}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secret + "\n")
+    try:
+        os.link(temporary, path)  # whole or not at all; if another loomrun won, theirs stands
+    except FileExistsError:
+        pass
+    finally:
+        temporary.unlink(missing_ok=True)
+    return _read_secret(path)
+
+
+def _read_secret(path: Path) -> str:
+    """Never an empty token: nats-server takes an empty one as no authorization at all."""
+    try:
+        secret = path.read_text().strip()
+    except OSError as error:
+        raise BrokerError(f"cannot read loomrun's secret {path}: {error.strerror}") from None
+    if len(secret) < 16:
+        raise BrokerError(f"loomrun's secret {path} is empty or too short: remove it to make one")
     return secret
 
 
@@ -90,6 +100,8 @@ def write_private(path: Path, text: str) -> None:
 
 def server_config(listen: str, port: int, store: Path, token: str, log: Path | None) -> str:
     """nats-server's configuration: the token lives here, not on its command line."""
+    if not token:
+        raise BrokerError("refusing to start a broker without a token")
     lines = [
         f"listen: {json.dumps(f'{listen}:{port}')}",
         f"jetstream {{ store_dir: {json.dumps(str(store))} }}",
@@ -121,12 +133,17 @@ def import_nats():
 # leaves cleanly or its watchdog leaves for it.
 
 
+# Named by host too: a state directory shared by several hosts (an NFS home) holds each
+# host's own records, and each host's broker its own store.
+HOST = socket.gethostname()
+
+
 def _users(port: int) -> Path:
-    return state_dir() / f"broker-{port}.users"
+    return state_dir() / f"broker-{HOST}-{port}.users"
 
 
 def _server_pid(port: int) -> Path:
-    return state_dir() / f"broker-{port}.pid"
+    return state_dir() / f"broker-{HOST}-{port}.pid"
 
 
 def join(port: int) -> None:
@@ -163,22 +180,37 @@ def leave(port: int, pid: int | None = None) -> bool:
     return _stop_server(port)
 
 
+def _our_server(pid: int, port: int) -> bool:
+    """`pid` is still the bundled nats-server for `port` (not a reused pid), and not dead."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return False
+    ours = b"nats-server" in cmdline and _config(port).name.encode() in cmdline
+    return ours and state != "Z"
+
+
 def _stop_server(port: int) -> bool:
     try:
         pid = int(_server_pid(port).read_text())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
-        _server_pid(port).unlink(missing_ok=True)
         return False
-    if b"nats-server" not in cmdline or f"nats-server-{port}.conf".encode() not in cmdline:
-        _server_pid(port).unlink(missing_ok=True)  # that pid is some other process now
+    if not _our_server(pid, port):
+        _server_pid(port).unlink(missing_ok=True)  # gone, or that pid is another process now
         return False
     with contextlib.suppress(OSError):
         os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-            time.sleep(0.02)
-        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)  # reap it, when it is this process's own child
+        if not _our_server(pid, port):
+            break
+        time.sleep(0.02)
+    else:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
     _server_pid(port).unlink(missing_ok=True)
     return True
 
@@ -187,9 +219,9 @@ def sweep_orphan_brokers() -> list[int]:
     """Stop bundled brokers that no live process uses (their users all died without their
     watchdog acting); the ports of those stopped."""
     stopped = []
-    for record in state_dir().glob("broker-*.pid"):
+    for record in state_dir().glob(f"broker-{HOST}-*.pid"):
         with contextlib.suppress(ValueError):
-            port = int(record.name[len("broker-") : -len(".pid")])
+            port = int(record.name[len(f"broker-{HOST}-") : -len(".pid")])
             if not live_users(port) and _stop_server(port):
                 stopped.append(port)
     return stopped
@@ -197,7 +229,11 @@ def sweep_orphan_brokers() -> list[int]:
 
 def default_store(port: int) -> Path:
     """JetStream's store for the bundled broker on `port`: whoever takes it over finds it."""
-    return state_dir() / f"jetstream-{port}"
+    return state_dir() / f"jetstream-{HOST}-{port}"
+
+
+def _config(port: int) -> Path:
+    return state_dir() / f"nats-server-{HOST}-{port}.conf"
 
 
 def server_binary() -> Path:
@@ -226,8 +262,14 @@ def host_port(url: str) -> tuple[str, int]:
 
 
 def is_loopback(url: str) -> bool:
+    """By address, never by the look of a name: `127.example.com` is a remote host."""
     host, _ = host_port(url)
-    return host in LOOPBACK or host.startswith("127.")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def answers(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -263,8 +305,8 @@ class BundledBroker:
             raise BrokerError(
                 f"cannot use {store} for the broker's store: {error.strerror}"
             ) from None
-        log = state / f"nats-server-{port}.log"
-        config = state / f"nats-server-{port}.conf"
+        log = state / f"nats-server-{HOST}-{port}.log"
+        config = _config(port)
         write_private(config, server_config("127.0.0.1", port, store, token or local_secret(), log))
         command = [str(server_binary()), "-c", str(config)]
         process = subprocess.Popen(

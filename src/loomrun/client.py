@@ -171,8 +171,8 @@ class Steering:
         self._listening: dict[str, Any] = {}
         # (job, replica, name) -> the Results waiting for an answer to a change of that key.
         self._waiting: dict[tuple[str, str, str], list[tuple[Result, asyncio.Event]]] = {}
-        # (job, replica, name) -> the newest bucket revision answered for that key.
-        self._newest: dict[tuple[str, str, str], int] = {}
+        # id of a waiting Result -> the newest revision applied to its key since it waits.
+        self._overtaken: dict[int, int] = {}
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -410,19 +410,27 @@ class Steering:
             except DecodeError:
                 return
             key = (job, outcome.replica, outcome.name)
-            self._newest[key] = max(self._newest.get(key, 0), outcome.revision)
             for result, done in list(self._waiting.get(key, ())):
                 if result.change_id == outcome.change_id:
                     self._settle(key, result, done, outcome)
-                elif result.revision and outcome.revision > result.revision:
-                    self._settle(key, result, done, superseded(result, outcome))
+                elif outcome.state == pb.APPLIED:
+                    newest = max(self._overtaken.get(id(result), 0), outcome.revision)
+                    self._overtaken[id(result)] = newest
+                    if result.revision and newest > result.revision:
+                        self._settle(key, result, done, superseded(result, outcome))
 
         self._listening[job] = await self.nc.subscribe(S.outcomes(job), cb=route)
         await self.nc.flush()
 
     def _settle(self, key, result: Result, done: asyncio.Event, outcome: pb.Outcome) -> None:
         """This result's answer: its own outcome, or news that a newer change to the same
-        key was answered first (its own, then, can never come)."""
+        key was applied first. Outcomes of one replica come in the order it answered; a
+        change the replica read is always answered before a newer one is applied; so one
+        that has no answer when a newer one is applied was never read, and never will be
+        (the bucket's watch may skip a change that a newer one replaced before it was
+        delivered). Only `applied` counts: a newer change rejected, missed or refused
+        leaves the older one desired."""
+        self._overtaken.pop(id(result), None)
         result.outcome = outcome
         result.latency = time.perf_counter() - result.started
         self._waiting[key].remove((result, done))
@@ -447,7 +455,6 @@ class Steering:
             await self._listen(job)
         who = origin()
         ids = {name: new_change_id() for _, name, _, _ in writes}
-        before = await self._previous(desired, writes) if at_step and wait else {}
         results, pending, puts = [], [], []
         for replica, name, key, value in writes:
             want = change(value, at_step, at_once, who, ids[name])
@@ -469,48 +476,19 @@ class Steering:
             ) from None
         for result, revision in zip(results, revisions, strict=True):
             result.revision = revision
-        for result, done in pending:  # a newer change to its key was answered already
+        for result, done in pending:  # a newer change to its key was applied already
             key = (job, result.replica, result.name)
-            if not done.is_set() and self._newest.get(key, 0) > result.revision:
+            if not done.is_set() and self._overtaken.get(id(result), 0) > result.revision:
                 self._settle(key, result, done, superseded(result, None))
         if pending:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*(d.wait() for _, d in pending)), timeout)
             self._forget(job, pending)
-        missed = [r for r in results if r.state == "missed"]
-        if missed:
-            await self._put_back(desired, writes, results, before)
         return results
 
     def _forget(self, job: str, pending) -> None:
         for result, done in pending:
+            self._overtaken.pop(id(result), None)
             waiting = self._waiting.get((job, result.replica, result.name), [])
             if (result, done) in waiting:
                 waiting.remove((result, done))
-
-    @staticmethod
-    async def _previous(desired, writes) -> dict[str, bytes | None]:
-        """What each key held before this change: a missed change is put back to it."""
-        from nats.js.errors import KeyNotFoundError
-
-        async def read(key: str) -> bytes | None:
-            try:
-                return (await desired.get(key)).value
-            except KeyNotFoundError:
-                return None
-
-        keys = [key for _, _, key, _ in writes]
-        return dict(zip(keys, await asyncio.gather(*(read(k) for k in keys)), strict=True))
-
-    @staticmethod
-    async def _put_back(desired, writes, results, before) -> None:
-        """A missed change was applied nowhere: the desired state goes back to what it was,
-        unless someone changed it since (then theirs stands)."""
-        for (_, _, key, _), result in zip(writes, results, strict=True):
-            if result.state != "missed" or key not in before:
-                continue
-            with contextlib.suppress(Exception):
-                if before[key] is None:
-                    await desired.delete(key, last=result.revision)
-                else:
-                    await desired.update(key, before[key], last=result.revision)

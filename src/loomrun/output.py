@@ -37,7 +37,8 @@ _stderr: ConsoleStream | None = None
 def say(message: str) -> None:
     """The supervisor's own voice on stderr: one line, prefixed so it is told apart."""
     line = f"loomrun: {printable(message)}\n"
-    if _stderr is not None and _stderr.say(line.encode()):
+    if _stderr is not None:
+        _stderr.say(line.encode())  # never a blocking write on the supervisor's event loop
         return
     try:
         sys.stderr.write(line)
@@ -86,20 +87,20 @@ class ConsoleStream:
                 self._closed = True
 
     async def write_lines(self, data: bytes) -> None:
-        if self._closed or not data:
-            return
-        try:
-            self._queue.put_nowait(data)
-        except queue.Full:  # the console is behind: wait for it without blocking the loop
-            await asyncio.get_running_loop().run_in_executor(None, self._queue.put, data)
+        """Queue whole lines; while the console is behind, wait (the worker's pipe fills
+        and holds the worker back) without blocking the loop or parking a thread."""
+        while not self._closed and data:
+            try:
+                self._queue.put_nowait(data)
+                return
+            except queue.Full:
+                await asyncio.sleep(0.01)
 
-    def say(self, line: bytes) -> bool:
-        """Queue one line of the supervisor's own; False when the console is stuck or gone."""
-        try:
+    def say(self, line: bytes) -> None:
+        """Queue one line of the supervisor's own; dropped if the console is stuck (nobody
+        reads it then) rather than stall the supervisor."""
+        with contextlib.suppress(queue.Full):
             self._queue.put_nowait(line)
-        except queue.Full:
-            return False
-        return not self._closed
 
     def close(self, timeout: float = 5.0) -> None:
         """Write out what is queued (for at most `timeout`: a console nobody reads must not

@@ -192,7 +192,7 @@ class Progress:
     hung: bool = False
 
     def quiet_for(self, step: int, status: int, now: float) -> float:
-        """Seconds since the step or the status last moved; 0 before the first step."""
+        """Seconds since the step or the status last moved (or since the start)."""
         if step != self.step:
             if self.step:
                 per_step = (now - self.since) / max(1, step - self.step)
@@ -204,7 +204,7 @@ class Progress:
         if status != self.status:
             self.status, self.since = status, now
             return 0.0
-        return now - self.since if step else 0.0
+        return now - self.since
 
 
 class Supervisor:
@@ -293,6 +293,8 @@ class Supervisor:
                         continue
                     returncode = task.result()
                     self._reaped(replica)
+                    if returncode == 0 and replica.failure_note:
+                        returncode = -signal.SIGTERM  # stopped as a failure, though it said 0
                     if returncode == 0:
                         replica.finished = True
                         self._tell_exit(replica, 0, "exited with code 0")
@@ -578,7 +580,9 @@ class Supervisor:
                     continue
                 box, progress = self.mailboxes[replica.name], replica.progress
                 quiet = progress.quiet_for(box.step[0], box.status.seq[0], now)
-                hung = quiet >= max(hang_after(), 10 * progress.step_time)
+                # Before its first step a replica may take long (imports, data, rendezvous):
+                # only --step-timeout, which the user chose, calls that a hang.
+                hung = progress.step > 0 and quiet >= max(hang_after(), 10 * progress.step_time)
                 hung = hung or (timeout is not None and quiet >= timeout)
                 if hung != progress.hung:
                     progress.hung = hung

@@ -72,8 +72,14 @@ class BrokerLink:
     async def _connect(self) -> None:
         nats = import_nats()
         host, port = host_port(self.options.url)
-        if is_loopback(self.options.url) and not answers(host, port):
-            await self._start_bundled(port)
+        if is_loopback(self.options.url):
+            if self._local_port is None:
+                join(port)  # counted before connecting: nobody stops it for want of users
+                self._local_port = port
+                if self.on_local_broker is not None:
+                    self.on_local_broker(port)
+            if not answers(host, port):
+                await self._start_bundled(port)
         try:
             self.nc = await nats.connect(
                 **self.options.connect_kwargs(),
@@ -89,11 +95,6 @@ class BrokerLink:
                 f"cannot reach the NATS broker at {self.options.url} ({error})"
             ) from None
         self.js = self.nc.jetstream()
-        if is_loopback(self.options.url):
-            self._local_port = port
-            join(port)
-            if self.on_local_broker is not None:
-                self.on_local_broker(port)
 
     async def _start_bundled(self, port: int) -> None:
         loop = asyncio.get_running_loop()

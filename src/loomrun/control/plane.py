@@ -42,6 +42,8 @@ class ReplicaView:
         self.written: dict[str, dict] = {}  # name -> change id -> relay.Written, unanswered
         self.seen_ids: dict[str, deque] = {}  # name -> ids of changes written lately
         self.missed: deque[str] = deque(maxlen=256)  # ids of changes applied nowhere
+        self.taken: dict[str, pb.DesiredParam] = {}  # change id -> change, the latest taken
+        self.in_effect: dict[str, str] = {}  # name -> id of the change the worker applied
         self.seen = {"acks": 0, "schema": 0, "status": 0}
         self.outcome_seq = 0
         self.status: pb.Status | None = None
@@ -163,6 +165,7 @@ class ControlPlane:
         replica.seen = {"acks": 0, "schema": 0, "status": 0}
         replica.outcome_seq = 0
         self.registry.register_device(replica)
+        self._hung_changed()
         if restarts:
             self.event(name, "restarted", f"pid {pid}, restart {restarts}")
         else:
@@ -178,6 +181,7 @@ class ControlPlane:
         else:
             replica.state = pb.EXITED if exit_code == 0 else pb.FAILED
         self.event(name, "exited" if exit_code == 0 else "failed", text, code=exit_code)
+        self._hung_changed()
         if not restarting:
             self.registry.drop_device(replica)
         self.pump.publish_status(replica, force=True)
@@ -197,9 +201,14 @@ class ControlPlane:
             self.event(name, "hung", "no step and no status for a while")
         elif not hung and replica.state == pb.HUNG:
             replica.state = pb.RUNNING
-        self.registry.hung = {r.name for r in self.replicas.values() if r.state == pb.HUNG}
-        self.registry.publish_job()
+        self._hung_changed()
         self.pump.publish_status(replica, force=True)
+
+    def _hung_changed(self) -> None:
+        hung = {r.name for r in self.replicas.values() if r.state == pb.HUNG}
+        if hung != self.registry.hung:
+            self.registry.hung = hung
+            self.registry.publish_job()
 
     def event(self, replica: str, kind: str, text: str, step: int = 0, code: int = 0) -> None:
         event = pb.Event(

@@ -113,6 +113,8 @@ class MailboxPump:
             replica.outcome_seq = outcome.seq
             replica.written.get(outcome.name, {}).pop(outcome.change_id, None)
             self._publish_outcome(replica, outcome)
+            if outcome.state == pb.APPLIED:
+                replica.in_effect[outcome.name] = outcome.change_id
             if outcome.state == pb.MISSED and self.on_missed is not None:
                 self.on_missed(replica, outcome)
         held = set(acks.scheduled)  # agreed on, waiting for their step: answered later

@@ -23,7 +23,8 @@ from loomrun.desired import PAUSE, copy
 from loomrun.mailbox import MailboxError
 from loomrun.output import say
 
-SEEN_IDS = 32  # per parameter: enough to know a change put back after a missed one
+SEEN_IDS = 32  # per parameter: enough to know a change seen again
+TAKEN_KEPT = 512  # per replica: the changes taken lately, to go back to the one in effect
 
 
 class Written:
@@ -104,6 +105,9 @@ class DesiredRelay:
                 self.on_written(replica, self._refused(replica, want, name))
             return
         self._replaced(replica, name, version)
+        replica.taken[want.change_id] = copy(replica.desired.entry(name))
+        while len(replica.taken) > TAKEN_KEPT:
+            replica.taken.pop(next(iter(replica.taken)))
         if not again:
             seen.append(want.change_id)
             written = Written(copy(replica.desired.entry(name)))
@@ -139,13 +143,20 @@ class DesiredRelay:
         return True
 
     def missed(self, replica, outcome: pb.Outcome) -> None:
-        """A change applied nowhere: what the replica wants goes back to what it held, so a
+        """A change applied nowhere: what the replica wants goes back to what is in effect
+        there (not merely to the entry before it, which may never have been applied), so a
         restarted worker does not start from it either."""
+        name = outcome.name
         replica.missed.append(outcome.change_id)
-        held = replica.desired.entry(outcome.name)
-        if held is not None and held.change_id == outcome.change_id:
-            replica.desired.restore(outcome.name)
-            self.write(replica)
+        held = replica.desired.entry(name)
+        if held is None or held.change_id != outcome.change_id:
+            return  # a newer change stands already
+        in_effect = replica.taken.get(replica.in_effect.get(name, ""))
+        if in_effect is not None:
+            replica.desired.take(name, in_effect)
+        else:
+            replica.desired.drop(name)  # nothing of ours applied: the worker keeps its own
+        self.write(replica)
 
     def rebase(self, replica) -> None:
         """The replica restarts: it starts from every desired value at once."""
