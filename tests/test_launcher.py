@@ -256,8 +256,9 @@ def test_sigkilled_supervisor_leaves_nothing_behind(procs, tmp_path):
     )  # fmt: skip
     files = wait_for(lambda: _pid_files(tmp_path, 2), 30, what="workers to start")
     pids = [int(p) for f in files for p in f.read_text().split()]
-    wait_for(lambda: answers("127.0.0.1", port), 30, what="its bundled broker")
-    broker_pid = int((state / "loomrun" / f"broker-{HOST}-{port}.pid").read_text())
+    record = state / "loomrun" / f"broker-{HOST}-{port}.pid"
+    wait_for(lambda: answers("127.0.0.1", port) and record.exists(), 30, what="its broker")
+    broker_pid = int(record.read_text())
     segments = set(SHM_DIR.glob(f"loomrun-{os.getuid()}-{JOB}-r*"))
     assert len(segments) == 2
     sup.kill()

@@ -13,7 +13,8 @@ A slot is `seq: u64 | length: u32 | pad: u32 | payload`. The writer makes seq od
 then makes it even again; a reader retries while seq is odd or changed under it. Payloads
 are protobuf messages from proto/loomrun.proto: nothing is unpickled. Besides the slots,
 the header holds the worker's step counter, written at every step boundary, so the
-supervisor knows where a worker really ended even when it was killed between two statuses.
+supervisor knows where a worker really ended even when it was killed between two statuses,
+and the supervisor's count of the answers it has read (each field has one writer).
 
 A worker killed in the middle of a write leaves its slot's seq odd: the supervisor resets
 the worker's slots before it starts the replacement (`reset_worker_side`), and its reads
@@ -51,6 +52,7 @@ WORKER_SLOTS = ("acks", "schema", "status")
 _HEADER = 64
 _STEP_OFFSET = 24
 _PIDNS_OFFSET = 32
+_READ_OFFSET = 40
 _SLOT_HEADER = 16
 _TORN_READ_TRIES = 10_000
 _QUICK_READ_TRIES = 3
@@ -217,6 +219,9 @@ class Mailbox:
         self.schema, self.status = self.slots["schema"], self.slots["status"]
         # The worker's step counter: one aligned 8-byte store per step, read without a lock.
         self.step = self._view[_STEP_OFFSET : _STEP_OFFSET + 8].cast("q")
+        # The supervisor's: the last outcome it has read from the acks, so the worker keeps
+        # (and rewrites) only the answers not yet read.
+        self.outcomes_read = self._view[_READ_OFFSET : _READ_OFFSET + 8].cast("Q")
 
     @classmethod
     def create(cls, path: Path) -> Mailbox:
@@ -262,6 +267,7 @@ class Mailbox:
         for name in WORKER_SLOTS:
             self.slots[name].clear()
         self.step[0] = 0
+        self.outcomes_read[0] = 0
 
     def close(self) -> None:
         if self._map.closed:
@@ -269,6 +275,7 @@ class Mailbox:
         for slot in self.slots.values():
             slot.release()
         self.step.release()
+        self.outcomes_read.release()
         self._view.release()
         self._map.close()
 

@@ -18,6 +18,7 @@ parser.add_argument("--step-time", type=float, default=0.005)
 parser.add_argument("--crash-at-step", type=int, default=0)
 parser.add_argument("--groups", type=int, default=1, help="param groups, lr 0.1, 0.01, ...")
 parser.add_argument("--slow-rank", type=int, default=-1, help="this rank steps 10x slower")
+parser.add_argument("--quiet", action="store_true", help="print no line per step")
 args = parser.parse_args()
 
 torch.manual_seed(0)
@@ -42,8 +43,9 @@ for step in range(1, args.steps + 1):
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    lrs = " ".join(repr(g["lr"]) for g in optimizer.param_groups)
-    print(f"used {step} {lrs} batch {batch.value}", flush=True)
+    if not args.quiet:
+        lrs = " ".join(repr(g["lr"]) for g in optimizer.param_groups)
+        print(f"used {step} {lrs} batch {batch.value}", flush=True)
     if scheduler is not None:
         scheduler.step()
     if step == args.crash_at_step and not restarted:

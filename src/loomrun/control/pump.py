@@ -117,6 +117,7 @@ class MailboxPump:
                 replica.in_effect[outcome.name] = outcome.change_id
             if outcome.state == pb.MISSED and self.on_missed is not None:
                 self.on_missed(replica, outcome)
+        replica.mailbox.outcomes_read[0] = replica.outcome_seq
         held = set(acks.scheduled)  # agreed on, waiting for their step: answered later
         for name, changes in replica.written.items():
             for change_id, written in list(changes.items()):

@@ -271,6 +271,9 @@ class Worker:
         self._recent.append(outcome)
 
     def _write_acks(self) -> None:
+        read = self.mailbox.outcomes_read[0]
+        while self._recent and self._recent[0].seq <= read:  # the supervisor has those
+            self._recent.popleft()
         acks = pb.Acks(
             recent=self._recent,
             read_version=self._desired.version,
