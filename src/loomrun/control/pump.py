@@ -30,6 +30,7 @@ HEARTBEAT_INTERVAL = 1.0
 TELEMETRY_INTERVAL = 1.0
 SPIN_FOR = 0.005
 SPIN_SHARE = 0.2  # at most this share of a core spent spinning, in a flood of changes
+SPIN_WINDOW = 0.1
 FAST_POLL = 0.001
 SLOW_POLL = 0.02
 FAST_POLL_FOR = 2.0
@@ -47,7 +48,7 @@ class MailboxPump:
         self.on_missed = None  # the relay's: a missed change is no longer wanted
         self._written = asyncio.Event()
         self._spin_until = 0.0
-        self._spin_again = 0.0
+        self._window = (0.0, 0.0)  # (start, seconds spun since): the spinning budget
         self._fast_until = 0.0
 
     def written(self, replica, refused: pb.Outcome | None) -> None:
@@ -56,9 +57,7 @@ class MailboxPump:
             self._publish_outcome(replica, refused)
             return
         now = time.monotonic()
-        if now >= self._spin_again:  # a flood of changes must not take a core from training
-            self._spin_until = now + SPIN_FOR
-            self._spin_again = now + SPIN_FOR / SPIN_SHARE
+        self._spin_until = now + SPIN_FOR
         self._fast_until = now + FAST_POLL_FOR
         self._written.set()
 
@@ -72,11 +71,24 @@ class MailboxPump:
                     say(f"{replica.name}: {error}")
             waiting = any(w for r in self.replicas.values() for w in r.written.values())
             if waiting and now < self._fast_until:
-                await asyncio.sleep(0 if now < self._spin_until else FAST_POLL)
+                spin = now < self._spin_until and self._may_spin(now)
+                await asyncio.sleep(0 if spin else FAST_POLL)
+                if spin:
+                    start, spun = self._window
+                    self._window = (start, spun + time.monotonic() - now)
                 continue
             self._written.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._written.wait(), SLOW_POLL)
+
+    def _may_spin(self, now: float) -> bool:
+        """Spinning answers a change within microseconds, but a flood of changes must not
+        take a core from training: at most SPIN_SHARE of each SPIN_WINDOW is spent so."""
+        start, spun = self._window
+        if now - start >= SPIN_WINDOW:
+            self._window = (now, 0.0)
+            return True
+        return spun < SPIN_SHARE * SPIN_WINDOW
 
     def read_back(self, replica, now: float, final: bool = False) -> None:
         box = replica.mailbox
