@@ -27,7 +27,9 @@ def model_with(replicas: int, now: float) -> tuple[WatchModel, list[tuple[str, b
     model.take_job("bench.n0", info.SerializeToString())
     messages = []
     for i in range(replicas):
-        status = pb.ReplicaStatus(job="bench", replica=f"r{i}", host="h", state="running", time=now)
+        status = pb.ReplicaStatus(
+            job="bench", replica=f"r{i}", host="h", state=pb.RUNNING, time=now
+        )
         status.status.step = 1000 + i
         status.status.steps_per_sec = 100.0
         status.status.metrics.update(loss=0.1 + i / 1000, acc=0.9, grad_norm=1.5)

@@ -253,6 +253,7 @@ class Supervisor:
             self._open_mailboxes()
             for replica in self.replicas:
                 await self._start(replica)
+            self.watchdog.start()  # after the spawns too: a Python start-up of its own
             await self._start_control()  # after the spawns: importing nats alone takes 0.3 s
             progress = asyncio.ensure_future(self._watch_progress())
             try:

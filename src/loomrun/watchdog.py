@@ -26,9 +26,17 @@ from pathlib import Path
 
 
 class Watchdog:
-    """The supervisor's end: what to clean up if it dies, told as the job goes."""
+    """The supervisor's end: what to clean up if it dies, told as the job goes.
+
+    Started once the first workers are spawned (`start`): its own Python start-up must
+    not slow theirs; what it is told before that waits for it. Until then the workers'
+    parent-death signal covers them, and they have had no time to start anything."""
 
     def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self._early: list[str] = []
+
+    def start(self) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "loomrun.watchdog", str(os.getpid())],
             stdin=subprocess.PIPE,
@@ -36,8 +44,14 @@ class Watchdog:
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # a Ctrl-C or a SIGHUP of the terminal is not for it
         )
+        for line in self._early:
+            self.tell(line)
+        self._early.clear()
 
     def tell(self, line: str) -> None:
+        if self.process is None:
+            self._early.append(line)
+            return
         try:
             self.process.stdin.write(f"{line}\n".encode())
             self.process.stdin.flush()
@@ -46,6 +60,8 @@ class Watchdog:
 
     def close(self) -> None:
         """The supervisor cleaned up itself: the watchdog leaves without acting."""
+        if self.process is None:
+            return
         self.tell("done")
         with contextlib.suppress(OSError):
             self.process.stdin.close()
