@@ -50,7 +50,7 @@ def main() -> int:
     ]  # fmt: skip
     print(f"$ loomrun examples/train.py --replicas 4 --job {JOB} ... &", flush=True)
     job = subprocess.Popen(
-        [LOOMRUN, *train, "--replicas", "4", "--job", JOB],
+        [LOOMRUN, "--replicas", "4", "--job", JOB, *train],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
