@@ -14,13 +14,13 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from conftest import SCRIPTS, run_loomrun, wait_for
+from conftest import LOOMRUN, SCRIPTS, run_loomrun, wait_for
 from netcut import CuttableProxy
 from test_control import _events, job_id, start, steering, wait_ready
 
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
-from loomrun.broker import BundledBroker
+from loomrun.broker import BundledBroker, answers
 from loomrun.cli import main as cli_main
 from loomrun.mailbox import Mailbox, find_segment
 from loomrun.supervisor import free_port
@@ -261,3 +261,50 @@ def test_a_hung_replica_is_shown_and_restarted_with_step_timeout(procs):
     assert sup.returncode == 0, err
     assert "no step for 5s (--step-timeout)" in err and "restarting all replicas" in err
     assert "finished" in out
+
+
+def test_a_start_removes_what_a_dead_job_left_and_says_so(tmp_path):
+    state = tmp_path / "state"
+    env = {**os.environ, "XDG_STATE_HOME": str(state)}
+    port = free_port()
+    code = (
+        "import os; from pathlib import Path; from loomrun.broker import BundledBroker; "
+        "from loomrun.mailbox import Mailbox, new_segment_path; "
+        f"BundledBroker.start({port}); Mailbox.create(new_segment_path('dead', 'r0')); "
+        "os._exit(0)"  # dies holding both, as a SIGKILL would leave them
+    )
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+    assert answers("127.0.0.1", port)
+    result = run_loomrun(
+        "--no-broker", SCRIPTS / "exit_with.py", "0", env={"XDG_STATE_HOME": str(state)}
+    )
+    assert result.returncode == 0, result.stderr
+    assert "removed 1 shared-memory segment(s) left by loomrun jobs that died" in result.stderr
+    assert (
+        f"stopped the bundled NATS broker on port {port}, which no loomrun job used"
+        in result.stderr
+    )
+    assert not answers("127.0.0.1", port)
+
+
+def test_loomrun_server_requires_the_secret_and_says_how_to_connect(tmp_path):
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    port = free_port()
+    server = subprocess.Popen(
+        [*LOOMRUN, "server", "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        said = server.stderr.readline() + server.stderr.readline()
+        assert f"NATS broker on nats://127.0.0.1:{port}" in said
+        assert "your loomrun commands here connect as they are" in said
+        wait_for(lambda: answers("127.0.0.1", port), 15, what="the server")
+        url = f"nats://127.0.0.1:{port}"
+        mine = subprocess.run(
+            [*LOOMRUN, "ls", "--nats", url], env=env, capture_output=True, text=True
+        )
+        assert mine.returncode == 0 and "no loomrun job" in mine.stdout, mine.stderr
+        other = run_loomrun("ls", "--nats", url, env={"XDG_STATE_HOME": str(tmp_path / "other")})
+        assert other.returncode == 4 and "refused this user's credentials" in other.stderr
+    finally:
+        server.terminate()
+        server.wait(15)
