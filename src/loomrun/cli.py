@@ -12,12 +12,14 @@ broker cannot be reached.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
 import re
 import secrets
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -656,6 +658,77 @@ def get_command(job, replicas, as_json, **broker):
     tables.render(
         ["replica", "param", "value", "type", "bounds", "changed", "doc"], rows, title=name
     )
+
+
+@main.command("log")
+@click.option("--job", callback=_validate_job, help="Job id [default: the only running job].")
+@click.option("--replica", "replicas", multiple=True, callback=_replica_list, metavar="r1,r2")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per change, per line.")
+@click.option("--follow", "-f", is_flag=True, help="Then print each new change as it comes.")
+@broker_options
+def log_command(job, replicas, as_json, follow, **broker):
+    """The change ledger of a job, oldest first: when, who, replica, old -> new, the step
+    it took effect at, and what became of it (applied, rejected, missed, superseded).
+
+    Works for running and finished jobs: a finished job by its id, read from the job's
+    `changes.jsonl` in the state directory when the broker no longer has it.
+    """
+    import asyncio
+    import json
+
+    from loomrun.broker import BrokerError, state_dir
+    from loomrun.client import SteerError, Steering
+    from loomrun.control.ledger import job_dir, record
+    from loomrun.params import format_value
+    from loomrun.printable import printable
+
+    def show(item: dict) -> None:
+        if replicas and item["replica"] not in replicas:
+            return
+        if as_json:
+            click.echo(json.dumps(item))
+            return
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(item["time"]))
+        change = f"{format_value(item['old'])} -> {format_value(item['new'])}"
+        if item["name"] == "pause":
+            change = "paused" if item["new"] else "resumed"
+        what = item["outcome"] + (f": {item['reason']}" if item["reason"] else "")
+        click.echo(printable(
+            f"{stamp}  {item['replica']}  {item['name']}  {change}  step {item['step']}  "
+            f"{what}  ({item['who'] or '?'})"
+        ))  # fmt: skip
+
+    async def from_broker() -> tuple[str, int]:
+        async with Steering.connect(_broker(**broker)) as steering:
+            name = (await steering.job(job)).job if job is None else job
+            count = 0
+            async for outcome in steering.ledger(name, follow):
+                show(record(name, outcome))
+                count += 1
+            return name, count
+
+    name, count = job, 0
+    try:
+        name, count = asyncio.run(from_broker())
+    except KeyboardInterrupt:
+        return
+    except SteerError as error:
+        if job is None:
+            raise click.UsageError(printable(error)) from None
+    except BrokerError as error:
+        if job is None:
+            click.echo(f"Error: {printable(error)}", err=True)
+            sys.exit(EXIT_NO_BROKER)
+    if count:
+        return
+    path = job_dir(state_dir(), name) / "changes.jsonl"
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        raise click.UsageError(f"no change ledger for job {name!r} (nor {path})") from None
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            show(json.loads(line))
 
 
 @main.command("ls")

@@ -287,6 +287,31 @@ class Steering:
                 out[key.split(".", 1)[1]] = pb.ReplicaStatus.FromString(data)
         return out
 
+    async def ledger(self, job: str, follow: bool = False):
+        """The job's change ledger from the broker, oldest first; with `follow`, then each new
+        record as it comes. Yields Outcome records (the job is in their subject)."""
+        from nats.js import api
+
+        config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL)
+        try:
+            subscription = await self.js.subscribe(
+                S.ledger(job), ordered_consumer=True, config=config
+            )
+        except Exception:  # noqa: BLE001 - no ledger stream on this broker yet
+            return
+        try:
+            info = await subscription.consumer_info()
+            if info.num_pending == 0 and not info.delivered.stream_seq and not follow:
+                return
+            async for msg in subscription.messages:
+                with contextlib.suppress(DecodeError):
+                    yield pb.Outcome.FromString(msg.data)
+                if not follow and msg.metadata.num_pending == 0:
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+
     async def outcomes(self, job: str) -> dict[tuple[str, str], pb.Outcome]:
         out = {}
         for key, data in (await self.entries(S.STATE, f"{job}.*.outcome.>")).items():

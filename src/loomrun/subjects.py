@@ -9,6 +9,7 @@ loomrun_jobs      {job}.n{node_rank}             JobInfo with a heartbeat
 loomrun_devices   {uuid}                         Device
 stream LOOMRUN_EVENTS on loomrun.{job}.events.{replica}   Event
 subject loomrun.{job}.outcomes.{replica}         Outcome, each once, as it happens
+stream LOOMRUN_LEDGER on loomrun.{job}.ledger     Outcome: the change ledger, kept
 subject loomrun.devices.failed                   DeviceFailure (from health checkers)
 """
 
@@ -23,6 +24,10 @@ JOBS = "loomrun_jobs"
 DEVICES = "loomrun_devices"
 EVENTS_STREAM = "LOOMRUN_EVENTS"
 EVENTS_SUBJECTS = "loomrun.*.events.>"
+LEDGER_STREAM = "LOOMRUN_LEDGER"
+LEDGER_SUBJECTS = "loomrun.*.ledger"
+LEDGER_KEPT = 100_000  # records of each job
+LEDGER_DAYS = 90
 DEVICE_FAILED = "loomrun.devices.failed"
 PAUSE = "pause"
 HEARTBEAT_SECONDS = 2.0
@@ -64,6 +69,11 @@ def device(uuid: str) -> str:
 
 def events(job: str, replica: str = "job") -> str:
     return f"loomrun.{job}.events.{replica}"
+
+
+def ledger(job: str) -> str:
+    """The job's change ledger: every answered change, once, in order (a stream)."""
+    return f"loomrun.{job}.ledger"
 
 
 def outcomes(job: str, replica: str = "*") -> str:

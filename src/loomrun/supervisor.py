@@ -525,7 +525,7 @@ class Supervisor:
         """The NATS side: it connects while the workers start up, never ahead of them."""
         if self.spec.broker is None:
             return
-        from loomrun.control import ControlPlane, ReplicaView
+        from loomrun.control.plane import ControlPlane, ReplicaView
 
         views = [ReplicaView(r.name, r.local_rank, self.mailboxes[r.name]) for r in self.replicas]
         self.control = ControlPlane(
@@ -538,11 +538,27 @@ class Supervisor:
             on_device_failure=self.fail_device,
             wait_broker=self.spec.wait_broker,
             on_local_broker=lambda port: self.watchdog.tell(f"broker {port}"),
+            ledger_dirs=self._ledger_dirs(),
         )
         for replica in self.replicas:
             if replica.proc is not None:
                 self.control.replica_started(replica.name, replica.proc.pid, replica.restarts)
         await self.control.start()
+
+    def _ledger_dirs(self) -> list[Path]:
+        """Where the change ledger is kept on disk: the job's folder in the state directory
+        (`loomrun log` finds it there when the broker no longer has it), and --log-dir."""
+        from loomrun.broker import BrokerError, private_state_dir
+        from loomrun.control.ledger import job_dir
+
+        try:
+            folders = [job_dir(private_state_dir(), self.spec.job)]
+        except BrokerError as error:
+            say(f"{error}; the change ledger is kept in the broker only")
+            folders = []
+        if self.spec.log_dir is not None:
+            folders.append(Path(self.spec.log_dir) / self.spec.job)
+        return folders
 
     def _tell_exit(self, replica: Replica, code: int, text: str, restarting: bool = False) -> None:
         if self.control is not None:

@@ -5,12 +5,9 @@
     pump.py      the mailboxes out: outcomes (each exactly once), schema, status, heartbeat
     outbox.py    what goes to the broker, kept while it is away and sent when it is back
     registry.py  the job's record and its devices, and device failures from health checkers
-    plane.py     ControlPlane: the five together, as the supervisor drives them
+    ledger.py    the change ledger: every answered change, in the broker and on disk
+    plane.py     ControlPlane: the parts together, as the supervisor drives them
 
 Data flows one way: broker -> relay -> mailbox -> pump -> outbox -> broker. Training never
 waits on any of it: a worker only reads and writes its mailbox.
 """
-
-from loomrun.control.plane import ControlPlane, ReplicaView
-
-__all__ = ["ControlPlane", "ReplicaView"]

@@ -119,6 +119,14 @@ class BrokerLink:
             await self.js.add_stream(
                 name=S.EVENTS_STREAM, subjects=[S.EVENTS_SUBJECTS], max_age=86400, max_msgs=100_000
             )
+        with contextlib.suppress(Exception):
+            await self.js.add_stream(
+                name=S.LEDGER_STREAM,
+                subjects=[S.LEDGER_SUBJECTS],
+                max_age=S.LEDGER_DAYS * 86400,
+                max_msgs_per_subject=S.LEDGER_KEPT,
+                storage=api.StorageType.FILE,
+            )
 
     async def _bucket(self, name: str, **config):
         from nats.js.errors import BucketNotFoundError

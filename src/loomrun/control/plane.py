@@ -12,10 +12,12 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.broker import BrokerOptions
+from loomrun.control.ledger import Ledger
 from loomrun.control.link import BrokerLink
 from loomrun.control.outbox import Outbox
 from loomrun.control.pump import MailboxPump
@@ -65,6 +67,7 @@ class ControlPlane:
         on_device_failure: Callable[[str, str], None],
         wait_broker: bool = False,
         on_local_broker: Callable[[int], None] | None = None,
+        ledger_dirs: list[Path] | None = None,
     ):
         self.job = job
         self.replicas = {r.name: r for r in replicas}
@@ -79,6 +82,7 @@ class ControlPlane:
         self.pump = MailboxPump(job, host, self.replicas, self.outbox, self.devices, self.event)
         self.relay = DesiredRelay(job, self.replicas, self.link, self.outbox, self.pump.written)
         self.pump.on_missed = self.relay.missed
+        self.pump.ledger = self.ledger = Ledger(job, self.outbox, ledger_dirs or [])
         self.registry = Registry(
             job, node_rank, nnodes, script, host, options.url, self.replicas, self.outbox,
             self.event,
@@ -147,6 +151,7 @@ class ControlPlane:
             self._watch_task.cancel()
         await self.link.close()
         self.devices.close()
+        self.ledger.close()
 
     # -- lifecycle, from the supervisor -------------------------------------------------------
 

@@ -46,6 +46,7 @@ class MailboxPump:
         self.devices = devices
         self.events = events
         self.on_missed = None  # the relay's: a missed change is no longer wanted
+        self.ledger = None  # the change ledger: every answer, recorded
         self._written = asyncio.Event()
         self._spin_until = 0.0
         self._window = (0.0, 0.0)  # (start, seconds spun since): the spinning budget
@@ -153,6 +154,8 @@ class MailboxPump:
     def _publish_outcome(self, replica, outcome: pb.Outcome) -> None:
         outcome.replica = replica.name
         self.outbox.publish(S.outcomes(self.job, replica.name), outcome)
+        if self.ledger is not None:
+            self.ledger.record(outcome)
         if outcome.state == pb.SUPERSEDED:
             return  # never in effect: neither the latest answer nor an event
         self.outbox.put(S.STATE, S.outcome(self.job, replica.name, outcome.name), outcome)

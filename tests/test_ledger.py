@@ -1,0 +1,71 @@
+"""The change ledger, for real: every answered change recorded once, in order, in the
+broker and on disk, and `loomrun log` reading it back, from the broker or from disk."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from conftest import LOOMRUN, SCRIPTS, run_loomrun, wait_for
+from test_control import job_id, start, wait_ready
+
+from loomrun.supervisor import free_port
+
+
+def log(*args, **kwargs) -> list[dict]:
+    result = run_loomrun("log", *args, "--json", **kwargs)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_every_change_is_recorded_once_in_order_and_outlives_the_broker(procs, tmp_path):
+    job = job_id("ledger")
+    sup = start(
+        procs, SCRIPTS / "steered.py", "--steps", "10000000", "--quiet", job=job,
+        extra=("--log-dir", tmp_path),
+    )  # fmt: skip
+    wait_ready(job)
+    for command in (
+        ["set", "lr=0.05"],
+        ["pause"],
+        ["resume"],
+        ["set", "lr=0.07", "--at-step", "1"],
+    ):
+        run_loomrun(*command, "--job", job)
+    follower = subprocess.Popen(
+        [*LOOMRUN, "log", "--job", job, "--json", "--follow"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        recorded = log("--job", job)
+        shown = [(r["name"], r["outcome"], r["old"], r["new"]) for r in recorded]
+        assert shown == [
+            ("lr", "applied", 0.1, 0.05),
+            ("pause", "applied", False, True),
+            ("pause", "applied", True, False),
+            ("lr", "missed", None, 0.07),
+        ], shown
+        assert recorded[0]["who"] and "@" in recorded[0]["who"]
+        assert recorded[0]["step"] > 0 and recorded[0]["replica"] == "r0"
+        assert len({r["change_id"] for r in recorded}) == len(recorded), "each change once"
+        run_loomrun("set", "lr=0.09", "--job", job)
+        lines = []
+        wait_for(
+            lambda: lines.append(follower.stdout.readline()) or '"new": 0.09' in lines[-1],
+            30, what="the new change followed",
+        )  # fmt: skip
+    finally:
+        follower.kill()
+        follower.communicate()
+    sup.terminate()
+    sup.communicate(timeout=60)
+    everything = log("--job", job)
+    nobroker = f"nats://127.0.0.1:{free_port()}"
+    assert log("--job", job, "--nats", nobroker) == everything, "the same, from disk"
+    copied = (tmp_path / job / "changes.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in copied] == everything
+    assert log("--job", job, "--replica", "r1") == []
+
+
+def test_a_job_without_a_ledger_is_one_line():
+    result = run_loomrun("log", "--job", "nosuchjob", "--nats", f"nats://127.0.0.1:{free_port()}")
+    assert result.returncode == 2 and "no change ledger for job 'nosuchjob'" in result.stderr
