@@ -4,10 +4,13 @@ broker and on disk, and `loomrun log` reading it back, from the broker or from d
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
+import pytest
 from conftest import LOOMRUN, SCRIPTS, run_loomrun, wait_for
 from test_control import job_id, start, wait_ready
+from test_steering import _steps_seen
 
 from loomrun.supervisor import free_port
 
@@ -69,3 +72,41 @@ def test_every_change_is_recorded_once_in_order_and_outlives_the_broker(procs, t
 def test_a_job_without_a_ledger_is_one_line():
     result = run_loomrun("log", "--job", "nosuchjob", "--nats", f"nats://127.0.0.1:{free_port()}")
     assert result.returncode == 2 and "no change ledger for job 'nosuchjob'" in result.stderr
+
+
+def _hashes(out: str) -> set[str]:
+    return set(re.findall(r"hash (\w+)", out))
+
+
+@pytest.mark.slow
+def test_a_replayed_ddp_run_ends_bitwise_where_the_steered_one_did(procs):
+    steered = job_id("steered")
+    sup = start(
+        procs, SCRIPTS / "ddp_seeded.py", "--steps", "500", "--step-time", "0.01",
+        job=steered, replicas=2,
+    )  # fmt: skip
+    wait_ready(steered, ("r0", "r1"))
+    for change in ("lr=0.05", "momentum=0.5", "loss_scale=2.0"):  # at moments of their own
+        now = _steps_seen(steered)
+        wait_for(lambda now=now: _steps_seen(steered) > now + 25, 60, what="more steps")
+        result = run_loomrun("set", change, "--job", steered)
+        listed = run_loomrun("ls", "--all").stdout
+        assert result.returncode == 0, result.stdout + result.stderr + listed
+    out, err = sup.communicate(timeout=180)
+    assert sup.returncode == 0, err
+    first = _hashes(out)
+    assert len(first) == 1, "the ranks agree"
+
+    again = run_loomrun(
+        "--replicas", "2", "--no-broker", "--job", job_id("replayed"), "--replay", steered,
+        SCRIPTS / "ddp_seeded.py", "--steps", "500", timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert "replaying 6 change(s)" in again.stderr
+    assert _hashes(again.stdout) == first, "the replay ends bitwise where the steered run did"
+    plain = run_loomrun(
+        "--replicas", "2", "--no-broker", "--job", job_id("plain"),
+        SCRIPTS / "ddp_seeded.py", "--steps", "500", timeout=300,
+    )  # fmt: skip
+    assert plain.returncode == 0, plain.stderr
+    assert len(_hashes(plain.stdout)) == 1 and _hashes(plain.stdout) != first

@@ -257,6 +257,13 @@ def _module_precedes_script(raw: list[str], script: str) -> bool:
     default=None,
     help="Job id; scopes everything [default: script name plus a short suffix].",
 )
+@click.option(
+    "--replay",
+    metavar="CHANGES",
+    default=None,
+    help="Apply the applied changes of a ledger (a changes.jsonl, or a job id) to the same "
+    "replicas at the same steps: a seeded steered run, again.",
+)
 @broker_options
 @click.option(
     "--wait-broker",
@@ -322,6 +329,7 @@ class RunOptions:
     grace: float
     step_timeout: float | None
     job: str | None
+    replay: str | None
     nats_url: str
     nats_creds: str | None
     nats_ca: str | None
@@ -367,9 +375,29 @@ class RunOptions:
             console_filter=parse_replica_filter(self.replicas_filter, names),
             grace=self.grace,
             step_timeout=self.step_timeout,
+            replay=self._replay(names),
             broker=broker,
             wait_broker=self.wait_broker,
         )
+
+    def _replay(self, names: list[str]) -> dict[str, list] | None:
+        if self.replay is None:
+            return None
+        from loomrun.replay import ReplayError, load, schedules
+
+        try:
+            plans, missing = schedules(load(self.replay), names)
+        except ReplayError as error:
+            raise click.BadParameter(str(error), param_hint="--replay") from None
+        count = sum(len(plan) for plan in plans.values())
+        click.echo(f"loomrun: replaying {count} change(s) from {self.replay}", err=True)
+        if missing:
+            click.echo(
+                f"loomrun: the record has changes for {', '.join(missing)}, which this job "
+                "does not have: skipped",
+                err=True,
+            )
+        return plans
 
     def _target(self, target: tuple[str, ...], raw_args: list[str]):
         """The script (None for -m) and the arguments that go to it."""

@@ -53,6 +53,8 @@ class LaunchSpec:
     console_filter: frozenset[str] | None = None
     grace: float = 30.0
     step_timeout: float | None = None
+    # Replica name -> its recorded changes to apply at their steps (loomrun.replay).
+    replay: dict[str, list] | None = None
     broker: BrokerOptions | None = field(default_factory=BrokerOptions)
     wait_broker: bool = False
 
@@ -451,6 +453,10 @@ class Supervisor:
             dict(os.environ),
         )
         env["LOOMRUN_MAILBOX"] = str(self.mailboxes[replica.name].path)
+        if spec.replay and spec.replay.get(replica.name):
+            plan = self._run_dir / f"replay-{replica.name}.json"
+            plan.write_text(json.dumps(spec.replay[replica.name]))
+            env["LOOMRUN_REPLAY"] = str(plan)
         replica.proc = await asyncio.create_subprocess_exec(
             *spec.worker_command(),
             stdin=asyncio.subprocess.DEVNULL,

@@ -53,8 +53,9 @@ class Outbox:
         self._wake.set()
 
     async def flush(self) -> None:
-        """Messages first (a `set` waits on the outcomes among them), then the latest state;
-        status goes out without waiting for an ack: it matters only as the latest."""
+        """Messages first (a `set` waits on the outcomes among them), then the latest state:
+        the job's record, then schemas and outcomes, then the rest; status goes out without
+        waiting for an ack: it matters only as the latest."""
         nc = self.link.nc
         while self._latest or self._messages:
             if nc is None or not nc.is_connected:
@@ -65,8 +66,10 @@ class Outbox:
                 self._messages.popleft()
             if not self._latest:
                 break
-            item = next((k for k in self._latest if k[0] == S.STATE), None)
-            bucket, key = item or next(iter(self._latest))
+            bucket, key = next(  # the job's record first: a client finds the job by it
+                (k for b in (S.JOBS, S.STATE) for k in self._latest if k[0] == b),
+                next(iter(self._latest)),
+            )
             data = self._latest[(bucket, key)]
             kv = self.link.kv[bucket]
             if data is None:

@@ -15,6 +15,7 @@ collective) what they hold: each rank applies the same changes at the same step,
 from __future__ import annotations
 
 import atexit
+import json
 import math
 import os
 import sys
@@ -62,6 +63,7 @@ class Worker:
         self._in_effect: dict[str, str] = {}  # name -> id of the change last applied
         self._scheduled: dict[str, pb.DesiredParam] = {}  # agreed, waiting for their step
         self._recent: deque[pb.Outcome] = deque(maxlen=RECENT_OUTCOMES)
+        self._replay: deque[dict] = deque()  # recorded changes, each for its step
         self._outcome_seq = 0
         self._due = _NEVER
         self._next_status = 0.0
@@ -139,6 +141,11 @@ class Worker:
     def _settle(self, agree: bool) -> bool:
         """Apply every change that is due now; note when the next one is. True if any was."""
         step, due, answered = self.step, _NEVER, False
+        while self._replay and self._replay[0]["step"] <= step:
+            answered = True
+            self._answer(self._replayed(self._replay.popleft(), step))
+        if self._replay:
+            due = self._replay[0]["step"]
         for name, want in list(self._scheduled.items()):
             if step >= want.at_step:
                 del self._scheduled[name]
@@ -193,6 +200,23 @@ class Worker:
         if scheduled is not None and scheduled.change_id != change_id:
             del self._scheduled[name]
             self._answer(self._outcome(name, scheduled, pb.SUPERSEDED), quiet=True)
+
+    def _replayed(self, recorded: dict, step: int) -> pb.Outcome:
+        """A change of a replayed record, at its step (or missed, if the worker is past it)."""
+        try:
+            value = P.to_pb(recorded["value"])
+        except (P.ParamError, TypeError, ValueError):
+            value = P.to_pb(str(recorded["value"]))
+        want = pb.DesiredParam(
+            value=value, at_step=recorded["step"], origin="replay",
+            change_id=str(recorded.get("change_id", "")),
+        )  # fmt: skip
+        return self._decide(recorded["name"], want, step)
+
+    def replay(self, plan: list[dict]) -> None:
+        """Apply these recorded changes, each at its step."""
+        self._replay.extend(plan)
+        self._due = 0
 
     def _decide(self, name: str, want: pb.DesiredParam, step: int, agreed=False) -> pb.Outcome:
         if 0 < want.at_step < step:
@@ -381,6 +405,20 @@ class Worker:
 current: Worker | None = None
 
 
+def _read_plan(path: str) -> list[dict]:
+    """This replica's replay schedule (loomrun.replay), as the supervisor wrote it: JSON,
+    checked again here (a file can be anything)."""
+    plan = json.loads(Path(path).read_text())
+    if not isinstance(plan, list):
+        raise ValueError("not a list of changes")
+    keys = {"step": int, "name": str}
+    return [
+        c
+        for c in plan
+        if isinstance(c, dict) and all(isinstance(c.get(k), t) for k, t in keys.items())
+    ]
+
+
 def attach() -> Worker | None:
     """Attach to the mailbox the supervisor made for this worker; None outside loomrun."""
     global current
@@ -393,6 +431,12 @@ def attach() -> Worker | None:
         print(f"loomrun: {error}; this worker runs without live control", file=sys.stderr)
         return None
     current = Worker(mailbox)
+    plan = os.environ.get("LOOMRUN_REPLAY")
+    if plan:
+        try:
+            current.replay(_read_plan(plan))
+        except (OSError, ValueError) as error:
+            current.warn_once(f"cannot read the replay schedule {plan} ({error}); no replay")
     current.write_schema()
     current.sync(at_boundary=False)
     current.write_status(time.monotonic())

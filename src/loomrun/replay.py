@@ -1,0 +1,79 @@
+"""Replaying a steered run: the applied changes of a ledger, at the same steps.
+
+The supervisor reads a record (`changes.jsonl`, or a job's own in the state directory),
+keeps each replica's applied changes (pause and resume are left out: they change no
+parameter) and hands each worker its own schedule as a JSON file. The worker applies each
+change at exactly its recorded step, before that step's optimizer step, and answers it like
+any change, as asked by `replay`. Every rank applies what its own record says, at the
+same steps, so a seeded run steered by hand runs again bitwise. Nothing is evaluated: the
+record is JSON, and every value is checked against the parameter it goes to.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from loomrun.broker import state_dir
+from loomrun.control.ledger import job_dir
+from loomrun.desired import PAUSE
+
+ORIGIN = "replay"
+
+
+class ReplayError(ValueError):
+    """A record that cannot be replayed; one line for a person."""
+
+
+def load(source: str) -> list[dict]:
+    """The records of a ledger file, or of a job's ledger in the state directory."""
+    path = Path(source)
+    if not path.is_file():
+        path = job_dir(state_dir(), source) / "changes.jsonl"
+        if not path.is_file():
+            raise ReplayError(f"'{source}' is neither a changes.jsonl file nor a job with one")
+    records = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as error:
+        raise ReplayError(f"cannot read {path}: {error.strerror}") from None
+    for number, line in enumerate(lines, 1):
+        try:
+            item = json.loads(line)
+            records.append(
+                {
+                    "replica": str(item["replica"]),
+                    "name": str(item["name"]),
+                    "step": int(item["step"]),
+                    "new": item["new"],
+                    "outcome": str(item["outcome"]),
+                    "change_id": str(item.get("change_id", "")),
+                }
+            )
+        except (ValueError, KeyError, TypeError):
+            raise ReplayError(f"{path}:{number} is not a change record") from None
+    return records
+
+
+def schedules(records: list[dict], replicas: list[str]) -> tuple[dict[str, list], list[str]]:
+    """Each replica's applied changes, in step order, once each (a restarted worker answers
+    its baseline again: the same change id); and the replicas the job does not have."""
+    plans: dict[str, list] = {r: [] for r in replicas}
+    missing, seen = [], set()
+    for item in records:
+        if item["outcome"] != "applied" or item["name"] == PAUSE or item["step"] < 1:
+            continue
+        if (item["replica"], item["change_id"]) in seen:
+            continue
+        seen.add((item["replica"], item["change_id"]))
+        if item["replica"] not in plans:
+            if item["replica"] not in missing:
+                missing.append(item["replica"])
+            continue
+        plans[item["replica"]].append(
+            {"step": item["step"], "name": item["name"], "value": item["new"],
+             "change_id": item["change_id"]}
+        )  # fmt: skip
+    for plan in plans.values():
+        plan.sort(key=lambda change: change["step"])
+    return plans, missing
