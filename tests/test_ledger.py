@@ -110,3 +110,28 @@ def test_a_replayed_ddp_run_ends_bitwise_where_the_steered_one_did(procs):
     )  # fmt: skip
     assert plain.returncode == 0, plain.stderr
     assert len(_hashes(plain.stdout)) == 1 and _hashes(plain.stdout) != first
+
+
+def test_unset_goes_back_to_the_scripts_own_value(procs):
+    job = job_id("unset")
+    start(procs, SCRIPTS / "steered.py", "--steps", "10000000", "--quiet", job=job)
+    wait_ready(job, name="batch")
+    wait_ready(job)
+    assert run_loomrun("set", "lr=0.05", "batch=16", "--job", job).returncode == 0
+
+    def params() -> dict[str, dict]:
+        got = run_loomrun("get", "--job", job, "--json")
+        return {p["name"]: p for p in json.loads(got.stdout)["params"]}
+
+    wait_for(lambda: params()["batch"]["value"] == 16, 10, what="the status to show batch")
+    before = params()
+    assert before["lr"]["overridden"] and before["lr"]["own"] == 0.1
+    assert before["batch"]["overridden"] and before["batch"]["own"] == 8
+    assert not before["momentum"]["overridden"]
+    undone = run_loomrun("unset", "lr", "batch", "--job", job)
+    assert undone.returncode == 0, undone.stdout + undone.stderr
+    assert "lr  0.05 -> 0.1" in undone.stdout and "batch  16 -> 8" in undone.stdout
+    wait_for(lambda: not params()["batch"]["overridden"], 10, what="the status to show it")
+    assert not params()["lr"]["overridden"]
+    unknown = run_loomrun("unset", "nope", "--job", job)
+    assert unknown.returncode == 2 and "has no parameter 'nope'" in unknown.stderr

@@ -600,6 +600,35 @@ def set_command(assignments, job, replicas, at_step, force, timeout, no_wait, as
     sys.exit(_report(results, as_json, job, not no_wait))
 
 
+@main.command("unset", epilog=EXIT_CODES)
+@click.argument("names", nargs=-1, required=True, metavar="KEY...")
+@click.option("--job", callback=_validate_job, help="Job id [default: the only running job].")
+@click.option("--replica", "replicas", multiple=True, callback=_replica_list, metavar="r1,r2")
+@click.option("--force", is_flag=True, help="Only some ranks of a process group, though.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=30.0, show_default=True)
+@click.option("--no-wait", is_flag=True, help="Write the change and return at once.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@broker_options
+def unset_command(names, job, replicas, force, timeout, no_wait, as_json, **broker):
+    """Put parameters back to the values the script itself gave them.
+
+    \b
+      loomrun unset lr                       every replica's lr, as the script set it
+    The same checks and answers as `set`; `get` shows which parameters are overridden.
+    """
+    from loomrun.subjects import PARAM_NAME
+
+    for name in names:
+        if not PARAM_NAME.match(name):
+            raise click.BadParameter(f"'{name}' is not a parameter name", param_hint="KEY")
+    options = _broker(**broker)
+    results = _steer(
+        options,
+        lambda s: s.unset(job, list(dict.fromkeys(names)), replicas, timeout, not no_wait, force),
+    )
+    sys.exit(_report(results, as_json, job, not no_wait))
+
+
 def _pause_or_resume(paused, job, replicas, at_step, force, timeout, no_wait, as_json, **broker):
     options = _broker(**broker)
     results = _steer(
@@ -656,6 +685,7 @@ def get_command(job, replicas, as_json, **broker):
         for spec in specs.values():
             last = outcomes.get((replica, spec.name))
             applied = last is not None and last.state == pb.APPLIED
+            value = from_pb(values[spec.name]) if spec.name in values else spec.default
             bounds = [
                 f"{k} {v:g}" for k, v in (("min", spec.min), ("max", spec.max)) if v is not None
             ]
@@ -667,7 +697,9 @@ def get_command(job, replicas, as_json, **broker):
                     "bounds": ", ".join(bounds),
                     "builtin": spec.builtin,
                     "doc": spec.doc,
-                    "value": from_pb(values[spec.name]) if spec.name in values else spec.default,
+                    "value": value,
+                    "own": spec.default,
+                    "overridden": spec.default is not None and value != spec.default,
                     "changed_at_step": last.step if applied else None,
                     "changed_at": last.time if applied else None,
                 }
@@ -677,14 +709,17 @@ def get_command(job, replicas, as_json, **broker):
         return
     rows = [
         [
-            p["replica"], p["name"], format_value(p["value"]), p["type"], p["bounds"],
+            p["replica"], p["name"], format_value(p["value"]),
+            f"script: {format_value(p['own'])}" if p["overridden"] else "", p["type"], p["bounds"],
             f"step {p['changed_at_step']}" if p["changed_at_step"] is not None else "",
             p["doc"],
         ]
         for p in listing
     ]  # fmt: skip
     tables.render(
-        ["replica", "param", "value", "type", "bounds", "changed", "doc"], rows, title=name
+        ["replica", "param", "value", "overridden", "type", "bounds", "changed", "doc"],
+        rows,
+        title=name,
     )
 
 

@@ -323,9 +323,10 @@ class Steering:
     # -- changes -------------------------------------------------------------------------
 
     async def check(
-        self, job: str, replicas: list[str], changes: dict[str, Any]
+        self, job: str, replicas: list[str], changes: dict[str, Any], convert: bool = True
     ) -> dict[str, dict[str, Any]]:
-        """Convert and validate every change for every replica; nothing is written."""
+        """Convert and validate every change for every replica; nothing is written. With
+        `convert=False`, only that every replica has every parameter."""
         if S.PAUSE in changes:
             raise SteerError("pause is not a parameter: use `loomrun pause` and `loomrun resume`")
         schemas = await self.schemas(job, fresh=False)
@@ -350,6 +351,8 @@ class Steering:
                         f"{replica} has no parameter {name!r}{suggest(name, known)}; "
                         f"it has: {', '.join(known) or 'none'}"
                     )
+                if not convert:
+                    continue
                 try:
                     value = P.parse(spec, text) if isinstance(text, str) else P.check(spec, text)
                 except P.ParamError as error:
@@ -403,6 +406,31 @@ class Steering:
             for name, value in checked[r].items()
         ]
         return await self._write_and_wait(found.job, writes, at_step or 0, at_once, timeout, wait)
+
+    async def unset(
+        self,
+        job: str | None,
+        names: list[str],
+        replicas: list[str] | None = None,
+        timeout: float = 30.0,
+        wait: bool = True,
+        force: bool = False,
+    ) -> list[Result]:
+        """Each parameter back to the value the script itself gave it (the default its
+        replica published), through the same acknowledged path as `set`."""
+        found = await self.job(job)
+        targets = self.targets(found, replicas)
+        await self.check(found.job, targets, dict.fromkeys(names, None), convert=False)
+        schemas = self._schemas[found.job]
+        at_once = await self._whole_groups(found, targets, force)
+        writes = []
+        for replica in targets:
+            for name in names:
+                own = schemas[replica].specs[name].default
+                if own is None:
+                    raise SteerError(f"{name} of {replica} has no value of the script's own")
+                writes.append((replica, name, S.desired_param(found.job, replica, name), own))
+        return await self._write_and_wait(found.job, writes, 0, at_once, timeout, wait)
 
     async def pause(
         self,

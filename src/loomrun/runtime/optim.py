@@ -106,6 +106,8 @@ class Optimizers:
         added = False
         for spec in specs:
             if spec.name not in self.worker.targets:
+                # The script's own value, as it gave it: `loomrun unset` goes back to it.
+                spec = P._replace(spec, default=self.get(spec.name))
                 self.worker.targets[spec.name] = Target(
                     spec,
                     lambda key=spec.name: self.get(key),
