@@ -417,3 +417,37 @@ async def connect_client(options: BrokerOptions, timeout: float = 3.0):
             f"cannot reach the NATS broker at {options.url} ({detail}); is a loomrun job "
             "running? (set --nats or LOOMRUN_NATS to point at its broker)"
         ) from None
+
+
+async def latest(js, bucket: str, pattern: str, keys_only: bool = False) -> dict[str, bytes]:
+    """The current value of every key of a key-value bucket matching `pattern` (b"" with
+    `keys_only`); deleted keys left out.
+
+    Read with an ordered consumer of the last message per key, to the last one the server
+    counts as pending, not with nats-py's KV watch: its "initial values done" marker can
+    come before values the server had already sent (it counts the ones the client has
+    processed), and then a snapshot comes back empty."""
+    from nats.js import api
+
+    prefix = f"$KV.{bucket}."
+    config = api.ConsumerConfig(
+        deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT, headers_only=keys_only
+    )
+    subscription = await js.subscribe(prefix + pattern, ordered_consumer=True, config=config)
+    found: dict[str, bytes] = {}
+    try:
+        info = await subscription.consumer_info()
+        if info.num_pending + info.delivered.consumer_seq == 0:
+            return found
+        async for msg in subscription.messages:
+            key = msg.subject[len(prefix) :]
+            if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+                found.pop(key, None)
+            else:
+                found[key] = b"" if keys_only else msg.data
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        with contextlib.suppress(Exception):
+            await subscription.unsubscribe()
+    return found

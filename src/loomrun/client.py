@@ -24,7 +24,7 @@ from google.protobuf.message import DecodeError
 from loomrun import params as P
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
-from loomrun.broker import BrokerOptions, connect_client
+from loomrun.broker import BrokerOptions, connect_client, latest
 from loomrun.desired import change, new_change_id
 
 BUILTIN_NAMES = {"lr", "momentum", "weight_decay", "betas"}
@@ -197,18 +197,9 @@ class Steering:
         return self._kv[bucket]
 
     async def entries(self, bucket: str, pattern: str) -> dict[str, bytes]:
-        """The current value of every key matching `pattern`."""
-        kv = await self.kv(bucket)
-        watcher = await kv.watch(pattern, ignore_deletes=True)
-        found = {}
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                found[entry.key] = entry.value
-        finally:
-            await watcher.stop()
-        return found
+        """The current value of every key matching `pattern` (see broker.latest)."""
+        await self.kv(bucket)  # the bucket exists, or one clear error
+        return await latest(self.js, bucket, pattern)
 
     # -- jobs --------------------------------------------------------------------------
 

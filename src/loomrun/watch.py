@@ -296,20 +296,21 @@ async def _feed(steering, model: WatchModel, job: str | None, ready: asyncio.Eve
     pattern = f"{job}.>" if job else ">"
     tasks = []
     initial = []
-    for kv, take in ((status_kv, model.take_status), (jobs_kv, model.take_job)):
+    for bucket, kv, take in (
+        (S.STATUS, status_kv, model.take_status),
+        (S.JOBS, jobs_kv, model.take_job),
+    ):
+        # The snapshot first, read to the server's own count (see Steering.entries); the
+        # watch then keeps the model current.
+        for key, data in (await steering.entries(bucket, pattern)).items():
+            take(key, data)
         watcher = await kv.watch(pattern)
-        done = asyncio.Event()
-        initial.append(done)
 
-        async def pump(watcher=watcher, take=take, done=done):
+        async def pump(watcher=watcher, take=take):
             async for entry in watcher:
-                if entry is None:
-                    done.set()
-                    continue
-                deleted = entry.operation in ("DEL", "PURGE")
-                take(entry.key, None if deleted else entry.value)
-                if entry.delta == 0:
-                    done.set()
+                if entry is not None:
+                    deleted = entry.operation in ("DEL", "PURGE")
+                    take(entry.key, None if deleted else entry.value)
 
         tasks.append(asyncio.ensure_future(pump()))
     since = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=EVENTS_SINCE)

@@ -20,6 +20,7 @@ from loomrun.broker import (
     import_nats,
     is_loopback,
     join,
+    latest,
     leave,
     refused,
 )
@@ -141,14 +142,7 @@ class BrokerLink:
         return await self.js.key_value(name)
 
     async def keys(self, bucket: str, pattern: str) -> list[str]:
-        watcher = await self.kv[bucket].watch(pattern, meta_only=True, ignore_deletes=True)
-        found = []
-        async for entry in watcher:
-            if entry is None:
-                break
-            found.append(entry.key)
-        await watcher.stop()
-        return found
+        return list(await latest(self.js, bucket, pattern, keys_only=True))
 
     async def close(self) -> None:
         """Disconnect; the last job to leave a bundled broker stops it (another job still on
