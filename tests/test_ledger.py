@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import threading
 
 import pytest
 from conftest import LOOMRUN, SCRIPTS, run_loomrun, wait_for
 from test_control import job_id, start, wait_ready
 from test_steering import _steps_seen
 
+from loomrun.broker import state_dir
 from loomrun.supervisor import free_port
 
 
@@ -38,8 +40,15 @@ def test_every_change_is_recorded_once_in_order_and_outlives_the_broker(procs, t
     follower = subprocess.Popen(
         [*LOOMRUN, "log", "--job", job, "--json", "--follow"], stdout=subprocess.PIPE, text=True
     )
+    followed: list[str] = []
+    threading.Thread(target=lambda: followed.extend(follower.stdout), daemon=True).start()
+    on_disk = state_dir() / "jobs" / job / "changes.jsonl"
     try:
-        recorded = log("--job", job)
+        on_disk.rename(on_disk.with_suffix(".aside"))  # so this read is the broker's
+        try:
+            recorded = log("--job", job)
+        finally:
+            on_disk.with_suffix(".aside").rename(on_disk)
         shown = [(r["name"], r["outcome"], r["old"], r["new"]) for r in recorded]
         assert shown == [
             ("lr", "applied", 0.1, 0.05),
@@ -51,10 +60,9 @@ def test_every_change_is_recorded_once_in_order_and_outlives_the_broker(procs, t
         assert recorded[0]["step"] > 0 and recorded[0]["replica"] == "r0"
         assert len({r["change_id"] for r in recorded}) == len(recorded), "each change once"
         run_loomrun("set", "lr=0.09", "--job", job)
-        lines = []
         wait_for(
-            lambda: lines.append(follower.stdout.readline()) or '"new": 0.09' in lines[-1],
-            30, what="the new change followed",
+            lambda: any('"new": 0.09' in line for line in followed), 30,
+            what="the new change followed",
         )  # fmt: skip
     finally:
         follower.kill()

@@ -140,3 +140,19 @@ def test_a_live_lr_change_survives_the_scheduler(optimizers, name):
     for want in expected:
         train(steered, 1, scheduler)
         assert [g["lr"] for g in steered.param_groups] == pytest.approx(want, rel=1e-9)
+
+
+def test_the_scripts_own_lr_is_the_one_it_gave_before_any_schedule(optimizers):
+    optimizer = two_groups(lr=0.1)
+    L.LambdaLR(optimizer, lambda s: min(1.0, s / 10))  # a warm-up: lr starts at 0
+    train(optimizer, 1)
+    targets = optimizers.worker.targets
+    assert targets["lr"].spec.default == 0.1 and targets["lr.1"].spec.default == 0.01
+
+
+def test_an_lr_that_is_no_plain_number_steps_all_the_same(optimizers):
+    import numpy as np
+
+    optimizer = two_groups(lr=np.float32(0.1))
+    train(optimizer, 3)  # no error from the hook: the value is only left out of the schema
+    assert optimizers.worker.step == 3 and optimizers.worker.targets["lr"].spec.default is None

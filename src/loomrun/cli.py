@@ -699,7 +699,9 @@ def get_command(job, replicas, as_json, **broker):
                     "doc": spec.doc,
                     "value": value,
                     "own": spec.default,
-                    "overridden": spec.default is not None and value != spec.default,
+                    "overridden": applied
+                    and spec.default is not None
+                    and from_pb(last.new) != spec.default,
                     "changed_at_step": last.step if applied else None,
                     "changed_at": last.time if applied else None,
                 }
@@ -745,7 +747,11 @@ def log_command(job, replicas, as_json, follow, **broker):
     from loomrun.params import format_value
     from loomrun.printable import printable
 
-    def show(item: dict) -> None:
+    def show(item) -> None:
+        with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):
+            shown(item)  # what is not a change record (a hand-edited file) is left out
+
+    def shown(item: dict) -> None:
         if replicas and item["replica"] not in replicas:
             return
         if as_json:

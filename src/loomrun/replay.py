@@ -50,7 +50,7 @@ def load(source: str) -> list[dict]:
                     "change_id": str(item.get("change_id", "")),
                 }
             )
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
             raise ReplayError(f"{path}:{number} is not a change record") from None
     return records
 
@@ -63,6 +63,8 @@ def schedules(records: list[dict], replicas: list[str]) -> tuple[dict[str, list]
     for item in records:
         if item["outcome"] != "applied" or item["name"] == PAUSE or item["step"] < 1:
             continue
+        if item["new"] is None:
+            raise ReplayError(f"the change of {item['name']} at step {item['step']} has no value")
         if (item["replica"], item["change_id"]) in seen:
             continue
         seen.add((item["replica"], item["change_id"]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,13 @@ def job_dir(state: Path, job: str) -> Path:
     return state / "jobs" / job
 
 
+def _set_aside(path: Path) -> None:
+    """An earlier run's ledger under the same job id is kept, under another name."""
+    if path.exists() and path.stat().st_size:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+        path.rename(path.with_name(f"changes-{stamp}.jsonl"))
+
+
 class Ledger:
     """The supervisor's writer: the broker through the outbox, the files directly."""
 
@@ -56,6 +64,7 @@ class Ledger:
         for folder in folders:
             try:
                 folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+                _set_aside(folder / "changes.jsonl")
                 fd = os.open(folder / "changes.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                              0o600)  # fmt: skip
                 self._files.append(os.fdopen(fd, "a", buffering=1))

@@ -120,6 +120,9 @@ class ControlPlane:
             for bucket in (S.DESIRED, S.STATE):
                 for key in await self.link.keys(bucket, f"{self.job}.{name}.>"):
                     await self.link.kv[bucket].purge(key)
+        if self.registry.node_rank == 0:  # its change ledger too (kept on disk, set aside)
+            with contextlib.suppress(Exception):
+                await self.link.js.purge_stream(S.LEDGER_STREAM, subject=S.ledger(self.job))
 
     async def _resync(self) -> None:
         if self._watch_task is not None:

@@ -153,6 +153,9 @@ class MailboxPump:
 
     def _publish_outcome(self, replica, outcome: pb.Outcome) -> None:
         outcome.replica = replica.name
+        taken = replica.taken.get(outcome.change_id)
+        if not outcome.new.WhichOneof("kind") and taken is not None:
+            outcome.new.CopyFrom(taken.value)  # too large for the acks: the ledger keeps it
         self.outbox.publish(S.outcomes(self.job, replica.name), outcome)
         if self.ledger is not None:
             self.ledger.record(outcome)

@@ -107,7 +107,7 @@ class Optimizers:
         for spec in specs:
             if spec.name not in self.worker.targets:
                 # The script's own value, as it gave it: `loomrun unset` goes back to it.
-                spec = P._replace(spec, default=self.get(spec.name))
+                spec = P._replace(spec, default=self._own(spec.name))
                 self.worker.targets[spec.name] = Target(
                     spec,
                     lambda key=spec.name: self.get(key),
@@ -115,6 +115,18 @@ class Optimizers:
                 )
                 added = True
         return added
+
+    def _own(self, key: str) -> Any:
+        """The value the script gave `key`, before any schedule moved it (a scheduler keeps
+        it as "initial_lr"); None when it is not a plain value."""
+        lr = key == "lr" or key.startswith("lr.")
+        group = self.groups()[int(key[3:]) if key.startswith("lr.") else 0][2] if lr else None
+        value = group.get("initial_lr", group["lr"]) if group is not None else self.get(key)
+        try:
+            P.to_pb(_plain(value))
+        except (TypeError, ValueError, P.ParamError):
+            return None
+        return _plain(value)
 
     def _primary_gone(self, _ref) -> None:
         self._primary_id = None

@@ -435,7 +435,7 @@ def attach() -> Worker | None:
     if plan:
         try:
             current.replay(_read_plan(plan))
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, RecursionError) as error:
             current.warn_once(f"cannot read the replay schedule {plan} ({error}); no replay")
     current.write_schema()
     current.sync(at_boundary=False)
