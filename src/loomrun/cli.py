@@ -592,11 +592,15 @@ def set_command(assignments, job, replicas, at_step, force, timeout, no_wait, as
     which step, old -> new), rejected, or missed. `lr` keeps the param groups' ratios.
     Independent replicas apply it at once; the ranks of a process group all at one step.
     """
-    options = _broker(**broker)
-    results = _steer(
-        options,
+    _change(
+        broker, job, no_wait, as_json,
         lambda s: s.set(job, assignments, replicas, at_step, timeout, not no_wait, force),
-    )
+    )  # fmt: skip
+
+
+def _change(broker: dict, job, no_wait: bool, as_json: bool, work) -> None:
+    """Run one change (set, unset, pause, resume); exit with the code its answers mean."""
+    results = _steer(_broker(**broker), work)
     sys.exit(_report(results, as_json, job, not no_wait))
 
 
@@ -621,21 +625,18 @@ def unset_command(names, job, replicas, force, timeout, no_wait, as_json, **brok
     for name in names:
         if not PARAM_NAME.match(name):
             raise click.BadParameter(f"'{name}' is not a parameter name", param_hint="KEY")
-    options = _broker(**broker)
-    results = _steer(
-        options,
-        lambda s: s.unset(job, list(dict.fromkeys(names)), replicas, timeout, not no_wait, force),
-    )
-    sys.exit(_report(results, as_json, job, not no_wait))
+    unique = list(dict.fromkeys(names))
+    _change(
+        broker, job, no_wait, as_json,
+        lambda s: s.unset(job, unique, replicas, timeout, not no_wait, force),
+    )  # fmt: skip
 
 
 def _pause_or_resume(paused, job, replicas, at_step, force, timeout, no_wait, as_json, **broker):
-    options = _broker(**broker)
-    results = _steer(
-        options,
+    _change(
+        broker, job, no_wait, as_json,
         lambda s: s.pause(job, paused, replicas, at_step, timeout, not no_wait, force),
-    )
-    sys.exit(_report(results, as_json, job, not no_wait))
+    )  # fmt: skip
 
 
 @main.command("pause", epilog=EXIT_CODES)
