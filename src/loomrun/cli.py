@@ -730,15 +730,24 @@ def get_command(job, replicas, as_json, **broker):
 @click.option("--job", callback=_validate_job, help="Job id [default: the only running job].")
 @click.option("--replica", "replicas", multiple=True, callback=_replica_list, metavar="r1,r2")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per change, per line.")
-@click.option("--follow", "-f", is_flag=True, help="Then print each new change as it comes.")
+@click.option("--follow", "-f", is_flag=True, help="Then print each new record as it comes.")
+@click.option(
+    "--metrics", is_flag=True,
+    help="The metric history instead: per replica, a point per status (the script's metrics, "
+    "lr, steps/s), at most 2048 evenly spread over the run.",
+)  # fmt: skip
 @broker_options
-def log_command(job, replicas, as_json, follow, **broker):
+def log_command(job, replicas, as_json, follow, metrics, **broker):
     """The change ledger of a job, oldest first: when, who, replica, old -> new, the step
     it took effect at, and what became of it (applied, rejected, missed, superseded).
 
     Works for running and finished jobs: a finished job by its id, read from the job's
-    `changes.jsonl` in the state directory when the broker no longer has it.
+    `changes.jsonl` (`metrics.json` with --metrics) in the state directory when the broker
+    no longer has it.
     """
+    if metrics:
+        _log_metrics(job, replicas, as_json, follow, _broker(**broker))
+        return
     import asyncio
     import json
 
@@ -799,6 +808,84 @@ def log_command(job, replicas, as_json, follow, **broker):
     for line in lines:
         with contextlib.suppress(ValueError):
             show(json.loads(line))
+
+
+def _log_metrics(job, replicas, as_json: bool, follow: bool, options) -> None:
+    """`loomrun log --metrics`: the series from the supervisors, or the files they left."""
+    import asyncio
+    import json
+
+    from loomrun._proto import loomrun_pb2 as pb
+    from loomrun.broker import BrokerError, state_dir
+    from loomrun.client import SteerError, Steering
+    from loomrun.control import history
+    from loomrun.control.ledger import job_dir
+    from loomrun.printable import printable
+    from loomrun.subjects import replica_order
+
+    shown: dict[str, int] = {}  # replica -> last step printed
+    header: list[str] = []
+
+    def show(point: dict) -> None:
+        shown[point["replica"]] = point["step"]
+        if as_json:
+            click.echo(json.dumps(point))
+            return
+        names = [n for n in point if n not in ("replica", "step", "time")]
+        if not header or any(n not in header for n in names):
+            header[:] = sorted(set(header) | set(names), key=lambda n: (n != "loss", n))
+            click.echo(printable("replica  step        " + "  ".join(f"{n:>12}" for n in header)))
+        cells = [f"{point[n]:>12.4g}" if n in point else f"{'':>12}" for n in header]
+        click.echo(printable(f"{point['replica']:<8} {point['step']:<11} " + "  ".join(cells)))
+
+    def show_all(found: dict[str, dict[str, list]]) -> None:
+        for replica in sorted(found, key=replica_order):
+            if not replicas or replica in replicas:
+                for point in history.points(replica, found[replica]):
+                    show(point)
+
+    async def from_broker() -> tuple[str, bool]:
+        async with Steering.connect(options) as steering:
+            found = await steering.job(job)
+            series = await steering.history(found.job, found.replicas)
+            show_all({r: history.series_dict(s) for r, s in series.items()})
+            for replica in series:
+                if not replicas or replica in replicas:
+                    shown.setdefault(replica, -1)
+            while follow and shown:
+                for replica, status in (await steering.statuses(found.job)).items():
+                    step = status.status.step
+                    if replica in shown and step > shown[replica]:
+                        values = history.status_values(status.status)
+                        show({"replica": replica, "step": step, "time": status.status.time,
+                              **values})  # fmt: skip
+                    if status.state in (pb.EXITED, pb.FAILED, pb.STOPPED):
+                        shown.pop(replica, None)
+                await asyncio.sleep(0.5)
+            return found.job, bool(series)
+
+    name, answered = job, False
+    try:
+        name, answered = asyncio.run(from_broker())
+    except KeyboardInterrupt:
+        return
+    except SteerError as error:
+        if job is None:
+            raise click.UsageError(printable(error)) from None
+    except BrokerError as error:
+        if job is None:
+            click.echo(f"Error: {printable(error)}", err=True)
+            sys.exit(EXIT_NO_BROKER)
+    if answered:
+        return
+    folder = job_dir(state_dir(), name)
+    found = history.read_files(folder)
+    if not found:
+        raise click.UsageError(
+            f"no metric history for job {name!r} (its supervisors do not answer, and "
+            f"{folder / 'metrics.json'} does not exist)"
+        )
+    show_all(found)
 
 
 @main.command("ls")

@@ -59,7 +59,7 @@ class Job:
     @property
     def replicas(self) -> list[str]:
         names = {r for node in self.nodes for r in node.replicas}
-        return sorted(names, key=lambda r: int(r[1:]) if r[1:].isdigit() else 0)
+        return sorted(names, key=S.replica_order)
 
     @property
     def finished(self) -> bool:
@@ -302,6 +302,23 @@ class Steering:
         finally:
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
+
+    async def history(
+        self, job: str, replicas: list[str], timeout: float = 3.0
+    ) -> dict[str, pb.MetricSeries]:
+        """Each replica's metric history, from its supervisor while the job runs; a replica
+        whose supervisor does not answer (the job ended) is left out."""
+        from nats.errors import Error as NatsError
+
+        async def ask(replica: str) -> pb.MetricSeries | None:
+            try:
+                reply = await self.nc.request(S.history(job, replica), b"", timeout=timeout)
+                return pb.MetricSeries.FromString(reply.data)
+            except (NatsError, asyncio.TimeoutError, DecodeError):
+                return None
+
+        found = await asyncio.gather(*(ask(r) for r in replicas))
+        return {r: series for r, series in zip(replicas, found, strict=True) if series is not None}
 
     async def outcomes(self, job: str) -> dict[tuple[str, str], pb.Outcome]:
         out = {}

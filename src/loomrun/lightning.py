@@ -1,4 +1,5 @@
-"""A Lightning callback: changes land at batch boundaries, and callback_metrics are reported.
+"""A Lightning callback: changes land at batch boundaries, the trainer's metrics are
+reported, and each applied change goes to the trainer's loggers.
 
     trainer = Trainer(callbacks=[LoomCallback()])
 
@@ -8,6 +9,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 try:
     from lightning.pytorch.callbacks import Callback
 except ImportError:  # the older package name
@@ -16,14 +19,48 @@ except ImportError:  # the older package name
 from loomrun.runtime import worker as _worker
 
 
+def logged(name: str, value: Any) -> tuple[dict[str, float], dict[str, Any]]:
+    """A change as loggers take it: numbers (a list item by item) as metrics under
+    `loomrun/`, drawn beside the user's curves; anything else as a hyperparameter."""
+    key = f"loomrun/{name}"
+    if isinstance(value, bool | int | float):
+        return {key: float(value)}, {}
+    if isinstance(value, list) and all(isinstance(v, bool | int | float) for v in value):
+        return {f"{key}.{i}": float(v) for i, v in enumerate(value)}, {}
+    return {}, {key: value}
+
+
 class LoomCallback(Callback):
-    """Makes each training batch a loomrun step and publishes the trainer's metrics."""
+    """Makes each training batch a loomrun step, publishes the trainer's metrics, and logs
+    every applied change at the trainer's step it took effect at."""
+
+    def __init__(self):
+        self._applied: list[tuple[str, Any]] = []
+        self._listening = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         worker = _worker.current
-        if worker is not None:
-            worker.explicit_steps = True
-            worker.boundary()
+        if worker is None:
+            return
+        if not self._listening:
+            worker.applied_listeners.append(lambda name, value: self._applied.append((name, value)))
+            self._listening = True
+        worker.explicit_steps = True
+        worker.boundary()
+        if self._applied:
+            self._log(trainer)
+
+    def _log(self, trainer) -> None:
+        changes, self._applied = self._applied, []
+        for name, value in changes:
+            if name == "pause":
+                continue
+            metrics, hyperparameters = logged(name, value)
+            for logger in trainer.loggers:
+                if metrics:
+                    logger.log_metrics(metrics, step=trainer.global_step)
+                if hyperparameters:
+                    logger.log_hyperparams(hyperparameters)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         worker = _worker.current

@@ -9,6 +9,7 @@ loomrun_jobs      {job}.n{node_rank}             JobInfo with a heartbeat
 loomrun_devices   {uuid}                         Device
 stream LOOMRUN_EVENTS on loomrun.{job}.events.{replica}   Event
 subject loomrun.{job}.outcomes.{replica}         Outcome, each once, as it happens
+subject loomrun.{job}.history.{replica}          request: MetricSeries, from its supervisor
 stream LOOMRUN_LEDGER on loomrun.{job}.ledger     Outcome: the change ledger, kept
 subject loomrun.devices.failed                   DeviceFailure (from health checkers)
 """
@@ -36,6 +37,11 @@ LOST_AFTER_SECONDS = 10.0
 # A parameter's name; `lr.0`, `lr.1`, ... name one optimizer param group's lr.
 PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}(\.[0-9]{1,4})?$")
 _KEY_TOKEN = re.compile(r"[^A-Za-z0-9_=-]")
+
+
+def replica_order(name: str) -> tuple[int, str]:
+    """A sort key: r2 before r10."""
+    return (int(name[1:]), name) if name[1:].isdigit() else (1 << 30, name)
 
 
 def desired_param(job: str, replica: str, name: str) -> str:
@@ -79,6 +85,11 @@ def ledger(job: str) -> str:
 def outcomes(job: str, replica: str = "*") -> str:
     """Where a supervisor publishes each outcome once, as it happens (a `set` listens here)."""
     return f"loomrun.{job}.outcomes.{replica}"
+
+
+def history(job: str, replica: str = "*") -> str:
+    """Where a replica's supervisor answers a request for its metric history."""
+    return f"loomrun.{job}.history.{replica}"
 
 
 def split_desired(key: str) -> tuple[str, str, str | None] | None:

@@ -123,7 +123,7 @@ class WatchModel:
                 if job_name != name or (replicas and replica not in replicas):
                     continue
                 rows.append(self._row(status, now, lost))
-            rows.sort(key=lambda r: int(r["replica"][1:]) if r["replica"][1:].isdigit() else 0)
+            rows.sort(key=lambda r: S.replica_order(r["replica"]))
             started = min(n.started for n in nodes)
             jobs.append(
                 {

@@ -1,5 +1,7 @@
-"""A small LightningModule trained on CPU, with a handler method and the loomrun callback."""
+"""A small LightningModule trained on CPU, with a handler method and the loomrun callback;
+`--csv DIR` logs to a CSVLogger there."""
 
+import sys
 import time
 
 import lightning as L
@@ -48,6 +50,8 @@ if __name__ == "__main__":
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
-        logger=False,
+        logger=L.pytorch.loggers.CSVLogger(sys.argv[2], name="csv", version=0)
+        if sys.argv[1:2] == ["--csv"]
+        else False,
     )
     trainer.fit(Regressor(), data)

@@ -324,3 +324,27 @@ class DeviceFailure(_message.Message):
     uuid: str
     reason: str
     def __init__(self, uuid: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class MetricSeries(_message.Message):
+    __slots__ = ("job", "replica", "steps", "times", "columns", "limit")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    TIMES_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    replica: str
+    steps: _containers.RepeatedScalarFieldContainer[int]
+    times: _containers.RepeatedScalarFieldContainer[float]
+    columns: _containers.RepeatedCompositeFieldContainer[MetricColumn]
+    limit: int
+    def __init__(self, job: _Optional[str] = ..., replica: _Optional[str] = ..., steps: _Optional[_Iterable[int]] = ..., times: _Optional[_Iterable[float]] = ..., columns: _Optional[_Iterable[_Union[MetricColumn, _Mapping]]] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class MetricColumn(_message.Message):
+    __slots__ = ("name", "values")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, name: _Optional[str] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...

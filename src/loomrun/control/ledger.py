@@ -47,11 +47,12 @@ def job_dir(state: Path, job: str) -> Path:
     return state / "jobs" / job
 
 
-def _set_aside(path: Path) -> None:
-    """An earlier run's ledger under the same job id is kept, under another name."""
+def set_aside(path: Path) -> None:
+    """An earlier run's file under the same job id is kept, under another name
+    (`changes.jsonl` -> `changes-20261123-181500.jsonl`)."""
     if path.exists() and path.stat().st_size:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
-        path.rename(path.with_name(f"changes-{stamp}.jsonl"))
+        path.rename(path.with_name(f"{path.stem}-{stamp}{path.suffix}"))
 
 
 class Ledger:
@@ -64,7 +65,7 @@ class Ledger:
         for folder in folders:
             try:
                 folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-                _set_aside(folder / "changes.jsonl")
+                set_aside(folder / "changes.jsonl")
                 fd = os.open(folder / "changes.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                              0o600)  # fmt: skip
                 self._files.append(os.fdopen(fd, "a", buffering=1))

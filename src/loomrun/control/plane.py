@@ -17,7 +17,8 @@ from pathlib import Path
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.broker import BrokerOptions
-from loomrun.control.ledger import Ledger
+from loomrun.control import history
+from loomrun.control.ledger import Ledger, set_aside
 from loomrun.control.link import BrokerLink
 from loomrun.control.outbox import Outbox
 from loomrun.control.pump import MailboxPump
@@ -26,6 +27,7 @@ from loomrun.control.relay import DesiredRelay
 from loomrun.desired import DesiredConfig
 from loomrun.devices import DeviceInfo, Devices
 from loomrun.mailbox import Mailbox, MailboxError
+from loomrun.output import say
 
 
 class ReplicaView:
@@ -83,6 +85,12 @@ class ControlPlane:
         self.relay = DesiredRelay(job, self.replicas, self.link, self.outbox, self.pump.written)
         self.pump.on_missed = self.relay.missed
         self.pump.ledger = self.ledger = Ledger(job, self.outbox, ledger_dirs or [])
+        self.pump.history = self.history = history.History(job, list(self.replicas))
+        self._history_file = history.file_name(node_rank)
+        self._folders = ledger_dirs or []
+        for folder in self._folders:
+            with contextlib.suppress(OSError):
+                set_aside(folder / self._history_file)
         self.registry = Registry(
             job, node_rank, nnodes, script, host, options.url, self.replicas, self.outbox,
             self.event,
@@ -103,9 +111,8 @@ class ControlPlane:
         try:
             await self._forget_last_run()
             await self.registry.subscribe(self.link.nc, self.on_device_failure)
+            await self.link.nc.subscribe(S.history(self.job), cb=self._send_history)
         except Exception as error:  # noqa: BLE001 - never take the job down
-            from loomrun.output import say
-
             say(f"cannot set up the job's state on the broker ({error}); no live control")
             return
         self.registry.publish_all()
@@ -123,6 +130,13 @@ class ControlPlane:
         if self.registry.node_rank == 0:  # its change ledger too (kept on disk, set aside)
             with contextlib.suppress(Exception):
                 await self.link.js.purge_stream(S.LEDGER_STREAM, subject=S.ledger(self.job))
+
+    async def _send_history(self, msg) -> None:
+        """A client asks for a replica's metric history: the one of this node answers."""
+        replica = msg.subject.rsplit(".", 1)[-1]
+        if replica in self.history.series and msg.reply:
+            with contextlib.suppress(Exception):
+                await msg.respond(self.history.to_pb(replica).SerializeToString())
 
     async def _resync(self) -> None:
         if self._watch_task is not None:
@@ -155,6 +169,8 @@ class ControlPlane:
         await self.link.close()
         self.devices.close()
         self.ledger.close()
+        for error in self.history.write(self._folders, self._history_file):
+            say(error)
 
     # -- lifecycle, from the supervisor -------------------------------------------------------
 
@@ -198,8 +214,6 @@ class ControlPlane:
         try:
             self.pump.read_back(replica, time.monotonic(), final=True)
         except MailboxError as error:
-            from loomrun.output import say
-
             say(f"{replica.name}: {error}")
 
     def replica_hung(self, name: str, hung: bool) -> None:

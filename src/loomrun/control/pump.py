@@ -47,6 +47,7 @@ class MailboxPump:
         self.events = events
         self.on_missed = None  # the relay's: a missed change is no longer wanted
         self.ledger = None  # the change ledger: every answer, recorded
+        self.history = None  # the metric history: a point per status read, at most
         self._written = asyncio.Event()
         self._spin_until = 0.0
         self._window = (0.0, 0.0)  # (start, seconds spun since): the spinning budget
@@ -112,6 +113,8 @@ class MailboxPump:
                 replica.seen["status"] = found[0]
                 if found[1] is not None:
                     replica.status = found[1]
+                    if self.history is not None:
+                        self.history.add(replica.name, found[1])
                     if replica.state in LIVE:  # a status written: not hung (any more)
                         replica.state = pb.PAUSED if found[1].paused else pb.RUNNING
                     self.publish_status(replica)

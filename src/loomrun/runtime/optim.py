@@ -14,6 +14,7 @@ recompute lr from base values every step and would erase the change otherwise.
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.util
 import sys
@@ -212,6 +213,7 @@ def _hook_torch(worker: Worker) -> None:
     optimizers = Optimizers(worker)
     register_optimizer_step_pre_hook(optimizers.pre_step)
     group.install(worker)
+    _track_loss(worker)
     original_init = lr_scheduler.LRScheduler.__init__
 
     def tracked_init(scheduler, *args, **kwargs):
@@ -219,6 +221,34 @@ def _hook_torch(worker: Worker) -> None:
         optimizers.schedulers.add(scheduler)
 
     lr_scheduler.LRScheduler.__init__ = tracked_init
+
+
+def _track_loss(worker: Worker) -> None:
+    """A script that reports no loss itself has one all the same: the scalar it calls
+    `.backward()` on (under a GradScaler, the loss before scaling). Only a reference is
+    kept; its value is read when a status is due, so there is no device sync per step."""
+    import torch
+
+    backward, scale = torch.Tensor.backward, torch.amp.GradScaler.scale
+    scaled: list = [None, None]  # the last scaled loss, and the loss it was scaled from
+
+    @functools.wraps(backward)
+    def tracked_backward(self, *args, **kwargs):
+        if not worker.own_loss and self.dim() == 0:
+            loss = scaled[1] if self is scaled[0] else self
+            worker.metrics["loss"] = loss.detach()
+            scaled[0] = scaled[1] = None
+        return backward(self, *args, **kwargs)
+
+    @functools.wraps(scale)
+    def tracked_scale(self, outputs):
+        out = scale(self, outputs)
+        if isinstance(outputs, torch.Tensor) and outputs.dim() == 0:
+            scaled[0], scaled[1] = out, outputs
+        return out
+
+    torch.Tensor.backward = tracked_backward
+    torch.amp.GradScaler.scale = tracked_scale
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

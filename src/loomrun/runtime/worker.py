@@ -49,6 +49,10 @@ class Worker:
         # Metrics as reported (a tensor stays a tensor): converted only when a status is due,
         # so reporting a GPU loss every step does not sync the device every step.
         self.metrics: dict[str, Any] = {}
+        # The script reports a loss of its own: the one torch's backward saw is not taken.
+        self.own_loss = False
+        # Called with (name, new value) of each applied change (LoomCallback logs them).
+        self.applied_listeners: list = []
         # The process group's agreement (runtime.group), once torch.distributed is set up.
         self.group = None
         # Launched as one of several ranks: until the script sets up its process group or
@@ -287,6 +291,11 @@ class Worker:
             self._answered[outcome.name] = outcome.change_id
         if outcome.state == pb.APPLIED:
             self._in_effect[outcome.name] = outcome.change_id
+            for listener in self.applied_listeners:
+                try:
+                    listener(outcome.name, P.from_pb(outcome.new))
+                except Exception as error:  # noqa: BLE001 - a listener never breaks a step
+                    self.warn_once(f"a listener of applied changes failed: {error!r}")
         for value in (outcome.old, outcome.new):
             if value.ByteSize() > LARGEST_VALUE:  # the client knows what it asked for
                 value.Clear()
@@ -341,6 +350,8 @@ class Worker:
     # -- status ----------------------------------------------------------------------
 
     def report(self, metrics: dict[str, Any]) -> None:
+        if "loss" in metrics:
+            self.own_loss = True
         self.metrics.update(metrics)
 
     def _numbers(self) -> dict[str, float]:
