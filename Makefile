@@ -39,6 +39,7 @@ bench: install
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/latency.py
 	$(PY) benchmarks/watch_render.py
+	$(PY) benchmarks/records.py
 
 proto: install
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=src/loomrun/_proto \

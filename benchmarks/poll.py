@@ -6,6 +6,8 @@ where both are what they are without loomrun, and under `loomrun --no-broker`, w
 call is a step boundary that finds no change. Also, in this process: an empty
 `multiprocessing.Queue.get_nowait()`, what the original torchLoom design polled every step.
 Targets: both <= 0.3 us above the baseline; the boundary >= 20x cheaper than the queue.
+Also `loss.backward()` of a scalar, where loomrun keeps the loss of a script that reports
+none (a reference, read only when a status is due).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def queue_ns(calls: int = 50_000) -> float:
 def main() -> None:
     plain = measure([sys.executable, str(WORKER)])
     steered = measure([sys.executable, "-m", "loomrun.cli", "--no-broker", str(WORKER)])
-    for name in ("loomrun.step()", "optimizer.step()"):
+    for name in ("loomrun.step()", "optimizer.step()", "loss.backward()"):
         base = plain[name] - plain["empty loop"]
         with_loomrun = steered[name] - steered["empty loop"]
         extra = with_loomrun - base

@@ -235,9 +235,12 @@ def _track_loss(worker: Worker) -> None:
     @functools.wraps(backward)
     def tracked_backward(self, *args, **kwargs):
         if not worker.own_loss and self.dim() == 0:
-            loss = scaled[1] if self is scaled[0] else self
-            worker.metrics["loss"] = loss.detach()
-            scaled[0] = scaled[1] = None
+            loss = self
+            if self is scaled[0]:
+                loss, scaled[0], scaled[1] = scaled[1], None, None
+            # The tensor itself (a detached copy costs more than the rest of this): once
+            # backward has run, its graph holds no activations, unless asked to keep them.
+            worker.metrics["loss"] = loss.detach() if args or kwargs else loss
         return backward(self, *args, **kwargs)
 
     @functools.wraps(scale)
