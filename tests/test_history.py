@@ -4,6 +4,7 @@ a script that reports none itself, taken from what it calls `.backward()` on."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
@@ -140,3 +141,38 @@ def test_no_history_is_one_line():
     assert result.returncode == 2
     assert "no metric history for job 'never-ran-here'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_lightning_changes_land_and_go_to_the_trainers_logger(procs, tmp_path):
+    """Changes through the CLI land at batch boundaries; the trainer's metrics and the loss
+    it calls backward on are reported; each applied change is in the trainer's logger at
+    the step it took effect."""
+    pytest.importorskip("lightning")
+    job = job_id("lightning")
+    sup = start(procs, SCRIPTS / "lightning_train.py", "--csv", tmp_path, job=job)
+    wait_ready(job, name="dropout", timeout=120)
+    applied = {}
+    for change in ("lr=0.01", "dropout=0.25"):
+        result = run_loomrun("set", change, "--job", job, "--json")
+        assert result.returncode == 0, result.stderr
+        (answer,) = json.loads(result.stdout)["changes"]
+        applied[answer["name"]] = answer["step"]
+    wait_for(
+        lambda: any({"train_loss", "loss"} <= set(p) for p in metric_points("--job", job)), 30,
+        interval=0.5, what="train_loss and loss in the history",
+    )  # fmt: skip
+    out, err = sup.communicate(timeout=180)
+    assert sup.returncode == 0, err
+    assert "dropout -> 0.25" in out
+    assert "epoch 29 lr 0.01 dropout 0.25" in out
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = {
+        (key, float(row[key]), int(row["step"]))
+        for row in rows for key in ("loomrun/lr", "loomrun/dropout") if row.get(key)
+    }  # fmt: skip
+    # Lightning's global step counts optimizer steps from 0; loomrun's steps count from 1.
+    assert logged == {
+        ("loomrun/lr", 0.01, applied["lr"] - 1), ("loomrun/dropout", 0.25, applied["dropout"] - 1)
+    }  # fmt: skip

@@ -7,7 +7,6 @@ the supervisor's control plane is otherwise; the same paths with the broker, the
 
 from __future__ import annotations
 
-import csv
 import math
 import re
 import secrets
@@ -228,41 +227,6 @@ def test_script_runs_under_plain_python_with_the_api_as_no_ops(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "step    20" in result.stdout
-
-
-@pytest.mark.slow
-def test_lightning_module_under_loomrun_with_live_changes(procs, steer_of, tmp_path):
-    """Changes land; the trainer's metrics and the loss it calls backward on are reported;
-    each applied change is in the trainer's logger, at the step it took effect."""
-    pytest.importorskip("lightning")
-    job = job_id("lightning")
-    sup = start(procs, SCRIPTS / "lightning_train.py", "--csv", tmp_path, job=job)
-    steer = steer_of(job)
-    steer.wait_step(20, timeout=120)
-    assert {"lr", "dropout"} <= set(steer.schema())
-    lr = steer.outcome("lr", steer.set("lr", 0.01))
-    assert lr.state == pb.APPLIED
-    dropout = steer.outcome("dropout", steer.set("dropout", 0.25))
-    assert dropout.state == pb.APPLIED
-    wait_for(
-        lambda: {"train_loss", "loss"} <= set(steer.status().metrics), 10,
-        what="train_loss and loss in status",
-    )  # fmt: skip
-    out, err = sup.communicate(timeout=180)
-    assert sup.returncode == 0, err
-    assert "dropout -> 0.25" in out
-    assert "epoch 29 lr 0.01 dropout 0.25" in out
-    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    logged = {
-        (key, float(row[key]), int(row["step"]))
-        for row in rows for key in ("loomrun/lr", "loomrun/dropout") if row.get(key)
-    }  # fmt: skip
-    # Lightning's global step counts optimizer steps from 0; loomrun's steps count from 1.
-    assert logged == {
-        ("loomrun/lr", 0.01, lr.step - 1),
-        ("loomrun/dropout", 0.25, dropout.step - 1),
-    }
 
 
 def test_malformed_desired_state_is_one_line_and_training_goes_on(procs, steer_of):
