@@ -22,6 +22,7 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from loomrun import params as P
+from loomrun import replica_table
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.printable import printable
@@ -52,14 +53,6 @@ def describe_state(status: pb.ReplicaStatus, age: float, job_lost: bool) -> str:
     if state == pb.REPLICA_STATE_UNSPECIFIED:
         return "starting"
     return pb.ReplicaState.Name(state).lower()
-
-
-def _age(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    if seconds < 3600:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.1f}h"
 
 
 @dataclass
@@ -194,39 +187,16 @@ def _common_metrics(jobs: list[dict]) -> list[str]:
 
 # -- drawing ----------------------------------------------------------------------------
 
-COLUMNS = ["replica", "host", "device", "state", "step", "steps/s"]
-TAIL_COLUMNS = ["lr", "last change", "gpu", "restarts", "age"]
-
-
-def _cells(row: dict, metrics: list[str]) -> list[str]:
-    gpu = "-"
-    if row["gpu_util"] is not None:
-        gpu = f"{row['gpu_util']:.0f}%"
-        if row["gpu_mem_total"]:
-            gpu += f" {row['gpu_mem_used'] / 2**30:.1f}/{row['gpu_mem_total'] / 2**30:.0f}G"
-    cells = [
-        row["replica"],
-        row["host"],
-        row["device"],
-        row["state"],
-        str(row["step"]),
-        f"{row['steps_per_sec']:.1f}",
-        *(P.format_value(row["metrics"].get(m)) for m in metrics),
-        P.format_value(row["lr"]),
-        row["last_change"] or "-",
-        gpu,
-        str(row["restarts"]),
-        _age(row["age"]),
-    ]
-    return [printable(cell) for cell in cells]  # what the broker says, safe for a terminal
-
 
 def _header(job: dict) -> str:
+    """What matters first, so a narrow screen cuts only the end."""
     totals = job["totals"]
+    hosts = job["hosts"]
+    where = f"host {hosts[0]}" if len(hosts) == 1 else f"{len(hosts)} hosts"
+    rate, uptime = replica_table.rate(totals["steps_per_sec"]), replica_table.age(job["uptime"])
     return printable(
-        f"{job['job']}  {job['state']}  {job['script']}  broker {job['broker']}  "
-        f"up {_age(job['uptime'])}  {totals['running']}/{totals['replicas']} running  "
-        f"{totals['steps_per_sec']:.1f} steps/s"
+        f"{job['job']}  {job['state']}  {totals['running']}/{totals['replicas']} running  "
+        f"{rate} steps/s  up {uptime}  {where}  {job['script']}  broker {job['broker']}"
     )
 
 
@@ -237,15 +207,13 @@ def _event_line(event: dict) -> str:
 
 
 def render_plain(snapshot: dict) -> str:
-    from loomrun.tables import plain
-
+    """Every column, for a file or a pipe: no control codes, nothing cut."""
     if not snapshot["jobs"]:
         return "no loomrun job is running (waiting for one)"
-    metrics = snapshot["metrics"]
     blocks = []
     for job in snapshot["jobs"]:
-        rows = [_cells(r, metrics) for r in job["replicas"]]
-        blocks.append(plain([*COLUMNS, *metrics, *TAIL_COLUMNS], rows, title=_header(job)))
+        table = replica_table.fit(job["replicas"], snapshot["metrics"], None)
+        blocks.append("\n".join([_header(job), *table.lines()]))
     if snapshot["events"]:
         blocks.append("events (newest first):\n" + "\n".join(map(_event_line, snapshot["events"])))
     return "\n\n".join(blocks)
@@ -257,31 +225,37 @@ _STATE_STYLES = {
 }  # fmt: skip
 
 
-def render_rich(snapshot: dict):
+def render_rich(snapshot: dict, width: int):
+    """The live view for a screen `width` characters wide: one line per replica, the
+    columns fitted (replica_table). Lines of text, not a rich Table: a 64-replica frame
+    is drawn in a few milliseconds (benchmarks/watch_render.py)."""
     from rich.console import Group
-    from rich.table import Table
     from rich.text import Text
+
+    def line(text: str, style: str = "") -> Text:
+        return Text(text, style=style, no_wrap=True, overflow="ellipsis", end="\n")
 
     if not snapshot["jobs"]:
         return Text("no loomrun job is running (waiting for one)", style="dim")
-    metrics = snapshot["metrics"]
     parts = []
     for job in snapshot["jobs"]:
-        table = Table(title=Text(_header(job)), title_justify="left", header_style="bold")
-        # Text cells and no wrapping: no markup to parse, no line breaking to work out, which
-        # keeps a 64-replica frame cheap (benchmarks/watch_render.py).
-        for column in [*COLUMNS, *metrics, *TAIL_COLUMNS]:
-            justify = "right" if column in ("step", "steps/s") else "left"
-            table.add_column(column, justify=justify, no_wrap=True, overflow="ellipsis")
-        for row in job["replicas"]:
-            cells = [Text(cell) for cell in _cells(row, metrics)]
-            state = row["state"]
-            cells[3].stylize(_STATE_STYLES.get(state, "red" if state.startswith("failed") else ""))
-            table.add_row(*cells)
-        parts.append(table)
+        table = replica_table.fit(job["replicas"], snapshot["metrics"], width)
+        header, *rows = table.lines()
+        parts.append(line(_header(job), "bold"))
+        parts.append(line(header.ljust(min(width, len(header))), "reverse"))
+        state = table.headers.index("state")
+        start = sum(table.widths[:state]) + replica_table.GAP * state
+        for text, cells in zip(rows, table.rows, strict=True):
+            row = line(text)
+            shown = cells[state]
+            style = _STATE_STYLES.get(shown, "red" if shown.startswith("failed") else "")
+            if style:
+                row.stylize(style, start, start + len(shown))
+            parts.append(row)
+        parts.append(line(""))
     if snapshot["events"]:
-        parts.append(Text("events (newest first)", style="bold"))
-        parts.extend(Text(_event_line(e)) for e in snapshot["events"])
+        parts.append(line("events (newest first)", "bold"))
+        parts.extend(line(_event_line(e)) for e in snapshot["events"])
     return Group(*parts)
 
 
@@ -403,7 +377,8 @@ async def _live(model, job, replicas, metrics, interval) -> None:
     with Live(auto_refresh=False, screen=False, transient=False) as live:
         while True:
             started = time.perf_counter()
-            live.update(render_rich(model.snapshot(time.time(), job, replicas, metrics)))
+            snapshot = model.snapshot(time.time(), job, replicas, metrics)
+            live.update(render_rich(snapshot, live.console.width))
             live.refresh()
             cost = time.perf_counter() - started
             # A big table draws less often: drawing takes at most a quarter of a core.
