@@ -4,8 +4,8 @@ Columns have a priority. replica, state, step, the first metric (loss) and lr ar
 cut. When the table is wider than the screen, what says least goes first: host when there
 is one host, device when every one is the CPU, gpu when there is none, restarts when all
 are 0, then age; then "last change" shortens; then the other metrics, "last change" and
-the rest go, steps/s and gpu last. Numbers are never cut: they are written to fit (1.23k steps/s, loss to 3
-significant digits, lr to 4).
+the rest go, steps/s and gpu last. Numbers are never cut: they are written to fit (1.23k
+steps/s, loss to 3 significant digits, lr to 4).
 """
 
 from __future__ import annotations
