@@ -526,22 +526,15 @@ def _report(results, as_json: bool, job: str | None, waited: bool) -> int:
     the exit code it means."""
     import json
 
+    from loomrun import client
     from loomrun.params import format_value
     from loomrun.printable import printable
 
     def say(line: str) -> None:
         click.echo(printable(line))  # names, values and reasons come from the broker
 
-    states = {r.state for r in results}
-    if not waited:
-        code, summary = 0, "written"
-    elif "timed out" in states:
-        code, summary = EXIT_TIMED_OUT, "timed out"
-    elif states != {"applied"}:
-        code = EXIT_REJECTED
-        summary = next(s for s in ("rejected", "missed", "superseded") if s in states)
-    else:
-        code, summary = 0, "applied"
+    summary = client.summary(results) if waited else "written"
+    code = {"written": 0, "applied": 0, "timed out": EXIT_TIMED_OUT}.get(summary, EXIT_REJECTED)
     if as_json:
         found = results[0].job if results else job
         changes = [r.as_dict() for r in results]
@@ -1048,3 +1041,39 @@ def _check_module(module: str) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@main.command("ui")
+@click.option("--job", callback=_validate_job, help="Show this job first [default: the newest].")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=0, show_default=True,
+    help="Port on 127.0.0.1 [default 0: any free one].",
+)  # fmt: skip
+@broker_options
+def ui_command(job, port, **broker):
+    """Serve a web page of the jobs on 127.0.0.1: replicas, curves with a marker at each
+    change, devices, events, and controls with every replica's answer.
+
+    It prints the page's URL with a random token (like Jupyter's); only who holds it gets
+    in. It uses the broker's credentials of the user who starts it; every control goes
+    through the same checks and answers as `loomrun set`. Ctrl-C stops it; the jobs go on.
+    """
+    import asyncio
+
+    from loomrun.broker import BrokerError
+    from loomrun.ui.server import serve
+
+    def ready(url: str) -> None:
+        click.echo(f"loomrun ui: {url}", err=False)
+        click.echo("Open it in a browser on this machine (or through an SSH tunnel); Ctrl-C stops.")
+        sys.stdout.flush()
+
+    try:
+        asyncio.run(serve(_broker(**broker), job, port, ready))
+    except KeyboardInterrupt:
+        return
+    except BrokerError as error:
+        click.echo(f"Error: {error}", err=True)
+        sys.exit(EXIT_NO_BROKER)
+    except OSError as error:
+        raise click.UsageError(f"cannot listen on 127.0.0.1:{port}: {error.strerror}") from None

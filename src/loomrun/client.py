@@ -152,6 +152,16 @@ def superseded(result: Result, newer: pb.Outcome | None) -> pb.Outcome:
     return outcome
 
 
+def summary(results: list[Result]) -> str:
+    """What a change came to over its replicas: applied only when every one applied it."""
+    states = {r.state for r in results}
+    if "timed out" in states:
+        return "timed out"
+    if states != {"applied"}:
+        return next((s for s in ("rejected", "missed", "superseded") if s in states), "applied")
+    return "applied"
+
+
 def suggest(name: str, known: list[str]) -> str:
     close = difflib.get_close_matches(name, known, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""

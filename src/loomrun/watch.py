@@ -63,8 +63,10 @@ class WatchModel:
     statuses: dict[tuple[str, str], pb.ReplicaStatus] = field(default_factory=dict)
     events: deque = field(default_factory=lambda: deque(maxlen=200))
     changes: dict[tuple[str, str], str] = field(default_factory=dict)
+    updates: int = 0  # counts the messages taken: a view redraws only when it moved
 
     def take_status(self, key: str, data: bytes | None) -> None:
+        self.updates += 1
         job, _, replica = key.partition(".")
         if not data:
             self.statuses.pop((job, replica), None)
@@ -73,6 +75,7 @@ class WatchModel:
             self.statuses[(job, replica)] = pb.ReplicaStatus.FromString(data)
 
     def take_job(self, key: str, data: bytes | None) -> None:
+        self.updates += 1
         job, _, node = key.partition(".")
         if not data:
             self.jobs.get(job, {}).pop(int(node[1:] or 0), None)
@@ -83,6 +86,7 @@ class WatchModel:
             self.jobs.setdefault(job, {})[int(node[1:])] = pb.JobInfo.FromString(data)
 
     def take_event(self, data: bytes) -> None:
+        self.updates += 1
         with contextlib.suppress(DecodeError):
             event = pb.Event.FromString(data)
             self.events.append(event)
@@ -262,7 +266,7 @@ def render_rich(snapshot: dict, width: int):
 # -- the loop -------------------------------------------------------------------------------
 
 
-async def _feed(steering, model: WatchModel, job: str | None, ready: asyncio.Event) -> list:
+async def feed(steering, model: WatchModel, job: str | None, ready: asyncio.Event) -> list:
     """Start the watchers that keep `model` current; `ready` is set once the initial state is in."""
     from nats.js import api
 
@@ -345,7 +349,7 @@ async def run_watch(
                     print("no loomrun job on this broker yet; waiting for one", file=sys.stderr)
                 await asyncio.sleep(2.0)
         ready = asyncio.Event()
-        tasks = await _feed(steering, model, job, ready)
+        tasks = await feed(steering, model, job, ready)
         try:
             await ready.wait()
             if once:
