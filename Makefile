@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test test-fast lint format demo bench proto clean
+.PHONY: install system test test-fast lint format demo bench proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,20 @@ format: install
 	$(VENV)/bin/ruff check --fix src tests examples benchmarks
 	$(VENV)/bin/ruff format src tests examples benchmarks
 
-test: lint
+# What the tests drive besides Python: tmux (the terminal view) and Debian's chromium with
+# its driver (the web page). Installed with apt-get when missing and make runs as root;
+# elsewhere the tests that need them are skipped, each saying why.
+system:
+	@missing=""; \
+	command -v tmux >/dev/null || missing="$$missing tmux"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing$$missing with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	elif [ -n "$$missing" ]; then echo "not installed:$$missing (their tests will be skipped)"; fi
+
+test: lint system
 	$(PY) -m pytest
 
 test-fast: install

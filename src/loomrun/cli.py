@@ -1039,10 +1039,6 @@ def _check_module(module: str) -> None:
         raise click.BadParameter(f"no module named '{top}'", param_hint="-m")
 
 
-if __name__ == "__main__":
-    main()
-
-
 @main.command("ui")
 @click.option("--job", callback=_validate_job, help="Show this job first [default: the newest].")
 @click.option(
@@ -1077,3 +1073,7 @@ def ui_command(job, port, **broker):
         sys.exit(EXIT_NO_BROKER)
     except OSError as error:
         raise click.UsageError(f"cannot listen on 127.0.0.1:{port}: {error.strerror}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -410,6 +410,8 @@ function makeChart(name, replicas) {
     cursor: {drag: {x: true, y: false}},
     series: [{label: "step"}, ...replicas.map((r) => ({
       label: r, stroke: color(r), width: 1.5, spanGaps: true, points: {show: false},
+      // lr holds its value until a change: drawn as steps, not slopes between samples
+      paths: name === "lr" || name.startsWith("lr.") ? uPlot.paths.stepped({align: 1}) : undefined,
     }))],
     plugins: [markerPlugin()],
   }, [[]], box);

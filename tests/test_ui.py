@@ -1,0 +1,205 @@
+"""`loomrun ui`, for real: the server with a real job and broker, tampered requests, and
+the page in Debian's chromium driven by selenium, as a user would use it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, SCRIPTS, run_loomrun, wait_for
+from test_control import job_id, start, wait_ready
+
+ARTIFACTS = Path(os.environ.get("LOOMRUN_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+
+
+def read_lines(proc: subprocess.Popen) -> list[str]:
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    return lines
+
+
+def start_ui(procs, *args) -> tuple[str, str, str]:
+    """Start `loomrun ui`; its URL, base address and token, as it printed them."""
+    proc = procs.start("ui", *args)
+    lines = read_lines(proc)
+
+    def printed():
+        for line in list(lines):
+            if found := re.search(r"(http://127\.0\.0\.1:\d+)/\?token=(\S+)", line):
+                return found
+        assert proc.poll() is None, proc.stderr.read()
+        return None
+
+    found = wait_for(printed, 30, what="the URL loomrun ui prints")
+    return found[0], found[1], found[2]
+
+
+def call(base: str, path: str, body=None, token=None, headers=None, raw: bytes | None = None):
+    """One HTTP request; (status, JSON answer)."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(base + path, data=data, headers=headers or {})
+    if token:
+        request.add_header("Cookie", f"loomrun_ui={token}")
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+def test_tampered_requests_get_one_line_and_change_nothing(procs):
+    job = job_id("uibad")
+    start(procs, SCRIPTS / "steered.py", "--steps", "10000000", "--quiet", job=job)
+    wait_ready(job)
+    _, base, token = start_ui(procs)
+    good = {"job": job, "params": {"lr": "0.05"}}
+    cases = [
+        (call(base, "/api/set", good), 403, "no token"),
+        (call(base, "/api/set", good, token="wrong" + token), 403, "no token"),
+        (call(base + "/?token=nope", ""), 403, "wrong token"),
+        (call(base, "/api/set", {**good, "job": "nosuchjob"}, token), 404, "no job 'nosuchjob'"),
+        (call(base, "/api/set", {**good, "params": {"lr": "fast"}}, token), 400, "lr"),
+        (call(base, "/api/set", {**good, "params": {"lr": "-1"}}, token), 400, "lr"),
+        (call(base, "/api/set", {**good, "params": {"nope": "1"}}, token), 400, "no parameter"),
+        (call(base, "/api/set", {**good, "replicas": ["r7"]}, token), 400, "r7"),
+        (call(base, "/api/set", {**good, "params": {"x y": 1}}, token), 400, "parameter name"),
+        (call(base, "/api/set", [1, 2], token), 400, "JSON object"),
+        (call(base, "/api/set", token=token, raw=b"{not json"), 400, "not JSON"),
+        (call(base, "/api/set", token=token, raw=b"{" + b" " * 100_000 + b"}"), 413, "larger"),
+        (call(base, "/api/pause", {"job": job, "paused": "yes"}, token), 400, "true or false"),
+        (
+            call(base, "/api/set", good, token, headers={"Origin": "http://evil.example"}),
+            403, "another site",
+        ),
+        (call(base, "/static/../../secret", token=token), 404, ""),
+    ]  # fmt: skip
+    for (status, answer), want_status, want_text in cases:
+        assert status == want_status, (status, answer)
+        assert isinstance(answer, dict) and want_text in answer["error"], answer
+        assert "\n" not in answer["error"] and "Traceback" not in answer["error"]
+    listed = json.loads(run_loomrun("get", "--job", job, "--json").stdout)["params"]
+    assert {p["name"]: p["value"] for p in listed}["lr"] == 0.1, "nothing changed"
+    status, answer = call(base, "/api/set", good, token)
+    assert status == 200 and answer["result"] == "applied", answer
+    (change,) = answer["changes"]
+    assert change["replica"] == "r0" and change["old"] == 0.1 and change["new"] == 0.05
+
+
+@pytest.fixture
+def browser():
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or driver is None:
+        pytest.skip("chromium and chromium-driver are not installed (make test installs them "
+                    "with apt-get where it runs as root)")  # fmt: skip
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    profile = tempfile.mkdtemp(prefix="loomrun-chromium-")
+    for flag in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--window-size=1400,1600", f"--user-data-dir={profile}",
+    ):  # fmt: skip
+        options.add_argument(flag)
+    session = webdriver.Chrome(service=Service(driver), options=options)
+    try:
+        yield session
+    finally:
+        session.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def used_lrs(lines: list[str], replica: str) -> list[tuple[int, float]]:
+    """(step, lr) of each optimizer step the replica printed (tests/scripts/steered.py)."""
+    out = []
+    for line in list(lines):
+        if found := re.match(rf"\[{replica}\] used (\d+) (\S+) batch", line):
+            out.append((int(found[1]), float(found[2])))
+    return out
+
+
+@pytest.mark.slow
+def test_the_page_shows_and_steers_a_real_job(procs, browser):
+    from selenium.webdriver.common.by import By
+
+    job = job_id("uipage")
+    sup = start(procs, SCRIPTS / "steered.py", "--steps", "10000000", "--step-time", "0.02",
+                job=job, replicas=2)  # fmt: skip
+    output = read_lines(sup)
+    wait_ready(job, ("r0", "r1"))
+    url, _, _ = start_ui(procs, "--job", job)
+    browser.get(url)
+    state = lambda expression: browser.execute_script(f"return {expression}")  # noqa: E731
+
+    wait_for(
+        lambda: len(browser.find_elements(By.CSS_SELECTOR, "#replicas tr[data-replica]")) == 2,
+        30, what="both replicas in the table",
+    )  # fmt: skip
+    wait_for(
+        lambda: state("['loss', 'lr'].every((m) => window.loomrun.charts[m] && "
+                      "window.loomrun.charts[m].plot.series.length === 3 && "
+                      "window.loomrun.charts[m].plot.data[0].length > 3)"),
+        30, what="a loss and an lr curve, each with a line per replica",
+    )  # fmt: skip
+
+    # lr for r1 alone, from the page.
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#params [data-param=lr] input"), 30,
+             what="the lr form")  # fmt: skip
+    browser.find_element(By.ID, "target-all").click()
+    browser.find_element(By.CSS_SELECTOR, "input.target[data-replica=r1]").click()
+    field = browser.find_element(By.CSS_SELECTOR, "#params [data-param=lr] input")
+    field.clear()
+    field.send_keys("0.0421")
+    browser.find_element(By.CSS_SELECTOR, "#params [data-param=lr] button").click()
+    answer = wait_for(
+        lambda: browser.find_elements(By.CSS_SELECTOR, "#outcome .applied[data-replica=r1]"), 30,
+        what="r1's answer on the page",
+    )[0].text  # fmt: skip
+    step = int(re.search(r"applied at step (\d+)", answer)[1])
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#outcome [data-replica=r0]")) == 0
+    wait_for(lambda: any(s >= step and lr == 0.0421 for s, lr in used_lrs(output, "r1")), 30,
+             what="r1's optimizer stepping with lr 0.0421")  # fmt: skip
+    assert all(lr == 0.1 for _, lr in used_lrs(output, "r0")), "r0 was not changed"
+
+    # Pause both from the page, then resume.
+    browser.find_element(By.ID, "target-all").click()
+    browser.find_element(By.ID, "pause").click()
+    wait_for(
+        lambda: len(browser.find_elements(By.CSS_SELECTOR, "#outcome .applied")) == 2, 30,
+        what="both replicas paused",
+    )  # fmt: skip
+    snapshot = json.loads(run_loomrun("watch", "--once", "--json", "--job", job).stdout)
+    assert {r["state"] for r in snapshot["jobs"][0]["replicas"]} == {"paused"}
+    browser.find_element(By.ID, "resume").click()
+    wait_for(
+        lambda: "resumed" in browser.find_element(By.ID, "outcome").text, 30, what="resumed"
+    )  # fmt: skip
+
+    # A change made with the CLI appears on the page as a marker on the curves.
+    assert run_loomrun("set", "lr=0.0333", "--replica", "r0", "--job", job).returncode == 0
+    asked = time.monotonic()
+    wait_for(lambda: state("window.loomrun.markers.some((m) => m.new === 0.0333)"), 10,
+             interval=0.02, what="the CLI's change as a marker")  # fmt: skip
+    print(f"the CLI's change was a marker on the page {time.monotonic() - asked:.2f} s after "
+          "`loomrun set` returned")  # fmt: skip
+    assert state("window.loomrun.markers.filter((m) => m.name === 'lr').length") == 2
+    row = browser.find_element(By.CSS_SELECTOR, "#changes tbody tr").text
+    assert "r0" in row and "0.0333" in row and "applied" in row
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    drawn = state("window.loomrun.chartDraws")
+    wait_for(lambda: state("window.loomrun.chartDraws") > drawn, 10, what="the curves redrawn")
+    assert browser.save_screenshot(str(ARTIFACTS / "ui.png"))
