@@ -10,6 +10,8 @@ import math
 import re
 import subprocess
 import threading
+import time
+import tracemalloc
 
 import pytest
 from conftest import SCRIPTS, run_loomrun, wait_for
@@ -46,22 +48,71 @@ def test_metrics_that_come_late_are_padded_and_too_many_are_left_out():
     }  # fmt: skip
     crowded = history.Series()
     crowded.add(1, 1.0, {f"m{i}": float(i) for i in range(history.COLUMNS + 5)})
-    assert len(crowded.columns) == history.COLUMNS and len(crowded.left_out) == 5
+    assert len(crowded.columns) == history.COLUMNS and crowded.left_out == 5
+
+
+def test_a_reported_nan_or_infinity_is_not_a_missing_value():
+    series = history.Series(limit=16)
+    series.add(1, 1.0, {"loss": 0.5})
+    series.add(2, 2.0, {"loss": math.nan, "acc": math.inf})
+    series.add(3, 3.0, {"loss": -math.inf})
+    columns = history.series_dict(pb.MetricSeries.FromString(
+        series.to_pb("j", "r0").SerializeToString()
+    ))  # fmt: skip
+    assert columns["loss"] == [0.5, "nan", "-inf"] and columns["acc"] == [None, "inf", None]
+    text = json.dumps(columns, allow_nan=False)  # valid JSON, no NaN nor Infinity
+    assert [p.get("loss") for p in history.points("r0", json.loads(text))] == [0.5, "nan", "-inf"]
+
+
+def test_an_odd_limit_keeps_the_newest_point():
+    series = history.Series(limit=17)
+    for step in range(1, 200):
+        series.add(step, float(step), {})
+        assert series.steps[-1] == step or step - series.steps[-1] < series.spacing
 
 
 def test_memory_per_replica_at_the_limit():
+    tracemalloc.start()
     series = history.Series()
     for step in range(1, 10 * history.POINTS):
         series.add(step, float(step), {"loss": 1.0, "lr": 0.1, "steps_per_sec": 10.0})
+    used, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
     assert len(series.steps) <= history.POINTS
-    assert series.nbytes() <= 5 * 8 * history.POINTS
+    assert used <= 100 * 1024, f"{used} bytes for one replica's series of 3 metrics"
 
 
-def test_points_of_a_hand_edited_file_keep_only_numbers():
+def test_a_series_too_large_for_a_message_is_thinned_to_fit():
+    kept = history.History("j", ["r0"], limit=history.POINTS)
+    for step in range(1, history.POINTS + 1):
+        kept.add("r0", pb.Status(step=step, time=step, metrics={f"m{i}": 1.0 for i in range(30)}))
+    whole = kept.wire("r0", 10**7)
+    small = kept.wire("r0", len(whole) // 3)
+    assert len(small) <= len(whole) // 3
+    assert len(pb.MetricSeries.FromString(small).steps) >= history.POINTS // 4
+
+
+def test_points_of_a_hand_edited_file_keep_only_what_fits():
     assert history.points("r0", {"step": "x"}) == []
     assert history.points("r0", {"step": [1, 2], "time": [1.0]}) == []
-    columns = {"step": [1], "time": [1.0], "loss": ["nan"], "acc": [True], "lr": [0.1]}
+    columns = {"step": [1, None, True, 2], "time": [1.0, 2.0, 3.0, 1e400],
+               "loss": ["x", 1, 1, 1], "acc": [True, 1, 1, 1], "lr": [0.1, 1, 1, 1]}  # fmt: skip
     assert history.points("r0", columns) == [{"replica": "r0", "step": 1, "time": 1.0, "lr": 0.1}]
+
+
+def test_an_earlier_runs_files_are_set_aside(tmp_path):
+    from loomrun.control.ledger import set_aside
+
+    for name in ("metrics.json", "metrics.node1.json"):
+        (tmp_path / name).write_text('{"replicas": {"r1": {"step": [1], "time": [1.0]}}}')
+    history.set_aside_earlier(tmp_path, time.time() + 1, set_aside)
+    assert history.read_files(tmp_path) == {}
+    assert len(list(tmp_path.glob("metrics*-*.json"))) == 2
+    kept = history.History("j", ["r0"])
+    kept.add("r0", pb.Status(step=1, time=1.0, metrics={"loss": 2.0}))
+    assert kept.write([tmp_path], "metrics.json") == []
+    assert history.read_files(tmp_path)["r0"]["loss"] == [2.0]
+    assert kept.write([tmp_path / "missing"], "metrics.json")[0].startswith("cannot write")
 
 
 def test_reserved_names_are_not_metrics():
@@ -133,6 +184,22 @@ def test_history_of_a_zero_code_script_mid_run_and_after_it(procs, tmp_path):
         assert written["limit"] == 16 and set(written["replicas"]) == {"r0", "r1"}
     only_r1 = metric_points("--job", job, "--nats", nobroker, "--replica", "r1")
     assert only_r1 and {p["replica"] for p in only_r1} == {"r1"}
+
+
+def test_a_hand_edited_history_file_is_read_without_a_traceback():
+    job = job_id("edited")
+    folder = state_dir() / "jobs" / job
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"replicas": {
+        "r0": {"step": [1, None, 3], "time": [1.0, 2.0, 3.0], "loss": [0.5, 0.4, "nan"]},
+        "r1": "not a series", "r2": {"step": [1e400]},
+    }}))  # fmt: skip
+    nobroker = f"nats://127.0.0.1:{free_port()}"
+    result = run_loomrun("log", "--metrics", "--job", job, "--nats", nobroker)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert [line.split()[:3] for line in result.stdout.splitlines()[1:]] == [
+        ["r0", "1", "0.5"], ["r0", "3", "nan"]
+    ]  # fmt: skip
 
 
 def test_no_history_is_one_line():

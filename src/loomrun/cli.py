@@ -813,6 +813,7 @@ def _log_metrics(job, replicas, as_json: bool, follow: bool, options) -> None:
     from loomrun.client import SteerError, Steering
     from loomrun.control import history
     from loomrun.control.ledger import job_dir
+    from loomrun.params import json_float
     from loomrun.printable import printable
     from loomrun.subjects import replica_order
 
@@ -828,7 +829,8 @@ def _log_metrics(job, replicas, as_json: bool, follow: bool, options) -> None:
         if not header or any(n not in header for n in names):
             header[:] = sorted(set(header) | set(names), key=lambda n: (n != "loss", n))
             click.echo(printable("replica  step        " + "  ".join(f"{n:>12}" for n in header)))
-        cells = [f"{point[n]:>12.4g}" if n in point else f"{'':>12}" for n in header]
+        values = [point.get(n, "") for n in header]
+        cells = [f"{v:>12.4g}" if isinstance(v, float | int) else f"{v:>12}" for v in values]
         click.echo(printable(f"{point['replica']:<8} {point['step']:<11} " + "  ".join(cells)))
 
     def show_all(found: dict[str, dict[str, list]]) -> None:
@@ -849,7 +851,10 @@ def _log_metrics(job, replicas, as_json: bool, follow: bool, options) -> None:
                 for replica, status in (await steering.statuses(found.job)).items():
                     step = status.status.step
                     if replica in shown and step > shown[replica]:
-                        values = history.status_values(status.status)
+                        values = {
+                            k: json_float(v)
+                            for k, v in history.status_values(status.status).items()
+                        }
                         show({"replica": replica, "step": step, "time": status.status.time,
                               **values})  # fmt: skip
                     if status.state in (pb.EXITED, pb.FAILED, pb.STOPPED):

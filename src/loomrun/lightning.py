@@ -36,31 +36,47 @@ class LoomCallback(Callback):
 
     def __init__(self):
         self._applied: list[tuple[str, Any]] = []
-        self._listening = False
+
+    def _take(self, name: str, value: Any) -> None:
+        self._applied.append((name, value))
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        worker = _worker.current
+        if worker is not None and self._take not in worker.applied_listeners:
+            worker.applied_listeners.append(self._take)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        worker = _worker.current
+        if worker is not None and self._take in worker.applied_listeners:
+            worker.applied_listeners.remove(self._take)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         worker = _worker.current
         if worker is None:
             return
-        if not self._listening:
-            worker.applied_listeners.append(lambda name, value: self._applied.append((name, value)))
-            self._listening = True
         worker.explicit_steps = True
         worker.boundary()
         if self._applied:
-            self._log(trainer)
+            self._log(trainer, worker)
 
-    def _log(self, trainer) -> None:
+    def _log(self, trainer, worker) -> None:
+        """A logger that refuses a value (MLflow will not change a logged parameter) or
+        cannot reach its server costs a warning, never the training run."""
         changes, self._applied = self._applied, []
         for name, value in changes:
             if name == "pause":
                 continue
             metrics, hyperparameters = logged(name, value)
             for logger in trainer.loggers:
-                if metrics:
-                    logger.log_metrics(metrics, step=trainer.global_step)
-                if hyperparameters:
-                    logger.log_hyperparams(hyperparameters)
+                try:
+                    if metrics:
+                        logger.log_metrics(metrics, step=trainer.global_step)
+                    if hyperparameters:
+                        logger.log_hyperparams(hyperparameters)
+                except Exception as error:  # noqa: BLE001 - see above
+                    worker.warn_once(
+                        f"{type(logger).__name__} did not take the change of {name}: {error}"
+                    )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         worker = _worker.current

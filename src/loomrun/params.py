@@ -314,3 +314,12 @@ def format_value(value: Any) -> str:
     if value is None:
         return "-"
     return str(value)
+
+
+def json_float(value: float) -> float | str:
+    """A number for JSON, which has no NaN nor infinity: those as "nan", "inf", "-inf"."""
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value

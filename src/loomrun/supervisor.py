@@ -239,6 +239,12 @@ class Supervisor:
             loop.add_signal_handler(sig, self._on_signal, sig)
         self.watchdog = Watchdog()
         self._prepare_run_dir()
+        self.record_dirs = self._record_dirs()
+        from loomrun.control import history
+        from loomrun.control.ledger import set_aside
+
+        for folder in self.record_dirs:  # with or without a broker: no earlier run's curves
+            history.set_aside_earlier(folder, time.time(), set_aside)
         names = [r.name for r in self.replicas]
         shown = names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
         control = (
@@ -544,16 +550,17 @@ class Supervisor:
             on_device_failure=self.fail_device,
             wait_broker=self.spec.wait_broker,
             on_local_broker=lambda port: self.watchdog.tell(f"broker {port}"),
-            ledger_dirs=self._ledger_dirs(),
+            ledger_dirs=self.record_dirs,
         )
         for replica in self.replicas:
             if replica.proc is not None:
                 self.control.replica_started(replica.name, replica.proc.pid, replica.restarts)
         await self.control.start()
 
-    def _ledger_dirs(self) -> list[Path]:
-        """Where the change ledger is kept on disk: the job's folder in the state directory
-        (`loomrun log` finds it there when the broker no longer has it), and --log-dir."""
+    def _record_dirs(self) -> list[Path]:
+        """Where the change ledger and the metric history are kept on disk: the job's folder
+        in the state directory (`loomrun log` finds them there when the broker no longer
+        has them), and --log-dir."""
         from loomrun.broker import BrokerError, private_state_dir
         from loomrun.control.ledger import job_dir
 

@@ -165,7 +165,7 @@ class WatchModel:
             "state": describe_state(status, age, lost),
             "step": worker.step,
             "steps_per_sec": round(worker.steps_per_sec, 2),
-            "metrics": dict(worker.metrics),
+            "metrics": {k: P.json_float(v) for k, v in worker.metrics.items()},
             "lr": values.get("lr"),
             "values": values,
             "last_change": self.changes.get((status.job, status.replica)),

@@ -8,42 +8,65 @@ pump reads (about four a second per replica), one per step at most.
 
 Memory per replica: 8 bytes per point for the step, 8 for the time and 8 per column, at
 most COLUMNS columns: (2 + columns) x 8 x POINTS bytes, 80 KiB for loss, lr and steps/s
-(`benchmarks/history.py` measures it).
+(`benchmarks/records.py` measures it). At the limits a series is about 560 KB on the
+wire, under NATS's default 1 MB message.
+
+A value the script did not report at a point is missing (NaN in the arrays, null in
+JSON); a NaN the script did report is kept apart from that (a NaN of its own bits in the
+arrays, "nan" in JSON, like "inf" and "-inf"), so a diverging run shows as one.
 
 A client asks a supervisor for a replica's series on `loomrun.{job}.history.{replica}`;
-at job end the supervisor writes its replicas' series next to the change ledger.
+at job end each supervisor writes its replicas' series next to the change ledger.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import struct
 from array import array
 from pathlib import Path
 from typing import Any
 
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.output import say
+from loomrun.params import json_float
 
-POINTS = 2048  # per replica; LOOMRUN_HISTORY_POINTS sets another (at least 16)
+POINTS = 2048  # per replica, the most; LOOMRUN_HISTORY_POINTS sets fewer (at least 16)
 COLUMNS = 32  # metric names per replica; more are left out of the history (not of status)
-NAN = math.nan
+MISSING = math.nan
+REPORTED_NAN = struct.unpack("<d", struct.pack("<Q", 0x7FF8_0000_0000_0001))[0]
 AXES = ("replica", "step", "time")  # what a point is keyed by: not metric names
 _NODE_FILE = re.compile(r"metrics\.node[0-9]+\.json")
+
+
+def _bits(value: float) -> int:
+    return struct.unpack("<Q", struct.pack("<d", value))[0]
+
+
+_REPORTED_NAN_BITS = _bits(REPORTED_NAN)
+
+
+def plain(value: float) -> float | str | None:
+    """A stored value for JSON: as params.json_float(), or None where it is missing."""
+    if math.isnan(value) and _bits(value) != _REPORTED_NAN_BITS:
+        return None
+    return json_float(value)
 
 
 class Series:
     """One replica's history: steps, times and one column of values per metric."""
 
     def __init__(self, limit: int = POINTS):
-        self.limit = limit
+        self.limit = max(16, limit - limit % 2)  # even: thinning keeps the newest point
         self.spacing = 1.0  # in steps: a point closer to the last one is not taken
         self.steps = array("q")
         self.times = array("d")
         self.columns: dict[str, array] = {}
-        self.left_out: set[str] = set()
+        self.left_out = 0  # values of metrics past COLUMNS, not kept
 
     def add(self, step: int, when: float, values: dict[str, float]) -> bool:
         """Take a point; False when the step has not moved on by the spacing. A step
@@ -59,19 +82,20 @@ class Series:
             column = self.columns.get(name)
             if column is None:
                 if len(self.columns) >= COLUMNS:
-                    self.left_out.add(name)
+                    self.left_out += 1
                     continue
-                column = self.columns[name] = array("d", [NAN]) * count
-            column.append(value)
+                column = self.columns[name] = array("d", [MISSING]) * count
+            column.append(REPORTED_NAN if math.isnan(value) else value)
         for column in self.columns.values():
             if len(column) == count:
-                column.append(NAN)
+                column.append(MISSING)
         if len(self.steps) > self.limit:
             self._thin()
         return True
 
     def _thin(self) -> None:
-        """Every other point goes (the first and the last stay: the count is odd here)."""
+        """Every other point goes; with an even limit the count is odd here, so the first
+        and the newest stay."""
         self.steps = self.steps[::2]
         self.times = self.times[::2]
         for name, column in self.columns.items():
@@ -83,12 +107,13 @@ class Series:
         arrays = [self.steps, self.times, *self.columns.values()]
         return sum(a.itemsize * a.buffer_info()[1] for a in arrays)
 
-    def to_pb(self, job: str, replica: str) -> pb.MetricSeries:
+    def to_pb(self, job: str, replica: str, every: int = 1) -> pb.MetricSeries:
+        """The series as a message; `every` > 1 keeps every so many points only."""
         series = pb.MetricSeries(job=job, replica=replica, limit=self.limit)
-        series.steps.extend(self.steps)
-        series.times.extend(self.times)
+        series.steps.extend(self.steps[::every])
+        series.times.extend(self.times[::every])
         for name, column in self.columns.items():
-            series.columns.add(name=name, values=column)
+            series.columns.add(name=name, values=column[::every])
         return series
 
 
@@ -103,25 +128,32 @@ def status_values(status: pb.Status) -> dict[str, float]:
 
 
 def series_dict(series: pb.MetricSeries) -> dict[str, list]:
-    """A series as plain columns (JSON has no NaN: a missing value is None)."""
+    """A series as plain columns, fit for JSON (see plain())."""
     out: dict[str, list] = {"step": list(series.steps), "time": list(series.times)}
     for column in series.columns:
-        out[column.name] = [None if math.isnan(v) else v for v in column.values]
+        out[column.name] = [plain(v) for v in column.values]
     return out
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def points(replica: str, columns: dict[str, list]) -> list[dict[str, Any]]:
-    """Columns as one record per point: {"replica", "step", "time", metric: value, ...}."""
+    """Columns as one record per point: {"replica", "step", "time", metric: value, ...}.
+    Columns can come from a file anyone could have edited: what does not fit is left out."""
     names = [n for n, c in columns.items() if n not in AXES and isinstance(c, list)]
     steps, times = columns.get("step"), columns.get("time")
     if not isinstance(steps, list) or not isinstance(times, list) or len(times) < len(steps):
         return []
     out = []
     for i, step in enumerate(steps):
+        if not isinstance(step, int) or isinstance(step, bool) or not _number(times[i]):
+            continue
         point = {"replica": replica, "step": step, "time": times[i]}
         for name in names:
             value = columns[name][i] if i < len(columns[name]) else None
-            if isinstance(value, int | float) and not isinstance(value, bool):
+            if _number(value) or value in ("nan", "inf", "-inf"):
                 point[name] = value
         out.append(point)
     return out
@@ -132,7 +164,7 @@ def limit_from_env() -> int:
     if not text:
         return POINTS
     try:
-        return max(16, int(text))
+        return min(POINTS, max(16, int(text)))
     except ValueError:
         say(f"LOOMRUN_HISTORY_POINTS={text!r} is not a whole number; keeping {POINTS} points")
         return POINTS
@@ -142,16 +174,28 @@ def file_name(node_rank: int) -> str:
     return "metrics.json" if node_rank == 0 else f"metrics.node{node_rank}.json"
 
 
+def _files(folder: Path) -> list[Path]:
+    nodes = [p for p in folder.glob("metrics.node*.json") if _NODE_FILE.fullmatch(p.name)]
+    return [folder / "metrics.json", *sorted(nodes)]
+
+
+def set_aside_earlier(folder: Path, started: float, set_aside) -> None:
+    """A new run of a job id: every node's history of an earlier run goes under another
+    name (written before this run started), so none is read as this run's."""
+    for path in _files(folder):
+        with contextlib.suppress(OSError):
+            if path.stat().st_mtime < started:
+                set_aside(path)
+
+
 def read_files(folder: Path) -> dict[str, dict[str, list]]:
     """The series a finished job's nodes wrote into its folder: replica -> columns."""
     found: dict[str, dict[str, list]] = {}
-    nodes = [p for p in folder.glob("metrics.node*.json") if _NODE_FILE.fullmatch(p.name)]
-    paths = [folder / "metrics.json", *sorted(nodes)]
-    for path in paths:
+    for path in _files(folder):
         try:
             written = json.loads(path.read_text())
             replicas = written["replicas"]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             continue
         if isinstance(replicas, dict):
             found.update(
@@ -164,33 +208,49 @@ class History:
     """The series of this supervisor's replicas."""
 
     def __init__(self, job: str, replicas: list[str], limit: int | None = None):
-        limit = limit or limit_from_env()
         self.job = job
-        self.limit = limit
-        self.series = {name: Series(limit) for name in replicas}
+        self.limit = limit or limit_from_env()
+        self.series = {name: Series(self.limit) for name in replicas}
+        self._warned: set[str] = set()
 
     def add(self, replica: str, status: pb.Status) -> None:
-        if status.step > 0:  # before the first step there is nothing to draw
-            self.series[replica].add(status.step, status.time, status_values(status))
+        if status.step <= 0:  # before the first step there is nothing to draw
+            return
+        series = self.series[replica]
+        series.add(status.step, status.time, status_values(status))
+        if series.left_out and replica not in self._warned:
+            self._warned.add(replica)
+            say(f"{replica} reports more than {COLUMNS} metrics: the history keeps {COLUMNS}")
 
-    def to_pb(self, replica: str) -> pb.MetricSeries:
-        return self.series[replica].to_pb(self.job, replica)
+    def wire(self, replica: str, max_bytes: int) -> bytes:
+        """The replica's series as a message of at most `max_bytes` (thinned if need be)."""
+        every = 1
+        while True:
+            data = self.series[replica].to_pb(self.job, replica, every).SerializeToString()
+            if len(data) <= max_bytes or every > POINTS:
+                return data
+            every *= 2
 
     def write(self, folders: list[Path], name: str) -> list[str]:
-        """Write every series as JSON into each folder; the errors, one line each."""
+        """Write every series as JSON into each folder, whole or not at all (a file is
+        replaced at once); the errors, one line each."""
         body = {
             "job": self.job,
             "limit": self.limit,
-            "replicas": {r: series_dict(self.to_pb(r)) for r in self.series},
+            "replicas": {r: series_dict(s.to_pb(self.job, r)) for r, s in self.series.items()},
         }
-        text = json.dumps(body)
+        text = json.dumps(body, allow_nan=False)
         errors = []
         for folder in folders:
             path = folder / name
+            partial = folder / f".{name}.{os.getpid()}"
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 with os.fdopen(fd, "w") as f:
                     f.write(text)
+                os.replace(partial, path)
             except OSError as error:
                 errors.append(f"cannot write the metric history {path}: {error.strerror}")
+                with contextlib.suppress(OSError):
+                    partial.unlink()
         return errors

@@ -18,7 +18,7 @@ from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.broker import BrokerOptions
 from loomrun.control import history
-from loomrun.control.ledger import Ledger, set_aside
+from loomrun.control.ledger import Ledger
 from loomrun.control.link import BrokerLink
 from loomrun.control.outbox import Outbox
 from loomrun.control.pump import MailboxPump
@@ -88,9 +88,6 @@ class ControlPlane:
         self.pump.history = self.history = history.History(job, list(self.replicas))
         self._history_file = history.file_name(node_rank)
         self._folders = ledger_dirs or []
-        for folder in self._folders:
-            with contextlib.suppress(OSError):
-                set_aside(folder / self._history_file)
         self.registry = Registry(
             job, node_rank, nnodes, script, host, options.url, self.replicas, self.outbox,
             self.event,
@@ -135,8 +132,10 @@ class ControlPlane:
         """A client asks for a replica's metric history: the one of this node answers."""
         replica = msg.subject.rsplit(".", 1)[-1]
         if replica in self.history.series and msg.reply:
-            with contextlib.suppress(Exception):
-                await msg.respond(self.history.to_pb(replica).SerializeToString())
+            try:
+                await msg.respond(self.history.wire(replica, self.link.nc.max_payload))
+            except Exception as error:  # noqa: BLE001 - the client hears nothing, and says so
+                say(f"cannot send {replica}'s metric history: {error}")
 
     async def _resync(self) -> None:
         if self._watch_task is not None:
@@ -164,13 +163,13 @@ class ControlPlane:
             self.registry.publish_job(finished=time.time(), exit_code=exit_code)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.outbox.flush(), 3.0)
+        for error in self.history.write(self._folders, self._history_file):
+            say(error)  # written while the broker still answers for it: no gap between
         if self._watch_task is not None:
             self._watch_task.cancel()
         await self.link.close()
         self.devices.close()
         self.ledger.close()
-        for error in self.history.write(self._folders, self._history_file):
-            say(error)
 
     # -- lifecycle, from the supervisor -------------------------------------------------------
 

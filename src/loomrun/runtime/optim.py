@@ -213,7 +213,6 @@ def _hook_torch(worker: Worker) -> None:
     optimizers = Optimizers(worker)
     register_optimizer_step_pre_hook(optimizers.pre_step)
     group.install(worker)
-    _track_loss(worker)
     original_init = lr_scheduler.LRScheduler.__init__
 
     def tracked_init(scheduler, *args, **kwargs):
@@ -221,37 +220,64 @@ def _hook_torch(worker: Worker) -> None:
         optimizers.schedulers.add(scheduler)
 
     lr_scheduler.LRScheduler.__init__ = tracked_init
+    try:
+        _track_loss(worker)
+    except Exception as error:  # noqa: BLE001 - the built-ins work without it
+        worker.warn_once(f"cannot take the loss from backward ({error}); report it yourself")
 
 
 def _track_loss(worker: Worker) -> None:
     """A script that reports no loss itself has one all the same: the scalar it calls
-    `.backward()` on (under a GradScaler, the loss before scaling). Only a reference is
-    kept; its value is read when a status is due, so there is no device sync per step."""
+    `.backward()` on (under a GradScaler, or a subclass such as FSDP's ShardedGradScaler,
+    the loss before scaling). A detached reference is kept (the graph is not: a custom
+    autograd Function may hold tensors on it); the worker reads its value when a status
+    is due, at most once a second."""
     import torch
 
-    backward, scale = torch.Tensor.backward, torch.amp.GradScaler.scale
     scaled: list = [None, None]  # the last scaled loss, and the loss it was scaled from
 
-    @functools.wraps(backward)
     def tracked_backward(self, *args, **kwargs):
         if not worker.own_loss and self.dim() == 0:
             loss = self
             if self is scaled[0]:
-                loss, scaled[0], scaled[1] = scaled[1], None, None
-            # The tensor itself (a detached copy costs more than the rest of this): once
-            # backward has run, its graph holds no activations, unless asked to keep them.
-            worker.metrics["loss"] = loss.detach() if args or kwargs else loss
+                loss = scaled[1]
+            worker.metrics["loss"] = loss.detach()
+        scaled[0] = scaled[1] = None
         return backward(self, *args, **kwargs)
 
-    @functools.wraps(scale)
-    def tracked_scale(self, outputs):
-        out = scale(self, outputs)
-        if isinstance(outputs, torch.Tensor) and outputs.dim() == 0:
-            scaled[0], scaled[1] = out, outputs
-        return out
+    def tracking(scale):
+        @functools.wraps(scale)
+        def tracked_scale(self, outputs):
+            out = scale(self, outputs)
+            if not worker.own_loss and isinstance(outputs, torch.Tensor) and outputs.dim() == 0:
+                scaled[0], scaled[1] = out, outputs
+            return out
 
-    torch.Tensor.backward = tracked_backward
-    torch.amp.GradScaler.scale = tracked_scale
+        return tracked_scale
+
+    backward = torch.Tensor.backward
+    torch.Tensor.backward = functools.wraps(backward)(tracked_backward)
+    scaler = getattr(getattr(torch, "amp", None), "GradScaler", None)  # torch >= 2.3
+    if scaler is None:
+        return
+    kinds, seen = [scaler], []
+    while kinds:  # the scaler and those of its subclasses that scale their own way
+        kind = kinds.pop()
+        seen.append(kind)
+        kinds.extend(kind.__subclasses__())
+        if "scale" in kind.__dict__:
+            kind.scale = tracking(kind.scale)
+    made = scaler.__dict__.get("__init_subclass__")
+
+    def init_subclass(cls, **kwargs):  # one defined later (FSDP's, when imported)
+        if made is not None:
+            made.__func__(cls, **kwargs)
+        else:
+            super(scaler, cls).__init_subclass__(**kwargs)
+        if "scale" in cls.__dict__:
+            cls.scale = tracking(cls.scale)
+
+    scaler.__init_subclass__ = classmethod(init_subclass)
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

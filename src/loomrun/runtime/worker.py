@@ -31,6 +31,7 @@ from loomrun.mailbox import Mailbox, MailboxError
 from loomrun.runtime.target import Target
 
 STATUS_INTERVAL = 0.1
+DEVICE_READ_INTERVAL = 1.0  # seconds between reads of a metric that lives on a GPU
 PAUSE_POLL = 0.005
 RECENT_OUTCOMES = 512
 LARGEST_VALUE = 2048  # bytes of a value repeated in an outcome or a status; larger: left out
@@ -51,6 +52,8 @@ class Worker:
         self.metrics: dict[str, Any] = {}
         # The script reports a loss of its own: the one torch's backward saw is not taken.
         self.own_loss = False
+        self._device_numbers: dict[str, float] = {}  # GPU metrics as last read
+        self._next_device_read = 0.0
         # Called with (name, new value) of each applied change (LoomCallback logs them).
         self.applied_listeners: list = []
         # The process group's agreement (runtime.group), once torch.distributed is set up.
@@ -354,17 +357,30 @@ class Worker:
             self.own_loss = True
         self.metrics.update(metrics)
 
-    def _numbers(self) -> dict[str, float]:
+    def _numbers(self, now: float, final: bool = False) -> dict[str, float]:
+        """The metrics as numbers. A tensor on a GPU is read at most once a second (reading
+        it waits for the device), and never while a CUDA graph is being captured."""
         numbers = {}
+        read_devices = final or now >= self._next_device_read
         for key, value in list(self.metrics.items()):
+            on_device = getattr(value, "is_cuda", False) or getattr(value, "is_xpu", False)
+            if on_device and not (read_devices and _may_sync(value)):
+                if key in self._device_numbers:
+                    numbers[key] = self._device_numbers[key]
+                continue
             try:
                 numbers[key] = float(value)
             except (TypeError, ValueError, RuntimeError):
                 del self.metrics[key]
                 self.warn_once(f"metric {key!r} is not a number ({value!r}); it is left out")
+                continue
+            if on_device:
+                self._device_numbers[key] = numbers[key]
+        if read_devices:
+            self._next_device_read = now + DEVICE_READ_INTERVAL
         return numbers
 
-    def write_status(self, now: float) -> None:
+    def write_status(self, now: float, final: bool = False) -> None:
         if self._rate_mark is None:
             if self.step > 0:  # the rate counts from the first step, not from start-up
                 self._rate_mark = (now, self.step)
@@ -377,7 +393,7 @@ class Worker:
         status = pb.Status(
             step=self.step,
             steps_per_sec=self._rate,
-            metrics=self._numbers(),
+            metrics=self._numbers(now, final),
             paused=self.paused,
             time=time.time(),
             pid=os.getpid(),
@@ -399,7 +415,7 @@ class Worker:
         """At exit, however the script ended: where it really stopped, not the last periodic
         status (which can be a tenth of a second of steps behind)."""
         if not self.mailbox.closed:
-            self.write_status(time.monotonic())
+            self.write_status(time.monotonic(), final=True)
 
     def _write(self, slot, message) -> None:
         try:
@@ -411,6 +427,14 @@ class Worker:
         if message not in self._warned:
             self._warned.add(message)
             print(f"loomrun: {message}", file=sys.stderr, flush=True)
+
+
+def _may_sync(value) -> bool:
+    """Reading a CUDA tensor while a CUDA graph is captured would break the capture."""
+    import torch
+
+    capturing = getattr(torch.cuda, "is_current_stream_capturing", None)
+    return not (value.is_cuda and capturing is not None and capturing())
 
 
 current: Worker | None = None

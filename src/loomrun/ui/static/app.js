@@ -356,7 +356,7 @@ function addPoint(row) {
   series.time.push(Date.now() / 1000);
   for (const [name, value] of Object.entries(values)) {
     if (!series[name]) series[name] = new Array(count).fill(null);
-    series[name].push(typeof value === "number" ? value : null);
+    series[name].push(value);
   }
   for (const [name, column] of Object.entries(series)) {
     if (column.length === count) column.push(null);
@@ -389,7 +389,11 @@ function drawCharts() {
   state.chartDraws += 1;
   const replicas = Object.keys(state.series).sort((a, b) => parseInt(a.slice(1)) - parseInt(b.slice(1)));
   for (const name of metricNames()) {
-    const tables = replicas.map((r) => [state.series[r].step, state.series[r][name] || state.series[r].step.map(() => null)]);
+    const tables = replicas.map((r) => {
+      const ys = state.series[r][name] || [];
+      // "nan", "inf" and "-inf" are values the script reported, but not ones to draw
+      return [state.series[r].step, state.series[r].step.map((_, i) => (typeof ys[i] === "number" ? ys[i] : null))];
+    });
     const data = tables.length ? uPlot.join(tables) : [[]];
     let chart = state.charts[name];
     if (chart && chart.replicas !== replicas.join()) { chart.plot.destroy(); chart.box.remove(); chart = null; }
