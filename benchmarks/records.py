@@ -72,9 +72,9 @@ def status(step: int, columns: int) -> pb.Status:
 def history_figures() -> None:
     statuses = [status(step, 3) for step in range(1, 20_001)]
     wire = [s.SerializeToString() for s in statuses]
-    kept = history.History("bench", ["r0"], limit=history.POINTS)
 
     def add(calls: int) -> None:
+        kept = history.History("bench", ["r0"], limit=history.POINTS)  # every point taken
         for s in statuses[:calls]:
             kept.add("r0", s)
 

@@ -73,6 +73,14 @@ def measure(replicas: int, env: dict) -> tuple[float, float, float]:
             [*LOOMRUN, "--replicas", str(replicas), "--job", job, str(HERE / "stepper.py")],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         ))  # fmt: skip
+
+        def listed() -> bool:
+            out = subprocess.run(
+                [*LOOMRUN, "ls", "--json"], env=env, capture_output=True, text=True
+            )
+            return out.returncode == 0 and job in out.stdout
+
+        wait(listed, 180, f"job {job} on the broker")
         ui = subprocess.Popen([*LOOMRUN, "ui", "--job", job], env=env, stdout=subprocess.PIPE,
                               text=True, start_new_session=True)  # fmt: skip
         started.append(ui)

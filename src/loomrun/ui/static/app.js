@@ -173,6 +173,29 @@ function stateClass(text) {
   return "";
 }
 
+// Rows are kept and only the cells whose text changed are written: with 64 replicas at 10
+// frames a second, rebuilding the tables would keep the browser busy laying them out.
+function updateRows(tbody, rows, key, cellsOf) {
+  const kept = new Map(Array.from(tbody.children).map((tr) => [tr.dataset.key, tr]));
+  const order = [];
+  for (const row of rows) {
+    const cells = cellsOf(row);
+    let tr = kept.get(row[key]);
+    if (!tr || tr.children.length !== cells.length) {
+      tr = el("tr", {"data-key": row[key], "data-replica": row.replica});
+      for (const [, cls, column] of cells) tr.append(el("td", {class: cls || "", "data-column": column || ""}));
+    }
+    cells.forEach(([text, cls], i) => {
+      const td = tr.children[i];
+      if (td.textContent !== text) td.textContent = text;
+      if (td.className !== (cls || "")) td.className = cls || "";
+    });
+    order.push(tr);
+  }
+  const same = order.length === tbody.children.length && order.every((tr, i) => tbody.children[i] === tr);
+  if (!same) tbody.replaceChildren(...order);
+}
+
 function drawReplicas() {
   const metrics = state.metrics.filter((m) => !FIXED_HEAD.includes(m) && !FIXED_TAIL.includes(m));
   const head = [...FIXED_HEAD, ...metrics, ...FIXED_TAIL];
@@ -180,36 +203,35 @@ function drawReplicas() {
   if (thead.dataset.columns !== head.join("|")) {
     thead.dataset.columns = head.join("|");
     thead.replaceChildren(el("tr", {}, ...head.map((h) => el("th", {text: h}))));
+    $("#replicas tbody").replaceChildren();
   }
-  const rows = state.rows.map((row) => {
+  updateRows($("#replicas tbody"), state.rows, "replica", (row) => {
     const lr = row.lr != null ? row.lr : row.metrics.lr;
-    const cells = [
+    return [
       [row.replica], [row.host], [row.device], [row.state, stateClass(row.state)],
       [String(row.step), "num"], [rate(row.steps_per_sec), "num"],
       ...metrics.map((m) => [g(row.metrics[m], 3), "num"]),
       [g(lr, 4), "num"], [row.last_change || "-"], [gpuText(row)], [String(row.restarts), "num"],
       [age(row.age), "num"],
-    ];
-    const tr = el("tr", {"data-replica": row.replica});
-    cells.forEach(([text, cls], i) => tr.append(el("td", {text, class: cls || "", "data-column": head[i]})));
-    return tr;
+    ].map(([text, cls], i) => [text, cls, head[i]]);
   });
-  $("#replicas tbody").replaceChildren(...rows);
 }
 
 function drawDevices() {
-  $("#devices tbody").replaceChildren(...state.rows.map((row) => el("tr", {},
-    el("td", {text: row.replica}), el("td", {text: row.device}),
-    el("td", {text: row.device_uuid || "-"}),
-    el("td", {text: row.gpu_util == null ? "-" : `${Math.round(row.gpu_util)}%`}),
-    el("td", {text: row.gpu_mem_total ? `${(row.gpu_mem_used / 2 ** 30).toFixed(1)} / ${(row.gpu_mem_total / 2 ** 30).toFixed(0)} GiB` : "-"}),
-  )));
+  updateRows($("#devices tbody"), state.rows, "replica", (row) => [
+    [row.replica], [row.device], [row.device_uuid || "-"],
+    [row.gpu_util == null ? "-" : `${Math.round(row.gpu_util)}%`],
+    [row.gpu_mem_total ? `${(row.gpu_mem_used / 2 ** 30).toFixed(1)} / ${(row.gpu_mem_total / 2 ** 30).toFixed(0)} GiB` : "-"],
+  ]);
 }
 
 function drawEvents() {
-  $("#events").replaceChildren(...state.events.map((e) => el("li", {
-    text: `${new Date(e.time * 1000).toLocaleTimeString()}  ${e.replica}  ${e.kind}: ${e.text}`,
-  })));
+  const lines = state.events.map((e) =>
+    `${new Date(e.time * 1000).toLocaleTimeString()}  ${e.replica}  ${e.kind}: ${e.text}`);
+  const list = $("#events");
+  if (list.dataset.shown === lines.join("\n")) return;
+  list.dataset.shown = lines.join("\n");
+  list.replaceChildren(...lines.map((text) => el("li", {text})));
 }
 
 // -- controls --------------------------------------------------------------------------------
