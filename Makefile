@@ -53,6 +53,7 @@ bench: install
 	$(PY) benchmarks/latency.py
 	$(PY) benchmarks/watch_render.py
 	$(PY) benchmarks/records.py
+	$(PY) benchmarks/ui_browser.py
 
 proto: install
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=src/loomrun/_proto \

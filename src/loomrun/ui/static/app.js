@@ -414,7 +414,8 @@ function drawCharts() {
     const tables = replicas.map((r) => {
       const ys = state.series[r][name] || [];
       // "nan", "inf" and "-inf" are values the script reported, but not ones to draw
-      return [state.series[r].step, state.series[r].step.map((_, i) => (typeof ys[i] === "number" ? ys[i] : null))];
+      const drawable = (v) => typeof v === "number" && (!logScale[name] || v > 0);
+      return [state.series[r].step, state.series[r].step.map((_, i) => (drawable(ys[i]) ? ys[i] : null))];
     });
     const data = tables.length ? uPlot.join(tables) : [[]];
     let chart = state.charts[name];
@@ -424,13 +425,27 @@ function drawCharts() {
   }
 }
 
-function makeChart(name, replicas) {
-  const box = el("div", {class: "chart", "data-metric": name}, el("h3", {text: name}));
-  $("#charts").append(box);
+const logScale = {loss: true};  // metric -> drawn on a log scale (a loss spans decades)
+
+function makeChart(name, replicas, before = null) {
+  const toggle = el("input", {type: "checkbox", "data-log": name});
+  toggle.checked = Boolean(logScale[name]);
+  toggle.addEventListener("change", () => {
+    logScale[name] = toggle.checked;
+    const old = state.charts[name];
+    state.charts[name] = makeChart(name, replicas, old.box);
+    old.plot.destroy();
+    old.box.remove();
+    state.dirty = true;
+    drawCharts();
+  });
+  const box = el("div", {class: "chart", "data-metric": name},
+                 el("h3", {}, name + " ", el("label", {class: "log"}, toggle, " log scale")));
+  if (before) before.before(box); else $("#charts").append(box);
   const width = Math.max(300, box.clientWidth || 460);
   const plot = new uPlot({
     width, height: 200,
-    scales: {x: {time: false}},
+    scales: {x: {time: false}, y: logScale[name] ? {distr: 3} : {}},
     axes: [{label: "step"}, {size: 60}],
     legend: {live: false},
     cursor: {drag: {x: true, y: false}},
