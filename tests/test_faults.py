@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -309,3 +310,42 @@ def test_loomrun_server_requires_the_secret_and_says_how_to_connect(tmp_path):
     finally:
         server.terminate()
         server.wait(15)
+
+
+def _broker_pids(port: int) -> list[int]:
+    """nats-server processes serving `port` (its config file is named after the port)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"nats-server" in cmdline and f"-{port}.conf".encode() in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+def test_a_job_stopped_while_its_broker_starts_leaves_no_broker(tmp_path):
+    """SIGTERM as soon as the bundled nats-server process exists, before it answers: the
+    supervisor waits for the start to end, and stops the broker it was the only user of."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "XDG_STATE_HOME": str(tmp_path),
+        "LOOMRUN_NATS": f"nats://127.0.0.1:{port}",
+    }
+    sup = subprocess.Popen(
+        [*LOOMRUN, SCRIPTS / "steered.py", "--steps", "100000", "--quiet"], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: _broker_pids(port), 60, interval=0.002, what="the broker process")
+        sup.send_signal(signal.SIGTERM)
+        _, err = sup.communicate(timeout=60)
+    finally:
+        if sup.poll() is None:
+            os.killpg(sup.pid, signal.SIGKILL)
+    assert "Traceback" not in err, err
+    wait_for(lambda: not _broker_pids(port), 10, what="no broker left")

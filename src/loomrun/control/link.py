@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import random
+import threading
 from collections.abc import Awaitable, Callable
 
 from loomrun import subjects as S
@@ -38,6 +38,7 @@ class BrokerLink:
         self.js = None
         self.kv: dict[str, object] = {}
         self.broker: BundledBroker | None = None
+        self._starting: threading.Event | None = None  # set once a broker start is over
         self.closing = False
         # Called after every reconnection, once the buckets are there again.
         self.on_reconnect: list[Callable[[], Awaitable[None]]] = []
@@ -98,14 +99,29 @@ class BrokerLink:
         self.js = self.nc.jetstream()
 
     async def _start_bundled(self, port: int) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            start = functools.partial(BundledBroker.start, port, token=self.options.token)
-            self.broker = await loop.run_in_executor(None, start)
-            say(f"started the bundled NATS broker on {self.broker.url} (loopback only)")
-        except BrokerError as error:
-            if "already answers" not in str(error):  # another job won the race: share it
-                raise
+        """Start the bundled broker in a thread of its own. A stop that comes meanwhile
+        (a signal cancels this task, not the thread) waits for it in close(), which then
+        stops the broker if this job was its last user: none is left behind."""
+        starting = self._starting = threading.Event()
+        outcome: dict[str, object] = {}
+
+        def start() -> None:
+            try:
+                outcome["broker"] = BundledBroker.start(port, token=self.options.token)
+            except BaseException as error:  # noqa: BLE001 - handed to the awaiting task
+                outcome["error"] = error
+            finally:
+                starting.set()
+
+        threading.Thread(target=start, name="loomrun-broker-start", daemon=True).start()
+        await asyncio.get_running_loop().run_in_executor(None, starting.wait)
+        error = outcome.get("error")
+        if isinstance(error, BrokerError) and "already answers" in str(error):
+            return  # another job won the race: share it
+        if error is not None:
+            raise error
+        self.broker = outcome["broker"]
+        say(f"started the bundled NATS broker on {self.broker.url} (loopback only)")
 
     async def ensure_buckets(self) -> None:
         """The buckets and the events stream; a broker started afresh may have none."""
@@ -150,6 +166,8 @@ class BrokerLink:
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.close(), 3.0)
+        if self._starting is not None and not self._starting.is_set():
+            await asyncio.get_running_loop().run_in_executor(None, self._starting.wait, 15.0)
         if self._local_port is not None:
             port = self._local_port
             await asyncio.get_running_loop().run_in_executor(None, leave, port)
