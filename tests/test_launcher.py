@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES, SCRIPTS, pid_alive, run_loomrun, wait_for
+from conftest import EXAMPLES, FAKE_NVML, SCRIPTS, pid_alive, run_loomrun, wait_for
 
 from loomrun.broker import HOST, answers
 from loomrun.mailbox import SHM_DIR
@@ -110,6 +110,27 @@ def test_argument_rule(tmp_path, args, replicas, script_argv):
     assert ("took --replicas after the script as loomrun's own" in result.stderr) == taken
 
 
+@pytest.mark.parametrize(
+    "value, gpus, workers",
+    [("gpu", 3, 3), ("auto", 3, 3), ("auto", 0, os.cpu_count()), ("cpu", 3, os.cpu_count()),
+     ("GPU", 1, 1)],
+)  # fmt: skip
+def test_nproc_per_node_counts_devices_as_torchrun_does(tmp_path, value, gpus, workers):
+    env = {"DUMP_DIR": str(tmp_path), "FAKE_NVML_GPUS": str(gpus),
+           "PYTHONPATH": f"{FAKE_NVML}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
+    result = run_loomrun("--no-broker", "--nproc-per-node", value, SCRIPTS / "dump_env.py", env=env)
+    assert result.returncode == 0, result.stderr
+    assert len(read_dumps(tmp_path)) == workers
+
+
+def test_nproc_per_node_gpu_without_a_gpu_is_one_line(tmp_path):
+    env = {"DUMP_DIR": str(tmp_path), "FAKE_NVML_GPUS": "0",
+           "PYTHONPATH": f"{FAKE_NVML}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
+    result = run_loomrun("--nproc-per-node", "gpu", SCRIPTS / "dump_env.py", env=env)
+    assert result.returncode == 2 and "gpu: NVML sees no GPU" in result.stderr
+    assert "Traceback" not in result.stderr and not list(tmp_path.iterdir())
+
+
 def test_module_target(tmp_path):
     result = run_loomrun(
         "-m", "pkg.main", "--replicas", "2", "--", "--flag", "value",
@@ -128,8 +149,8 @@ def test_module_target(tmp_path):
     "args, message",
     [
         (["missing.py"], "'missing.py' does not exist"),
-        (["--replicas", "0", "{s}"], "0 is not in the range x>=1"),
-        (["--replicas", "four", "{s}"], "'four' is not a valid integer"),
+        (["--replicas", "0", "{s}"], "'0' is not a number of workers"),
+        (["--replicas", "four", "{s}"], "'four' is not a number of workers"),
         (["{s}", "-m", "pkg.main"], "got both a script"),
         (["--bogus", "{s}"], "no such option: --bogus"),
         (["-m", "no_such_module_here"], "no module named 'no_such_module_here'"),

@@ -148,6 +148,49 @@ def _module_precedes_script(raw: list[str], script: str) -> bool:
     return bool(positions) and script in raw[positions[0] :]
 
 
+class ProcCount(click.ParamType):
+    """torchrun's --nproc-per-node: a whole number >= 1, or gpu, cpu, auto."""
+
+    name = "N|gpu|cpu|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        if text in ("gpu", "cpu", "auto"):
+            return text
+        try:
+            count = int(text)
+        except ValueError:
+            count = 0
+        if count < 1:
+            self.fail(
+                f"{value!r} is not a number of workers (expected 1, 2, ..., gpu, cpu or auto)"
+            )
+        return count
+
+
+def proc_count(value: int | str) -> int:
+    """--nproc-per-node as a number: gpu and auto count the GPUs NVML sees (as CUDA would,
+    CUDA_VISIBLE_DEVICES included), as torchrun counts them with CUDA."""
+    if isinstance(value, int):
+        return value
+    if value == "cpu":
+        return os.cpu_count() or 1
+    from loomrun.devices import Devices
+
+    devices = Devices()
+    try:
+        gpus = devices.count()
+    finally:
+        devices.close()
+    if value == "gpu" and gpus == 0:
+        raise click.BadParameter(
+            "gpu: NVML sees no GPU on this node", param_hint="--nproc-per-node"
+        )
+    return gpus or os.cpu_count() or 1
+
+
 @main.command(
     "run",
     cls=RunCommand,
@@ -160,10 +203,12 @@ def _module_precedes_script(raw: list[str], script: str) -> bool:
     "--nproc-per-node",
     "--nproc_per_node",
     "replicas",
-    type=click.IntRange(min=1),
-    default=1,
+    type=ProcCount(),
+    default="1",
     show_default=True,
-    help="Worker processes on this node (torchrun: --nproc-per-node).",
+    help="Worker processes on this node (torchrun: --nproc-per-node): a number, or gpu "
+    "(one per visible GPU, counted with NVML), cpu (one per CPU), auto (gpu if there is "
+    "one, else cpu).",
 )
 @click.option(
     "-m",
@@ -315,7 +360,7 @@ def _own_options_after(raw: list[str], target: str, command: click.Command) -> l
 class RunOptions:
     """`loomrun run`'s options as click parsed them; `spec` checks them together."""
 
-    replicas: int
+    replicas: int | str
     module: str | None
     nnodes: int
     node_rank: int
@@ -341,6 +386,7 @@ class RunOptions:
         from loomrun.supervisor import LaunchSpec
 
         script, args = self._target(target, raw_args)
+        nproc = proc_count(self.replicas)
         if self.standalone and self.nnodes > 1:
             raise click.UsageError("--standalone is for one node, but --nnodes is more than 1")
         if self.node_rank >= self.nnodes:
@@ -355,7 +401,7 @@ class RunOptions:
             master_port = 29500
         rendezvous = f"{master_addr}:{master_port}"
         job = self.job or default_job_id(script, self.module, self.nnodes, rendezvous)
-        names = [f"r{self.node_rank * self.replicas + i}" for i in range(self.replicas)]
+        names = [f"r{self.node_rank * nproc + i}" for i in range(nproc)]
         broker = None
         if not self.no_broker:
             broker = _broker(self.nats_url, self.nats_creds, self.nats_ca)
@@ -364,7 +410,7 @@ class RunOptions:
             script=script,
             module=self.module,
             args=tuple(args),
-            nproc=self.replicas,
+            nproc=nproc,
             nnodes=self.nnodes,
             node_rank=self.node_rank,
             master_addr=master_addr,

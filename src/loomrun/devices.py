@@ -63,6 +63,15 @@ class Devices:
             return [str(i) for i in range(self.nvml.nvmlDeviceGetCount())]
         return [v.strip() for v in visible.split(",") if v.strip()]
 
+    def count(self) -> int:
+        """The GPUs a worker here can use (CUDA_VISIBLE_DEVICES applied); 0 without NVML."""
+        if self.nvml is None:
+            return 0
+        try:
+            return len(self._visible())
+        except Exception:  # noqa: BLE001 - NVML that cannot count: no GPU to count on
+            return 0
+
     def for_replica(self, local_rank: int) -> DeviceInfo:
         if self.nvml is None:
             return cpu_device(local_rank)
