@@ -54,6 +54,7 @@ bench: install
 	$(PY) benchmarks/watch_render.py
 	$(PY) benchmarks/records.py
 	$(PY) benchmarks/ui_browser.py
+	$(PY) benchmarks/scale.py
 
 proto: install
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=src/loomrun/_proto \

@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 import re
 import secrets
+import subprocess
 
 import pytest
-from conftest import EXAMPLES, SCRIPTS, wait_for
+from conftest import EXAMPLES, LOOMRUN, SCRIPTS, wait_for
 from steering import Steer, stays_still
 
 from loomrun import params as P
@@ -248,3 +249,12 @@ def test_malformed_desired_state_is_one_line_and_training_goes_on(procs, steer_o
     _, err = sup.communicate(timeout=30)
     assert "[r0] loomrun: the desired slot holds a malformed message" in err
     assert "Traceback" not in err
+
+
+def test_a_script_without_torch_never_imports_it():
+    result = subprocess.run(
+        [*LOOMRUN, "--no-broker", SCRIPTS / "no_torch.py"], capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "[r0] torch imported: False" in result.stdout
