@@ -10,6 +10,7 @@ loomrun_devices   {uuid}                         Device
 stream LOOMRUN_EVENTS on loomrun.{job}.events.{replica}   Event
 subject loomrun.{job}.outcomes.{replica}         Outcome, each once, as it happens
 subject loomrun.{job}.history.{replica}          request: MetricSeries, from its supervisor
+subject loomrun.{job}.group                      GroupFailure: a node's group failed
 stream LOOMRUN_LEDGER on loomrun.{job}.ledger     Outcome: the change ledger, kept
 subject loomrun.devices.failed                   DeviceFailure (from health checkers)
 """
@@ -85,6 +86,11 @@ def ledger(job: str) -> str:
 def outcomes(job: str, replica: str = "*") -> str:
     """Where a supervisor publishes each outcome once, as it happens (a `set` listens here)."""
     return f"loomrun.{job}.outcomes.{replica}"
+
+
+def group(job: str) -> str:
+    """Where a node tells the job's other nodes that its process group failed."""
+    return f"loomrun.{job}.group"
 
 
 def history(job: str, replica: str = "*") -> str:

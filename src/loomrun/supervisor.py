@@ -24,6 +24,7 @@ from loomrun.broker import BrokerOptions, sweep_orphan_brokers
 from loomrun.desired import DesiredConfig
 from loomrun.mailbox import Mailbox, MailboxError, new_segment_path, sweep_stale
 from loomrun.output import ConsoleStream, ReplicaOutput, prefix_for, say, use_color
+from loomrun.printable import printable
 from loomrun.watchdog import Watchdog
 
 HANG_AFTER = 60.0
@@ -230,6 +231,7 @@ class Supervisor:
         self.mailboxes: dict[str, Mailbox] = {}
         self.control = None
         self.watchdog: Watchdog | None = None
+        self._remote_failures: asyncio.Queue = asyncio.Queue()  # other nodes' GroupFailures
 
     # -- the main loop ---------------------------------------------------------
 
@@ -291,11 +293,28 @@ class Supervisor:
     async def _watch(self) -> int:
         waits = {asyncio.ensure_future(self._wait(r)): r for r in self.replicas}
         stop = asyncio.ensure_future(self._stop_requested.wait())
+        remote = asyncio.ensure_future(self._remote_failures.get())
         try:
             while waits:
-                done, _ = await asyncio.wait([*waits, stop], return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    [*waits, stop, remote], return_when=asyncio.FIRST_COMPLETED
+                )
                 if stop in done:
                     return await self._stop_on_signal()
+                if remote in done:
+                    word, remote = (
+                        remote.result(),
+                        asyncio.ensure_future(self._remote_failures.get()),
+                    )
+                    restarted = await self._follow(word)
+                    if restarted is None:
+                        return word.exit_code or 1
+                    for r in restarted:
+                        for t in [t for t, x in waits.items() if x is r]:
+                            t.cancel()
+                            del waits[t]
+                        waits[asyncio.ensure_future(self._wait(r))] = r
+                    continue
                 for task in done:
                     replica = waits.pop(task, None)
                     if replica is None:  # its process was replaced by a group restart
@@ -319,6 +338,7 @@ class Supervisor:
             return 0
         finally:
             stop.cancel()
+            remote.cancel()
             for task in waits:
                 task.cancel()
 
@@ -339,6 +359,7 @@ class Supervisor:
             replica.failure_note = ""
         if used >= spec.max_restarts:
             self._tell_exit(replica, exit_code_of(returncode), exited)
+            self._tell_nodes(used, True, exited, exit_code_of(returncode))
             await self._fail(replica, returncode)
             return []
         why = f"(restart {used + 1}/{spec.max_restarts}): {exited}"
@@ -349,6 +370,38 @@ class Supervisor:
             self._prepare_restart(replica)
             await self._start(replica)
             return [replica]
+        self._tell_nodes(used + 1, False, exited, exit_code_of(returncode))
+        return await self._restart_group(why)
+
+    def _tell_nodes(self, attempt: int, give_up: bool, reason: str, code: int) -> None:
+        """On several nodes, the others restart (or stop) with this one: their ranks would
+        otherwise wait on the failed ones until a collective times out."""
+        if self.control is not None and self.spec.nnodes > 1:
+            self.control.group_failed(attempt, give_up, reason, code)
+
+    async def _follow(self, word) -> list[Replica] | None:
+        """Another node's group failed: restart this node's replicas as its restart
+        `attempt` (once: a node that failed too counts the same attempt), or stop them
+        when it gave up (None)."""
+        if self.spec.restart_policy != "group":
+            return []
+        why = f"node {word.node_rank}: {printable(word.reason)}"
+        if word.give_up or word.attempt > self.spec.max_restarts:
+            alive = [r for r in self.replicas if self._alive(r)]
+            say(f"{why}, past its restarts; stopping this node's replicas")
+            await self._stop(alive, signal.SIGTERM)
+            return None
+        if word.attempt <= self.group_restarts:
+            return []  # this node is at that restart already
+        self.group_restarts = word.attempt - 1
+        for replica in self.replicas:
+            if self._alive(replica):
+                self._tell_exit(replica, 0, f"stopped to restart with {why}", restarting=True)
+        return await self._restart_group(
+            f"(restart {word.attempt}/{self.spec.max_restarts}): {why}"
+        )
+
+    async def _restart_group(self, why: str) -> list[Replica]:
         self.group_restarts += 1
         say(f"restarting all replicas {why}")
         await self._stop([r for r in self.replicas if self._alive(r)], signal.SIGTERM)
@@ -552,6 +605,7 @@ class Supervisor:
             on_local_broker=lambda port: self.watchdog.tell(f"broker {port}"),
             ledger_dirs=self.record_dirs,
         )
+        self.control.on_group_failure = self._remote_failures.put_nowait
         for replica in self.replicas:
             if replica.proc is not None:
                 self.control.replica_started(replica.name, replica.proc.pid, replica.restarts)

@@ -14,6 +14,8 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from google.protobuf.message import DecodeError
+
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.broker import BrokerOptions
@@ -94,6 +96,8 @@ class ControlPlane:
         )  # fmt: skip
         self._tasks: list[asyncio.Task] = []
         self._watch_task: asyncio.Task | None = None
+        # Called with each GroupFailure of another node of this job (the supervisor's).
+        self.on_group_failure: Callable[[pb.GroupFailure], None] | None = None
 
     # -- start and stop ---------------------------------------------------------------
 
@@ -109,6 +113,7 @@ class ControlPlane:
             await self._forget_last_run()
             await self.registry.subscribe(self.link.nc, self.on_device_failure)
             await self.link.nc.subscribe(S.history(self.job), cb=self._send_history)
+            await self.link.nc.subscribe(S.group(self.job), cb=self._group_failed)
         except Exception as error:  # noqa: BLE001 - never take the job down
             say(f"cannot set up the job's state on the broker ({error}); no live control")
             return
@@ -136,6 +141,23 @@ class ControlPlane:
                 await msg.respond(self.history.wire(replica, self.link.nc.max_payload))
             except Exception as error:  # noqa: BLE001 - the client hears nothing, and says so
                 say(f"cannot send {replica}'s metric history: {error}")
+
+    def group_failed(self, attempt: int, give_up: bool, reason: str, exit_code: int) -> None:
+        """Tell the other nodes: this node's group failed, and restarts or gives up."""
+        word = pb.GroupFailure(
+            job=self.job, node_rank=self.registry.node_rank, attempt=attempt, give_up=give_up,
+            reason=reason, exit_code=exit_code,
+        )  # fmt: skip
+        self.outbox.publish(S.group(self.job), word)
+
+    async def _group_failed(self, msg) -> None:
+        try:
+            word = pb.GroupFailure.FromString(msg.data)
+        except DecodeError:
+            say("a malformed group failure message on the broker was left out")
+            return
+        if word.node_rank != self.registry.node_rank and self.on_group_failure is not None:
+            self.on_group_failure(word)
 
     async def _resync(self) -> None:
         if self._watch_task is not None:

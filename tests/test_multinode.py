@@ -1,0 +1,93 @@
+"""Two supervisors on this machine stand in for two nodes of one DDP job (2 x 2 ranks,
+gloo): one job on the broker, one change at one step on all four ranks, and a failure on
+one node restarting (or stopping) both."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+
+import pytest
+from conftest import SCRIPTS, run_loomrun, wait_for
+from test_control import job_id, wait_ready
+
+from loomrun.supervisor import free_port
+
+
+def start_nodes(procs, job: str, *args, extra=()) -> list:
+    port = free_port()
+    nodes = []
+    for rank in (0, 1):
+        nodes.append(procs.start(
+            "--nnodes", "2", "--node-rank", rank, "--nproc-per-node", "2", "--master-addr",
+            "127.0.0.1", "--master-port", port, "--job", job, *extra,
+            SCRIPTS / "ddp_seeded.py", *args,
+        ))  # fmt: skip
+    return nodes
+
+
+def drain(proc) -> list[str]:
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    return lines
+
+
+def hashes(lines: list[str]) -> dict[str, str]:
+    return {m[1]: m[2] for line in lines if (m := re.match(r"\[(r\d)\] hash (\w+)", line))}
+
+
+def rows(job: str) -> dict[str, dict]:
+    shown = json.loads(run_loomrun("watch", "--once", "--json", "--job", job).stdout)
+    return {r["replica"]: r for r in shown["jobs"][0]["replicas"]}
+
+
+@pytest.mark.slow
+def test_two_nodes_are_one_job_and_one_change_lands_at_one_step(procs):
+    job = job_id("nodes")
+    nodes = start_nodes(procs, job, "--steps", "600", "--step-time", "0.01")
+    outputs = [drain(n) for n in nodes]
+    names = ["r0", "r1", "r2", "r3"]
+    wait_ready(job, names, timeout=120)
+    (listed,) = [
+        j for j in json.loads(run_loomrun("ls", "--json").stdout)["jobs"] if j["job"] == job
+    ]
+    assert listed["replicas"] == names and len(listed["hosts"]) == 1 and listed["nodes"] == 2
+    result = run_loomrun("set", "lr=0.02", "--job", job, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    changes = json.loads(result.stdout)["changes"]
+    assert sorted(c["replica"] for c in changes) == names
+    assert len({c["step"] for c in changes}) == 1, f"one step for all four ranks: {changes}"
+    assert set(rows(job)) == set(names)
+    for node in nodes:
+        node.wait(180)
+        assert node.returncode == 0, node.stderr.read()
+    final = {**hashes(outputs[0]), **hashes(outputs[1])}
+    assert set(final) == set(names) and len(set(final.values())) == 1, final
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("restarts", [0, 1])
+def test_a_worker_killed_on_one_node_stops_or_restarts_both(procs, restarts):
+    job = job_id("nodefail")
+    extra = ("--max-restarts", str(restarts))
+    nodes = start_nodes(procs, job, "--steps", "500", "--step-time", "0.01", extra=extra)
+    outputs = [drain(n) for n in nodes]
+    wait_ready(job, ["r0", "r1", "r2", "r3"], timeout=120)
+    victim = wait_for(lambda: rows(job)["r3"]["pid"], 30, what="r3's pid")
+    os.kill(victim, signal.SIGKILL)
+    for node in nodes:
+        node.wait(180)
+    errors = [n.stderr.read() for n in nodes]
+    if restarts:
+        assert [n.returncode for n in nodes] == [0, 0], errors
+        for text in errors:
+            assert "restarting all replicas (restart 1/1)" in text, text
+        final = {**hashes(outputs[0]), **hashes(outputs[1])}
+        assert set(final) == {"r0", "r1", "r2", "r3"} and len(set(final.values())) == 1
+        assert all(r["restarts"] == 1 for r in rows(job).values())
+    else:
+        assert all(n.returncode != 0 for n in nodes), errors
+        assert "SIGKILL" in errors[1]
