@@ -91,3 +91,49 @@ def test_a_worker_killed_on_one_node_stops_or_restarts_both(procs, restarts):
     else:
         assert all(n.returncode != 0 for n in nodes), errors
         assert "SIGKILL" in errors[1]
+
+
+@pytest.mark.slow
+def test_the_same_command_on_every_node_agrees_on_ranks_through_c10d(procs):
+    """As SLURM scripts run torchrun: no --node-rank, no master; the nodes meet at the
+    rendezvous endpoint and agree."""
+    job = job_id("rdzv")
+    command = [
+        "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-id", job, "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", f"127.0.0.1:{free_port()}", SCRIPTS / "ddp_seeded.py", "--steps",
+        "300", "--step-time", "0.01",
+    ]  # fmt: skip
+    nodes = [procs.start(*command), procs.start(*command)]
+    outputs = [drain(n) for n in nodes]
+    names = ["r0", "r1", "r2", "r3"]
+    wait_ready(job, names, timeout=180)
+    result = run_loomrun("set", "lr=0.02", "--job", job, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len({c["step"] for c in json.loads(result.stdout)["changes"]}) == 1
+    errors = []
+    for node in nodes:
+        node.wait(180)
+        errors.append(node.stderr.read())
+        assert node.returncode == 0, errors[-1]
+    ranks = sorted(int(re.search(r"node rank (\d) of 2", text)[1]) for text in errors)
+    assert ranks == [0, 1], errors
+    final = {**hashes(outputs[0]), **hashes(outputs[1])}
+    assert set(final) == set(names) and len(set(final.values())) == 1, final
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--rdzv-backend", "c10d", "--nnodes", "2"], "needs --rdzv-endpoint"),
+        (["--rdzv-backend", "c10d", "--rdzv-endpoint", "h:0", "--rdzv-id", "j", "--nnodes", "2"],
+         "a port is 1..65535"),
+        (["--rdzv-backend", "c10d", "--rdzv-endpoint", "h", "--rdzv-id", "j", "--node-rank", "1",
+          "--nnodes", "2"], "leave it out"),
+        (["--rdzv-backend", "etcd"], "'etcd' is not one of 'static', 'c10d'"),
+        (["--nnodes", "1:2"], "'1:2' is not a valid integer"),
+    ],
+)  # fmt: skip
+def test_rendezvous_usage_errors_are_one_line(args, message):
+    result = run_loomrun(*args, SCRIPTS / "exit_with.py", "0")
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

@@ -224,9 +224,8 @@ def proc_count(value: int | str) -> int:
     "--node_rank",
     "node_rank",
     type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="This node's rank, 0..nnodes-1.",
+    default=None,
+    help="This node's rank, 0..nnodes-1 [default: 0; with --rdzv-backend c10d, agreed].",
 )
 @click.option(
     "--master-addr",
@@ -242,6 +241,30 @@ def proc_count(value: int | str) -> int:
     type=click.IntRange(1, 65535),
     default=None,
     help="Port of rank 0's node [default: a free port on one node, 29500 on several].",
+)
+@click.option(
+    "--rdzv-backend",
+    "--rdzv_backend",
+    type=click.Choice(["static", "c10d"]),
+    default="static",
+    show_default=True,
+    help="How nodes find their ranks: static (--node-rank on each node) or c10d (the same "
+    "command on every node; ranks agreed at --rdzv-endpoint, through torch's TCPStore).",
+)
+@click.option(
+    "--rdzv-endpoint",
+    "--rdzv_endpoint",
+    metavar="HOST[:PORT]",
+    default=None,
+    help="Where the nodes meet with --rdzv-backend c10d (port 29400 if left out); the node "
+    "that can bind it hosts the store.",
+)
+@click.option(
+    "--rdzv-id",
+    "--rdzv_id",
+    callback=_validate_job,
+    default=None,
+    help="The rendezvous' id, the same on every node; also the job id unless --job is given.",
 )
 @click.option(
     "--standalone",
@@ -363,7 +386,10 @@ class RunOptions:
     replicas: int | str
     module: str | None
     nnodes: int
-    node_rank: int
+    node_rank: int | None
+    rdzv_backend: str
+    rdzv_endpoint: str | None
+    rdzv_id: str | None
     master_addr: str | None
     master_port: int | None
     standalone: bool
@@ -389,9 +415,10 @@ class RunOptions:
         nproc = proc_count(self.replicas)
         if self.standalone and self.nnodes > 1:
             raise click.UsageError("--standalone is for one node, but --nnodes is more than 1")
-        if self.node_rank >= self.nnodes:
+        node_rank = self.node_rank or 0
+        if node_rank >= self.nnodes:
             raise click.BadParameter(
-                f"{self.node_rank} is out of range (expected 0..{self.nnodes - 1} with "
+                f"{node_rank} is out of range (expected 0..{self.nnodes - 1} with "
                 f"--nnodes {self.nnodes})",
                 param_hint="--node-rank",
             )
@@ -400,8 +427,13 @@ class RunOptions:
         if master_port is None and self.nnodes > 1:
             master_port = 29500
         rendezvous = f"{master_addr}:{master_port}"
-        job = self.job or default_job_id(script, self.module, self.nnodes, rendezvous)
-        names = [f"r{self.node_rank * nproc + i}" for i in range(nproc)]
+        if self.rdzv_backend == "c10d":
+            node_rank, master_addr, master_port = self._agree()
+            rendezvous = self.rdzv_endpoint
+        job = (
+            self.job or self.rdzv_id or default_job_id(script, self.module, self.nnodes, rendezvous)
+        )
+        names = [f"r{node_rank * nproc + i}" for i in range(nproc)]
         broker = None
         if not self.no_broker:
             broker = _broker(self.nats_url, self.nats_creds, self.nats_ca)
@@ -412,7 +444,7 @@ class RunOptions:
             args=tuple(args),
             nproc=nproc,
             nnodes=self.nnodes,
-            node_rank=self.node_rank,
+            node_rank=node_rank,
             master_addr=master_addr,
             master_port=master_port,
             max_restarts=self.max_restarts,
@@ -425,6 +457,39 @@ class RunOptions:
             broker=broker,
             wait_broker=self.wait_broker,
         )
+
+    def _agree(self) -> tuple[int, str, int]:
+        """--rdzv-backend c10d: this node's rank and the master, agreed with the others."""
+        from loomrun import rendezvous
+
+        if self.node_rank is not None:
+            raise click.UsageError(
+                "--node-rank is agreed with --rdzv-backend c10d: leave it out (or use "
+                "--rdzv-backend static)"
+            )
+        if not self.rdzv_endpoint or not self.rdzv_id:
+            raise click.UsageError("--rdzv-backend c10d needs --rdzv-endpoint HOST[:PORT] and "
+                                   "--rdzv-id, the same on every node")  # fmt: skip
+        if self.master_addr or self.master_port:
+            raise click.UsageError("the master is agreed with --rdzv-backend c10d: leave out "
+                                   "--master-addr and --master-port")  # fmt: skip
+        try:
+            rendezvous.endpoint(self.rdzv_endpoint)
+        except rendezvous.RendezvousError as error:
+            raise click.BadParameter(str(error), param_hint="--rdzv-endpoint") from None
+        if self.nnodes == 1:
+            return 0, "localhost", 0
+        click.echo(f"loomrun: waiting for {self.nnodes} nodes at {self.rdzv_endpoint}", err=True)
+        try:
+            found = rendezvous.agree(self.rdzv_endpoint, self.nnodes, self.rdzv_id)
+        except rendezvous.RendezvousError as error:
+            click.echo(f"Error: {error}", err=True)
+            sys.exit(1)
+        click.echo(
+            f"loomrun: node rank {found.node_rank} of {self.nnodes}, master "
+            f"{found.master_addr}:{found.master_port}", err=True,
+        )  # fmt: skip
+        return found.node_rank, found.master_addr, found.master_port
 
     def _replay(self, names: list[str]) -> dict[str, list] | None:
         if self.replay is None:

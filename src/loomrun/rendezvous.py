@@ -1,0 +1,151 @@
+"""Node ranks and the master address agreed at start, as torchrun's c10d rendezvous does:
+the same command on every node (`--rdzv-backend c10d --rdzv-endpoint HOST:PORT --rdzv-id
+J --nnodes N`), no `--node-rank`.
+
+The agreement goes through torch's own TCPStore at the endpoint, in a short-lived helper
+process (`python -m loomrun.rendezvous`), so the supervisor never imports torch and the
+broker is not needed for it (nor can a record of an earlier run there mislead it: the
+store lives only as long as this rendezvous). The node that can bind the endpoint hosts
+the store; every node adds itself to a counter, which gives its node rank in order of
+arrival; node 0 picks the master port and says its address as the others reach it. The
+host keeps the store until every node has read the result, or its supervisor is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+DEFAULT_PORT = 29400  # torchrun's for --rdzv-endpoint
+TIMEOUT = 900.0  # seconds a node waits for the others (torchrun's join timeout is 600)
+
+
+class RendezvousError(Exception):
+    """The nodes could not agree; one line for a person."""
+
+
+@dataclass(frozen=True)
+class Agreement:
+    node_rank: int
+    master_addr: str
+    master_port: int
+
+
+def endpoint(text: str) -> tuple[str, int]:
+    """`HOST[:PORT]` (IPv6 in brackets) -> (host, port)."""
+    host, port = text, DEFAULT_PORT
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest.startswith(":"):
+            port = _port(rest[1:], text)
+    elif text.count(":") == 1:
+        host, _, rest = text.partition(":")
+        port = _port(rest, text)
+    if not host:
+        raise RendezvousError(f"{text!r} is not HOST[:PORT]")
+    return host, port
+
+
+def _port(text: str, whole: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise RendezvousError(f"{whole!r} is not HOST[:PORT] (a port is 1..65535)")
+    return int(text)
+
+
+def agree(where: str, nnodes: int, rdzv_id: str, timeout: float = TIMEOUT) -> Agreement:
+    """This node's rank and the master's address, agreed with the other nodes."""
+    host, port = endpoint(where)
+    helper = subprocess.Popen(
+        [sys.executable, "-m", "loomrun.rendezvous", host, str(port), str(nnodes), rdzv_id,
+         str(timeout)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + timeout + 30
+    line = ""
+    while not line and time.monotonic() < deadline:
+        ready, _, _ = select.select([helper.stdout], [], [], 1.0)
+        if ready:
+            line = helper.stdout.readline()
+            if not line:
+                break
+    if not line:
+        helper.kill()
+        _, err = helper.communicate()
+        last = (err.strip().splitlines() or ["no answer"])[-1]
+        raise RendezvousError(f"rendezvous at {host}:{port} failed: {last}")
+    answer = json.loads(line)
+    if "error" in answer:
+        helper.wait()
+        raise RendezvousError(answer["error"])
+    # The helper goes on (holding the store, on the node that hosts it) until every node
+    # has read the answer; it ends by itself, and with this process.
+    return Agreement(answer["node_rank"], answer["master_addr"], answer["master_port"])
+
+
+def _address_towards(host: str) -> str:
+    """This node's address on the route to `host`: what the other nodes can reach."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, 9))
+        return probe.getsockname()[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _serve(host: str, port: int, nnodes: int, rdzv_id: str, timeout: float) -> None:
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    parent = os.getppid()
+    wait = timedelta(seconds=timeout)
+    store, hosting = None, False
+    with contextlib.suppress(RuntimeError, OSError):
+        store = TCPStore(host, port, is_master=True, timeout=wait, wait_for_workers=False)
+        hosting = True
+    if store is None:  # another node hosts it (or this host is not the endpoint)
+        store = TCPStore(host, port, is_master=False, timeout=wait)
+    prefix = f"loomrun/{rdzv_id}/"
+    rank = store.add(prefix + "joined", 1) - 1
+    if rank >= nnodes:
+        print(json.dumps({"error": (
+            f"rendezvous {rdzv_id} at {host}:{port} already has its {nnodes} node(s) "
+            "(--nnodes); is an earlier run of it still there?"
+        )}), flush=True)  # fmt: skip
+        return
+    if rank == 0:
+        master = [_address_towards(host), _free_port()]
+        store.set(prefix + "master", json.dumps(master))
+    store.wait([prefix + "master"], wait)
+    addr, master_port = json.loads(store.get(prefix + "master"))
+    print(json.dumps({"node_rank": rank, "master_addr": addr, "master_port": master_port}),
+          flush=True)  # fmt: skip
+    store.add(prefix + "read", 1)
+    deadline = time.monotonic() + timeout
+    while hosting and store.add(prefix + "read", 0) < nnodes and time.monotonic() < deadline:
+        if os.getppid() != parent:
+            return  # its supervisor is gone
+        time.sleep(0.1)
+
+
+def main() -> None:
+    host, port, nnodes, rdzv_id, timeout = sys.argv[1:6]
+    try:
+        _serve(host, int(port), int(nnodes), rdzv_id, float(timeout))
+    except Exception as error:  # noqa: BLE001 - one line for the supervisor to show
+        said = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        print(json.dumps({"error": f"rendezvous at {host}:{port} failed: {said}"}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
