@@ -3,6 +3,7 @@ the page in Debian's chromium driven by selenium, as a user would use it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -49,7 +50,8 @@ def call(base: str, path: str, body=None, token=None, headers=None, raw: bytes |
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     request = urllib.request.Request(base + path, data=data, headers=headers or {})
     if token:
-        request.add_header("Cookie", f"loomrun_ui={token}")
+        port = base.rsplit(":", 1)[1]
+        request.add_header("Cookie", f"loomrun_ui_{port}={token}")
     if data is not None:
         request.add_header("Content-Type", "application/json")
     try:
@@ -68,7 +70,7 @@ def test_tampered_requests_get_one_line_and_change_nothing(procs):
     cases = [
         (call(base, "/api/set", good), 403, "no token"),
         (call(base, "/api/set", good, token="wrong" + token), 403, "no token"),
-        (call(base + "/?token=nope", ""), 403, "wrong token"),
+        (call(base, "/?token=nope"), 403, "wrong token"),
         (call(base, "/api/set", {**good, "job": "nosuchjob"}, token), 404, "no job 'nosuchjob'"),
         (call(base, "/api/set", {**good, "params": {"lr": "fast"}}, token), 400, "lr"),
         (call(base, "/api/set", {**good, "params": {"lr": "-1"}}, token), 400, "lr"),
@@ -83,7 +85,11 @@ def test_tampered_requests_get_one_line_and_change_nothing(procs):
             call(base, "/api/set", good, token, headers={"Origin": "http://evil.example"}),
             403, "another site",
         ),
-        (call(base, "/static/../../secret", token=token), 404, ""),
+        (call(base, "/static/vendor%2F..%2F..%2Fserver.py", token=token), 404, "no file"),
+        (call(base, "/", token=token, headers={"Host": "evil.example"}), 403, "127.0.0.1"),
+        (call(base, "/api/set", {**good, "force": "false"}, token), 400, "force"),
+        (call(base, "/api/set", token=token, raw=b"[" * 50_000), 413, "larger"),
+        (call(base, "/api/set", token=token, raw=b"[" * 15_000), 400, "not JSON"),
     ]  # fmt: skip
     for (status, answer), want_status, want_text in cases:
         assert status == want_status, (status, answer)
@@ -91,10 +97,35 @@ def test_tampered_requests_get_one_line_and_change_nothing(procs):
         assert "\n" not in answer["error"] and "Traceback" not in answer["error"]
     listed = json.loads(run_loomrun("get", "--job", job, "--json").stdout)["params"]
     assert {p["name"]: p["value"] for p in listed}["lr"] == 0.1, "nothing changed"
+    asyncio.run(websocket_gate(base, token))
     status, answer = call(base, "/api/set", good, token)
     assert status == 200 and answer["result"] == "applied", answer
     (change,) = answer["changes"]
     assert change["replica"] == "r0" and change["old"] == 0.1 and change["new"] == 0.05
+
+
+async def websocket_gate(base: str, token: str) -> None:
+    """The live stream lets in only the token's holder, from the page's own origin; what
+    it is sent that is not a choice of a job is left out, and it goes on."""
+    import aiohttp
+
+    port = base.rsplit(":", 1)[1]
+    cookie = {f"loomrun_ui_{port}": token}
+    async with aiohttp.ClientSession() as anyone:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await anyone.ws_connect(base + "/ws")
+        assert refused.value.status == 403
+    async with aiohttp.ClientSession(cookies=cookie) as holder:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await holder.ws_connect(base + "/ws", headers={"Origin": "http://evil.example"})
+        assert refused.value.status == 403
+        async with holder.ws_connect(base + "/ws", headers={"Origin": base}) as live:
+            for junk in ("[]", "1", "{", "[" * 2000, '{"type": "select", "job": "*"}'):
+                await live.send_str(junk)
+            frame = json.loads((await live.receive(timeout=10)).data)
+            assert frame["type"] == "frame"
+            frame = json.loads((await live.receive(timeout=10)).data)  # still going
+            assert frame["type"] == "frame"
 
 
 @pytest.fixture
@@ -182,8 +213,12 @@ def test_the_page_shows_and_steers_a_real_job(procs, browser):
         lambda: len(browser.find_elements(By.CSS_SELECTOR, "#outcome .applied")) == 2, 30,
         what="both replicas paused",
     )  # fmt: skip
-    snapshot = json.loads(run_loomrun("watch", "--once", "--json", "--job", job).stdout)
-    assert {r["state"] for r in snapshot["jobs"][0]["replicas"]} == {"paused"}
+
+    def states() -> set[str]:
+        snapshot = json.loads(run_loomrun("watch", "--once", "--json", "--job", job).stdout)
+        return {r["state"] for r in snapshot["jobs"][0]["replicas"]}
+
+    wait_for(lambda: states() == {"paused"}, 10, interval=0.2, what="both shown paused")
     browser.find_element(By.ID, "resume").click()
     wait_for(
         lambda: "resumed" in browser.find_element(By.ID, "outcome").text, 30, what="resumed"

@@ -381,8 +381,9 @@ def refused(url: str) -> BrokerError:
     )
 
 
-async def connect_client(options: BrokerOptions, timeout: float = 3.0):
-    """A short-lived connection for a command: fails fast with one line when nobody answers."""
+async def connect_client(options: BrokerOptions, timeout: float = 3.0, reconnect: bool = False):
+    """A connection for a command: fails fast with one line when nobody answers. A
+    long-lived face (`watch`, `ui`) asks to `reconnect` after the broker went away."""
     nats = import_nats()
 
     async def quiet(_error):
@@ -401,8 +402,9 @@ async def connect_client(options: BrokerOptions, timeout: float = 3.0):
             nats.connect(
                 **options.connect_kwargs(),
                 connect_timeout=timeout,
-                allow_reconnect=False,
-                max_reconnect_attempts=1,
+                allow_reconnect=reconnect,
+                max_reconnect_attempts=-1 if reconnect else 1,
+                reconnect_time_wait=0.5,
                 error_cb=quiet,
             ),
             timeout,

@@ -1173,7 +1173,7 @@ def ui_command(job, port, **broker):
     import asyncio
 
     from loomrun.broker import BrokerError
-    from loomrun.ui.server import serve
+    from loomrun.ui.server import ListenError, serve
 
     def ready(url: str) -> None:
         click.echo(f"loomrun ui: {url}", err=False)
@@ -1187,8 +1187,8 @@ def ui_command(job, port, **broker):
     except BrokerError as error:
         click.echo(f"Error: {error}", err=True)
         sys.exit(EXIT_NO_BROKER)
-    except OSError as error:
-        raise click.UsageError(f"cannot listen on 127.0.0.1:{port}: {error.strerror}") from None
+    except ListenError as error:
+        raise click.BadParameter(str(error), param_hint="--port") from None
 
 
 if __name__ == "__main__":

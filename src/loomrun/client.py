@@ -177,7 +177,8 @@ class Steering:
         # A long-lived client (the Python API) reads the schemas once; a missing name or
         # replica makes it read them again, since workers declare parameters as they go.
         self._schemas: dict[str, dict[str, ReplicaSchema]] = {}
-        self._jobs: dict[str, Job] = {}
+        self._jobs: dict[str, tuple[Job, float]] = {}  # job -> (it, when it was read)
+        self.job_ttl = 1.0
         self._listening: dict[str, Any] = {}
         # (job, replica, name) -> the Results waiting for an answer to a change of that key.
         self._waiting: dict[tuple[str, str, str], list[tuple[Result, asyncio.Event]]] = {}
@@ -186,8 +187,8 @@ class Steering:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def connect(cls, options: BrokerOptions, timeout: float = 3.0):
-        nc = await connect_client(options, timeout)
+    async def connect(cls, options: BrokerOptions, timeout: float = 3.0, reconnect: bool = False):
+        nc = await connect_client(options, timeout, reconnect)
         steering = cls(nc)
         try:
             yield steering
@@ -224,9 +225,11 @@ class Steering:
         return sorted(jobs.values(), key=lambda j: min(n.started for n in j.nodes))
 
     async def job(self, job: str | None) -> Job:
-        """The job named, or the only running one; otherwise an error that lists them."""
-        if job in self._jobs:
-            return self._jobs[job]
+        """The job named, or the only running one; otherwise an error that lists them.
+        A job is read again after `job_ttl` seconds: a node may have joined it."""
+        cached = self._jobs.get(job)
+        if cached is not None and time.monotonic() - cached[1] < self.job_ttl:
+            return cached[0]
         jobs = await self.jobs()
         running = [j for j in jobs if not j.lost and not j.finished]
         if job is None:
@@ -238,7 +241,7 @@ class Steering:
             raise SteerError(f"{len(running)} jobs are running ({names}): choose one with --job")
         for candidate in jobs:
             if candidate.job == job:
-                self._jobs[job] = candidate
+                self._jobs[job] = (candidate, time.monotonic())
                 return candidate
         known = [j.job for j in running]
         listing = f"running: {', '.join(known)}" if known else "no job is running"

@@ -1,4 +1,5 @@
-"""The replicas as a table that reads at any width: `watch`'s columns, cells and fitting.
+"""The replicas as a table that reads at any width from about 60 columns up: `watch`'s
+columns, cells and fitting.
 
 Columns have a priority. replica, state, step, the first metric (loss) and lr are never
 cut. When the table is wider than the screen, what says least goes first: host when there

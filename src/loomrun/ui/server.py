@@ -36,8 +36,11 @@ from loomrun.watch import WatchModel, feed
 UPDATES_PER_SECOND = 10
 QUIET_REFRESH = 1.0  # seconds: a frame at least this often (ages, stale states move on)
 MAX_BODY = 16 * 1024
-COOKIE = "loomrun_ui"
+COOKIE = "loomrun_ui_{port}"  # one per server: another `loomrun ui` keeps its own
+_LOCAL_HOSTS = ("127.0.0.1", "localhost")
 _REPLICA = re.compile(r"r\d{1,5}")
+_JOB = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+RECORDS_ON_SELECT = 2000  # the newest of a job's ledger a page gets when it opens the job
 _STATIC = {
     "app.js": "application/javascript",
     "app.css": "text/css",
@@ -92,7 +95,7 @@ def parse_change(body: Any) -> tuple[str, dict[str, Any], list[str] | None, bool
     if not isinstance(body, dict):
         raise RequestError(400, "the body must be a JSON object")
     job = body.get("job")
-    if not isinstance(job, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", job):
+    if not isinstance(job, str) or not _JOB.fullmatch(job):
         raise RequestError(400, "job must be a job id (letters, digits, - and _)")
     replicas = body.get("replicas")
     if replicas is not None and (
@@ -109,7 +112,10 @@ def parse_change(body: Any) -> tuple[str, dict[str, Any], list[str] | None, bool
             raise RequestError(400, f"{name[:80]!r} is not a parameter name")
         if not isinstance(value, str | int | float | bool | list):
             raise RequestError(400, f"{name}: expected a value, got {type(value).__name__}")
-    return job, params, replicas, bool(body.get("force", False))
+    force = body.get("force", False)
+    if not isinstance(force, bool):
+        raise RequestError(400, "force must be true or false")
+    return job, params, replicas, force
 
 
 class Dashboard:
@@ -137,25 +143,35 @@ class Dashboard:
 
     # -- the gate ------------------------------------------------------------------------
 
+    @property
+    def cookie(self) -> str:
+        return COOKIE.format(port=self.port)
+
     def _allowed(self, request: web.Request) -> bool:
-        given = request.cookies.get(COOKIE) or request.headers.get("X-Loomrun-Token", "")
-        return hmac.compare_digest(given.encode(), self.token.encode())
+        given = [request.cookies.get(self.cookie, ""), request.headers.get("X-Loomrun-Token", "")]
+        return any(hmac.compare_digest(g.encode(), self.token.encode()) for g in given if g)
+
+    def _local_host(self, request: web.Request) -> bool:
+        """The page is asked for by a name of this machine (any port: an SSH tunnel may
+        forward another one), not by a name a DNS rebinding pointed here."""
+        host = request.host.rsplit(":", 1)[0] if not request.host.startswith("[") else ""
+        return host in _LOCAL_HOSTS
 
     def _same_origin(self, request: web.Request) -> bool:
         origin = request.headers.get("Origin")
-        return origin is None or origin in (
-            f"http://127.0.0.1:{self.port}",
-            f"http://localhost:{self.port}",
-        )
+        return origin is None or origin == f"http://{request.host}"
 
     @web.middleware
     async def gate(self, request: web.Request, handler):
         try:
+            if not self._local_host(request):
+                raise RequestError(403, "this page answers to 127.0.0.1 and localhost only")
             if request.path == "/" and "token" in request.query:
                 if not hmac.compare_digest(request.query["token"].encode(), self.token.encode()):
                     raise RequestError(403, "wrong token: open the URL `loomrun ui` printed")
                 response = web.HTTPFound("/")  # the token leaves the address bar
-                response.set_cookie(COOKIE, self.token, httponly=True, samesite="Strict")
+                response.set_cookie(self.cookie, self.token, httponly=True, samesite="Strict")
+                response.headers.update(_SECURITY_HEADERS)
                 raise response
             if not self._allowed(request):
                 raise RequestError(403, "no token: open the URL `loomrun ui` printed")
@@ -193,8 +209,9 @@ class Dashboard:
     async def _body(self, request: web.Request) -> Any:
         try:
             return json.loads(await request.read())
-        except (ValueError, UnicodeDecodeError) as error:
-            raise RequestError(400, f"the body is not JSON ({error})") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as error:
+            said = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise RequestError(400, f"the body is not JSON ({said})") from None
 
     async def _known(self, job: str) -> None:
         if job not in {j.job for j in await self.steering.jobs()}:
@@ -238,13 +255,21 @@ class Dashboard:
             async for msg in page:
                 if msg.type != WSMsgType.TEXT:
                     continue
-                with contextlib.suppress(ValueError, TypeError, KeyError):
+                try:
                     ask = json.loads(msg.data)
-                    if ask.get("type") == "select" and isinstance(ask.get("job"), str):
-                        for task in feeds:
-                            task.cancel()
-                        request["job"] = ask["job"]
-                        feeds = [asyncio.ensure_future(self._job_feed(page, ask["job"]))]
+                except (ValueError, RecursionError):
+                    continue
+                if not isinstance(ask, dict) or ask.get("type") != "select":
+                    continue
+                job, selection = ask.get("job"), ask.get("selection")
+                if not isinstance(job, str) or not _JOB.fullmatch(job):
+                    continue
+                if not isinstance(selection, int) or isinstance(selection, bool):
+                    continue
+                for task in feeds:
+                    task.cancel()
+                request["job"] = job
+                feeds = [asyncio.ensure_future(self._job_feed(page, job, selection))]
         finally:
             self.pages.discard(page)
             for task in [sender, *feeds]:
@@ -271,14 +296,16 @@ class Dashboard:
                 await self._send(page, {"type": "frame", "list": jobs, "job": job, **shown})
             await asyncio.sleep(1 / UPDATES_PER_SECOND)
 
-    async def _job_feed(self, page: web.WebSocketResponse, job: str) -> None:
-        """For the job chosen: its metric history, its schema, then its change ledger,
-        from the first record on, in batches at most UPDATES_PER_SECOND a second."""
+    async def _job_feed(self, page: web.WebSocketResponse, job: str, selection: int) -> None:
+        """For the job chosen: its metric history, its schema, then its change ledger (the
+        newest RECORDS_ON_SELECT, then each new one), in batches at most
+        UPDATES_PER_SECOND a second. Each message names the page's `selection`, so a page
+        that chose again drops what was under way for its former choice."""
         with contextlib.suppress(SteerError):
             found = await self.steering.job(job)
             series = await self.steering.history(job, found.replicas)
             await self._send(page, {
-                "type": "history", "job": job,
+                "type": "history", "job": job, "selection": selection,
                 "series": {r: history.series_dict(s) for r, s in series.items()},
             })  # fmt: skip
         records: asyncio.Queue[dict] = asyncio.Queue()
@@ -287,20 +314,27 @@ class Dashboard:
             async for outcome in self.steering.ledger(job, follow=True):
                 records.put_nowait(record(job, outcome))
 
-        helpers = [asyncio.ensure_future(read()), asyncio.ensure_future(self._schemas(page, job))]
+        helpers = [
+            asyncio.ensure_future(read()),
+            asyncio.ensure_future(self._schemas(page, job, selection)),
+        ]
         try:
             while not page.closed:
                 batch = [await records.get()]
                 while not records.empty():
                     batch.append(records.get_nowait())
-                await self._send(page, {"type": "changes", "job": job, "records": batch})
+                batch = batch[-RECORDS_ON_SELECT:]
+                await self._send(page, {
+                    "type": "changes", "job": job, "selection": selection, "records": batch,
+                })  # fmt: skip
                 await asyncio.sleep(1 / UPDATES_PER_SECOND)
         finally:
             for task in helpers:
                 task.cancel()
 
-    async def _schemas(self, page: web.WebSocketResponse, job: str) -> None:
-        """The forms' parameters, sent again when a replica publishes new ones."""
+    async def _schemas(self, page: web.WebSocketResponse, job: str, selection: int) -> None:
+        """The forms' parameters, sent again when what a replica published (or a value)
+        changed."""
         sent = None
         while not page.closed:
             with contextlib.suppress(SteerError):
@@ -313,10 +347,11 @@ class Dashboard:
                         spec_dict(spec, P.from_pb(values[n]) if n in values else spec.default)
                         for n, spec in sorted(schema.specs.items())
                     ]
-                shape = {r: [(p["name"], p["type"]) for p in ps] for r, ps in params.items()}
-                if shape != sent:
-                    sent = shape
-                    await self._send(page, {"type": "schema", "job": job, "params": params})
+                if params != sent:
+                    sent = params
+                    await self._send(page, {
+                        "type": "schema", "job": job, "selection": selection, "params": params,
+                    })  # fmt: skip
             await asyncio.sleep(2.0)
 
     async def _send(self, page: web.WebSocketResponse, message: dict) -> None:
@@ -336,19 +371,34 @@ class Dashboard:
         return app
 
 
+class ListenError(Exception):
+    """The port cannot be listened on; one line."""
+
+
 async def serve(options, job: str | None, port: int, ready) -> None:
-    """Run the dashboard until cancelled; `ready(url)` once it listens."""
+    """Run the dashboard until cancelled; `ready(url)` once it listens. With no job on the
+    broker yet it listens all the same and shows the jobs as they come."""
     token = secrets.token_urlsafe(24)
-    async with Steering.connect(options) as steering:
+    async with Steering.connect(options, reconnect=True) as steering:
+        steering.job_ttl = 0.0  # every control reads the job afresh: nodes may have joined
         dashboard = Dashboard(steering, token, job)
-        await dashboard.start()
         runner = web.AppRunner(dashboard.app(), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as error:
+            await runner.cleanup()
+            raise ListenError(f"cannot listen on 127.0.0.1:{port}: {error.strerror}") from None
         dashboard.port = site._server.sockets[0].getsockname()[1]
         ready(f"http://127.0.0.1:{dashboard.port}/?token={token}")
         try:
+            while True:
+                try:
+                    await dashboard.start()
+                    break
+                except SteerError:  # no job has ever run on this broker: wait for one
+                    await asyncio.sleep(2.0)
             await asyncio.Event().wait()
         finally:
             await dashboard.close()

@@ -5,6 +5,7 @@
 "use strict";
 
 const MAX_POINTS = 4096;      // per replica on the page; thinned evenly past it
+const MAX_RECORDS = 5000;     // ledger records (and markers) a page keeps of its job
 const CHART_EVERY_MS = 500;   // curves are redrawn at most this often
 const COLORS = ["#3358d4", "#d43d33", "#1f8a4c", "#b7791f", "#7b3fd4", "#0f8a9d",
                 "#c2417e", "#5a6b1f", "#d46e33", "#33a0d4"];
@@ -17,6 +18,8 @@ const state = {
   schema: {},          // replica -> [param]
   charts: {},          // metric -> {plot, replicas}
   frames: 0, chartDraws: 0, lastChart: 0, dirty: false,
+  selection: 0,        // counts the page's choices of a job: older answers are dropped
+  request: 0,          // counts the controls used: only the latest one's answer is shown
 };
 window.loomrun = state;  // for a look from the browser's console (and the tests)
 
@@ -91,14 +94,17 @@ function connect() {
   };
   socket.onmessage = (event) => {
     const message = JSON.parse(event.data);
-    if (message.type === "frame") onFrame(message);
-    else if (message.type === "history" && message.job === state.job) onHistory(message);
-    else if (message.type === "changes" && message.job === state.job) onChanges(message);
-    else if (message.type === "schema" && message.job === state.job) onSchema(message);
+    if (message.type === "frame") { onFrame(message); return; }
+    if (message.selection !== state.selection || message.job !== state.job) return;  // a former choice's
+    if (message.type === "history") onHistory(message);
+    else if (message.type === "changes") onChanges(message);
+    else if (message.type === "schema") onSchema(message);
   };
 }
 
 function select(job) {
+  state.selection += 1;
+  state.request += 1;  // an answer still on its way is for the former choice
   if (job !== state.job) {
     state.job = job;
     state.series = {}; state.markers = []; state.records = []; state.schema = {};
@@ -109,8 +115,10 @@ function select(job) {
     $("#params").replaceChildren();
     $("#outcome").replaceChildren();
   }
+  state.series = {}; state.markers = []; state.records = [];
+  $("#changes tbody").replaceChildren();
   if (socket && socket.readyState === WebSocket.OPEN) {
-    socket.send(JSON.stringify({type: "select", job}));
+    socket.send(JSON.stringify({type: "select", job, selection: state.selection}));
   }
 }
 
@@ -118,7 +126,7 @@ function onFrame(message) {
   state.frames += 1;
   state.list = message.list;
   drawJobList(message.list, message.job);
-  if (message.job && message.job !== state.job) select(message.job);
+  if (message.job && state.job === null) select(message.job);  // the server's pick, once
   const job = (message.jobs || []).find((j) => j.job === state.job);
   state.rows = job ? job.replicas : [];
   state.metrics = message.metrics || [];
@@ -128,7 +136,7 @@ function onFrame(message) {
   drawDevices();
   drawEvents();
   drawTargets();
-  for (const row of state.rows) addPoint(row);
+  for (const row of state.rows) addRow(row);
   scheduleCharts();
 }
 
@@ -264,6 +272,19 @@ function chosenReplicas() {
 
 function onSchema(message) {
   state.schema = message.params;
+  const shape = JSON.stringify(Object.entries(message.params).map(([r, ps]) =>
+    [r, ps.map((p) => [p.name, p.type, p.min, p.max, p.choices, p.doc])]));
+  const form = $("#params");
+  if (form.dataset.shape === shape) {
+    for (const params of Object.values(message.params)) {
+      for (const param of params) {
+        const field = form.querySelector(`[name="${CSS.escape(param.name)}"]`);
+        if (field && document.activeElement !== field && !field.dataset.edited) showValue(field, param.value);
+      }
+    }
+    return;
+  }
+  form.dataset.shape = shape;
   const merged = new Map();  // name -> {param, replicas}
   for (const [replica, params] of Object.entries(message.params)) {
     for (const param of params) {
@@ -305,6 +326,13 @@ function inputFor(param) {
   return input;
 }
 
+function showValue(field, value) {
+  if (value == null) return;
+  if (field.type === "checkbox") field.checked = Boolean(value);
+  else if (field.tagName === "SELECT") field.value = JSON.stringify(value);
+  else field.value = Array.isArray(value) ? value.join(",") : String(value);
+}
+
 function valueOf(form, param) {
   const field = form.querySelector(`[name="${CSS.escape(param.name)}"]`);
   if (field.type === "checkbox") return field.checked;
@@ -319,11 +347,14 @@ function paramForm(param) {
   const button = el("button", {type: "button", text: "set"});
   button.addEventListener("click", () => {
     const value = valueOf(form, param);
+    delete form.querySelector(`[name="${CSS.escape(param.name)}"]`).dataset.edited;
     if (value === "") { showError(`${param.name}: give a value (${param.type})`); return; }
     post("/api/set", {job: state.job, params: {[param.name]: value}, replicas: chosenReplicas(),
                       force: $("#force").checked});
   });
-  form.append(el("span", {class: "name", text: param.name, title: param.type}), inputFor(param), button,
+  const input = inputFor(param);
+  input.addEventListener("input", (event) => { event.target.dataset.edited = "1"; });
+  form.append(el("span", {class: "name", text: param.name, title: param.type}), input, button,
               el("span", {class: "doc", text: [param.type, bounds, param.doc].filter(Boolean).join(" · ")}));
   return form;
 }
@@ -333,6 +364,7 @@ function showError(text) {
 }
 
 async function post(path, body) {
+  const mine = ++state.request;
   $("#outcome").replaceChildren(el("div", {text: "waiting for every replica's answer…"}));
   let answer;
   try {
@@ -340,9 +372,10 @@ async function post(path, body) {
                                         body: JSON.stringify(body)});
     answer = await response.json();
   } catch (error) {
-    showError(`no answer from loomrun ui: ${error}`);
+    if (mine === state.request) showError(`no answer from loomrun ui: ${error}`);
     return;
   }
+  if (mine !== state.request) return;  // a later control (or another job) took the panel
   if (answer.error) { showError(answer.error); return; }
   $("#outcome").replaceChildren(...answer.changes.map((c) => {
     let text;
@@ -360,30 +393,56 @@ async function post(path, body) {
 
 function onHistory(message) {
   for (const [replica, columns] of Object.entries(message.series)) {
-    const mine = state.series[replica];
-    if (mine && mine.step.length && columns.step.length && mine.step[0] < columns.step[0]) continue;
-    state.series[replica] = columns;
+    const live = state.series[replica];  // points the frames brought while history was on its way
+    const series = state.series[replica] = {step: [], time: []};
+    columns.step.forEach((step, i) => {
+      const values = {};
+      for (const [name, column] of Object.entries(columns)) {
+        if (name !== "step" && name !== "time" && column[i] !== null) values[name] = column[i];
+      }
+      addPoint(series, step, columns.time[i], values);
+    });
+    if (live) live.step.forEach((step, i) => {
+      const values = {};
+      for (const [name, column] of Object.entries(live)) {
+        if (name !== "step" && name !== "time" && column[i] !== null) values[name] = column[i];
+      }
+      addPoint(series, step, live.time[i], values);
+    });
   }
   scheduleCharts();
 }
 
-function addPoint(row) {
+function addRow(row) {
   const series = state.series[row.replica] || (state.series[row.replica] = {step: [], time: []});
-  const last = series.step.length ? series.step[series.step.length - 1] : -1;
-  if (row.step <= 0 || row.step === last) return;
   const values = {...row.metrics, steps_per_sec: row.steps_per_sec};
   if (typeof row.lr === "number") values.lr = row.lr;
-  const count = series.step.length;
-  series.step.push(row.step);
-  series.time.push(Date.now() / 1000);
+  addPoint(series, row.step, Date.now() / 1000, values);
+}
+
+// A point per step, in order of steps: a step at or behind the last one (a restart, from
+// scratch or from a checkpoint) drops the points from that step on, as the run went again.
+function addPoint(series, step, time, values) {
+  if (step <= 0) return;
+  const steps = series.step;
+  if (steps.length && step <= steps[steps.length - 1]) {
+    if (step === steps[steps.length - 1]) return;
+    let keep = steps.length;
+    while (keep > 0 && steps[keep - 1] >= step) keep -= 1;
+    for (const name of Object.keys(series)) series[name].length = Math.min(series[name].length, keep);
+  }
+  const count = steps.length;
+  steps.push(step);
+  series.time.push(time);
   for (const [name, value] of Object.entries(values)) {
     if (!series[name]) series[name] = new Array(count).fill(null);
+    while (series[name].length < count) series[name].push(null);
     series[name].push(value);
   }
   for (const [name, column] of Object.entries(series)) {
-    if (column.length === count) column.push(null);
+    while (column.length <= count) column.push(null);
   }
-  if (series.step.length > MAX_POINTS) {
+  if (steps.length > MAX_POINTS) {
     for (const name of Object.keys(series)) series[name] = series[name].filter((_, i) => i % 2 === 0);
   }
 }
@@ -515,6 +574,8 @@ function onChanges(message) {
       el("td", {text: record.who || "?"})));
   }
   while (body.children.length > 500) body.lastChild.remove();
+  if (state.records.length > MAX_RECORDS) state.records.splice(0, state.records.length - MAX_RECORDS);
+  if (state.markers.length > MAX_RECORDS) state.markers.splice(0, state.markers.length - MAX_RECORDS);
   for (const chart of Object.values(state.charts)) chart.plot.redraw(false);
 }
 
