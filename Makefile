@@ -46,15 +46,8 @@ test-fast: install
 demo: install
 	$(PY) examples/demo.py
 
-bench: install
-	$(PY) benchmarks/launch.py
-	$(PY) benchmarks/poll.py
-	$(PY) benchmarks/overhead.py
-	$(PY) benchmarks/latency.py
-	$(PY) benchmarks/watch_render.py
-	$(PY) benchmarks/records.py
-	$(PY) benchmarks/ui_browser.py
-	$(PY) benchmarks/scale.py
+bench: install system
+	$(PY) benchmarks/report.py
 
 proto: install
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=src/loomrun/_proto \
