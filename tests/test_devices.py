@@ -49,3 +49,15 @@ def test_without_nvml_every_replica_gets_a_stable_cpu_identity(monkeypatch):
     devices = Devices()
     assert devices.for_replica(1) == cpu_device(1)
     assert devices.telemetry(devices.for_replica(1)) is None
+
+
+@pytest.mark.parametrize(
+    "visible, count",
+    [(None, 4), ("2,0", 2), ("-1", 0), ("0,1,7,2", 2), ("3,4,5,6", 1), (f"{uuid(1)},nope,0", 1)],
+)
+def test_the_gpu_count_stops_where_cuda_would(fake_nvml, monkeypatch, visible, count):
+    if visible is not None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    devices = Devices()
+    assert devices.count() == count
+    devices.close()

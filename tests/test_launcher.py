@@ -112,11 +112,12 @@ def test_argument_rule(tmp_path, args, replicas, script_argv):
 
 @pytest.mark.parametrize(
     "value, gpus, workers",
-    [("gpu", 3, 3), ("auto", 3, 3), ("auto", 0, os.cpu_count()), ("cpu", 3, os.cpu_count()),
-     ("GPU", 1, 1)],
+    [("gpu", 3, 3), ("auto", 3, 3), ("auto", 0, len(os.sched_getaffinity(0))),
+     ("cpu", 3, len(os.sched_getaffinity(0))), ("GPU", 1, 1)],
 )  # fmt: skip
 def test_nproc_per_node_counts_devices_as_torchrun_does(tmp_path, value, gpus, workers):
     env = {"DUMP_DIR": str(tmp_path), "FAKE_NVML_GPUS": str(gpus),
+           "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(gpus))) or "-1",
            "PYTHONPATH": f"{FAKE_NVML}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
     result = run_loomrun("--no-broker", "--nproc-per-node", value, SCRIPTS / "dump_env.py", env=env)
     assert result.returncode == 0, result.stderr

@@ -175,8 +175,9 @@ def proc_count(value: int | str) -> int:
     CUDA_VISIBLE_DEVICES included), as torchrun counts them with CUDA."""
     if isinstance(value, int):
         return value
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if value == "cpu":
-        return os.cpu_count() or 1
+        return cpus or 1  # the CPUs this process may use (taskset, cgroups), as torch counts
     from loomrun.devices import Devices
 
     devices = Devices()
@@ -188,7 +189,7 @@ def proc_count(value: int | str) -> int:
         raise click.BadParameter(
             "gpu: NVML sees no GPU on this node", param_hint="--nproc-per-node"
         )
-    return gpus or os.cpu_count() or 1
+    return gpus or cpus or 1
 
 
 @main.command(

@@ -64,13 +64,23 @@ class Devices:
         return [v.strip() for v in visible.split(",") if v.strip()]
 
     def count(self) -> int:
-        """The GPUs a worker here can use (CUDA_VISIBLE_DEVICES applied); 0 without NVML."""
+        """The GPUs a worker here can use, as CUDA counts them: CUDA_VISIBLE_DEVICES up to
+        its first entry that names no device (`-1` hides them all); 0 without NVML."""
         if self.nvml is None:
             return 0
+        usable = 0
         try:
-            return len(self._visible())
-        except Exception:  # noqa: BLE001 - NVML that cannot count: no GPU to count on
-            return 0
+            present = self.nvml.nvmlDeviceGetCount()
+            for entry in self._visible():
+                if entry.isdigit():
+                    if int(entry) >= present:
+                        break
+                else:
+                    self.nvml.nvmlDeviceGetHandleByUUID(entry)
+                usable += 1
+        except Exception:  # noqa: BLE001 - an entry NVML does not know ends the list
+            pass
+        return usable
 
     def for_replica(self, local_rank: int) -> DeviceInfo:
         if self.nvml is None:

@@ -61,29 +61,37 @@ def _port(text: str, whole: str) -> int:
 
 def agree(where: str, nnodes: int, rdzv_id: str, timeout: float = TIMEOUT) -> Agreement:
     """This node's rank and the master's address, agreed with the other nodes."""
+    from loomrun.supervisor import parent_death_preexec
+
     host, port = endpoint(where)
     helper = subprocess.Popen(
         [sys.executable, "-m", "loomrun.rendezvous", host, str(port), str(nnodes), rdzv_id,
          str(timeout)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        preexec_fn=parent_death_preexec(),  # it ends with this process, however that ends
     )  # fmt: skip
-    deadline = time.monotonic() + timeout + 30
-    line = ""
-    while not line and time.monotonic() < deadline:
-        ready, _, _ = select.select([helper.stdout], [], [], 1.0)
-        if ready:
-            line = helper.stdout.readline()
-            if not line:
-                break
-    if not line:
-        helper.kill()
-        _, err = helper.communicate()
-        last = (err.strip().splitlines() or ["no answer"])[-1]
-        raise RendezvousError(f"rendezvous at {host}:{port} failed: {last}")
-    answer = json.loads(line)
-    if "error" in answer:
-        helper.wait()
-        raise RendezvousError(answer["error"])
+    answer = None
+    try:
+        deadline = time.monotonic() + timeout + 30
+        line = ""
+        while not line and time.monotonic() < deadline:
+            ready, _, _ = select.select([helper.stdout], [], [], 1.0)
+            if ready:
+                line = helper.stdout.readline()
+                if not line:
+                    break
+        try:
+            answer = json.loads(line) if line else None
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise RendezvousError(f"rendezvous at {host}:{port} failed: no answer in time")
+        if "error" in answer:
+            raise RendezvousError(str(answer["error"]))
+    finally:
+        if not isinstance(answer, dict) or "error" in answer:
+            helper.kill()
+            helper.wait()
     # The helper goes on (holding the store, on the node that hosts it) until every node
     # has read the answer; it ends by itself, and with this process.
     return Agreement(answer["node_rank"], answer["master_addr"], answer["master_port"])

@@ -140,7 +140,7 @@ def describe_exit(returncode: int) -> str:
     return f"exit code {returncode}"
 
 
-def _parent_death_preexec():
+def parent_death_preexec():
     """A pre-exec function that makes the kernel SIGKILL the worker when the supervisor dies."""
     if not sys.platform.startswith("linux"):
         return None
@@ -223,7 +223,7 @@ class Supervisor:
         self.replicas = [Replica(name, i) for i, name in enumerate(spec.replica_names())]
         self.group_restarts = 0
         self.master_port = spec.master_port or free_port()
-        self._preexec = _parent_death_preexec()
+        self._preexec = parent_death_preexec()
         self._stop_signal: signal.Signals | None = None
         self._stop_requested = asyncio.Event()
         self._run_dir: Path | None = None
@@ -308,7 +308,7 @@ class Supervisor:
                     )
                     restarted = await self._follow(word)
                     if restarted is None:
-                        return word.exit_code or 1
+                        return min(max(word.exit_code, 1), 255)
                     for r in restarted:
                         for t in [t for t, x in waits.items() if x is r]:
                             t.cancel()
@@ -409,6 +409,7 @@ class Supervisor:
             await self._drain(r)
             r.restarts = self.group_restarts
             r.finished = False
+            r.failure_note = ""  # of the worker stopped here, not of the next one
         for r in self.replicas:  # every mailbox ready before any worker starts: one baseline
             self._prepare_restart(r)
         for r in self.replicas:
@@ -477,6 +478,8 @@ class Supervisor:
 
     async def _stop_on_signal(self) -> int:
         sig = self._stop_signal
+        code = EXIT_STOPPED_BY.get(sig, 128 + int(sig))
+        self._tell_nodes(self.group_restarts, True, f"stopped by {sig.name}", code)
         passed = signal.SIGTERM if sig == signal.SIGHUP else sig  # scripts handle SIGTERM
         alive = [r for r in self.replicas if self._alive(r)]
         if alive:
@@ -485,7 +488,7 @@ class Supervisor:
                 f"SIGKILL after {self.spec.grace:g}s (again to kill now)"
             )
         await self._stop(alive, passed)
-        return EXIT_STOPPED_BY.get(sig, 128 + int(sig))
+        return code
 
     # -- processes -----------------------------------------------------------------
 
