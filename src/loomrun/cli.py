@@ -355,7 +355,8 @@ def run_command(ctx: click.Context, target: tuple[str, ...], **options) -> None:
     from loomrun.supervisor import run
 
     raw = ctx.meta["loomrun.raw_args"]
-    spec = RunOptions(**options).spec(target, raw)
+    run_options = RunOptions(**options)
+    spec = run_options.spec(target, raw)
     taken = _own_options_after(raw, spec.module or spec.script, ctx.command)
     if taken:
         click.echo(
@@ -366,6 +367,8 @@ def run_command(ctx: click.Context, target: tuple[str, ...], **options) -> None:
         )
     if spec.broker is not None and not spec.wait_broker:
         _check_remote_broker(spec.broker)
+    if run_options.rdzv_backend == "c10d":  # last: a node that cannot start takes no rank
+        spec = run_options.spec(target, raw, agreed=run_options.agree())
     ctx.exit(run(spec))
 
 
@@ -408,8 +411,10 @@ class RunOptions:
     wait_broker: bool
     no_broker: bool
 
-    def spec(self, target: tuple[str, ...], raw_args: list[str]):
-        """The validated LaunchSpec; a usage error names the option that is wrong."""
+    def spec(self, target: tuple[str, ...], raw_args: list[str], agreed=None):
+        """The validated LaunchSpec; a usage error names the option that is wrong. With
+        --rdzv-backend c10d, `agreed` is the rendezvous' (node rank, master address, master
+        port); without it the options are checked against every node's replicas."""
         from loomrun.supervisor import LaunchSpec
 
         script, args = self._target(target, raw_args)
@@ -428,13 +433,18 @@ class RunOptions:
         if master_port is None and self.nnodes > 1:
             master_port = 29500
         rendezvous = f"{master_addr}:{master_port}"
+        names = [f"r{node_rank * nproc + i}" for i in range(nproc)]
         if self.rdzv_backend == "c10d":
-            node_rank, master_addr, master_port = self._agree()
+            self._check_rendezvous()
             rendezvous = self.rdzv_endpoint
+            if agreed is None:
+                names = [f"r{i}" for i in range(self.nnodes * nproc)]
+            else:
+                node_rank, master_addr, master_port = agreed
+                names = [f"r{node_rank * nproc + i}" for i in range(nproc)]
         job = (
             self.job or self.rdzv_id or default_job_id(script, self.module, self.nnodes, rendezvous)
         )
-        names = [f"r{node_rank * nproc + i}" for i in range(nproc)]
         broker = None
         if not self.no_broker:
             broker = _broker(self.nats_url, self.nats_creds, self.nats_ca)
@@ -454,13 +464,12 @@ class RunOptions:
             console_filter=parse_replica_filter(self.replicas_filter, names),
             grace=self.grace,
             step_timeout=self.step_timeout,
-            replay=self._replay(names),
+            replay=self._replay(names, quiet=self.rdzv_backend == "c10d" and agreed is None),
             broker=broker,
             wait_broker=self.wait_broker,
         )
 
-    def _agree(self) -> tuple[int, str, int]:
-        """--rdzv-backend c10d: this node's rank and the master, agreed with the others."""
+    def _check_rendezvous(self) -> None:
         from loomrun import rendezvous
 
         if self.node_rank is not None:
@@ -478,6 +487,11 @@ class RunOptions:
             rendezvous.endpoint(self.rdzv_endpoint)
         except rendezvous.RendezvousError as error:
             raise click.BadParameter(str(error), param_hint="--rdzv-endpoint") from None
+
+    def agree(self) -> tuple[int, str, int]:
+        """--rdzv-backend c10d: this node's rank and the master, agreed with the others."""
+        from loomrun import rendezvous
+
         if self.nnodes == 1:
             return 0, "localhost", 0
         click.echo(f"loomrun: waiting for {self.nnodes} nodes at {self.rdzv_endpoint}", err=True)
@@ -492,7 +506,7 @@ class RunOptions:
         )  # fmt: skip
         return found.node_rank, found.master_addr, found.master_port
 
-    def _replay(self, names: list[str]) -> dict[str, list] | None:
+    def _replay(self, names: list[str], quiet: bool = False) -> dict[str, list] | None:
         if self.replay is None:
             return None
         from loomrun.replay import ReplayError, load, schedules
@@ -502,6 +516,8 @@ class RunOptions:
         except ReplayError as error:
             raise click.BadParameter(str(error), param_hint="--replay") from None
         count = sum(len(plan) for plan in plans.values())
+        if quiet:
+            return plans
         click.echo(f"loomrun: replaying {count} change(s) from {self.replay}", err=True)
         if missing:
             click.echo(
