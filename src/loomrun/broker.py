@@ -98,7 +98,20 @@ def write_private(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def server_config(listen: str, port: int, store: Path, token: str, log: Path | None) -> str:
+@dataclass(frozen=True)
+class ClusterOptions:
+    """A member of a NATS cluster (nats-server's own clustering, JetStream on): the
+    cluster's name, where this member listens for routes, and the routes to the others."""
+
+    name: str
+    listen: str
+    routes: tuple[str, ...]
+
+
+def server_config(
+    listen: str, port: int, store: Path, token: str, log: Path | None,
+    cluster: ClusterOptions | None = None,
+) -> str:  # fmt: skip
     """nats-server's configuration: the token lives here, not on its command line."""
     if not token:
         raise BrokerError("refusing to start a broker without a token")
@@ -107,6 +120,13 @@ def server_config(listen: str, port: int, store: Path, token: str, log: Path | N
         f"jetstream {{ store_dir: {json.dumps(str(store))} }}",
         f"authorization {{ token: {json.dumps(token)} }}",
     ]
+    if cluster is not None:
+        routes = ", ".join(json.dumps(r) for r in cluster.routes)
+        lines += [
+            f"server_name: {json.dumps(f'{cluster.name}-{HOST}-{port}')}",
+            f"cluster {{ name: {json.dumps(cluster.name)}, listen: {json.dumps(cluster.listen)},"
+            f" routes: [{routes}] }}",
+        ]
     if log is not None:
         lines.append(f"log_file: {json.dumps(str(log))}")
     return "\n".join(lines) + "\n"
@@ -178,6 +198,11 @@ def leave(port: int, pid: int | None = None) -> bool:
     if live_users(port):
         return False
     return _stop_server(port)
+
+
+def bundled_here(port: int) -> bool:
+    """A job started the broker on this port (its pid is on record): not `loomrun server`."""
+    return _server_pid(port).exists()
 
 
 def _our_server(pid: int, port: int) -> bool:

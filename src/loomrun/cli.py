@@ -1117,15 +1117,39 @@ def watch_command(job, replicas, once, as_json, interval, metrics, **broker):
     envvar="LOOMRUN_NATS_TOKEN",
     help="Require this token from clients [default: this user's secret, made on first use].",
 )
-def server_command(listen, port, token):
+@click.option(
+    "--cluster",
+    "cluster_listen",
+    metavar="HOST:PORT",
+    default=None,
+    help="Be a member of a NATS cluster: listen for its routes here.",
+)
+@click.option(
+    "--routes",
+    default="",
+    metavar="URL,URL",
+    help="With --cluster: the other members' route URLs, e.g. nats://10.0.0.2:6222.",
+)
+@click.option(
+    "--cluster-name", default="loomrun", show_default=True, help="With --cluster: its name."
+)  # fmt: skip
+def server_command(listen, port, token, cluster_listen, routes, cluster_name):
     """Run the bundled NATS broker (JetStream on) in the foreground, for a long-lived broker.
 
     It always requires a token: yours from your state directory unless --token (or
     LOOMRUN_NATS_TOKEN) gives another. Your own loomrun commands on this host connect
     without flags; anyone else needs the token.
+
+    \b
+    A cluster of three, each member started with the other two as routes:
+      loomrun server --port 4222 --cluster 10.0.0.1:6222 \\
+          --routes nats://10.0.0.2:6222,nats://10.0.0.3:6222
+    Jobs then keep three copies of their state with LOOMRUN_NATS_REPLICAS=3, and losing
+    one member loses no change.
     """
     from loomrun.broker import (
         BrokerError,
+        ClusterOptions,
         default_store,
         local_secret,
         private_state_dir,
@@ -1142,7 +1166,19 @@ def server_command(listen, port, token):
         store = default_store(port)
         store.mkdir(parents=True, exist_ok=True, mode=0o700)
         config = state / f"nats-server-{port}.conf"
-        write_private(config, server_config(listen, port, store, secret, None))
+        cluster = None
+        if cluster_listen is not None:
+            listed = tuple(r.strip() for r in routes.split(",") if r.strip())
+            for route in listed:
+                if not re.fullmatch(r"nats(-route)?://[^\s/]+:\d{1,5}", route):
+                    raise click.BadParameter(
+                        f"{route!r} is not a route URL (like nats://10.0.0.2:6222)",
+                        param_hint="--routes",
+                    )
+            cluster = ClusterOptions(cluster_name, cluster_listen, listed)
+        elif routes:
+            raise click.UsageError("--routes goes with --cluster HOST:PORT")
+        write_private(config, server_config(listen, port, store, secret, None, cluster))
     except (BrokerError, OSError) as error:
         raise click.ClickException(str(error)) from None
     url = f"nats://{listen}:{port}"

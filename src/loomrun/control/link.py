@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import threading
 from collections.abc import Awaitable, Callable
@@ -16,6 +17,7 @@ from loomrun.broker import (
     BrokerOptions,
     BundledBroker,
     answers,
+    bundled_here,
     host_port,
     import_nats,
     is_loopback,
@@ -25,6 +27,17 @@ from loomrun.broker import (
     refused,
 )
 from loomrun.output import say
+
+
+def nats_replicas() -> int:
+    """How many copies JetStream keeps of loomrun's buckets and streams when this supervisor
+    makes them: LOOMRUN_NATS_REPLICAS (1 to 5; 3 on a NATS cluster, so that losing a member
+    loses nothing), default 1."""
+    try:
+        return min(5, max(1, int(os.environ.get("LOOMRUN_NATS_REPLICAS", "1"))))
+    except ValueError:
+        say("LOOMRUN_NATS_REPLICAS is not a whole number; keeping 1 copy")
+        return 1
 
 
 class BrokerLink:
@@ -38,6 +51,7 @@ class BrokerLink:
         self.js = None
         self.kv: dict[str, object] = {}
         self.broker: BundledBroker | None = None
+        self.replicas = 1
         self._starting: threading.Event | None = None  # set once a broker start is over
         self.closing = False
         # Called after every reconnection, once the buckets are there again.
@@ -127,6 +141,7 @@ class BrokerLink:
         """The buckets and the events stream; a broker started afresh may have none."""
         from nats.js import api
 
+        self.replicas = nats_replicas()
         self.kv[S.DESIRED] = await self._bucket(S.DESIRED)
         self.kv[S.STATE] = await self._bucket(S.STATE)
         self.kv[S.STATUS] = await self._bucket(S.STATUS, storage=api.StorageType.MEMORY, ttl=3600)
@@ -134,8 +149,9 @@ class BrokerLink:
         self.kv[S.DEVICES] = await self._bucket(S.DEVICES)
         with contextlib.suppress(Exception):
             await self.js.add_stream(
-                name=S.EVENTS_STREAM, subjects=[S.EVENTS_SUBJECTS], max_age=86400, max_msgs=100_000
-            )
+                name=S.EVENTS_STREAM, subjects=[S.EVENTS_SUBJECTS], max_age=86400,
+                max_msgs=100_000, num_replicas=self.replicas,
+            )  # fmt: skip
         with contextlib.suppress(Exception):
             await self.js.add_stream(
                 name=S.LEDGER_STREAM,
@@ -143,6 +159,7 @@ class BrokerLink:
                 max_age=S.LEDGER_DAYS * 86400,
                 max_msgs_per_subject=S.LEDGER_KEPT,
                 storage=api.StorageType.FILE,
+                num_replicas=self.replicas,
             )
 
     async def _bucket(self, name: str, **config):
@@ -154,7 +171,9 @@ class BrokerLink:
             except BucketNotFoundError:
                 pass
             with contextlib.suppress(Exception):  # another supervisor may create it first
-                return await self.js.create_key_value(bucket=name, history=1, **config)
+                return await self.js.create_key_value(
+                    bucket=name, history=1, replicas=self.replicas, **config
+                )
         return await self.js.key_value(name)
 
     async def keys(self, bucket: str, pattern: str) -> list[str]:
@@ -180,8 +199,15 @@ class BrokerLink:
         if self.closing:
             return
         say(f"lost the NATS broker at {self.options.url}; training goes on, reconnecting")
-        if is_loopback(self.options.url):
+        if is_loopback(self.options.url) and self._bundled():
             asyncio.ensure_future(self._take_over())
+
+    def _bundled(self) -> bool:
+        """The broker at the URL was a bundled one (a job started it), which a job may start
+        again; never one the user runs (`loomrun server`, a member of a cluster, whose
+        clients reconnect to the other members)."""
+        _, port = host_port(self.options.url)
+        return bundled_here(port)
 
     async def _take_over(self) -> None:
         """The job that started the shared broker ended: start it again, state intact."""

@@ -1,0 +1,81 @@
+"""A job on a 3-server NATS cluster (nats-server's own clustering, JetStream on, routes on
+loopback), its two nodes' supervisors connected to different members: steering through
+any member works, and stopping a member mid-run loses no change."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+
+import pytest
+from conftest import SCRIPTS, run_loomrun, wait_for
+from test_control import job_id, wait_ready
+
+from loomrun.broker import BrokerOptions
+from loomrun.client import Steering
+from loomrun.supervisor import free_port
+
+
+def cluster_ready(url: str) -> bool:
+    """JetStream answers through this member: the cluster has its meta leader."""
+
+    async def probe() -> bool:
+        try:
+            async with Steering.connect(BrokerOptions(url), timeout=2) as steering:
+                await steering.js.account_info()
+                return True
+        except Exception:  # noqa: BLE001 - not yet
+            return False
+
+    return asyncio.run(probe())
+
+
+def start_members(procs) -> tuple[list, list[str]]:
+    ports, routes = [free_port() for _ in range(3)], [free_port() for _ in range(3)]
+    members = []
+    for i in range(3):
+        others = ",".join(f"nats://127.0.0.1:{routes[j]}" for j in range(3) if j != i)
+        members.append(procs.start(
+            "server", "--port", ports[i], "--cluster", f"127.0.0.1:{routes[i]}",
+            "--routes", others,
+        ))  # fmt: skip
+    urls = [f"nats://127.0.0.1:{p}" for p in ports]
+    for url in urls:
+        wait_for(lambda url=url: cluster_ready(url), 60, interval=0.5, what=f"JetStream at {url}")
+    return members, urls
+
+
+def set_everywhere(job: str, url: str, value: float) -> list[dict]:
+    result = run_loomrun("set", f"lr={value}", "--job", job, "--nats", url, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout)["changes"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_job_on_a_nats_cluster_survives_losing_a_member(procs):
+    members, urls = start_members(procs)
+    job = job_id("cluster")
+    port = free_port()
+    for rank in (0, 1):
+        procs.start(
+            "--nnodes", "2", "--node-rank", rank, "--nproc-per-node", "2", "--master-addr",
+            "127.0.0.1", "--master-port", port, "--job", job, "--nats", urls[rank],
+            SCRIPTS / "steered.py", "--steps", "100000000", "--step-time", "0.01", "--quiet",
+            env={"LOOMRUN_NATS_REPLICAS": "3"},
+        )  # fmt: skip
+    names = ["r0", "r1", "r2", "r3"]
+    wait_ready(job, names, url=urls[2], timeout=120)
+    changes = set_everywhere(job, urls[2], 0.05)  # through the member neither node uses
+    assert sorted(c["replica"] for c in changes) == names
+
+    members[1].send_signal(signal.SIGTERM)  # node 1's member goes away mid-run
+    members[1].wait(30)
+    changes = set_everywhere(job, urls[0], 0.07)
+    assert sorted(c["replica"] for c in changes) == names
+    assert all(c["old"] == 0.05 and c["new"] == 0.07 for c in changes), changes
+    listed = json.loads(run_loomrun("get", "--job", job, "--nats", urls[2], "--json").stdout)
+    assert {
+        p["replica"]: p["value"] for p in listed["params"] if p["name"] == "lr"
+    } == dict.fromkeys(names, 0.07)
