@@ -138,6 +138,8 @@ def test_the_same_command_on_every_node_agrees_on_ranks_through_c10d(procs):
         (["--rdzv-backend", "etcd"], "'etcd' is not one of 'static', 'c10d'"),
         (["--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:1", "--rdzv-id", "j",
           "--nnodes", "2", "--replicas-filter", "r9"], "'r9' is not a replica"),
+        (["--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:1", "--rdzv-id", "j",
+          "--nnodes", "2", "--replicas-filter", "r1,3"], "'3' is not a replica"),
         (["--nnodes", "1:2"], "'1:2' is not a valid integer"),
     ],
 )  # fmt: skip

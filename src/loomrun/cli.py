@@ -112,8 +112,11 @@ def default_job_id(script: str | None, module: str | None, nnodes: int, rendezvo
     return f"{_job_stem(script, module)}-{suffix}"
 
 
-def parse_replica_filter(value: str | None, names: list[str]) -> frozenset[str] | None:
-    """`r0,r2` or torchrun's `0,2` (local ranks) into replica names."""
+def parse_replica_filter(
+    value: str | None, names: list[str], elsewhere: list[str] = ()
+) -> frozenset[str] | None:
+    """`r0,r2` or torchrun's `0,2` (local ranks) into replica names; names of the job's
+    other nodes (`elsewhere`: the same command runs on every node) are left out."""
     if value is None:
         return None
     chosen = set()
@@ -122,6 +125,8 @@ def parse_replica_filter(value: str | None, names: list[str]) -> frozenset[str] 
             chosen.add(names[int(item)])
         elif item in names:
             chosen.add(item)
+        elif item in elsewhere:
+            continue
         else:
             raise click.BadParameter(
                 f"'{item}' is not a replica of this node (expected one of {', '.join(names)} "
@@ -433,15 +438,15 @@ class RunOptions:
         if master_port is None and self.nnodes > 1:
             master_port = 29500
         rendezvous = f"{master_addr}:{master_port}"
-        names = [f"r{node_rank * nproc + i}" for i in range(nproc)]
         if self.rdzv_backend == "c10d":
             self._check_rendezvous()
             rendezvous = self.rdzv_endpoint
-            if agreed is None:
-                names = [f"r{i}" for i in range(self.nnodes * nproc)]
-            else:
+            if agreed is not None:
                 node_rank, master_addr, master_port = agreed
-                names = [f"r{node_rank * nproc + i}" for i in range(nproc)]
+        # Before a c10d rendezvous, node 0's names stand in: the checks of --replicas-filter
+        # and --replay are then the same for whichever rank this node gets.
+        names = [f"r{node_rank * nproc + i}" for i in range(nproc)]
+        elsewhere = [f"r{i}" for i in range(self.nnodes * nproc) if f"r{i}" not in names]
         job = (
             self.job or self.rdzv_id or default_job_id(script, self.module, self.nnodes, rendezvous)
         )
@@ -461,7 +466,7 @@ class RunOptions:
             max_restarts=self.max_restarts,
             restart_policy=self.restart_policy,
             log_dir=self.log_dir,
-            console_filter=parse_replica_filter(self.replicas_filter, names),
+            console_filter=parse_replica_filter(self.replicas_filter, names, elsewhere),
             grace=self.grace,
             step_timeout=self.step_timeout,
             replay=self._replay(names, quiet=self.rdzv_backend == "c10d" and agreed is None),

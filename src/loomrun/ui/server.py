@@ -40,7 +40,7 @@ COOKIE = "loomrun_ui_{port}"  # one per server: another `loomrun ui` keeps its o
 _LOCAL_HOSTS = ("127.0.0.1", "localhost")
 _REPLICA = re.compile(r"r\d{1,5}")
 _JOB = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-RECORDS_ON_SELECT = 2000  # the newest of a job's ledger a page gets when it opens the job
+RECORDS_PER_MESSAGE = 2000  # ledger records in one WebSocket message, at most
 _STATIC = {
     "app.js": "application/javascript",
     "app.css": "text/css",
@@ -297,10 +297,11 @@ class Dashboard:
             await asyncio.sleep(1 / UPDATES_PER_SECOND)
 
     async def _job_feed(self, page: web.WebSocketResponse, job: str, selection: int) -> None:
-        """For the job chosen: its metric history, its schema, then its change ledger (the
-        newest RECORDS_ON_SELECT, then each new one), in batches at most
-        UPDATES_PER_SECOND a second. Each message names the page's `selection`, so a page
-        that chose again drops what was under way for its former choice."""
+        """For the job chosen: its metric history, its schema, then its change ledger from
+        its first record (the page keeps the newest), in messages of at most
+        RECORDS_PER_MESSAGE records, at most UPDATES_PER_SECOND a second. Each message
+        names the page's `selection`, so a page that chose again drops what was under way
+        for its former choice."""
         with contextlib.suppress(SteerError):
             found = await self.steering.job(job)
             series = await self.steering.history(job, found.replicas)
@@ -321,9 +322,8 @@ class Dashboard:
         try:
             while not page.closed:
                 batch = [await records.get()]
-                while not records.empty():
+                while not records.empty() and len(batch) < RECORDS_PER_MESSAGE:
                     batch.append(records.get_nowait())
-                batch = batch[-RECORDS_ON_SELECT:]
                 await self._send(page, {
                     "type": "changes", "job": job, "selection": selection, "records": batch,
                 })  # fmt: skip

@@ -84,9 +84,7 @@ function connect() {
   socket = new WebSocket(`ws://${location.host}/ws`);
   socket.onopen = () => {
     $("#link").textContent = "live";
-    const job = state.job;
-    state.job = null;  // everything of the job is sent again: start from nothing
-    if (job) select(job);
+    if (state.job) select(state.job);  // its ledger, history and schema are sent again
   };
   socket.onclose = () => {
     $("#link").textContent = "disconnected; retrying…";
@@ -105,6 +103,7 @@ function connect() {
 function select(job) {
   state.selection += 1;
   state.request += 1;  // an answer still on its way is for the former choice
+  delete $("#params").dataset.shape;  // the schema that comes next builds the forms anew
   if (job !== state.job) {
     state.job = job;
     state.series = {}; state.markers = []; state.records = []; state.schema = {};
@@ -115,7 +114,9 @@ function select(job) {
     $("#params").replaceChildren();
     $("#outcome").replaceChildren();
   }
-  state.series = {}; state.markers = []; state.records = [];
+  // The ledger comes again from its first record; the curves are kept (the history that
+  // comes again is merged in: a finished job's supervisors no longer answer for it).
+  state.markers = []; state.records = [];
   $("#changes tbody").replaceChildren();
   if (socket && socket.readyState === WebSocket.OPEN) {
     socket.send(JSON.stringify({type: "select", job, selection: state.selection}));
@@ -393,7 +394,7 @@ async function post(path, body) {
 
 function onHistory(message) {
   for (const [replica, columns] of Object.entries(message.series)) {
-    const live = state.series[replica];  // points the frames brought while history was on its way
+    const live = state.series[replica];  // points the page has (frames, an earlier history)
     const series = state.series[replica] = {step: [], time: []};
     columns.step.forEach((step, i) => {
       const values = {};
@@ -402,7 +403,9 @@ function onHistory(message) {
       }
       addPoint(series, step, columns.time[i], values);
     });
+    const last = series.step.length ? series.step[series.step.length - 1] : 0;
     if (live) live.step.forEach((step, i) => {
+      if (step <= last) return;  // the history has it already
       const values = {};
       for (const [name, column] of Object.entries(live)) {
         if (name !== "step" && name !== "time" && column[i] !== null) values[name] = column[i];
