@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -98,6 +99,9 @@ def write_private(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+ROUTE_USER = "loomrun"
+
+
 @dataclass(frozen=True)
 class ClusterOptions:
     """A member of a NATS cluster (nats-server's own clustering, JetStream on): the
@@ -121,10 +125,15 @@ def server_config(
         f"authorization {{ token: {json.dumps(token)} }}",
     ]
     if cluster is not None:
-        routes = ", ".join(json.dumps(r) for r in cluster.routes)
+        # Routes carry every message: a member lets in only members that hold the token.
+        secret = urllib.parse.quote(token, safe="")
+        routes = ", ".join(
+            json.dumps(r.replace("://", f"://{ROUTE_USER}:{secret}@", 1)) for r in cluster.routes
+        )
         lines += [
             f"server_name: {json.dumps(f'{cluster.name}-{HOST}-{port}')}",
             f"cluster {{ name: {json.dumps(cluster.name)}, listen: {json.dumps(cluster.listen)},"
+            f" authorization {{ user: {json.dumps(ROUTE_USER)}, password: {json.dumps(token)} }},"
             f" routes: [{routes}] }}",
         ]
     if log is not None:

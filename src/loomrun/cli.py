@@ -1146,11 +1146,13 @@ def server_command(listen, port, token, cluster_listen, routes, cluster_name):
     without flags; anyone else needs the token.
 
     \b
-    A cluster of three, each member started with the other two as routes:
-      loomrun server --port 4222 --cluster 10.0.0.1:6222 \\
+    A cluster of three hosts, each member started with the other two as routes and the
+    same token (members let in only routes that hold it):
+      loomrun server --listen 0.0.0.0 --token $T --cluster 10.0.0.1:6222 \\
           --routes nats://10.0.0.2:6222,nats://10.0.0.3:6222
-    Jobs then keep three copies of their state with LOOMRUN_NATS_REPLICAS=3, and losing
-    one member loses no change.
+    Jobs and commands then connect with --nats nats://10.0.0.1:4222 and
+    LOOMRUN_NATS_TOKEN=$T, keep three copies of their state with LOOMRUN_NATS_REPLICAS=3,
+    and losing one member loses no change.
     """
     from loomrun.broker import (
         BrokerError,

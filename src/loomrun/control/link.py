@@ -142,6 +142,10 @@ class BrokerLink:
         from nats.js import api
 
         self.replicas = nats_replicas()
+        if self.replicas > 1 and not (getattr(self.nc, "_server_info", None) or {}).get("cluster"):
+            say(f"LOOMRUN_NATS_REPLICAS={self.replicas}, but {self.options.url} is not a member "
+                "of a cluster: keeping 1 copy")  # fmt: skip
+            self.replicas = 1
         self.kv[S.DESIRED] = await self._bucket(S.DESIRED)
         self.kv[S.STATE] = await self._bucket(S.STATE)
         self.kv[S.STATUS] = await self._bucket(S.STATUS, storage=api.StorageType.MEMORY, ttl=3600)
