@@ -98,10 +98,13 @@ def test_tampered_requests_get_one_line_and_change_nothing(procs):
     listed = json.loads(run_loomrun("get", "--job", job, "--json").stdout)["params"]
     assert {p["name"]: p["value"] for p in listed}["lr"] == 0.1, "nothing changed"
     asyncio.run(websocket_gate(base, token))
+    tunnel = {"Host": "localhost:9999", "Origin": "http://localhost:9999"}  # ssh -L 9999:...
+    status, answer = call(base, "/api/set", {**good, "params": {"lr": "0.04"}}, token, tunnel)
+    assert status == 200 and answer["result"] == "applied", answer
     status, answer = call(base, "/api/set", good, token)
     assert status == 200 and answer["result"] == "applied", answer
     (change,) = answer["changes"]
-    assert change["replica"] == "r0" and change["old"] == 0.1 and change["new"] == 0.05
+    assert change["replica"] == "r0" and change["old"] == 0.04 and change["new"] == 0.05
 
 
 async def websocket_gate(base: str, token: str) -> None:
