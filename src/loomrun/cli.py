@@ -874,11 +874,10 @@ def log_command(job, replicas, as_json, follow, metrics, **broker):
     if metrics:
         _log_metrics(job, replicas, as_json, follow, _broker(**broker))
         return
-    import asyncio
     import json
 
-    from loomrun.broker import BrokerError, state_dir
-    from loomrun.client import SteerError, Steering
+    from loomrun.broker import state_dir
+    from loomrun.client import Steering
     from loomrun.control.ledger import job_dir, record
     from loomrun.params import format_value
     from loomrun.printable import printable
@@ -912,18 +911,7 @@ def log_command(job, replicas, as_json, follow, metrics, **broker):
                 count += 1
             return name, count
 
-    name, count = job, 0
-    try:
-        name, count = asyncio.run(from_broker())
-    except KeyboardInterrupt:
-        return
-    except SteerError as error:
-        if job is None:
-            raise click.UsageError(printable(error)) from None
-    except BrokerError as error:
-        if job is None:
-            click.echo(f"Error: {printable(error)}", err=True)
-            sys.exit(EXIT_NO_BROKER)
+    name, count = _broker_first(job, from_broker, (job, 0))
     if count:
         return
     path = job_dir(state_dir(), name) / "changes.jsonl"
@@ -936,14 +924,38 @@ def log_command(job, replicas, as_json, follow, metrics, **broker):
             show(json.loads(line))
 
 
+def _broker_first(job, read, fallback):
+    """`loomrun log`: what `read()` got from the broker; `fallback` when the broker cannot
+    answer for the job named, whose record is then read from disk. Without a job named, the
+    broker's error is the answer."""
+    import asyncio
+
+    from loomrun.broker import BrokerError
+    from loomrun.client import SteerError
+    from loomrun.printable import printable
+
+    try:
+        return asyncio.run(read())
+    except KeyboardInterrupt:
+        sys.exit(0)
+    except SteerError as error:
+        if job is None:
+            raise click.UsageError(printable(error)) from None
+    except BrokerError as error:
+        if job is None:
+            click.echo(f"Error: {printable(error)}", err=True)
+            sys.exit(EXIT_NO_BROKER)
+    return fallback
+
+
 def _log_metrics(job, replicas, as_json: bool, follow: bool, options) -> None:
     """`loomrun log --metrics`: the series from the supervisors, or the files they left."""
     import asyncio
     import json
 
     from loomrun._proto import loomrun_pb2 as pb
-    from loomrun.broker import BrokerError, state_dir
-    from loomrun.client import SteerError, Steering
+    from loomrun.broker import state_dir
+    from loomrun.client import Steering
     from loomrun.control import history
     from loomrun.control.ledger import job_dir
     from loomrun.params import json_float
@@ -995,18 +1007,7 @@ def _log_metrics(job, replicas, as_json: bool, follow: bool, options) -> None:
                 await asyncio.sleep(0.5)
             return found.job, bool(series)
 
-    name, answered = job, False
-    try:
-        name, answered = asyncio.run(from_broker())
-    except KeyboardInterrupt:
-        return
-    except SteerError as error:
-        if job is None:
-            raise click.UsageError(printable(error)) from None
-    except BrokerError as error:
-        if job is None:
-            click.echo(f"Error: {printable(error)}", err=True)
-            sys.exit(EXIT_NO_BROKER)
+    name, answered = _broker_first(job, from_broker, (job, False))
     if answered:
         return
     folder = job_dir(state_dir(), name)

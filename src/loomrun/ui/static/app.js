@@ -396,24 +396,21 @@ function onHistory(message) {
   for (const [replica, columns] of Object.entries(message.series)) {
     const live = state.series[replica];  // points the page has (frames, an earlier history)
     const series = state.series[replica] = {step: [], time: []};
-    columns.step.forEach((step, i) => {
-      const values = {};
-      for (const [name, column] of Object.entries(columns)) {
-        if (name !== "step" && name !== "time" && column[i] !== null) values[name] = column[i];
-      }
-      addPoint(series, step, columns.time[i], values);
-    });
+    columns.step.forEach((step, i) => addPoint(series, step, columns.time[i], valuesAt(columns, i)));
     const last = series.step.length ? series.step[series.step.length - 1] : 0;
     if (live) live.step.forEach((step, i) => {
-      if (step <= last) return;  // the history has it already
-      const values = {};
-      for (const [name, column] of Object.entries(live)) {
-        if (name !== "step" && name !== "time" && column[i] !== null) values[name] = column[i];
-      }
-      addPoint(series, step, live.time[i], values);
+      if (step > last) addPoint(series, step, live.time[i], valuesAt(live, i));  // newer than it
     });
   }
   scheduleCharts();
+}
+
+function valuesAt(columns, i) {  // the metrics of point i of a series' columns
+  const values = {};
+  for (const [name, column] of Object.entries(columns)) {
+    if (name !== "step" && name !== "time" && column[i] !== null) values[name] = column[i];
+  }
+  return values;
 }
 
 function addRow(row) {
