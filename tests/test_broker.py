@@ -117,3 +117,99 @@ def test_nats_is_imported_without_its_websocket_transport_and_aiohttp_still_work
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.split() == ["False", "aiohttp"], result.stderr
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        # nats-py's own attribute path first, then an import of a submodule
+        "a = nats.js.api.Header.STATUS; from nats.js.errors import BucketNotFoundError as B",
+        # a submodule first: the package runs whole, before it (no circular import)
+        "from nats.js.errors import BucketNotFoundError as B; a = nats.js.api.Header.STATUS",
+        "from nats.js import errors; B = errors.BucketNotFoundError",
+    ],
+)
+def test_jetstream_is_loaded_at_first_use_and_only_once(code):
+    import subprocess
+    import sys
+
+    program = (
+        "import sys; from loomrun.broker import import_nats; nats = import_nats(); "
+        "early = 'nats.js.api' in sys.modules; "
+        f"{code}; "
+        "same = B is sys.modules['nats.js.errors'].BucketNotFoundError "
+        "and sys.modules['nats.js'] is nats.js and nats.js.JetStreamContext is not None; "
+        "print(early, same)"
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+    assert result.stdout.split() == ["False", "True"], result.stderr
+
+
+def test_buckets_read_and_write_what_nats_py_key_value_does(broker):
+    from loomrun import buckets
+
+    async def scenario():
+        nc = await nats.connect(**BrokerOptions(broker.url).connect_kwargs())
+        try:
+            with pytest.raises(buckets.BucketMissing):
+                await buckets.snapshot(nc, "loomrun_none", ">")
+            with pytest.raises(buckets.BucketMissing):
+                await buckets.put(nc, "loomrun_none", "a", b"1")
+            kv = await nc.jetstream().create_key_value(bucket="loomrun_kv", history=1)
+            assert await buckets.snapshot(nc, "loomrun_kv", ">") == {}
+            first = await buckets.put(nc, "loomrun_kv", "job.r0.lr", b"0.1")
+            second = await buckets.put(nc, "loomrun_kv", "job.r0.lr", b"0.2")
+            assert second > first and (await kv.get("job.r0.lr")).revision == second
+            await kv.put("job.r1.lr", b"0.3")
+            await kv.put("job.r2.lr", b"0.4")
+            await kv.delete("job.r2.lr")
+            await kv.put("other.r0.lr", b"0.5")
+            seen = await buckets.snapshot(nc, "loomrun_kv", "job.>")
+            keys = await buckets.snapshot(nc, "loomrun_kv", "*.r0.*", keys_only=True)
+            deadline = asyncio.get_running_loop().time() + 5
+            while (info := await nc.jetstream().stream_info("KV_loomrun_kv")).state.consumer_count:
+                if asyncio.get_running_loop().time() > deadline:
+                    break  # the deletes are sent without waiting; the server takes them soon
+                await asyncio.sleep(0.01)
+            return seen, keys, info.state.consumer_count
+        finally:
+            await nc.close()
+
+    seen, keys, consumers = asyncio.run(scenario())
+    assert seen == {"job.r0.lr": b"0.2", "job.r1.lr": b"0.3"}
+    assert keys == {"job.r0.lr": b"", "other.r0.lr": b""}
+    assert consumers == 0  # every read removed its consumer
+
+
+@pytest.mark.parametrize(
+    "reply, left",
+    [
+        ("$JS.ACK.KV_x.c1.1.10.3.1700000000000000000.7", 7),
+        ("$JS.ACK.dom.hash.KV_x.c1.1.10.3.1700000000000000000.0.tok", 0),
+        ("$JS.ACK.dom.hash.KV_x.c1.1.10.3.1700000000000000000.2", 2),
+    ],
+)
+def test_pending_is_read_from_both_reply_forms(reply, left):
+    from loomrun.buckets import pending
+
+    assert pending(reply) == left
+
+
+@pytest.mark.parametrize(
+    "data, error",
+    [
+        (b"not json", "not JSON"),
+        (b"[1]", "answered"),
+        (b'{"error": {"code": 500, "err_code": 1, "description": "insufficient resources"}}',
+         "refused the write of k: insufficient resources"),
+    ],
+)  # fmt: skip
+def test_bad_answers_are_one_sentence(data, error):
+    from loomrun.buckets import BucketError, answer
+
+    with pytest.raises(BucketError, match=error):
+        answer(data, "the write of k")
+    with pytest.raises(BucketError, match="not a JetStream reply"):
+        from loomrun.buckets import pending
+
+        pending("_INBOX.x")

@@ -44,6 +44,17 @@ def test_the_same_key_set_twice_gets_its_own_answer(procs):
     assert code == 0 and by_replica(third)["r1"]["old"] == 0.05
     assert by_replica(third)["r1"]["new"] == 0.07
 
+    # The command itself, whole, does not load JetStream's client (a sixth of its time).
+    args = ["set", "lr=0.08", "--replica", "r1", "--job", job, "--json"]
+    program = (
+        "import atexit, sys; from loomrun.cli import main; "
+        "atexit.register(lambda: print('nats.js.api' in sys.modules, file=sys.stderr)); "
+        f"sys.argv = ['loomrun', *{args!r}]; main()"
+    )
+    done = subprocess.run([LOOMRUN[0], "-c", program], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and by_replica(json.loads(done.stdout))["r1"]["old"] == 0.07
+    assert done.stderr.split() == ["False"], done.stderr
+
     steps = []
     for command, paused in (("pause", True), ("resume", False), ("pause", True)):
         result = run_loomrun(command, "--job", job, "--json")

@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -142,19 +143,73 @@ def server_config(
 
 
 def import_nats():
-    """nats-py without its WebSocket transport, which loomrun never uses (nats:// and tls://
-    only): nats-py imports aiohttp for it when present, a fifth of a second per command."""
+    """nats-py without what a command never uses, each a noticeable part of its time:
+    - the WebSocket transport (loomrun speaks nats:// and tls:// only): nats-py imports
+      aiohttp for it when present, a fifth of a second;
+    - JetStream (`nats.js`, 25 ms), which nats-py's client imports eagerly though a
+      command does not touch it (see loomrun.buckets): it is loaded at first use instead,
+      by the supervisor, `watch` and `log`."""
     if "nats" in sys.modules:
         return sys.modules["nats"]
     masked = "aiohttp" not in sys.modules
     if masked:
         sys.modules["aiohttp"] = None  # nats-py catches the ImportError and goes without
+    deferred = Deferred.of("nats", "js") if "nats.js" not in sys.modules else None
+    if deferred is not None:
+        sys.modules["nats.js"] = deferred  # what nats-py's `import nats.js` finds
     try:
         import nats
     finally:
         if masked and sys.modules.get("aiohttp", 0) is None:
             del sys.modules["aiohttp"]
+        if deferred is not None and sys.modules.get("nats.js") is deferred:
+            # Out of sys.modules again: a later `import nats.js.errors` imports the
+            # package whole, as an import of a submodule must (its parent first).
+            del sys.modules["nats.js"]
+    if deferred is not None and not hasattr(nats, "js"):
+        nats.js = deferred  # what nats-py's `nats.js.api...` reaches
     return nats
+
+
+class Deferred(type(sys)):
+    """A package module whose code has not run yet: it runs, once, at the first access to
+    an attribute it lacks. (importlib's LazyLoader runs it at any access, and the import
+    system reads `__spec__` at every `import package.name`.)"""
+
+    _lock = threading.Lock()
+
+    @classmethod
+    def of(cls, package: str, name: str) -> Deferred | None:
+        """`package.name`, not run; None when it cannot be found (the ordinary import then
+        says why)."""
+        import importlib.util
+
+        top = importlib.util.find_spec(package)  # a top-level spec: nothing is imported
+        if top is None or not top.submodule_search_locations:
+            return None
+        folder = Path(top.submodule_search_locations[0]) / name
+        spec = importlib.util.spec_from_file_location(
+            f"{package}.{name}", folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+        if spec is None or spec.loader is None:
+            return None
+        module = importlib.util.module_from_spec(spec)
+        module.__class__ = cls
+        return module
+
+    def __getattr__(self, attribute: str):
+        with Deferred._lock:
+            if type(self) is Deferred:
+                loaded = sys.modules.setdefault(self.__name__, self)
+                if loaded is not self:  # imported whole meanwhile
+                    return getattr(loaded, attribute)
+                self.__class__ = type(sys)
+                try:
+                    self.__spec__.loader.exec_module(self)
+                except BaseException:
+                    del sys.modules[self.__name__]
+                    raise
+        return getattr(self, attribute)
 
 
 # Who uses the bundled broker on a port: one empty file per live process (its starter, and
@@ -453,37 +508,3 @@ async def connect_client(options: BrokerOptions, timeout: float = 3.0, reconnect
             f"cannot reach the NATS broker at {options.url} ({detail}); is a loomrun job "
             "running? (set --nats or LOOMRUN_NATS to point at its broker)"
         ) from None
-
-
-async def latest(js, bucket: str, pattern: str, keys_only: bool = False) -> dict[str, bytes]:
-    """The current value of every key of a key-value bucket matching `pattern` (b"" with
-    `keys_only`); deleted keys left out.
-
-    Read with an ordered consumer of the last message per key, to the last one the server
-    counts as pending, not with nats-py's KV watch: its "initial values done" marker can
-    come before values the server had already sent (it counts the ones the client has
-    processed), and then a snapshot comes back empty."""
-    from nats.js import api
-
-    prefix = f"$KV.{bucket}."
-    config = api.ConsumerConfig(
-        deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT, headers_only=keys_only
-    )
-    subscription = await js.subscribe(prefix + pattern, ordered_consumer=True, config=config)
-    found: dict[str, bytes] = {}
-    try:
-        info = await subscription.consumer_info()
-        if info.num_pending + info.delivered.consumer_seq == 0:
-            return found
-        async for msg in subscription.messages:
-            key = msg.subject[len(prefix) :]
-            if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
-                found.pop(key, None)
-            else:
-                found[key] = b"" if keys_only else msg.data
-            if msg.metadata.num_pending == 0:
-                break
-    finally:
-        with contextlib.suppress(Exception):
-            await subscription.unsubscribe()
-    return found

@@ -21,10 +21,11 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
+from loomrun import buckets
 from loomrun import params as P
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
-from loomrun.broker import BrokerOptions, connect_client, latest
+from loomrun.broker import BrokerOptions, connect_client
 from loomrun.desired import change, new_change_id
 
 BUILTIN_NAMES = {"lr", "momentum", "weight_decay", "betas"}
@@ -172,7 +173,7 @@ class Steering:
 
     def __init__(self, nc):
         self.nc = nc
-        self.js = nc.jetstream()
+        self._js = None
         self._kv: dict[str, Any] = {}
         # A long-lived client (the Python API) reads the schemas once; a missing name or
         # replica makes it read them again, since workers declare parameters as they go.
@@ -197,6 +198,13 @@ class Steering:
             with contextlib.suppress(Exception):
                 await nc.close()
 
+    @property
+    def js(self):
+        """nats-py's JetStream, for what a command never does (watching, the ledger)."""
+        if self._js is None:
+            self._js = self.nc.jetstream()
+        return self._js
+
     async def kv(self, bucket: str):
         if bucket not in self._kv:
             from nats.js.errors import BucketNotFoundError
@@ -208,9 +216,13 @@ class Steering:
         return self._kv[bucket]
 
     async def entries(self, bucket: str, pattern: str) -> dict[str, bytes]:
-        """The current value of every key matching `pattern` (see broker.latest)."""
-        await self.kv(bucket)  # the bucket exists, or one clear error
-        return await latest(self.js, bucket, pattern)
+        """The current value of every key matching `pattern` (see buckets.snapshot)."""
+        try:
+            return await buckets.snapshot(self.nc, bucket, pattern)
+        except buckets.BucketMissing:
+            raise SteerError("no loomrun job has ever run on this broker") from None
+        except buckets.BucketError as error:
+            raise SteerError(str(error)) from None
 
     # -- jobs --------------------------------------------------------------------------
 
@@ -524,7 +536,6 @@ class Steering:
         timeout: float,
         wait: bool,
     ) -> list[Result]:
-        desired = await self.kv(S.DESIRED)
         if wait:
             await self._listen(job)
         who = origin()
@@ -539,7 +550,7 @@ class Steering:
                 pending.append((result, done))
             result.started = time.perf_counter()
             results.append(result)
-            puts.append(desired.put(key, want.SerializeToString()))
+            puts.append(buckets.put(self.nc, S.DESIRED, key, want.SerializeToString()))
         try:
             revisions = await asyncio.gather(*puts)
         except Exception as error:  # noqa: BLE001 - one sentence for the person asking

@@ -11,6 +11,7 @@ import random
 import threading
 from collections.abc import Awaitable, Callable
 
+from loomrun import buckets
 from loomrun import subjects as S
 from loomrun.broker import (
     BrokerError,
@@ -22,7 +23,6 @@ from loomrun.broker import (
     import_nats,
     is_loopback,
     join,
-    latest,
     leave,
     refused,
 )
@@ -181,7 +181,7 @@ class BrokerLink:
         return await self.js.key_value(name)
 
     async def keys(self, bucket: str, pattern: str) -> list[str]:
-        return list(await latest(self.js, bucket, pattern, keys_only=True))
+        return list(await buckets.snapshot(self.nc, bucket, pattern, keys_only=True))
 
     async def close(self) -> None:
         """Disconnect; the last job to leave a bundled broker stops it (another job still on
