@@ -107,16 +107,18 @@ def test_bad_urls_are_one_line_errors(url):
         host_port(url)
 
 
-def test_nats_is_imported_without_its_websocket_transport_and_aiohttp_still_works():
+def test_nats_is_imported_without_websockets_or_metadata_and_both_still_work():
     import subprocess
     import sys
 
     code = (
-        "import sys; from loomrun.broker import import_nats; import_nats(); "
-        "loaded = 'aiohttp' in sys.modules; import aiohttp; print(loaded, aiohttp.__name__)"
+        "import sys; from loomrun.broker import import_nats; nats = import_nats(); "
+        "loaded = 'aiohttp' in sys.modules or 'importlib.metadata' in sys.modules; "
+        "import aiohttp, importlib.metadata as m; "
+        "print(loaded, aiohttp.__name__, nats.aio.client.__version__ == m.version('nats-py'))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.stdout.split() == ["False", "aiohttp"], result.stderr
+    assert result.stdout.split() == ["False", "aiohttp", "True"], result.stderr
 
 
 @pytest.mark.parametrize(

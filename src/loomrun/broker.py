@@ -148,27 +148,40 @@ def import_nats():
       aiohttp for it when present, a fifth of a second;
     - JetStream (`nats.js`, 25 ms), which nats-py's client imports eagerly though a
       command does not touch it (see loomrun.buckets): it is loaded at first use instead,
-      by the supervisor, `watch` and `log`."""
+      by the supervisor, `watch` and `log`;
+    - importlib.metadata (9 ms), which it imports to read its own version for the CONNECT
+      line: read here from its dist-info folder's name instead."""
     if "nats" in sys.modules:
         return sys.modules["nats"]
-    masked = "aiohttp" not in sys.modules
-    if masked:
-        sys.modules["aiohttp"] = None  # nats-py catches the ImportError and goes without
+    # nats-py catches the ImportError of each and goes without
+    masked = [name for name in ("aiohttp", "importlib.metadata") if name not in sys.modules]
+    for name in masked:
+        sys.modules[name] = None
     deferred = Deferred.of("nats", "js") if "nats.js" not in sys.modules else None
     if deferred is not None:
         sys.modules["nats.js"] = deferred  # what nats-py's `import nats.js` finds
     try:
         import nats
     finally:
-        if masked and sys.modules.get("aiohttp", 0) is None:
-            del sys.modules["aiohttp"]
+        for name in masked:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
         if deferred is not None and sys.modules.get("nats.js") is deferred:
             # Out of sys.modules again: a later `import nats.js.errors` imports the
             # package whole, as an import of a submodule must (its parent first).
             del sys.modules["nats.js"]
     if deferred is not None and not hasattr(nats, "js"):
         nats.js = deferred  # what nats-py's `nats.js.api...` reaches
+    if "importlib.metadata" in masked:
+        nats.aio.client.__version__ = _dist_version(Path(nats.__file__).parent.parent, "nats_py")
     return nats
+
+
+def _dist_version(site: Path, dist: str) -> str:
+    """An installed distribution's version, from its `NAME-VERSION.dist-info` folder."""
+    for found in site.glob(f"{dist}-*.dist-info"):
+        return found.name[len(dist) + 1 : -len(".dist-info")]
+    return "0.0.0"  # what nats-py says itself when it cannot tell
 
 
 class Deferred(type(sys)):
