@@ -127,6 +127,25 @@ def test_the_same_command_on_every_node_agrees_on_ranks_through_c10d(procs):
     assert set(final) == set(names) and len(set(final.values())) == 1, final
 
 
+@pytest.mark.parametrize("nnodes, nproc", [("3", "1"), ("2", "2")])
+def test_a_node_started_with_another_shape_is_refused_before_it_takes_a_rank(procs, nnodes, nproc):
+    """Mismatched --nnodes or --nproc-per-node would hang the workers' own rendezvous: the
+    node that differs from the first one is told so, in one line, and exits."""
+    job = job_id("shape")
+    where = ["--rdzv-id", job, "--rdzv-backend", "c10d", "--rdzv-endpoint",
+             f"127.0.0.1:{free_port()}", "--job", job]  # fmt: skip
+    first = procs.start(
+        "--nnodes", "2", "--nproc-per-node", "1", *where, SCRIPTS / "ddp_seeded.py", "--steps", "1"
+    )
+    wait_for(lambda: "node rank 0 of 2" in first.stderr.readline(), timeout=60)
+    other = ["--nnodes", nnodes, "--nproc-per-node", nproc]
+    result = run_loomrun(*other, *where, SCRIPTS / "ddp_seeded.py", timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "was started with --nnodes 2 --nproc-per-node 1, this node with" in result.stderr
+    assert "Traceback" not in result.stderr and "node rank" not in result.stderr
+    assert first.poll() is None  # the first node still waits for a rightful second one
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

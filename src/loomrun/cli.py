@@ -501,7 +501,8 @@ class RunOptions:
             return 0, "localhost", 0
         click.echo(f"loomrun: waiting for {self.nnodes} nodes at {self.rdzv_endpoint}", err=True)
         try:
-            found = rendezvous.agree(self.rdzv_endpoint, self.nnodes, self.rdzv_id)
+            nproc = proc_count(self.replicas)
+            found = rendezvous.agree(self.rdzv_endpoint, self.nnodes, nproc, self.rdzv_id)
         except rendezvous.RendezvousError as error:
             click.echo(f"Error: {error}", err=True)
             sys.exit(1)

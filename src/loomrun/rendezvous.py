@@ -6,9 +6,12 @@ The agreement goes through torch's own TCPStore at the endpoint, in a short-live
 process (`python -m loomrun.rendezvous`), so the supervisor never imports torch and the
 broker is not needed for it (nor can a record of an earlier run there mislead it: the
 store lives only as long as this rendezvous). The node that can bind the endpoint hosts
-the store; every node adds itself to a counter, which gives its node rank in order of
-arrival; node 0 picks the master port and says its address as the others reach it. The
-host keeps the store until every node has read the result, or its supervisor is gone.
+the store; the first node to arrive writes the job's shape (--nnodes, --nproc-per-node)
+and a node started with another is refused before it takes a rank (mismatched ranks would
+only hang in the workers' own rendezvous); every node adds itself to a counter, which
+gives its node rank in order of arrival; node 0 picks the master port and says its
+address as the others reach it. The host keeps the store until every node has read the
+result, or its supervisor is gone.
 """
 
 from __future__ import annotations
@@ -59,14 +62,14 @@ def _port(text: str, whole: str) -> int:
     return int(text)
 
 
-def agree(where: str, nnodes: int, rdzv_id: str, timeout: float = TIMEOUT) -> Agreement:
+def agree(where: str, nnodes: int, nproc: int, rdzv_id: str, timeout: float = TIMEOUT) -> Agreement:
     """This node's rank and the master's address, agreed with the other nodes."""
     from loomrun.supervisor import parent_death_preexec
 
     host, port = endpoint(where)
     helper = subprocess.Popen(
-        [sys.executable, "-m", "loomrun.rendezvous", host, str(port), str(nnodes), rdzv_id,
-         str(timeout)],
+        [sys.executable, "-m", "loomrun.rendezvous", host, str(port), str(nnodes), str(nproc),
+         rdzv_id, str(timeout)],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         preexec_fn=parent_death_preexec(),  # it ends with this process, however that ends
     )  # fmt: skip
@@ -110,7 +113,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(host: str, port: int, nnodes: int, rdzv_id: str, timeout: float) -> None:
+def _serve(host: str, port: int, nnodes: int, nproc: int, rdzv_id: str, timeout: float) -> None:
     from datetime import timedelta
 
     from torch.distributed import TCPStore
@@ -124,6 +127,15 @@ def _serve(host: str, port: int, nnodes: int, rdzv_id: str, timeout: float) -> N
     if store is None:  # another node hosts it (or this host is not the endpoint)
         store = TCPStore(host, port, is_master=False, timeout=wait)
     prefix = f"loomrun/{rdzv_id}/"
+    shape = json.dumps([nnodes, nproc])
+    first = json.loads(store.compare_set(prefix + "shape", "", shape))
+    if first != [nnodes, nproc]:
+        print(json.dumps({"error": (
+            f"rendezvous {rdzv_id} at {host}:{port} was started with --nnodes {first[0]} "
+            f"--nproc-per-node {first[1]}, this node with --nnodes {nnodes} --nproc-per-node "
+            f"{nproc}: start every node with the same values"
+        )}), flush=True)  # fmt: skip
+        return
     rank = store.add(prefix + "joined", 1) - 1
     if rank >= nnodes:
         print(json.dumps({"error": (
@@ -147,9 +159,9 @@ def _serve(host: str, port: int, nnodes: int, rdzv_id: str, timeout: float) -> N
 
 
 def main() -> None:
-    host, port, nnodes, rdzv_id, timeout = sys.argv[1:6]
+    host, port, nnodes, nproc, rdzv_id, timeout = sys.argv[1:7]
     try:
-        _serve(host, int(port), int(nnodes), rdzv_id, float(timeout))
+        _serve(host, int(port), int(nnodes), int(nproc), rdzv_id, float(timeout))
     except Exception as error:  # noqa: BLE001 - one line for the supervisor to show
         said = (str(error).strip().splitlines() or [type(error).__name__])[0]
         print(json.dumps({"error": f"rendezvous at {host}:{port} failed: {said}"}), flush=True)
