@@ -12,8 +12,9 @@ import threading
 
 import pytest
 from conftest import SCRIPTS, run_loomrun, wait_for
-from test_control import job_id, wait_ready
+from test_control import job_id, steering, wait_ready
 
+from loomrun import subjects as S
 from loomrun.supervisor import free_port
 
 
@@ -39,6 +40,17 @@ def hashes(lines: list[str]) -> dict[str, str]:
     return {m[1]: m[2] for line in lines if (m := re.match(r"\[(r\d)\] hash (\w+)", line))}
 
 
+def desired_watches(job: str) -> list[list[str]]:
+    """The subjects of every consumer on the desired-config bucket that watches `job`."""
+
+    async def work(s):
+        found = await s.js.consumers_info(f"KV_{S.DESIRED}")
+        subjects = [c.config.filter_subjects or [c.config.filter_subject] for c in found]
+        return [f for f in subjects if any(f".{job}." in x for x in f)]
+
+    return steering(work)
+
+
 def rows(job: str) -> dict[str, dict]:
     shown = json.loads(run_loomrun("watch", "--once", "--json", "--job", job).stdout)
     return {r["replica"]: r for r in shown["jobs"][0]["replicas"]}
@@ -61,6 +73,9 @@ def test_two_nodes_are_one_job_and_one_change_lands_at_one_step(procs):
     assert sorted(c["replica"] for c in changes) == names
     assert len({c["step"] for c in changes}) == 1, f"one step for all four ranks: {changes}"
     assert set(rows(job)) == set(names)
+    # Each node is delivered its own replicas' changes only, not the whole job's.
+    watched = sorted(sorted(f.split(".")[3] for f in filters) for filters in desired_watches(job))
+    assert watched == [["r0", "r1"], ["r2", "r3"]], watched
     for node in nodes:
         node.wait(180)
         assert node.returncode == 0, node.stderr.read()

@@ -47,19 +47,42 @@ class DesiredRelay:
         self.refusal = ""
         self._watcher = None
 
+    def subjects(self) -> list[str]:
+        """What this node watches: its own replicas' keys only. On a job of many nodes,
+        a change to another node's replica is not delivered here at all (a watch of the
+        whole job would cost every node every change of every replica)."""
+        return [f"$KV.{S.DESIRED}.{self.job}.{name}.>" for name in self.replicas]
+
     async def watch(self) -> None:
-        """Copy every change of the job's keys into the mailboxes, until stopped."""
-        if self._watcher is not None:
-            with contextlib.suppress(Exception):
-                await self._watcher.stop()
+        """Copy every change of this node's keys into the mailboxes, from the current
+        contents on (an ordered consumer of the last value per key, as a KV watch is, but
+        filtered to this node's replicas), until stopped."""
+        from nats.js import api
+
+        await self.stop()
+        prefix = len(f"$KV.{S.DESIRED}.")
+
+        async def deliver(msg) -> None:
+            operation = (msg.headers or {}).get("KV-Operation")
+            self.take(msg.subject[prefix:], operation, msg.data, msg.metadata.sequence.stream)
+
+        config = api.ConsumerConfig(
+            filter_subjects=self.subjects(),
+            deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+            inactive_threshold=300.0,
+        )
         try:
-            self._watcher = watcher = await self.link.kv[S.DESIRED].watch(f"{self.job}.>")
+            self._watcher = await self.link.js.subscribe(
+                "", stream=f"KV_{S.DESIRED}", cb=deliver, ordered_consumer=True, config=config
+            )
         except Exception as error:  # noqa: BLE001 - retried on the next reconnect
             say(f"cannot watch the desired config ({error})")
-            return
-        async for entry in watcher:
-            if entry is not None:
-                self.take(entry.key, entry.operation, entry.value, entry.revision or 0)
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            with contextlib.suppress(Exception):
+                await self._watcher.unsubscribe()
+            self._watcher = None
 
     def take(self, key: str, operation: str | None, data: bytes | None, revision: int = 0) -> None:
         """One entry off the wire: anything malformed is one line, and changes nothing."""
