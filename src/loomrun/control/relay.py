@@ -46,6 +46,7 @@ class DesiredRelay:
         self.on_written = on_written
         self.refusal = ""
         self._watcher = None
+        self._mine = f"{job}."
 
     def subjects(self) -> list[str]:
         """What this node watches: its own replicas' keys only. On a job of many nodes,
@@ -87,8 +88,8 @@ class DesiredRelay:
     def take(self, key: str, operation: str | None, data: bytes | None, revision: int = 0) -> None:
         """One entry off the wire: anything malformed is one line, and changes nothing."""
         parsed = S.split_desired(key)
-        if parsed is None or parsed[0] not in self.replicas:
-            return
+        if parsed is None or parsed[0] not in self.replicas or not key.startswith(self._mine):
+            return  # another node's or job's (a server that ignores the watch's filters)
         replica = self.replicas[parsed[0]]
         name = parsed[2] or PAUSE
         if parsed[1] == "param" and name == PAUSE:
