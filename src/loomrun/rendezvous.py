@@ -17,6 +17,7 @@ result, or its supervisor is gone.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import select
@@ -101,10 +102,28 @@ def agree(where: str, nnodes: int, nproc: int, rdzv_id: str, timeout: float = TI
 
 
 def _address_towards(host: str) -> str:
-    """This node's address on the route to `host`: what the other nodes can reach."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.connect((host, 9))
+    """This node's address on the route to `host` (IPv4 or IPv6, as `host` resolves)."""
+    family, kind, _, _, where = socket.getaddrinfo(host, 9, type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, kind) as probe:
+        probe.connect(where)
         return probe.getsockname()[0]
+
+
+def master_address(route: str, endpoint_host: str, name: str) -> str:
+    """What node 0 tells the others to reach it by: its address on the route to the
+    endpoint; but when that is a loopback address and the endpoint was not named as one
+    (Debian maps a machine's own name to 127.0.1.1, so a node that hosts the endpoint
+    reaches itself over loopback), its host `name`, which the other nodes can resolve
+    (torchrun's c10d does the same)."""
+    named_loopback = endpoint_host == "localhost" or _is_loopback(endpoint_host)
+    return name if _is_loopback(route) and not named_loopback else route
+
+
+def _is_loopback(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text.split("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def _free_port() -> int:
@@ -144,7 +163,7 @@ def _serve(host: str, port: int, nnodes: int, nproc: int, rdzv_id: str, timeout:
         )}), flush=True)  # fmt: skip
         return
     if rank == 0:
-        master = [_address_towards(host), _free_port()]
+        master = [master_address(_address_towards(host), host, socket.getfqdn()), _free_port()]
         store.set(prefix + "master", json.dumps(master))
     store.wait([prefix + "master"], wait)
     addr, master_port = json.loads(store.get(prefix + "master"))
