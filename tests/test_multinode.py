@@ -12,9 +12,11 @@ import threading
 
 import pytest
 from conftest import SCRIPTS, run_loomrun, wait_for
+from netcut import CuttableProxy
 from test_control import job_id, steering, wait_ready
 
 from loomrun import subjects as S
+from loomrun.broker import host_port
 from loomrun.supervisor import free_port
 
 
@@ -112,6 +114,41 @@ def test_a_worker_killed_on_one_node_stops_or_restarts_both(procs, restarts):
     else:
         assert nodes[1].returncode == 137 and nodes[0].returncode == 137, errors
         assert "node 1: r3 killed by SIGKILL" in errors[0] and "past its restarts" in errors[0]
+
+
+@pytest.mark.slow
+def test_a_node_away_when_the_other_restarts_follows_it_on_reconnecting(procs):
+    """Node 0 is cut off from the broker when node 1's group fails and restarts: the live
+    word does not reach it, the record of it does, when node 0 is back."""
+    job = job_id("away")
+    port, broker = free_port(), host_port(os.environ["LOOMRUN_NATS"])[1]
+    proxy = CuttableProxy(broker)
+    try:
+        nodes = [
+            procs.start(
+                "--nnodes", "2", "--node-rank", rank, "--nproc-per-node", "2", "--master-addr",
+                "127.0.0.1", "--master-port", port, "--job", job, "--max-restarts", "1",
+                SCRIPTS / "steered.py", "--steps", "2500", "--step-time", "0.01", "--quiet",
+                env={"LOOMRUN_NATS": f"nats://127.0.0.1:{proxy.port}"} if rank == 0 else None,
+            )
+            for rank in (0, 1)
+        ]  # fmt: skip
+        wait_ready(job, ["r0", "r1", "r2", "r3"], timeout=120)
+        victim = wait_for(lambda: rows(job)["r3"]["pid"], 30, what="r3's pid")
+        proxy.cut()
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: rows(job)["r3"]["restarts"] == 1, 60, what="node 1's restart")
+        assert rows(job)["r0"]["restarts"] == 0, "node 0 heard it while cut off"
+        proxy.restore()
+        wait_for(lambda: rows(job)["r0"]["restarts"] == 1, 60, what="node 0 following it")
+        for node in nodes:
+            node.wait(180)
+        errors = [n.stderr.read() for n in nodes]
+        assert [n.returncode for n in nodes] == [0, 0], errors
+        assert "restarting all replicas (restart 1/1): node 1: r3 killed by SIGKILL" in errors[0]
+        assert errors[0].count("restarting all replicas") == 1, errors[0]
+    finally:
+        proxy.close()
 
 
 @pytest.mark.slow

@@ -93,6 +93,11 @@ def group(job: str) -> str:
     return f"loomrun.{job}.group"
 
 
+def group_record(job: str, node_rank: int | str) -> str:
+    """The latest such word of a node, kept in the state bucket (`*` for every node)."""
+    return f"{job}.group.{node_rank}"
+
+
 def history(job: str, replica: str = "*") -> str:
     """Where a replica's supervisor answers a request for its metric history."""
     return f"loomrun.{job}.history.{replica}"

@@ -350,17 +350,19 @@ class MetricColumn(_message.Message):
     def __init__(self, name: _Optional[str] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GroupFailure(_message.Message):
-    __slots__ = ("job", "node_rank", "attempt", "give_up", "reason", "exit_code")
+    __slots__ = ("job", "node_rank", "attempt", "give_up", "reason", "exit_code", "time")
     JOB_FIELD_NUMBER: _ClassVar[int]
     NODE_RANK_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     GIVE_UP_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
     job: str
     node_rank: int
     attempt: int
     give_up: bool
     reason: str
     exit_code: int
-    def __init__(self, job: _Optional[str] = ..., node_rank: _Optional[int] = ..., attempt: _Optional[int] = ..., give_up: _Optional[bool] = ..., reason: _Optional[str] = ..., exit_code: _Optional[int] = ...) -> None: ...
+    time: float
+    def __init__(self, job: _Optional[str] = ..., node_rank: _Optional[int] = ..., attempt: _Optional[int] = ..., give_up: _Optional[bool] = ..., reason: _Optional[str] = ..., exit_code: _Optional[int] = ..., time: _Optional[float] = ...) -> None: ...

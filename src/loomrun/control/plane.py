@@ -16,6 +16,7 @@ from pathlib import Path
 
 from google.protobuf.message import DecodeError
 
+from loomrun import buckets
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.broker import BrokerOptions
@@ -74,6 +75,9 @@ class ControlPlane:
         ledger_dirs: list[Path] | None = None,
     ):
         self.job = job
+        # Another node's failure from before this is an earlier run's (the nodes' clocks
+        # agree to well under the time a run takes to start again).
+        self.started = time.time()
         self.replicas = {r.name: r for r in replicas}
         self.on_device_failure = on_device_failure
         self.wait_broker = wait_broker
@@ -143,12 +147,35 @@ class ControlPlane:
                 say(f"cannot send {replica}'s metric history: {error}")
 
     def group_failed(self, attempt: int, give_up: bool, reason: str, exit_code: int) -> None:
-        """Tell the other nodes: this node's group failed, and restarts or gives up."""
+        """Tell the other nodes: this node's group failed, and restarts or gives up. Sent
+        once, and kept as this node's latest, for a node that is away at the moment."""
+        rank = self.registry.node_rank
         word = pb.GroupFailure(
-            job=self.job, node_rank=self.registry.node_rank, attempt=attempt, give_up=give_up,
-            reason=reason, exit_code=exit_code,
+            job=self.job, node_rank=rank, attempt=attempt, give_up=give_up, reason=reason,
+            exit_code=exit_code, time=time.time(),
         )  # fmt: skip
         self.outbox.publish(S.group(self.job), word)
+        self.outbox.put(S.STATE, S.group_record(self.job, rank), word)
+
+    async def _missed_group_failures(self) -> None:
+        """After a reconnect: the other nodes' latest failures of this run, which may have
+        gone out while this node was away. Each is followed once (the supervisor knows
+        which restart it is at), so one heard already changes nothing."""
+        if self.on_group_failure is None or self.registry.nnodes == 1:
+            return
+        pattern = S.group_record(self.job, "*")
+        try:
+            found = await buckets.snapshot(self.link.nc, S.STATE, pattern)
+        except Exception as error:  # noqa: BLE001 - the live word may still come
+            say(f"cannot read the other nodes' failures on the broker ({error})")
+            return
+        for data in found.values():
+            try:
+                word = pb.GroupFailure.FromString(data)
+            except DecodeError:
+                continue
+            if word.node_rank != self.registry.node_rank and word.time >= self.started:
+                self.on_group_failure(word)
 
     async def _group_failed(self, msg) -> None:
         try:
@@ -163,6 +190,8 @@ class ControlPlane:
         if self._watch_task is not None:
             self._watch_task.cancel()
         self._watch_task = asyncio.ensure_future(self.relay.watch())
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self._tasks.append(asyncio.ensure_future(self._missed_group_failures()))
         self.registry.publish_all()
         for replica in self.replicas.values():
             replica.seen["schema"] = 0  # published again: the store may be a new one
