@@ -117,6 +117,30 @@ def test_a_worker_killed_on_one_node_stops_or_restarts_both(procs, restarts):
 
 
 @pytest.mark.slow
+def test_a_node_stopped_by_a_signal_stops_the_other_one(procs):
+    """Ctrl-C (or the scheduler's SIGTERM) on one node ends the job on every node, even
+    with restarts left: a stop is not a failure to restart from."""
+    job = job_id("nodestop")
+    port = free_port()
+    nodes = [
+        procs.start(
+            "--nnodes", "2", "--node-rank", rank, "--nproc-per-node", "1", "--master-addr",
+            "127.0.0.1", "--master-port", port, "--job", job, "--max-restarts", "3",
+            SCRIPTS / "steered.py", "--steps", "100000", "--step-time", "0.01", "--quiet",
+        )
+        for rank in (0, 1)
+    ]  # fmt: skip
+    wait_ready(job, ["r0", "r1"], timeout=120)
+    nodes[0].send_signal(signal.SIGTERM)
+    for node in nodes:
+        node.wait(120)
+    errors = [n.stderr.read() for n in nodes]
+    assert [n.returncode for n in nodes] == [143, 143], errors
+    assert "node 0: stopped by SIGTERM; stopping this node's replicas" in errors[1], errors[1]
+    assert "restarting" not in errors[0] + errors[1]
+
+
+@pytest.mark.slow
 def test_a_node_away_when_the_other_restarts_follows_it_on_reconnecting(procs):
     """Node 0 is cut off from the broker when node 1's group fails and restarts: the live
     word does not reach it, the record of it does, when node 0 is back."""

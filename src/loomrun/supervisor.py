@@ -373,11 +373,13 @@ class Supervisor:
         self._tell_nodes(used + 1, False, exited, exit_code_of(returncode))
         return await self._restart_group(why)
 
-    def _tell_nodes(self, attempt: int, give_up: bool, reason: str, code: int) -> None:
+    def _tell_nodes(
+        self, attempt: int, give_up: bool, reason: str, code: int, stopped: bool = False
+    ) -> None:
         """On several nodes, the others restart (or stop) with this one: their ranks would
         otherwise wait on the failed ones until a collective times out."""
         if self.control is not None and self.spec.nnodes > 1:
-            self.control.group_failed(attempt, give_up, reason, code)
+            self.control.group_failed(attempt, give_up, reason, code, stopped)
 
     async def _follow(self, word) -> list[Replica] | None:
         """Another node's group failed: restart this node's replicas as its restart
@@ -388,7 +390,8 @@ class Supervisor:
         why = f"node {word.node_rank}: {printable(word.reason)}"
         if word.give_up or word.attempt > self.spec.max_restarts:
             alive = [r for r in self.replicas if self._alive(r)]
-            say(f"{why}, past its restarts; stopping this node's replicas")
+            past = "" if word.stopped else ", past its restarts"
+            say(f"{why}{past}; stopping this node's replicas")
             await self._stop(alive, signal.SIGTERM)
             return None
         if word.attempt <= self.group_restarts:
@@ -479,7 +482,7 @@ class Supervisor:
     async def _stop_on_signal(self) -> int:
         sig = self._stop_signal
         code = EXIT_STOPPED_BY.get(sig, 128 + int(sig))
-        self._tell_nodes(self.group_restarts, True, f"stopped by {sig.name}", code)
+        self._tell_nodes(self.group_restarts, True, f"stopped by {sig.name}", code, stopped=True)
         passed = signal.SIGTERM if sig == signal.SIGHUP else sig  # scripts handle SIGTERM
         alive = [r for r in self.replicas if self._alive(r)]
         if alive:

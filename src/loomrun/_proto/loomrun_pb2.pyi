@@ -350,7 +350,7 @@ class MetricColumn(_message.Message):
     def __init__(self, name: _Optional[str] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GroupFailure(_message.Message):
-    __slots__ = ("job", "node_rank", "attempt", "give_up", "reason", "exit_code", "time")
+    __slots__ = ("job", "node_rank", "attempt", "give_up", "reason", "exit_code", "time", "stopped")
     JOB_FIELD_NUMBER: _ClassVar[int]
     NODE_RANK_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
@@ -358,6 +358,7 @@ class GroupFailure(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_FIELD_NUMBER: _ClassVar[int]
     job: str
     node_rank: int
     attempt: int
@@ -365,4 +366,5 @@ class GroupFailure(_message.Message):
     reason: str
     exit_code: int
     time: float
-    def __init__(self, job: _Optional[str] = ..., node_rank: _Optional[int] = ..., attempt: _Optional[int] = ..., give_up: _Optional[bool] = ..., reason: _Optional[str] = ..., exit_code: _Optional[int] = ..., time: _Optional[float] = ...) -> None: ...
+    stopped: bool
+    def __init__(self, job: _Optional[str] = ..., node_rank: _Optional[int] = ..., attempt: _Optional[int] = ..., give_up: _Optional[bool] = ..., reason: _Optional[str] = ..., exit_code: _Optional[int] = ..., time: _Optional[float] = ..., stopped: _Optional[bool] = ...) -> None: ...

@@ -146,13 +146,15 @@ class ControlPlane:
             except Exception as error:  # noqa: BLE001 - the client hears nothing, and says so
                 say(f"cannot send {replica}'s metric history: {error}")
 
-    def group_failed(self, attempt: int, give_up: bool, reason: str, exit_code: int) -> None:
+    def group_failed(
+        self, attempt: int, give_up: bool, reason: str, exit_code: int, stopped: bool = False
+    ) -> None:
         """Tell the other nodes: this node's group failed, and restarts or gives up. Sent
         once, and kept as this node's latest, for a node that is away at the moment."""
         rank = self.registry.node_rank
         word = pb.GroupFailure(
             job=self.job, node_rank=rank, attempt=attempt, give_up=give_up, reason=reason,
-            exit_code=exit_code, time=time.time(),
+            exit_code=exit_code, time=time.time(), stopped=stopped,
         )  # fmt: skip
         self.outbox.publish(S.group(self.job), word)
         self.outbox.put(S.STATE, S.group_record(self.job, rank), word)
