@@ -66,7 +66,7 @@ async def set_latency(options: BrokerOptions, job: str, calls: int) -> tuple[lis
                 raise SystemExit(f"set #{i}: ranks applied at different steps {sorted(steps)}")
             marks.append((time.perf_counter(), steps.pop()))
     (first, first_step), (last, last_step) = marks[0], marks[-1]
-    return samples, (last_step - first_step) / (last - first)
+    return samples, (last_step - first_step) / max(last - first, 1e-9)
 
 
 def measure(ranks: int, env: dict, options: BrokerOptions, calls: int):
@@ -109,10 +109,13 @@ def main() -> None:
         f"ratio {statistics.median(large) / statistics.median(small):.1f}x"
     )
     every = int(os.environ.get("LOOMRUN_AGREE_EVERY", "8"))
+    periods = [every / max(rate, 1e-9) for rate in (large_rate, small_rate)]
     print(
         f"the ranks' pace meanwhile (50 ms steps asked): {args.ranks} ranks {large_rate:.1f} "
-        f"steps/s, an agreement period of {every} steps {every / large_rate * 1000:.0f} ms; "
-        f"2 ranks {small_rate:.1f} steps/s, {every / small_rate * 1000:.0f} ms"
+        f"steps/s, an agreement period of {every} steps {periods[0] * 1000:.0f} ms; "
+        f"2 ranks {small_rate:.1f} steps/s, {periods[1] * 1000:.0f} ms. In periods, the p50 "
+        f"set: {args.ranks} ranks {statistics.median(large) / periods[0]:.2f}, 2 ranks "
+        f"{statistics.median(small) / periods[1]:.2f} (half a period is the wait alone)"
     )
 
 

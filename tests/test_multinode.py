@@ -47,8 +47,14 @@ def desired_watches(job: str) -> list[list[str]]:
 
     async def work(s):
         found = await s.js.consumers_info(f"KV_{S.DESIRED}")
-        subjects = [c.config.filter_subjects or [c.config.filter_subject] for c in found]
-        return [f for f in subjects if any(f".{job}." in x for x in f)]
+        # Bound ones only, once each: a consumer an ordered watch replaced after a missed
+        # heartbeat lingers, unbound, until its inactivity threshold.
+        subjects = {
+            tuple(c.config.filter_subjects or [c.config.filter_subject])
+            for c in found
+            if c.push_bound
+        }
+        return [list(f) for f in subjects if any(f".{job}." in x for x in f)]
 
     return steering(work)
 
@@ -213,7 +219,9 @@ def test_a_node_started_with_another_shape_is_refused_before_it_takes_a_rank(pro
     first = procs.start(
         "--nnodes", "2", "--nproc-per-node", "1", *where, SCRIPTS / "ddp_seeded.py", "--steps", "1"
     )
-    wait_for(lambda: "node rank 0 of 2" in first.stderr.readline(), timeout=60)
+    said: list[str] = []
+    threading.Thread(target=lambda: said.extend(first.stderr), daemon=True).start()
+    wait_for(lambda: any("node rank 0 of 2" in line for line in said), 60, what="node 0")
     other = ["--nnodes", nnodes, "--nproc-per-node", nproc]
     result = run_loomrun(*other, *where, SCRIPTS / "ddp_seeded.py", timeout=60)
     assert result.returncode == 1, result.stderr
@@ -253,13 +261,13 @@ def test_rendezvous_usage_errors_are_one_line(args, message):
         ("127.0.0.1", "127.0.0.1", "127.0.0.1"),  # every node on this machine, as in tests
         ("127.0.0.1", "localhost", "127.0.0.1"),
         ("::1", "::1", "::1"),
-        ("fe80::1%eth0", "node0", "fe80::1%eth0"),
+        ("fe80::1%eth0", "node0", "node0.cluster"),  # a scope only node 0 knows
     ],
 )
 def test_node_0_tells_an_address_the_other_nodes_can_reach(route, endpoint_host, told):
     from loomrun.rendezvous import master_address
 
-    assert master_address(route, endpoint_host, "node0.cluster") == told
+    assert master_address(route, endpoint_host, lambda: "node0.cluster") == told
 
 
 def test_the_route_towards_the_endpoint_is_found_for_ipv4_and_ipv6():

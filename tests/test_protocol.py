@@ -168,8 +168,8 @@ def test_a_change_never_applied_is_not_brought_back_by_a_missed_one(rig):
 
 
 def test_a_key_of_another_job_with_the_same_replica_name_is_left_out(rig):
-    """The watch is filtered to this job's replicas; a server that ignored the filter
-    would deliver every job's keys, and `r0` of another job is not this `r0`."""
+    """Whatever a watch delivers, the relay takes its own job's keys only: `r0` of
+    another job is not this `r0`."""
     rig.step(2)
     other = change(0.7)
     rig.relay.take(S.desired_param("otherjob", "r0", "lr"), "PUT", other.SerializeToString())

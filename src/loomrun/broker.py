@@ -166,7 +166,7 @@ def import_nats():
         for name in masked:
             if sys.modules.get(name, 0) is None:
                 del sys.modules[name]
-        if deferred is not None and sys.modules.get("nats.js") is deferred:
+        if sys.modules.get("nats.js") is deferred and type(deferred) is Deferred:
             # Out of sys.modules again: a later `import nats.js.errors` imports the
             # package whole, as an import of a submodule must (its parent first).
             del sys.modules["nats.js"]
@@ -201,6 +201,8 @@ class Deferred(type(sys)):
         if top is None or not top.submodule_search_locations:
             return None
         folder = Path(top.submodule_search_locations[0]) / name
+        if not (folder / "__init__.py").is_file():  # not installed from source files
+            return None
         spec = importlib.util.spec_from_file_location(
             f"{package}.{name}", folder / "__init__.py", submodule_search_locations=[str(folder)]
         )
@@ -221,6 +223,7 @@ class Deferred(type(sys)):
                     self.__spec__.loader.exec_module(self)
                 except BaseException:
                     del sys.modules[self.__name__]
+                    self.__class__ = Deferred  # the next access tries again, and says why
                     raise
         return getattr(self, attribute)
 

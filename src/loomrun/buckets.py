@@ -9,6 +9,7 @@ write the very buckets that nats-py's KeyValue does in the supervisor and `watch
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -67,14 +68,15 @@ async def ask(nc, subject: str, payload: bytes, what: str, timeout: float, missi
         return await nc.request(subject, payload, timeout=timeout)
     except NoRespondersError:
         raise missing from None
-    except TimeoutError:
+    except (TimeoutError, asyncio.TimeoutError):
         raise BucketError(f"the broker did not answer {what} within {timeout:g} s") from None
 
 
 async def put(nc, bucket: str, key: str, value: bytes, timeout: float = 5.0) -> int:
     """Write one key; its revision (the stream sequence the broker gave it)."""
     what = f"the write of {key}"
-    msg = await ask(nc, subject(bucket, key), value, what, timeout, BucketMissing(bucket))
+    missing = BucketMissing(f"no bucket {bucket}")
+    msg = await ask(nc, subject(bucket, key), value, what, timeout, missing)
     return int(answer(msg.data, what).get("seq", 0))
 
 
@@ -117,7 +119,7 @@ async def snapshot(
             left = deadline - time.monotonic()
             try:
                 msg = await subscription.next_msg(timeout=max(left, 0.001))
-            except TimeoutError:
+            except (TimeoutError, asyncio.TimeoutError):
                 raise BucketError(f"{what} stopped short after {timeout:g} s") from None
             key = msg.subject[prefix:]
             if (msg.headers or {}).get("KV-Operation") in DELETED:

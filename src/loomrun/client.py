@@ -553,6 +553,9 @@ class Steering:
             puts.append(buckets.put(self.nc, S.DESIRED, key, want.SerializeToString()))
         try:
             revisions = await asyncio.gather(*puts)
+        except buckets.BucketMissing:
+            self._forget(job, pending)
+            raise SteerError("no loomrun job has ever run on this broker") from None
         except Exception as error:  # noqa: BLE001 - one sentence for the person asking
             self._forget(job, pending)
             raise SteerError(

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 DEFAULT_PORT = 29400  # torchrun's for --rdzv-endpoint
@@ -102,21 +103,36 @@ def agree(where: str, nnodes: int, nproc: int, rdzv_id: str, timeout: float = TI
 
 
 def _address_towards(host: str) -> str:
-    """This node's address on the route to `host` (IPv4 or IPv6, as `host` resolves)."""
-    family, kind, _, _, where = socket.getaddrinfo(host, 9, type=socket.SOCK_DGRAM)[0]
-    with socket.socket(family, kind) as probe:
-        probe.connect(where)
-        return probe.getsockname()[0]
+    """This node's address on the route to `host`: IPv4 first, as a name with both kinds
+    of address may have no IPv6 route; IPv6 when that is all there is, or was asked for."""
+    found = socket.getaddrinfo(host, 9, type=socket.SOCK_DGRAM)
+    found.sort(key=lambda info: info[0] != socket.AF_INET)
+    error: OSError | None = None
+    for family, kind, _, _, where in found:
+        try:
+            with socket.socket(family, kind) as probe:
+                probe.connect(where)
+                return probe.getsockname()[0]
+        except OSError as failed:
+            error = failed
+    raise error or OSError(f"no route to {host}")
 
 
-def master_address(route: str, endpoint_host: str, name: str) -> str:
+def master_address(route: str, endpoint_host: str, name: Callable[[], str]) -> str:
     """What node 0 tells the others to reach it by: its address on the route to the
-    endpoint; but when that is a loopback address and the endpoint was not named as one
-    (Debian maps a machine's own name to 127.0.1.1, so a node that hosts the endpoint
-    reaches itself over loopback), its host `name`, which the other nodes can resolve
-    (torchrun's c10d does the same)."""
+    endpoint; but its host `name()`, which the other nodes can resolve (as torchrun's
+    c10d does), when that address means nothing to them: a loopback one while the
+    endpoint was not named as one (Debian maps a machine's own name to 127.0.1.1, so a
+    node that hosts the endpoint reaches itself over loopback), or a link-local one,
+    whose scope only this node knows."""
     named_loopback = endpoint_host == "localhost" or _is_loopback(endpoint_host)
-    return name if _is_loopback(route) and not named_loopback else route
+    try:
+        address = ipaddress.ip_address(route.split("%")[0])
+    except ValueError:
+        return route
+    if (address.is_loopback and not named_loopback) or address.is_link_local:
+        return name()
+    return route
 
 
 def _is_loopback(text: str) -> bool:
@@ -163,7 +179,7 @@ def _serve(host: str, port: int, nnodes: int, nproc: int, rdzv_id: str, timeout:
         )}), flush=True)  # fmt: skip
         return
     if rank == 0:
-        master = [master_address(_address_towards(host), host, socket.getfqdn()), _free_port()]
+        master = [master_address(_address_towards(host), host, socket.getfqdn), _free_port()]
         store.set(prefix + "master", json.dumps(master))
     store.wait([prefix + "master"], wait)
     addr, master_port = json.loads(store.get(prefix + "master"))

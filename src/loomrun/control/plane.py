@@ -118,6 +118,7 @@ class ControlPlane:
             await self.registry.subscribe(self.link.nc, self.on_device_failure)
             await self.link.nc.subscribe(S.history(self.job), cb=self._send_history)
             await self.link.nc.subscribe(S.group(self.job), cb=self._group_failed)
+            self._tasks.append(asyncio.ensure_future(self._missed_group_failures()))
         except Exception as error:  # noqa: BLE001 - never take the job down
             say(f"cannot set up the job's state on the broker ({error}); no live control")
             return
@@ -133,6 +134,8 @@ class ControlPlane:
             for bucket in (S.DESIRED, S.STATE):
                 for key in await self.link.keys(bucket, f"{self.job}.{name}.>"):
                     await self.link.kv[bucket].purge(key)
+        with contextlib.suppress(Exception):  # this node's word of an earlier run's failure
+            await self.link.kv[S.STATE].purge(S.group_record(self.job, self.registry.node_rank))
         if self.registry.node_rank == 0:  # its change ledger too (kept on disk, set aside)
             with contextlib.suppress(Exception):
                 await self.link.js.purge_stream(S.LEDGER_STREAM, subject=S.ledger(self.job))
@@ -160,9 +163,10 @@ class ControlPlane:
         self.outbox.put(S.STATE, S.group_record(self.job, rank), word)
 
     async def _missed_group_failures(self) -> None:
-        """After a reconnect: the other nodes' latest failures of this run, which may have
-        gone out while this node was away. Each is followed once (the supervisor knows
-        which restart it is at), so one heard already changes nothing."""
+        """At the first connection and after each reconnect: the other nodes' latest
+        failures of this run, which may have gone out while this node was not listening.
+        Each is followed once (the supervisor knows which restart it is at), so one heard
+        already changes nothing."""
         if self.on_group_failure is None or self.registry.nnodes == 1:
             return
         pattern = S.group_record(self.job, "*")

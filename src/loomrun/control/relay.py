@@ -48,10 +48,13 @@ class DesiredRelay:
         self._watcher = None
         self._mine = f"{job}."
 
-    def subjects(self) -> list[str]:
-        """What this node watches: its own replicas' keys only. On a job of many nodes,
-        a change to another node's replica is not delivered here at all (a watch of the
-        whole job would cost every node every change of every replica)."""
+    def subjects(self, several_filters: bool = True) -> list[str]:
+        """What this node watches: its own replicas' keys only, so that on a job of many
+        nodes a change to another node's replica is not delivered here at all (a watch of
+        the whole job costs every node every change of every replica). A server older
+        than 2.10 takes one filter only: the whole job's keys, then."""
+        if not several_filters:
+            return [f"$KV.{S.DESIRED}.{self.job}.>"]
         return [f"$KV.{S.DESIRED}.{self.job}.{name}.>" for name in self.replicas]
 
     async def watch(self) -> None:
@@ -64,18 +67,27 @@ class DesiredRelay:
         prefix = len(f"$KV.{S.DESIRED}.")
 
         async def deliver(msg) -> None:
-            operation = (msg.headers or {}).get("KV-Operation")
-            self.take(msg.subject[prefix:], operation, msg.data, msg.metadata.sequence.stream)
+            try:
+                operation = (msg.headers or {}).get("KV-Operation")
+                revision = msg.metadata.sequence.stream
+                self.take(msg.subject[prefix:], operation, msg.data, revision)
+            except Exception as error:  # noqa: BLE001 - one change, never the watch
+                say(f"could not take the desired value {msg.subject} ({error})")
 
+        version = self.link.nc.connected_server_version
+        several = (version.major, version.minor) >= (2, 10)
+        subjects = self.subjects(several)
         config = api.ConsumerConfig(
-            filter_subjects=self.subjects(),
+            filter_subjects=subjects if several else None,
+            filter_subject=None if several else subjects[0],
             deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
             inactive_threshold=300.0,
         )
         try:
             self._watcher = await self.link.js.subscribe(
-                "", stream=f"KV_{S.DESIRED}", cb=deliver, ordered_consumer=True, config=config
-            )
+                subjects[0], stream=f"KV_{S.DESIRED}", cb=deliver, ordered_consumer=True,
+                config=config,
+            )  # fmt: skip
         except Exception as error:  # noqa: BLE001 - retried on the next reconnect
             say(f"cannot watch the desired config ({error})")
 
