@@ -258,3 +258,27 @@ def test_a_script_without_torch_never_imports_it():
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "[r0] torch imported: False" in result.stdout
+
+
+def test_ranks_compare_again_at_the_next_step_while_a_change_is_landing():
+    """Agreement points: every `every` steps; after one where a change had reached some
+    ranks only, the very next step too, a bounded number of times, then the period again."""
+    from loomrun.runtime.group import FOLLOW_UPS, Points
+
+    points = Points(8)
+    assert [s for s in range(1, 25) if s in points] == [8, 16, 24]
+    assert points.after(8) == 16
+    points.compared(8, landing=True)
+    assert 9 in points and points.after(8) == 9
+    points.compared(9, landing=False)  # it landed everywhere and was agreed
+    assert 10 not in points and points.after(9) == 16
+    step = 16
+    for _ in range(FOLLOW_UPS):  # a change that never reaches one rank
+        points.compared(step, landing=True)
+        assert points.after(step) == step + 1
+        step += 1
+    points.compared(step, landing=True)
+    assert points.after(step) == 32, "back to the period once the follow-ups are spent"
+    points.compared(32, landing=False)
+    points.compared(40, landing=True)
+    assert points.after(40) == 41, "a settled point gives the follow-ups back"

@@ -9,9 +9,14 @@ script's `init_process_group` (so the script's own collectives never see it).
 The changes are spread by parameter name over BUCKETS buckets, one digest of names and
 change ids per bucket, and the all_reduce takes the minimum of [digests, -digests]: where a
 bucket's minimum and maximum are equal, every rank holds exactly the same changes for
-those names, and every rank applies them at this very step; otherwise none does, and they
-compare again `every` steps later. Buckets keep one parameter that some rank lacks from
-holding up the others. Cost: one all_reduce of 2 x BUCKETS int64 per `every` steps.
+those names, and every rank applies them at this very step; otherwise none does. Buckets
+keep one parameter that some rank lacks from holding up the others.
+
+A change that reached some ranks and not yet others is on its way (a `set` to a large
+group reaches its ranks over tens of milliseconds): the ranks, who all see that in the
+same all_reduce result, compare again at the very next step, up to FOLLOW_UPS times in a
+row, rather than a whole period later. Cost: one all_reduce of 2 x BUCKETS int64 per
+`every` steps, and a few more while a change is landing.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import sys
 
 DEFAULT_EVERY = 8
 BUCKETS = 64
+FOLLOW_UPS = 8  # agreement points one step apart, at most, while a change is landing
 
 
 def bucket(name: str) -> int:
@@ -50,6 +56,33 @@ def agree_every() -> int:
         return DEFAULT_EVERY
 
 
+class Points:
+    """The steps where the ranks compare: every `every` steps, and, while a change is
+    landing (on some ranks, not all), the very next step too, FOLLOW_UPS times in a row at
+    most. Every rank holds the same, as it follows from the same all_reduce results."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self._soon = -1  # the step after a point that left a change landing
+        self._follow_ups = FOLLOW_UPS
+
+    def __contains__(self, step: int) -> bool:
+        return step % self.every == 0 or step == self._soon
+
+    def after(self, step: int) -> int:
+        """The first point after `step`."""
+        regular = (step // self.every + 1) * self.every
+        return min(regular, self._soon) if self._soon > step else regular
+
+    def compared(self, step: int, landing: bool) -> None:
+        if landing and self._follow_ups > 0:
+            self._soon, self._follow_ups = step + 1, self._follow_ups - 1
+            return
+        self._soon = -1
+        if not landing:
+            self._follow_ups = FOLLOW_UPS
+
+
 class Agreement:
     """The ranks' side channel: a gloo group of the whole world, and the agreement on it."""
 
@@ -57,15 +90,18 @@ class Agreement:
         self._dist, self._torch = dist, torch
         self._group = dist.new_group(backend="gloo")
         self.size, self.rank, self.every = size, rank, every
+        self.points = Points(every)
 
-    def agree(self, changes) -> set[str]:
+    def agree(self, changes, step: int) -> set[str]:
         """The names of `changes` that every rank holds exactly so (a collective: every
-        rank calls it at the same step)."""
+        rank calls it at the same step, one of `points`)."""
         mine = digests(changes)
         both = self._torch.tensor(mine + [-d for d in mine], dtype=self._torch.int64)
         self._dist.all_reduce(both, op=self._dist.ReduceOp.MIN, group=self._group)
         values = both.tolist()
         agreed = {i for i in range(BUCKETS) if values[i] == -values[BUCKETS + i] == mine[i]}
+        landing = any(values[i] != -values[BUCKETS + i] for i in range(BUCKETS))
+        self.points.compared(step, landing)
         return {name for name in changes if bucket(name) in agreed}
 
 

@@ -8,8 +8,9 @@ happens off that path.
 Every change the worker reads gets exactly one answer, named by the change's id: applied,
 rejected, missed (its step had passed) or superseded (a later change to the same parameter
 replaced it before it was due). Ranks of one process group take group changes only at
-agreement points, every `agree_every` steps, where they compare (in band, one tiny
-collective) what they hold: each rank applies the same changes at the same step, or none.
+agreement points, every `agree_every` steps (and the next few steps while a change has
+reached some ranks only), where they compare (in band, one tiny collective) what they
+hold: each rank applies the same changes at the same step, or none.
 """
 
 from __future__ import annotations
@@ -180,17 +181,17 @@ class Worker:
             self._answer(self._decide(name, want, step))
             answered = True
         if self.group is not None:
-            if agree and step % self.group.every == 0:
+            if agree and step in self.group.points:
                 answered |= self._agree(grouped, step)
                 due = min([due, *(w.at_step for w in self._scheduled.values())])
-            due = min(due, (step // self.group.every + 1) * self.group.every)
+            due = min(due, self.group.points.after(step))
         self._due = due
         return answered
 
     def _agree(self, grouped: dict[str, pb.DesiredParam], step: int) -> bool:
         """One collective: the changes every rank holds alike, every rank takes now (or
         schedules for their step); the others wait for the next agreement point."""
-        agreed = self.group.agree(grouped)
+        agreed = self.group.agree(grouped, step)
         for name in sorted(agreed):
             want = grouped[name]
             if want.at_step > step:
