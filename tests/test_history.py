@@ -101,13 +101,16 @@ def test_points_of_a_hand_edited_file_keep_only_what_fits():
 
 
 def test_an_earlier_runs_files_are_set_aside(tmp_path):
-    from loomrun.control.ledger import set_aside
+    from loomrun.control.ledger import read_files, set_aside_earlier
 
     for name in ("metrics.json", "metrics.node1.json"):
         (tmp_path / name).write_text('{"replicas": {"r1": {"step": [1], "time": [1.0]}}}')
-    history.set_aside_earlier(tmp_path, time.time() + 1, set_aside)
-    assert history.read_files(tmp_path) == {}
+    for name in ("changes.jsonl", "changes.node1.jsonl"):
+        (tmp_path / name).write_text('{"replica": "r1", "time": 1.0}\n')
+    set_aside_earlier(tmp_path, time.time() + 1)
+    assert history.read_files(tmp_path) == {} and read_files(tmp_path) is None
     assert len(list(tmp_path.glob("metrics*-*.json"))) == 2
+    assert len(list(tmp_path.glob("changes*-*.jsonl"))) == 2
     kept = history.History("j", ["r0"])
     kept.add("r0", pb.Status(step=1, time=1.0, metrics={"loss": 2.0}))
     assert kept.write([tmp_path], "metrics.json") == []

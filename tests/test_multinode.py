@@ -16,7 +16,8 @@ from netcut import CuttableProxy
 from test_control import job_id, steering, wait_ready
 
 from loomrun import subjects as S
-from loomrun.broker import host_port
+from loomrun.broker import host_port, state_dir
+from loomrun.control.ledger import job_dir, read_files
 from loomrun.supervisor import free_port
 
 
@@ -89,6 +90,16 @@ def test_two_nodes_are_one_job_and_one_change_lands_at_one_step(procs):
         assert node.returncode == 0, node.stderr.read()
     final = {**hashes(outputs[0]), **hashes(outputs[1])}
     assert set(final) == set(names) and len(set(final.values())) == 1, final
+    # Two nodes sharing a state directory keep one ledger file each, read as one.
+    folder = job_dir(state_dir(), job)
+    assert (folder / "changes.jsonl").is_file() and (folder / "changes.node1.jsonl").is_file()
+    ids = {c["change_id"] for c in changes}
+    kept = [r for r in read_files(folder) if r["change_id"] in ids]
+    assert sorted(r["replica"] for r in kept) == names, kept
+    shown = run_loomrun("log", "--job", job, "--json", "--nats", "nats://127.0.0.1:1")
+    assert shown.returncode == 0, shown.stderr
+    logged = [json.loads(line) for line in shown.stdout.splitlines()]
+    assert sorted(r["replica"] for r in logged if r["change_id"] in ids) == names
 
 
 @pytest.mark.slow

@@ -869,8 +869,8 @@ def log_command(job, replicas, as_json, follow, metrics, **broker):
     it took effect at, and what became of it (applied, rejected, missed, superseded).
 
     Works for running and finished jobs: a finished job by its id, read from the job's
-    `changes.jsonl` (`metrics.json` with --metrics) in the state directory when the broker
-    no longer has it.
+    `changes.jsonl` (`metrics.json` with --metrics; and the other nodes' `.nodeK` files) in
+    the state directory when the broker no longer has it.
     """
     if metrics:
         _log_metrics(job, replicas, as_json, follow, _broker(**broker))
@@ -879,7 +879,7 @@ def log_command(job, replicas, as_json, follow, metrics, **broker):
 
     from loomrun.broker import state_dir
     from loomrun.client import Steering
-    from loomrun.control.ledger import job_dir, record
+    from loomrun.control.ledger import job_dir, read_files, record
     from loomrun.params import format_value
     from loomrun.printable import printable
 
@@ -915,14 +915,13 @@ def log_command(job, replicas, as_json, follow, metrics, **broker):
     name, count = _broker_first(job, from_broker, (job, 0))
     if count:
         return
-    path = job_dir(state_dir(), name) / "changes.jsonl"
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        raise click.UsageError(f"no change ledger for job {name!r} (nor {path})") from None
-    for line in lines:
-        with contextlib.suppress(ValueError):
-            show(json.loads(line))
+    folder = job_dir(state_dir(), name)
+    records = read_files(folder)
+    if records is None:
+        path = folder / "changes.jsonl"
+        raise click.UsageError(f"no change ledger for job {name!r} (nor {path})")
+    for item in records:
+        show(item)
 
 
 def _broker_first(job, read, fallback):

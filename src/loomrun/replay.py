@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from loomrun.broker import state_dir
-from loomrun.control.ledger import job_dir
+from loomrun.control.ledger import job_dir, node_files
 from loomrun.desired import PAUSE
 
 ORIGIN = "replay"
@@ -26,12 +26,18 @@ class ReplayError(ValueError):
 
 
 def load(source: str) -> list[dict]:
-    """The records of a ledger file, or of a job's ledger in the state directory."""
-    path = Path(source)
-    if not path.is_file():
-        path = job_dir(state_dir(), source) / "changes.jsonl"
-        if not path.is_file():
+    """The records of a ledger file, or of a job's ledger in the state directory (every
+    node's file of it)."""
+    paths = [Path(source)]
+    if not paths[0].is_file():
+        folder = job_dir(state_dir(), source)
+        paths = [p for p in node_files(folder, "changes", ".jsonl") if p.is_file()]
+        if not paths:
             raise ReplayError(f"'{source}' is neither a changes.jsonl file nor a job with one")
+    return [item for path in paths for item in _records(path)]
+
+
+def _records(path: Path) -> list[dict]:
     records = []
     try:
         lines = path.read_text().splitlines()

@@ -242,11 +242,10 @@ class Supervisor:
         self.watchdog = Watchdog()
         self._prepare_run_dir()
         self.record_dirs = self._record_dirs()
-        from loomrun.control import history
-        from loomrun.control.ledger import set_aside
+        from loomrun.control.ledger import set_aside_earlier
 
-        for folder in self.record_dirs:  # with or without a broker: no earlier run's curves
-            history.set_aside_earlier(folder, time.time(), set_aside)
+        for folder in self.record_dirs:  # with or without a broker: no earlier run's records
+            set_aside_earlier(folder, time.time())
         names = [r.name for r in self.replicas]
         shown = names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
         control = (

@@ -25,13 +25,13 @@ import contextlib
 import json
 import math
 import os
-import re
 import struct
 from array import array
 from pathlib import Path
 from typing import Any
 
 from loomrun._proto import loomrun_pb2 as pb
+from loomrun.control.ledger import node_files
 from loomrun.output import say
 from loomrun.params import json_float
 
@@ -40,7 +40,6 @@ COLUMNS = 32  # metric names per replica; more are left out of the history (not 
 MISSING = math.nan
 REPORTED_NAN = struct.unpack("<d", struct.pack("<Q", 0x7FF8_0000_0000_0001))[0]
 AXES = ("replica", "step", "time")  # what a point is keyed by: not metric names
-_NODE_FILE = re.compile(r"metrics\.node[0-9]+\.json")
 
 
 def _bits(value: float) -> int:
@@ -174,24 +173,10 @@ def file_name(node_rank: int) -> str:
     return "metrics.json" if node_rank == 0 else f"metrics.node{node_rank}.json"
 
 
-def _files(folder: Path) -> list[Path]:
-    nodes = [p for p in folder.glob("metrics.node*.json") if _NODE_FILE.fullmatch(p.name)]
-    return [folder / "metrics.json", *sorted(nodes)]
-
-
-def set_aside_earlier(folder: Path, started: float, set_aside) -> None:
-    """A new run of a job id: every node's history of an earlier run goes under another
-    name (written before this run started), so none is read as this run's."""
-    for path in _files(folder):
-        with contextlib.suppress(OSError):
-            if path.stat().st_mtime < started:
-                set_aside(path)
-
-
 def read_files(folder: Path) -> dict[str, dict[str, list]]:
     """The series a finished job's nodes wrote into its folder: replica -> columns."""
     found: dict[str, dict[str, list]] = {}
-    for path in _files(folder):
+    for path in node_files(folder, "metrics", ".json"):
         try:
             written = json.loads(path.read_text())
             replicas = written["replicas"]

@@ -5,13 +5,17 @@ took effect at, applied / rejected / missed / superseded, its id and revision). 
 supervisor publishes it on `loomrun.JOB.ledger`, kept by the LOOMRUN_LEDGER stream (file
 storage; the last LEDGER_KEPT records of each job, for LEDGER_DAYS days), and appends it as
 one JSON line to `changes.jsonl` in the job's directory under the state directory (and
-under --log-dir), so the record outlives both the broker and the job.
+under --log-dir), so the record outlives both the broker and the job. Node K > 0 of a job
+of several nodes writes `changes.nodeK.jsonl` beside it: nodes that share a state
+directory (two on one machine, or a home directory on NFS) never write one file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +51,49 @@ def job_dir(state: Path, job: str) -> Path:
     return state / "jobs" / job
 
 
+def file_name(node_rank: int) -> str:
+    return "changes.jsonl" if node_rank == 0 else f"changes.node{node_rank}.jsonl"
+
+
+def node_files(folder: Path, stem: str, suffix: str) -> list[Path]:
+    """Node 0's `STEM.SUFFIX` in a job's folder, then every other node's `STEM.nodeK.SUFFIX`
+    (not the earlier runs' ones set aside under a time stamp)."""
+    own = re.compile(rf"{re.escape(stem)}\.node[0-9]+{re.escape(suffix)}")
+    nodes = [p for p in folder.glob(f"{stem}.node*{suffix}") if own.fullmatch(p.name)]
+    return [folder / f"{stem}{suffix}", *sorted(nodes)]
+
+
+def set_aside_earlier(folder: Path, started: float) -> None:
+    """A new run of a job id: every node's change ledger and metric history of an earlier
+    run (written before this run started) go under another name, so none is read as this
+    run's."""
+    for path in node_files(folder, "changes", ".jsonl") + node_files(folder, "metrics", ".json"):
+        with contextlib.suppress(OSError):
+            if path.stat().st_mtime < started:
+                set_aside(path)
+
+
+def read_files(folder: Path) -> list[dict] | None:
+    """Every node's records of a job's last run in its folder, oldest first; None when no
+    node left one."""
+    paths = [p for p in node_files(folder, "changes", ".jsonl") if p.is_file()]
+    if not paths:
+        return None
+    records = []
+    for path in paths:
+        with contextlib.suppress(OSError):
+            for line in path.read_text().splitlines():
+                with contextlib.suppress(ValueError, RecursionError):
+                    item = json.loads(line)
+                    if isinstance(item, dict):
+                        records.append(item)
+    return sorted(records, key=_when)
+
+
+def _when(item: dict) -> float:
+    return item["time"] if isinstance(item.get("time"), int | float) else 0.0
+
+
 def set_aside(path: Path) -> None:
     """An earlier run's file under the same job id is kept, under another name
     (`changes.jsonl` -> `changes-20261123-181500.jsonl`)."""
@@ -58,16 +105,16 @@ def set_aside(path: Path) -> None:
 class Ledger:
     """The supervisor's writer: the broker through the outbox, the files directly."""
 
-    def __init__(self, job: str, outbox, folders: list[Path]):
+    def __init__(self, job: str, outbox, folders: list[Path], node_rank: int = 0):
         self.job = job
         self.outbox = outbox
         self._files = []
         for folder in folders:
+            path = folder / file_name(node_rank)
             try:
                 folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-                set_aside(folder / "changes.jsonl")
-                fd = os.open(folder / "changes.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
-                             0o600)  # fmt: skip
+                set_aside(path)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
                 self._files.append(os.fdopen(fd, "a", buffering=1))
             except OSError as error:
                 say(f"cannot keep the change ledger in {folder}: {error.strerror}")

@@ -90,7 +90,7 @@ class ControlPlane:
         self.pump = MailboxPump(job, host, self.replicas, self.outbox, self.devices, self.event)
         self.relay = DesiredRelay(job, self.replicas, self.link, self.outbox, self.pump.written)
         self.pump.on_missed = self.relay.missed
-        self.pump.ledger = self.ledger = Ledger(job, self.outbox, ledger_dirs or [])
+        self.pump.ledger = self.ledger = Ledger(job, self.outbox, ledger_dirs or [], node_rank)
         self.pump.history = self.history = history.History(job, list(self.replicas))
         self._history_file = history.file_name(node_rank)
         self._folders = ledger_dirs or []
