@@ -241,3 +241,20 @@ def test_the_page_shows_and_steers_a_real_job(procs, browser):
     drawn = state("window.loomrun.chartDraws")
     wait_for(lambda: state("window.loomrun.chartDraws") > drawn, 10, what="the curves redrawn")
     assert browser.save_screenshot(str(ARTIFACTS / "ui.png"))
+
+    # The page's connection drops (a laptop's network, a restarted tunnel): it says so,
+    # comes back by itself, and steers again.
+    browser.execute_script("window.dropped = socket; socket.close()")
+    wait_for(lambda: state("socket !== window.dropped && socket.readyState === 1"), 10,
+             what="a new connection")  # fmt: skip
+    assert browser.find_element(By.ID, "link").text == "live"
+    frames = state("window.loomrun.frames")
+    wait_for(lambda: state("window.loomrun.frames") > frames, 10, what="frames again")
+    lr_input = "#params [data-param=lr] input"
+    field = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, lr_input), 10,
+                     what="the lr form back")[0]  # fmt: skip
+    field.clear()
+    field.send_keys("0.0555")
+    browser.find_element(By.CSS_SELECTOR, "#params [data-param=lr] button").click()
+    wait_for(lambda: any(lr == 0.0555 for _, lr in used_lrs(output, "r1")), 30,
+             what="r1 stepping with the change made after the reconnect")  # fmt: skip
