@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import random
 import shutil
@@ -31,24 +30,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from scale import ready  # benchmarks/ is on the path of a script run from it
+
 from loomrun.broker import BrokerOptions
 from loomrun.client import Steering
 from loomrun.supervisor import free_port
 
 HERE = Path(__file__).resolve().parent
 LOOMRUN = [sys.executable, "-m", "loomrun.cli"]
-
-
-async def ready(options: BrokerOptions, job: str, ranks: int) -> None:
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            async with Steering.connect(options) as steering:
-                schemas = await steering.schemas(job)
-                if sum("lr" in s.specs for s in schemas.values()) == ranks:
-                    return
-        await asyncio.sleep(1.0)
-    raise SystemExit(f"{job} did not come up in 10 minutes")
 
 
 async def set_latency(options: BrokerOptions, job: str, calls: int) -> tuple[list[float], float]:
@@ -81,7 +70,7 @@ def measure(ranks: int, env: dict, options: BrokerOptions, calls: int):
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
-        asyncio.run(ready(options, job, ranks))
+        asyncio.run(ready(options, job, ranks, name="lr", timeout=600))
         return asyncio.run(set_latency(options, job, calls))
     finally:
         os.killpg(sup.pid, signal.SIGTERM)

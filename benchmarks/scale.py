@@ -39,16 +39,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-async def ready(options: BrokerOptions, job: str, replicas: int) -> None:
-    deadline = time.monotonic() + 300
+async def ready(
+    options: BrokerOptions, job: str, replicas: int, name: str = "scale", timeout: float = 300
+) -> None:
+    """Wait until every replica of `job` has declared the parameter `name`."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(Exception):
             async with Steering.connect(options) as steering:
                 schemas = await steering.schemas(job)
-                if sum("scale" in s.specs for s in schemas.values()) == replicas:
+                if sum(name in s.specs for s in schemas.values()) == replicas:
                     return
         await asyncio.sleep(0.5)
-    raise SystemExit(f"{job} did not come up")
+    raise SystemExit(f"{job} did not come up in {timeout:g} s")
 
 
 async def set_latency(options: BrokerOptions, job: str, calls: int) -> list[float]:
