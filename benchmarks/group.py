@@ -22,15 +22,13 @@ import asyncio
 import os
 import random
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from scale import ready  # benchmarks/ is on the path of a script run from it
+from scale import ready, running  # benchmarks/ is on the path of a script run from it
 
 from loomrun.broker import BrokerOptions
 from loomrun.client import Steering
@@ -65,16 +63,9 @@ async def set_latency(options: BrokerOptions, job: str, calls: int) -> tuple[lis
 
 def measure(ranks: int, env: dict, options: BrokerOptions, calls: int):
     job = f"group{ranks}-{os.getpid()}"
-    sup = subprocess.Popen(
-        [*LOOMRUN, "--replicas", str(ranks), "--job", job, str(HERE / "group_rank.py"), "0.05"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    try:
+    with running(job, ranks, HERE / "group_rank.py", env):
         asyncio.run(ready(options, job, ranks, name="lr", timeout=600))
         return asyncio.run(set_latency(options, job, calls))
-    finally:
-        os.killpg(sup.pid, signal.SIGTERM)
-        sup.wait(180)
 
 
 def ms(samples: list[float]) -> str:

@@ -77,13 +77,23 @@ def freshness(env: dict, job: str, snapshots: int) -> list[float]:
     return worst
 
 
-def measure(replicas: int, env: dict, options: BrokerOptions) -> dict:
-    job = f"scale{replicas}-{os.getpid()}"
+@contextlib.contextmanager
+def running(job: str, replicas: int, script: Path, env: dict):
+    """`loomrun --replicas N script 0.05` (steps of 50 ms), stopped at the end."""
     sup = subprocess.Popen(
-        [*LOOMRUN, "--replicas", str(replicas), "--job", job, str(HERE / "stepper.py"), "0.05"],
+        [*LOOMRUN, "--replicas", str(replicas), "--job", job, str(script), "0.05"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
+        yield sup
+    finally:
+        os.killpg(sup.pid, signal.SIGTERM)
+        sup.wait(180)
+
+
+def measure(replicas: int, env: dict, options: BrokerOptions) -> dict:
+    job = f"scale{replicas}-{os.getpid()}"
+    with running(job, replicas, HERE / "stepper.py", env) as sup:
         asyncio.run(ready(options, job, replicas))
         before, began = cpu_seconds(sup.pid), time.monotonic()
         time.sleep(10.0)
@@ -91,9 +101,6 @@ def measure(replicas: int, env: dict, options: BrokerOptions) -> dict:
         ages = freshness(env, job, 10)
         sets = asyncio.run(set_latency(options, job, 30))
         return {"cpu": cpu, "ages": ages, "sets": sets}
-    finally:
-        os.killpg(sup.pid, signal.SIGTERM)
-        sup.wait(120)
 
 
 def ms(samples: list[float]) -> str:
