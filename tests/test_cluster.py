@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import threading
 
 import pytest
 from conftest import SCRIPTS, run_loomrun, wait_for
@@ -31,19 +32,24 @@ def cluster_ready(url: str) -> bool:
     return asyncio.run(probe())
 
 
-def start_members(procs) -> tuple[list, list[str]]:
+def start_members(procs, started=range(3)) -> tuple[list, list[str], object]:
+    """Members of one 3-server cluster: those `started` now, and how to start another."""
     ports, routes = [free_port() for _ in range(3)], [free_port() for _ in range(3)]
-    members = []
-    for i in range(3):
+
+    def member(i: int):
         others = ",".join(f"nats://127.0.0.1:{routes[j]}" for j in range(3) if j != i)
-        members.append(procs.start(
+        return procs.start(
             "server", "--port", ports[i], "--cluster", f"127.0.0.1:{routes[i]}",
             "--routes", others,
-        ))  # fmt: skip
+        )  # fmt: skip
+
+    members = [member(i) for i in started]
     urls = [f"nats://127.0.0.1:{p}" for p in ports]
-    for url in urls:
-        wait_for(lambda url=url: cluster_ready(url), 60, interval=0.5, what=f"JetStream at {url}")
-    return members, urls
+    if len(members) == 3:
+        for url in urls:
+            wait_for(lambda url=url: cluster_ready(url), 60, interval=0.5,
+                     what=f"JetStream at {url}")  # fmt: skip
+    return members, urls, member
 
 
 def set_everywhere(job: str, url: str, value: float) -> list[dict]:
@@ -55,7 +61,7 @@ def set_everywhere(job: str, url: str, value: float) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_job_on_a_nats_cluster_survives_losing_a_member(procs):
-    members, urls = start_members(procs)
+    members, urls, _ = start_members(procs)
     job = job_id("cluster")
     port = free_port()
     for rank in (0, 1):
@@ -91,3 +97,23 @@ def test_a_job_on_a_nats_cluster_survives_losing_a_member(procs):
     assert {
         p["replica"]: p["value"] for p in listed["params"] if p["name"] == "lr"
     } == dict.fromkeys(names, 0.07)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_job_started_before_its_cluster_has_a_quorum_gets_control_when_it_has(procs):
+    """One member of three is up: JetStream refuses the job's state (no meta leader). The
+    supervisor says so, trains on, and tries again; when the others join, steering works."""
+    members, urls, member = start_members(procs, started=[0])
+    job = job_id("quorum")
+    sup = procs.start(
+        "--job", job, "--nats", urls[0], SCRIPTS / "steered.py", "--steps", "100000000",
+        "--step-time", "0.01", "--quiet", env={"LOOMRUN_NATS_REPLICAS": "3"},
+    )  # fmt: skip
+    said: list[str] = []
+    threading.Thread(target=lambda: said.extend(sup.stderr), daemon=True).start()
+    wait_for(lambda: any("trying again" in line for line in said), 60, what="the first refusal")
+    members += [member(1), member(2)]
+    wait_ready(job, url=urls[0], timeout=120)
+    assert set_everywhere(job, urls[1], 0.0321)[0]["new"] == 0.0321
+    assert not any("no live control" in line for line in said), said

@@ -809,11 +809,17 @@ def get_command(job, replicas, as_json, **broker):
     name, schemas, statuses, outcomes = _steer(_broker(**broker), gather)
     listing = []
     for replica, specs in schemas:
-        values = statuses[replica].status.values if replica in statuses else {}
+        status = statuses[replica].status if replica in statuses else None
+        values = status.values if status is not None else {}
         for spec in specs.values():
             last = outcomes.get((replica, spec.name))
             applied = last is not None and last.state == pb.APPLIED
-            value = from_pb(values[spec.name]) if spec.name in values else spec.default
+            if applied and (status is None or last.step > status.step):
+                value = from_pb(last.new)  # applied since the last status (sent 4 times a second)
+            elif spec.name in values:
+                value = from_pb(values[spec.name])
+            else:
+                value = spec.default
             bounds = [
                 f"{k} {v:g}" for k, v in (("min", spec.min), ("max", spec.max)) if v is not None
             ]

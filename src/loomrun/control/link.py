@@ -28,6 +28,8 @@ from loomrun.broker import (
 )
 from loomrun.output import say
 
+SETTLE_SECONDS = 60.0  # how long the broker may refuse the job's state before it goes on without
+
 
 def nats_replicas() -> int:
     """How many copies JetStream keeps of loomrun's buckets and streams when this supervisor
@@ -78,12 +80,27 @@ class BrokerLink:
                 await asyncio.sleep(2.0)
         if self.nc is None:
             return False
-        try:
-            await self.ensure_buckets()
-        except Exception as error:  # noqa: BLE001 - never take the job down
-            say(f"cannot set up the job's state on the broker ({error}); no live control")
-            return False
-        return True
+        return await self.settle(self.ensure_buckets)
+
+    async def settle(self, step: Callable[[], Awaitable[None]]) -> bool:
+        """`step` (a setup of the job's state on the broker) until it works: a NATS cluster
+        electing its leaders refuses JetStream requests for a while. False, said once,
+        when it still fails after SETTLE_SECONDS: the job then runs without control."""
+        deadline = asyncio.get_running_loop().time() + SETTLE_SECONDS
+        said = False
+        while not self.closing:
+            try:
+                await step()
+                return True
+            except Exception as error:  # noqa: BLE001 - never take the job down
+                if asyncio.get_running_loop().time() > deadline:
+                    say(f"cannot set up the job's state on the broker ({error}); no live control")
+                    return False
+                if not said:
+                    say(f"the broker cannot take the job's state yet ({error}); trying again")
+                    said = True
+                await asyncio.sleep(1.0)
+        return False
 
     async def _connect(self) -> None:
         nats = import_nats()

@@ -113,8 +113,9 @@ class ControlPlane:
     async def _serve(self) -> None:
         if not await self.link.connect(self.wait_broker):
             return
+        if not await self.link.settle(self._forget_last_run):
+            return
         try:
-            await self._forget_last_run()
             await self.registry.subscribe(self.link.nc, self.on_device_failure)
             await self.link.nc.subscribe(S.history(self.job), cb=self._send_history)
             await self.link.nc.subscribe(S.group(self.job), cb=self._group_failed)
