@@ -127,7 +127,7 @@ class ControlPlane:
         self.link.on_reconnect.append(self._resync)
         self._tasks.append(asyncio.ensure_future(self.outbox.run()))
         self._tasks.append(asyncio.ensure_future(self.registry.heartbeat()))
-        self._watch_task = asyncio.ensure_future(self.relay.watch())
+        self._watch_task = asyncio.ensure_future(self.link.settle(self.relay.watch))
 
     async def _forget_last_run(self) -> None:
         """A new run starts from the script's own values, not a past run's of the same id."""
@@ -196,7 +196,7 @@ class ControlPlane:
     async def _resync(self) -> None:
         if self._watch_task is not None:
             self._watch_task.cancel()
-        self._watch_task = asyncio.ensure_future(self.relay.watch())
+        self._watch_task = asyncio.ensure_future(self.link.settle(self.relay.watch))
         self._tasks = [t for t in self._tasks if not t.done()]
         self._tasks.append(asyncio.ensure_future(self._missed_group_failures()))
         self.registry.publish_all()

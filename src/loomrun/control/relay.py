@@ -60,7 +60,8 @@ class DesiredRelay:
     async def watch(self) -> None:
         """Copy every change of this node's keys into the mailboxes, from the current
         contents on (an ordered consumer of the last value per key, as a KV watch is, but
-        filtered to this node's replicas), until stopped."""
+        filtered to this node's replicas), until stopped. Raises if the broker refuses
+        the watch (the caller tries again)."""
         from nats.js import api
 
         await self.stop()
@@ -83,13 +84,10 @@ class DesiredRelay:
             deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
             inactive_threshold=300.0,
         )
-        try:
-            self._watcher = await self.link.js.subscribe(
-                subjects[0], stream=f"KV_{S.DESIRED}", cb=deliver, ordered_consumer=True,
-                config=config,
-            )  # fmt: skip
-        except Exception as error:  # noqa: BLE001 - retried on the next reconnect
-            say(f"cannot watch the desired config ({error})")
+        self._watcher = await self.link.js.subscribe(
+            subjects[0], stream=f"KV_{S.DESIRED}", cb=deliver, ordered_consumer=True,
+            config=config,
+        )  # fmt: skip
 
     async def stop(self) -> None:
         if self._watcher is not None:
@@ -101,7 +99,7 @@ class DesiredRelay:
         """One entry off the wire: anything malformed is one line, and changes nothing."""
         parsed = S.split_desired(key)
         if parsed is None or parsed[0] not in self.replicas or not key.startswith(self._mine):
-            return  # another node's or job's (a server that ignores the watch's filters)
+            return  # another node's or job's, which the watch's filter keeps out anyway
         replica = self.replicas[parsed[0]]
         name = parsed[2] or PAUSE
         if parsed[1] == "param" and name == PAUSE:
