@@ -13,7 +13,7 @@ import pytest
 from conftest import SCRIPTS, run_loomrun, wait_for
 from test_control import job_id, wait_ready
 
-from loomrun.broker import BrokerOptions, answers
+from loomrun.broker import BrokerOptions, answers, host_port
 from loomrun.client import Steering
 from loomrun.supervisor import free_port
 
@@ -105,6 +105,8 @@ def test_a_job_started_before_its_cluster_has_a_quorum_gets_control_when_it_has(
     """One member of three is up: JetStream refuses the job's state (no meta leader). The
     supervisor says so, trains on, and tries again; when the others join, steering works."""
     members, urls, member = start_members(procs, started=[0])
+    # Listening first: on a silent loopback port the supervisor would start its own broker.
+    wait_for(lambda: answers(*host_port(urls[0])), 30, what="member 0 listening")
     job = job_id("quorum")
     sup = procs.start(
         "--job", job, "--nats", urls[0], SCRIPTS / "steered.py", "--steps", "100000000",

@@ -246,3 +246,18 @@ def test_lightning_changes_land_and_go_to_the_trainers_logger(procs, tmp_path):
     assert logged == {
         ("loomrun/lr", 0.01, applied["lr"] - 1), ("loomrun/dropout", 0.25, applied["dropout"] - 1)
     }  # fmt: skip
+
+
+def test_a_node_sets_aside_its_own_earlier_files_never_another_nodes(tmp_path):
+    """Nodes sharing a folder start at their own times: node 1, starting late, must not move
+    node 0's live ledger; node 0 moves its own, and those of ranks this run does not have."""
+    from loomrun.control.ledger import set_aside_earlier
+
+    for name in ("changes.jsonl", "changes.node1.jsonl", "changes.node2.jsonl", "metrics.json"):
+        (tmp_path / name).write_text('{"replica": "r1", "time": 1.0}\n')
+    later = time.time() + 1
+    set_aside_earlier(tmp_path, later, node_rank=1, nnodes=2)
+    left = sorted(p.name for p in tmp_path.glob("*.json*") if "-" not in p.name)
+    assert left == ["changes.jsonl", "changes.node2.jsonl", "metrics.json"]
+    set_aside_earlier(tmp_path, later, node_rank=0, nnodes=2)
+    assert not [p for p in tmp_path.glob("*.json*") if "-" not in p.name]

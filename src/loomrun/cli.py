@@ -814,7 +814,8 @@ def get_command(job, replicas, as_json, **broker):
         for spec in specs.values():
             last = outcomes.get((replica, spec.name))
             applied = last is not None and last.state == pb.APPLIED
-            if applied and (status is None or last.step > status.step):
+            since = applied and (status is None or last.time > status.time)
+            if since and last.new.WhichOneof("kind"):
                 value = from_pb(last.new)  # applied since the last status (sent 4 times a second)
             elif spec.name in values:
                 value = from_pb(values[spec.name])

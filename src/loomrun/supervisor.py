@@ -245,7 +245,7 @@ class Supervisor:
         from loomrun.control.ledger import set_aside_earlier
 
         for folder in self.record_dirs:  # with or without a broker: no earlier run's records
-            set_aside_earlier(folder, time.time())
+            set_aside_earlier(folder, time.time(), self.spec.node_rank, self.spec.nnodes)
         names = [r.name for r in self.replicas]
         shown = names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
         control = (

@@ -51,6 +51,9 @@ def job_dir(state: Path, job: str) -> Path:
     return state / "jobs" / job
 
 
+_NODE_RANK = re.compile(r"\.node([0-9]+)\.")
+
+
 def file_name(node_rank: int) -> str:
     return "changes.jsonl" if node_rank == 0 else f"changes.node{node_rank}.jsonl"
 
@@ -63,11 +66,15 @@ def node_files(folder: Path, stem: str, suffix: str) -> list[Path]:
     return [folder / f"{stem}{suffix}", *sorted(nodes)]
 
 
-def set_aside_earlier(folder: Path, started: float) -> None:
-    """A new run of a job id: every node's change ledger and metric history of an earlier
-    run (written before this run started) go under another name, so none is read as this
-    run's."""
+def set_aside_earlier(folder: Path, started: float, node_rank: int = 0, nnodes: int = 1) -> None:
+    """A new run of a job id: this node's change ledger and metric history of an earlier run
+    (written before this run started) go under another name, so none is read as this run's;
+    node 0 does the same for the files of node ranks this run does not have. Never another
+    node's of this run: nodes sharing the folder start at their own times."""
     for path in node_files(folder, "changes", ".jsonl") + node_files(folder, "metrics", ".json"):
+        rank = int(found[1]) if (found := _NODE_RANK.search(path.name)) else 0
+        if rank != node_rank and not (node_rank == 0 and rank >= nnodes):
+            continue
         with contextlib.suppress(OSError):
             if path.stat().st_mtime < started:
                 set_aside(path)

@@ -244,10 +244,7 @@ class BrokerLink:
         asyncio.ensure_future(self._after_reconnect())
 
     async def _after_reconnect(self) -> None:
-        try:
-            await self.ensure_buckets()
-        except Exception as error:  # noqa: BLE001 - retried on the next reconnect
-            say(f"cannot set up the job's state on the broker again ({error})")
+        if not await self.settle(self.ensure_buckets):  # a member may be electing leaders
             return
         for callback in self.on_reconnect:
             await callback()
