@@ -367,8 +367,11 @@ def host_port(url: str) -> tuple[str, int]:
 
 
 def is_loopback(url: str) -> bool:
+    return loopback_host(host_port(url)[0])
+
+
+def loopback_host(host: str) -> bool:
     """By address, never by the look of a name: `127.example.com` is a remote host."""
-    host, _ = host_port(url)
     if host == "localhost":
         return True
     try:

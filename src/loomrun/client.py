@@ -29,6 +29,7 @@ from loomrun.broker import BrokerOptions, connect_client
 from loomrun.desired import change, new_change_id
 
 BUILTIN_NAMES = {"lr", "momentum", "weight_decay", "betas"}
+NEVER_USED = "no loomrun job has ever run on this broker"
 STATES = {
     pb.APPLIED: "applied",
     pb.REJECTED: "rejected",
@@ -212,7 +213,7 @@ class Steering:
             try:
                 self._kv[bucket] = await self.js.key_value(bucket)
             except BucketNotFoundError:
-                raise SteerError("no loomrun job has ever run on this broker") from None
+                raise SteerError(NEVER_USED) from None
         return self._kv[bucket]
 
     async def entries(self, bucket: str, pattern: str) -> dict[str, bytes]:
@@ -220,7 +221,7 @@ class Steering:
         try:
             return await buckets.snapshot(self.nc, bucket, pattern)
         except buckets.BucketMissing:
-            raise SteerError("no loomrun job has ever run on this broker") from None
+            raise SteerError(NEVER_USED) from None
         except buckets.BucketError as error:
             raise SteerError(str(error)) from None
 
@@ -555,7 +556,7 @@ class Steering:
             revisions = await asyncio.gather(*puts)
         except buckets.BucketMissing:
             self._forget(job, pending)
-            raise SteerError("no loomrun job has ever run on this broker") from None
+            raise SteerError(NEVER_USED) from None
         except Exception as error:  # noqa: BLE001 - one sentence for the person asking
             self._forget(job, pending)
             raise SteerError(

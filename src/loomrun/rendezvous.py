@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from loomrun.broker import loopback_host
+
 DEFAULT_PORT = 29400  # torchrun's for --rdzv-endpoint
 TIMEOUT = 900.0  # seconds a node waits for the others (torchrun's join timeout is 600)
 
@@ -125,21 +127,13 @@ def master_address(route: str, endpoint_host: str, name: Callable[[], str]) -> s
     endpoint was not named as one (Debian maps a machine's own name to 127.0.1.1, so a
     node that hosts the endpoint reaches itself over loopback), or a link-local one,
     whose scope only this node knows."""
-    named_loopback = endpoint_host == "localhost" or _is_loopback(endpoint_host)
     try:
-        address = ipaddress.ip_address(route.split("%")[0])
+        address = ipaddress.ip_address(route)  # an IPv6 one may carry its %scope
     except ValueError:
         return route
-    if (address.is_loopback and not named_loopback) or address.is_link_local:
+    if (address.is_loopback and not loopback_host(endpoint_host)) or address.is_link_local:
         return name()
     return route
-
-
-def _is_loopback(text: str) -> bool:
-    try:
-        return ipaddress.ip_address(text.split("%")[0]).is_loopback
-    except ValueError:
-        return False
 
 
 def _free_port() -> int:

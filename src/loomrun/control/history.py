@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from loomrun._proto import loomrun_pb2 as pb
-from loomrun.control.ledger import node_files
+from loomrun.control.ledger import node_file, node_files
 from loomrun.output import say
 from loomrun.params import json_float
 
@@ -170,7 +170,7 @@ def limit_from_env() -> int:
 
 
 def file_name(node_rank: int) -> str:
-    return "metrics.json" if node_rank == 0 else f"metrics.node{node_rank}.json"
+    return node_file("metrics", ".json", node_rank)
 
 
 def read_files(folder: Path) -> dict[str, dict[str, list]]:

@@ -54,8 +54,9 @@ def job_dir(state: Path, job: str) -> Path:
 _NODE_RANK = re.compile(r"\.node([0-9]+)\.")
 
 
-def file_name(node_rank: int) -> str:
-    return "changes.jsonl" if node_rank == 0 else f"changes.node{node_rank}.jsonl"
+def node_file(stem: str, suffix: str, node_rank: int) -> str:
+    """Node 0's `STEM.SUFFIX`, node K's `STEM.nodeK.SUFFIX`: one file per node of a job."""
+    return f"{stem}{suffix}" if node_rank == 0 else f"{stem}.node{node_rank}{suffix}"
 
 
 def node_files(folder: Path, stem: str, suffix: str) -> list[Path]:
@@ -117,10 +118,10 @@ class Ledger:
         self.outbox = outbox
         self._files = []
         for folder in folders:
-            path = folder / file_name(node_rank)
+            # An earlier run's file was set aside as the supervisor started (set_aside_earlier).
+            path = folder / node_file("changes", ".jsonl", node_rank)
             try:
                 folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-                set_aside(path)
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
                 self._files.append(os.fdopen(fd, "a", buffering=1))
             except OSError as error:
