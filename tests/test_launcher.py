@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -362,3 +363,43 @@ def test_the_supervisor_side_never_imports_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
+
+
+LIFELINE_CHILD = (
+    "import os, time; from loomrun.lifeline import PARENT_PID, end_with_parent; "
+    "end_with_parent(); print('asked', os.environ.get(PARENT_PID), flush=True); time.sleep(60)"
+)
+
+
+def test_a_child_asks_to_end_with_its_parent_and_does():
+    """Workers ask for the parent-death signal themselves (so the supervisor can vfork
+    them): a SIGKILLed parent takes its child along, watchdog or not."""
+    parent = subprocess.Popen(
+        [
+            sys.executable, "-c",
+            "import os, subprocess, sys, time; from loomrun.lifeline import parent_env; "
+            f"child = subprocess.Popen([sys.executable, '-c', {LIFELINE_CHILD!r}], "
+            "env={**os.environ, **parent_env()}); "
+            "print(child.pid, flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        child = int(parent.stdout.readline())
+        assert parent.stdout.readline().split() == ["asked", "None"], "not passed on further"
+        parent.kill()
+        parent.wait(10)
+        wait_for(lambda: not pid_alive(child), 5, what="the child to end with its parent")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)  # the child is in its group
+        parent.communicate(timeout=10)
+
+
+def test_a_child_whose_parent_already_died_leaves_at_once():
+    done = subprocess.run(
+        [sys.executable, "-c", LIFELINE_CHILD],
+        env={**os.environ, "LOOMRUN_PARENT_PID": "1"},  # not its parent: died, reparented
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1 and "asked" not in done.stdout

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from loomrun.broker import loopback_host
+from loomrun.lifeline import end_with_parent, parent_env
 
 DEFAULT_PORT = 29400  # torchrun's for --rdzv-endpoint
 TIMEOUT = 900.0  # seconds a node waits for the others (torchrun's join timeout is 600)
@@ -68,14 +69,12 @@ def _port(text: str, whole: str) -> int:
 
 def agree(where: str, nnodes: int, nproc: int, rdzv_id: str, timeout: float = TIMEOUT) -> Agreement:
     """This node's rank and the master's address, agreed with the other nodes."""
-    from loomrun.supervisor import parent_death_preexec
-
     host, port = endpoint(where)
     helper = subprocess.Popen(
         [sys.executable, "-m", "loomrun.rendezvous", host, str(port), str(nnodes), str(nproc),
          rdzv_id, str(timeout)],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        preexec_fn=parent_death_preexec(),  # it ends with this process, however that ends
+        env={**os.environ, **parent_env()},  # it ends with this process, however that ends
     )  # fmt: skip
     answer = None
     try:
@@ -188,6 +187,7 @@ def _serve(host: str, port: int, nnodes: int, nproc: int, rdzv_id: str, timeout:
 
 
 def main() -> None:
+    end_with_parent()
     host, port, nnodes, nproc, rdzv_id, timeout = sys.argv[1:7]
     try:
         _serve(host, int(port), int(nnodes), int(nproc), rdzv_id, float(timeout))

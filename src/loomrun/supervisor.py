@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import os
 import shutil
@@ -21,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loomrun.broker import BrokerOptions, sweep_orphan_brokers
-from loomrun.desired import DesiredConfig
+from loomrun.lifeline import parent_env
 from loomrun.mailbox import Mailbox, MailboxError, new_segment_path, sweep_stale
 from loomrun.output import ConsoleStream, ReplicaOutput, prefix_for, say, use_color
 from loomrun.printable import printable
@@ -32,7 +30,6 @@ PROGRESS_CHECK = 0.5
 EXIT_STOPPED_BY = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 # A closed terminal or a dropped ssh session (SIGHUP) stops the job like SIGTERM does.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -140,22 +137,6 @@ def describe_exit(returncode: int) -> str:
     return f"exit code {returncode}"
 
 
-def parent_death_preexec():
-    """A pre-exec function that makes the kernel SIGKILL the worker when the supervisor dies."""
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    prctl = libc.prctl
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the supervisor died before prctl took effect
-            os._exit(1)
-
-    return preexec
-
-
 @dataclass
 class Replica:
     """One worker slot: its identity stays, its process changes across restarts."""
@@ -223,7 +204,6 @@ class Supervisor:
         self.replicas = [Replica(name, i) for i, name in enumerate(spec.replica_names())]
         self.group_restarts = 0
         self.master_port = spec.master_port or free_port()
-        self._preexec = parent_death_preexec()
         self._stop_signal: signal.Signals | None = None
         self._stop_requested = asyncio.Event()
         self._run_dir: Path | None = None
@@ -432,6 +412,8 @@ class Supervisor:
         except MailboxError:
             state = None
         if state is not None:
+            from loomrun.desired import DesiredConfig  # protobuf: not before the first spawn
+
             desired = DesiredConfig()
             desired.state.CopyFrom(state)
             desired.rebase()
@@ -517,6 +499,7 @@ class Supervisor:
             dict(os.environ),
         )
         env["LOOMRUN_MAILBOX"] = str(self.mailboxes[replica.name].path)
+        env.update(parent_env())  # the worker's boot asks to be killed when this process dies
         if spec.replay and spec.replay.get(replica.name):
             plan = self._run_dir / f"replay-{replica.name}.json"
             plan.write_text(json.dumps(spec.replay[replica.name]))
@@ -528,7 +511,6 @@ class Supervisor:
             stderr=asyncio.subprocess.PIPE,
             env=env,
             start_new_session=True,
-            preexec_fn=self._preexec,
             limit=1 << 20,
         )
         replica.pgid = replica.proc.pid

@@ -11,6 +11,8 @@ import runpy
 import sys
 import traceback
 
+from loomrun.lifeline import end_with_parent
+
 _OWN_FILES = {__file__, runpy.__file__, "<frozen runpy>"}
 
 
@@ -37,6 +39,7 @@ def main() -> None:
     argv = sys.argv[1:]
     if not argv or (argv[0] == "-m" and len(argv) < 2):
         sys.exit("usage: python -m loomrun.runtime.boot (SCRIPT | -m MODULE) [ARGS]...")
+    end_with_parent()
     from loomrun.runtime import optim
     from loomrun.runtime.worker import attach
 
