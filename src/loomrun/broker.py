@@ -19,6 +19,7 @@ import ipaddress
 import json
 import os
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -306,18 +307,37 @@ def _stop_server(port: int) -> bool:
         return False
     with contextlib.suppress(OSError):
         os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 2.0
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(pid, os.WNOHANG)  # reap it, when it is this process's own child
-        if not _our_server(pid, port):
-            break
-        time.sleep(0.02)
-    else:
+    if not _gone(pid, port, 2.0):
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
     _server_pid(port).unlink(missing_ok=True)
     return True
+
+
+def _gone(pid: int, port: int, timeout: float) -> bool:
+    """Wait until `pid` is no longer the bundled server on `port`; woken by its exit (a
+    pidfd) where Linux has one: a poll every 20 ms made every job's end 10 ms longer."""
+    try:
+        exited = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        exited = None
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, os.WNOHANG)  # reap it, when it is this process's own child
+            if not _our_server(pid, port):
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if exited is None:
+                time.sleep(min(0.02, left))
+            else:
+                select.select([exited], [], [], left)
+    finally:
+        if exited is not None:
+            os.close(exited)
 
 
 def sweep_orphan_brokers() -> list[int]:

@@ -59,14 +59,13 @@ class Watchdog:
             pass  # it died: nothing to tell, the supervisor cleans up itself
 
     def close(self) -> None:
-        """The supervisor cleaned up itself: the watchdog leaves without acting."""
+        """The supervisor cleaned up itself: the watchdog leaves without acting, by itself
+        on reading the goodbye; nothing waits for it (8 ms off the end of every job)."""
         if self.process is None:
             return
         self.tell("done")
         with contextlib.suppress(OSError):
             self.process.stdin.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(5)
 
 
 def main() -> None:
