@@ -8,6 +8,7 @@ from pathlib import Path
 import nats
 import pytest
 from conftest import pid_alive
+from nats.js.errors import NotFoundError
 
 from loomrun.broker import (
     BrokerError,
@@ -168,6 +169,19 @@ def test_buckets_read_and_write_what_nats_py_key_value_does(broker):
             await kv.put("other.r0.lr", b"0.5")
             seen = await buckets.snapshot(nc, "loomrun_kv", "job.>")
             keys = await buckets.snapshot(nc, "loomrun_kv", "*.r0.*", keys_only=True)
+            revisions = await buckets.entries(nc, "loomrun_kv", "job.>")
+            assert revisions["job.r0.lr"] == (second, b"0.2")
+            assert revisions["job.r1.lr"][0] == (await kv.get("job.r1.lr")).revision
+            made = await buckets.made(nc, "loomrun_kv")
+            assert made and made == await buckets.made(nc, "loomrun_kv")
+            purged = await buckets.purge(nc, "loomrun_kv", "job.r1.lr")
+            assert purged > revisions["job.r1.lr"][0]
+            assert await buckets.put(nc, "loomrun_kv", "job.r1.lr", b"0.6") > purged
+            with pytest.raises(NotFoundError):
+                await kv.get("job.r1.lr", revision=revisions["job.r1.lr"][0])  # history gone
+            await nc.jetstream().delete_key_value("loomrun_kv")
+            await nc.jetstream().create_key_value(bucket="loomrun_kv", history=1)
+            assert await buckets.made(nc, "loomrun_kv") != made, "another stream, told apart"
             deadline = asyncio.get_running_loop().time() + 5
             while (info := await nc.jetstream().stream_info("KV_loomrun_kv")).state.consumer_count:
                 if asyncio.get_running_loop().time() > deadline:
@@ -184,17 +198,17 @@ def test_buckets_read_and_write_what_nats_py_key_value_does(broker):
 
 
 @pytest.mark.parametrize(
-    "reply, left",
+    "reply, sequence, left",
     [
-        ("$JS.ACK.KV_x.c1.1.10.3.1700000000000000000.7", 7),
-        ("$JS.ACK.dom.hash.KV_x.c1.1.10.3.1700000000000000000.0.tok", 0),
-        ("$JS.ACK.dom.hash.KV_x.c1.1.10.3.1700000000000000000.2", 2),
+        ("$JS.ACK.KV_x.c1.1.10.3.1700000000000000000.7", 10, 7),
+        ("$JS.ACK.dom.hash.KV_x.c1.1.11.3.1700000000000000000.0.tok", 11, 0),
+        ("$JS.ACK.dom.hash.KV_x.c1.1.12.3.1700000000000000000.2", 12, 2),
     ],
 )
-def test_pending_is_read_from_both_reply_forms(reply, left):
-    from loomrun.buckets import pending
+def test_a_delivery_is_read_from_both_reply_forms(reply, sequence, left):
+    from loomrun.buckets import delivery
 
-    assert pending(reply) == left
+    assert delivery(reply) == (sequence, left)
 
 
 @pytest.mark.parametrize(
@@ -214,7 +228,7 @@ def test_bad_answers_are_one_sentence(data, error):
 
 
 def test_a_delivery_without_a_jetstream_reply_is_one_sentence():
-    from loomrun.buckets import BucketError, pending
+    from loomrun.buckets import BucketError, delivery
 
     with pytest.raises(BucketError, match="not a JetStream reply subject"):
-        pending("_INBOX.x")
+        delivery("_INBOX.x")

@@ -296,3 +296,13 @@ def test_a_token_protects_the_bundled_broker(procs):
         return result.returncode == 0 and "-> 0.02" in result.stdout
 
     wait_for(applied, 60, interval=0.5, what="a set with the token to apply")
+
+
+def test_a_record_is_of_this_run_by_the_brokers_order_not_a_clock():
+    from loomrun.control.plane import of_this_run
+
+    since = ("2026-11-30T01:00:00Z", 120)
+    assert of_this_run(121, "2026-11-30T01:00:00Z", since)
+    assert not of_this_run(120, "2026-11-30T01:00:00Z", since), "its own purge"
+    assert not of_this_run(7, "2026-11-30T01:00:00Z", since)
+    assert of_this_run(7, "2026-11-30T02:00:00Z", since), "a stream made since, from 1 again"

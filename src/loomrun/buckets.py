@@ -34,14 +34,16 @@ def subject(bucket: str, key: str) -> str:
     return f"$KV.{bucket}.{key}"
 
 
-def pending(reply: str) -> int:
-    """How many messages a consumer has left after this one, from its delivery's reply
-    subject: $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or
-    the newer form with <domain>.<account hash> after ACK and a token at the end."""
+def delivery(reply: str) -> tuple[int, int]:
+    """A consumer's delivery, from its reply subject: the message's stream sequence (a key's
+    revision) and how many messages the consumer has left after it. The subject is
+    $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or the newer
+    form with <domain>.<account hash> after ACK and a token at the end."""
     tokens = reply.split(".")
     if tokens[:2] != ["$JS", "ACK"] or len(tokens) not in (9, 11, 12):
         raise BucketError(f"a delivery came with {reply!r}, not a JetStream reply subject")
-    return int(tokens[8] if len(tokens) == 9 else tokens[10])
+    at = 0 if len(tokens) == 9 else 2
+    return int(tokens[5 + at]), int(tokens[8 + at])
 
 
 def answer(data: bytes, what: str) -> dict:
@@ -60,12 +62,15 @@ def answer(data: bytes, what: str) -> dict:
     return body
 
 
-async def ask(nc, subject: str, payload: bytes, what: str, timeout: float, missing: BucketError):
+async def ask(
+    nc, subject: str, payload: bytes, what: str, timeout: float, missing: BucketError,
+    headers: dict[str, str] | None = None,
+):  # fmt: skip
     """One request; no responders (raised as `missing`) and silence as errors."""
     from nats.errors import NoRespondersError
 
     try:
-        return await nc.request(subject, payload, timeout=timeout)
+        return await nc.request(subject, payload, timeout=timeout, headers=headers)
     except NoRespondersError:
         raise missing from None
     except (TimeoutError, asyncio.TimeoutError):
@@ -80,11 +85,40 @@ async def put(nc, bucket: str, key: str, value: bytes, timeout: float = 5.0) -> 
     return int(answer(msg.data, what).get("seq", 0))
 
 
+async def purge(nc, bucket: str, key: str, timeout: float = 5.0) -> int:
+    """Remove a key and its history, as nats-py's KeyValue.purge does; the revision of the
+    purge itself (whatever is written after it has a higher one)."""
+    what = f"the purge of {key}"
+    missing = BucketMissing(f"no bucket {bucket}")
+    marker = {"KV-Operation": "PURGE", "Nats-Rollup": "sub"}
+    msg = await ask(nc, subject(bucket, key), b"", what, timeout, missing, headers=marker)
+    return int(answer(msg.data, what).get("seq", 0))
+
+
+async def made(nc, bucket: str, timeout: float = 5.0) -> str:
+    """When the bucket's stream was made, as the broker says (its own clock). Another answer
+    means another stream, whose revisions started again from 1: a broker back with an
+    empty store, the bucket made again."""
+    what = f"the description of {bucket}"
+    missing = BucketMissing(f"no bucket {bucket}")
+    msg = await ask(nc, f"{API}.STREAM.INFO.{stream(bucket)}", b"", what, timeout, missing)
+    return str(answer(msg.data, what).get("created", ""))
+
+
 async def snapshot(
     nc, bucket: str, pattern: str, keys_only: bool = False, timeout: float = 5.0
 ) -> dict[str, bytes]:
     """The current value of every key matching `pattern` (b"" with `keys_only`), deleted
-    keys left out.
+    keys left out (see `entries`)."""
+    found = await entries(nc, bucket, pattern, keys_only, timeout)
+    return {key: data for key, (_, data) in found.items()}
+
+
+async def entries(
+    nc, bucket: str, pattern: str, keys_only: bool = False, timeout: float = 5.0
+) -> dict[str, tuple[int, bytes]]:
+    """The revision and current value of every key matching `pattern` (b"" with
+    `keys_only`), deleted keys left out.
 
     Read with a consumer of the last message per key, up to the last one the server
     counted as pending when it made the consumer; not with a KV watch, whose "initial
@@ -103,7 +137,7 @@ async def snapshot(
         "inactive_threshold": 30 * 10**9,  # gone by itself if this process dies mid-read
     }
     request = json.dumps({"stream_name": stream(bucket), "config": config}).encode()
-    found: dict[str, bytes] = {}
+    found: dict[str, tuple[int, bytes]] = {}
     name = None
     try:
         what, create = f"a read of {bucket}", f"{API}.CONSUMER.CREATE.{stream(bucket)}"
@@ -122,11 +156,12 @@ async def snapshot(
             except (TimeoutError, asyncio.TimeoutError):
                 raise BucketError(f"{what} stopped short after {timeout:g} s") from None
             key = msg.subject[prefix:]
+            revision, left = delivery(msg.reply or "")
             if (msg.headers or {}).get("KV-Operation") in DELETED:
                 found.pop(key, None)
             else:
-                found[key] = b"" if keys_only else msg.data
-            if pending(msg.reply or "") == 0:
+                found[key] = (revision, b"" if keys_only else msg.data)
+            if left == 0:
                 return found
     finally:
         with contextlib.suppress(Exception):

@@ -60,6 +60,14 @@ class ReplicaView:
         self.next_telemetry = 0.0
 
 
+def of_this_run(revision: int, stream_made: str, since: tuple[str, int]) -> bool:
+    """A record in a bucket was written after this node's mark at start (`since`: the
+    stream's making and a revision): later than that revision in the same stream, or in a
+    stream made since, whose revisions began again at 1 and all came after."""
+    made, mark = since
+    return stream_made != made or revision > mark
+
+
 class ControlPlane:
     def __init__(
         self,
@@ -75,9 +83,10 @@ class ControlPlane:
         ledger_dirs: list[Path] | None = None,
     ):
         self.job = job
-        # Another node's failure from before this is an earlier run's (the nodes' clocks
-        # agree to well under the time a run takes to start again).
-        self.started = time.time()
+        # Where this run starts in the state bucket: the stream's making and the revision
+        # of this node's purge of its own failure record, at start. Another node's record
+        # from before that is an earlier run's; the broker's order says so, no node's clock.
+        self._since: tuple[str, int] | None = None
         self.replicas = {r.name: r for r in replicas}
         self.on_device_failure = on_device_failure
         self.wait_broker = wait_broker
@@ -135,8 +144,9 @@ class ControlPlane:
             for bucket in (S.DESIRED, S.STATE):
                 for key in await self.link.keys(bucket, f"{self.job}.{name}.>"):
                     await self.link.kv[bucket].purge(key)
-        with contextlib.suppress(Exception):  # this node's word of an earlier run's failure
-            await self.link.kv[S.STATE].purge(S.group_record(self.job, self.registry.node_rank))
+        own = S.group_record(self.job, self.registry.node_rank)  # an earlier run's failure
+        revision = await buckets.purge(self.link.nc, S.STATE, own)
+        self._since = (await buckets.made(self.link.nc, S.STATE), revision)
         if self.registry.node_rank == 0:  # its change ledger too (kept on disk, set aside)
             with contextlib.suppress(Exception):
                 await self.link.js.purge_stream(S.LEDGER_STREAM, subject=S.ledger(self.job))
@@ -168,20 +178,23 @@ class ControlPlane:
         failures of this run, which may have gone out while this node was not listening.
         Each is followed once (the supervisor knows which restart it is at), so one heard
         already changes nothing."""
-        if self.on_group_failure is None or self.registry.nnodes == 1:
+        if self.on_group_failure is None or self.registry.nnodes == 1 or self._since is None:
             return
         pattern = S.group_record(self.job, "*")
         try:
-            found = await buckets.snapshot(self.link.nc, S.STATE, pattern)
+            stream_made = await buckets.made(self.link.nc, S.STATE)
+            found = await buckets.entries(self.link.nc, S.STATE, pattern)
         except Exception as error:  # noqa: BLE001 - the live word may still come
             say(f"cannot read the other nodes' failures on the broker ({error})")
             return
-        for data in found.values():
+        for revision, data in found.values():
+            if not of_this_run(revision, stream_made, self._since):
+                continue
             try:
                 word = pb.GroupFailure.FromString(data)
             except DecodeError:
                 continue
-            if word.node_rank != self.registry.node_rank and word.time >= self.started:
+            if word.node_rank != self.registry.node_rank:
                 self.on_group_failure(word)
 
     async def _group_failed(self, msg) -> None:
