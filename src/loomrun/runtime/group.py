@@ -1,7 +1,7 @@
 """Agreement of the ranks of one process group on which changes to apply, and when.
 
 A change delivered to each rank's mailbox can always reach one rank a step later than the
-others: timing alone cannot make ranks agree. So ranks agree in band. Every `every` steps
+others: timing alone cannot make ranks agree. So ranks agree in band. At agreement points
 (the same steps on every rank) each rank contributes digests of the group changes it holds
 unanswered to one tiny all_reduce on a gloo group of loomrun's own, made right after the
 script's `init_process_group` (so the script's own collectives never see it).
@@ -12,21 +12,34 @@ bucket's minimum and maximum are equal, every rank holds exactly the same change
 those names, and every rank applies them at this very step; otherwise none does. Buckets
 keep one parameter that some rank lacks from holding up the others.
 
+How far apart the points are is a time, not a number of steps: a change waits for the
+next point, and 8 steps of a second each made a `set` wait 4 s on average. The same
+all_reduce carries the slowest rank's pace (seconds a step since the last point) and the
+all_reduce's own cost (as the last rank to arrive saw it: the others' wait is the ranks'
+skew, which a DDP job pays anyway at its next collective); from them every rank works out
+the same next point: about AGREE_SECONDS away, and farther when the all_reduce would take
+more than BUDGET of the time, up to MOST_SECONDS (a change should not wait longer, whatever
+agreeing costs). LOOMRUN_AGREE_EVERY=N fixes N steps instead.
+
 A change that reached some ranks and not yet others is on its way (a `set` to a large
 group reaches its ranks over tens of milliseconds): the ranks, who all see that in the
 same all_reduce result, compare again at the very next step, up to FOLLOW_UPS times in a
-row, rather than a whole period later. Cost: one all_reduce of 2 x BUCKETS int64 per
-`every` steps, and a few more while a change is landing.
+row, rather than a whole period later.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 import sys
+import time
 
-DEFAULT_EVERY = 8
+AGREE_SECONDS = 0.02  # between agreement points, when the steps are shorter than that
+BUDGET = 0.02  # the largest share of the time the agreement's all_reduce should take,
+MOST_SECONDS = 1.0  # unless that puts the points farther apart than this: a change waits
+FIRST = 2  # steps from joining to the first point, which measures the first pace
 BUCKETS = 64
 FOLLOW_UPS = 8  # agreement points one step apart, at most, while a change is landing
 
@@ -48,33 +61,50 @@ def digests(changes) -> list[int]:
     return out
 
 
-def agree_every() -> int:
-    """Steps between agreement points: LOOMRUN_AGREE_EVERY, the same on every rank."""
+def agree_every() -> int | None:
+    """Steps between agreement points when LOOMRUN_AGREE_EVERY fixes them (the same on
+    every rank); None, the default: they follow the time the steps take."""
     try:
-        return max(1, int(os.environ.get("LOOMRUN_AGREE_EVERY", DEFAULT_EVERY)))
-    except ValueError:
-        return DEFAULT_EVERY
+        return max(1, int(os.environ["LOOMRUN_AGREE_EVERY"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def steps_apart(pace: float, cost: float) -> int:
+    """Steps to the next regular point, for steps of `pace` seconds and an all_reduce of
+    `cost` seconds: AGREE_SECONDS of steps, or as many as keep the all_reduce within
+    BUDGET of the time, but no more than MOST_SECONDS of steps; one at least (steps slower
+    than that: every step)."""
+    if pace <= 0:
+        return FIRST  # nothing measured yet
+    seconds = min(MOST_SECONDS, max(AGREE_SECONDS, cost / BUDGET))
+    return max(1, math.ceil(seconds / pace - 1e-9))
 
 
 class Points:
-    """The steps where the ranks compare: every `every` steps, and, while a change is
-    landing (on some ranks, not all), the very next step too, FOLLOW_UPS times in a row at
-    most. Every rank holds the same, as it follows from the same all_reduce results."""
+    """The steps where the ranks compare: regular points `every` steps apart, or as far
+    apart as `steps_apart` says at each of them; and, while a change is landing (on some
+    ranks, not all), the very next step too, FOLLOW_UPS times in a row at most. Every rank
+    holds the same, as it follows from the same all_reduce results."""
 
-    def __init__(self, every: int):
+    def __init__(self, every: int | None, step: int = 0):
         self.every = every
+        self._next = step + (every or FIRST)  # the next regular point
         self._soon = -1  # the step after a point that left a change landing
         self._follow_ups = FOLLOW_UPS
 
     def __contains__(self, step: int) -> bool:
-        return step % self.every == 0 or step == self._soon
+        return step == self._next or step == self._soon
 
     def after(self, step: int) -> int:
         """The first point after `step`."""
-        regular = (step // self.every + 1) * self.every
-        return min(regular, self._soon) if self._soon > step else regular
+        return min(self._next, self._soon) if self._soon > step else self._next
 
-    def compared(self, step: int, landing: bool) -> None:
+    def compared(self, step: int, landing: bool, pace: float = 0.0, cost: float = 0.0) -> None:
+        """The ranks compared at `step`; the slowest one's `pace` and the all_reduce's
+        `cost`, both in seconds, place the next regular point."""
+        if step == self._next:
+            self._next = step + (self.every or steps_apart(pace, cost))
         if landing and self._follow_ups > 0:
             self._soon, self._follow_ups = step + 1, self._follow_ups - 1
             return
@@ -86,22 +116,34 @@ class Points:
 class Agreement:
     """The ranks' side channel: a gloo group of the whole world, and the agreement on it."""
 
-    def __init__(self, dist, torch, size: int, rank: int, every: int):
+    def __init__(self, dist, torch, size: int, rank: int, every: int | None, step: int = 0):
         self._dist, self._torch = dist, torch
         self._group = dist.new_group(backend="gloo")
         self.size, self.rank, self.every = size, rank, every
-        self.points = Points(every)
+        self.points = Points(every, step)
+        self._last: tuple[float, int] | None = None  # (time, step) at the end of the last one
+        self._cost = 0.0  # this rank's last all_reduce, seconds
 
     def agree(self, changes, step: int) -> set[str]:
         """The names of `changes` that every rank holds exactly so (a collective: every
         rank calls it at the same step, one of `points`)."""
+        started = time.monotonic()
+        pace = 0.0
+        if self._last is not None and step > self._last[1]:
+            pace = (started - self._last[0]) / (step - self._last[1])
         mine = digests(changes)
-        both = self._torch.tensor(mine + [-d for d in mine], dtype=self._torch.int64)
+        # One MIN for all: digests and negated digests, the negated pace (the slowest
+        # rank's), and the cost (the last rank to arrive waited least: the all_reduce alone).
+        timing = [-round(pace * 1e6), round(self._cost * 1e6)]
+        both = self._torch.tensor(mine + [-d for d in mine] + timing, dtype=self._torch.int64)
         self._dist.all_reduce(both, op=self._dist.ReduceOp.MIN, group=self._group)
+        done = time.monotonic()
+        self._cost, self._last = done - started, (done, step)
         values = both.tolist()
         agreed = {i for i in range(BUCKETS) if values[i] == -values[BUCKETS + i] == mine[i]}
         landing = any(values[i] != -values[BUCKETS + i] for i in range(BUCKETS))
-        self.points.compared(step, landing)
+        slowest, cost = -values[2 * BUCKETS] / 1e6, values[2 * BUCKETS + 1] / 1e6
+        self.points.compared(step, landing, slowest, cost)
         return {name for name in changes if bucket(name) in agreed}
 
 
@@ -121,7 +163,9 @@ def install(worker) -> None:
         size = dist.get_world_size()
         if size > 1:
             try:
-                agreement = Agreement(dist, torch, size, dist.get_rank(), agree_every())
+                agreement = Agreement(
+                    dist, torch, size, dist.get_rank(), agree_every(), worker.step
+                )
             except Exception as error:  # noqa: BLE001 - never break the script's own setup
                 worker.warn_once(
                     f"cannot set up the ranks' agreement ({error}); changes to this job "

@@ -8,8 +8,8 @@ happens off that path.
 Every change the worker reads gets exactly one answer, named by the change's id: applied,
 rejected, missed (its step had passed) or superseded (a later change to the same parameter
 replaced it before it was due). Ranks of one process group take group changes only at
-agreement points, every `agree_every` steps (and the next few steps while a change has
-reached some ranks only), where they compare (in band, one tiny collective) what they
+agreement points, about every 20 ms of steps (runtime.group; and the next few steps while
+a change has reached some ranks only), where they compare (in band, one tiny collective) what they
 hold: each rank applies the same changes at the same step, or none.
 """
 
@@ -348,7 +348,7 @@ class Worker:
         schema = pb.Schema(params=[P.spec_to_pb(t.spec) for t in self.targets.values()])
         if self.group is not None:
             schema.group_size, schema.group_rank = self.group.size, self.group.rank
-            schema.agree_every = self.group.every
+            schema.agree_every = self.group.every or 0  # 0: points follow the steps' time
         self._write(self.mailbox.schema, schema)
 
     # -- status ----------------------------------------------------------------------
