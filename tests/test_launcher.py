@@ -403,3 +403,19 @@ def test_a_child_whose_parent_already_died_leaves_at_once():
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 1 and "asked" not in done.stdout
+
+
+def test_workers_end_with_the_supervisor_by_the_kernel_too(tmp_path):
+    """Besides the watchdog, each worker holds the parent-death signal (SIGKILL), which it
+    asked for itself at boot, and hands the request on to no process it starts."""
+    script = tmp_path / "death_signal.py"
+    script.write_text(
+        "import ctypes, os\n"
+        "held = ctypes.c_int()\n"
+        "ctypes.CDLL(None).prctl(2, ctypes.byref(held))  # PR_GET_PDEATHSIG\n"
+        "print('death signal', held.value, os.environ.get('LOOMRUN_PARENT_PID'))\n"
+    )
+    result = run_loomrun("--no-broker", "--replicas", "2", script)
+    assert result.returncode == 0, result.stderr
+    assert f"[r0] death signal {int(signal.SIGKILL)} None" in result.stdout, result.stdout
+    assert f"[r1] death signal {int(signal.SIGKILL)} None" in result.stdout, result.stdout

@@ -304,3 +304,32 @@ def test_agreement_points_follow_the_time_the_steps_take():
     assert points.after(10) == 11 and 30 in points, "the plan holds across a follow-up"
     points.compared(11, landing=False, pace=0.001, cost=0.0001)  # a follow-up: same plan
     assert points.after(11) == 10 + steps_apart(0.001, 0.0001)
+
+
+def test_ranks_told_different_agreement_periods_settle_on_one_and_say_so(tmp_path):
+    """A rank told LOOMRUN_AGREE_EVERY and one not would meet at different steps and hang:
+    the ranks compare what places their points when they join, and all take one."""
+    script = tmp_path / "told_apart.py"
+    script.write_text(
+        "import os\n"
+        "import torch, torch.distributed as dist\n"
+        "if os.environ['RANK'] == '0':\n"
+        "    os.environ['LOOMRUN_AGREE_EVERY'] = '4'\n"
+        "dist.init_process_group('gloo')\n"
+        "model = torch.nn.Linear(2, 1)\n"
+        "optimizer = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+        "for _ in range(40):\n"
+        "    optimizer.zero_grad()\n"
+        "    model(torch.ones(1, 2)).sum().backward()\n"
+        "    optimizer.step()\n"
+        "dist.destroy_process_group()\n"
+        "print('done', flush=True)\n"
+    )
+    result = subprocess.run(
+        [*LOOMRUN, "--no-broker", "--replicas", "2", script],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    said = "different LOOMRUN_AGREE_EVERY (unset, 4); they all agree every 4 steps"
+    assert result.stderr.count(said) == 2, result.stderr
+    assert "[r0] done" in result.stdout and "[r1] done" in result.stdout

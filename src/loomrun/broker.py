@@ -318,9 +318,11 @@ def _gone(pid: int, port: int, timeout: float) -> bool:
     """Wait until `pid` is no longer the bundled server on `port`; woken by its exit (a
     pidfd) where Linux has one: a poll every 20 ms made every job's end 10 ms longer."""
     try:
-        exited = os.pidfd_open(pid)
+        exited = select.poll()
+        pidfd = os.pidfd_open(pid)
+        exited.register(pidfd, select.POLLIN)
     except (AttributeError, OSError):
-        exited = None
+        exited = pidfd = None
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -334,10 +336,10 @@ def _gone(pid: int, port: int, timeout: float) -> bool:
             if exited is None:
                 time.sleep(min(0.02, left))
             else:
-                select.select([exited], [], [], left)
+                exited.poll(left * 1000)
     finally:
-        if exited is not None:
-            os.close(exited)
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def sweep_orphan_brokers() -> list[int]:
@@ -400,7 +402,7 @@ def loopback_host(host: str) -> bool:
         return False
 
 
-def _lookup_name(host: str) -> str | bytes:
+def lookup_name(host: str) -> str | bytes:
     """An ASCII host as bytes: the same lookup, without loading Python's IDNA codec for
     it (3 ms, 9 while workers start), which a name given as text always costs."""
     return host.encode() if host.isascii() else host
@@ -409,7 +411,7 @@ def _lookup_name(host: str) -> str | bytes:
 def answers(host: str, port: int, timeout: float = 0.5) -> bool:
     """True when a NATS server greets us at host:port (it sends INFO on connect)."""
     try:
-        with socket.create_connection((_lookup_name(host), port), timeout=timeout) as conn:
+        with socket.create_connection((lookup_name(host), port), timeout=timeout) as conn:
             conn.settimeout(timeout)
             return conn.recv(4).startswith(b"INFO")
     except OSError:
@@ -525,7 +527,7 @@ async def connect_client(options: BrokerOptions, timeout: float = 3.0, reconnect
 
     host, port = host_port(options.url)
     try:
-        socket.create_connection((_lookup_name(host), port), timeout=min(timeout, 1.0)).close()
+        socket.create_connection((lookup_name(host), port), timeout=min(timeout, 1.0)).close()
     except OSError:
         raise BrokerError(
             f"cannot reach the NATS broker at {options.url} (nothing answers there); is a "

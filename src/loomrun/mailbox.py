@@ -38,16 +38,18 @@ import secrets
 import struct
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from google.protobuf.message import DecodeError, Message
-
-from loomrun._proto import loomrun_pb2 as pb
+if TYPE_CHECKING:
+    from google.protobuf.message import Message
 
 MAGIC = b"LOOMMBX2"
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 SLOT_NAMES = ("desired", "acks", "schema", "status")
 SLOT_SIZES = {"desired": 128 << 10, "acks": 256 << 10, "schema": 64 << 10, "status": 64 << 10}
-SLOT_TYPES = {"desired": pb.DesiredState, "acks": pb.Acks, "schema": pb.Schema, "status": pb.Status}
+# Each slot's message, by name: protobuf is imported at the first read, not with this
+# module, which the supervisor needs before its first spawn.
+SLOT_TYPES = {"desired": "DesiredState", "acks": "Acks", "schema": "Schema", "status": "Status"}
 WORKER_SLOTS = ("acks", "schema", "status")
 _HEADER = 64
 _STEP_OFFSET = 24
@@ -133,7 +135,7 @@ class Slot:
         self.seq = view[offset : offset + 8].cast("Q")
         self._length = view[offset + 8 : offset + 12].cast("I")
         self._payload = view[offset + _SLOT_HEADER : offset + _SLOT_HEADER + capacity]
-        self._type = SLOT_TYPES[name]
+        self._type = None
 
     def write(self, message: Message) -> int:
         data = message.SerializeToString()
@@ -187,6 +189,12 @@ class Slot:
         seq, data = found
         if seq == 0:
             return 0, None
+        if self._type is None:
+            from loomrun._proto import loomrun_pb2
+
+            self._type = getattr(loomrun_pb2, SLOT_TYPES[self.name])
+        from google.protobuf.message import DecodeError
+
         message = self._type()
         try:
             message.ParseFromString(data)

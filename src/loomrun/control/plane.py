@@ -63,7 +63,9 @@ class ReplicaView:
 def of_this_run(revision: int, stream_made: str, since: tuple[str, int]) -> bool:
     """A record in a bucket was written after this node's mark at start (`since`: the
     stream's making and a revision): later than that revision in the same stream, or in a
-    stream made since, whose revisions began again at 1 and all came after."""
+    stream made since, whose revisions began again at 1 and all came after. One written
+    before the mark may still be of this run (another node failed while this one was
+    connecting): only its time can say."""
     made, mark = since
     return stream_made != made or revision > mark
 
@@ -83,9 +85,11 @@ class ControlPlane:
         ledger_dirs: list[Path] | None = None,
     ):
         self.job = job
-        # Where this run starts in the state bucket: the stream's making and the revision
-        # of this node's purge of its own failure record, at start. Another node's record
-        # from before that is an earlier run's; the broker's order says so, no node's clock.
+        # When this run started: here (for records from before this node reached the
+        # broker, which only the nodes' clocks can place), and in the state bucket (the
+        # stream's making and the revision of this node's purge of its own failure record:
+        # whatever comes after is of this run, the broker's order says so, no clock).
+        self.started = time.time()
         self._since: tuple[str, int] | None = None
         self.replicas = {r.name: r for r in replicas}
         self.on_device_failure = on_device_failure
@@ -188,13 +192,12 @@ class ControlPlane:
             say(f"cannot read the other nodes' failures on the broker ({error})")
             return
         for revision, data in found.values():
-            if not of_this_run(revision, stream_made, self._since):
-                continue
             try:
                 word = pb.GroupFailure.FromString(data)
             except DecodeError:
                 continue
-            if word.node_rank != self.registry.node_rank:
+            after = of_this_run(revision, stream_made, self._since) or word.time >= self.started
+            if word.node_rank != self.registry.node_rank and after:
                 self.on_group_failure(word)
 
     async def _group_failed(self, msg) -> None:

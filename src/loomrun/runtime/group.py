@@ -15,11 +15,13 @@ keep one parameter that some rank lacks from holding up the others.
 How far apart the points are is a time, not a number of steps: a change waits for the
 next point, and 8 steps of a second each made a `set` wait 4 s on average. The same
 all_reduce carries the slowest rank's pace (seconds a step since the last point) and the
-all_reduce's own cost (as the last rank to arrive saw it: the others' wait is the ranks'
-skew, which a DDP job pays anyway at its next collective); from them every rank works out
-the same next point: about AGREE_SECONDS away, and farther when the all_reduce would take
-more than BUDGET of the time, up to MOST_SECONDS (a change should not wait longer, whatever
-agreeing costs). LOOMRUN_AGREE_EVERY=N fixes N steps instead.
+all_reduce's cost (the longest any rank spent in the last one, its wait for the others
+included: ranks that do not meet every step anyway pay that wait); from them every rank
+works out the same next point: about AGREE_SECONDS away, and farther when the all_reduce
+would take more than BUDGET of the time, up to MOST_SECONDS (a change should not wait
+longer, whatever agreeing costs). All of it in steps, at the pace measured at the last
+point: steps that slow down after it stretch the wait alike. LOOMRUN_AGREE_EVERY=N fixes
+N steps instead.
 
 A change that reached some ranks and not yet others is on its way (a `set` to a large
 group reaches its ranks over tens of milliseconds): the ranks, who all see that in the
@@ -42,6 +44,7 @@ MOST_SECONDS = 1.0  # unless that puts the points farther apart than this: a cha
 FIRST = 2  # steps from joining to the first point, which measures the first pace
 BUCKETS = 64
 FOLLOW_UPS = 8  # agreement points one step apart, at most, while a change is landing
+PROTOCOL = 2  # the agreement's all_reduce layout; ranks of one group must share it
 
 
 def bucket(name: str) -> int:
@@ -119,10 +122,34 @@ class Agreement:
     def __init__(self, dist, torch, size: int, rank: int, every: int | None, step: int = 0):
         self._dist, self._torch = dist, torch
         self._group = dist.new_group(backend="gloo")
-        self.size, self.rank, self.every = size, rank, every
-        self.points = Points(every, step)
+        self.size, self.rank = size, rank
+        self.note = ""  # what the ranks did not hold alike, for the worker to say
+        self.every = self._alike(every, step)
+        self.points = Points(self.every, step)
         self._last: tuple[float, int] | None = None  # (time, step) at the end of the last one
         self._cost = 0.0  # this rank's last all_reduce, seconds
+
+    def _alike(self, every: int | None, step: int) -> int | None:
+        """What places the points must be the same on every rank, or they meet at different
+        steps and hang: one all_reduce compares it. Ranks told LOOMRUN_AGREE_EVERY apart
+        all take the largest value (none: by time), and say so; another protocol, or ranks
+        joining at different steps, leave the group without agreement."""
+        mine = [PROTOCOL, step, every or 0]
+        both = self._torch.tensor(mine + [-x for x in mine], dtype=self._torch.int64)
+        self._dist.all_reduce(both, op=self._dist.ReduceOp.MIN, group=self._group)
+        values = both.tolist()
+        low, high = values[:3], [-x for x in values[3:]]
+        if low[0] != high[0]:
+            raise RuntimeError(f"ranks run agreement protocols {low[0]} to {high[0]}")
+        if low[1] != high[1]:
+            raise RuntimeError(f"ranks joined the group at steps {low[1]} to {high[1]}")
+        if low[2] != high[2]:
+            told = ", ".join(str(x or "unset") for x in sorted({low[2], high[2]}))
+            self.note = (
+                f"the ranks were started with different LOOMRUN_AGREE_EVERY ({told}); they "
+                f"all agree every {high[2]} steps"
+            )
+        return high[2] or None
 
     def agree(self, changes, step: int) -> set[str]:
         """The names of `changes` that every rank holds exactly so (a collective: every
@@ -132,9 +159,9 @@ class Agreement:
         if self._last is not None and step > self._last[1]:
             pace = (started - self._last[0]) / (step - self._last[1])
         mine = digests(changes)
-        # One MIN for all: digests and negated digests, the negated pace (the slowest
-        # rank's), and the cost (the last rank to arrive waited least: the all_reduce alone).
-        timing = [-round(pace * 1e6), round(self._cost * 1e6)]
+        # One MIN for all: digests and negated digests, then the negated pace and cost,
+        # whose minimum is the largest of any rank.
+        timing = [-round(pace * 1e6), -round(self._cost * 1e6)]
         both = self._torch.tensor(mine + [-d for d in mine] + timing, dtype=self._torch.int64)
         self._dist.all_reduce(both, op=self._dist.ReduceOp.MIN, group=self._group)
         done = time.monotonic()
@@ -142,7 +169,7 @@ class Agreement:
         values = both.tolist()
         agreed = {i for i in range(BUCKETS) if values[i] == -values[BUCKETS + i] == mine[i]}
         landing = any(values[i] != -values[BUCKETS + i] for i in range(BUCKETS))
-        slowest, cost = -values[2 * BUCKETS] / 1e6, values[2 * BUCKETS + 1] / 1e6
+        slowest, cost = -values[2 * BUCKETS] / 1e6, -values[2 * BUCKETS + 1] / 1e6
         self.points.compared(step, landing, slowest, cost)
         return {name for name in changes if bucket(name) in agreed}
 
@@ -172,6 +199,8 @@ def install(worker) -> None:
                     "apply on each rank as they arrive"
                 )
             else:
+                if agreement.note:
+                    worker.warn_once(agreement.note)
                 worker.join_group(agreement)
         return result
 
