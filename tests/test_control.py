@@ -298,11 +298,15 @@ def test_a_token_protects_the_bundled_broker(procs):
     wait_for(applied, 60, interval=0.5, what="a set with the token to apply")
 
 
-def test_a_record_is_of_this_run_by_the_brokers_order_not_a_clock():
-    from loomrun.control.plane import of_this_run
+def test_a_record_is_of_this_run_by_the_brokers_order_and_before_it_by_its_time():
+    from loomrun.control.plane import Mark, of_this_run
 
-    since = ("2026-11-30T01:00:00Z", 120)
-    assert of_this_run(121, "2026-11-30T01:00:00Z", since)
-    assert not of_this_run(120, "2026-11-30T01:00:00Z", since), "its own purge"
-    assert not of_this_run(7, "2026-11-30T01:00:00Z", since)
-    assert of_this_run(7, "2026-11-30T02:00:00Z", since), "a stream made since, from 1 again"
+    made, started = "2026-11-30T01:00:00Z", 1000.0
+    mark = Mark(made, 120, started + 2.0)  # purged 2 s after starting
+    assert of_this_run(121, started - 3600, made, mark, started), "after it: any clock"
+    assert of_this_run(100, started + 1.0, made, mark, started), "failed as this one connected"
+    assert not of_this_run(100, started - 60, made, mark, started), "an earlier run's"
+    assert not of_this_run(100, started + 3600, made, mark, started), "a clock ahead"
+    assert of_this_run(7, started - 3600, "2026-11-30T02:00:00Z", mark, started), (
+        "a stream made since, from revision 1 again"
+    )

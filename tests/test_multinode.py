@@ -13,6 +13,7 @@ import time
 
 import pytest
 from conftest import SCRIPTS, run_loomrun, wait_for
+from nats.js.errors import BucketNotFoundError
 from netcut import CuttableProxy
 from test_control import job_id, steering, wait_ready
 
@@ -195,12 +196,45 @@ def test_a_node_away_when_the_other_restarts_follows_it_on_reconnecting(procs):
 
 
 @pytest.mark.slow
+def test_an_earlier_runs_failure_is_not_followed_whatever_its_clock_says(procs):
+    """Node 2's failure record from an earlier run of the same job id, written by a clock
+    an hour ahead: the broker's order puts it before node 0's start, and its time after
+    node 0's mark there, which no record written before the mark can honestly say; so
+    node 0 leaves it alone (a comparison with node 0's start alone followed it)."""
+    job = job_id("stale")
+    word = pb.GroupFailure(
+        job=job, node_rank=2, attempt=0, give_up=True, reason="r2 killed by SIGKILL",
+        exit_code=137, time=time.time() + 3600,
+    )  # fmt: skip
+
+    async def plant(s):
+        try:
+            kv = await s.js.key_value(S.STATE)
+        except BucketNotFoundError:  # the first job on this broker: loomrun's own settings
+            kv = await s.js.create_key_value(bucket=S.STATE, history=1)
+        await kv.put(S.group_record(job, 2), word.SerializeToString())
+
+    steering(plant)
+    node = procs.start(
+        "--nnodes", "3", "--node-rank", "0", "--nproc-per-node", "1", "--master-addr",
+        "127.0.0.1", "--master-port", free_port(), "--job", job,
+        SCRIPTS / "steered.py", "--steps", "100000", "--step-time", "0.01", "--quiet",
+    )  # fmt: skip
+    wait_ready(job, ["r0"], timeout=120)  # connected, and read the records long before
+    assert run_loomrun("set", "lr=0.05", "--job", job).returncode == 0
+    node.send_signal(signal.SIGTERM)
+    node.wait(60)
+    errors = node.stderr.read()
+    assert node.returncode == 143 and "node 2" not in errors, errors
+
+
+@pytest.mark.slow
 def test_a_failure_recorded_while_away_is_followed_whatever_its_clock_says(procs):
     """Node 0 is cut off when node 2's group fails. Node 2 is not run here: its word is
     written where its supervisor would write it, by a clock an hour behind node 0's. The
     broker's order puts it after node 0's start, so node 0 follows it once back; a
-    comparison of the record's time with node 0's own start left it, and node 0 waited on
-    ranks that had restarted."""
+    comparison of the record's time with node 0's own start (as loomrun made before) left
+    it, and node 0 waited on ranks that had restarted."""
     job = job_id("behind")
     proxy = CuttableProxy(host_port(os.environ["LOOMRUN_NATS"])[1])
     word = pb.GroupFailure(

@@ -317,12 +317,13 @@ def _stop_server(port: int) -> bool:
 def _gone(pid: int, port: int, timeout: float) -> bool:
     """Wait until `pid` is no longer the bundled server on `port`; woken by its exit (a
     pidfd) where Linux has one: a poll every 20 ms made every job's end 10 ms longer."""
+    exited = pidfd = None
     try:
-        exited = select.poll()
         pidfd = os.pidfd_open(pid)
+        exited = select.poll()
         exited.register(pidfd, select.POLLIN)
     except (AttributeError, OSError):
-        exited = pidfd = None
+        exited = None
     deadline = time.monotonic() + timeout
     try:
         while True:

@@ -135,7 +135,7 @@ class Slot:
         self.seq = view[offset : offset + 8].cast("Q")
         self._length = view[offset + 8 : offset + 12].cast("I")
         self._payload = view[offset + _SLOT_HEADER : offset + _SLOT_HEADER + capacity]
-        self._type = None
+        self._type = self._malformed = None  # protobuf's, at the first read
 
     def write(self, message: Message) -> int:
         data = message.SerializeToString()
@@ -190,15 +190,15 @@ class Slot:
         if seq == 0:
             return 0, None
         if self._type is None:
+            from google.protobuf.message import DecodeError
+
             from loomrun._proto import loomrun_pb2
 
-            self._type = getattr(loomrun_pb2, SLOT_TYPES[self.name])
-        from google.protobuf.message import DecodeError
-
+            self._type, self._malformed = getattr(loomrun_pb2, SLOT_TYPES[self.name]), DecodeError
         message = self._type()
         try:
             message.ParseFromString(data)
-        except DecodeError:
+        except self._malformed:
             raise MailboxError(f"the {self.name} slot holds a malformed message") from None
         return seq, message
 

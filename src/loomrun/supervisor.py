@@ -219,13 +219,14 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
+        self.started = time.time()  # this run's, for what is on disk and on the broker
         self.watchdog = Watchdog()
         self._prepare_run_dir()
         self.record_dirs = self._record_dirs()
         from loomrun.control.ledger import set_aside_earlier
 
         for folder in self.record_dirs:  # with or without a broker: no earlier run's records
-            set_aside_earlier(folder, time.time(), self.spec.node_rank, self.spec.nnodes)
+            set_aside_earlier(folder, self.started, self.spec.node_rank, self.spec.nnodes)
         names = [r.name for r in self.replicas]
         shown = names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
         control = (
@@ -591,6 +592,7 @@ class Supervisor:
             wait_broker=self.spec.wait_broker,
             on_local_broker=lambda port: self.watchdog.tell(f"broker {port}"),
             ledger_dirs=self.record_dirs,
+            started=self.started,
         )
         self.control.on_group_failure = self._remote_failures.put_nowait
         for replica in self.replicas:

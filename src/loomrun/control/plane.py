@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from google.protobuf.message import DecodeError
 
@@ -60,14 +61,27 @@ class ReplicaView:
         self.next_telemetry = 0.0
 
 
-def of_this_run(revision: int, stream_made: str, since: tuple[str, int]) -> bool:
-    """A record in a bucket was written after this node's mark at start (`since`: the
-    stream's making and a revision): later than that revision in the same stream, or in a
-    stream made since, whose revisions began again at 1 and all came after. One written
-    before the mark may still be of this run (another node failed while this one was
-    connecting): only its time can say."""
-    made, mark = since
-    return stream_made != made or revision > mark
+class Mark(NamedTuple):
+    """Where this node's run starts in the state bucket: its stream's making (as the broker
+    says), the revision of this node's purge of its own earlier record, and when that was
+    (this node's clock)."""
+
+    made: str
+    revision: int
+    time: float
+
+
+def of_this_run(revision: int, written: float, stream_made: str, mark: Mark, started: float):
+    """Whether another node's record (its `revision` in a stream made at `stream_made`, and
+    the time it says it was `written`) is of this node's run, which `started` and set its
+    `mark` in the bucket. After the mark in the broker's order (a later revision, or a
+    stream made since, whose revisions began again at 1), it is, whatever any clock says.
+    Before it, only the record's time can tell: between this node's start and its mark, it
+    is (another node failed while this one connected); a time after the mark on a record
+    written before it is a clock running ahead, and an earlier run's record."""
+    if stream_made != mark.made or revision > mark.revision:
+        return True
+    return started <= written <= mark.time
 
 
 class ControlPlane:
@@ -83,14 +97,13 @@ class ControlPlane:
         wait_broker: bool = False,
         on_local_broker: Callable[[int], None] | None = None,
         ledger_dirs: list[Path] | None = None,
+        started: float | None = None,
     ):
         self.job = job
-        # When this run started: here (for records from before this node reached the
-        # broker, which only the nodes' clocks can place), and in the state bucket (the
-        # stream's making and the revision of this node's purge of its own failure record:
-        # whatever comes after is of this run, the broker's order says so, no clock).
-        self.started = time.time()
-        self._since: tuple[str, int] | None = None
+        # When this node's run started, by its clock, and where in the state bucket (see
+        # `of_this_run`), once it purged its own earlier failure record there.
+        self.started = started or time.time()
+        self._mark: Mark | None = None
         self.replicas = {r.name: r for r in replicas}
         self.on_device_failure = on_device_failure
         self.wait_broker = wait_broker
@@ -150,7 +163,7 @@ class ControlPlane:
                     await self.link.kv[bucket].purge(key)
         own = S.group_record(self.job, self.registry.node_rank)  # an earlier run's failure
         revision = await buckets.purge(self.link.nc, S.STATE, own)
-        self._since = (await buckets.made(self.link.nc, S.STATE), revision)
+        self._mark = Mark(await buckets.made(self.link.nc, S.STATE), revision, time.time())
         if self.registry.node_rank == 0:  # its change ledger too (kept on disk, set aside)
             with contextlib.suppress(Exception):
                 await self.link.js.purge_stream(S.LEDGER_STREAM, subject=S.ledger(self.job))
@@ -182,7 +195,7 @@ class ControlPlane:
         failures of this run, which may have gone out while this node was not listening.
         Each is followed once (the supervisor knows which restart it is at), so one heard
         already changes nothing."""
-        if self.on_group_failure is None or self.registry.nnodes == 1 or self._since is None:
+        if self.on_group_failure is None or self.registry.nnodes == 1 or self._mark is None:
             return
         pattern = S.group_record(self.job, "*")
         try:
@@ -196,8 +209,8 @@ class ControlPlane:
                 word = pb.GroupFailure.FromString(data)
             except DecodeError:
                 continue
-            after = of_this_run(revision, stream_made, self._since) or word.time >= self.started
-            if word.node_rank != self.registry.node_rank and after:
+            ours = of_this_run(revision, word.time, stream_made, self._mark, self.started)
+            if word.node_rank != self.registry.node_rank and ours:
                 self.on_group_failure(word)
 
     async def _group_failed(self, msg) -> None:

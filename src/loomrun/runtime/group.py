@@ -44,7 +44,10 @@ MOST_SECONDS = 1.0  # unless that puts the points farther apart than this: a cha
 FIRST = 2  # steps from joining to the first point, which measures the first pace
 BUCKETS = 64
 FOLLOW_UPS = 8  # agreement points one step apart, at most, while a change is landing
-PROTOCOL = 2  # the agreement's all_reduce layout; ranks of one group must share it
+# The agreement's all_reduce layout; ranks of one group must share it. The join's own
+# all_reduce (`Agreement._alike`: PROTOCOL, step, every and their negations, 6 int64) must
+# keep its shape in every version, or ranks of two versions cannot even compare.
+PROTOCOL = 2
 
 
 def bucket(name: str) -> int:
@@ -65,10 +68,10 @@ def digests(changes) -> list[int]:
 
 
 def agree_every() -> int | None:
-    """Steps between agreement points when LOOMRUN_AGREE_EVERY fixes them (the same on
-    every rank); None, the default: they follow the time the steps take."""
+    """Steps between agreement points when LOOMRUN_AGREE_EVERY fixes them (the ranks settle
+    on one value when they join); None, the default: they follow the time steps take."""
     try:
-        return max(1, int(os.environ["LOOMRUN_AGREE_EVERY"]))
+        return min(max(1, int(os.environ["LOOMRUN_AGREE_EVERY"])), 2**31)
     except (KeyError, ValueError):
         return None
 
@@ -144,10 +147,9 @@ class Agreement:
         if low[1] != high[1]:
             raise RuntimeError(f"ranks joined the group at steps {low[1]} to {high[1]}")
         if low[2] != high[2]:
-            told = ", ".join(str(x or "unset") for x in sorted({low[2], high[2]}))
             self.note = (
-                f"the ranks were started with different LOOMRUN_AGREE_EVERY ({told}); they "
-                f"all agree every {high[2]} steps"
+                f"the ranks were started with different LOOMRUN_AGREE_EVERY (from "
+                f"{low[2] or 'unset'} to {high[2]}); they all agree every {high[2]} steps"
             )
         return high[2] or None
 
@@ -199,7 +201,7 @@ def install(worker) -> None:
                     "apply on each rank as they arrive"
                 )
             else:
-                if agreement.note:
+                if agreement.note and agreement.rank == 0:  # the same on every rank
                     worker.warn_once(agreement.note)
                 worker.join_group(agreement)
         return result
