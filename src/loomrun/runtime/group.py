@@ -39,8 +39,8 @@ import sys
 import time
 
 AGREE_SECONDS = 0.02  # between agreement points, when the steps are shorter than that
-BUDGET = 0.02  # the largest share of the time the agreement's all_reduce should take,
-MOST_SECONDS = 1.0  # unless that puts the points farther apart than this: a change waits
+BUDGET = 0.02  # the largest share of the time the agreement's all_reduce should take
+MOST_SECONDS = 1.0  # the farthest apart the points may be, whatever agreeing costs
 FIRST = 2  # steps from joining to the first point, which measures the first pace
 BUCKETS = 64
 FOLLOW_UPS = 8  # agreement points one step apart, at most, while a change is landing
