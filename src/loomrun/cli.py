@@ -562,15 +562,13 @@ class RunOptions:
 
 def _check_remote_broker(options) -> None:
     """A remote broker that does not answer is an error before anything starts."""
-    import socket
-
-    from loomrun.broker import host_port, is_loopback, lookup_name
+    from loomrun.broker import host_port, is_loopback, reach
 
     if is_loopback(options.url):
         return  # the bundled broker starts itself there
     host, port = host_port(options.url)
     try:
-        socket.create_connection((lookup_name(host), port), timeout=3).close()
+        reach(host, port, 3).close()
     except OSError as error:
         raise click.ClickException(
             f"cannot reach the NATS broker at {options.url} ({error.strerror or error}); "
