@@ -310,3 +310,13 @@ def test_a_record_is_of_this_run_by_the_brokers_order_and_before_it_by_its_time(
     assert of_this_run(7, started - 3600, "2026-11-30T02:00:00Z", mark, started), (
         "a stream made since, from revision 1 again"
     )
+
+
+def test_node_0_forgets_the_ledger_parts_no_node_of_its_run_writes():
+    from loomrun.control.plane import earlier_parts
+
+    found = {S.ledger("j", k): 3 for k in ("0", "1", "2", "10", "01", "x")}
+    gone = {S.ledger("j", k) for k in ("2", "10", "01", "x")}
+    assert earlier_parts(found, nnodes=2) == gone
+    assert earlier_parts(found, nnodes=11) == {S.ledger("j", k) for k in ("01", "x")}
+    assert earlier_parts({}, nnodes=2) == set()

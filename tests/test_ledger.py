@@ -3,6 +3,7 @@ broker and on disk, and `loomrun log` reading it back, from the broker or from d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -143,3 +144,44 @@ def test_unset_goes_back_to_the_scripts_own_value(procs):
     assert not params()["lr"]["overridden"]
     unknown = run_loomrun("unset", "nope", "--job", job)
     assert unknown.returncode == 2 and "has no parameter 'nope'" in unknown.stderr
+
+
+def test_a_ledger_stream_an_earlier_loomrun_made_takes_each_nodes_part(procs):
+    """An earlier loomrun made the ledger's stream on `loomrun.*.ledger` (one part a job):
+    a supervisor adds the nodes' parts to it, and the old records stay."""
+    from nats.js import api
+    from test_control import steering
+
+    from loomrun import subjects as S
+    from loomrun._proto import loomrun_pb2 as pb
+
+    job = job_id("oldstream")
+    old = pb.Outcome(replica="r0", name="lr", state=pb.APPLIED, change_id="kept")
+
+    async def remake(s):
+        with contextlib.suppress(Exception):
+            await s.js.delete_stream(S.LEDGER_STREAM)
+        await s.js.add_stream(
+            name=S.LEDGER_STREAM, subjects=["loomrun.*.ledger"],
+            storage=api.StorageType.FILE, max_age=S.LEDGER_DAYS * 86400,
+        )  # fmt: skip
+        await s.js.publish(f"loomrun.{job}-old.ledger", old.SerializeToString())
+
+    async def stream(s):
+        return await s.js.stream_info(S.LEDGER_STREAM)
+
+    steering(remake)
+    sup = start(procs, SCRIPTS / "steered.py", "--steps", "10000000", "--quiet", job=job)
+    wait_ready(job)
+    assert run_loomrun("set", "lr=0.05", "--job", job).returncode == 0
+    sup.terminate()
+    sup.communicate(timeout=60)
+    on_disk = state_dir() / "jobs" / job / "changes.jsonl"
+    on_disk.rename(on_disk.with_suffix(".aside"))  # so this read is the broker's
+    try:
+        assert [(r["name"], r["new"]) for r in log("--job", job)] == [("lr", 0.05)]
+    finally:
+        on_disk.with_suffix(".aside").rename(on_disk)
+    info = steering(stream)
+    assert info.config.subjects == ["loomrun.*.ledger", S.LEDGER_SUBJECTS]
+    assert info.state.messages >= 2, "the old record is kept"

@@ -266,6 +266,47 @@ def test_a_failure_recorded_while_away_is_followed_whatever_its_clock_says(procs
 
 
 @pytest.mark.slow
+def test_a_late_node_0_forgets_an_earlier_runs_ledger_and_not_this_ones(procs):
+    """Node 1 answers a change before node 0 is up. Node 0's start forgets the parts of the
+    job's ledger in the broker that an earlier run left (here node 2's, of a run of three
+    nodes), not node 1's of this run: it once purged the whole job's ledger, and node 1's
+    change was gone from the broker's record."""
+    job, port = job_id("lateledger"), free_port()
+    earlier = pb.Outcome(replica="r2", name="lr", state=pb.APPLIED, change_id="an-earlier-run")
+
+    def node(rank: int):
+        return procs.start(
+            "--nnodes", "2", "--node-rank", rank, "--nproc-per-node", "1", "--master-addr",
+            "127.0.0.1", "--master-port", port, "--job", job,
+            SCRIPTS / "steered.py", "--steps", "100000", "--step-time", "0.01", "--quiet",
+        )  # fmt: skip
+
+    def change(replica: str) -> str:
+        result = run_loomrun("set", "lr=0.05", "--job", job, "--replica", replica, "--json")
+        assert result.returncode == 0, result.stdout + result.stderr
+        return json.loads(result.stdout)["changes"][0]["change_id"]
+
+    async def plant(s):
+        await s.js.publish(S.ledger(job, 2), earlier.SerializeToString())
+
+    nodes = [node(1)]
+    wait_ready(job, ["r1"], timeout=120)
+    steering(plant)
+    before = change("r1")
+    nodes.insert(0, node(0))
+    wait_ready(job, ["r0", "r1"], timeout=120)  # r0's schema is written after node 0's purge
+    after = change("r0")
+    for n in nodes:
+        n.send_signal(signal.SIGTERM)
+    for n in nodes:
+        n.wait(60)
+    shown = run_loomrun("log", "--job", job, "--json")
+    assert shown.returncode == 0, shown.stderr
+    logged = [json.loads(line)["change_id"] for line in shown.stdout.splitlines()]
+    assert logged == [before, after], logged
+
+
+@pytest.mark.slow
 def test_the_same_command_on_every_node_agrees_on_ranks_through_c10d(procs):
     """As SLURM scripts run torchrun: no --node-rank, no master; the nodes meet at the
     rendezvous endpoint and agree."""

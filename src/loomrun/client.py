@@ -312,7 +312,7 @@ class Steering:
         config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL)
         try:
             subscription = await self.js.subscribe(
-                S.ledger(job), ordered_consumer=True, config=config
+                S.ledger(job, "*"), ordered_consumer=True, config=config
             )
         except Exception:  # noqa: BLE001 - no ledger stream on this broker yet
             return

@@ -11,7 +11,7 @@ stream LOOMRUN_EVENTS on loomrun.{job}.events.{replica}   Event
 subject loomrun.{job}.outcomes.{replica}         Outcome, each once, as it happens
 subject loomrun.{job}.history.{replica}          request: MetricSeries, from its supervisor
 subject loomrun.{job}.group                      GroupFailure: a node's group failed
-stream LOOMRUN_LEDGER on loomrun.{job}.ledger     Outcome: the change ledger, kept
+stream LOOMRUN_LEDGER on loomrun.{job}.ledger.{node_rank}  Outcome: the change ledger, kept
 subject loomrun.devices.failed                   DeviceFailure (from health checkers)
 """
 
@@ -27,8 +27,8 @@ DEVICES = "loomrun_devices"
 EVENTS_STREAM = "LOOMRUN_EVENTS"
 EVENTS_SUBJECTS = "loomrun.*.events.>"
 LEDGER_STREAM = "LOOMRUN_LEDGER"
-LEDGER_SUBJECTS = "loomrun.*.ledger"
-LEDGER_KEPT = 100_000  # records of each job
+LEDGER_SUBJECTS = "loomrun.*.ledger.*"
+LEDGER_KEPT = 100_000  # records of each node of each job
 LEDGER_DAYS = 90
 DEVICE_FAILED = "loomrun.devices.failed"
 PAUSE = "pause"
@@ -78,9 +78,11 @@ def events(job: str, replica: str = "job") -> str:
     return f"loomrun.{job}.events.{replica}"
 
 
-def ledger(job: str) -> str:
-    """The job's change ledger: every answered change, once, in order (a stream)."""
-    return f"loomrun.{job}.ledger"
+def ledger(job: str, node_rank: int | str) -> str:
+    """A node's part of the job's change ledger: every change it answered, once, in order
+    (a stream); `ledger(job, "*")` is the whole job's. Each node forgets an earlier run's
+    part at its start, and never another node's of this run."""
+    return f"loomrun.{job}.ledger.{node_rank}"
 
 
 def outcomes(job: str, replica: str = "*") -> str:

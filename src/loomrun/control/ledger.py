@@ -2,8 +2,9 @@
 
 Each record is the change's Outcome (who asked, replica, parameter, old -> new, the step it
 took effect at, applied / rejected / missed / superseded, its id and revision). The
-supervisor publishes it on `loomrun.JOB.ledger`, kept by the LOOMRUN_LEDGER stream (file
-storage; the last LEDGER_KEPT records of each job, for LEDGER_DAYS days), and appends it as
+supervisor publishes it on `loomrun.JOB.ledger.NODE_RANK`, kept by the LOOMRUN_LEDGER stream
+(file storage; the last LEDGER_KEPT records of each node of each job, for LEDGER_DAYS days;
+readers take `loomrun.JOB.ledger.*`, in the broker's order), and appends it as
 one JSON line to `changes.jsonl` in the job's directory under the state directory (and
 under --log-dir), so the record outlives both the broker and the job. Node K > 0 of a job
 of several nodes writes `changes.nodeK.jsonl` beside it: nodes that share a state
@@ -114,6 +115,7 @@ class Ledger:
     """The supervisor's writer: the broker through the outbox, the files directly."""
 
     def __init__(self, job: str, outbox, folders: list[Path], node_rank: int = 0):
+        self.subject = S.ledger(job, node_rank)
         self.job = job
         self.outbox = outbox
         self._files = []
@@ -128,7 +130,7 @@ class Ledger:
                 say(f"cannot keep the change ledger in {folder}: {error.strerror}")
 
     def record(self, outcome: pb.Outcome) -> None:
-        self.outbox.publish(S.ledger(self.job), outcome)
+        self.outbox.publish(self.subject, outcome)
         line = json.dumps(record(self.job, outcome)) + "\n"
         for f in self._files:
             try:

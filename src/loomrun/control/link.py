@@ -174,6 +174,14 @@ class BrokerLink:
                 max_msgs=100_000, num_replicas=self.replicas,
             )  # fmt: skip
         with contextlib.suppress(Exception):
+            await self._ledger_stream()
+
+    async def _ledger_stream(self) -> None:
+        """The change ledger's stream. One made by an earlier loomrun (on `loomrun.*.ledger`,
+        one part a job) takes each node's part as well, its records kept."""
+        from nats.js import api
+
+        try:
             await self.js.add_stream(
                 name=S.LEDGER_STREAM,
                 subjects=[S.LEDGER_SUBJECTS],
@@ -182,6 +190,11 @@ class BrokerLink:
                 storage=api.StorageType.FILE,
                 num_replicas=self.replicas,
             )
+        except Exception:  # noqa: BLE001 - made already, by another supervisor or an older one
+            config = (await self.js.stream_info(S.LEDGER_STREAM)).config
+            if S.LEDGER_SUBJECTS not in (config.subjects or []):
+                subjects = [*(config.subjects or []), S.LEDGER_SUBJECTS]
+                await self.js.update_stream(config.evolve(subjects=subjects))
 
     async def _bucket(self, name: str, **config):
         from nats.js.errors import BucketNotFoundError

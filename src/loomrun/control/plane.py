@@ -84,6 +84,13 @@ def of_this_run(revision: int, written: float, stream_made: str, mark: Mark, sta
     return started <= written <= mark.time
 
 
+def earlier_parts(subjects: dict[str, int] | list[str], nnodes: int) -> set[str]:
+    """The parts of a job's change ledger (`loomrun.JOB.ledger.K` subjects) that no node of
+    a run of `nnodes` nodes writes: an earlier run's with more nodes, or none of loomrun's."""
+    ours = {str(rank) for rank in range(nnodes)}
+    return {s for s in subjects if s.rsplit(".", 1)[-1] not in ours}
+
+
 class ControlPlane:
     def __init__(
         self,
@@ -164,9 +171,21 @@ class ControlPlane:
         own = S.group_record(self.job, self.registry.node_rank)  # an earlier run's failure
         revision = await buckets.purge(self.link.nc, S.STATE, own)
         self._mark = Mark(await buckets.made(self.link.nc, S.STATE), revision, time.time())
-        if self.registry.node_rank == 0:  # its change ledger too (kept on disk, set aside)
-            with contextlib.suppress(Exception):
-                await self.link.js.purge_stream(S.LEDGER_STREAM, subject=S.ledger(self.job))
+        with contextlib.suppress(Exception):  # its change ledger too (kept on disk, set aside)
+            await self._forget_ledger()
+
+    async def _forget_ledger(self) -> None:
+        """This node's part of an earlier run's change ledger goes; node 0's purge also takes
+        the parts of node ranks this run does not have. Never another node's part of this
+        run: that node may have answered changes before this one connected."""
+        rank, nnodes = self.registry.node_rank, self.registry.nnodes
+        whole = S.ledger(self.job, "*")
+        found = await self.link.js.stream_info(S.LEDGER_STREAM, subjects_filter=whole)
+        parts = {S.ledger(self.job, rank)} | (
+            earlier_parts(found.state.subjects or {}, nnodes) if rank == 0 else set()
+        )
+        for subject in parts:
+            await self.link.js.purge_stream(S.LEDGER_STREAM, subject=subject)
 
     async def _send_history(self, msg) -> None:
         """A client asks for a replica's metric history: the one of this node answers."""
