@@ -20,6 +20,8 @@ import pytest
 from conftest import ROOT, SCRIPTS, run_loomrun, wait_for
 from test_control import job_id, start, wait_ready
 
+from loomrun.ui.server import cookie_name
+
 ARTIFACTS = Path(os.environ.get("LOOMRUN_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 
 
@@ -50,8 +52,7 @@ def call(base: str, path: str, body=None, token=None, headers=None, raw: bytes |
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     request = urllib.request.Request(base + path, data=data, headers=headers or {})
     if token:
-        port = base.rsplit(":", 1)[1]
-        request.add_header("Cookie", f"loomrun_ui_{port}={token}")
+        request.add_header("Cookie", f"{cookie_name(token)}={token}")
     if data is not None:
         request.add_header("Content-Type", "application/json")
     try:
@@ -112,8 +113,7 @@ async def websocket_gate(base: str, token: str) -> None:
     it is sent that is not a choice of a job is left out, and it goes on."""
     import aiohttp
 
-    port = base.rsplit(":", 1)[1]
-    cookie = {f"loomrun_ui_{port}": token}
+    cookie = {cookie_name(token): token}
     async with aiohttp.ClientSession() as anyone:
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await anyone.ws_connect(base + "/ws")
@@ -258,3 +258,10 @@ def test_the_page_shows_and_steers_a_real_job(procs, browser):
     browser.find_element(By.CSS_SELECTOR, "#params [data-param=lr] button").click()
     wait_for(lambda: any(lr == 0.0555 for _, lr in used_lrs(output, "r1")), 30,
              what="r1 stepping with the change made after the reconnect")  # fmt: skip
+
+
+def test_each_server_keeps_its_token_in_a_cookie_of_its_own():
+    first, second = "a" * 43, "b" * 43
+    assert cookie_name(first) != cookie_name(second), "two tunnels to one remote port"
+    assert cookie_name(first) == cookie_name(first)
+    assert first[:8] not in cookie_name(first) and re.fullmatch(r"[\w]+", cookie_name(first))

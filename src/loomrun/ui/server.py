@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import re
@@ -36,7 +37,6 @@ from loomrun.watch import WatchModel, feed
 UPDATES_PER_SECOND = 10
 QUIET_REFRESH = 1.0  # seconds: a frame at least this often (ages, stale states move on)
 MAX_BODY = 16 * 1024
-COOKIE = "loomrun_ui_{port}"  # one per server: another `loomrun ui` keeps its own
 _LOCAL_HOSTS = ("127.0.0.1", "localhost")
 _REPLICA = re.compile(r"r\d{1,5}")
 _JOB = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -56,6 +56,13 @@ _SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
+
+
+def cookie_name(token: str) -> str:
+    """The cookie a server's token is kept in, named after the token: every `loomrun ui`
+    has its own, even two reached through tunnels to the same remote port (a name by port
+    let the second page's cookie push out the first's). The name tells nothing of the token."""
+    return "loomrun_ui_" + hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
 class RequestError(Exception):
@@ -145,7 +152,7 @@ class Dashboard:
 
     @property
     def cookie(self) -> str:
-        return COOKIE.format(port=self.port)
+        return cookie_name(self.token)
 
     def _allowed(self, request: web.Request) -> bool:
         given = [request.cookies.get(self.cookie, ""), request.headers.get("X-Loomrun-Token", "")]
