@@ -114,6 +114,34 @@ def test_a_broker_outage_costs_no_steps_and_loses_no_change(procs):
         broker.stop()
 
 
+def test_a_job_that_hears_late_that_its_bundled_broker_stopped_starts_it_again(procs):
+    """The job that stops a shared bundled broker removes its record as it goes; a job
+    kept off the CPU meanwhile hears of the loss only after that, and still starts the
+    broker again (it once asked the record at that moment, found none, and ran on
+    without a broker for good)."""
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}"
+    broker = BundledBroker.start(port)
+    job = job_id("late")
+    try:
+        sup = start(
+            procs, SCRIPTS / "steered.py", "--steps", "10000000", "--quiet", job=job,
+            env={"LOOMRUN_NATS": url},
+        )  # fmt: skip
+        wait_ready(job, url=url)
+        sup.send_signal(signal.SIGSTOP)  # off the CPU, as on a loaded machine
+        try:
+            broker.stop()  # as the last other user would: the server, then its record
+        finally:
+            sup.send_signal(signal.SIGCONT)
+        wait_for(lambda: answers("127.0.0.1", port), 30, interval=0.2, what="a broker again")
+        result = run_loomrun("set", "lr=0.0432", "--job", job, "--nats", url, "--timeout", "30")
+        assert result.returncode == 0 and "0.1 -> 0.0432" in result.stdout, result.stderr
+        assert sup.poll() is None
+    finally:
+        broker.stop()
+
+
 def _pin(pid: int, cpus: set[int]) -> None:
     """Every thread of `pid` onto `cpus` (threads it makes later inherit it)."""
     for tid in os.listdir(f"/proc/{pid}/task"):

@@ -53,6 +53,7 @@ class BrokerLink:
         self.js = None
         self.kv: dict[str, object] = {}
         self.broker: BundledBroker | None = None
+        self.bundled = False  # the broker was seen to be a bundled one (see _bundled)
         self.replicas = 1
         self._starting: threading.Event | None = None  # set once a broker start is over
         self.closing = False
@@ -128,6 +129,7 @@ class BrokerLink:
                 f"cannot reach the NATS broker at {self.options.url} ({error})"
             ) from None
         self.js = self.nc.jetstream()
+        self._bundled()
 
     async def _start_bundled(self, port: int) -> None:
         """Start the bundled broker in a thread of its own. A stop that comes meanwhile
@@ -233,15 +235,17 @@ class BrokerLink:
         if self.closing:
             return
         say(f"lost the NATS broker at {self.options.url}; training goes on, reconnecting")
-        if is_loopback(self.options.url) and self._bundled():
+        if self._bundled():
             asyncio.ensure_future(self._take_over())
 
     def _bundled(self) -> bool:
-        """The broker at the URL was a bundled one (a job started it), which a job may start
+        """The broker at the URL is a bundled one (a job started it), which a job may start
         again; never one the user runs (`loomrun server`, a member of a cluster, whose
-        clients reconnect to the other members)."""
-        _, port = host_port(self.options.url)
-        return bundled_here(port)
+        clients reconnect to the other members). Once seen, kept: the job that stops it
+        removes its record as it goes, and this job may hear of the loss only after that."""
+        if not self.bundled and is_loopback(self.options.url):
+            self.bundled = bundled_here(host_port(self.options.url)[1])
+        return self.bundled
 
     async def _take_over(self) -> None:
         """The job that started the shared broker ended: start it again, state intact."""
@@ -254,6 +258,7 @@ class BrokerLink:
 
     async def _reconnected(self) -> None:
         say(f"reconnected to the NATS broker at {self.options.url}")
+        self._bundled()
         asyncio.ensure_future(self._after_reconnect())
 
     async def _after_reconnect(self) -> None:
