@@ -320,3 +320,19 @@ def test_node_0_forgets_the_ledger_parts_no_node_of_its_run_writes():
     assert earlier_parts(found, nnodes=2) == gone
     assert earlier_parts(found, nnodes=11) == {S.ledger("j", k) for k in ("01", "x")}
     assert earlier_parts({}, nnodes=2) == set()
+
+
+def test_a_jobs_nodes_are_those_of_its_latest_run():
+    from loomrun.client import this_run
+
+    def node(rank, nnodes, started):
+        return pb.JobInfo(job="j", node_rank=rank, nnodes=nnodes, started=started)
+
+    earlier = [node(0, 2, 100.0), node(1, 2, 100.5)]
+    assert this_run(earlier) == earlier
+    fewer = [node(0, 1, 200.0), earlier[1]]
+    assert this_run(fewer) == [fewer[0]], "node 1 of the run before is not this run's"
+    # This run's node 1 is up, node 0 not yet: node 0's record is still the earlier run's.
+    more = [node(0, 1, 100.0), node(1, 2, 200.0)]
+    assert this_run(more) == more
+    assert this_run([]) == []

@@ -76,6 +76,33 @@ def test_a_worker_killed_mid_step_restarts_with_every_change(procs):
     assert restarted.startswith("[r1] used 1 0.05 batch 16"), restarted[:80]
 
 
+def test_a_restarted_worker_starts_from_what_is_in_effect_not_from_a_rejected_change(procs):
+    """`set` said rejected (the handler refused the value): the worker restarted after a
+    failure applies the change in effect before it, and not the rejected one again."""
+    job = job_id("rejected")
+    sup = start(procs, SCRIPTS / "declared.py", job=job, extra=("--max-restarts", "1"))
+    wait_ready(job, name="batch_size")
+    assert run_loomrun("set", "batch_size=64", "--job", job).returncode == 0
+    refused = run_loomrun("set", "batch_size=-5", "--job", job, "--json")
+    (change,) = json.loads(refused.stdout)["changes"]
+    assert refused.returncode == 1 and change["state"] == "rejected", refused.stdout
+
+    async def pid_of(s):
+        return (await s.statuses(job))["r0"].pid
+
+    os.kill(steering(pid_of), signal.SIGKILL)
+    wait_for(
+        lambda: any(e.kind == "restarted" for e in _events(job)), 30, what="the restart"
+    )  # fmt: skip
+    wait_ready(job, name="batch_size")
+    sup.send_signal(signal.SIGTERM)
+    out, _ = sup.communicate(timeout=60)
+    assert out.count("batch_size -> 64") == 2, out[-2000:]
+    logged = map(json.loads, run_loomrun("log", "--job", job, "--json").stdout.splitlines())
+    answers = [r["outcome"] for r in logged if r["change_id"] == change["change_id"]]
+    assert answers == ["rejected"], "one answer, and none again after the restart"
+
+
 @pytest.mark.slow
 def test_a_broker_outage_costs_no_steps_and_loses_no_change(procs):
     port = free_port()

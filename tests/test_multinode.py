@@ -307,6 +307,38 @@ def test_a_late_node_0_forgets_an_earlier_runs_ledger_and_not_this_ones(procs):
 
 
 @pytest.mark.slow
+def test_a_run_on_fewer_nodes_is_steered_and_shown_without_the_earlier_runs_ranks(procs):
+    """A job id run again on one node after a run on two: the second node's record and
+    its replica's status are still on the broker, and are not this run's (a `set` once
+    waited on r1 for ever and exited 3, and `watch` showed it)."""
+    job, port = job_id("fewer"), free_port()
+    for rank in (0, 1):
+        procs.start(
+            "--nnodes", "2", "--node-rank", rank, "--nproc-per-node", "1", "--master-addr",
+            "127.0.0.1", "--master-port", port, "--job", job,
+            SCRIPTS / "steered.py", "--steps", "50", "--step-time", "0.01", "--quiet",
+        )  # fmt: skip
+    wait_ready(job, ["r0", "r1"], timeout=120)
+    for node in procs.started:
+        assert node.wait(120) == 0, node.stderr.read()
+    again = procs.start(
+        "--job", job, SCRIPTS / "steered.py", "--steps", "100000", "--step-time", "0.01", "--quiet"
+    )
+    wait_for(lambda: rows(job).keys() == {"r0"} and rows(job)["r0"]["state"] == "running", 60,
+             what="this run's r0 alone")  # fmt: skip
+    wait_ready(job)  # its schema: after its start forgot the earlier run's
+    result = run_loomrun("set", "lr=0.05", "--job", job, "--json", "--timeout", "20")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [c["replica"] for c in json.loads(result.stdout)["changes"]] == ["r0"]
+    (listed,) = [
+        j for j in json.loads(run_loomrun("ls", "--json").stdout)["jobs"] if j["job"] == job
+    ]
+    assert listed["replicas"] == ["r0"] and listed["nodes"] == 1, listed
+    again.send_signal(signal.SIGTERM)
+    again.wait(60)
+
+
+@pytest.mark.slow
 def test_the_same_command_on_every_node_agrees_on_ranks_through_c10d(procs):
     """As SLURM scripts run torchrun: no --node-rank, no master; the nodes meet at the
     rendezvous endpoint and agree."""

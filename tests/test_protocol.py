@@ -31,7 +31,7 @@ class Rig:
         self.outbox = Outbox(link=None)
         self.pump = MailboxPump(JOB, "host", replicas, self.outbox, None, lambda *a, **k: None)
         self.relay = DesiredRelay(JOB, replicas, None, self.outbox, self.pump.written)
-        self.pump.on_missed = self.relay.missed
+        self.pump.on_not_applied = self.relay.not_applied
         self.worker = Worker(mailbox)
         self.values = {"lr": 0.1}
         spec = ParamSpec("lr", "float", min=0.0)
@@ -102,8 +102,9 @@ def test_a_missed_change_is_applied_nowhere_even_when_seen_again(rig):
     assert rig.answers()[-1] == (b.change_id, "MISSED")
     assert rig.values["lr"] == 0.2
     assert rig.replica.desired.entry("lr").change_id == a.change_id, "put back in the relay"
-    rig.write(0.2, change_id=a.change_id)  # the same change again (a replay of the bucket)
+    rig.write(0.9, at_step=2, change_id=b.change_id)  # the bucket's value, after a reconnect
     rig.step()
+    assert rig.replica.desired.entry("lr").change_id == a.change_id, "the missed one stays out"
     c = rig.write(0.4)
     rig.step(2)
     assert rig.answers() == [
@@ -178,3 +179,38 @@ def test_a_key_of_another_job_with_the_same_replica_name_is_left_out(rig):
     mine = rig.write(0.3)
     rig.step(2)
     assert rig.values["lr"] == 0.3 and rig.answers() == [(mine.change_id, "APPLIED")]
+
+
+def test_a_rejected_change_is_not_what_a_restarted_worker_starts_from(rig):
+    """The user was told `rejected`: neither a reconnect's replay of the bucket nor a
+    restart brings it back (it stayed desired, and a restarted worker applied it)."""
+    a = rig.write(0.2)
+    rig.step(2)
+    b = rig.write(-1.0)  # under the parameter's minimum: the worker refuses it
+    rig.step(2)
+    assert rig.answers() == [(a.change_id, "APPLIED"), (b.change_id, "REJECTED")]
+    assert rig.replica.desired.entry("lr").change_id == a.change_id
+    rig.write(-1.0, change_id=b.change_id)  # the bucket's value, after a reconnect
+    rig.relay.rebase(rig.replica)  # the worker restarts
+    assert rig.replica.desired.entry("lr").change_id == a.change_id
+    rig.step(2)
+    assert rig.values["lr"] == 0.2 and len(rig.answers()) == 2
+
+
+def test_the_change_in_effect_outlives_many_later_changes(rig):
+    """The relay keeps the latest TAKEN_KEPT changes, and the ones in effect whatever
+    their age: a missed change goes back to it after any number of others."""
+    from loomrun.control.relay import TAKEN_KEPT
+
+    spec = ParamSpec("momentum", "float")
+    rig.worker.targets["momentum"] = Target(spec, lambda: 0.9, lambda v: None)
+    a = rig.write(0.2)
+    rig.step()
+    for i in range(TAKEN_KEPT + 10):
+        rig.write(0.5 + i / 10_000, name="momentum")
+    rig.step(3)
+    assert len(rig.replica.taken) <= TAKEN_KEPT + 1
+    b = rig.write(0.9, at_step=1)
+    rig.step()
+    assert rig.answers()[-1] == (b.change_id, "MISSED")
+    assert rig.replica.desired.entry("lr").change_id == a.change_id, "not dropped"

@@ -51,6 +51,18 @@ class SteerError(Exception):
     """A request that cannot be carried out as asked; one line for a person."""
 
 
+def this_run(nodes: list[pb.JobInfo]) -> list[pb.JobInfo]:
+    """A job's node records of its latest run: an earlier run of the job id on more nodes
+    left the records of node ranks this one does not have, and their replicas are not
+    this run's (a `set` would wait on them for ever). The latest run is the one of the
+    record started last; its nodes that have not started yet still hold the records of
+    the run before, until they start."""
+    if not nodes:
+        return nodes
+    latest = max(nodes, key=lambda n: n.started)
+    return [n for n in nodes if n.node_rank < max(latest.nnodes, 1)]
+
+
 @dataclass
 class Job:
     """A job as its supervisors registered it: one JobInfo per node."""
@@ -235,6 +247,8 @@ class Steering:
             except DecodeError:
                 continue
             jobs.setdefault(info.job, Job(info.job)).nodes.append(info)
+        for found in jobs.values():
+            found.nodes = this_run(found.nodes)
         return sorted(jobs.values(), key=lambda j: min(n.started for n in j.nodes))
 
     async def job(self, job: str | None) -> Job:

@@ -25,6 +25,7 @@ from loomrun import params as P
 from loomrun import replica_table
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
+from loomrun.client import this_run
 from loomrun.printable import printable
 
 STALE_AFTER = 3.0  # seconds without a heartbeat from the replica's supervisor (every 1 s)
@@ -105,7 +106,8 @@ class WatchModel:
         for name in sorted(self.jobs, key=lambda j: min(n.started for n in self.jobs[j].values())):
             if job is not None and name != job:
                 continue
-            nodes = list(self.jobs[name].values())
+            nodes = this_run(list(self.jobs[name].values()))
+            shown = {r for n in nodes for r in n.replicas if not replicas or r in replicas}
             finished = all(n.finished for n in nodes)
             if finished and job is None and now - max(n.finished for n in nodes) > FINISHED_SHOWN:
                 continue
@@ -117,7 +119,7 @@ class WatchModel:
                 state = "exited 0" if code == 0 else f"failed: {code}"
             rows = []
             for (job_name, replica), status in self.statuses.items():
-                if job_name != name or (replicas and replica not in replicas):
+                if job_name != name or replica not in shown:
                     continue
                 rows.append(self._row(status, now, lost))
             rows.sort(key=lambda r: S.replica_order(r["replica"]))

@@ -49,7 +49,7 @@ class ReplicaView:
         self.desired = DesiredConfig()
         self.written: dict[str, dict] = {}  # name -> change id -> relay.Written, unanswered
         self.seen_ids: dict[str, deque] = {}  # name -> ids of changes written lately
-        self.missed: deque[str] = deque(maxlen=256)  # ids of changes applied nowhere
+        self.not_applied: deque[str] = deque(maxlen=256)  # ids: missed or rejected
         self.taken: dict[str, pb.DesiredParam] = {}  # change id -> change, the latest taken
         self.in_effect: dict[str, str] = {}  # name -> id of the change the worker applied
         self.seen = {"acks": 0, "schema": 0, "status": 0}
@@ -122,7 +122,7 @@ class ControlPlane:
         self.outbox = Outbox(self.link)
         self.pump = MailboxPump(job, host, self.replicas, self.outbox, self.devices, self.event)
         self.relay = DesiredRelay(job, self.replicas, self.link, self.outbox, self.pump.written)
-        self.pump.on_missed = self.relay.missed
+        self.pump.on_not_applied = self.relay.not_applied
         self.pump.ledger = self.ledger = Ledger(job, self.outbox, ledger_dirs or [], node_rank)
         self.pump.history = self.history = history.History(job, list(self.replicas))
         self._history_file = history.file_name(node_rank)

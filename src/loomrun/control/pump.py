@@ -35,6 +35,7 @@ FAST_POLL = 0.001
 SLOW_POLL = 0.02
 FAST_POLL_FOR = 2.0
 LIVE = (pb.STARTING, pb.RUNNING, pb.PAUSED, pb.HUNG)
+NOT_APPLIED = (pb.MISSED, pb.REJECTED)  # answers that leave what is in effect as it was
 
 
 class MailboxPump:
@@ -45,7 +46,7 @@ class MailboxPump:
         self.outbox = outbox
         self.devices = devices
         self.events = events
-        self.on_missed = None  # the relay's: a missed change is no longer wanted
+        self.on_not_applied = None  # the relay's: a missed or rejected change is not wanted
         self.ledger = None  # the change ledger: every answer, recorded
         self.history = None  # the metric history: a point per status read, at most
         self._written = asyncio.Event()
@@ -131,8 +132,8 @@ class MailboxPump:
             self._publish_outcome(replica, outcome)
             if outcome.state == pb.APPLIED:
                 replica.in_effect[outcome.name] = outcome.change_id
-            if outcome.state == pb.MISSED and self.on_missed is not None:
-                self.on_missed(replica, outcome)
+            if outcome.state in NOT_APPLIED and self.on_not_applied is not None:
+                self.on_not_applied(replica, outcome)
         replica.mailbox.outcomes_read[0] = replica.outcome_seq
         held = set(acks.scheduled)  # agreed on, waiting for their step: answered later
         for name, changes in replica.written.items():

@@ -27,6 +27,15 @@ SEEN_IDS = 32  # per parameter: enough to know a change seen again
 TAKEN_KEPT = 512  # per replica: the changes taken lately, to go back to the one in effect
 
 
+def forget_taken(taken: dict[str, pb.DesiredParam], in_effect: set[str]) -> None:
+    """Keep the TAKEN_KEPT latest changes taken, and every change in effect however old:
+    a change that is not applied goes back to it (a replica steered once, then 512 times
+    on other parameters, lost its first change at its next restart)."""
+    older = [change_id for change_id in taken if change_id not in in_effect]
+    for change_id in older[: len(taken) - TAKEN_KEPT]:
+        del taken[change_id]
+
+
 class Written:
     """A change written to a replica's mailbox and not answered yet."""
 
@@ -126,7 +135,7 @@ class DesiredRelay:
             say(f"ignored a desired value for {key} with a negative step")
             return
         want.revision = revision
-        if want.change_id in replica.missed:
+        if want.change_id in replica.not_applied:
             return  # applied nowhere: it stays out of what a restarted worker starts from
         seen = replica.seen_ids.setdefault(name, deque(maxlen=SEEN_IDS))
         again = want.change_id in seen  # put back after a missed change: answered before
@@ -140,8 +149,8 @@ class DesiredRelay:
             return
         self._replaced(replica, name, version)
         replica.taken[want.change_id] = copy(replica.desired.entry(name))
-        while len(replica.taken) > TAKEN_KEPT:
-            replica.taken.pop(next(iter(replica.taken)))
+        if len(replica.taken) > TAKEN_KEPT:
+            forget_taken(replica.taken, set(replica.in_effect.values()))
         if not again:
             seen.append(want.change_id)
             written = Written(copy(replica.desired.entry(name)))
@@ -176,12 +185,13 @@ class DesiredRelay:
             return False
         return True
 
-    def missed(self, replica, outcome: pb.Outcome) -> None:
-        """A change applied nowhere: what the replica wants goes back to what is in effect
-        there (not merely to the entry before it, which may never have been applied), so a
-        restarted worker does not start from it either."""
+    def not_applied(self, replica, outcome: pb.Outcome) -> None:
+        """A change applied nowhere (missed, or rejected: the user was told so): what the
+        replica wants goes back to what is in effect there (not merely to the entry before
+        it, which may never have been applied), so a restarted worker does not start from
+        it either."""
         name = outcome.name
-        replica.missed.append(outcome.change_id)
+        replica.not_applied.append(outcome.change_id)
         held = replica.desired.entry(name)
         if held is None or held.change_id != outcome.change_id:
             return  # a newer change stands already
