@@ -214,3 +214,15 @@ def test_the_change_in_effect_outlives_many_later_changes(rig):
     rig.step()
     assert rig.answers()[-1] == (b.change_id, "MISSED")
     assert rig.replica.desired.entry("lr").change_id == a.change_id, "not dropped"
+
+
+def test_a_replayed_change_does_not_bring_back_an_answered_live_one(rig):
+    """`--replay` with live control: the record's change applies at its step, and the live
+    change answered before it is not applied (nor answered) a second time."""
+    rig.worker.replay([{"step": 20, "name": "lr", "value": 0.7, "change_id": "recorded"}])
+    a = rig.write(0.01)
+    rig.step(6)
+    rig.step(20)
+    assert rig.answers() == [(a.change_id, "APPLIED"), ("recorded", "APPLIED")]
+    assert rig.values["lr"] == 0.7
+    assert rig.replica.in_effect["lr"] == a.change_id, "the desired state's own"

@@ -24,6 +24,7 @@ from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.mailbox import MailboxError
 from loomrun.output import say
+from loomrun.replay import ORIGIN as REPLAYED
 
 STATUS_PUBLISH_INTERVAL = 0.25
 HEARTBEAT_INTERVAL = 1.0
@@ -130,8 +131,8 @@ class MailboxPump:
             replica.outcome_seq = outcome.seq
             replica.written.get(outcome.name, {}).pop(outcome.change_id, None)
             self._publish_outcome(replica, outcome)
-            if outcome.state == pb.APPLIED:
-                replica.in_effect[outcome.name] = outcome.change_id
+            if outcome.state == pb.APPLIED and outcome.origin != REPLAYED:
+                replica.in_effect[outcome.name] = outcome.change_id  # of the desired state
             if outcome.state in NOT_APPLIED and self.on_not_applied is not None:
                 self.on_not_applied(replica, outcome)
         replica.mailbox.outcomes_read[0] = replica.outcome_seq

@@ -151,7 +151,7 @@ class Worker:
         step, due, answered = self.step, _NEVER, False
         while self._replay and self._replay[0]["step"] <= step:
             answered = True
-            self._answer(self._replayed(self._replay.popleft(), step))
+            self._answer(self._replayed(self._replay.popleft(), step), replayed=True)
         if self._replay:
             due = self._replay[0]["step"]
         for name, want in list(self._scheduled.items()):
@@ -287,14 +287,17 @@ class Worker:
         self.paused = want.value.b
         return outcome
 
-    def _answer(self, outcome: pb.Outcome, quiet: bool = False) -> None:
+    def _answer(self, outcome: pb.Outcome, quiet: bool = False, replayed: bool = False) -> None:
         """Every change read gets one answer; `quiet` ones (superseded) leave the name open
-        for the change that replaced it."""
-        if not quiet:
+        for the change that replaced it. A `replayed` one is of the record, outside the
+        desired state: the live changes there stay answered (or scheduled) as they were,
+        and none is applied again for it."""
+        if not quiet and not replayed:
             self._supersede_scheduled(outcome.name, outcome.change_id)
             self._answered[outcome.name] = outcome.change_id
         if outcome.state == pb.APPLIED:
-            self._in_effect[outcome.name] = outcome.change_id
+            if not replayed:
+                self._in_effect[outcome.name] = outcome.change_id
             for listener in self.applied_listeners:
                 try:
                     listener(outcome.name, P.from_pb(outcome.new))
