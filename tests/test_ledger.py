@@ -83,6 +83,28 @@ def test_a_job_without_a_ledger_is_one_line():
     assert result.returncode == 2 and "no change ledger for job 'nosuchjob'" in result.stderr
 
 
+def test_a_job_without_records_on_a_purged_ledger_stream_is_read_at_once(procs):
+    """The broker's ledger stream no longer starts at 1 (a job's start purged an earlier
+    run's records): a job with no record yet has an empty ledger, not one waited on for
+    ever."""
+    from test_control import steering
+
+    from loomrun import subjects as S
+    from loomrun._proto import loomrun_pb2 as pb
+
+    job = job_id("purged")
+    start(procs, SCRIPTS / "steered.py", "--steps", "10000000", "--quiet", job=job)
+    wait_ready(job)  # the stream is there
+
+    async def purge_one(s):
+        await s.js.publish(S.ledger(job, 0), pb.Outcome(change_id="x").SerializeToString())
+        await s.js.purge_stream(S.LEDGER_STREAM)  # the first sequence moves past it
+
+    steering(purge_one)
+    result = run_loomrun("log", "--job", job, timeout=30)  # it hung here
+    assert result.returncode == 0 and result.stdout == "", result.stderr
+
+
 def _hashes(out: str) -> set[str]:
     return set(re.findall(r"hash (\w+)", out))
 

@@ -332,7 +332,9 @@ class Steering:
             return
         try:
             info = await subscription.consumer_info()
-            if info.num_pending == 0 and not info.delivered.stream_seq and not follow:
+            # Nothing left, nor delivered yet: none at all. Its delivery count, not the
+            # stream sequence it delivered up to, which a purge moves past 0.
+            if info.num_pending == 0 and not info.delivered.consumer_seq and not follow:
                 return
             async for msg in subscription.messages:
                 with contextlib.suppress(DecodeError):
