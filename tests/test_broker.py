@@ -102,7 +102,7 @@ def test_urls(url, loopback):
     assert is_loopback(url) is loopback
 
 
-@pytest.mark.parametrize("url", ["http://x:1", "nats://host:99999", "nats://"])
+@pytest.mark.parametrize("url", ["http://x:1", "nats://host:99999", "nats://", "nats://[::1"])
 def test_bad_urls_are_one_line_errors(url):
     with pytest.raises(BrokerError):
         host_port(url)

@@ -98,6 +98,10 @@ def test_set_refuses_bad_requests_before_writing_anything(procs):
         (["set", "lr=0.1", "--job", "nojob"], "no job 'nojob' on this broker"),
         (["set", "lr", "--job", job], "'lr' is not KEY=VALUE"),
         (["set", "lr=0.1", "--replica", "one", "--job", job], "'one' is not a replica name"),
+        (["set", "lr=0.1", "--replica", "", "--job", job], "no replica named"),
+        (["set", "batch=99999999999999999999", "--job", job], "expected an integer of 64 bits"),
+        (["set", "lr=0.1", "--at-step", "99999999999999999999", "--job", job], "not in the range"),
+        (["set", "lr=0.1", "--timeout", "nan", "--job", job], "is not a finite number"),
     ]
     for args, message in cases:
         result = run_loomrun(*args)

@@ -248,6 +248,36 @@ def test_random_command_lines_are_one_line_errors_never_tracebacks():
             assert len(errors) <= 1, (argv, shown)
 
 
+def test_a_broker_that_hangs_up_mid_command_is_one_line_and_exit_4():
+    """A server that greets as NATS, takes the CONNECT, then closes: every command says so
+    in one line (`ls` and `log --metrics` once ended in nats-py's traceback)."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    greeting = b'INFO {"server_id":"x","version":"2.10.0","proto":1,"max_payload":1048576}\r\n'
+
+    def hang_up() -> None:
+        while True:
+            try:
+                peer, _ = listener.accept()
+            except OSError:
+                return
+            with contextlib.suppress(OSError), peer:
+                peer.sendall(greeting)
+                peer.recv(4096)
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    url = f"nats://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        for command in (["ls"], ["set", "lr=0.1"], ["log", "--metrics", "--job", "j"]):
+            result = run_loomrun(*command, "--nats", url, timeout=60)
+            assert result.returncode == 4, (command, result.stderr)
+            assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+    finally:
+        listener.close()
+
+
 def test_another_users_commands_are_refused_in_one_sentence(tmp_path):
     other = {"XDG_STATE_HOME": str(tmp_path / "state"), "HOME": str(tmp_path)}
     for command in (["set", "lr=0.1", "--job", "any"], ["pause", "--job", "any"], ["ls"], ["get"]):

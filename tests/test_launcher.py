@@ -160,6 +160,10 @@ def test_module_target(tmp_path):
         (["--node-rank", "2", "--nnodes", "2", "{s}"], "out of range"),
         (["--replicas", "2", "--replicas-filter", "r7", "{s}"], "'r7' is not a replica"),
         ([], "missing SCRIPT"),
+        (["--grace", "nan", "{s}"], "'nan' is not a finite number of seconds"),
+        (["--step-timeout", "inf", "{s}"], "'inf' is not a finite number of seconds"),
+        (["--nats", "nats://[::1", "{s}"], "is not a NATS URL"),
+        (["--log-dir", "{s}/logs", "{s}"], "cannot make the folder"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, args, message):

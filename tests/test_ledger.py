@@ -105,6 +105,24 @@ def test_a_job_without_records_on_a_purged_ledger_stream_is_read_at_once(procs):
     assert result.returncode == 0 and result.stdout == "", result.stderr
 
 
+def test_a_damaged_ledger_file_is_read_for_what_it_holds():
+    """Bytes that are not text and a time no clock can show: left out, the rest shown."""
+    job = job_id("damaged")
+    folder = state_dir() / "jobs" / job
+    folder.mkdir(parents=True)
+    good = {"time": 1.7e9, "who": "a@b", "job": job, "replica": "r0", "name": "lr", "old": 0.1,
+            "new": 0.2, "step": 3, "outcome": "applied", "reason": None, "change_id": "good",
+            "revision": 1}  # fmt: skip
+    (folder / "changes.jsonl").write_bytes(
+        bytes(range(128, 256)) + b"\n" + json.dumps({**good, "time": 1e300}).encode() + b"\n"
+        + json.dumps(good).encode() + b"\n"
+    )  # fmt: skip
+    nobroker = f"nats://127.0.0.1:{free_port()}"
+    shown = run_loomrun("log", "--job", job, "--nats", nobroker)
+    assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+    assert len(shown.stdout.splitlines()) == 1 and "0.1 -> 0.2  step 3" in shown.stdout
+
+
 def _hashes(out: str) -> set[str]:
     return set(re.findall(r"hash (\w+)", out))
 

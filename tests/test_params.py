@@ -59,20 +59,27 @@ def test_parse_converts_text(spec, text, value):
         (BETAS, "[0.9, 1.5]", "1.5 is above the maximum 1"),
         (BETAS, "[0.9", "as a JSON list or comma list"),
         (MODE, "rmsprop", "invalid value for mode: expected one of 'adam', 'sgd', got 'rmsprop'"),
+        (BATCH, "99999999999999999999999", "expected an integer of 64 bits"),
+        (BATCH, "\u0663", "expected an integer (like 64)"),  # int() takes an Arabic-Indic 3
+        (BATCH, "1_000", "expected an integer (like 64)"),
+        (LR, "1_0.5", "expected a float"),
+        (LR, "\u0661.\u0665", "expected a float"),
+        (BETAS, "[" * 50_000, "... (50002 characters)"),  # json.loads: RecursionError
     ],
 )
 def test_parse_names_parameter_expectation_and_value(spec, text, message):
     with pytest.raises(P.ParamError) as caught:
         P.parse(spec, text)
     assert message in str(caught.value)
-    assert "\n" not in str(caught.value)
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 200
 
 
 @pytest.mark.parametrize(
     "spec, value, ok",
     [
         (LR, 1, 1.0), (LR, True, None), (LR, "0.1", None), (LR, [0.1], None),
-        (BATCH, 3.0, 3), (BATCH, 3.5, None), (BATCH, True, None),
+        (BATCH, 3.0, 3), (BATCH, 3.5, None), (BATCH, True, None), (BATCH, 1e20, None),
+        (BATCH, 2**63, None), (BATCH, 2**63 - 1, 2**63 - 1),
         (FLAG, 1, None), (FLAG, False, False),
         (BETAS, (0.5, 0.6), [0.5, 0.6]), (BETAS, 0.5, None),
         (MODE, "adam", "adam"), (MODE, 3, None),

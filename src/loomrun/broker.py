@@ -379,7 +379,10 @@ def server_binary() -> Path:
 
 
 def host_port(url: str) -> tuple[str, int]:
-    parsed = urlparse(url if "://" in url else f"nats://{url}")
+    try:
+        parsed = urlparse(url if "://" in url else f"nats://{url}")
+    except ValueError:  # "nats://[::1": an address never closed
+        raise BrokerError(f"'{url}' is not a NATS URL (expected nats://HOST:PORT)") from None
     if parsed.scheme not in ("nats", "tls") or not parsed.hostname:
         raise BrokerError(f"'{url}' is not a NATS URL (expected nats://HOST:PORT or tls://...)")
     try:

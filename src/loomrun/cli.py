@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import math
 import os
 import re
 import secrets
@@ -151,6 +152,30 @@ def _module_precedes_script(raw: list[str], script: str) -> bool:
         i for i, a in enumerate(raw) if a in ("-m", "--module") or a.startswith("--module=")
     ]
     return bool(positions) and script in raw[positions[0] :]
+
+
+def _writable_dir(ctx, param, value: Path | None) -> Path | None:
+    """A folder the job can write into, made if it is not there: said before anything
+    starts, not as a traceback once the workers run."""
+    if value is not None:
+        try:
+            value.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise click.BadParameter(f"cannot make the folder {value}: {error.strerror}") from None
+        if not os.access(value, os.W_OK | os.X_OK):
+            raise click.BadParameter(f"cannot write into the folder {value}")
+    return value
+
+
+class Seconds(click.FloatRange):
+    """A number of seconds: click's FloatRange lets nan and inf through, and "--grace nan"
+    killed at once."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        return number
 
 
 class ProcCount(click.ParamType):
@@ -299,6 +324,7 @@ def proc_count(value: int | str) -> int:
     "log_dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
+    callback=_writable_dir,
     help="Also write each replica's stdout/stderr to DIR/JOB/attempt_N/rK/.",
 )
 @click.option(
@@ -312,14 +338,14 @@ def proc_count(value: int | str) -> int:
 )
 @click.option(
     "--grace",
-    type=click.FloatRange(min=0),
+    type=Seconds(min=0),
     default=30.0,
     show_default=True,
     help="Seconds between SIGTERM/SIGINT to the workers and SIGKILL.",
 )
 @click.option(
     "--step-timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Seconds(min=0, min_open=True),
     default=None,
     metavar="SECONDS",
     help="Stop a replica that takes no step for this long (after its first) and restart "
@@ -599,6 +625,8 @@ def _steer(options, work):
 
 def _replica_list(ctx, param, values: tuple[str, ...]) -> list[str] | None:
     names = [v.strip() for value in values for v in value.split(",") if v.strip()]
+    if values and not names:  # `--replica "$R"` with R unset: not every replica
+        raise click.BadParameter("no replica named (expected r0, r1, ...)")
     for name in names:
         if not re.fullmatch(r"r\d+", name):
             raise click.BadParameter(f"'{name}' is not a replica name (expected r0, r1, ...)")
@@ -622,7 +650,7 @@ def steering_options(f):
     f = click.option("--no-wait", is_flag=True, help="Write the change and return at once.")(f)
     f = click.option(
         "--timeout",
-        type=click.FloatRange(min=0),
+        type=Seconds(min=0),
         default=30.0,
         show_default=True,
         help="Seconds to wait for every replica's answer.",
@@ -634,7 +662,7 @@ def steering_options(f):
     )(f)
     f = click.option(
         "--at-step",
-        type=click.IntRange(min=1),
+        type=click.IntRange(1, 2**63 - 1),
         default=None,
         help="Apply at exactly this step number, or nowhere if a replica is past it "
         "[default: at once; ranks of a process group: at one step they agree on].",
@@ -734,7 +762,7 @@ def _change(broker: dict, job, no_wait: bool, as_json: bool, work) -> None:
 @click.option("--job", callback=_validate_job, help="Job id [default: the only running job].")
 @click.option("--replica", "replicas", multiple=True, callback=_replica_list, metavar="r1,r2")
 @click.option("--force", is_flag=True, help="Only some ranks of a process group, though.")
-@click.option("--timeout", type=click.FloatRange(min=0), default=30.0, show_default=True)
+@click.option("--timeout", type=Seconds(min=0), default=30.0, show_default=True)
 @click.option("--no-wait", is_flag=True, help="Write the change and return at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @broker_options
@@ -889,7 +917,9 @@ def log_command(job, replicas, as_json, follow, metrics, **broker):
     from loomrun.printable import printable
 
     def show(item) -> None:
-        with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):
+        with contextlib.suppress(
+            KeyError, TypeError, ValueError, AttributeError, OverflowError, OSError
+        ):
             shown(item)  # what is not a change record (a hand-edited file) is left out
 
     def shown(item: dict) -> None:
@@ -1086,7 +1116,7 @@ def ls_command(as_json, show_all, **broker):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per snapshot.")
 @click.option(
     "--interval",
-    type=click.FloatRange(min=0.1),
+    type=Seconds(min=0.1),
     default=None,
     help="Seconds between frames [default: 0.25 on a terminal, 2 otherwise].",
 )
@@ -1267,6 +1297,16 @@ def command_line() -> None:
         main()  # standalone mode: click ends every command with SystemExit
     except SystemExit as done:
         code = done.code
+    except Exception as error:
+        from nats.errors import Error as NatsError  # loaded already, if it raised this
+
+        if not isinstance(error, NatsError):
+            raise
+        from loomrun.printable import printable
+
+        said = printable(str(error) or type(error).__name__)
+        print(f"Error: the NATS broker stopped answering ({said})", file=sys.stderr)
+        code = EXIT_NO_BROKER
     else:
         code = 0
     if code is not None and not isinstance(code, int):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,8 @@ _TYPE_WORDS = {
     "bool": ("a boolean", "booleans"),
     "str": ("a string", "strings"),
 }
+INT_RANGE = (-(2**63), 2**63 - 1)  # what the wire carries (a protobuf int64)
+_DIGITS = re.compile(r"[+-]?[0-9]+")
 _KIND_TO_PB = {"float": pb.FLOAT, "int": pb.INT, "bool": pb.BOOL, "str": pb.STR}
 _PB_TO_KIND = {v: k for k, v in _KIND_TO_PB.items()}
 
@@ -73,8 +76,11 @@ def _show(value: Any) -> str:
 
 
 def _fail(spec: ParamSpec, given: Any, expected: str | None = None) -> ParamError:
+    shown = repr(given)
+    if len(shown) > 80:  # one line for a person, whatever was given
+        shown = f"{shown[:60]}... ({len(shown)} characters)"
     return ParamError(
-        f"invalid value for {spec.name}: expected {expected or spec.type_name}, got {given!r}"
+        f"invalid value for {spec.name}: expected {expected or spec.type_name}, got {shown}"
     )
 
 
@@ -85,6 +91,8 @@ def _parse_scalar(spec: ParamSpec, text: str) -> Any:
     raw = text.strip()
     if spec.kind == "float":
         try:
+            if not raw.isascii() or "_" in raw:  # float() takes "١.٥" and "1_0" too
+                raise ValueError(raw)
             value = float(raw)
         except ValueError:
             raise _fail(spec, text, "a float (like 0.001 or 1e-3)") from None
@@ -92,10 +100,9 @@ def _parse_scalar(spec: ParamSpec, text: str) -> Any:
             raise _fail(spec, text, "a finite float")
         return value
     if spec.kind == "int":
-        try:
-            return int(raw, 10)
-        except ValueError:
-            raise _fail(spec, text, "an integer (like 64)") from None
+        if not _DIGITS.fullmatch(raw):  # int() takes "٣" and "1_000" too
+            raise _fail(spec, text, "an integer (like 64)")
+        return int(raw, 10)
     if spec.kind == "bool":
         try:
             return _BOOLS[raw.lower()]
@@ -112,7 +119,7 @@ def parse(spec: ParamSpec, text: str) -> Any:
     if stripped.startswith("["):
         try:
             items = json.loads(stripped)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise _fail(spec, text, f"{spec.type_name} as a JSON list or comma list") from None
         if not isinstance(items, list):
             raise _fail(spec, text)
@@ -141,6 +148,8 @@ def _check_scalar(spec: ParamSpec, value: Any) -> Any:
                 value = int(value)
             else:
                 raise _fail(spec, value, "an integer")
+        if not INT_RANGE[0] <= value <= INT_RANGE[1]:
+            raise _fail(spec, value, "an integer of 64 bits (up to 9223372036854775807)")
     elif kind == "bool":
         if not isinstance(value, bool):
             raise _fail(spec, value, "a boolean")

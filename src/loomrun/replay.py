@@ -40,7 +40,7 @@ def load(source: str) -> list[dict]:
 def _records(path: Path) -> list[dict]:
     records = []
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(errors="replace").splitlines()  # a line not JSON is said
     except OSError as error:
         raise ReplayError(f"cannot read {path}: {error.strerror}") from None
     for number, line in enumerate(lines, 1):

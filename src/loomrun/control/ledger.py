@@ -91,7 +91,7 @@ def read_files(folder: Path) -> list[dict] | None:
     records = []
     for path in paths:
         with contextlib.suppress(OSError):
-            for line in path.read_text().splitlines():
+            for line in path.read_text(errors="replace").splitlines():
                 with contextlib.suppress(ValueError, RecursionError):
                     item = json.loads(line)
                     if isinstance(item, dict):

@@ -16,6 +16,7 @@ what they hold: each rank applies the same changes at the same step, or none.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import math
 import os
@@ -273,7 +274,8 @@ class Worker:
             outcome.reason = f"{name} handler raised {type(error).__name__}: {error}"
             return outcome
         if old is not None:
-            outcome.old.CopyFrom(P.to_pb(old))
+            with contextlib.suppress(TypeError, ValueError):  # one the wire cannot carry
+                outcome.old.CopyFrom(P.to_pb(old))
         outcome.state = pb.APPLIED
         return outcome
 
