@@ -232,3 +232,36 @@ def test_a_delivery_without_a_jetstream_reply_is_one_sentence():
 
     with pytest.raises(BucketError, match="not a JetStream reply subject"):
         delivery("_INBOX.x")
+
+
+def test_what_the_broker_refuses_is_left_out_and_the_rest_goes_on(broker, capsys):
+    """A key no broker takes, a message over its largest payload: each is said and left
+    out, and what was queued behind it is sent (it once held up the node for good)."""
+    from types import SimpleNamespace
+
+    from loomrun import subjects as S
+    from loomrun._proto import loomrun_pb2 as pb
+    from loomrun.control.outbox import Outbox
+
+    async def work():
+        nc = await nats.connect(**BrokerOptions(broker.url).connect_kwargs())
+        try:
+            js = nc.jetstream()
+            kv = await js.create_key_value(bucket=S.STATE)
+            got = await nc.subscribe("loomrun.j.outcomes.r0")
+            outbox = Outbox(SimpleNamespace(nc=nc, kv={S.STATE: kv}))
+            outbox.publish("loomrun.j.outcomes.r0", pb.Outcome(reason="x" * nc.max_payload))
+            outbox.publish("loomrun.j.outcomes.r0", pb.Outcome(change_id="after"))
+            outbox.put(S.STATE, "j.r0.outcome.bad name", pb.Outcome(change_id="bad"))
+            outbox.put(S.STATE, "j.r0.outcome.lr", pb.Outcome(change_id="good"))
+            await asyncio.wait_for(outbox.flush(), 10)
+            sent = pb.Outcome.FromString((await got.next_msg(timeout=5)).data)
+            kept = pb.Outcome.FromString((await kv.get("j.r0.outcome.lr")).value)
+            return sent.change_id, kept.change_id
+        finally:
+            await nc.close()
+
+    assert asyncio.run(work()) == ("after", "good")
+    said = capsys.readouterr().err
+    assert "left out a message on loomrun.j.outcomes.r0" in said
+    assert "left out j.r0.outcome.bad name in loomrun_state" in said

@@ -226,3 +226,18 @@ def test_a_replayed_change_does_not_bring_back_an_answered_live_one(rig):
     assert rig.answers() == [(a.change_id, "APPLIED"), ("recorded", "APPLIED")]
     assert rig.values["lr"] == 0.7
     assert rig.replica.in_effect["lr"] == a.change_id, "the desired state's own"
+
+
+def test_a_malformed_answer_in_the_mailbox_is_left_out_and_the_next_ones_are_read(rig):
+    """What no loomrun worker writes: a name no key takes, a count far past the last one
+    (which made the pump ignore every later answer of the replica)."""
+    junk = pb.Acks(recent=[
+        pb.Outcome(name="bad name", change_id="x", seq=1, state=pb.APPLIED),
+        pb.Outcome(name="lr", change_id="y", seq=1 << 40, state=pb.APPLIED),
+    ])  # fmt: skip
+    rig.replica.mailbox.acks.write(junk)
+    rig.pump.read_back(rig.replica, 0.0)
+    assert rig.answers() == [] and rig.replica.outcome_seq == 0
+    a = rig.write(0.2)
+    rig.step()
+    assert rig.answers() == [(a.change_id, "APPLIED")]

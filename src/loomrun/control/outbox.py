@@ -10,12 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections import deque
 
 from loomrun import subjects as S
+from loomrun.output import say
 
 MAX_MESSAGES = 10_000
 _GONE = object()
+
+
+@functools.cache
+def refusals() -> tuple[type[Exception], ...]:
+    """What the client or the broker refuses in one message, never for the connection:
+    sent again it fails again, so it is left out, and what queues behind it goes on (a
+    key no broker takes once held up every status of the node for good)."""
+    from nats.errors import BadSubjectError, MaxPayloadError
+    from nats.js.errors import BadRequestError, InvalidKeyError
+
+    return (BadSubjectError, MaxPayloadError, BadRequestError, InvalidKeyError)
 
 
 class Outbox:
@@ -62,7 +75,10 @@ class Outbox:
                 raise ConnectionError("not connected")
             while self._messages:
                 subject, data = self._messages[0]
-                await nc.publish(subject, data)
+                try:
+                    await nc.publish(subject, data)
+                except refusals() as error:
+                    say(f"left out a message on {subject} that the broker refuses ({error})")
                 self._messages.popleft()
             if not self._latest:
                 break
@@ -72,12 +88,15 @@ class Outbox:
             )
             data = self._latest[(bucket, key)]
             kv = self.link.kv[bucket]
-            if data is None:
-                with contextlib.suppress(Exception):
-                    await kv.delete(key)
-            elif bucket == S.STATUS:
-                await nc.publish(f"$KV.{S.STATUS}.{key}", data)
-            else:
-                await kv.put(key, data)
+            try:
+                if data is None:
+                    with contextlib.suppress(Exception):
+                        await kv.delete(key)
+                elif bucket == S.STATUS:
+                    await nc.publish(f"$KV.{S.STATUS}.{key}", data)
+                else:
+                    await kv.put(key, data)
+            except refusals() as error:
+                say(f"left out {key} in {bucket}, which the broker refuses ({error})")
             if self._latest.get((bucket, key), _GONE) is data:
                 del self._latest[(bucket, key)]

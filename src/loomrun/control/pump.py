@@ -37,6 +37,7 @@ SLOW_POLL = 0.02
 FAST_POLL_FOR = 2.0
 LIVE = (pb.STARTING, pb.RUNNING, pb.PAUSED, pb.HUNG)
 NOT_APPLIED = (pb.MISSED, pb.REJECTED)  # answers that leave what is in effect as it was
+SEQ_AHEAD = 1 << 20  # answers a worker could give between two reads of its mailbox, at most
 
 
 class MailboxPump:
@@ -48,6 +49,7 @@ class MailboxPump:
         self.devices = devices
         self.events = events
         self.on_not_applied = None  # the relay's: a missed or rejected change is not wanted
+        self._said_malformed: set[str] = set()
         self.ledger = None  # the change ledger: every answer, recorded
         self.history = None  # the metric history: a point per status read, at most
         self._written = asyncio.Event()
@@ -128,6 +130,10 @@ class MailboxPump:
         for outcome in acks.recent:
             if outcome.seq <= replica.outcome_seq:
                 continue
+            far = outcome.seq > replica.outcome_seq + SEQ_AHEAD
+            if far or not S.PARAM_NAME.match(outcome.name):
+                self._malformed(replica, outcome)
+                continue
             replica.outcome_seq = outcome.seq
             replica.written.get(outcome.name, {}).pop(outcome.change_id, None)
             self._publish_outcome(replica, outcome)
@@ -155,6 +161,14 @@ class MailboxPump:
                     )
                     outcome.new.CopyFrom(written.want.value)
                     self._publish_outcome(replica, outcome)
+
+    def _malformed(self, replica, outcome: pb.Outcome) -> None:
+        """An answer no worker of loomrun writes (its parameter's name, or a count far past
+        the last one): left out, said once per replica, and the next ones are read."""
+        if replica.name not in self._said_malformed:
+            self._said_malformed.add(replica.name)
+            say(f"{replica.name}: left out a malformed answer in its mailbox "
+                f"(parameter {outcome.name[:64]!r}, number {outcome.seq})")  # fmt: skip
 
     def _publish_outcome(self, replica, outcome: pb.Outcome) -> None:
         outcome.replica = replica.name
