@@ -78,11 +78,13 @@ def test_a_worker_killed_mid_step_restarts_with_every_change(procs):
 
 def test_a_restarted_worker_starts_from_what_is_in_effect_not_from_a_rejected_change(procs):
     """`set` said rejected (the handler refused the value): the worker restarted after a
-    failure applies the change in effect before it, and not the rejected one again."""
+    failure applies the change in effect before it, and not the rejected one again. A
+    method handler's value reaches the instance the restarted script makes (it was
+    refused, as the class was still being made)."""
     job = job_id("rejected")
     sup = start(procs, SCRIPTS / "declared.py", job=job, extra=("--max-restarts", "1"))
     wait_ready(job, name="batch_size")
-    assert run_loomrun("set", "batch_size=64", "--job", job).returncode == 0
+    assert run_loomrun("set", "batch_size=64", "dropout=high", "--job", job).returncode == 0
     refused = run_loomrun("set", "batch_size=-5", "--job", job, "--json")
     (change,) = json.loads(refused.stdout)["changes"]
     assert refused.returncode == 1 and change["state"] == "rejected", refused.stdout
@@ -98,6 +100,7 @@ def test_a_restarted_worker_starts_from_what_is_in_effect_not_from_a_rejected_ch
     sup.send_signal(signal.SIGTERM)
     out, _ = sup.communicate(timeout=60)
     assert out.count("batch_size -> 64") == 2, out[-2000:]
+    assert out.count("dropout -> high") == 2, out[-2000:]
     logged = map(json.loads, run_loomrun("log", "--job", job, "--json").stdout.splitlines())
     answers = [r["outcome"] for r in logged if r["change_id"] == change["change_id"]]
     assert answers == ["rejected"], "one answer, and none again after the restart"

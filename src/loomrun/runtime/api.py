@@ -101,7 +101,11 @@ class _Handler:
             options["default"] = value.default
         self.spec = P.spec_from_annotation(_checked(name or fn.__name__), annotation, **options)
         self.current = _wire(self.spec.default) if self.spec.default is not None else None
-        self.instances: weakref.WeakSet | None = None
+        # A method (self, value): its class is still being made when a restarted worker
+        # applies the desired value here, and its instances come later still.
+        self.method = len(parameters) >= 2
+        self.changed = False  # a change was applied: each new instance is given it
+        self.instances: weakref.WeakSet = weakref.WeakSet()
         self.owner = ""
         worker = _worker.current
         if worker is not None:
@@ -114,7 +118,6 @@ class _Handler:
         return self if obj is None else types.MethodType(self.fn, obj)
 
     def __set_name__(self, owner: type, attr: str) -> None:
-        self.instances = weakref.WeakSet()
         self.owner = owner.__qualname__
         handlers = owner.__dict__.get("__loomrun_handlers__")
         if handlers is None:
@@ -124,15 +127,25 @@ class _Handler:
 
     def _put(self, value: Any) -> None:
         converted = P.to_python(self.spec, value)
-        if self.instances is None:
+        if not self.method:
             self.fn(converted)
-        else:
-            live = list(self.instances)
-            if not live:
-                raise P.ParamError(f"no {self.owner} exists yet to apply {self.spec.name} to")
-            for obj in live:
-                self.fn(obj, converted)
+        for obj in list(self.instances):
+            self.fn(obj, converted)
         self.current = value
+        self.changed = True
+
+    def give(self, obj: Any) -> None:
+        """A new instance gets the value changed before it was made (a restarted worker's
+        desired value, or a change sent before the script made its model)."""
+        self.instances.add(obj)
+        if not self.changed:
+            return
+        try:
+            self.fn(obj, P.to_python(self.spec, self.current))
+        except Exception as error:  # noqa: BLE001 - the script's own object is made anyway
+            worker = _worker.current
+            if worker is not None:
+                worker.warn_once(f"{self.spec.name} handler raised {type(error).__name__}: {error}")
 
 
 def _track_instances(owner: type, handlers: list[_Handler]) -> None:
@@ -143,7 +156,7 @@ def _track_instances(owner: type, handlers: list[_Handler]) -> None:
     def __init__(self, *args, **kwargs):
         original(self, *args, **kwargs)
         for handler in handlers:
-            handler.instances.add(self)
+            handler.give(self)
 
     owner.__loomrun_handlers__ = handlers
     owner.__init__ = __init__
