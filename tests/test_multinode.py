@@ -339,6 +339,53 @@ def test_a_run_on_fewer_nodes_is_steered_and_shown_without_the_earlier_runs_rank
 
 
 @pytest.mark.slow
+def test_a_change_waiting_at_a_restart_lands_on_every_rank_at_one_step(procs):
+    """Node 1 is cut off from the broker when a change is sent: it reaches rank 0 only,
+    whose agreement then waits for rank 1. Both ranks die and restart, and node 1 gets the
+    change once back. The restart used to turn rank 0's waiting change into one applied at
+    once, alone: rank 1 then waited for an agreement that never came, and the ranks trained
+    apart for good."""
+    job, port = job_id("waiting"), free_port()
+    proxy = CuttableProxy(host_port(os.environ["LOOMRUN_NATS"])[1])
+    try:
+        nodes = [
+            procs.start(
+                "--nnodes", "2", "--node-rank", rank, "--nproc-per-node", "1", "--master-addr",
+                "127.0.0.1", "--master-port", port, "--job", job, "--max-restarts", "1",
+                "--grace", "3", SCRIPTS / "ddp_seeded.py", "--steps", "100000",
+                "--step-time", "0.01",
+                env={"LOOMRUN_NATS": f"nats://127.0.0.1:{proxy.port}"} if rank == 1 else None,
+            )
+            for rank in (0, 1)
+        ]  # fmt: skip
+        said: list[str] = []
+        threading.Thread(target=lambda: said.extend(nodes[1].stderr), daemon=True).start()
+        wait_ready(job, ["r0", "r1"], name="loss_scale", timeout=120)
+        pids = {name: row["pid"] for name, row in rows(job).items()}
+        proxy.cut()
+        sent = run_loomrun("set", "loss_scale=2", "--job", job, "--no-wait", "--json")
+        assert sent.returncode == 0, sent.stderr
+        change = json.loads(sent.stdout)["changes"][0]["change_id"]
+        for pid in pids.values():  # a rank left alone in a collective may wait for ever
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: rows(job)["r0"]["restarts"] == 1, 60, what="node 0's restart")
+        wait_for(lambda: any("restarting all replicas" in line for line in said), 60,
+                 what="node 1's restart, before it hears of the change")  # fmt: skip
+        proxy.restore()
+
+        def answers() -> list[dict]:
+            shown = run_loomrun("log", "--job", job, "--json").stdout.splitlines()
+            return [r for r in map(json.loads, shown) if r["change_id"] == change]
+
+        landed = wait_for(lambda: len(answers()) == 2 and answers(), 90, what="both answers")
+        assert sorted(r["replica"] for r in landed) == ["r0", "r1"], landed
+        assert {r["outcome"] for r in landed} == {"applied"}, landed
+        assert len({r["step"] for r in landed}) == 1, f"one step for both ranks: {landed}"
+    finally:
+        proxy.close()
+
+
+@pytest.mark.slow
 def test_the_same_command_on_every_node_agrees_on_ranks_through_c10d(procs):
     """As SLURM scripts run torchrun: no --node-rank, no master; the nodes meet at the
     rendezvous endpoint and agree."""

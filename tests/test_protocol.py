@@ -241,3 +241,17 @@ def test_a_malformed_answer_in_the_mailbox_is_left_out_and_the_next_ones_are_rea
     a = rig.write(0.2)
     rig.step()
     assert rig.answers() == [(a.change_id, "APPLIED")]
+
+
+def test_a_restart_applies_what_was_in_effect_at_once_and_a_waiting_change_waits():
+    from loomrun.desired import DesiredConfig
+
+    desired = DesiredConfig()
+    applied = desired.set("lr", 0.2)
+    waiting = desired.set("momentum", 0.8, at_step=500)
+    forced = desired.set("wd", 0.1, at_once=True)  # --force: some ranks only, no agreement
+    desired.rebase({applied})
+    lr, momentum, wd = (desired.entry(n) for n in ("lr", "momentum", "wd"))
+    assert (lr.change_id, lr.at_once) == (applied, True)
+    assert (momentum.change_id, momentum.at_once, momentum.at_step) == (waiting, False, 0)
+    assert (wd.change_id, wd.at_once) == (forced, True)

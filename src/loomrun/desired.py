@@ -98,13 +98,19 @@ class DesiredConfig:
         self.state.version += 1
         return self.state.version
 
-    def rebase(self) -> None:
-        """The state restarted replicas start from: every value at once, none waiting for a
-        step number of the incarnation before or for an agreement of its ranks."""
+    def rebase(self, in_effect: set[str] | None = None) -> None:
+        """The state restarted replicas start from: none waits for a step number of the
+        incarnation before. What was in effect there (the changes of `in_effect`; every one
+        when not told) applies at once, before the first step, with no agreement of the
+        ranks: they had all applied it, at one step. A change that was still waiting keeps
+        waiting for the ranks to agree on it: it may have reached some ranks before their
+        restart and others after, and held at once by some only, it made the ranks differ
+        for good."""
         entries = list(self.state.params.values())
         if self.state.HasField("pause"):
             entries.append(self.state.pause)
         for entry in entries:
             entry.at_step = 0
-            entry.at_once = True
+            if in_effect is None or entry.change_id in in_effect:
+                entry.at_once = True
         self.state.version += 1

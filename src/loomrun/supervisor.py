@@ -401,8 +401,9 @@ class Supervisor:
 
     def _prepare_restart(self, replica: Replica) -> None:
         """A clean mailbox for the next worker (the last may have died mid-write), holding
-        every desired value to apply at once: no step number of the last incarnation, and no
-        agreement of ranks that all start from scratch, carries over."""
+        the desired state to start from: no step number of the last incarnation carries
+        over (see DesiredConfig.rebase; without a broker nothing was steered, and what the
+        mailbox holds applies at once)."""
         if self.control is not None:
             self.control.replica_restarting(replica.name)
             return

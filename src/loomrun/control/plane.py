@@ -280,8 +280,10 @@ class ControlPlane:
     # -- lifecycle, from the supervisor -------------------------------------------------------
 
     def replica_restarting(self, name: str) -> None:
-        """Before a replica's next worker starts: it starts from every desired value at once."""
+        """Before a replica's next worker starts (the last one stopped): its last answers
+        read, then a clean mailbox holding the desired state to start from."""
         replica = self.replicas[name]
+        self._last_read(replica)  # what it applied up to its end: what is in effect
         replica.mailbox.reset_worker_side()
         self.relay.rebase(replica)
 

@@ -203,6 +203,7 @@ class DesiredRelay:
         self.write(replica)
 
     def rebase(self, replica) -> None:
-        """The replica restarts: it starts from every desired value at once."""
-        replica.desired.rebase()
+        """The replica restarts: it starts from what was in effect at once, and what was
+        waiting still waits (see DesiredConfig.rebase)."""
+        replica.desired.rebase(set(replica.in_effect.values()))
         self.write(replica)
