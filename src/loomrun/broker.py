@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import os
@@ -516,6 +517,34 @@ class BrokerOptions:
         return kwargs
 
 
+async def open_connection(options: BrokerOptions, **settings):
+    """nats.connect, except that a connection told to use TLS (a tls:// URL, or a CA) never
+    goes on in clear: nats-py upgrades only when the server asks it to, and sent a token in
+    clear to a server that did not."""
+    nats = import_nats()
+    kwargs = options.connect_kwargs()
+    client = _tls_only()() if "tls" in kwargs else nats.NATS()
+    await client.connect(**kwargs, **settings)
+    return client
+
+
+@functools.cache
+def _tls_only():
+    from nats.aio.client import Client
+    from nats.errors import Error
+
+    class TLSOnly(Client):
+        """Refuses, before its CONNECT line (and credentials) is sent, a server that does
+        not require TLS: at each connection, reconnections included."""
+
+        async def _process_info(self, info, initial_connection=False):
+            if initial_connection and not info.get("tls_required"):
+                raise Error("does not offer TLS: nothing was sent to it")
+            await super()._process_info(info, initial_connection)
+
+    return TLSOnly
+
+
 def refused(url: str) -> BrokerError:
     return BrokerError(
         f"the NATS broker at {url} refused this user's credentials: it belongs to another "
@@ -526,7 +555,6 @@ def refused(url: str) -> BrokerError:
 async def connect_client(options: BrokerOptions, timeout: float = 3.0, reconnect: bool = False):
     """A connection for a command: fails fast with one line when nobody answers. A
     long-lived face (`watch`, `ui`) asks to `reconnect` after the broker went away."""
-    nats = import_nats()
 
     async def quiet(_error):
         return None
@@ -541,8 +569,8 @@ async def connect_client(options: BrokerOptions, timeout: float = 3.0, reconnect
         ) from None
     try:
         return await asyncio.wait_for(
-            nats.connect(
-                **options.connect_kwargs(),
+            open_connection(
+                options,
                 connect_timeout=timeout,
                 allow_reconnect=reconnect,
                 max_reconnect_attempts=-1 if reconnect else 1,
@@ -557,6 +585,8 @@ async def connect_client(options: BrokerOptions, timeout: float = 3.0, reconnect
             detail = "nothing answers there"
         if "authorization" in detail.lower():
             raise refused(options.url) from None
+        if "does not offer TLS" in detail:
+            raise BrokerError(f"the NATS broker at {options.url} {detail}") from None
         raise BrokerError(
             f"cannot reach the NATS broker at {options.url} ({detail}); is a loomrun job "
             "running? (set --nats or LOOMRUN_NATS to point at its broker)"

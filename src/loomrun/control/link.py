@@ -20,10 +20,10 @@ from loomrun.broker import (
     answers,
     bundled_here,
     host_port,
-    import_nats,
     is_loopback,
     join,
     leave,
+    open_connection,
     refused,
 )
 from loomrun.output import say
@@ -104,7 +104,6 @@ class BrokerLink:
         return False
 
     async def _connect(self) -> None:
-        nats = import_nats()
         host, port = host_port(self.options.url)
         if is_loopback(self.options.url):
             if self._local_port is None:
@@ -115,8 +114,8 @@ class BrokerLink:
             if not answers(host, port):
                 await self._start_bundled(port)
         try:
-            self.nc = await nats.connect(
-                **self.options.connect_kwargs(),
+            self.nc = await open_connection(
+                self.options,
                 connect_timeout=2,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
