@@ -14,7 +14,7 @@ from conftest import FAKE_NVML, SCRIPTS, run_loomrun, wait_for
 
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
-from loomrun.broker import BrokerError, BrokerOptions, answers, host_port
+from loomrun.broker import BrokerError, BrokerOptions, answers, host_port, state_dir
 from loomrun.client import SteerError, Steering
 from loomrun.supervisor import free_port
 
@@ -283,6 +283,22 @@ def test_two_jobs_share_a_broker_and_the_last_to_end_stops_it(procs):
     b.send_signal(signal.SIGTERM)
     b.communicate(timeout=60)
     wait_for(lambda: not answers(*host_port(url)), 15, what="the broker to stop with its last job")
+
+
+def test_a_second_run_of_a_running_job_id_is_refused_and_the_first_goes_on(procs):
+    """It set the running job's ledger aside and purged its state on the broker."""
+    job = job_id("twice")
+    start(procs, SCRIPTS / "steered.py", "--steps", "10000000", "--quiet", job=job)
+    wait_ready(job)
+    assert run_loomrun("set", "lr=0.05", "--job", job).returncode == 0
+    again = run_loomrun("--job", job, SCRIPTS / "steered.py", "--steps", "5", timeout=60)
+    assert again.returncode == 2, again.stderr
+    assert f"job {job} is already running on this host" in again.stderr
+    assert len(again.stderr.splitlines()) == 1, again.stderr
+    folder = state_dir() / "jobs" / job
+    assert '"new": 0.05' in (folder / "changes.jsonl").read_text(), "not set aside"
+    result = run_loomrun("set", "lr=0.07", "--job", job)
+    assert result.returncode == 0 and "0.05 -> 0.07" in result.stdout, result.stderr
 
 
 def test_a_token_protects_the_bundled_broker(procs):

@@ -221,8 +221,12 @@ class Supervisor:
             loop.add_signal_handler(sig, self._on_signal, sig)
         self.started = time.time()  # this run's, for what is on disk and on the broker
         self.watchdog = Watchdog()
-        self._prepare_run_dir()
         self.record_dirs = self._record_dirs()
+        running = self._claim_job_id()
+        if running:
+            say(running)
+            return 2
+        self._prepare_run_dir()
         from loomrun.control.ledger import set_aside_earlier
 
         for folder in self.record_dirs:  # with or without a broker: no earlier run's records
@@ -616,6 +620,37 @@ class Supervisor:
         if self.spec.log_dir is not None:
             folders.append(Path(self.spec.log_dir) / self.spec.job)
         return folders
+
+    def _claim_job_id(self) -> str:
+        """This job id (and node rank) is this supervisor's on this host while it runs: a
+        lock in the job's folder of the state directory, held until it ends. Another run
+        of the same id started meanwhile would set its records aside and purge its state
+        on the broker: it is refused instead, with the line returned."""
+        if not self.record_dirs:
+            return ""
+        import fcntl
+
+        name = f".supervisor.node{self.spec.node_rank}.lock"
+        path = self.record_dirs[0] / name
+        try:
+            self.record_dirs[0].mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return ""  # no folder of its own: nothing of an earlier run's there to protect
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            node = f" (node {self.spec.node_rank})" if self.spec.nnodes > 1 else ""
+            return (
+                f"job {self.spec.job}{node} is already running on this host (supervisor pid "
+                f"{holder or '?'}): give this one another --job"
+            )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._job_lock = fd  # closed with the process: the lock goes with it
+        return ""
 
     def _tell_exit(self, replica: Replica, code: int, text: str, restarting: bool = False) -> None:
         if self.control is not None:
