@@ -377,6 +377,32 @@ def test_a_start_removes_what_a_dead_job_left_and_says_so(tmp_path):
     assert not answers("127.0.0.1", port)
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--port", "{busy}"], "cannot listen on 127.0.0.1:{busy}: Address already in use"),
+        (["--listen", "no such host"], "cannot listen on no such host:"),
+        (["--cluster", "garbage", "--routes", "nats://127.0.0.1:6222"], "is not HOST:PORT"),
+        (["--cluster", "127.0.0.1:{free}"], "--cluster needs --routes"),
+        (["--cluster-name", "a b"], "'a b' is not a cluster name"),
+    ],
+)
+def test_loomrun_server_says_what_is_wrong_before_it_starts(tmp_path, args, message):
+    """In one line, before it says it runs (the broker's own fatal line came last of 26)."""
+    import socket
+
+    busy = socket.create_server(("127.0.0.1", 0))
+    ports = {"busy": busy.getsockname()[1], "free": free_port()}
+    try:
+        argv = [a.format(**ports) for a in args]
+        result = run_loomrun("server", "--port", ports["free"], *argv, timeout=30,
+                             env={"XDG_STATE_HOME": str(tmp_path)})  # fmt: skip
+    finally:
+        busy.close()
+    assert result.returncode == 2, result.stderr
+    assert message.format(**ports) in result.stderr and "NATS broker on" not in result.stderr
+
+
 def test_loomrun_server_requires_the_secret_and_says_how_to_connect(tmp_path):
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
     port = free_port()

@@ -1202,6 +1202,21 @@ def server_command(listen, port, token, cluster_listen, routes, cluster_name):
         write_private,
     )
 
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", cluster_name):
+        raise click.BadParameter(
+            f"{cluster_name!r} is not a cluster name (letters, digits, - and _)",
+            param_hint="--cluster-name",
+        )
+    _check_listen(listen, port, "--listen/--port")
+    if cluster_listen is not None:
+        if not routes.strip():  # nats-server's JetStream refuses a cluster of one
+            raise click.UsageError("--cluster needs --routes: the other members' route URLs")
+        host, _, number = cluster_listen.rpartition(":")
+        if not host or not number.isdigit() or not 1 <= int(number) <= 65535:
+            raise click.BadParameter(
+                f"{cluster_listen!r} is not HOST:PORT (like 0.0.0.0:6222)", param_hint="--cluster"
+            )
+        _check_listen(host.strip("[]"), int(number), "--cluster")
     try:
         binary = server_binary()
         state = private_state_dir()
@@ -1235,6 +1250,20 @@ def server_command(listen, port, token, cluster_listen, routes, cluster_name):
             err=True,
         )
     os.execv(str(binary), [str(binary), "-c", str(config)])
+
+
+def _check_listen(host: str, port: int, option: str) -> None:
+    """The server can listen there: said in one line before it starts, not as the last of
+    the broker's own log lines after loomrun said it runs."""
+    import socket
+
+    try:
+        socket.create_server((host, port)).close()
+    except (OSError, UnicodeError) as error:
+        reason = (getattr(error, "strerror", None) or str(error)).split(" (while")[0]
+        raise click.BadParameter(
+            f"cannot listen on {host}:{port}: {reason}", param_hint=option
+        ) from None
 
 
 def _check_module(module: str) -> None:
