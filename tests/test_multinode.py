@@ -448,6 +448,10 @@ def test_a_node_started_with_another_shape_is_refused_before_it_takes_a_rank(pro
         (["--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:1", "--rdzv-id", "j",
           "--nnodes", "2", "--replicas-filter", "r1,3"], "'3' is not a replica"),
         (["--nnodes", "1:2"], "'1:2' is not a valid integer"),
+        (["--rdzv-backend", "c10d", "--rdzv-endpoint", "a b:12", "--rdzv-id", "j", "--nnodes",
+          "2"], "'a b:12' is not HOST[:PORT]"),
+        (["--rdzv-backend", "c10d", "--rdzv-endpoint", "[::1", "--rdzv-id", "j", "--nnodes",
+          "2"], "an IPv6 address in [ ]"),
     ],
 )  # fmt: skip
 def test_rendezvous_usage_errors_are_one_line(args, message):

@@ -20,6 +20,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 import select
 import socket
 import subprocess
@@ -46,17 +47,22 @@ class Agreement:
     master_port: int
 
 
+_HOST = re.compile(r"[A-Za-z0-9._:%-]+")  # a name, an IPv4 or IPv6 address: no spaces
+
+
 def endpoint(text: str) -> tuple[str, int]:
     """`HOST[:PORT]` (IPv6 in brackets) -> (host, port)."""
     host, port = text, DEFAULT_PORT
     if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest.startswith(":"):
+        host, closed, rest = text[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            raise RendezvousError(f"{text!r} is not HOST[:PORT] (an IPv6 address in [ ])")
+        if rest:
             port = _port(rest[1:], text)
     elif text.count(":") == 1:
         host, _, rest = text.partition(":")
         port = _port(rest, text)
-    if not host:
+    if not host or not _HOST.fullmatch(host):
         raise RendezvousError(f"{text!r} is not HOST[:PORT]")
     return host, port
 
