@@ -20,6 +20,7 @@ from test_control import job_id, steering, wait_ready
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.broker import host_port, state_dir
+from loomrun.client import SteerError
 from loomrun.control.ledger import job_dir, read_files
 from loomrun.supervisor import free_port
 
@@ -381,6 +382,46 @@ def test_a_change_waiting_at_a_restart_lands_on_every_rank_at_one_step(procs):
         assert sorted(r["replica"] for r in landed) == ["r0", "r1"], landed
         assert {r["outcome"] for r in landed} == {"applied"}, landed
         assert len({r["step"] for r in landed}) == 1, f"one step for both ranks: {landed}"
+    finally:
+        proxy.close()
+
+
+@pytest.mark.slow
+def test_a_change_to_a_group_with_a_node_not_yet_on_the_broker_is_refused(procs):
+    """Node 1 cannot reach the broker: its rank trains in the group, but the broker knows
+    only node 0's. A `set` to "every replica" once went to rank 0 alone and waited for an
+    agreement that could not come (exit 3); it is refused, and once node 1 is there, it
+    lands on both ranks at one step."""
+    job, port = job_id("unlisted"), free_port()
+    proxy = CuttableProxy(host_port(os.environ["LOOMRUN_NATS"])[1])
+    proxy.cut()
+    try:
+        for rank in (0, 1):
+            procs.start(
+                "--nnodes", "2", "--node-rank", rank, "--nproc-per-node", "1", "--master-addr",
+                "127.0.0.1", "--master-port", port, "--job", job, SCRIPTS / "ddp_seeded.py",
+                "--steps", "100000", "--step-time", "0.01",
+                env={"LOOMRUN_NATS": f"nats://127.0.0.1:{proxy.port}"} if rank == 1 else None,
+            )  # fmt: skip
+
+        async def group_size(s):
+            try:
+                return (await s.schemas(job)).get("r0", None)
+            except SteerError:  # before the first job on this broker made its buckets
+                return None
+
+        wait_for(lambda: (found := steering(group_size)) and found.group_size == 2, 120,
+                 what="rank 0 in its group of 2")  # fmt: skip
+        refused = run_loomrun("set", "loss_scale=2", "--job", job)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "only 1 are registered on the broker" in refused.stderr
+        proxy.restore()
+        wait_ready(job, ["r0", "r1"], name="loss_scale", timeout=60)
+        landed = run_loomrun("set", "loss_scale=2", "--job", job, "--json")
+        assert landed.returncode == 0, landed.stdout + landed.stderr
+        changes = json.loads(landed.stdout)["changes"]
+        assert sorted(c["replica"] for c in changes) == ["r0", "r1"]
+        assert len({c["step"] for c in changes}) == 1, changes
     finally:
         proxy.close()
 

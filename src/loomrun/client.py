@@ -417,16 +417,26 @@ class Steering:
         step); a change to only some of them would make them differ, or hang a collective.
         """
         left_out = [r for r in job.replicas if r not in targets]
-        if not left_out:
-            return False
         schemas = self._schemas.get(job.job, {})
+        if not left_out:  # every rank the broker knows; the schemas just read tell the size
+            sizes = [schemas[r].group_size for r in targets if r in schemas]
+            if max(sizes, default=1) <= len(job.replicas):
+                return False
+            if not force:  # a node's record is not on the broker (yet)
+                raise SteerError(
+                    f"{', '.join(targets)} train in one process group of {max(sizes)} ranks, "
+                    f"of which only {len(job.replicas)} are registered on the broker (a node "
+                    "not connected yet?): the change would wait for ranks it cannot reach; "
+                    "try again, or --force"
+                )
+            return True
         if not any(s.group_size > 1 for s in schemas.values()):
             schemas = await self.schemas(job.job)  # a cached schema may predate the group
         grouped = [r for r in targets if schemas.get(r) and schemas[r].group_size > 1]
         if not grouped:
             return False
+        size = schemas[grouped[0]].group_size
         if not force:
-            size = schemas[grouped[0]].group_size
             verb = "trains" if len(grouped) == 1 else "train"
             raise SteerError(
                 f"{', '.join(grouped)} {verb} in one process group of {size} ranks with "
