@@ -75,6 +75,8 @@ def test_once_plain_and_json_show_every_replica_and_the_change(procs):
     plain = run_loomrun("watch", "--once", "--job", job)
     assert plain.returncode == 0
     assert "\x1b" not in plain.stdout, "no control codes when not a terminal"
+    missing = run_loomrun("watch", "--once", "--job", job, "--replica", "r7")
+    assert missing.returncode == 1 and f"job {job} has no replica r7" in missing.stderr
     lines = plain.stdout.splitlines()
     assert lines[0].startswith(f"{job}  running")
     assert re.search(r"^r1 .* running .* 0\.004 .*lr 0\.01 -> 0\.004", plain.stdout, re.M)

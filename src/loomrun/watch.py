@@ -360,6 +360,10 @@ async def run_watch(
                     known = f"no job {job!r} on this broker" if job else "no loomrun job is running"
                     print(known, file=sys.stderr)
                     return 1
+                if replicas and not any(j["replicas"] for j in snap["jobs"]):
+                    where = f"job {job}" if job else "any job shown"
+                    print(f"{where} has no replica {', '.join(replicas)}", file=sys.stderr)
+                    return 1
                 print(json.dumps(snap) if as_json else render_plain(snap))
                 return 0
             if sys.stdout.isatty() and not as_json:
