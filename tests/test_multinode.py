@@ -362,6 +362,9 @@ def test_a_change_waiting_at_a_restart_lands_on_every_rank_at_one_step(procs):
         said: list[str] = []
         threading.Thread(target=lambda: said.extend(nodes[1].stderr), daemon=True).start()
         wait_ready(job, ["r0", "r1"], name="loss_scale", timeout=120)
+        first = run_loomrun("set", "loss_scale=3", "--job", job, "--json")
+        assert first.returncode == 0, first.stdout + first.stderr
+        earlier = json.loads(first.stdout)["changes"][0]["change_id"]
         pids = {name: row["pid"] for name, row in rows(job).items()}
         proxy.cut()
         sent = run_loomrun("set", "loss_scale=2", "--job", job, "--no-wait", "--json")
@@ -374,14 +377,19 @@ def test_a_change_waiting_at_a_restart_lands_on_every_rank_at_one_step(procs):
                  what="node 1's restart, before it hears of the change")  # fmt: skip
         proxy.restore()
 
-        def answers() -> list[dict]:
+        def answers(change_id: str) -> list[dict]:
             shown = run_loomrun("log", "--job", job, "--json").stdout.splitlines()
-            return [r for r in map(json.loads, shown) if r["change_id"] == change]
+            return [r for r in map(json.loads, shown) if r["change_id"] == change_id]
 
-        landed = wait_for(lambda: len(answers()) == 2 and answers(), 90, what="both answers")
+        landed = wait_for(lambda: len(got := answers(change)) == 2 and got, 90,
+                          what="both answers")  # fmt: skip
         assert sorted(r["replica"] for r in landed) == ["r0", "r1"], landed
         assert {r["outcome"] for r in landed} == {"applied"}, landed
         assert len({r["step"] for r in landed}) == 1, f"one step for both ranks: {landed}"
+        # Meanwhile each restarted rank trained with the change in effect, not the script's
+        # own value: both applied it again before their first step.
+        again = sorted(r["replica"] for r in answers(earlier) if r["outcome"] == "applied")
+        assert again == ["r0", "r0", "r1", "r1"], answers(earlier)
     finally:
         proxy.close()
 

@@ -15,7 +15,7 @@ from loomrun.control.outbox import Outbox
 from loomrun.control.plane import ReplicaView
 from loomrun.control.pump import MailboxPump
 from loomrun.control.relay import DesiredRelay
-from loomrun.desired import change
+from loomrun.desired import change, copy
 from loomrun.params import ParamSpec
 from loomrun.runtime.target import Target
 from loomrun.runtime.worker import Worker
@@ -191,10 +191,16 @@ def test_a_rejected_change_is_not_what_a_restarted_worker_starts_from(rig):
     assert rig.answers() == [(a.change_id, "APPLIED"), (b.change_id, "REJECTED")]
     assert rig.replica.desired.entry("lr").change_id == a.change_id
     rig.write(-1.0, change_id=b.change_id)  # the bucket's value, after a reconnect
-    rig.relay.rebase(rig.replica)  # the worker restarts
+    rig.replica.mailbox.reset_worker_side()  # the worker restarts
+    rig.relay.rebase(rig.replica)
     assert rig.replica.desired.entry("lr").change_id == a.change_id
-    rig.step(2)
-    assert rig.values["lr"] == 0.2 and len(rig.answers()) == 2
+    restarted = Worker(rig.replica.mailbox)
+    restarted.sync(at_boundary=False)
+    values = {"lr": 0.1}
+    spec = ParamSpec("lr", "float", min=0.0)
+    restarted.add_target(Target(spec, lambda: values["lr"], lambda v: values.update(lr=v)))
+    restarted.boundary()
+    assert values["lr"] == 0.2, "the change in effect, not the script's own value"
 
 
 def test_the_change_in_effect_outlives_many_later_changes(rig):
@@ -248,10 +254,37 @@ def test_a_restart_applies_what_was_in_effect_at_once_and_a_waiting_change_waits
 
     desired = DesiredConfig()
     applied = desired.set("lr", 0.2)
-    waiting = desired.set("momentum", 0.8, at_step=500)
+    in_effect = {"lr": copy(desired.entry("lr"))}
+    waiting = desired.set("lr", 0.07, at_step=500)  # the ranks had not agreed on it yet
+    agreed = desired.set("momentum", 0.8, at_step=600)  # agreed on, waiting for its step
     forced = desired.set("wd", 0.1, at_once=True)  # --force: some ranks only, no agreement
-    desired.rebase({applied})
+    desired.rebase({applied, agreed}, in_effect)
     lr, momentum, wd = (desired.entry(n) for n in ("lr", "momentum", "wd"))
-    assert (lr.change_id, lr.at_once) == (applied, True)
-    assert (momentum.change_id, momentum.at_once, momentum.at_step) == (waiting, False, 0)
+    assert (lr.change_id, lr.at_once, lr.at_step) == (waiting, False, 0)
+    assert (lr.base.change_id, lr.base.at_once, lr.base.value.f) == (applied, True, 0.2)
+    assert (momentum.change_id, momentum.at_once, momentum.at_step) == (agreed, True, 0)
     assert (wd.change_id, wd.at_once) == (forced, True)
+
+
+def test_a_restarted_worker_trains_with_the_change_in_effect_while_a_newer_one_waits(
+    mailbox, monkeypatch
+):
+    """A rank of a group restarts with a change still waiting for the ranks' agreement:
+    the value in effect before it applies at once meanwhile, not the script's own."""
+    rig = Rig(mailbox, monkeypatch)
+    a = rig.write(0.2)
+    rig.step(2)
+    rig.replica.scheduled = set()
+    rig.write(0.07)  # replaced before the worker read it: it waits, as at a cut-off node
+    rig.relay.rebase(rig.replica)
+    assert rig.replica.desired.entry("lr").base.change_id == a.change_id
+    monkeypatch.setenv("WORLD_SIZE", "2")  # the restarted rank waits for its group
+    mailbox.reset_worker_side()
+    restarted = Worker(mailbox)
+    restarted.sync(at_boundary=False)  # as it attaches, before the script runs
+    values = {"lr": 0.1}
+    restarted.add_target(Target(ParamSpec("lr", "float"), lambda: values["lr"],
+                                lambda v: values.update(lr=v)))  # fmt: skip
+    assert values["lr"] == 0.2, "before its first step: the change in effect, at once"
+    restarted.boundary()  # no process group after all: it trains alone, and takes it
+    assert values["lr"] == 0.07

@@ -40,6 +40,14 @@ def copy(want: pb.DesiredParam) -> pb.DesiredParam:
     return kept
 
 
+def base_of(in_effect: pb.DesiredParam) -> pb.DesiredParam:
+    """The change in effect as the base of a newer one: applied at once, at no step."""
+    base = copy(in_effect)
+    base.ClearField("base")
+    base.at_step, base.at_once = 0, True
+    return base
+
+
 class DesiredConfig:
     """Parameter values and the paused flag wanted for one replica."""
 
@@ -98,19 +106,25 @@ class DesiredConfig:
         self.state.version += 1
         return self.state.version
 
-    def rebase(self, in_effect: set[str] | None = None) -> None:
+    def rebase(
+        self, settled: set[str] | None = None, in_effect: dict[str, pb.DesiredParam] | None = None
+    ) -> None:
         """The state restarted replicas start from: none waits for a step number of the
-        incarnation before. What was in effect there (the changes of `in_effect`; every one
-        when not told) applies at once, before the first step, with no agreement of the
-        ranks: they had all applied it, at one step. A change that was still waiting keeps
-        waiting for the ranks to agree on it: it may have reached some ranks before their
-        restart and others after, and held at once by some only, it made the ranks differ
-        for good."""
-        entries = list(self.state.params.values())
+        incarnation before. A change `settled` there (in effect, or agreed on by the ranks
+        and waiting for its step; every one when not told) applies at once, before the first
+        step, with no agreement: the ranks had all taken it. A change that was still waiting
+        keeps waiting for the ranks to agree on it (it may have reached some ranks before
+        their restart and others after: held at once by some only, it made the ranks differ
+        for good), and carries the change `in_effect` before it as its base, which the new
+        worker applies at once meanwhile."""
+        entries = list(self.state.params.items())
         if self.state.HasField("pause"):
-            entries.append(self.state.pause)
-        for entry in entries:
+            entries.append((PAUSE, self.state.pause))
+        for name, entry in entries:
             entry.at_step = 0
-            if in_effect is None or entry.change_id in in_effect:
+            if settled is None or entry.change_id in settled:
                 entry.at_once = True
+                entry.ClearField("base")
+            elif (base := (in_effect or {}).get(name)) is not None:
+                entry.base.CopyFrom(base_of(base))
         self.state.version += 1

@@ -75,7 +75,7 @@ class ValueList(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[Value, _Mapping]]] = ...) -> None: ...
 
 class DesiredParam(_message.Message):
-    __slots__ = ("value", "version", "at_step", "change_id", "at_once", "origin", "revision")
+    __slots__ = ("value", "version", "at_step", "change_id", "at_once", "origin", "revision", "base")
     VALUE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     AT_STEP_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,7 @@ class DesiredParam(_message.Message):
     AT_ONCE_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
     value: Value
     version: int
     at_step: int
@@ -90,7 +91,8 @@ class DesiredParam(_message.Message):
     at_once: bool
     origin: str
     revision: int
-    def __init__(self, value: _Optional[_Union[Value, _Mapping]] = ..., version: _Optional[int] = ..., at_step: _Optional[int] = ..., change_id: _Optional[str] = ..., at_once: _Optional[bool] = ..., origin: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
+    base: DesiredParam
+    def __init__(self, value: _Optional[_Union[Value, _Mapping]] = ..., version: _Optional[int] = ..., at_step: _Optional[int] = ..., change_id: _Optional[str] = ..., at_once: _Optional[bool] = ..., origin: _Optional[str] = ..., revision: _Optional[int] = ..., base: _Optional[_Union[DesiredParam, _Mapping]] = ...) -> None: ...
 
 class DesiredState(_message.Message):
     __slots__ = ("version", "params", "pause")

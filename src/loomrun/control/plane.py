@@ -52,6 +52,7 @@ class ReplicaView:
         self.not_applied: deque[str] = deque(maxlen=256)  # ids: missed or rejected
         self.taken: dict[str, pb.DesiredParam] = {}  # change id -> change, the latest taken
         self.in_effect: dict[str, str] = {}  # name -> id of the change the worker applied
+        self.scheduled: set[str] = set()  # ids the ranks agreed on, waiting for their step
         self.seen = {"acks": 0, "schema": 0, "status": 0}
         self.outcome_seq = 0
         self.status: pb.Status | None = None

@@ -142,7 +142,7 @@ class MailboxPump:
             if outcome.state in NOT_APPLIED and self.on_not_applied is not None:
                 self.on_not_applied(replica, outcome)
         replica.mailbox.outcomes_read[0] = replica.outcome_seq
-        held = set(acks.scheduled)  # agreed on, waiting for their step: answered later
+        held = replica.scheduled = set(acks.scheduled)  # agreed on, answered at their step
         for name, changes in replica.written.items():
             for change_id, written in list(changes.items()):
                 if change_id in held:

@@ -19,7 +19,7 @@ from google.protobuf.message import DecodeError
 
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
-from loomrun.desired import PAUSE, copy
+from loomrun.desired import PAUSE, base_of, copy
 from loomrun.mailbox import MailboxError
 from loomrun.output import say
 
@@ -135,10 +135,17 @@ class DesiredRelay:
             say(f"ignored a desired value for {key} with a negative step")
             return
         want.revision = revision
+        want.ClearField("base")  # the supervisor's own, never a client's
         if want.change_id in replica.not_applied:
             return  # applied nowhere: it stays out of what a restarted worker starts from
         seen = replica.seen_ids.setdefault(name, deque(maxlen=SEEN_IDS))
         again = want.change_id in seen  # put back after a missed change: answered before
+        held = replica.desired.entry(name)
+        if held is not None and (held.at_once or held.HasField("base")):
+            # Held since a restart, maybe not read yet: what is in effect stays its base.
+            base = self._in_effect(replica).get(name)
+            if base is not None and base.change_id != want.change_id:
+                want.base.CopyFrom(base_of(base))
         version = replica.desired.take(name, want)
         if not version:
             return  # the change this replica holds already (seen again after a reconnect)
@@ -205,5 +212,11 @@ class DesiredRelay:
     def rebase(self, replica) -> None:
         """The replica restarts: it starts from what was in effect at once, and what was
         waiting still waits (see DesiredConfig.rebase)."""
-        replica.desired.rebase(set(replica.in_effect.values()))
+        settled = set(replica.in_effect.values()) | replica.scheduled
+        replica.desired.rebase(settled, self._in_effect(replica))
         self.write(replica)
+
+    @staticmethod
+    def _in_effect(replica) -> dict[str, pb.DesiredParam]:
+        found = {name: replica.taken.get(cid) for name, cid in replica.in_effect.items()}
+        return {name: want for name, want in found.items() if want is not None}

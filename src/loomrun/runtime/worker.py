@@ -166,6 +166,13 @@ class Worker:
         for name, want in self._entries(self._desired).items():
             if not self._open(name, want):
                 continue
+            base = want.base if want.HasField("base") else None
+            if base is not None and self._open(name, base):  # a restart's, meanwhile
+                if name not in self.targets and name != PAUSE and step < 2:
+                    due = min(due, 2)
+                    continue
+                self._answer(self._decide(name, base, step))
+                answered = True
             resume = name == PAUSE and not want.value.b  # paused ranks cannot agree
             if self.group is not None and not want.at_once and not resume:
                 grouped[name] = want
