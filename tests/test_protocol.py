@@ -288,3 +288,33 @@ def test_a_restarted_worker_trains_with_the_change_in_effect_while_a_newer_one_w
     assert values["lr"] == 0.2, "before its first step: the change in effect, at once"
     restarted.boundary()  # no process group after all: it trains alone, and takes it
     assert values["lr"] == 0.07
+
+
+def test_a_handler_function_is_called_and_a_methods_value_reaches_later_instances(
+    mailbox, monkeypatch
+):
+    """A function defined in a function is called with the value; a method (here of a class
+    made in a function) gets a value changed before its instance was made (a restarted
+    worker's) when the instance is made."""
+    import loomrun
+    from loomrun.runtime import worker as runtime
+
+    rig = Rig(mailbox, monkeypatch)
+    monkeypatch.setattr(runtime, "current", rig.worker)
+    seen: list[float] = []
+
+    @loomrun.handler("temperature")
+    def on_temperature(value: float = 1.0):
+        seen.append(value)
+
+    class Model:
+        @loomrun.handler("dropout")
+        def set_dropout(self, p: float = 0.1):
+            self.p = p
+
+    rig.write(0.7, name="temperature")
+    rig.write(0.3, name="dropout")
+    rig.step()
+    assert seen == [0.7]
+    assert [state for _, state in rig.answers()] == ["APPLIED", "APPLIED"]
+    assert Model().p == 0.3, "made after the change: given it"

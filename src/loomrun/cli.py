@@ -1257,8 +1257,10 @@ def _check_listen(host: str, port: int, option: str) -> None:
     the broker's own log lines after loomrun said it runs."""
     import socket
 
+    host = host.strip("[]")  # "[::]": every IPv6 address, as nats-server takes it
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        socket.create_server((host, port)).close()
+        socket.create_server((host, port), family=family).close()
     except (OSError, UnicodeError) as error:
         reason = (getattr(error, "strerror", None) or str(error)).split(" (while")[0]
         raise click.BadParameter(

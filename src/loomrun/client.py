@@ -323,10 +323,18 @@ class Steering:
         record as it comes. Yields Outcome records (the job is in their subject)."""
         from nats.js import api
 
-        config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL)
+        subjects = [S.ledger(job, "*")]
+        with contextlib.suppress(Exception):  # a stream an earlier loomrun made: its records
+            if S.LEDGER_BEFORE in (await self.js.stream_info(S.LEDGER_STREAM)).config.subjects:
+                subjects.append(S.ledger_before(job))
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.ALL,
+            filter_subjects=subjects if len(subjects) > 1 else None,
+            filter_subject=None if len(subjects) > 1 else subjects[0],
+        )
         try:
             subscription = await self.js.subscribe(
-                S.ledger(job, "*"), ordered_consumer=True, config=config
+                subjects[0], stream=S.LEDGER_STREAM, ordered_consumer=True, config=config
             )
         except Exception:  # noqa: BLE001 - no ledger stream on this broker yet
             return
@@ -418,7 +426,11 @@ class Steering:
         """
         left_out = [r for r in job.replicas if r not in targets]
         schemas = self._schemas.get(job.job, {})
-        if not left_out:  # every rank the broker knows; the schemas just read tell the size
+        if not left_out:  # every rank the broker knows; the schemas tell the group's size
+            sizes = [schemas[r].group_size for r in targets if r in schemas]
+            if max(sizes, default=1) <= len(job.replicas):
+                return False
+            schemas = await self.schemas(job.job)  # a cached one may be an earlier run's
             sizes = [schemas[r].group_size for r in targets if r in schemas]
             if max(sizes, default=1) <= len(job.replicas):
                 return False

@@ -28,6 +28,7 @@ EVENTS_STREAM = "LOOMRUN_EVENTS"
 EVENTS_SUBJECTS = "loomrun.*.events.>"
 LEDGER_STREAM = "LOOMRUN_LEDGER"
 LEDGER_SUBJECTS = "loomrun.*.ledger.*"
+LEDGER_BEFORE = "loomrun.*.ledger"  # a job's one part, before the nodes' parts: still read
 LEDGER_KEPT = 100_000  # records of each node of each job
 LEDGER_DAYS = 90
 DEVICE_FAILED = "loomrun.devices.failed"
@@ -83,6 +84,11 @@ def ledger(job: str, node_rank: int | str) -> str:
     (a stream); `ledger(job, "*")` is the whole job's. Each node forgets an earlier run's
     part at its start, and never another node's of this run."""
     return f"loomrun.{job}.ledger.{node_rank}"
+
+
+def ledger_before(job: str) -> str:
+    """The job's ledger as an earlier loomrun kept it, one part for every node."""
+    return f"loomrun.{job}.ledger"
 
 
 def outcomes(job: str, replica: str = "*") -> str:

@@ -101,9 +101,11 @@ class _Handler:
             options["default"] = value.default
         self.spec = P.spec_from_annotation(_checked(name or fn.__name__), annotation, **options)
         self.current = _wire(self.spec.default) if self.spec.default is not None else None
-        # A method (self, value): its class is still being made when a restarted worker
-        # applies the desired value here, and its instances come later still.
-        self.method = len(parameters) >= 2
+        # A method, defined in a class body (`Model.set_dropout`, not `f.<locals>.g`): its
+        # class is still being made when a restarted worker applies the desired value here,
+        # and its instances come later still.
+        scope = fn.__qualname__.rsplit(".", 2)
+        self.method = len(scope) > 1 and scope[-2] != "<locals>"
         self.changed = False  # a change was applied: each new instance is given it
         self.instances: weakref.WeakSet = weakref.WeakSet()
         self.owner = ""
