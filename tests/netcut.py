@@ -4,6 +4,7 @@ process and the broker, while others still reach the broker directly."""
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
 
@@ -61,4 +62,31 @@ class CuttableProxy:
     def close(self) -> None:
         self._closed = True
         self.cut()
+        self.listener.close()
+
+
+class HangingUp:
+    """A loopback server that greets as NATS with `info`, keeps the first thing a client
+    sends, and hangs up: a broker that goes away mid-command, or one that is not what its
+    URL says (no TLS behind tls://)."""
+
+    def __init__(self, info: dict):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.heard: list[bytes] = []
+        self._greeting = b"INFO " + json.dumps(info).encode() + b"\r\n"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                peer, _ = self.listener.accept()
+            except OSError:
+                return
+            with contextlib.suppress(OSError), peer:
+                peer.settimeout(2)
+                peer.sendall(self._greeting)
+                self.heard.append(peer.recv(4096))
+
+    def close(self) -> None:
         self.listener.close()

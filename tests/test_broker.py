@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from pathlib import Path
 
 import nats
@@ -271,11 +270,10 @@ def test_what_the_broker_refuses_is_left_out_and_the_rest_goes_on(broker, capsys
 def test_a_tls_url_gets_tls_or_nothing_is_sent(tmp_path):
     """With tls:// (or a CA), a real TLS server is used as such; a server that does not
     require TLS is refused before the token goes out (nats-py went on in clear)."""
-    import socket
     import subprocess
-    import threading
 
     from conftest import run_loomrun, wait_for
+    from netcut import HangingUp
 
     from loomrun.broker import server_binary
 
@@ -298,31 +296,16 @@ def test_a_tls_url_gets_tls_or_nothing_is_sent(tmp_path):
         f'jetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
     )
     server = subprocess.Popen([str(server_binary()), "-c", str(config)], stderr=subprocess.DEVNULL)
-    plain = socket.create_server(("127.0.0.1", 0))
-    heard: list[bytes] = []
-
-    def plain_server() -> None:
-        greeting = b'INFO {"server_id":"x","version":"2.10.0","proto":1,"auth_required":true}\r\n'
-        while True:
-            try:
-                peer, _ = plain.accept()
-            except OSError:
-                return
-            with contextlib.suppress(OSError), peer:
-                peer.settimeout(2)
-                peer.sendall(greeting)
-                heard.append(peer.recv(4096))
-
-    threading.Thread(target=plain_server, daemon=True).start()
+    plain = HangingUp({"server_id": "x", "version": "2.10.0", "proto": 1, "auth_required": True})
     env = {"LOOMRUN_NATS_TOKEN": token}
     try:
         wait_for(lambda: answers("127.0.0.1", port), 10, what="the TLS server")
         ca = ["--nats-ca", str(tmp_path / "ca.pem")]
         listed = run_loomrun("ls", "--nats", f"tls://127.0.0.1:{port}", *ca, env=env)
         assert listed.returncode == 0, listed.stderr
-        refused = run_loomrun("ls", "--nats", f"tls://127.0.0.1:{plain.getsockname()[1]}", env=env)
+        refused = run_loomrun("ls", "--nats", f"tls://127.0.0.1:{plain.port}", env=env)
         assert refused.returncode == 4 and "does not offer TLS" in refused.stderr, refused.stderr
-        assert not any(token.encode() in data for data in heard), heard
+        assert not any(token.encode() in data for data in plain.heard), plain.heard
     finally:
         plain.close()
         server.terminate()

