@@ -312,9 +312,51 @@ def test_a_handler_function_is_called_and_a_methods_value_reaches_later_instance
         def set_dropout(self, p: float = 0.1):
             self.p = p
 
+        @staticmethod
+        @loomrun.handler("beta")
+        def set_beta(value: float = 0.5):  # in a class, and called as a function
+            seen.append(value)
+
     rig.write(0.7, name="temperature")
     rig.write(0.3, name="dropout")
+    rig.write(0.9, name="beta")
     rig.step()
-    assert seen == [0.7]
-    assert [state for _, state in rig.answers()] == ["APPLIED", "APPLIED"]
+    assert sorted(seen) == [0.7, 0.9]
+    assert [state for _, state in rig.answers()] == ["APPLIED"] * 3
     assert Model().p == 0.3, "made after the change: given it"
+
+
+def test_a_change_before_the_restarted_worker_answers_keeps_its_start_as_base(mailbox, monkeypatch):
+    """What a restarted worker starts from (here a change the ranks agreed on, waiting for
+    its step) is the base of a change that comes before the worker answered for that name;
+    a base never applies once the worker answered for the name, and once the supervisor
+    read that answer, later changes have none."""
+    rig = Rig(mailbox, monkeypatch)
+    rig.write(0.2)
+    rig.step(2)
+    agreed = rig.write(0.3, at_step=10_000)
+    rig.step()
+    rig.replica.scheduled = {agreed.change_id}  # as the acks of agreed ranks say
+    rig.replica.mailbox.reset_worker_side()  # the restart, as the plane makes it
+    rig.relay.rebase(rig.replica)
+    rig.replica.outcome_seq = 0
+    c = rig.write(0.5)  # before the restarted worker read anything
+    entry = rig.replica.desired.entry("lr")
+    assert (entry.change_id, entry.base.change_id) == (c.change_id, agreed.change_id)
+    restarted = Worker(rig.replica.mailbox)
+    restarted.sync(at_boundary=False)
+    values = {"lr": 0.1}
+    restarted.add_target(Target(ParamSpec("lr", "float"), lambda: values["lr"],
+                                lambda v: values.update(lr=v)))  # fmt: skip
+    restarted.boundary()
+    d = rig.write(0.6)  # the supervisor has not read the new worker's answers: a stale base
+    assert rig.replica.desired.entry("lr").base.change_id == agreed.change_id
+    restarted.boundary()
+    rig.pump.read_back(rig.replica, 0.0)
+    after = rig.answers()[-3:]
+    assert after == [(agreed.change_id, "APPLIED"), (c.change_id, "APPLIED"),
+                     (d.change_id, "APPLIED")], after  # fmt: skip
+    assert values["lr"] == 0.6, "the stale base was not applied after the worker's answers"
+    assert "lr" not in rig.replica.baseline
+    rig.write(0.7)
+    assert not rig.replica.desired.entry("lr").HasField("base")

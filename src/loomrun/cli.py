@@ -1259,8 +1259,8 @@ def _check_listen(host: str, port: int, option: str) -> None:
 
     host = host.strip("[]")  # "[::]": every IPv6 address, as nats-server takes it
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        socket.create_server((host, port), family=family).close()
+    try:  # "::" is every address, IPv4 ones too, as nats-server binds it
+        socket.create_server((host, port), family=family, dualstack_ipv6=host == "::").close()
     except (OSError, UnicodeError) as error:
         reason = (getattr(error, "strerror", None) or str(error)).split(" (while")[0]
         raise click.BadParameter(

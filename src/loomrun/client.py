@@ -324,8 +324,11 @@ class Steering:
         from nats.js import api
 
         subjects = [S.ledger(job, "*")]
+        version = self.nc.connected_server_version
         with contextlib.suppress(Exception):  # a stream an earlier loomrun made: its records
-            if S.LEDGER_BEFORE in (await self.js.stream_info(S.LEDGER_STREAM)).config.subjects:
+            several = (version.major, version.minor) >= (2, 10)  # filters, not just one
+            stream = await self.js.stream_info(S.LEDGER_STREAM)
+            if several and S.LEDGER_BEFORE in stream.config.subjects:
                 subjects.append(S.ledger_before(job))
         config = api.ConsumerConfig(
             deliver_policy=api.DeliverPolicy.ALL,

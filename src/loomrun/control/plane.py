@@ -53,6 +53,9 @@ class ReplicaView:
         self.taken: dict[str, pb.DesiredParam] = {}  # change id -> change, the latest taken
         self.in_effect: dict[str, str] = {}  # name -> id of the change the worker applied
         self.scheduled: set[str] = set()  # ids the ranks agreed on, waiting for their step
+        # name -> what a restarted worker starts from at once (see DesiredRelay.rebase),
+        # until that worker answers for the name
+        self.baseline: dict[str, pb.DesiredParam] = {}
         self.seen = {"acks": 0, "schema": 0, "status": 0}
         self.outcome_seq = 0
         self.status: pb.Status | None = None

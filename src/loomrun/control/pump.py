@@ -141,6 +141,8 @@ class MailboxPump:
                 replica.in_effect[outcome.name] = outcome.change_id  # of the desired state
             if outcome.state in NOT_APPLIED and self.on_not_applied is not None:
                 self.on_not_applied(replica, outcome)
+            if outcome.state != pb.SUPERSEDED:  # the worker took up the name: no base now
+                replica.baseline.pop(outcome.name, None)
         replica.mailbox.outcomes_read[0] = replica.outcome_seq
         held = replica.scheduled = set(acks.scheduled)  # agreed on, answered at their step
         for name, changes in replica.written.items():

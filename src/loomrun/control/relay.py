@@ -140,12 +140,9 @@ class DesiredRelay:
             return  # applied nowhere: it stays out of what a restarted worker starts from
         seen = replica.seen_ids.setdefault(name, deque(maxlen=SEEN_IDS))
         again = want.change_id in seen  # put back after a missed change: answered before
-        held = replica.desired.entry(name)
-        if held is not None and (held.at_once or held.HasField("base")):
-            # Held since a restart, maybe not read yet: what is in effect stays its base.
-            base = self._in_effect(replica).get(name)
-            if base is not None and base.change_id != want.change_id:
-                want.base.CopyFrom(base_of(base))
+        base = replica.baseline.get(name)  # a restarted worker may not have applied it yet
+        if base is not None and base.change_id != want.change_id:
+            want.base.CopyFrom(base_of(base))
         version = replica.desired.take(name, want)
         if not version:
             return  # the change this replica holds already (seen again after a reconnect)
@@ -213,10 +210,16 @@ class DesiredRelay:
         """The replica restarts: it starts from what was in effect at once, and what was
         waiting still waits (see DesiredConfig.rebase)."""
         settled = set(replica.in_effect.values()) | replica.scheduled
-        replica.desired.rebase(settled, self._in_effect(replica))
-        self.write(replica)
-
-    @staticmethod
-    def _in_effect(replica) -> dict[str, pb.DesiredParam]:
         found = {name: replica.taken.get(cid) for name, cid in replica.in_effect.items()}
-        return {name: want for name, want in found.items() if want is not None}
+        in_effect = {name: want for name, want in found.items() if want is not None}
+        replica.desired.rebase(settled, in_effect)
+        # What the new worker starts from, per name: a change that comes before the worker
+        # answered for the name takes it as its base (neither is lost meanwhile).
+        replica.baseline = {}
+        state = replica.desired.state
+        for name in [*state.params, *([PAUSE] if state.HasField("pause") else [])]:
+            entry = replica.desired.entry(name)
+            start = entry if entry.at_once else entry.base if entry.HasField("base") else None
+            if start is not None:
+                replica.baseline[name] = copy(start)
+        self.write(replica)

@@ -105,7 +105,7 @@ class _Handler:
         # class is still being made when a restarted worker applies the desired value here,
         # and its instances come later still.
         scope = fn.__qualname__.rsplit(".", 2)
-        self.method = len(scope) > 1 and scope[-2] != "<locals>"
+        self.method = len(scope) > 1 and scope[-2] != "<locals>" and parameters[0].name == "self"
         self.changed = False  # a change was applied: each new instance is given it
         self.instances: weakref.WeakSet = weakref.WeakSet()
         self.owner = ""

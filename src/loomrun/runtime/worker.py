@@ -167,7 +167,8 @@ class Worker:
             if not self._open(name, want):
                 continue
             base = want.base if want.HasField("base") else None
-            if base is not None and self._open(name, base):  # a restart's, meanwhile
+            fresh = name not in self._answered and name not in self._in_effect
+            if base is not None and fresh and self._open(name, base):  # a restart's start
                 if name not in self.targets and name != PAUSE and step < 2:
                     due = min(due, 2)
                     continue
