@@ -28,12 +28,14 @@ format: install
 	$(VENV)/bin/ruff check --fix src tests examples benchmarks
 	$(VENV)/bin/ruff format src tests examples benchmarks
 
-# What the tests drive besides Python: tmux (the terminal view) and Debian's chromium with
-# its driver (the web page). Installed with apt-get when missing and make runs as root;
-# elsewhere the tests that need them are skipped, each saying why.
+# What the tests drive besides Python: tmux (the terminal view), Debian's chromium with
+# its driver (the web page) and openssl (a TLS broker's certificates). Installed with
+# apt-get when missing and make runs as root; elsewhere the tests that need them are
+# skipped, each saying why.
 system:
 	@missing=""; \
 	command -v tmux >/dev/null || missing="$$missing tmux"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
