@@ -528,6 +528,12 @@ async def open_connection(options: BrokerOptions, **settings):
     return client
 
 
+def several_filters(nc) -> bool:
+    """The server takes several filter subjects on one consumer (NATS 2.10 and later)."""
+    version = nc.connected_server_version
+    return (version.major, version.minor) >= (2, 10)
+
+
 @functools.cache
 def _tls_only():
     from nats.aio.client import Client

@@ -25,7 +25,7 @@ from loomrun import buckets
 from loomrun import params as P
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
-from loomrun.broker import BrokerOptions, connect_client
+from loomrun.broker import BrokerOptions, connect_client, several_filters
 from loomrun.desired import change, new_change_id
 
 BUILTIN_NAMES = {"lr", "momentum", "weight_decay", "betas"}
@@ -324,11 +324,9 @@ class Steering:
         from nats.js import api
 
         subjects = [S.ledger(job, "*")]
-        version = self.nc.connected_server_version
         with contextlib.suppress(Exception):  # a stream an earlier loomrun made: its records
-            several = (version.major, version.minor) >= (2, 10)  # filters, not just one
             stream = await self.js.stream_info(S.LEDGER_STREAM)
-            if several and S.LEDGER_BEFORE in stream.config.subjects:
+            if several_filters(self.nc) and S.LEDGER_BEFORE in stream.config.subjects:
                 subjects.append(S.ledger_before(job))
         config = api.ConsumerConfig(
             deliver_policy=api.DeliverPolicy.ALL,
@@ -430,16 +428,18 @@ class Steering:
         left_out = [r for r in job.replicas if r not in targets]
         schemas = self._schemas.get(job.job, {})
         if not left_out:  # every rank the broker knows; the schemas tell the group's size
-            sizes = [schemas[r].group_size for r in targets if r in schemas]
-            if max(sizes, default=1) <= len(job.replicas):
+
+            def size(found) -> int:
+                return max((found[r].group_size for r in targets if r in found), default=1)
+
+            if size(schemas) <= len(job.replicas):
                 return False
             schemas = await self.schemas(job.job)  # a cached one may be an earlier run's
-            sizes = [schemas[r].group_size for r in targets if r in schemas]
-            if max(sizes, default=1) <= len(job.replicas):
+            if size(schemas) <= len(job.replicas):
                 return False
             if not force:  # a node's record is not on the broker (yet)
                 raise SteerError(
-                    f"{', '.join(targets)} train in one process group of {max(sizes)} ranks, "
+                    f"{', '.join(targets)} train in one process group of {size(schemas)} ranks, "
                     f"of which only {len(job.replicas)} are registered on the broker (a node "
                     "not connected yet?): the change would wait for ranks it cannot reach; "
                     "try again, or --force"

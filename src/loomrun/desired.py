@@ -108,7 +108,7 @@ class DesiredConfig:
 
     def rebase(
         self, settled: set[str] | None = None, in_effect: dict[str, pb.DesiredParam] | None = None
-    ) -> None:
+    ) -> dict[str, pb.DesiredParam]:
         """The state restarted replicas start from: none waits for a step number of the
         incarnation before. A change `settled` there (in effect, or agreed on by the ranks
         and waiting for its step; every one when not told) applies at once, before the first
@@ -116,7 +116,9 @@ class DesiredConfig:
         keeps waiting for the ranks to agree on it (it may have reached some ranks before
         their restart and others after: held at once by some only, it made the ranks differ
         for good), and carries the change `in_effect` before it as its base, which the new
-        worker applies at once meanwhile."""
+        worker applies at once meanwhile. Returns, per name, what the new worker starts from
+        at once (as a base)."""
+        starts = {}
         entries = list(self.state.params.items())
         if self.state.HasField("pause"):
             entries.append((PAUSE, self.state.pause))
@@ -125,6 +127,9 @@ class DesiredConfig:
             if settled is None or entry.change_id in settled:
                 entry.at_once = True
                 entry.ClearField("base")
+                starts[name] = base_of(entry)
             elif (base := (in_effect or {}).get(name)) is not None:
                 entry.base.CopyFrom(base_of(base))
+                starts[name] = copy(entry.base)
         self.state.version += 1
+        return starts

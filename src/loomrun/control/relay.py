@@ -19,7 +19,8 @@ from google.protobuf.message import DecodeError
 
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
-from loomrun.desired import PAUSE, base_of, copy
+from loomrun.broker import several_filters
+from loomrun.desired import PAUSE, copy
 from loomrun.mailbox import MailboxError
 from loomrun.output import say
 
@@ -84,8 +85,7 @@ class DesiredRelay:
             except Exception as error:  # noqa: BLE001 - one change, never the watch
                 say(f"could not take the desired value {msg.subject} ({error})")
 
-        version = self.link.nc.connected_server_version
-        several = (version.major, version.minor) >= (2, 10)
+        several = several_filters(self.link.nc)
         subjects = self.subjects(several)
         config = api.ConsumerConfig(
             filter_subjects=subjects if several else None,
@@ -142,7 +142,7 @@ class DesiredRelay:
         again = want.change_id in seen  # put back after a missed change: answered before
         base = replica.baseline.get(name)  # a restarted worker may not have applied it yet
         if base is not None and base.change_id != want.change_id:
-            want.base.CopyFrom(base_of(base))
+            want.base.CopyFrom(base)
         version = replica.desired.take(name, want)
         if not version:
             return  # the change this replica holds already (seen again after a reconnect)
@@ -212,14 +212,7 @@ class DesiredRelay:
         settled = set(replica.in_effect.values()) | replica.scheduled
         found = {name: replica.taken.get(cid) for name, cid in replica.in_effect.items()}
         in_effect = {name: want for name, want in found.items() if want is not None}
-        replica.desired.rebase(settled, in_effect)
         # What the new worker starts from, per name: a change that comes before the worker
         # answered for the name takes it as its base (neither is lost meanwhile).
-        replica.baseline = {}
-        state = replica.desired.state
-        for name in [*state.params, *([PAUSE] if state.HasField("pause") else [])]:
-            entry = replica.desired.entry(name)
-            start = entry if entry.at_once else entry.base if entry.HasField("base") else None
-            if start is not None:
-                replica.baseline[name] = copy(start)
+        replica.baseline = replica.desired.rebase(settled, in_effect)
         self.write(replica)

@@ -169,7 +169,7 @@ class Worker:
             base = want.base if want.HasField("base") else None
             fresh = name not in self._answered and name not in self._in_effect
             if base is not None and fresh and self._open(name, base):  # a restart's start
-                if name not in self.targets and name != PAUSE and step < 2:
+                if self._declared_later(name, step):
                     due = min(due, 2)
                     continue
                 self._answer(self._decide(name, base, step))
@@ -181,8 +181,8 @@ class Worker:
             if self.expect_group and self.group is None and step == 0 and not want.at_once:
                 due = min(due, 1)
                 continue
-            if name not in self.targets and name != PAUSE and step < 2:
-                due = min(due, 2)  # declared by the script as it starts, or by its optimizer
+            if self._declared_later(name, step):
+                due = min(due, 2)
                 continue
             if want.at_step > step:
                 due = min(due, want.at_step)
@@ -196,6 +196,11 @@ class Worker:
             due = min(due, self.group.points.after(step))
         self._due = due
         return answered
+
+    def _declared_later(self, name: str, step: int) -> bool:
+        """Not a target yet, but it may be soon: declared by the script as it starts, or by
+        its optimizer at its first step."""
+        return name not in self.targets and name != PAUSE and step < 2
 
     def _agree(self, grouped: dict[str, pb.DesiredParam], step: int) -> bool:
         """One collective: the changes every rank holds alike, every rank takes now (or
