@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: the CPU build on this machine's disk. A looser
 	# requirement on an empty venv pulls a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev,lightning]'
+	$(PY) -m pip install --quiet -e '.[dev,lightning,hf]'
 	touch $(STAMP)
 	# An editable install leaves loomrun's own modules uncompiled, and with
 	# PYTHONDONTWRITEBYTECODE set (as here) every process compiled them again: 40 ms of

@@ -174,14 +174,14 @@ def test_unset_goes_back_to_the_scripts_own_value(procs):
 
     wait_for(lambda: params()["batch"]["value"] == 16, 10, what="the status to show batch")
     before = params()
-    assert before["lr"]["overridden"] and before["lr"]["own"] == 0.1
-    assert before["batch"]["overridden"] and before["batch"]["own"] == 8
-    assert not before["momentum"]["overridden"]
+    assert before["lr"]["steered"] and before["lr"]["own"] == 0.1
+    assert before["batch"]["steered"] and before["batch"]["own"] == 8
+    assert not before["momentum"]["steered"]
     undone = run_loomrun("unset", "lr", "batch", "--job", job)
     assert undone.returncode == 0, undone.stdout + undone.stderr
     assert "lr  0.05 -> 0.1" in undone.stdout and "batch  16 -> 8" in undone.stdout
-    wait_for(lambda: not params()["batch"]["overridden"], 10, what="the status to show it")
-    assert not params()["lr"]["overridden"]
+    wait_for(lambda: not params()["batch"]["steered"], 10, what="the status to show it")
+    assert not params()["lr"]["steered"]
     unknown = run_loomrun("unset", "nope", "--job", job)
     assert unknown.returncode == 2 and "has no parameter 'nope'" in unknown.stderr
 

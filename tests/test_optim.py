@@ -1,8 +1,10 @@
-"""The optimizer hook and the built-in lr with real torch optimizers and every LR scheduler
-class torch ships: a live change must survive the schedule and keep the groups' ratio.
+"""The optimizer hooks and the built-ins with real torch optimizers and every LR scheduler
+class torch ships: a steered value is the one each step runs with, whoever else writes it.
 
 The worker here is a real runtime Worker on its own mailbox (no supervisor owns it), with
-the real global optimizer pre-hook installed, as in a worker process."""
+the real global optimizer hooks installed, as in a worker process. What a step ran with
+is read by a step post-hook of the optimizer's own: it runs right after the step, before
+loomrun's global one gives the script its own value back."""
 
 from __future__ import annotations
 
@@ -13,7 +15,10 @@ import pytest
 import torch
 import torch.optim.lr_scheduler as L
 
-from loomrun.runtime.optim import Optimizers
+from loomrun import params as P
+from loomrun._proto import loomrun_pb2 as pb
+from loomrun.desired import DesiredConfig
+from loomrun.runtime.optim import Optimizers, track_schedulers
 from loomrun.runtime.worker import Worker
 
 
@@ -23,16 +28,13 @@ def optimizers(mailbox):
 
     found = Optimizers(Worker(mailbox))
     handle = register_optimizer_step_pre_hook(found.pre_step)
-    original = L.LRScheduler.__init__
-
-    def tracked(scheduler, *args, **kwargs):
-        original(scheduler, *args, **kwargs)
-        found.schedulers.add(scheduler)
-
-    L.LRScheduler.__init__ = tracked
+    init, last = L.LRScheduler.__init__, L.LRScheduler.get_last_lr
+    track_schedulers(L.LRScheduler, found)
     yield found
-    L.LRScheduler.__init__ = original
+    L.LRScheduler.__init__, L.LRScheduler.get_last_lr = init, last
     handle.remove()
+    if found._post is not None:
+        found._post.remove()
 
 
 def two_groups(lr=0.1, optimizer=torch.optim.SGD, **kwargs):
@@ -40,8 +42,23 @@ def two_groups(lr=0.1, optimizer=torch.optim.SGD, **kwargs):
     return optimizer([{"params": [a]}, {"params": [b], "lr": lr / 10}], lr=lr, **kwargs)
 
 
-def train(optimizer, steps: int, scheduler=None) -> None:
+def recording(optimizer, key="lr") -> list:
+    """Every step's values of `key` in each group, as the step ran with them."""
+    seen: list = []
+    optimizer.register_step_post_hook(
+        lambda o, args, kwargs: seen.append([plain(g[key]) for g in o.param_groups])
+    )
+    return seen
+
+
+def plain(value):
+    return value.item() if torch.is_tensor(value) else value
+
+
+def train(optimizer, steps: int, scheduler=None, writer=None) -> None:
     for _ in range(steps):
+        if writer is not None:
+            writer(optimizer)
         for group in optimizer.param_groups:
             for p in group["params"]:
                 p.grad = torch.ones_like(p)
@@ -51,6 +68,22 @@ def train(optimizer, steps: int, scheduler=None) -> None:
                 scheduler.step(1.0)  # a loss that never improves: it reduces, every time
             else:
                 scheduler.step()
+
+
+def change(worker: Worker, desired: DesiredConfig, name: str, value=None, kind=pb.SET) -> str:
+    """Write a change into the worker's own mailbox, as its supervisor would."""
+    want = pb.DesiredParam(change_id=f"c{desired.state.version + 1}", kind=kind)
+    if value is not None:
+        want.value.CopyFrom(P.to_pb(value))
+    desired.take(name, want)
+    worker.mailbox.desired.write(desired.state)
+    return want.change_id
+
+
+def answer(worker: Worker, change_id: str) -> pb.Outcome | None:
+    _, acks = worker.mailbox.acks.read()
+    found = [o for o in (acks.recent if acks else ()) if o.change_id == change_id]
+    return found[-1] if found else None
 
 
 def test_a_replaced_optimizer_hands_the_step_count_to_the_next(optimizers):
@@ -67,16 +100,28 @@ def test_a_replaced_optimizer_hands_the_step_count_to_the_next(optimizers):
 
 def test_lr_keeps_the_ratio_and_lr_n_sets_one_group(optimizers):
     optimizer = two_groups(lr=0.1)
+    used, momenta = recording(optimizer), recording(optimizer, "momentum")
     train(optimizer, 1)
     assert {"lr", "lr.0", "lr.1", "momentum"} <= set(optimizers.worker.targets)
     optimizers.put("lr", 0.3)
-    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.3, 0.03])
-    assert optimizer.param_groups[0]["lr"] == 0.3, "the first group gets exactly the value"
+    assert optimizers.get("lr") == pytest.approx(0.3) and optimizers.own("lr") == 0.1
+    train(optimizer, 1)
+    assert used[-1] == pytest.approx([0.3, 0.03])
+    assert [g["lr"] for g in optimizer.param_groups] == [0.1, 0.01], "the script sees its own"
     optimizers.put("lr.1", 0.05)
-    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.3, 0.05])
-    assert optimizers.get("lr.1") == 0.05
     optimizers.put("momentum", 0.5)
-    assert {g["momentum"] for g in optimizer.param_groups} == {0.5}
+    train(optimizer, 1)
+    assert used[-1] == pytest.approx([0.3, 0.05])
+    assert optimizers.get("lr.1") == pytest.approx(0.05)
+    assert momenta[-1] == [0.5, 0.5] and optimizers.held("momentum")
+    optimizers.unset("lr.1")
+    train(optimizer, 1)
+    assert used[-1] == pytest.approx([0.3, 0.03]), "lr's rule again for group 1"
+    for name in ("lr", "momentum"):
+        optimizers.unset(name)
+    train(optimizer, 1)
+    assert used[-1] == [0.1, 0.01] and momenta[-1] == [0, 0]
+    assert optimizers._post is None and not optimizers.steering, "nothing steered: no hook"
 
 
 def test_a_single_group_has_no_lr_n(optimizers):
@@ -105,7 +150,7 @@ SCHEDULERS = {
     "ReduceLROnPlateau": lambda o: L.ReduceLROnPlateau(o, factor=0.5, patience=1),
     "CyclicLR": lambda o: L.CyclicLR(o, base_lr=[0.01, 0.001], max_lr=[0.1, 0.01], step_size_up=4),
     "CosineAnnealingWarmRestarts": lambda o: L.CosineAnnealingWarmRestarts(o, T_0=5),
-    "OneCycleLR": lambda o: L.OneCycleLR(o, max_lr=[0.1, 0.01], total_steps=40),
+    "OneCycleLR": lambda o: L.OneCycleLR(o, max_lr=[0.1, 0.01], total_steps=80),
 }
 
 
@@ -118,28 +163,287 @@ def test_every_scheduler_torch_ships_is_covered():
     assert shipped <= set(SCHEDULERS), f"add to SCHEDULERS: {sorted(shipped - set(SCHEDULERS))}"
 
 
-@pytest.mark.parametrize("name", sorted(SCHEDULERS))
-def test_a_live_lr_change_survives_the_scheduler(optimizers, name):
-    """After lr is scaled by k at step n, every later lr of every group is k times what the
-    same schedule gives without the change: the schedule continues from the new value."""
-    k, before, after = 3.0, 7, 25
+def schedule(name: str, steps: int) -> list[list[float]]:
+    """What `name` gives each group at each step, with no change."""
     reference = two_groups(lr=0.1)
-    scheduler = SCHEDULERS[name](reference)
-    train(reference, before, scheduler)
-    expected = []
-    for _ in range(after):
-        train(reference, 1, scheduler)
-        expected.append([k * g["lr"] for g in reference.param_groups])
-    del reference, scheduler  # the runtime must know only the steered optimizer
-    gc.collect()
+    used = recording(reference)
+    train(reference, steps, SCHEDULERS[name](reference))
+    del reference
+    gc.collect()  # the runtime must know only the steered optimizer
+    return used
 
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_a_live_lr_change_scales_the_schedule(optimizers, name):
+    """After lr is scaled by k at step n, every later step of every group runs with k times
+    what the same schedule gives without the change, and unset gives the schedule back."""
+    k, before, after = 3.0, 7, 25
+    expected = schedule(name, before + 2 * after)
     steered = two_groups(lr=0.1)
+    used = recording(steered)
     scheduler = SCHEDULERS[name](steered)
     train(steered, before, scheduler)
     optimizers.put("lr", optimizers.get("lr") * k)
-    for want in expected:
-        train(steered, 1, scheduler)
-        assert [g["lr"] for g in steered.param_groups] == pytest.approx(want, rel=1e-9)
+    train(steered, after, scheduler)
+    for step in range(before, before + after):
+        assert used[step] == pytest.approx([k * lr for lr in expected[step]], rel=1e-9), step
+    last = scheduler.get_last_lr()
+    want = [k * g["lr"] for g in steered.param_groups]
+    assert last == pytest.approx(want, rel=1e-9), "get_last_lr says what the steps run with"
+    optimizers.unset("lr")
+    train(steered, after, scheduler)
+    for step in range(before + after, before + 2 * after):
+        assert used[step] == pytest.approx(expected[step], rel=1e-12), step
+
+
+@pytest.mark.parametrize("name", ["LambdaLR", "StepLR", "OneCycleLR", "ReduceLROnPlateau"])
+def test_a_held_lr_is_exactly_the_value_whatever_the_schedule(optimizers, name):
+    expected = schedule(name, 30)
+    steered = two_groups(lr=0.1)
+    used = recording(steered)
+    scheduler = SCHEDULERS[name](steered)
+    train(steered, 5, scheduler)
+    optimizers.put("lr", 0.04, hold=True)
+    train(steered, 20, scheduler)
+    for step in range(5, 25):
+        ratio = expected[step][1] / expected[step][0]
+        assert used[step][0] == 0.04, "exactly the value held"
+        assert used[step][1] == pytest.approx(0.04 * ratio), "the other group keeps its ratio"
+    assert optimizers.held("lr") and optimizers.own("lr") == pytest.approx(expected[25][0])
+
+
+def test_floors_the_user_gave_stay_absolute(optimizers):
+    optimizer = two_groups(lr=0.1)
+    used = recording(optimizer)
+    scheduler = L.CosineAnnealingLR(optimizer, T_max=20, eta_min=0.005)
+    train(optimizer, 2, scheduler)
+    optimizers.put("lr", optimizers.get("lr") / 10)
+    train(optimizer, 18, scheduler)
+    assert used[-1][0] == 0.005, "the schedule times new/old, above the floor eta_min"
+    assert used[3][0] > 0.005
+
+
+def nanogpt_lr(it: int) -> float:
+    """Cosine with a linear warmup, as a nanoGPT-style script computes it."""
+    import math
+
+    warmup, decay, top, bottom = 5, 60, 6e-4, 6e-5
+    if it < warmup:
+        return top * (it + 1) / (warmup + 1)
+    ratio = min(1.0, (it - warmup) / (decay - warmup))
+    return bottom + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (top - bottom)
+
+
+def test_a_script_that_writes_its_own_lr_every_step_is_scaled_not_undone(optimizers):
+    optimizer = two_groups(lr=6e-4, optimizer=torch.optim.AdamW)
+    used = recording(optimizer)
+    step = [0]
+
+    def writes_lr(o):
+        lr = nanogpt_lr(step[0])
+        for group in o.param_groups:
+            group["lr"] = lr
+        step[0] += 1
+
+    train(optimizer, 10, writer=writes_lr)
+    optimizers.put("lr", 2e-4)
+    k = 2e-4 / nanogpt_lr(9)
+    train(optimizer, 40, writer=writes_lr)
+    for it in range(10, 50):
+        assert used[it] == pytest.approx([k * nanogpt_lr(it)] * 2, rel=1e-12)
+    assert optimizers.own("lr") == nanogpt_lr(49), "get's 'script' value: its lr now"
+
+
+def test_a_relative_writer_is_scaled_once_not_compounded(optimizers):
+    optimizer = two_groups(lr=0.1)
+    used = recording(optimizer)
+
+    def decays(o):
+        for group in o.param_groups:
+            group["lr"] *= 0.9
+
+    train(optimizer, 3, writer=decays)
+    optimizers.put("lr", optimizers.get("lr") * 2)
+    train(optimizer, 10, writer=decays)
+    for it in range(3, 13):
+        assert used[it] == pytest.approx([2 * 0.1 * 0.9 ** (it + 1), 2 * 0.01 * 0.9 ** (it + 1)])
+
+
+def test_a_write_of_the_steered_value_itself_is_still_the_scripts(optimizers):
+    """Told apart by identity: a schedule landing on the steered value is not mistaken for
+    loomrun's own (a comparison of values would keep 0.3 instead of scaling it)."""
+    optimizer = two_groups(lr=0.1)
+    used = recording(optimizer)
+    train(optimizer, 1)
+    optimizers.put("lr", 0.3)
+    train(optimizer, 1)
+    assert used[-1][0] == pytest.approx(0.3)
+
+    def lands_on_it(o):
+        o.param_groups[0]["lr"] = float("0.3")  # a new object equal to the steered value
+
+    train(optimizer, 1, writer=lands_on_it)
+    assert used[-1][0] == pytest.approx(0.9)
+
+
+def test_a_scheduler_on_a_wrapper_of_the_optimizer_is_followed(optimizers):
+    """accelerate and Lightning hand schedulers a wrapper that shares the param groups."""
+
+    class Wrapper(torch.optim.Optimizer):  # as accelerate's AcceleratedOptimizer is
+        def __init__(self, inner):
+            self.optimizer = inner
+
+        @property
+        def param_groups(self):
+            return self.optimizer.param_groups
+
+        @param_groups.setter
+        def param_groups(self, value):
+            self.optimizer.param_groups = value
+
+        @property
+        def defaults(self):
+            return self.optimizer.defaults
+
+        def step(self, closure=None):
+            return self.optimizer.step(closure)
+
+    inner = two_groups(lr=0.1)
+    used = recording(inner)
+    wrapped = Wrapper(inner)
+    scheduler = L.LambdaLR(wrapped, lambda s: 1.0 / (1 + s))
+    for _ in range(3):
+        for g in inner.param_groups:
+            for p in g["params"]:
+                p.grad = torch.ones_like(p)
+        wrapped.step()
+        scheduler.step()
+    optimizers.put("lr", optimizers.get("lr") * 4)
+    for s in range(3, 8):
+        for g in inner.param_groups:
+            for p in g["params"]:
+                p.grad = torch.ones_like(p)
+        wrapped.step()
+        assert used[-1] == pytest.approx([0.4 / (1 + s), 0.04 / (1 + s)])
+        scheduler.step()
+        assert scheduler.get_last_lr() == pytest.approx([0.4 / (2 + s), 0.04 / (2 + s)])
+
+
+def test_a_wrapper_that_writes_lr_before_the_inner_step_is_held(optimizers):
+    class Warmup:
+        def __init__(self, inner):
+            self.inner, self.t = inner, 0
+
+        def step(self):
+            self.t += 1
+            for g in self.inner.param_groups:
+                g["lr"] = 0.01 * self.t
+            self.inner.step()
+
+    inner = two_groups(lr=0.1)
+    used = recording(inner)
+    wrapper = Warmup(inner)
+    for _ in range(2):
+        train_one(inner, wrapper.step)
+    optimizers.put("lr", 0.06)  # 3x the 0.02 in effect
+    for t in range(3, 8):
+        train_one(inner, wrapper.step)
+        assert used[-1] == pytest.approx([0.03 * t, 0.03 * t])
+
+
+def train_one(optimizer, step) -> None:
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            p.grad = torch.ones_like(p)
+    step()
+
+
+class OwnSchedule(torch.optim.Optimizer):
+    """Sets lr inside its own step, after the pre-hook, from its own state."""
+
+    def __init__(self, params, lr=0.1, writes=True):
+        super().__init__(params, {"lr": lr})
+        self.t, self.writes = 0, writes
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.t += 1
+        for group in self.param_groups:
+            if self.writes:
+                group["lr"] = 0.1 / self.t
+            for p in group["params"]:
+                p.add_(p.grad, alpha=-group["lr"])
+
+
+def test_an_optimizer_that_writes_lr_in_its_step_answers_overridden(optimizers):
+    worker, desired = optimizers.worker, DesiredConfig()
+    param = torch.nn.Parameter(torch.ones(2))
+    optimizer = OwnSchedule([param])
+    train(optimizer, 3)
+    change_id = change(worker, desired, "lr", 0.5)
+    train(optimizer, 1)
+    outcome = answer(worker, change_id)
+    assert outcome is not None and outcome.state == pb.OVERRIDDEN
+    assert outcome.step == 4 and "lr=0.025" in outcome.reason, outcome.reason
+    assert worker.targets["lr"].get() == 0.025, "what is in effect, not what was asked"
+    train(optimizer, 1)
+    assert len([o for o in worker.mailbox.acks.read()[1].recent if o.name == "lr"]) == 1
+
+
+def test_a_held_value_overridden_later_ends_with_a_record(optimizers):
+    worker, desired = optimizers.worker, DesiredConfig()
+    optimizer = OwnSchedule([torch.nn.Parameter(torch.ones(2))], writes=False)
+    train(optimizer, 2)
+    change_id = change(worker, desired, "lr", 0.05)
+    train(optimizer, 1)
+    assert answer(worker, change_id).state == pb.APPLIED
+    optimizer.writes = True  # from its 4th step on
+    train(optimizer, 1)
+    ended = answer(worker, change_id)
+    assert ended.state == pb.OVERRIDDEN and ended.ended and ended.step == 4
+    assert P.from_pb(ended.new) == 0.025 and worker.targets["lr"].get() == 0.025
+
+
+def test_unset_through_the_mailbox_gives_the_schedule_back(optimizers):
+    worker, desired = optimizers.worker, DesiredConfig()
+    optimizer = two_groups(lr=0.1)
+    used = recording(optimizer)
+    scheduler = L.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+    train(optimizer, 2, scheduler)
+    held = change(worker, desired, "lr", 0.5, kind=pb.HOLD)
+    train(optimizer, 3, scheduler)
+    assert answer(worker, held).state == pb.APPLIED and answer(worker, held).kind == pb.HOLD
+    assert [u[0] for u in used[2:5]] == [0.5, 0.5, 0.5]
+    unset = change(worker, desired, "lr", kind=pb.UNSET)
+    train(optimizer, 2, scheduler)
+    outcome = answer(worker, unset)
+    assert outcome.state == pb.APPLIED and outcome.kind == pb.UNSET
+    assert P.from_pb(outcome.old) == 0.5 and P.from_pb(outcome.new) == pytest.approx(0.1 / 6)
+    assert [u[0] for u in used[5:7]] == pytest.approx([0.1 / 6, 0.1 / 7])
+
+
+def test_adafactor_with_its_own_lr_is_refused_with_the_reason(optimizers):
+    from transformers.optimization import Adafactor
+
+    worker, desired = optimizers.worker, DesiredConfig()
+    param = torch.nn.Parameter(torch.ones(4, 4))
+    optimizer = Adafactor([param], lr=None, relative_step=True, warmup_init=True)
+    train(optimizer, 2)
+    change_id = change(worker, desired, "lr", 0.01)
+    train(optimizer, 1)
+    outcome = answer(worker, change_id)
+    assert outcome.state == pb.REJECTED and "relative_step=True" in outcome.reason
+
+
+def test_a_tensor_lr_is_kept_too(optimizers):
+    param = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.Adam([param], lr=torch.tensor(0.01))
+    used = recording(optimizer)
+    train(optimizer, 1)
+    optimizers.put("lr", 0.02, hold=True)
+    train(optimizer, 2)
+    assert [float(u[0]) for u in used[1:]] == pytest.approx([0.02, 0.02])
+    assert float(optimizer.param_groups[0]["lr"]) == pytest.approx(0.01)
 
 
 def test_the_scripts_own_lr_is_the_one_it_gave_before_any_schedule(optimizers):

@@ -713,18 +713,24 @@ def _report(results, as_json: bool, job: str | None, waited: bool) -> int:
             say(f"{head}  not applied: {d['reason']}")
         elif r.state == "superseded":
             say(f"{head}  not applied: a later change to {r.name} reached {r.replica} first")
+        elif r.state == "not running":
+            say(f"{head}  not sent: {r.replica} is not running ({r.not_running})")
+        elif r.state == "overridden":
+            say(f"{head}  overridden at step {d['step']}, not in effect: {d['reason']}")
         elif r.name == "pause":
             word = "paused" if d["new"] else "resumed"
             say(f"{r.replica}  {word} at step {d['step']}  ({d['latency_ms']:.1f} ms)")
         else:
             change = f"{format_value(d['old'])} -> {format_value(d['new'])}"
-            say(f"{head}  {change}  at step {d['step']}  ({d['latency_ms']:.1f} ms)")
+            how = {"hold": "  held", "unset": "  (the script's)"}.get(d["kind"], "")
+            say(f"{head}  {change}{how}  at step {d['step']}  ({d['latency_ms']:.1f} ms)")
     return code
 
 
 EXIT_CODES = (
-    "Exit codes: 0 applied; 1 not applied (rejected, missed its step, or replaced by a later "
-    "change); 3 timed out; 2 usage; 4 no broker."
+    "Exit codes: 0 applied; 1 not applied or not in effect (rejected, overridden by the "
+    "script's optimizer, missed its step, replaced by a later change, or the replica is not "
+    "running); 3 timed out; 2 usage; 4 no broker."
 )
 
 
@@ -732,22 +738,36 @@ EXIT_CODES = (
 @click.argument(
     "assignments", nargs=-1, required=True, callback=_parse_assignments, metavar="KEY=VALUE..."
 )
+@click.option(
+    "--hold",
+    is_flag=True,
+    help="Keep lr (lr.N) at exactly this value whatever the script's schedule says, until "
+    "the next change or unset [default: the schedule times new/old].",
+)
 @steering_options
-def set_command(assignments, job, replicas, at_step, force, timeout, no_wait, as_json, **broker):
+def set_command(
+    assignments, hold, job, replicas, at_step, force, timeout, no_wait, as_json, **broker
+):
     """Change parameters of a running job, between two steps.
 
     \b
       loomrun set lr=0.002                   every replica of the only running job
       loomrun set lr=1e-3 momentum=0.8 --replica r1 --job train-1a2b3c
       loomrun set lr.1=1e-4                  only the second param group's lr
+      loomrun set lr=3e-4 --hold             stop the decay here
     Values are checked against the schema the replicas published before anything is
     sent; then `set` waits until every replica answered this very change: applied (at
-    which step, old -> new), rejected, or missed. `lr` keeps the param groups' ratios.
-    Independent replicas apply it at once; the ranks of a process group all at one step.
+    which step, old -> new), rejected, overridden, or missed. A change stays in effect
+    until the next change or `unset`, whatever the script writes: under a schedule, lr
+    is the schedule times new/old (`--hold`: exactly the value); momentum, weight_decay
+    and betas are held exactly. `lr` keeps the param groups' ratios. An optimizer that
+    writes lr inside its own step cannot be steered: that answer is "overridden", and it
+    comes after the step the change ran in. Independent replicas apply it at once; the
+    ranks of a process group all at one step.
     """
     _change(
         broker, job, no_wait, as_json,
-        lambda s: s.set(job, assignments, replicas, at_step, timeout, not no_wait, force),
+        lambda s: s.set(job, assignments, replicas, at_step, timeout, not no_wait, force, hold),
     )  # fmt: skip
 
 
@@ -767,11 +787,13 @@ def _change(broker: dict, job, no_wait: bool, as_json: bool, work) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @broker_options
 def unset_command(names, job, replicas, force, timeout, no_wait, as_json, **broker):
-    """Put parameters back to the values the script itself gave them.
+    """Give parameters back to the script.
 
     \b
-      loomrun unset lr                       every replica's lr, as the script set it
-    The same checks and answers as `set`; `get` shows which parameters are overridden.
+      loomrun unset lr                       every replica's lr, as the script's schedule says
+    An optimizer's value (lr, momentum, ...) is again what the script computes, from the
+    step the unset lands at, unscaled; a declared parameter goes back to its default. The
+    same checks and answers as `set`; `get` shows which parameters loomrun steers.
     """
     from loomrun.subjects import PARAM_NAME
 
@@ -817,8 +839,8 @@ def get_command(job, replicas, as_json, **broker):
     import json
 
     from loomrun import tables
-    from loomrun._proto import loomrun_pb2 as pb
-    from loomrun.params import format_value, from_pb
+    from loomrun.client import parameters
+    from loomrun.params import format_value
 
     async def gather(steering):
         found = await steering.job(job)
@@ -836,51 +858,22 @@ def get_command(job, replicas, as_json, **broker):
     listing = []
     for replica, specs in schemas:
         status = statuses[replica].status if replica in statuses else None
-        values = status.values if status is not None else {}
-        for spec in specs.values():
-            last = outcomes.get((replica, spec.name))
-            applied = last is not None and last.state == pb.APPLIED
-            since = applied and (status is None or last.time > status.time)
-            if since and last.new.WhichOneof("kind"):
-                value = from_pb(last.new)  # applied since the last status (sent 4 times a second)
-            elif spec.name in values:
-                value = from_pb(values[spec.name])
-            else:
-                value = spec.default
-            bounds = [
-                f"{k} {v:g}" for k, v in (("min", spec.min), ("max", spec.max)) if v is not None
-            ]
-            listing.append(
-                {
-                    "replica": replica,
-                    "name": spec.name,
-                    "type": spec.type_name,
-                    "bounds": ", ".join(bounds),
-                    "builtin": spec.builtin,
-                    "doc": spec.doc,
-                    "value": value,
-                    "own": spec.default,
-                    "overridden": applied
-                    and spec.default is not None
-                    and from_pb(last.new) != spec.default,
-                    "changed_at_step": last.step if applied else None,
-                    "changed_at": last.time if applied else None,
-                }
-            )
+        listing += parameters(replica, specs, status, outcomes)
     if as_json:
         click.echo(json.dumps({"job": name, "params": listing}))
         return
     rows = [
         [
-            p["replica"], p["name"], format_value(p["value"]),
-            f"script: {format_value(p['own'])}" if p["overridden"] else "", p["type"], p["bounds"],
+            p["replica"], p["name"],
+            format_value(p["value"]) + ("  held" if p["held"] else ""),
+            f"script: {format_value(p['own'])}" if p["steered"] else "", p["type"], p["bounds"],
             f"step {p['changed_at_step']}" if p["changed_at_step"] is not None else "",
             p["doc"],
         ]
         for p in listing
     ]  # fmt: skip
     tables.render(
-        ["replica", "param", "value", "overridden", "type", "bounds", "changed", "doc"],
+        ["replica", "param", "value", "steered", "type", "bounds", "changed", "doc"],
         rows,
         title=name,
     )

@@ -27,15 +27,12 @@ from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.broker import BrokerOptions, connect_client, several_filters
 from loomrun.desired import change, new_change_id
+from loomrun.outcomes import kind_word, state_word
 
 BUILTIN_NAMES = {"lr", "momentum", "weight_decay", "betas"}
 NEVER_USED = "no loomrun job has ever run on this broker"
-STATES = {
-    pb.APPLIED: "applied",
-    pb.REJECTED: "rejected",
-    pb.MISSED: "missed",
-    pb.SUPERSEDED: "superseded",
-}
+# A replica in one of these states answers nothing: a change to it is not sent.
+ENDED = {pb.EXITED: "exited", pb.FAILED: "failed", pb.STOPPED: "stopped"}
 
 
 def origin() -> str:
@@ -113,12 +110,17 @@ class Result:
     outcome: pb.Outcome | None = None
     latency: float | None = None
     started: float = 0.0
+    kind: int = pb.SET
+    # Why it was not sent: the replica is not running ("exited 0 at step 3000").
+    not_running: str = ""
 
     @property
     def state(self) -> str:
+        if self.not_running:
+            return "not running"
         if self.outcome is None:
             return "timed out"
-        return STATES.get(self.outcome.state, "rejected")
+        return state_word(self.outcome)
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -128,7 +130,10 @@ class Result:
             "state": self.state,
             "requested": self.requested,
             "change_id": self.change_id,
+            "kind": kind_word(self.kind),
         }
+        if self.not_running:
+            out["reason"] = f"not running: {self.not_running}"
         if self.at_step:
             out["at_step"] = self.at_step
         if self.outcome is not None:
@@ -161,8 +166,10 @@ def superseded(result: Result, newer: pb.Outcome | None) -> pb.Outcome:
         replica=result.replica,
         revision=result.revision,
         reason="a later change to it reached the replica first",
+        kind=result.kind,
     )
-    outcome.new.CopyFrom(P.to_pb(result.requested))
+    if result.requested is not None:
+        outcome.new.CopyFrom(P.to_pb(result.requested))
     return outcome
 
 
@@ -172,8 +179,67 @@ def summary(results: list[Result]) -> str:
     if "timed out" in states:
         return "timed out"
     if states != {"applied"}:
-        return next((s for s in ("rejected", "missed", "superseded") if s in states), "applied")
+        order = ("rejected", "overridden", "missed", "superseded", "not running")
+        return next((s for s in order if s in states), "applied")
     return "applied"
+
+
+def how_it_ended(status: pb.ReplicaStatus) -> str:
+    """A replica that runs no more, in a few words: "exited 0 at step 3000"."""
+    word = ENDED.get(status.state, "ended")
+    code = f" {status.exit_code}" if status.state != pb.STOPPED else ""
+    return f"{word}{code} at step {status.status.step}"
+
+
+def parameters(
+    replica: str,
+    specs: dict[str, P.ParamSpec],
+    status: pb.Status | None,
+    outcomes: dict[tuple[str, str], pb.Outcome],
+) -> list[dict[str, Any]]:
+    """One replica's parameters as `get` and the page list them: the value in effect, the
+    script's own (its current value, which `unset` goes back to), whether loomrun steers
+    it and holds it, and its last change."""
+    values = status.values if status is not None else {}
+    own_values = status.own if status is not None else {}
+    held = set(status.held) if status is not None else set()
+    listing = []
+    for spec in specs.values():
+        last = outcomes.get((replica, spec.name))
+        applied = last is not None and last.state == pb.APPLIED and not last.ended
+        since = applied and (status is None or last.time > status.time)
+        if since and last.new.WhichOneof("kind"):
+            value = P.from_pb(last.new)  # applied since the last status (4 times a second)
+        elif spec.name in values:
+            value = P.from_pb(values[spec.name])
+        else:
+            value = spec.default
+        if spec.builtin:  # the optimizer's: the worker says what it steers
+            steered = spec.name in own_values
+            own = P.from_pb(own_values[spec.name]) if steered else value
+            if since:
+                steered = last.kind != pb.UNSET
+        else:
+            own = spec.default
+            steered = applied and last.kind != pb.UNSET and own is not None and value != own
+        bounds = [f"{k} {v:g}" for k, v in (("min", spec.min), ("max", spec.max)) if v is not None]
+        listing.append(
+            {
+                "replica": replica,
+                "name": spec.name,
+                "type": spec.type_name,
+                "bounds": ", ".join(bounds),
+                "builtin": spec.builtin,
+                "doc": spec.doc,
+                "value": value,
+                "own": own,
+                "steered": steered,
+                "held": spec.name in held and steered,
+                "changed_at_step": last.step if applied else None,
+                "changed_at": last.time if applied else None,
+            }
+        )
+    return listing
 
 
 def suggest(name: str, known: list[str]) -> str:
@@ -469,18 +535,44 @@ class Steering:
         timeout: float = 30.0,
         wait: bool = True,
         force: bool = False,
+        hold: bool = False,
     ) -> list[Result]:
-        """Check, write and (unless wait=False) wait for every replica's own answer."""
+        """Check, write and (unless wait=False) wait for every replica's own answer. With
+        `hold`, lr stays at exactly the value whatever the script's schedule says."""
         found = await self.job(job)
         targets = self.targets(found, replicas)
         checked = await self.check(found.job, targets, changes)
         at_once = await self._whole_groups(found, targets, force)
+        ended = await self._not_running(found.job, targets)
         writes = [
             (r, name, S.desired_param(found.job, r, name), value)
             for r in targets
+            if r not in ended
             for name, value in checked[r].items()
         ]
-        return await self._write_and_wait(found.job, writes, at_step or 0, at_once, timeout, wait)
+        kind = pb.HOLD if hold else pb.SET
+        results = await self._write_and_wait(
+            found.job, writes, at_step or 0, at_once, timeout, wait, kind
+        )
+        return self._with_ended(found.job, results, ended, changes, kind)
+
+    async def _not_running(self, job: str, targets: list[str]) -> dict[str, str]:
+        """The targets that run no more, and how each ended: no change is sent to them (no
+        worker would answer it, and nothing of an earlier run may answer for it)."""
+        statuses = await self.statuses(job)
+        return {
+            r: how_it_ended(statuses[r])
+            for r in targets
+            if r in statuses and statuses[r].state in ENDED
+        }
+
+    @staticmethod
+    def _with_ended(job, results, ended: dict[str, str], names, kind) -> list[Result]:
+        for replica, how in ended.items():
+            for name in names:
+                requested = names[name] if isinstance(names, dict) else None
+                results.append(Result(job, replica, name, requested, kind=kind, not_running=how))
+        return results
 
     async def unset(
         self,
@@ -491,21 +583,26 @@ class Steering:
         wait: bool = True,
         force: bool = False,
     ) -> list[Result]:
-        """Each parameter back to the value the script itself gave it (the default its
-        replica published), through the same acknowledged path as `set`."""
+        """Each parameter back to the script: an optimizer's value to what the script's own
+        schedule computes from the step it lands at (unscaled), a declared one to its
+        default. Through the same acknowledged path as `set`."""
         found = await self.job(job)
         targets = self.targets(found, replicas)
         await self.check(found.job, targets, dict.fromkeys(names, None), convert=False)
         schemas = self._schemas[found.job]
         at_once = await self._whole_groups(found, targets, force)
+        ended = await self._not_running(found.job, targets)
         writes = []
         for replica in targets:
             for name in names:
-                own = schemas[replica].specs[name].default
-                if own is None:
+                spec = schemas[replica].specs[name]
+                if not spec.builtin and spec.default is None:
                     raise SteerError(f"{name} of {replica} has no value of the script's own")
-                writes.append((replica, name, S.desired_param(found.job, replica, name), own))
-        return await self._write_and_wait(found.job, writes, 0, at_once, timeout, wait)
+                if replica not in ended:
+                    key = S.desired_param(found.job, replica, name)
+                    writes.append((replica, name, key, None))
+        results = await self._write_and_wait(found.job, writes, 0, at_once, timeout, wait, pb.UNSET)
+        return self._with_ended(found.job, results, ended, names, pb.UNSET)
 
     async def pause(
         self,
@@ -523,8 +620,14 @@ class Steering:
         await self.schemas(found.job)
         # Resuming needs no agreement: paused ranks all stand at one step already.
         at_once = await self._whole_groups(found, targets, force) or not paused
-        writes = [(r, S.PAUSE, S.desired_pause(found.job, r), paused) for r in targets]
-        return await self._write_and_wait(found.job, writes, at_step or 0, at_once, timeout, wait)
+        ended = await self._not_running(found.job, targets)
+        writes = [
+            (r, S.PAUSE, S.desired_pause(found.job, r), paused) for r in targets if r not in ended
+        ]
+        results = await self._write_and_wait(
+            found.job, writes, at_step or 0, at_once, timeout, wait
+        )
+        return self._with_ended(found.job, results, ended, {S.PAUSE: paused}, pb.SET)
 
     async def _listen(self, job: str) -> None:
         """Hear every outcome of the job from now on: subscribed (and flushed, so the server
@@ -577,15 +680,16 @@ class Steering:
         at_once: bool,
         timeout: float,
         wait: bool,
+        kind: int = pb.SET,
     ) -> list[Result]:
-        if wait:
+        if wait and writes:
             await self._listen(job)
         who = origin()
         ids = {name: new_change_id() for _, name, _, _ in writes}
         results, pending, puts = [], [], []
         for replica, name, key, value in writes:
-            want = change(value, at_step, at_once, who, ids[name])
-            result = Result(job, replica, name, value, want.change_id, at_step)
+            want = change(value, at_step, at_once, who, ids[name], kind)
+            result = Result(job, replica, name, value, want.change_id, at_step, kind=kind)
             if wait:
                 done = asyncio.Event()
                 self._waiting.setdefault((job, replica, name), []).append((result, done))

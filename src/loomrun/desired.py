@@ -22,14 +22,25 @@ def new_change_id() -> str:
 
 
 def change(
-    value: Any, at_step: int = 0, at_once: bool = False, origin: str = "", change_id: str = ""
+    value: Any,
+    at_step: int = 0,
+    at_once: bool = False,
+    origin: str = "",
+    change_id: str = "",
+    kind: int = pb.SET,
 ) -> pb.DesiredParam:
     """A desired change, as a client writes it; a fresh id unless given. One `set` gives
-    the same id to every replica it changes: ranks agree on a change by its id."""
+    the same id to every replica it changes: ranks agree on a change by its id. An unset
+    carries no value: the worker knows the script's."""
     want = pb.DesiredParam(
-        at_step=at_step, change_id=change_id or new_change_id(), at_once=at_once, origin=origin
+        at_step=at_step,
+        change_id=change_id or new_change_id(),
+        at_once=at_once,
+        origin=origin,
+        kind=kind,
     )
-    want.value.CopyFrom(P.to_pb(value))
+    if kind != pb.UNSET:
+        want.value.CopyFrom(P.to_pb(value))
     return want
 
 

@@ -1,7 +1,10 @@
 """Replaying a steered run: the applied changes of a ledger, at the same steps.
 
 The supervisor reads a record (`changes.jsonl`, or a job's own in the state directory),
-keeps each replica's applied changes (pause and resume are left out: they change no
+keeps each replica's changes that were applied (with their kind: set, hold, unset) or
+overridden at once (applied, and written over in that very step: replayed, the same
+optimizer writes over them again); a later "overridden" record ends a change the record
+has already, and pause and resume are left out: they change no
 parameter) and hands each worker its own schedule as a JSON file. The worker applies each
 change at exactly its recorded step, before that step's optimizer step, and answers it like
 any change, as asked by `replay`. Every rank applies what its own record says, at the
@@ -17,6 +20,7 @@ from pathlib import Path
 from loomrun.broker import state_dir
 from loomrun.control.ledger import job_dir, node_files
 from loomrun.desired import PAUSE
+from loomrun.outcomes import KIND_OF
 
 ORIGIN = "replay"
 
@@ -54,6 +58,8 @@ def _records(path: Path) -> list[dict]:
                     "new": item["new"],
                     "outcome": str(item["outcome"]),
                     "change_id": str(item.get("change_id", "")),
+                    "kind": str(item.get("kind") or "set"),
+                    "ended": bool(item.get("ended", False)),
                 }
             )
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
@@ -67,9 +73,14 @@ def schedules(records: list[dict], replicas: list[str]) -> tuple[dict[str, list]
     plans: dict[str, list] = {r: [] for r in replicas}
     missing, seen = [], set()
     for item in records:
-        if item["outcome"] != "applied" or item["name"] == PAUSE or item["step"] < 1:
+        taken = item["outcome"] == "applied" or (
+            item["outcome"] == "overridden" and not item["ended"]
+        )
+        if not taken or item["name"] == PAUSE or item["step"] < 1:
             continue
-        if item["new"] is None:
+        if item["kind"] not in KIND_OF:
+            raise ReplayError(f"the change of {item['name']} has an unknown kind {item['kind']!r}")
+        if item["new"] is None and item["kind"] != "unset":
             raise ReplayError(f"the change of {item['name']} at step {item['step']} has no value")
         if (item["replica"], item["change_id"]) in seen:
             continue
@@ -80,7 +91,7 @@ def schedules(records: list[dict], replicas: list[str]) -> tuple[dict[str, list]
             continue
         plans[item["replica"]].append(
             {"step": item["step"], "name": item["name"], "value": item["new"],
-             "change_id": item["change_id"]}
+             "change_id": item["change_id"], "kind": item["kind"]}
         )  # fmt: skip
     for plan in plans.values():
         plan.sort(key=lambda change: change["step"])

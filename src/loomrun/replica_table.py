@@ -87,7 +87,8 @@ def cells(row: dict, metrics: list[str]) -> list[str]:
     out = [
         row["replica"], row["host"], row["device"], row["state"], str(row["step"]),
         rate(row["steps_per_sec"]), *(number(row["metrics"].get(m)) for m in metrics),
-        number(row["lr"] if row["lr"] is not None else row["metrics"].get("lr"), 4),
+        number(row["lr"] if row["lr"] is not None else row["metrics"].get("lr"), 4)
+        + (" held" if "lr" in row.get("held", ()) else ""),
         row["last_change"] or "-", gpu(row), str(row["restarts"]),
         age(row["age"]),
     ]  # fmt: skip

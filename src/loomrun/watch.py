@@ -63,7 +63,7 @@ class WatchModel:
     jobs: dict[str, dict[int, pb.JobInfo]] = field(default_factory=dict)
     statuses: dict[tuple[str, str], pb.ReplicaStatus] = field(default_factory=dict)
     events: deque = field(default_factory=lambda: deque(maxlen=200))
-    changes: dict[tuple[str, str], str] = field(default_factory=dict)
+    changes: dict[tuple[str, str], pb.Event] = field(default_factory=dict)
     updates: int = 0  # counts the messages taken: a view redraws only when it moved
 
     def take_status(self, key: str, data: bytes | None) -> None:
@@ -91,8 +91,8 @@ class WatchModel:
         with contextlib.suppress(DecodeError):
             event = pb.Event.FromString(data)
             self.events.append(event)
-            if event.kind == "applied":
-                self.changes[(event.job, event.replica)] = event.text
+            if event.kind in ("applied", "overridden"):
+                self.changes[(event.job, event.replica)] = event
 
     def snapshot(
         self,
@@ -102,7 +102,7 @@ class WatchModel:
         metrics: list[str] | None = None,
     ) -> dict[str, Any]:
         """Everything one frame shows, as plain data (the --json form)."""
-        jobs = []
+        jobs, started_at = [], {}
         for name in sorted(self.jobs, key=lambda j: min(n.started for n in self.jobs[j].values())):
             if job is not None and name != job:
                 continue
@@ -117,13 +117,13 @@ class WatchModel:
             if finished:
                 code = max(n.exit_code for n in nodes)
                 state = "exited 0" if code == 0 else f"failed: {code}"
+            started = started_at[name] = min(n.started for n in nodes)
             rows = []
             for (job_name, replica), status in self.statuses.items():
                 if job_name != name or replica not in shown:
                     continue
-                rows.append(self._row(status, now, lost))
+                rows.append(self._row(status, now, lost, started))
             rows.sort(key=lambda r: S.replica_order(r["replica"]))
-            started = min(n.started for n in nodes)
             jobs.append(
                 {
                     "job": name,
@@ -140,7 +140,8 @@ class WatchModel:
                     },
                 }
             )
-        names = {j["job"] for j in jobs}
+        # A job id run before: its events of that run stay out (this run's "started" comes
+        # after its start, which is when its first supervisor began).
         events = [
             {
                 "time": e.time,
@@ -150,13 +151,18 @@ class WatchModel:
                 "text": e.text,
             }
             for e in reversed(self.events)
-            if e.job in names and (not replicas or e.replica in replicas)
+            if e.job in started_at
+            and e.time >= started_at[e.job]
+            and (not replicas or e.replica in replicas)
         ][:EVENTS_SHOWN]
         shown = metrics or _common_metrics(jobs)
         return {"time": now, "jobs": jobs, "events": events, "metrics": shown}
 
-    def _row(self, status: pb.ReplicaStatus, now: float, lost: bool) -> dict[str, Any]:
+    def _row(
+        self, status: pb.ReplicaStatus, now: float, lost: bool, started: float
+    ) -> dict[str, Any]:
         worker = status.status
+        change = self.changes.get((status.job, status.replica))
         age = max(0.0, now - status.time)
         values = {k: P.from_pb(v) for k, v in worker.values.items()}
         return {
@@ -170,7 +176,8 @@ class WatchModel:
             "metrics": {k: P.json_float(v) for k, v in worker.metrics.items()},
             "lr": values.get("lr"),
             "values": values,
-            "last_change": self.changes.get((status.job, status.replica)),
+            "held": sorted(worker.held),
+            "last_change": change.text if change is not None and change.time >= started else None,
             "gpu_util": status.gpu_util if status.device_uuid.startswith(("GPU", "MIG")) else None,
             "gpu_mem_used": status.gpu_mem_used or None,
             "gpu_mem_total": status.gpu_mem_total or None,

@@ -1,4 +1,7 @@
-"""A training loop that prints the lr each optimizer step used: `used <step> <lr>`."""
+"""A training loop that prints the lr each optimizer step used: `used <step> <lr>`.
+
+The lr is read by a step post-hook of the optimizer's own, which runs right after the step
+and before loomrun's global one gives the script its own value back."""
 
 import argparse
 import os
@@ -36,6 +39,11 @@ if args.scheduler == "step":
 elif args.scheduler == "lambda":
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1.0 + 0.01 * s))
 
+stepped_with: list = []
+optimizer.register_step_post_hook(
+    lambda o, args, kwargs: stepped_with.__setitem__(slice(None), [g["lr"] for g in o.param_groups])
+)
+
 batch = loomrun.param("batch", int, default=8, min=1, doc="examples per step")
 restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
 for step in range(1, args.steps + 1):
@@ -44,7 +52,7 @@ for step in range(1, args.steps + 1):
     loss.backward()
     optimizer.step()
     if not args.quiet:
-        lrs = " ".join(repr(g["lr"]) for g in optimizer.param_groups)
+        lrs = " ".join(repr(lr) for lr in stepped_with)
         print(f"used {step} {lrs} batch {batch.value}", flush=True)
     if scheduler is not None:
         scheduler.step()

@@ -7,6 +7,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ChangeKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SET: _ClassVar[ChangeKind]
+    HOLD: _ClassVar[ChangeKind]
+    UNSET: _ClassVar[ChangeKind]
+
 class OutcomeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     OUTCOME_STATE_UNSPECIFIED: _ClassVar[OutcomeState]
@@ -14,6 +20,7 @@ class OutcomeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REJECTED: _ClassVar[OutcomeState]
     MISSED: _ClassVar[OutcomeState]
     SUPERSEDED: _ClassVar[OutcomeState]
+    OVERRIDDEN: _ClassVar[OutcomeState]
 
 class ParamKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -34,11 +41,15 @@ class ReplicaState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FAILED: _ClassVar[ReplicaState]
     STOPPED: _ClassVar[ReplicaState]
     HUNG: _ClassVar[ReplicaState]
+SET: ChangeKind
+HOLD: ChangeKind
+UNSET: ChangeKind
 OUTCOME_STATE_UNSPECIFIED: OutcomeState
 APPLIED: OutcomeState
 REJECTED: OutcomeState
 MISSED: OutcomeState
 SUPERSEDED: OutcomeState
+OVERRIDDEN: OutcomeState
 PARAM_KIND_UNSPECIFIED: ParamKind
 FLOAT: ParamKind
 INT: ParamKind
@@ -75,7 +86,7 @@ class ValueList(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[Value, _Mapping]]] = ...) -> None: ...
 
 class DesiredParam(_message.Message):
-    __slots__ = ("value", "version", "at_step", "change_id", "at_once", "origin", "revision", "base")
+    __slots__ = ("value", "version", "at_step", "change_id", "at_once", "origin", "revision", "base", "kind")
     VALUE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     AT_STEP_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +95,7 @@ class DesiredParam(_message.Message):
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     BASE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     value: Value
     version: int
     at_step: int
@@ -92,7 +104,8 @@ class DesiredParam(_message.Message):
     origin: str
     revision: int
     base: DesiredParam
-    def __init__(self, value: _Optional[_Union[Value, _Mapping]] = ..., version: _Optional[int] = ..., at_step: _Optional[int] = ..., change_id: _Optional[str] = ..., at_once: _Optional[bool] = ..., origin: _Optional[str] = ..., revision: _Optional[int] = ..., base: _Optional[_Union[DesiredParam, _Mapping]] = ...) -> None: ...
+    kind: ChangeKind
+    def __init__(self, value: _Optional[_Union[Value, _Mapping]] = ..., version: _Optional[int] = ..., at_step: _Optional[int] = ..., change_id: _Optional[str] = ..., at_once: _Optional[bool] = ..., origin: _Optional[str] = ..., revision: _Optional[int] = ..., base: _Optional[_Union[DesiredParam, _Mapping]] = ..., kind: _Optional[_Union[ChangeKind, str]] = ...) -> None: ...
 
 class DesiredState(_message.Message):
     __slots__ = ("version", "params", "pause")
@@ -112,7 +125,7 @@ class DesiredState(_message.Message):
     def __init__(self, version: _Optional[int] = ..., params: _Optional[_Mapping[str, DesiredParam]] = ..., pause: _Optional[_Union[DesiredParam, _Mapping]] = ...) -> None: ...
 
 class Outcome(_message.Message):
-    __slots__ = ("name", "version", "state", "step", "old", "new", "reason", "time", "change_id", "seq", "replica", "origin", "revision")
+    __slots__ = ("name", "version", "state", "step", "old", "new", "reason", "time", "change_id", "seq", "replica", "origin", "revision", "kind", "ended")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +139,8 @@ class Outcome(_message.Message):
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ENDED_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     state: OutcomeState
@@ -139,7 +154,9 @@ class Outcome(_message.Message):
     replica: str
     origin: str
     revision: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[OutcomeState, str]] = ..., step: _Optional[int] = ..., old: _Optional[_Union[Value, _Mapping]] = ..., new: _Optional[_Union[Value, _Mapping]] = ..., reason: _Optional[str] = ..., time: _Optional[float] = ..., change_id: _Optional[str] = ..., seq: _Optional[int] = ..., replica: _Optional[str] = ..., origin: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
+    kind: ChangeKind
+    ended: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[OutcomeState, str]] = ..., step: _Optional[int] = ..., old: _Optional[_Union[Value, _Mapping]] = ..., new: _Optional[_Union[Value, _Mapping]] = ..., reason: _Optional[str] = ..., time: _Optional[float] = ..., change_id: _Optional[str] = ..., seq: _Optional[int] = ..., replica: _Optional[str] = ..., origin: _Optional[str] = ..., revision: _Optional[int] = ..., kind: _Optional[_Union[ChangeKind, str]] = ..., ended: _Optional[bool] = ...) -> None: ...
 
 class Acks(_message.Message):
     __slots__ = ("recent", "read_version", "scheduled")
@@ -188,7 +205,7 @@ class Schema(_message.Message):
     def __init__(self, params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., group_size: _Optional[int] = ..., group_rank: _Optional[int] = ..., agree_every: _Optional[int] = ...) -> None: ...
 
 class Status(_message.Message):
-    __slots__ = ("step", "steps_per_sec", "metrics", "paused", "values", "time", "pid", "applied_version")
+    __slots__ = ("step", "steps_per_sec", "metrics", "paused", "values", "time", "pid", "applied_version", "own", "held")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +220,13 @@ class Status(_message.Message):
         key: str
         value: Value
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+    class OwnEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
     STEP_FIELD_NUMBER: _ClassVar[int]
     STEPS_PER_SEC_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +235,8 @@ class Status(_message.Message):
     TIME_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     APPLIED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    OWN_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
     step: int
     steps_per_sec: float
     metrics: _containers.ScalarMap[str, float]
@@ -219,7 +245,9 @@ class Status(_message.Message):
     time: float
     pid: int
     applied_version: int
-    def __init__(self, step: _Optional[int] = ..., steps_per_sec: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., paused: _Optional[bool] = ..., values: _Optional[_Mapping[str, Value]] = ..., time: _Optional[float] = ..., pid: _Optional[int] = ..., applied_version: _Optional[int] = ...) -> None: ...
+    own: _containers.MessageMap[str, Value]
+    held: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step: _Optional[int] = ..., steps_per_sec: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., paused: _Optional[bool] = ..., values: _Optional[_Mapping[str, Value]] = ..., time: _Optional[float] = ..., pid: _Optional[int] = ..., applied_version: _Optional[int] = ..., own: _Optional[_Mapping[str, Value]] = ..., held: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReplicaStatus(_message.Message):
     __slots__ = ("job", "replica", "host", "state", "restarts", "exit_code", "status", "device_uuid", "device_name", "gpu_util", "gpu_mem_used", "gpu_mem_total", "time", "pid")

@@ -1,7 +1,10 @@
 """The change ledger: every answered change, once, in order, in the broker and on disk.
 
 Each record is the change's Outcome (who asked, replica, parameter, old -> new, the step it
-took effect at, applied / rejected / missed / superseded, its id and revision). The
+took effect at, applied / rejected / overridden / missed / superseded, its kind: set, hold
+or unset, its id and revision). A change answered applied and later written over by the
+script's optimizer gets a second record, "overridden" with `ended`, naming the same change
+id, the step and the value that replaced it. The
 supervisor publishes it on `loomrun.JOB.ledger.NODE_RANK`, kept by the LOOMRUN_LEDGER stream
 (file storage; the last LEDGER_KEPT records of each node of each job, for LEDGER_DAYS days;
 readers take `loomrun.JOB.ledger.*`, in the broker's order), and appends it as
@@ -24,10 +27,8 @@ from typing import Any
 from loomrun import params as P
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
+from loomrun.outcomes import kind_word, state_word
 from loomrun.output import say
-
-STATES = {pb.APPLIED: "applied", pb.REJECTED: "rejected", pb.MISSED: "missed",
-          pb.SUPERSEDED: "superseded"}  # fmt: skip
 
 
 def record(job: str, outcome: pb.Outcome) -> dict[str, Any]:
@@ -41,7 +42,9 @@ def record(job: str, outcome: pb.Outcome) -> dict[str, Any]:
         "old": P.from_pb(outcome.old) if outcome.HasField("old") else None,
         "new": P.from_pb(outcome.new) if outcome.HasField("new") else None,
         "step": outcome.step,
-        "outcome": STATES.get(outcome.state, "rejected"),
+        "outcome": state_word(outcome),
+        "kind": kind_word(outcome.kind),
+        "ended": outcome.ended,
         "reason": outcome.reason or None,
         "change_id": outcome.change_id,
         "revision": outcome.revision,

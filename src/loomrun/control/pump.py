@@ -223,7 +223,10 @@ def describe(outcome: pb.Outcome) -> tuple[str, str]:
         return word, f"{word} at step {outcome.step}"
     if outcome.state == pb.APPLIED:
         old = P.format_value(P.from_pb(outcome.old)) if outcome.HasField("old") else "?"
-        return "applied", f"{outcome.name} {old} -> {new} at step {outcome.step}"
+        how = {pb.HOLD: " (held)", pb.UNSET: " (the script's)"}.get(outcome.kind, "")
+        return "applied", f"{outcome.name} {old} -> {new}{how} at step {outcome.step}"
+    if outcome.state == pb.OVERRIDDEN:
+        return "overridden", f"{outcome.name} overridden at step {outcome.step}: {outcome.reason}"
     if outcome.state == pb.MISSED:
         return "missed", f"{outcome.name}={new} not applied: {outcome.reason}"
     return "rejected", f"{outcome.name}={new}: {outcome.reason}"

@@ -4,12 +4,14 @@ Nothing here imports torch. The hooks go in when the user's script imports torch
 post-import hook), so a worker that never uses torch never pays for it.
 
 A global optimizer step pre-hook is the step boundary: the first optimizer seen counts
-the steps; changes to lr, momentum, weight_decay and betas are applied before the step
-runs. `lr` is the first param group's learning rate, and the other groups keep their
-ratio to it (a backbone at a tenth of the head's lr stays at a tenth); with several groups
-`lr.0`, `lr.1`, ... set one group exactly. LR schedulers are tracked so that a live lr
-change also moves what they compute from: closed-form ones (LambdaLR, OneCycleLR, CyclicLR)
-recompute lr from base values every step and would erase the change otherwise.
+the steps; changes to lr, momentum, weight_decay and betas are applied there. A steered
+value is kept in effect by runtime.keep: put into the param group right before each step
+and the script's own value given back right after, so that whatever writes the group
+between steps (the script, a scheduler on the optimizer or on any wrapper sharing its
+param groups, the Trainer) goes on computing its own schedule. `lr` follows that
+schedule times new/old (`--hold`: exactly the value); momentum, weight_decay and betas
+are held exactly. `lr` is the first param group's; the other groups keep their ratio to
+it. With several groups `lr.0`, `lr.1`, ... steer one group alone.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from loomrun import params as P
+from loomrun.runtime.keep import Hold, HoldRatio, Kept, Scale, _plain
 from loomrun.runtime.target import Target
 
 if TYPE_CHECKING:
@@ -30,7 +33,8 @@ if TYPE_CHECKING:
 BUILTINS = {
     "lr": P.ParamSpec(
         "lr", "float", min=0.0, builtin=True,
-        doc="learning rate of the first param group; the others keep their ratio to it",
+        doc="learning rate of the first param group; the others keep their ratio to it; "
+        "follows the script's schedule times new/old (--hold: exactly the value)",
     ),
     "momentum": P.ParamSpec(
         "momentum", "float", min=0.0, max=1.0, doc="momentum of every param group", builtin=True
@@ -43,12 +47,6 @@ BUILTINS = {
         doc="Adam-style (beta1, beta2) of every param group", builtin=True,
     ),
 }  # fmt: skip
-# What schedulers keep in a param group beside "lr" and compute from (OneCycleLR, and
-# "initial_lr", which every scheduler made later reads its base from).
-_GROUP_ANCHORS = ("initial_lr", "max_lr", "min_lr")
-# What they keep per group on themselves: every scheduler's base_lrs and last lr; CyclicLR's
-# peaks. Absolute floors (eta_min, ReduceLROnPlateau's min_lrs) stay where the user put them.
-_SCHEDULER_LISTS = ("base_lrs", "_last_lr", "max_lrs")
 
 
 def group_spec(index: int) -> P.ParamSpec:
@@ -58,8 +56,13 @@ def group_spec(index: int) -> P.ParamSpec:
     )  # fmt: skip
 
 
+def is_lr(key: str) -> bool:
+    return key == "lr" or key.startswith("lr.")
+
+
 class Optimizers:
-    """The optimizers and schedulers of this worker, and the built-in targets they carry."""
+    """The optimizers and schedulers of this worker, the built-in targets they carry, and
+    the values loomrun keeps in effect in their param groups."""
 
     def __init__(self, worker: Worker):
         self.worker = worker
@@ -70,6 +73,12 @@ class Optimizers:
         # clears it before the id can be reused.
         self._primary_id: int | None = None
         self._primary_ref = None
+        # What is steered: (id of a param group, key) -> Kept; and per optimizer (by id, with
+        # a weakref to tell a reused id) the Kept of its groups, for its step's hooks.
+        self._kept: dict[tuple[int, str], Kept] = {}
+        self._by_optimizer: dict[int, tuple[weakref.ref, list[Kept]]] = {}
+        self.steering = False
+        self._post = None  # the global post-hook's handle, only while something is steered
 
     @property
     def optimizers(self) -> list:
@@ -79,12 +88,35 @@ class Optimizers:
         return live
 
     def pre_step(self, optimizer, args, kwargs) -> None:
-        """The global step pre-hook: the step boundary, when this is the counting optimizer."""
+        """The global step pre-hook: the step boundary, when this is the counting optimizer;
+        then, while something is steered, the values in effect go in."""
         if id(optimizer) == self._primary_id:
             if not self.worker.explicit_steps:
                 self.worker.boundary()
-            return
-        self._meet(optimizer)
+        else:
+            self._meet(optimizer)
+        if self.steering:
+            found = self._by_optimizer.get(id(optimizer))
+            if found is not None and found[0]() is optimizer:
+                for kept in found[1]:
+                    kept.before()
+
+    def post_step(self, optimizer, args, kwargs) -> None:
+        """The global step post-hook, while something is steered: the script's values back;
+        a value replaced during the step was not in effect."""
+        found = self._by_optimizer.get(id(optimizer))
+        replaced: dict[str, Any] = {}
+        if found is not None and found[0]() is optimizer:
+            for kept in found[1]:
+                if not kept.rules:
+                    continue
+                name = kept.active[0]
+                value = kept.after()
+                if value is not None and name not in replaced:
+                    replaced[name] = _plain(value)
+        for name in replaced:
+            self._forget(name, in_hook=True)
+        self.worker.stepped(replaced)
 
     def _meet(self, optimizer) -> None:
         """First sight of an optimizer: track it, publish its keys, make it count if first."""
@@ -107,12 +139,17 @@ class Optimizers:
         added = False
         for spec in specs:
             if spec.name not in self.worker.targets:
-                # The script's own value, as it gave it: `loomrun unset` goes back to it.
+                # The script's own value, as it gave it, before any schedule moved it.
                 spec = P._replace(spec, default=self._own(spec.name))
-                self.worker.targets[spec.name] = Target(
+                key = spec.name
+                self.worker.targets[key] = Target(
                     spec,
-                    lambda key=spec.name: self.get(key),
-                    lambda v, key=spec.name: self.put(key, v),
+                    lambda key=key: self.get(key),
+                    lambda v, hold=False, key=key: self.put(key, v, hold),
+                    unset=lambda key=key: self.unset(key),
+                    own=lambda key=key: self.own(key),
+                    held=lambda key=key: self.held(key),
+                    kept=True,
                 )
                 added = True
         return added
@@ -120,9 +157,10 @@ class Optimizers:
     def _own(self, key: str) -> Any:
         """The value the script gave `key`, before any schedule moved it (a scheduler keeps
         it as "initial_lr"); None when it is not a plain value."""
-        lr = key == "lr" or key.startswith("lr.")
-        group = self.groups()[int(key[3:]) if key.startswith("lr.") else 0][2] if lr else None
-        value = group.get("initial_lr", group["lr"]) if group is not None else self.get(key)
+        group = self._group(key)
+        if group is None:
+            return None
+        value = group.get("initial_lr", group["lr"]) if is_lr(key) else group[key]
         try:
             P.to_pb(_plain(value))
         except (TypeError, ValueError, P.ParamError):
@@ -139,69 +177,146 @@ class Optimizers:
     def _has(self, key: str) -> bool:
         return any(key in g for _, _, g in self.groups())
 
-    def get(self, key: str) -> Any:
-        if key.startswith("lr."):
-            groups = self.groups()
-            index = int(key[3:])
-            return _plain(groups[index][2]["lr"]) if index < len(groups) else None
-        for _, _, group in self.groups():
-            if key in group:
-                return _plain(group[key])
-        return None
-
-    def put(self, key: str, value: Any) -> None:
+    def _group(self, key: str) -> dict | None:
+        """The param group whose value `key` reads: lr.N's, lr's first, or the first with it."""
         groups = self.groups()
-        if key.startswith("lr."):
-            index = int(key[3:])
-            if index >= len(groups):
-                raise P.ParamError(f"there is no param group {index} (there are {len(groups)})")
-            self._set_lr(*groups[index], value)
-        elif key == "lr":
-            first = float(_plain(groups[0][2]["lr"])) if groups else 0.0
-            for position, (optimizer, index, group) in enumerate(groups):
-                lr = value  # the first group exactly; from 0 there is no ratio to keep
-                if position and first:
-                    lr = float(_plain(group["lr"])) * value / first
-                self._set_lr(optimizer, index, group, lr)
-        else:
-            for _, _, group in groups:
+        if is_lr(key):
+            index = int(key[3:]) if key != "lr" else 0
+            return groups[index][2] if index < len(groups) else None
+        return next((g for _, _, g in groups if key in g), None)
+
+    def _kept_of(self, key: str) -> Kept | None:
+        group = self._group(key)
+        if group is None:
+            return None
+        kept = self._kept.get((id(group), "lr" if is_lr(key) else key))
+        return kept if kept is not None and kept.rules else None
+
+    def get(self, key: str) -> Any:
+        """The value in effect: the one the next step runs with."""
+        kept = self._kept_of(key)
+        if kept is not None:
+            return _plain(kept.effective())
+        group = self._group(key)
+        return _plain(group["lr" if is_lr(key) else key]) if group is not None else None
+
+    def own(self, key: str) -> Any:
+        """The script's own current value of a steered key (None when not steered)."""
+        kept = self._kept_of(key)
+        return _plain(kept.own_now()) if kept is not None else None
+
+    def held(self, key: str) -> bool:
+        kept = self._kept_of(key)
+        return kept is not None and isinstance(kept.active[1], Hold | HoldRatio)
+
+    def put(self, key: str, value: Any, hold: bool = False) -> None:
+        """Steer `key` from now on: lr scaled (or held), the other built-ins held."""
+        groups = self.groups()
+        if not is_lr(key):
+            wanted = tuple(value) if key == "betas" else value
+            for optimizer, _, group in groups:
                 if key in group:
-                    _store(group, key, tuple(value) if key == "betas" else value)
+                    self._keep(optimizer, group, key, None).rule(key, Hold(wanted))
+            self._arm()
+            return
+        index = int(key[3:]) if key != "lr" else 0
+        if index >= len(groups):
+            raise P.ParamError(f"there is no param group {index} (there are {len(groups)})")
+        chosen = groups if key == "lr" else [groups[index]]
+        for _, _, group in chosen:
+            if group.get("relative_step"):
+                raise P.ParamError(
+                    f"{key} cannot be steered: this optimizer computes its own lr "
+                    "(relative_step=True, as transformers' Adafactor) and ignores the param "
+                    "group's lr; make it with relative_step=False and an lr"
+                )
+        optimizer, _, lead = groups[index]
+        first = self._keep(optimizer, lead, "lr", None)
+        own = first.own_now()
+        if hold:
+            rules = [Hold(value)] + [HoldRatio(value)] * (len(chosen) - 1)
+        else:
+            base = own or _plain(lead.get("initial_lr", 0.0))
+            factor = value / base if base else None
+            rules = [
+                Scale(factor, self._floor(g)) if factor is not None else Hold(value)
+                for _, _, g in chosen
+            ]
+        for (optimizer, _, group), rule in zip(chosen, rules, strict=True):
+            kept = self._keep(optimizer, group, "lr", first if group is not lead else None)
+            kept.rule(key, rule)
+        self._arm()
 
-    def _set_lr(self, optimizer, index: int, group: dict, value: float) -> None:
-        """One group's lr, and what its schedulers compute it from, scaled alike."""
-        old = float(_plain(group["lr"]))
+    def unset(self, key: str) -> None:
+        """Give `key` back to the script: its own value (its schedule) from the next step."""
+        self._forget(key, in_hook=False)
 
-        def moved(anchor: float) -> float:
-            return anchor * value / old if old else value
+    def _keep(self, optimizer, group: dict, key: str, first: Kept | None) -> Kept:
+        kept = self._kept.get((id(group), key))
+        if kept is None or kept.group is not group:
+            kept = self._kept[(id(group), key)] = Kept(group, key, first)
+            ref, entries = self._by_optimizer.get(id(optimizer), (None, []))
+            if ref is None or ref() is not optimizer:
+                ref, entries = weakref.ref(optimizer), []
+            entries.append(kept)
+            self._by_optimizer[id(optimizer)] = (ref, entries)
+        elif first is not None:
+            kept.first = first
+        return kept
 
-        for anchor in _GROUP_ANCHORS:
-            if anchor in group and not hasattr(group[anchor], "fill_"):
-                group[anchor] = moved(group[anchor])
+    def _forget(self, name: str, in_hook: bool) -> None:
+        """No rule of `name` any more; what has no rule left is not kept."""
+        for key, kept in list(self._kept.items()):
+            kept.drop(name)
+            if not kept.rules and kept.put is None:
+                del self._kept[key]
+        for oid, (ref, entries) in list(self._by_optimizer.items()):
+            entries[:] = [k for k in entries if k.rules]
+            if not entries or ref() is None:
+                del self._by_optimizer[oid]
+        self.steering = bool(self._by_optimizer)
+        # While the post-hooks run, their handle cannot go: it goes at the next change.
+        if not self.steering and not in_hook and self._post is not None:
+            self._post.remove()
+            self._post = None
+
+    def _arm(self) -> None:
+        if self._post is None:
+            from torch.optim.optimizer import register_optimizer_step_post_hook
+
+            self._post = register_optimizer_step_post_hook(self.post_step)
+        self.steering = True
+
+    def _floor(self, group: dict) -> float:
+        """An absolute floor the user gave a scheduler of this group (eta_min, min_lrs): the
+        scaled schedule stays above it."""
+        floor = 0.0
         for scheduler in list(self.schedulers):
-            if getattr(scheduler, "optimizer", None) is not optimizer:
-                continue
-            for attribute in _SCHEDULER_LISTS:
-                values = getattr(scheduler, attribute, None)
-                if isinstance(values, list) and index < len(values):
-                    values[index] = moved(_plain(values[index]))
-        _store(group, "lr", value)
+            groups = getattr(getattr(scheduler, "optimizer", None), "param_groups", ())
+            for index, found in enumerate(groups):
+                if found is not group:
+                    continue
+                eta_min = getattr(scheduler, "eta_min", None)
+                if isinstance(eta_min, int | float):
+                    floor = max(floor, float(eta_min))
+                mins = getattr(scheduler, "min_lrs", None)
+                if isinstance(mins, list) and index < len(mins):
+                    floor = max(floor, float(mins[index]))
+        return floor
 
-
-def _store(group: dict, key: str, value: Any) -> None:
-    current = group[key]
-    if hasattr(current, "fill_"):  # a tensor lr (capturable optimizers)
-        current.fill_(value)
-    else:
-        group[key] = value
-
-
-def _plain(value: Any) -> Any:
-    if hasattr(value, "item") and hasattr(value, "numel") and value.numel() == 1:
-        return value.item()
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    return value
+    def last_lrs(self, scheduler, values: list) -> list:
+        """A scheduler's last lrs as the steps run with them (the Trainer logs these): for
+        a steered group, its value in effect (never what a scheduler's own inner
+        schedulers said, SequentialLR's, scaled a second time)."""
+        groups = getattr(getattr(scheduler, "optimizer", None), "param_groups", None)
+        if not groups or not isinstance(values, list):
+            return values
+        out = list(values)
+        for index, group in enumerate(groups[: len(out)]):
+            kept = self._kept.get((id(group), "lr"))
+            if kept is not None and kept.rules:
+                out[index] = _plain(kept.effective())
+        return out
 
 
 def _hook_torch(worker: Worker) -> None:
@@ -213,17 +328,31 @@ def _hook_torch(worker: Worker) -> None:
     optimizers = Optimizers(worker)
     register_optimizer_step_pre_hook(optimizers.pre_step)
     group.install(worker)
-    original_init = lr_scheduler.LRScheduler.__init__
-
-    def tracked_init(scheduler, *args, **kwargs):
-        original_init(scheduler, *args, **kwargs)
-        optimizers.schedulers.add(scheduler)
-
-    lr_scheduler.LRScheduler.__init__ = tracked_init
+    track_schedulers(lr_scheduler.LRScheduler, optimizers)
     try:
         _track_loss(worker)
     except Exception as error:  # noqa: BLE001 - the built-ins work without it
         worker.warn_once(f"cannot take the loss from backward ({error}); report it yourself")
+
+
+def track_schedulers(scheduler_class, optimizers: Optimizers) -> None:
+    """Know every LR scheduler made (for the floors its user gave it), and have its
+    `get_last_lr()` say the lr the steps run with, as the Trainer and Lightning log it."""
+    original_init = scheduler_class.__init__
+    original_last = scheduler_class.get_last_lr
+
+    @functools.wraps(original_init)
+    def tracked_init(scheduler, *args, **kwargs):
+        original_init(scheduler, *args, **kwargs)
+        optimizers.schedulers.add(scheduler)
+
+    @functools.wraps(original_last)
+    def get_last_lr(scheduler):
+        values = original_last(scheduler)
+        return optimizers.last_lrs(scheduler, values) if optimizers.steering else values
+
+    scheduler_class.__init__ = tracked_init
+    scheduler_class.get_last_lr = get_last_lr
 
 
 def _track_loss(worker: Worker) -> None:

@@ -70,6 +70,10 @@ class Worker:
         self._desired = pb.DesiredState()
         self._answered: dict[str, str] = {}  # name -> id of the change last answered
         self._in_effect: dict[str, str] = {}  # name -> id of the change last applied
+        self._in_effect_want: dict[str, pb.DesiredParam] = {}  # name -> that change
+        # Changes to values an optimizer steps with, applied at this boundary: answered
+        # after the step, applied or overridden (written over by the step itself).
+        self._unconfirmed: dict[str, pb.Outcome] = {}
         self._scheduled: dict[str, pb.DesiredParam] = {}  # agreed, waiting for their step
         self._recent: deque[pb.Outcome] = deque(maxlen=RECENT_OUTCOMES)
         self._replay: deque[dict] = deque()  # recorded changes, each for its step
@@ -103,6 +107,8 @@ class Worker:
             if self.paused:
                 self._due = 0  # paused before the first step: stop at the first boundary
             return
+        if self.paused and self._unconfirmed:
+            self.stepped({})  # no step comes while paused: in effect as they are
         while self.paused:
             time.sleep(PAUSE_POLL)
             if self._read_desired() | self._settle(agree=False):
@@ -232,7 +238,10 @@ class Worker:
         want = pb.DesiredParam(
             value=value, at_step=recorded["step"], origin="replay",
             change_id=str(recorded.get("change_id", "")),
+            kind={"hold": pb.HOLD, "unset": pb.UNSET}.get(recorded.get("kind"), pb.SET),
         )  # fmt: skip
+        if want.kind == pb.UNSET:
+            want.ClearField("value")
         return self._decide(recorded["name"], want, step)
 
     def replay(self, plan: list[dict]) -> None:
@@ -265,6 +274,7 @@ class Worker:
             change_id=want.change_id,
             origin=want.origin,
             revision=want.revision,
+            kind=want.kind,
         )
         outcome.new.CopyFrom(want.value)
         return outcome
@@ -278,8 +288,15 @@ class Worker:
             return outcome
         try:
             old = target.get()
-            value = P.check(target.spec, P.from_pb(want.value))
-            target.put(value)
+            if want.kind == pb.UNSET:
+                target.unset()
+                outcome.new.CopyFrom(P.to_pb(target.get()))
+            else:
+                value = P.check(target.spec, P.from_pb(want.value))
+                if target.kept:
+                    target.put(value, want.kind == pb.HOLD)
+                else:
+                    target.put(value)
         except P.ParamError as error:
             outcome.reason = str(error)
             return outcome
@@ -290,6 +307,12 @@ class Worker:
             with contextlib.suppress(TypeError, ValueError):  # one the wire cannot carry
                 outcome.old.CopyFrom(P.to_pb(old))
         outcome.state = pb.APPLIED
+        self._in_effect_want[name] = want
+        if target.kept and want.kind != pb.UNSET and not self.paused:
+            earlier = self._unconfirmed.pop(name, None)  # a newer one before any step ran
+            if earlier is not None:
+                self._publish(earlier)
+            self._unconfirmed[name] = outcome  # answered once a step ran with it
         return outcome
 
     def _set_paused(self, want: pb.DesiredParam) -> pb.Outcome:
@@ -310,9 +333,45 @@ class Worker:
         if not quiet and not replayed:
             self._supersede_scheduled(outcome.name, outcome.change_id)
             self._answered[outcome.name] = outcome.change_id
+        if outcome.state == pb.APPLIED and not replayed:
+            self._in_effect[outcome.name] = outcome.change_id
+        if self._unconfirmed.get(outcome.name) is not outcome:
+            self._publish(outcome)
+
+    def stepped(self, replaced: dict[str, Any]) -> None:
+        """After an optimizer's step, while loomrun steers: the changes applied before it
+        are answered, applied or overridden; a change in effect that the step wrote over
+        (`replaced`: name -> the value found) has ended."""
+        if not self._unconfirmed and not replaced:
+            return
+        for name, outcome in self._unconfirmed.items():
+            if name in replaced:
+                found = P.format_value(replaced.pop(name))
+                outcome.state = pb.OVERRIDDEN
+                outcome.reason = (
+                    f"the optimizer's own step {outcome.step} wrote {name}={found} over it: "
+                    "loomrun cannot keep it in effect here"
+                )
+            self._publish(outcome)
+        self._unconfirmed.clear()
+        for name, value in replaced.items():
+            want = self._in_effect_want.get(name, pb.DesiredParam())
+            ended = self._outcome(name, want, pb.OVERRIDDEN)
+            ended.ended = True
+            ended.reason = (
+                f"the optimizer's own step {self.step} wrote {name}="
+                f"{P.format_value(value)} over it: no longer in effect"
+            )
+            ended.new.Clear()
+            with contextlib.suppress(TypeError, ValueError, P.ParamError):
+                ended.new.CopyFrom(P.to_pb(value))
+            ended.old.CopyFrom(want.value)
+            self._publish(ended)
+        self._write_acks()
+
+    def _publish(self, outcome: pb.Outcome) -> None:
+        """An answer goes out: to the listeners when applied, then to the acks."""
         if outcome.state == pb.APPLIED:
-            if not replayed:
-                self._in_effect[outcome.name] = outcome.change_id
             for listener in self.applied_listeners:
                 try:
                     listener(outcome.name, P.from_pb(outcome.new))
@@ -425,6 +484,10 @@ class Worker:
                     wire = P.to_pb(value)
                     if wire.ByteSize() <= LARGEST_VALUE:
                         status.values[name].CopyFrom(wire)
+                if target.kept and (own := target.own()) is not None:
+                    status.own[name].CopyFrom(P.to_pb(own))
+                    if target.held():
+                        status.held.append(name)
             except Exception:  # noqa: BLE001, S112 - a value we cannot read is left out
                 continue
         self._write(self.mailbox.status, status)
@@ -434,6 +497,8 @@ class Worker:
         """At exit, however the script ended: where it really stopped, not the last periodic
         status (which can be a tenth of a second of steps behind)."""
         if not self.mailbox.closed:
+            if self._unconfirmed:  # no step after them: in effect as they are
+                self.stepped({})
             self.write_status(time.monotonic(), final=True)
 
     def _write(self, slot, message) -> None:

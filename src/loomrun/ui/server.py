@@ -29,7 +29,7 @@ from aiohttp import WSMsgType, web
 
 from loomrun import params as P
 from loomrun import subjects as S
-from loomrun.client import SteerError, Steering, summary
+from loomrun.client import SteerError, Steering, parameters, summary
 from loomrun.control import history
 from loomrun.control.ledger import record
 from loomrun.watch import WatchModel, feed
@@ -77,8 +77,9 @@ def _static(name: str) -> bytes:
     return resources.files("loomrun.ui").joinpath("static", name).read_bytes()
 
 
-def spec_dict(spec: P.ParamSpec, value: Any) -> dict[str, Any]:
-    """A published parameter as the page builds its form from it."""
+def spec_dict(spec: P.ParamSpec, listed: dict[str, Any]) -> dict[str, Any]:
+    """A published parameter as the page builds its form from it, with its value in
+    effect, the script's own, and whether loomrun steers (holds) it (client.parameters)."""
     kind = "enum" if spec.choices else spec.kind
     return {
         "name": spec.name,
@@ -91,8 +92,10 @@ def spec_dict(spec: P.ParamSpec, value: Any) -> dict[str, Any]:
         "max": spec.max,
         "doc": spec.doc,
         "builtin": spec.builtin,
-        "own": spec.default,
-        "value": value,
+        "own": listed["own"],
+        "value": listed["value"],
+        "steered": listed["steered"],
+        "held": listed["held"],
     }
 
 
@@ -347,12 +350,14 @@ class Dashboard:
             with contextlib.suppress(SteerError):
                 schemas = await self.steering.schemas(job)
                 statuses = await self.steering.statuses(job)
+                outcomes = await self.steering.outcomes(job)
                 params = {}
                 for replica, schema in schemas.items():
-                    values = statuses[replica].status.values if replica in statuses else {}
+                    status = statuses[replica].status if replica in statuses else None
+                    listed = parameters(replica, schema.specs, status, outcomes)
                     params[replica] = [
-                        spec_dict(spec, P.from_pb(values[n]) if n in values else spec.default)
-                        for n, spec in sorted(schema.specs.items())
+                        spec_dict(schema.specs[p["name"]], p)
+                        for p in sorted(listed, key=lambda p: p["name"])
                     ]
                 if params != sent:
                     sent = params

@@ -220,7 +220,7 @@ function drawReplicas() {
       [row.replica], [row.host], [row.device], [row.state, stateClass(row.state)],
       [String(row.step), "num"], [rate(row.steps_per_sec), "num"],
       ...metrics.map((m) => [g(row.metrics[m], 3), "num"]),
-      [g(lr, 4), "num"], [row.last_change || "-"], [gpuText(row)], [String(row.restarts), "num"],
+      [g(lr, 4) + ((row.held || []).includes("lr") ? " held" : ""), "num"], [row.last_change || "-"], [gpuText(row)], [String(row.restarts), "num"],
       [age(row.age), "num"],
     ].map(([text, cls], i) => [text, cls, head[i]]);
   });
@@ -385,6 +385,8 @@ async function post(path, body) {
     else if (c.state === "rejected") text = `${c.replica}: ${c.name} rejected: ${c.reason}`;
     else if (c.state === "missed") text = `${c.replica}: ${c.name} late, not applied: ${c.reason}`;
     else if (c.state === "superseded") text = `${c.replica}: ${c.name} replaced by a later change first`;
+    else if (c.state === "overridden") text = `${c.replica}: ${c.name} overridden at step ${c.step}, not in effect: ${c.reason}`;
+    else if (c.state === "not running") text = `${c.replica}: not sent, ${c.reason}`;
     else text = `${c.replica}: ${c.name} no answer yet (still desired; it applies when the replica gets to it)`;
     return el("div", {class: c.state.split(" ")[0], "data-replica": c.replica, text});
   }));
@@ -564,13 +566,13 @@ function onChanges(message) {
   const body = $("#changes tbody");
   for (const record of message.records) {
     state.records.push(record);
-    if (record.outcome === "applied") state.markers.push(record);
+    if (record.outcome === "applied" || record.outcome === "overridden") state.markers.push(record);
     body.prepend(el("tr", {"data-replica": record.replica, "data-change": record.change_id},
       el("td", {text: new Date(record.time * 1000).toLocaleTimeString()}),
       el("td", {text: record.replica}), el("td", {text: record.name}),
       el("td", {text: record.name === "pause" ? describe(record) : `${format(record.old)} → ${format(record.new)}`}),
       el("td", {text: String(record.step), class: "num"}),
-      el("td", {text: record.outcome + (record.reason ? `: ${record.reason}` : "")}),
+      el("td", {text: record.outcome + (record.kind && record.kind !== "set" ? ` (${record.kind})` : "") + (record.reason ? `: ${record.reason}` : "")}),
       el("td", {text: record.who || "?"})));
   }
   while (body.children.length > 500) body.lastChild.remove();
