@@ -67,15 +67,14 @@ class Processes:
         self.started: list[subprocess.Popen] = []
 
     def start(self, *args: str, env: dict | None = None, cwd=None, **kwargs) -> subprocess.Popen:
+        options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kwargs}
         proc = subprocess.Popen(
             [*LOOMRUN, *map(str, args)],
             env={**os.environ, **(env or {})},
             cwd=cwd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,
-            **kwargs,
+            **options,
         )
         self.started.append(proc)
         return proc

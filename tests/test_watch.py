@@ -320,3 +320,25 @@ def test_model_snapshot_groups_by_job_and_hides_old_finished_jobs():
     assert model.snapshot(now, job="old")["jobs"][0]["state"] == "exited 0"
     text = render_plain(snap)
     assert "r0" in text and "0.5" in text and "\x1b" not in text
+
+
+def test_events_of_an_earlier_run_of_the_job_id_stay_out():
+    model = WatchModel()
+    this_run = pb.JobInfo(job="j", host="h", replicas=["r0"], started=900, heartbeat=999)
+    model.take_job("j.n0", this_run.SerializeToString())
+    status = _status("r0", loss=0.5)
+    status.job = "j"
+    model.take_status("j.r0", status.SerializeToString())
+    earlier = [
+        pb.Event(job="j", replica="r0", kind="failed", text="exited 1", time=500),
+        pb.Event(job="j", replica="r0", kind="applied", text="lr 0.1 -> 0.2 at step 3", time=510),
+    ]
+    ours = pb.Event(job="j", replica="r0", kind="started", text="pid 7", time=901)
+    for event in [*earlier, ours]:
+        model.take_event(event.SerializeToString())
+    snap = model.snapshot(1000.0)
+    assert [e["kind"] for e in snap["events"]] == ["started"]
+    assert snap["jobs"][0]["replicas"][0]["last_change"] is None, "not this run's change"
+    change = pb.Event(job="j", replica="r0", kind="applied", text="lr 0.1 -> 0.3", time=950)
+    model.take_event(change.SerializeToString())
+    assert model.snapshot(1000.0)["jobs"][0]["replicas"][0]["last_change"] == "lr 0.1 -> 0.3"

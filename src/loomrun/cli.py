@@ -892,7 +892,9 @@ def get_command(job, replicas, as_json, **broker):
 @broker_options
 def log_command(job, replicas, as_json, follow, metrics, **broker):
     """The change ledger of a job, oldest first: when, who, replica, old -> new, the step
-    it took effect at, and what became of it (applied, rejected, missed, superseded).
+    it took effect at, its kind (set, hold, unset) and what became of it (applied,
+    rejected, overridden, missed, superseded). A change that the script's optimizer wrote
+    over after it was applied has a second record, "overridden", of the same change.
 
     Works for running and finished jobs: a finished job by its id, read from the job's
     `changes.jsonl` (`metrics.json` with --metrics; and the other nodes' `.nodeK` files) in
@@ -925,7 +927,9 @@ def log_command(job, replicas, as_json, follow, metrics, **broker):
         change = f"{format_value(item['old'])} -> {format_value(item['new'])}"
         if item["name"] == "pause":
             change = "paused" if item["new"] else "resumed"
-        what = item["outcome"] + (f": {item['reason']}" if item["reason"] else "")
+        kind = item.get("kind", "set")
+        what = item["outcome"] + (f" ({kind})" if kind != "set" else "")
+        what += f": {item['reason']}" if item["reason"] else ""
         click.echo(printable(
             f"{stamp}  {item['replica']}  {item['name']}  {change}  step {item['step']}  "
             f"{what}  ({item['who'] or '?'})"

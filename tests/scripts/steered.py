@@ -22,6 +22,8 @@ parser.add_argument("--crash-at-step", type=int, default=0)
 parser.add_argument("--groups", type=int, default=1, help="param groups, lr 0.1, 0.01, ...")
 parser.add_argument("--slow-rank", type=int, default=-1, help="this rank steps 10x slower")
 parser.add_argument("--quiet", action="store_true", help="print no line per step")
+parser.add_argument("--stop-rank", type=int, default=-1, help="this rank ends (exit 0) at...")
+parser.add_argument("--stop-at", type=int, default=0, help="...this step")
 args = parser.parse_args()
 
 torch.manual_seed(0)
@@ -58,5 +60,7 @@ for step in range(1, args.steps + 1):
         scheduler.step()
     if step == args.crash_at_step and not restarted:
         sys.exit(7)
+    if step == args.stop_at and os.environ.get("RANK") == str(args.stop_rank):
+        break
     slow = os.environ.get("RANK") == str(args.slow_rank)
     time.sleep(args.step_time * (10 if slow else 1))

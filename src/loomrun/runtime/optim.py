@@ -33,8 +33,8 @@ if TYPE_CHECKING:
 BUILTINS = {
     "lr": P.ParamSpec(
         "lr", "float", min=0.0, builtin=True,
-        doc="learning rate of the first param group; the others keep their ratio to it; "
-        "follows the script's schedule times new/old (--hold: exactly the value)",
+        doc="learning rate (first param group; the others keep their ratio): the script's "
+        "schedule times new/old, or held",
     ),
     "momentum": P.ParamSpec(
         "momentum", "float", min=0.0, max=1.0, doc="momentum of every param group", builtin=True

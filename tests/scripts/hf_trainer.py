@@ -1,0 +1,79 @@
+"""A plain Hugging Face Trainer run: a tiny GPT-2 made from a config (nothing downloaded),
+the Trainer's own AdamW and linear-warmup schedule, accelerate underneath; under loomrun
+with several replicas, one gloo process group.
+
+It prints the lr each optimizer step ran with (`stepped <n> <lr>`, from a global step
+post-hook registered before loomrun's) and what the Trainer logs (`logged <global step>
+<learning_rate>`)."""
+
+import argparse
+import tempfile
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--max-steps", type=int, default=300)
+parser.add_argument("--warmup", type=int, default=10)
+args = parser.parse_args()
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, count: int):
+        generator = torch.Generator().manual_seed(0)
+        self.rows = torch.randint(64, (count, 16), generator=generator)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return {"input_ids": self.rows[index], "labels": self.rows[index]}
+
+
+class Printed(TrainerCallback):
+    def on_log(self, arguments, state, control, logs=None, **kwargs):
+        if logs and "learning_rate" in logs:
+            print(f"logged {state.global_step} {logs['learning_rate']!r}", flush=True)
+
+
+count = [0]
+
+
+def stepped(optimizer, *_):
+    count[0] += 1
+    print(f"stepped {count[0]} {optimizer.param_groups[0]['lr']!r}", flush=True)
+
+
+register_optimizer_step_post_hook(stepped)
+torch.manual_seed(0)
+config = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+with tempfile.TemporaryDirectory() as output:
+    training = TrainingArguments(
+        output_dir=output,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        lr_scheduler_type="linear",
+        warmup_steps=args.warmup,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    trainer = Trainer(
+        model=GPT2LMHeadModel(config),
+        args=training,
+        train_dataset=Tokens(4096),
+        callbacks=[Printed()],
+    )
+    trainer.train()
