@@ -5,8 +5,8 @@ torch.compile, and an optimizer that writes lr in its own step (which loomrun ca
 follow, and says so). Real processes, a real broker, steered through the CLI.
 
 Each script prints the lr every optimizer step ran with (`stepped N LR ...`, from a global
-step post-hook registered before loomrun's), which is what these tests check against the
-script's own schedule."""
+step post-hook), which is what these tests check against the script's own schedule. The
+long runs end when the test sets their declared `stop`, so no change can come too late."""
 
 from __future__ import annotations
 
@@ -82,8 +82,8 @@ def wait_steps(out, after: int, more: int, replicas=("r0",), timeout=120) -> Non
 @pytest.mark.slow
 def test_a_nanogpt_style_loop_keeps_set_unset_and_hold_on_both_ranks(procs, tmp_path):
     job, sup, out = run_to_file(
-        procs, tmp_path, "nanogpt", SCRIPTS / "nanogpt_style.py", "--iters", "900",
-        "--step-time", "0.004", replicas=2,
+        procs, tmp_path, "nanogpt", SCRIPTS / "nanogpt_style.py", "--step-time", "0.004",
+        replicas=2,
     )  # fmt: skip
     ranks = ("r0", "r1")
     wait_ready(job, ranks)
@@ -110,14 +110,18 @@ def test_a_nanogpt_style_loop_keeps_set_unset_and_hold_on_both_ranks(procs, tmp_
     code, held = set_json("set", "lr=0.001", "--hold", "--job", job)
     assert code == 0 and {c["kind"] for c in held["changes"]} == {"hold"}, held
     at_hold = one_step(held)
+    wait_steps(out, at_hold, 30, ranks)
     points = metric_points(job)  # while it runs: from the supervisor
+    code, stopped = set_json("set", "stop=true", "--job", job)
+    assert code == 0, stopped
+    last = one_step(stopped)
     sup.wait(timeout=180)
     assert sup.returncode == 0
 
     text = out.read_text()
     for rank in ranks:
         used = stepped(text, rank)
-        assert len(used) == 900
+        assert sorted(used) == list(range(1, last + 1)), "it stopped where it was told, on each"
         for step, lrs in used.items():
             schedule = nanogpt_lr(step - 1)
             if at_set <= step < at_unset:
@@ -127,7 +131,7 @@ def test_a_nanogpt_style_loop_keeps_set_unset_and_hold_on_both_ranks(procs, tmp_
             else:
                 want = schedule
             assert lrs == pytest.approx([want, want], rel=1e-12), (rank, step)
-        assert all(used[s][0] == 0.001 for s in range(at_hold, 901)), "held exactly"
+        assert all(used[s][0] == 0.001 for s in range(at_hold, last + 1)), "held exactly"
         shown = [p for p in points if p["replica"] == rank and at_set + 20 <= p["step"] < at_unset]
         assert shown, "metric points after the change"
         for point in shown:
@@ -143,10 +147,11 @@ def test_a_nanogpt_style_loop_keeps_set_unset_and_hold_on_both_ranks(procs, tmp_
             (rank, "set", "applied", at_set),
             (rank, "unset", "applied", at_unset),
             (rank, "hold", "applied", at_hold),
+            (rank, "set", "applied", last),
         ]
     again = run_loomrun(
         "--replicas", "2", "--no-broker", "--job", job_id("replayed"), "--replay", job,
-        SCRIPTS / "nanogpt_style.py", "--iters", "900", timeout=300,
+        SCRIPTS / "nanogpt_style.py", timeout=300,
     )  # fmt: skip
     assert again.returncode == 0, again.stderr
     assert set(re.findall(r"hash (\w+)", again.stdout)) == hashes, "the replay, bitwise"
@@ -155,7 +160,7 @@ def test_a_nanogpt_style_loop_keeps_set_unset_and_hold_on_both_ranks(procs, tmp_
 @pytest.mark.slow
 def test_the_hugging_face_trainer_keeps_the_scaled_schedule_and_logs_it(procs, tmp_path):
     job, sup, out = run_to_file(
-        procs, tmp_path, "trainer", SCRIPTS / "hf_trainer.py", "--max-steps", "400", replicas=2
+        procs, tmp_path, "trainer", SCRIPTS / "hf_trainer.py", "--max-steps", "3000", replicas=2
     )
     ranks = ("r0", "r1")
     wait_ready(job, ranks, timeout=120)
@@ -163,7 +168,7 @@ def test_the_hugging_face_trainer_keeps_the_scaled_schedule_and_logs_it(procs, t
 
     def linear(step: int) -> float:  # the Trainer's linear warm-up schedule, for step N
         t = step - 1
-        return 5e-3 * (t / 10 if t < 10 else max(0.0, (400 - t) / 390))
+        return 5e-3 * (t / 10 if t < 10 else max(0.0, (3000 - t) / 2990))
 
     code, scaled = set_json("set", "lr=0.001", "--job", job)
     assert code == 0 and scaled["result"] == "applied", scaled
@@ -177,17 +182,23 @@ def test_the_hugging_face_trainer_keeps_the_scaled_schedule_and_logs_it(procs, t
     code, held = set_json("set", "lr=0.0005", "--hold", "--job", job)
     assert code == 0, held
     at_hold = one_step(held)
+    wait_steps(out, at_hold, 10, ranks)
+    points = metric_points(job)
+    code, stopped = set_json("set", "stop=true", "--job", job)
+    assert code == 0, stopped
+    last = one_step(stopped)
     sup.wait(timeout=300)
     assert sup.returncode == 0
 
     text = out.read_text()
+    assert len(set(re.findall(r"hash (\w+)", text))) == 1, "the ranks are bitwise identical"
     for rank in ranks:
         used = {s: lrs[0] for s, lrs in stepped(text, rank).items()}
         logged = {
             int(m[1]): float(m[2])
             for m in re.finditer(rf"^\[{rank}\] logged (\d+) (\S+)$", text, re.M)
         }
-        assert len(used) == 400
+        assert sorted(used) == list(range(1, last + 1)), "it stopped at that step, on each"
         for step, lr in used.items():
             if at_set <= step < at_unset:
                 want = k * linear(step)
@@ -203,6 +214,10 @@ def test_the_hugging_face_trainer_keeps_the_scaled_schedule_and_logs_it(procs, t
                 step,
             )
         assert logged[at_hold + 5] == 0.0005
+        shown = [p for p in points if p["replica"] == rank and at_set + 20 <= p["step"] < at_unset]
+        assert shown, "metric points after the change"
+        for point in shown:
+            assert point["lr"] == pytest.approx(k * linear(point["step"]), rel=0.01), point
 
 
 @pytest.mark.slow
@@ -251,6 +266,8 @@ def test_an_optimizer_that_writes_lr_in_its_step_is_never_applied(procs):
     code, held = set_json("set", "lr=0.05", "--job", job)
     assert code == 0 and held["changes"][0]["state"] == "applied", held
     first = held["changes"][0]["change_id"]
+    refused = run_loomrun("set", "own_lr=true", "--hold", "--job", job)
+    assert refused.returncode == 2 and "--hold is for lr and lr.N" in refused.stderr
     assert run_loomrun("set", "own_lr=true", "--job", job).returncode == 0
 
     def records():

@@ -3,8 +3,7 @@ class torch ships: a steered value is the one each step runs with, whoever else 
 
 The worker here is a real runtime Worker on its own mailbox (no supervisor owns it), with
 the real global optimizer hooks installed, as in a worker process. What a step ran with
-is read by a step post-hook of the optimizer's own: it runs right after the step, before
-loomrun's global one gives the script its own value back."""
+is read by a step post-hook of the optimizer's own, right after the step."""
 
 from __future__ import annotations
 
@@ -107,7 +106,8 @@ def test_lr_keeps_the_ratio_and_lr_n_sets_one_group(optimizers):
     assert optimizers.get("lr") == pytest.approx(0.3) and optimizers.own("lr") == 0.1
     train(optimizer, 1)
     assert used[-1] == pytest.approx([0.3, 0.03])
-    assert [g["lr"] for g in optimizer.param_groups] == [0.1, 0.01], "the script sees its own"
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.3, 0.03]), "as in effect"
+    assert optimizers.own("lr") == 0.1 and optimizers.own("lr.1") == 0.01
     optimizers.put("lr.1", 0.05)
     optimizers.put("momentum", 0.5)
     train(optimizer, 1)
@@ -188,8 +188,9 @@ def test_a_live_lr_change_scales_the_schedule(optimizers, name):
     for step in range(before, before + after):
         assert used[step] == pytest.approx([k * lr for lr in expected[step]], rel=1e-9), step
     last = scheduler.get_last_lr()
-    want = [k * g["lr"] for g in steered.param_groups]
+    want = [k * optimizers.own(f"lr.{i}") for i in range(2)]
     assert last == pytest.approx(want, rel=1e-9), "get_last_lr says what the steps run with"
+    assert [g["lr"] for g in steered.param_groups] == pytest.approx(want, rel=1e-9)
     optimizers.unset("lr")
     train(steered, after, scheduler)
     for step in range(before + after, before + 2 * after):
@@ -460,3 +461,126 @@ def test_an_lr_that_is_no_plain_number_steps_all_the_same(optimizers):
     optimizer = two_groups(lr=np.float32(0.1))
     train(optimizer, 3)  # no error from the hook: the value is only left out of the schema
     assert optimizers.worker.step == 3 and optimizers.worker.targets["lr"].spec.default is None
+
+
+def test_several_optimizers_answer_after_the_one_that_steps_with_the_change(optimizers):
+    """lr goes to every group of every optimizer: the answer waits for each to step, so an
+    optimizer that writes lr in its own step makes it overridden, never applied."""
+    worker, desired = optimizers.worker, DesiredConfig()
+    first = two_groups(lr=0.1)
+    second = OwnSchedule([torch.nn.Parameter(torch.ones(2))], writes=False)
+    train(first, 2)
+    train(second, 2)
+    change_id = change(worker, desired, "lr", 0.2)
+    train(first, 1)
+    assert answer(worker, change_id) is None, "not answered before every optimizer stepped"
+    second.writes = True
+    train(second, 1)
+    assert answer(worker, change_id).state == pb.OVERRIDDEN
+
+
+def test_a_step_that_raises_leaves_no_compounding(optimizers):
+    optimizer = two_groups(lr=0.1)
+    used = recording(optimizer)
+    train(optimizer, 1)
+    optimizers.put("lr", 0.2)
+    failing = [True]
+
+    def fails_once(o, args, kwargs):
+        if failing.pop() if failing else False:
+            raise RuntimeError("out of memory, retried by the script")
+
+    handle = optimizer.register_step_pre_hook(fails_once)
+    with pytest.raises(RuntimeError):
+        train(optimizer, 1)
+    handle.remove()
+
+    def decays(o):
+        for group in o.param_groups:
+            group["lr"] *= 0.5
+
+    train(optimizer, 2, writer=decays)
+    assert used[-2] == pytest.approx([0.1, 0.01]) and used[-1] == pytest.approx([0.05, 0.005])
+
+
+def test_new_param_groups_from_load_state_dict_end_the_change_with_a_record(optimizers):
+    worker, desired = optimizers.worker, DesiredConfig()
+    optimizer = two_groups(lr=0.1)
+    train(optimizer, 1)
+    saved = optimizer.state_dict()
+    change_id = change(worker, desired, "lr", 0.3)
+    train(optimizer, 1)
+    assert answer(worker, change_id).state == pb.APPLIED
+    optimizer.load_state_dict(saved)  # new group dicts, with lr 0.1
+    train(optimizer, 1)
+    worker.write_status(0.0)
+    ended = answer(worker, change_id)
+    assert ended.state == pb.OVERRIDDEN and ended.ended and "made anew" in ended.reason
+    assert worker.targets["lr"].get() == 0.1 and worker.targets["lr"].own() is None
+
+
+def test_a_checkpoint_of_a_steered_optimizer_holds_plain_floats(optimizers, tmp_path):
+    optimizer = two_groups(lr=0.1)
+    train(optimizer, 1)
+    optimizers.put("lr", 0.3)
+    train(optimizer, 1)
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    loaded = torch.load(tmp_path / "optimizer.pt", weights_only=True)
+    assert [type(g["lr"]) for g in loaded["param_groups"]] == [float, float]
+    assert loaded["param_groups"][0]["lr"] == pytest.approx(0.3)
+
+
+def test_accelerate_prepared_optimizer_and_scheduler_are_followed(optimizers):
+    from accelerate import Accelerator
+
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    used = recording(optimizer)
+    scheduler = L.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+    prepared, schedule = Accelerator(cpu=True).prepare(optimizer, scheduler)
+    for s in range(8):
+        if s == 3:
+            optimizers.put("lr", optimizers.get("lr") * 4)
+        model(torch.ones(1, 2)).sum().backward()
+        prepared.step()
+        schedule.step()
+        prepared.zero_grad()
+        want = 0.1 / (1 + s) * (4 if s >= 3 else 1)
+        assert used[-1] == pytest.approx([want]), s
+    assert schedule.get_last_lr() == pytest.approx([0.4 / 9])
+
+
+def test_an_inner_copy_of_the_groups_is_not_scaled_twice(optimizers):
+    """torch's ZeroRedundancyOptimizer steps an optimizer of its own over copies of its
+    groups: the change is kept in the outer groups only, and the inner step runs with it."""
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from loomrun.supervisor import free_port
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    try:
+        param = torch.nn.Parameter(torch.ones(2))
+        zero = ZeroRedundancyOptimizer([param], optimizer_class=torch.optim.SGD, lr=0.1)
+        used = recording(zero.optim)
+        train(zero, 2)
+        optimizers.put("lr", 0.3)
+        train(zero, 2)
+        assert used[-2] == pytest.approx([0.3]) and used[-1] == pytest.approx([0.3])
+        assert optimizers.get("lr") == pytest.approx(0.3)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_scaled_tensor_lr(optimizers):
+    param = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.Adam([param], lr=torch.tensor(0.01))
+    used = recording(optimizer)
+    scheduler = L.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+    train(optimizer, 2, scheduler)
+    optimizers.put("lr", optimizers.get("lr") * 2)
+    train(optimizer, 2, scheduler)
+    assert used[2] == pytest.approx([0.02 / 3], rel=1e-6)
+    assert used[3] == pytest.approx([0.02 / 4], rel=1e-6)

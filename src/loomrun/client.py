@@ -539,6 +539,12 @@ class Steering:
     ) -> list[Result]:
         """Check, write and (unless wait=False) wait for every replica's own answer. With
         `hold`, lr stays at exactly the value whatever the script's schedule says."""
+        not_lr = [name for name in changes if name != "lr" and not name.startswith("lr.")]
+        if hold and not_lr:
+            raise SteerError(
+                f"--hold is for lr and lr.N (it keeps lr off the script's schedule); "
+                f"{not_lr[0]} keeps exactly the value set without it"
+            )
         found = await self.job(job)
         targets = self.targets(found, replicas)
         checked = await self.check(found.job, targets, changes)

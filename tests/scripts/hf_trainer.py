@@ -3,10 +3,12 @@ the Trainer's own AdamW and linear-warmup schedule, accelerate underneath; under
 with several replicas, one gloo process group.
 
 It prints the lr each optimizer step ran with (`stepped <n> <lr>`, from a global step
-post-hook registered before loomrun's) and what the Trainer logs (`logged <global step>
-<learning_rate>`)."""
+post-hook) and what the Trainer logs (`logged <global step> <learning_rate>`); at the end
+a hash of the weights. It stops at --max-steps, or at the step where the declared `stop`
+turns true (on every rank at one step)."""
 
 import argparse
+import hashlib
 import tempfile
 
 import torch
@@ -19,8 +21,10 @@ from transformers import (
     TrainingArguments,
 )
 
+import loomrun
+
 parser = argparse.ArgumentParser()
-parser.add_argument("--max-steps", type=int, default=300)
+parser.add_argument("--max-steps", type=int, default=3000)
 parser.add_argument("--warmup", type=int, default=10)
 args = parser.parse_args()
 
@@ -37,10 +41,21 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.rows[index], "labels": self.rows[index]}
 
 
+stop = loomrun.param("stop", bool, default=False, doc="end the run after this step")
+
+
 class Printed(TrainerCallback):
     def on_log(self, arguments, state, control, logs=None, **kwargs):
         if logs and "learning_rate" in logs:
             print(f"logged {state.global_step} {logs['learning_rate']!r}", flush=True)
+
+    def on_step_end(self, arguments, state, control, **kwargs):
+        if stop.value:
+            control.should_training_stop = True
+
+    def on_train_end(self, arguments, state, control, model=None, **kwargs):
+        weights = b"".join(p.detach().numpy().tobytes() for p in model.parameters())
+        print(f"hash {hashlib.sha256(weights).hexdigest()}", flush=True)
 
 
 count = [0]

@@ -4,8 +4,9 @@ with a decay and a no-decay group, gradient accumulation under DDP's no_sync, a
 GradScaler (disabled on the CPU), gradient clipping; one rank or several on gloo.
 
 It prints the lr each optimizer step ran with (`stepped <n> <lr of group 0> <lr of group
-1>`, read by a global step post-hook registered before loomrun's: right after the step,
-before the script's own value is given back), and at the end a hash of the weights."""
+1>`, read by a global step post-hook right after the step), and at the end a hash of the
+weights. It stops after --iters, or at the step where the declared `stop` turns true (on
+every rank at one step; a replay stops there too)."""
 
 import argparse
 import hashlib
@@ -19,8 +20,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+import loomrun
+
 parser = argparse.ArgumentParser()
-parser.add_argument("--iters", type=int, default=600)
+parser.add_argument("--iters", type=int, default=100_000)
 parser.add_argument("--accum", type=int, default=2)
 parser.add_argument("--step-time", type=float, default=0.0)
 args = parser.parse_args()
@@ -38,6 +41,7 @@ def get_lr(it: int) -> float:
     return min_lr + coeff * (learning_rate - min_lr)
 
 
+stop = loomrun.param("stop", bool, default=False, doc="end the run after this step")
 ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
 if ddp:
     dist.init_process_group("gloo")
@@ -70,6 +74,8 @@ def stepped(opt, *_):
 register_optimizer_step_post_hook(stepped)
 data = torch.Generator().manual_seed(7 + (dist.get_rank() if ddp else 0))
 for it in range(args.iters):
+    if stop.value:
+        break
     lr = get_lr(it)
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr

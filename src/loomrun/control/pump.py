@@ -137,8 +137,13 @@ class MailboxPump:
             replica.outcome_seq = outcome.seq
             replica.written.get(outcome.name, {}).pop(outcome.change_id, None)
             self._publish_outcome(replica, outcome)
-            if outcome.state == pb.APPLIED and outcome.origin != REPLAYED:
-                replica.in_effect[outcome.name] = outcome.change_id  # of the desired state
+            # Of the desired state, as the worker counts it: an answer "overridden" at once
+            # is of a change the worker took too (it will not apply it again).
+            taken = outcome.state == pb.APPLIED or (
+                outcome.state == pb.OVERRIDDEN and not outcome.ended
+            )
+            if taken and outcome.origin != REPLAYED:
+                replica.in_effect[outcome.name] = outcome.change_id
             if outcome.state in NOT_APPLIED and self.on_not_applied is not None:
                 self.on_not_applied(replica, outcome)
             if outcome.state != pb.SUPERSEDED:  # the worker took up the name: no base now

@@ -1,22 +1,71 @@
 """Keeping a steered value in effect in a param group, whoever else writes it.
 
-The script (its own `g['lr'] = get_lr(it)`, a scheduler, a wrapper's scheduler, the
-Trainer) only ever sees its own value: loomrun puts the value in effect into the group
-just before the optimizer's step runs and gives the script's value back right after.
-So an absolute writer (nanoGPT, LambdaLR, OneCycleLR) and a relative one (`g['lr'] *=
-gamma`, chainable schedulers) both keep computing their own schedule, and the step runs
-with that schedule times new/old (or the held value): never scaled twice, never
-compounding.
+The group holds the value in effect, so whatever reads it (the script's own print, a
+checkpoint, Lightning's LearningRateMonitor) sees what the steps run with. loomrun keeps
+the script's own value beside it, and tells every write apart:
 
-What the script wrote is told apart from what loomrun stored by identity: the value
-loomrun stores is an object of its own, so a write of an equal value is still a write.
-A value found replaced right after the step was written by the step itself (an optimizer
-that sets lr from its own state): loomrun cannot keep it, and says so ("overridden").
+- loomrun's own value is an object of its own (`InEffect`), so a write is known by
+  identity: a schedule landing on the steered value is still a write;
+- an absolute write (nanoGPT's `g['lr'] = get_lr(it)`) is the script's new own value;
+- a relative write (`g['lr'] *= gamma`) is arithmetic on the `InEffect` the group held,
+  which carries the script's own value through the same arithmetic: the new own value is
+  own * gamma, never the steered value times gamma (that would compound);
+- a torch LR scheduler's step (on the optimizer, or on any wrapper sharing its groups)
+  runs with the script's own values in the groups (see `Kept.expose`), so chainable and
+  closed-form schedulers alike compute the script's own schedule.
+
+The value in effect is a rule of the script's own value (lr: the schedule times new/old;
+or held), put into the group again before each step. A value found replaced right after a
+step was written by the step itself: loomrun cannot keep it there, and says so.
 """
 
 from __future__ import annotations
 
+import operator
 from typing import Any
+
+
+class InEffect(float):
+    """A steered float as loomrun puts it in a group: equal to the value in effect, it
+    carries the script's own value, and arithmetic on it carries that along (a relative
+    write stays relative to the script's value). It pickles as a plain float."""
+
+    __slots__ = ("own",)
+
+    def __new__(cls, value: float, own: float):
+        made = super().__new__(cls, value)
+        made.own = own
+        return made
+
+    def __reduce__(self):
+        return (float, (float(self),))
+
+    def __getnewargs__(self):
+        return (float(self),)
+
+
+def _carried(op, swapped: bool = False):
+    def method(self, other):
+        if not isinstance(other, int | float):
+            return NotImplemented
+        mine = float(self)
+        theirs = float(other)
+        own_theirs = other.own if isinstance(other, InEffect) else theirs
+        if swapped:
+            return InEffect(op(theirs, mine), op(own_theirs, self.own))
+        return InEffect(op(mine, theirs), op(self.own, own_theirs))
+
+    return method
+
+
+for _name, _op in (
+    ("mul", operator.mul),
+    ("truediv", operator.truediv),
+    ("add", operator.add),
+    ("sub", operator.sub),
+):
+    setattr(InEffect, f"__{_name}__", _carried(_op))
+    setattr(InEffect, f"__r{_name}__", _carried(_op, swapped=True))
 
 
 class Scale:
@@ -53,22 +102,28 @@ class HoldRatio:
         self.value = value
 
     def __call__(self, own: Any, first: Kept | None) -> Any:
-        base = first.own_now() if first is not None else 0.0
+        base = first.own if first is not None else 0.0
         return own * self.value / base if base else self.value
+
+
+def _own_of(found: Any) -> Any:
+    """The script's value in what a group holds: an InEffect's own, or the value itself."""
+    return found.own if type(found) is InEffect else found
 
 
 class Kept:
     """One key of one param group that loomrun steers: the script's own value, the object
-    stored for the step, and the rules by name (`lr`, `lr.1`): the newest one wins."""
+    in the group now, and the rules by name (`lr`, `lr.1`): the newest one wins."""
 
-    __slots__ = ("group", "key", "own", "put", "rules", "first", "tensor")
+    __slots__ = ("group", "key", "own", "put", "rules", "first", "swapped")
 
     def __init__(self, group: dict, key: str, first: Kept | None = None):
         self.group, self.key, self.first = group, key, first
-        self.own: Any = None
-        self.put: Any = None  # what loomrun stored for the step running now, or None
+        found = group[key]
+        self.own: Any = _plain(found) if _is_tensor(found) else _own_of(found)
+        self.put: Any = None  # what loomrun stored in the group, or None
         self.rules: dict[str, Any] = {}
-        self.tensor = hasattr(group[key], "fill_")  # a capturable optimizer's tensor lr
+        self.swapped = False  # a tensor lr during a step (filled in place, given back after)
 
     def rule(self, name: str, rule) -> None:
         self.rules.pop(name, None)
@@ -78,59 +133,84 @@ class Kept:
     def active(self) -> tuple[str, Any]:
         return next(reversed(self.rules.items()))
 
-    def own_now(self) -> Any:
-        """The script's own value: in the group between steps, kept aside during one."""
-        if self.put is not None:
-            return self.own
-        return _plain(self.group[self.key])
-
     def effective(self) -> Any:
-        """The value a step runs with now (with no rule: the script's)."""
-        if self.put is not None:
-            return _plain(self.put)
-        own = self.own_now()
-        return self.active[1](own, self.first) if self.rules else own
+        """The value the next step runs with (with no rule: the script's)."""
+        return self.active[1](self.own, self.first) if self.rules else self.own
 
-    def before(self) -> None:
-        """Right before the optimizer's step: the value in effect goes in."""
+    def settle(self, again: bool = False, stepping: bool = False) -> None:
+        """Take what the group holds as the script's own value (unless it is loomrun's),
+        and put the value in effect there. `again`: recompute it all the same. A tensor
+        value is filled only for the step (`stepping`)."""
         group, key = self.group, self.key
-        if self.tensor:
-            if self.put is None:
-                self.own = group[key].item()
-            group[key].fill_(self.active[1](self.own, self.first))
-            self.put = group[key].item()  # as the tensor holds it (a float32 rounds)
+        found = group[key]
+        if _is_tensor(found):
+            if stepping:
+                self._fill()
             return
-        current = group[key]
-        if current is not self.put:  # the script's (or its schedule's) value for this step
-            self.own = current
-        self.put = value = self.active[1](self.own, self.first)
-        group[key] = value
+        if found is self.put and not again:
+            return
+        if found is not self.put:
+            self.own = _own_of(found)
+        value = self.effective()
+        self.put = InEffect(value, self.own) if isinstance(value, float) else value
+        group[key] = self.put
+
+    def expose(self) -> None:
+        """The script's own value in the group, while a scheduler computes from it."""
+        found = self.group[self.key]
+        if _is_tensor(found):
+            return
+        if found is not self.put:
+            self.own = _own_of(found)
+        self.put = None
+        self.group[self.key] = self.own
 
     def after(self) -> Any:
-        """Right after the step: the script's value back. Returns what replaced loomrun's
-        value during the step (it was not in effect), or None."""
-        put = self.put
-        if put is None:
-            return None  # given back already (an optimizer whose step calls its parent's)
-        self.put = None
+        """Right after the step: what replaced loomrun's value during the step (it was
+        not in effect), or None."""
         group, key = self.group, self.key
-        if self.tensor:
-            found = group[key].item()
-            if found != put:
-                self.own = found
-                return found
-            group[key].fill_(self.own)
-            return None
         found = group[key]
-        if found is not put:
-            self.own = found
-            return found
-        group[key] = self.own
-        return None
+        if self.swapped:  # a tensor: the script's own value back
+            self.swapped = False
+            if found.item() != self.put:
+                self.own = found.item()
+                return self.own
+            found.fill_(self.own)
+            return None
+        if self.put is None or found is self.put:
+            return None
+        self.own = _own_of(found)
+        return self.own
+
+    def give_back(self) -> None:
+        """No rule left: the script's own value in the group again."""
+        found = self.group[self.key]
+        if _is_tensor(found):
+            if self.swapped:
+                found.fill_(self.own)
+                self.swapped = False
+        elif found is self.put:
+            self.group[self.key] = self.own
+        elif type(found) is InEffect:
+            self.group[self.key] = found.own
+        self.put = None
 
     def drop(self, name: str) -> None:
-        """Without the rule of `name`; with no rule left, the script's value is in place."""
         self.rules.pop(name, None)
+
+    def _fill(self) -> None:
+        """A tensor lr (capturable optimizers) is filled in place: the script's value is
+        read before the step and given back after it."""
+        found = self.group[self.key]
+        if not self.swapped:
+            self.own = found.item()
+        found.fill_(self.effective())
+        self.put = found.item()  # as the tensor holds it (a float32 rounds)
+        self.swapped = True
+
+
+def _is_tensor(value: Any) -> bool:
+    return hasattr(value, "fill_")
 
 
 def _plain(value: Any) -> Any:
@@ -138,4 +218,6 @@ def _plain(value: Any) -> Any:
         return value.item()
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
+    if type(value) is InEffect:
+        return float(value)
     return value

@@ -24,7 +24,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from loomrun import params as P
-from loomrun.runtime.keep import Hold, HoldRatio, Kept, Scale, _plain
+from loomrun.runtime.keep import Hold, HoldRatio, InEffect, Kept, Scale, _plain
 from loomrun.runtime.target import Target
 
 if TYPE_CHECKING:
@@ -62,7 +62,10 @@ def is_lr(key: str) -> bool:
 
 class Optimizers:
     """The optimizers and schedulers of this worker, the built-in targets they carry, and
-    the values loomrun keeps in effect in their param groups."""
+    the values loomrun keeps in effect in their param groups (runtime.keep).
+
+    Called by torch's global step hooks and by the scheduler classes' `step` (wrapped when
+    the first scheduler of a class is made); the worker calls the targets it publishes."""
 
     def __init__(self, worker: Worker):
         self.worker = worker
@@ -77,7 +80,10 @@ class Optimizers:
         # a weakref to tell a reused id) the Kept of its groups, for its step's hooks.
         self._kept: dict[tuple[int, str], Kept] = {}
         self._by_optimizer: dict[int, tuple[weakref.ref, list[Kept]]] = {}
-        self.steering = False
+        # name -> ids of the optimizers that have not stepped since its change was applied:
+        # its answer waits for the last of them.
+        self._awaiting: dict[str, set[int]] = {}
+        self.steering = False  # the hooks' one flag: stays up until the post-hook is gone
         self._post = None  # the global post-hook's handle, only while something is steered
 
     @property
@@ -96,14 +102,20 @@ class Optimizers:
         else:
             self._meet(optimizer)
         if self.steering:
-            found = self._by_optimizer.get(id(optimizer))
-            if found is not None and found[0]() is optimizer:
-                for kept in found[1]:
-                    kept.before()
+            self._before(optimizer)
+
+    def _before(self, optimizer) -> None:
+        if not self._by_optimizer:  # the last rule went during a step: its hook goes now
+            self._disarm()
+            return
+        found = self._by_optimizer.get(id(optimizer))
+        if found is not None and found[0]() is optimizer:
+            for kept in found[1]:
+                kept.settle(again=kept.first is not None, stepping=True)
 
     def post_step(self, optimizer, args, kwargs) -> None:
-        """The global step post-hook, while something is steered: the script's values back;
-        a value replaced during the step was not in effect."""
+        """The global step post-hook, while something is steered: a value replaced during
+        the step was not in effect; the changes this step ran with can be answered."""
         found = self._by_optimizer.get(id(optimizer))
         replaced: dict[str, Any] = {}
         if found is not None and found[0]() is optimizer:
@@ -114,14 +126,24 @@ class Optimizers:
                 value = kept.after()
                 if value is not None and name not in replaced:
                     replaced[name] = _plain(value)
+        done = set()
+        for name, waiting in list(self._awaiting.items()):
+            waiting.discard(id(optimizer))
+            waiting &= set(self._by_optimizer)  # an optimizer gone will not step
+            if not waiting or name in replaced:
+                done.add(name)
+                del self._awaiting[name]
         for name in replaced:
             self._forget(name, in_hook=True)
-        self.worker.stepped(replaced)
+        self.worker.stepped(done, replaced)
 
     def _meet(self, optimizer) -> None:
         """First sight of an optimizer: track it, publish its keys, make it count if first."""
         if not any(o is optimizer for o in self.optimizers):
             self._optimizers.append(weakref.ref(optimizer))
+            hook = getattr(optimizer, "register_state_dict_post_hook", None)
+            if hook is not None:  # torch >= 2.2
+                hook(_plain_groups)
             if self._publish_targets():
                 self.worker.write_schema()
                 self.worker.recheck()
@@ -171,8 +193,19 @@ class Optimizers:
         self._primary_id = None
 
     def groups(self) -> list[tuple[Any, int, dict]]:
-        """Every param group of every optimizer: (optimizer, index in it, group)."""
-        return [(o, i, g) for o in self.optimizers for i, g in enumerate(o.param_groups)]
+        """Every param group of every optimizer: (optimizer, index in it, group). A group
+        whose parameters an optimizer seen before holds already is an inner copy (torch's
+        ZeroRedundancyOptimizer steps an optimizer of its own over a shard of its groups,
+        and copies their values into it): it takes its values from the outer one."""
+        found, seen = [], set()
+        for optimizer in self.optimizers:
+            for index, group in enumerate(optimizer.param_groups):
+                params = {id(p) for p in group.get("params", ())}
+                if params and params <= seen:
+                    continue
+                seen |= params
+                found.append((optimizer, index, group))
+        return found
 
     def _has(self, key: str) -> bool:
         return any(key in g for _, _, g in self.groups())
@@ -203,21 +236,25 @@ class Optimizers:
     def own(self, key: str) -> Any:
         """The script's own current value of a steered key (None when not steered)."""
         kept = self._kept_of(key)
-        return _plain(kept.own_now()) if kept is not None else None
+        return _plain(kept.own) if kept is not None else None
 
     def held(self, key: str) -> bool:
+        """Held at exactly the value set, by a change to this very name."""
         kept = self._kept_of(key)
-        return kept is not None and isinstance(kept.active[1], Hold | HoldRatio)
+        if kept is None:
+            return False
+        name, rule = kept.active
+        return isinstance(rule, Hold) and (name == key or not is_lr(key))
 
     def put(self, key: str, value: Any, hold: bool = False) -> None:
         """Steer `key` from now on: lr scaled (or held), the other built-ins held."""
         groups = self.groups()
         if not is_lr(key):
             wanted = tuple(value) if key == "betas" else value
-            for optimizer, _, group in groups:
-                if key in group:
-                    self._keep(optimizer, group, key, None).rule(key, Hold(wanted))
-            self._arm()
+            chosen = [(o, g) for o, _, g in groups if key in g]
+            for optimizer, group in chosen:
+                self._keep(optimizer, group, key, None).rule(key, Hold(wanted))
+            self._arm(key, [o for o, _ in chosen])
             return
         index = int(key[3:]) if key != "lr" else 0
         if index >= len(groups):
@@ -232,60 +269,99 @@ class Optimizers:
                 )
         optimizer, _, lead = groups[index]
         first = self._keep(optimizer, lead, "lr", None)
-        own = first.own_now()
         if hold:
             rules = [Hold(value)] + [HoldRatio(value)] * (len(chosen) - 1)
         else:
-            base = own or _plain(lead.get("initial_lr", 0.0))
-            factor = value / base if base else None
-            rules = [
-                Scale(factor, self._floor(g)) if factor is not None else Hold(value)
-                for _, _, g in chosen
-            ]
+            base = first.own or _plain(lead.get("initial_lr", 0.0))
+            if not base:
+                raise P.ParamError(
+                    f"{key} is 0 in the script's schedule now, so new/old has no ratio: "
+                    f"use `--hold` to keep {key} at {P.format_value(value)}, or set it once "
+                    "the schedule is above 0"
+                )
+            factor = value / base
+            rules = [Scale(factor, self._floor(g)) for _, _, g in chosen]
         for (optimizer, _, group), rule in zip(chosen, rules, strict=True):
             kept = self._keep(optimizer, group, "lr", first if group is not lead else None)
             kept.rule(key, rule)
-        self._arm()
+        self._arm(key, [o for o, _, _ in chosen])
 
     def unset(self, key: str) -> None:
         """Give `key` back to the script: its own value (its schedule) from the next step."""
+        self._awaiting.pop(key, None)
         self._forget(key, in_hook=False)
 
     def _keep(self, optimizer, group: dict, key: str, first: Kept | None) -> Kept:
         kept = self._kept.get((id(group), key))
         if kept is None or kept.group is not group:
             kept = self._kept[(id(group), key)] = Kept(group, key, first)
+            self.worker.audits[self] = self.replaced_groups
             ref, entries = self._by_optimizer.get(id(optimizer), (None, []))
             if ref is None or ref() is not optimizer:
                 ref, entries = weakref.ref(optimizer), []
-            entries.append(kept)
+            if first is None:
+                entries.insert(0, kept)  # a lead settles before the groups that follow it
+            else:
+                entries.append(kept)
             self._by_optimizer[id(optimizer)] = (ref, entries)
         elif first is not None:
             kept.first = first
         return kept
 
     def _forget(self, name: str, in_hook: bool) -> None:
-        """No rule of `name` any more; what has no rule left is not kept."""
+        """No rule of `name` any more; what has no rule left is the script's again."""
         for key, kept in list(self._kept.items()):
             kept.drop(name)
-            if not kept.rules and kept.put is None:
+            if not kept.rules:
+                kept.give_back()
                 del self._kept[key]
         for oid, (ref, entries) in list(self._by_optimizer.items()):
             entries[:] = [k for k in entries if k.rules]
             if not entries or ref() is None:
                 del self._by_optimizer[oid]
-        self.steering = bool(self._by_optimizer)
-        # While the post-hooks run, their handle cannot go: it goes at the next change.
-        if not self.steering and not in_hook and self._post is not None:
-            self._post.remove()
-            self._post = None
+        if not self._by_optimizer and not in_hook:  # else at the next step's pre-hook
+            self._disarm()
 
-    def _arm(self) -> None:
+    def _arm(self, name: str, optimizers: list) -> None:
+        for kept in list(self._kept.values()):
+            if kept.rules:
+                kept.settle(again=True)
         if self._post is None:
             from torch.optim.optimizer import register_optimizer_step_post_hook
 
             self._post = register_optimizer_step_post_hook(self.post_step)
+        self._awaiting[name] = {id(o) for o in optimizers}
         self.steering = True
+
+    def _disarm(self) -> None:
+        if self._post is not None:
+            self._post.remove()
+            self._post = None
+        self._awaiting.clear()
+        self.steering = False
+
+    def replaced_groups(self) -> dict[str, str]:
+        """Steered groups that their optimizer no longer holds (load_state_dict made new
+        ones, or the optimizer is gone): the value is not in effect any more. Returns the
+        names that ended, each with why; called with each status."""
+        live = {}
+        for oid, (ref, _) in self._by_optimizer.items():
+            optimizer = ref()
+            live[oid] = {id(g) for g in optimizer.param_groups} if optimizer is not None else set()
+        ended: dict[str, str] = {}
+        for oid, (_, entries) in self._by_optimizer.items():
+            for kept in entries:
+                if kept.rules and id(kept.group) not in live[oid]:
+                    name = kept.active[0]
+                    ended.setdefault(
+                        name,
+                        "the optimizer's param groups were made anew (load_state_dict, or "
+                        "a new optimizer): the value is not in effect any more",
+                    )
+        for name in ended:
+            self._awaiting.pop(name, None)
+            self._forget(name, in_hook=True)
+        return ended
 
     def _floor(self, group: dict) -> float:
         """An absolute floor the user gave a scheduler of this group (eta_min, min_lrs): the
@@ -303,6 +379,23 @@ class Optimizers:
                 if isinstance(mins, list) and index < len(mins):
                     floor = max(floor, float(mins[index]))
         return floor
+
+    def _kept_in(self, scheduler) -> list[Kept]:
+        groups = getattr(getattr(scheduler, "optimizer", None), "param_groups", None) or ()
+        ids = {id(g) for g in groups}
+        return [k for k in self._kept.values() if k.rules and id(k.group) in ids]
+
+    def scheduler_step(self, scheduler, step, args, kwargs):
+        """A scheduler steps with the script's own values in its groups (it computes the
+        script's schedule, chainable or closed-form), then the values in effect go back."""
+        kept = self._kept_in(scheduler)
+        for one in kept:
+            one.expose()
+        try:
+            return step(scheduler, *args, **kwargs)
+        finally:
+            for one in kept:
+                one.settle(again=True)
 
     def last_lrs(self, scheduler, values: list) -> list:
         """A scheduler's last lrs as the steps run with them (the Trainer logs these): for
@@ -335,14 +428,49 @@ def _hook_torch(worker: Worker) -> None:
         worker.warn_once(f"cannot take the loss from backward ({error}); report it yourself")
 
 
+def _plain_groups(optimizer, state: dict) -> dict:
+    """A checkpoint holds plain floats: the values in effect, as loomrun's own objects
+    would need loomrun to load (and torch.load's weights_only refuses them)."""
+    for group in state.get("param_groups", ()):
+        for key, value in group.items():
+            if type(value) is InEffect:
+                group[key] = float(value)
+    return state
+
+
+_tracking: list = [None]  # the worker's Optimizers, which the wrapped `step`s call
+
+
+def _wrap_step(kind: type) -> None:
+    """The scheduler class's `step` (where it is defined: LRScheduler, ReduceLROnPlateau,
+    SequentialLR, ...) runs through Optimizers.scheduler_step while something is steered."""
+    owner = next((c for c in kind.__mro__ if "step" in c.__dict__), None)
+    if owner is None or getattr(owner.__dict__["step"], "_loomrun", False):
+        return
+    step = owner.__dict__["step"]
+
+    @functools.wraps(step)
+    def stepped(scheduler, *args, **kwargs):
+        optimizers = _tracking[0]
+        if optimizers is None or not optimizers.steering:
+            return step(scheduler, *args, **kwargs)
+        return optimizers.scheduler_step(scheduler, step, args, kwargs)
+
+    stepped._loomrun = True
+    owner.step = stepped
+
+
 def track_schedulers(scheduler_class, optimizers: Optimizers) -> None:
-    """Know every LR scheduler made (for the floors its user gave it), and have its
-    `get_last_lr()` say the lr the steps run with, as the Trainer and Lightning log it."""
+    """Know every LR scheduler made (for the floors its user gave it); have each class's
+    `step` compute from the script's own values (Optimizers.scheduler_step), and its
+    `get_last_lr()` say the lr the steps run with, as the Trainer logs it."""
     original_init = scheduler_class.__init__
     original_last = scheduler_class.get_last_lr
+    _tracking[0] = optimizers
 
     @functools.wraps(original_init)
     def tracked_init(scheduler, *args, **kwargs):
+        _wrap_step(type(scheduler))
         original_init(scheduler, *args, **kwargs)
         optimizers.schedulers.add(scheduler)
 
@@ -353,6 +481,28 @@ def track_schedulers(scheduler_class, optimizers: Optimizers) -> None:
 
     scheduler_class.__init__ = tracked_init
     scheduler_class.get_last_lr = get_last_lr
+    kinds, seen = list(scheduler_class.__subclasses__()), set()
+    while kinds:  # torch's own, made already: ReduceLROnPlateau does not call our __init__
+        kind = kinds.pop()
+        if kind in seen:
+            continue
+        seen.add(kind)
+        kinds.extend(kind.__subclasses__())
+        _wrap_step(kind)
+        init = kind.__dict__.get("__init__")
+        if init is not None and not getattr(init, "_loomrun", False):
+            kind.__init__ = _tracking_init(init)
+
+
+def _tracking_init(init):
+    @functools.wraps(init)
+    def tracked(scheduler, *args, **kwargs):
+        init(scheduler, *args, **kwargs)
+        if _tracking[0] is not None:
+            _tracking[0].schedulers.add(scheduler)
+
+    tracked._loomrun = True
+    return tracked
 
 
 def _track_loss(worker: Worker) -> None:

@@ -74,6 +74,9 @@ class Worker:
         # Changes to values an optimizer steps with, applied at this boundary: answered
         # after the step, applied or overridden (written over by the step itself).
         self._unconfirmed: dict[str, pb.Outcome] = {}
+        # Checks run with each status: each returns the steered names no longer in effect
+        # (name -> why), as runtime.optim's Optimizers.replaced_groups.
+        self.audits: dict[Any, Any] = {}
         self._scheduled: dict[str, pb.DesiredParam] = {}  # agreed, waiting for their step
         self._recent: deque[pb.Outcome] = deque(maxlen=RECENT_OUTCOMES)
         self._replay: deque[dict] = deque()  # recorded changes, each for its step
@@ -108,7 +111,7 @@ class Worker:
                 self._due = 0  # paused before the first step: stop at the first boundary
             return
         if self.paused and self._unconfirmed:
-            self.stepped({})  # no step comes while paused: in effect as they are
+            self.stepped(set(self._unconfirmed), {})  # no step while paused: as they stand
         while self.paused:
             time.sleep(PAUSE_POLL)
             if self._read_desired() | self._settle(agree=False):
@@ -290,7 +293,8 @@ class Worker:
             old = target.get()
             if want.kind == pb.UNSET:
                 target.unset()
-                outcome.new.CopyFrom(P.to_pb(target.get()))
+                with contextlib.suppress(TypeError, ValueError, P.ParamError):
+                    outcome.new.CopyFrom(P.to_pb(target.get()))
             else:
                 value = P.check(target.spec, P.from_pb(want.value))
                 if target.kept:
@@ -308,6 +312,14 @@ class Worker:
                 outcome.old.CopyFrom(P.to_pb(old))
         outcome.state = pb.APPLIED
         self._in_effect_want[name] = want
+        if target.kept and want.kind != pb.UNSET and isinstance(value, float):
+            now = target.get()
+            if isinstance(now, float) and not math.isclose(now, value, rel_tol=1e-9):
+                outcome.new.CopyFrom(P.to_pb(now))  # the answer says what is in effect
+                outcome.reason = (
+                    f"in effect: {P.format_value(now)}, not {P.format_value(value)}: the "
+                    "floor its scheduler was given (eta_min, min_lrs)"
+                )
         if target.kept and want.kind != pb.UNSET and not self.paused:
             earlier = self._unconfirmed.pop(name, None)  # a newer one before any step ran
             if earlier is not None:
@@ -338,13 +350,17 @@ class Worker:
         if self._unconfirmed.get(outcome.name) is not outcome:
             self._publish(outcome)
 
-    def stepped(self, replaced: dict[str, Any]) -> None:
-        """After an optimizer's step, while loomrun steers: the changes applied before it
-        are answered, applied or overridden; a change in effect that the step wrote over
-        (`replaced`: name -> the value found) has ended."""
-        if not self._unconfirmed and not replaced:
+    def stepped(
+        self, done: set[str], replaced: dict[str, Any], why: dict[str, str] | None = None
+    ) -> None:
+        """After an optimizer's step, while loomrun steers: the changes it was the last to
+        run with (`done`) are answered, applied or overridden; a change in effect that the
+        step wrote over (`replaced`: name -> the value found) has ended. `why` says what
+        ended a change, when not the step."""
+        if not (self._unconfirmed and done) and not replaced:
             return
-        for name, outcome in self._unconfirmed.items():
+        for name in [n for n in self._unconfirmed if n in done or n in replaced]:
+            outcome = self._unconfirmed.pop(name)
             if name in replaced:
                 found = P.format_value(replaced.pop(name))
                 outcome.state = pb.OVERRIDDEN
@@ -353,12 +369,11 @@ class Worker:
                     "loomrun cannot keep it in effect here"
                 )
             self._publish(outcome)
-        self._unconfirmed.clear()
         for name, value in replaced.items():
             want = self._in_effect_want.get(name, pb.DesiredParam())
             ended = self._outcome(name, want, pb.OVERRIDDEN)
             ended.ended = True
-            ended.reason = (
+            ended.reason = (why or {}).get(name) or (
                 f"the optimizer's own step {self.step} wrote {name}="
                 f"{P.format_value(value)} over it: no longer in effect"
             )
@@ -388,10 +403,13 @@ class Worker:
         read = self.mailbox.outcomes_read[0]
         while self._recent and self._recent[0].seq <= read:  # the supervisor has those
             self._recent.popleft()
+        # Held too: the changes applied and waiting for their step's end to be answered
+        # (the supervisor must not take them for replaced before the worker read them).
+        waiting = [*self._scheduled.values(), *self._unconfirmed.values()]
         acks = pb.Acks(
             recent=self._recent,
             read_version=self._desired.version,
-            scheduled=[w.change_id for w in self._scheduled.values()],
+            scheduled=[w.change_id for w in waiting],
         )
         while acks.ByteSize() > self.mailbox.acks.capacity and len(acks.recent) > 1:
             del acks.recent[: len(acks.recent) // 4 or 1]  # the oldest were read long ago
@@ -459,6 +477,11 @@ class Worker:
         return numbers
 
     def write_status(self, now: float, final: bool = False) -> None:
+        for audit in list(self.audits.values()):
+            ended = audit()
+            if ended:
+                found = {name: self.targets[name].get() for name in ended if name in self.targets}
+                self.stepped(set(), found, why=ended)  # writes the acks, and a status
         if self._rate_mark is None:
             if self.step > 0:  # the rate counts from the first step, not from start-up
                 self._rate_mark = (now, self.step)
@@ -497,8 +520,8 @@ class Worker:
         """At exit, however the script ended: where it really stopped, not the last periodic
         status (which can be a tenth of a second of steps behind)."""
         if not self.mailbox.closed:
-            if self._unconfirmed:  # no step after them: in effect as they are
-                self.stepped({})
+            if self._unconfirmed:  # no step after them: in effect as they stand
+                self.stepped(set(self._unconfirmed), {})
             self.write_status(time.monotonic(), final=True)
 
     def _write(self, slot, message) -> None:
