@@ -165,6 +165,7 @@ def test_a_job_that_hears_late_that_its_bundled_broker_stopped_starts_it_again(p
         finally:
             sup.send_signal(signal.SIGCONT)
         wait_for(lambda: answers("127.0.0.1", port), 30, interval=0.2, what="a broker again")
+        wait_ready(job, url=url, timeout=30)  # and the job on it again (its buckets made anew)
         result = run_loomrun("set", "lr=0.0432", "--job", job, "--nats", url, "--timeout", "30")
         assert result.returncode == 0 and "0.1 -> 0.0432" in result.stdout, result.stderr
         assert sup.poll() is None

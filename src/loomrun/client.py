@@ -565,7 +565,10 @@ class Steering:
     async def _not_running(self, job: str, targets: list[str]) -> dict[str, str]:
         """The targets that run no more, and how each ended: no change is sent to them (no
         worker would answer it, and nothing of an earlier run may answer for it)."""
-        statuses = await self.statuses(job)
+        try:
+            statuses = await self.statuses(job)
+        except SteerError:  # no status kept yet (a broker started anew): none known ended
+            return {}
         return {
             r: how_it_ended(statuses[r])
             for r in targets

@@ -35,10 +35,10 @@ class LoomCallback(Callback):
     every applied change at the trainer's step it took effect at."""
 
     def __init__(self):
-        self._applied: list[tuple[str, Any]] = []
+        self._applied: list[tuple[str, Any, int]] = []
 
-    def _take(self, name: str, value: Any) -> None:
-        self._applied.append((name, value))
+    def _take(self, name: str, value: Any, step: int) -> None:
+        self._applied.append((name, value, step))
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         worker = _worker.current
@@ -63,14 +63,17 @@ class LoomCallback(Callback):
         """A logger that refuses a value (MLflow will not change a logged parameter) or
         cannot reach its server costs a warning, never the training run."""
         changes, self._applied = self._applied, []
-        for name, value in changes:
+        # loomrun's step of this batch is the trainer's global step plus one: a change to
+        # an optimizer's value is answered after its step, a batch later.
+        offset = trainer.global_step - worker.step
+        for name, value, step in changes:
             if name == "pause":
                 continue
             metrics, hyperparameters = logged(name, value)
             for logger in trainer.loggers:
                 try:
                     if metrics:
-                        logger.log_metrics(metrics, step=trainer.global_step)
+                        logger.log_metrics(metrics, step=step + offset)
                     if hyperparameters:
                         logger.log_hyperparams(hyperparameters)
                 except Exception as error:  # noqa: BLE001 - see above

@@ -56,7 +56,8 @@ class Worker:
         self.own_loss = False
         self._device_numbers: dict[str, float] = {}  # GPU metrics as last read
         self._next_device_read = 0.0
-        # Called with (name, new value) of each applied change (LoomCallback logs them).
+        # Called with (name, new value, the step it took effect at) of each applied change,
+        # once it is answered (LoomCallback logs them).
         self.applied_listeners: list = []
         # The process group's agreement (runtime.group), once torch.distributed is set up.
         self.group = None
@@ -389,7 +390,7 @@ class Worker:
         if outcome.state == pb.APPLIED:
             for listener in self.applied_listeners:
                 try:
-                    listener(outcome.name, P.from_pb(outcome.new))
+                    listener(outcome.name, P.from_pb(outcome.new), outcome.step)
                 except Exception as error:  # noqa: BLE001 - a listener never breaks a step
                     self.warn_once(f"a listener of applied changes failed: {error!r}")
         for value in (outcome.old, outcome.new):
