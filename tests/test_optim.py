@@ -32,8 +32,6 @@ def optimizers(mailbox):
     yield found
     L.LRScheduler.__init__, L.LRScheduler.get_last_lr = init, last
     handle.remove()
-    if found._post is not None:
-        found._post.remove()
 
 
 def two_groups(lr=0.1, optimizer=torch.optim.SGD, **kwargs):
@@ -121,7 +119,9 @@ def test_lr_keeps_the_ratio_and_lr_n_sets_one_group(optimizers):
         optimizers.unset(name)
     train(optimizer, 1)
     assert used[-1] == [0.1, 0.01] and momenta[-1] == [0, 0]
-    assert optimizers._post is None and not optimizers.steering, "nothing steered: no hook"
+    assert not optimizer._optimizer_step_pre_hooks, "nothing steered: no hook of loomrun's"
+    assert len(optimizer._optimizer_step_post_hooks) == 2, "the two recordings: no more"
+    assert not optimizers.steering
 
 
 def test_a_single_group_has_no_lr_n(optimizers):

@@ -115,7 +115,7 @@ class Kept:
     """One key of one param group that loomrun steers: the script's own value, the object
     in the group now, and the rules by name (`lr`, `lr.1`): the newest one wins."""
 
-    __slots__ = ("group", "key", "own", "put", "rules", "first", "swapped")
+    __slots__ = ("group", "key", "own", "put", "rules", "first", "swapped", "basis")
 
     def __init__(self, group: dict, key: str, first: Kept | None = None):
         self.group, self.key, self.first = group, key, first
@@ -124,6 +124,7 @@ class Kept:
         self.put: Any = None  # what loomrun stored in the group, or None
         self.rules: dict[str, Any] = {}
         self.swapped = False  # a tensor lr during a step (filled in place, given back after)
+        self.basis: Any = None  # the first group's own value the value in effect was made from
 
     def rule(self, name: str, rule) -> None:
         self.rules.pop(name, None)
@@ -153,7 +154,17 @@ class Kept:
             self.own = _own_of(found)
         value = self.effective()
         self.put = InEffect(value, self.own) if isinstance(value, float) else value
+        self.basis = self.first.own if self.first is not None else None
         group[key] = self.put
+
+    def before(self) -> None:
+        """Right before a step (the hot path): nothing to do unless the script wrote the
+        group, or the first group's own value this one follows moved."""
+        if self.group[self.key] is self.put and (
+            self.first is None or self.first.own is self.basis
+        ):
+            return
+        self.settle(again=True, stepping=True)
 
     def expose(self) -> None:
         """The script's own value in the group, while a scheduler computes from it."""
@@ -168,8 +179,9 @@ class Kept:
     def after(self) -> Any:
         """Right after the step: what replaced loomrun's value during the step (it was
         not in effect), or None."""
-        group, key = self.group, self.key
-        found = group[key]
+        found = self.group[self.key]
+        if found is self.put:
+            return None
         if self.swapped:  # a tensor: the script's own value back
             self.swapped = False
             if found.item() != self.put:
@@ -177,7 +189,7 @@ class Kept:
                 return self.own
             found.fill_(self.own)
             return None
-        if self.put is None or found is self.put:
+        if self.put is None:
             return None
         self.own = _own_of(found)
         return self.own

@@ -77,14 +77,15 @@ class Optimizers:
         self._primary_id: int | None = None
         self._primary_ref = None
         # What is steered: (id of a param group, key) -> Kept; and per optimizer (by id, with
-        # a weakref to tell a reused id) the Kept of its groups, for its step's hooks.
+        # a weakref to tell a reused id) the Kept of its groups and the handles of the step
+        # hooks it has while it has some (an optimizer with nothing steered has none).
         self._kept: dict[tuple[int, str], Kept] = {}
-        self._by_optimizer: dict[int, tuple[weakref.ref, list[Kept]]] = {}
+        self._by_optimizer: dict[int, tuple[weakref.ref, list[Kept], list]] = {}
+        self._stale: list = []  # hook handles to remove once no step is running them
         # name -> ids of the optimizers that have not stepped since its change was applied:
         # its answer waits for the last of them.
         self._awaiting: dict[str, set[int]] = {}
-        self.steering = False  # the hooks' one flag: stays up until the post-hook is gone
-        self._post = None  # the global post-hook's handle, only while something is steered
+        self.steering = False  # something is steered: the schedulers' steps look
 
     @property
     def optimizers(self) -> list:
@@ -94,38 +95,37 @@ class Optimizers:
         return live
 
     def pre_step(self, optimizer, args, kwargs) -> None:
-        """The global step pre-hook: the step boundary, when this is the counting optimizer;
-        then, while something is steered, the values in effect go in."""
+        """The global step pre-hook: the step boundary, when this is the counting optimizer.
+        (What is steered goes in through the optimizer's own hooks, which run after it.)"""
         if id(optimizer) == self._primary_id:
             if not self.worker.explicit_steps:
                 self.worker.boundary()
-        else:
-            self._meet(optimizer)
-        if self.steering:
-            self._before(optimizer)
-
-    def _before(self, optimizer) -> None:
-        if not self._by_optimizer:  # the last rule went during a step: its hook goes now
-            self._disarm()
             return
-        found = self._by_optimizer.get(id(optimizer))
-        if found is not None and found[0]() is optimizer:
-            for kept in found[1]:
-                kept.settle(again=kept.first is not None, stepping=True)
+        self._meet(optimizer)
 
-    def post_step(self, optimizer, args, kwargs) -> None:
-        """The global step post-hook, while something is steered: a value replaced during
-        the step was not in effect; the changes this step ran with can be answered."""
-        found = self._by_optimizer.get(id(optimizer))
+    @staticmethod
+    def _before(entries: list[Kept], optimizer, args, kwargs) -> None:
+        """A steered optimizer's own step pre-hook: the value in effect goes in where the
+        script wrote the group (Kept.before, inline: the hot path)."""
+        for kept in entries:
+            first = kept.first
+            if kept.group[kept.key] is not kept.put or (
+                first is not None and first.own is not kept.basis
+            ):
+                kept.settle(again=True, stepping=True)
+
+    def _after(self, entries: list[Kept], optimizer, args, kwargs) -> None:
+        """A steered optimizer's own step post-hook: a value replaced during the step was
+        not in effect; the changes this step ran with can be answered."""
         replaced: dict[str, Any] = {}
-        if found is not None and found[0]() is optimizer:
-            for kept in found[1]:
-                if not kept.rules:
-                    continue
-                name = kept.active[0]
-                value = kept.after()
-                if value is not None and name not in replaced:
-                    replaced[name] = _plain(value)
+        for kept in entries:
+            if kept.group[kept.key] is kept.put:  # Kept.after's answer, inline
+                continue
+            value = kept.after()
+            if value is not None and kept.rules:
+                replaced.setdefault(kept.active[0], _plain(value))
+        if not replaced and not self._awaiting:
+            return
         done = set()
         for name, waiting in list(self._awaiting.items()):
             waiting.discard(id(optimizer))
@@ -296,14 +296,13 @@ class Optimizers:
         if kept is None or kept.group is not group:
             kept = self._kept[(id(group), key)] = Kept(group, key, first)
             self.worker.audits[self] = self.replaced_groups
-            ref, entries = self._by_optimizer.get(id(optimizer), (None, []))
-            if ref is None or ref() is not optimizer:
-                ref, entries = weakref.ref(optimizer), []
+            found = self._by_optimizer.get(id(optimizer))
+            if found is None or found[0]() is not optimizer:
+                found = self._by_optimizer[id(optimizer)] = self._hook(optimizer)
             if first is None:
-                entries.insert(0, kept)  # a lead settles before the groups that follow it
+                found[1].insert(0, kept)  # a lead settles before the groups that follow it
             else:
-                entries.append(kept)
-            self._by_optimizer[id(optimizer)] = (ref, entries)
+                found[1].append(kept)
         elif first is not None:
             kept.first = first
         return kept
@@ -311,45 +310,57 @@ class Optimizers:
     def _forget(self, name: str, in_hook: bool) -> None:
         """No rule of `name` any more; what has no rule left is the script's again."""
         for key, kept in list(self._kept.items()):
+            if name not in kept.rules:
+                continue
             kept.drop(name)
-            if not kept.rules:
+            if kept.rules:
+                kept.settle(again=True)  # the rule under it is in effect again
+            else:
                 kept.give_back()
                 del self._kept[key]
-        for oid, (ref, entries) in list(self._by_optimizer.items()):
+        for oid, (ref, entries, handles) in list(self._by_optimizer.items()):
             entries[:] = [k for k in entries if k.rules]
             if not entries or ref() is None:
                 del self._by_optimizer[oid]
-        if not self._by_optimizer and not in_hook:  # else at the next step's pre-hook
-            self._disarm()
+                self._stale += handles
+        self.steering = bool(self._by_optimizer)
+        if not in_hook:  # else a step is running them: they go at the next change
+            self._unhook()
+
+    def _hook(self, optimizer) -> tuple[weakref.ref, list[Kept], list]:
+        """The optimizer's own step hooks, over its steered groups."""
+        entries: list[Kept] = []
+        handles = [  # partials: no frame of their own on the hot path
+            optimizer.register_step_pre_hook(functools.partial(self._before, entries)),
+            optimizer.register_step_post_hook(functools.partial(self._after, entries)),
+        ]
+        return weakref.ref(optimizer), entries, handles
+
+    def _unhook(self) -> None:
+        for handle in self._stale:
+            handle.remove()
+        self._stale.clear()
+        if not self._by_optimizer:
+            self._awaiting.clear()
 
     def _arm(self, name: str, optimizers: list) -> None:
         for kept in list(self._kept.values()):
             if kept.rules:
                 kept.settle(again=True)
-        if self._post is None:
-            from torch.optim.optimizer import register_optimizer_step_post_hook
-
-            self._post = register_optimizer_step_post_hook(self.post_step)
+        self._unhook()
         self._awaiting[name] = {id(o) for o in optimizers}
         self.steering = True
-
-    def _disarm(self) -> None:
-        if self._post is not None:
-            self._post.remove()
-            self._post = None
-        self._awaiting.clear()
-        self.steering = False
 
     def replaced_groups(self) -> dict[str, str]:
         """Steered groups that their optimizer no longer holds (load_state_dict made new
         ones, or the optimizer is gone): the value is not in effect any more. Returns the
         names that ended, each with why; called with each status."""
         live = {}
-        for oid, (ref, _) in self._by_optimizer.items():
+        for oid, (ref, _, _) in self._by_optimizer.items():
             optimizer = ref()
             live[oid] = {id(g) for g in optimizer.param_groups} if optimizer is not None else set()
         ended: dict[str, str] = {}
-        for oid, (_, entries) in self._by_optimizer.items():
+        for oid, (_, entries, _) in self._by_optimizer.items():
             for kept in entries:
                 if kept.rules and id(kept.group) not in live[oid]:
                     name = kept.active[0]
