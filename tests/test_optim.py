@@ -480,10 +480,14 @@ def test_several_optimizers_answer_after_the_one_that_steps_with_the_change(opti
 
 
 def test_a_step_that_raises_leaves_no_compounding(optimizers):
+    """The step runs with a plain float (an InEffect's arithmetic would cost the optimizer
+    a Python call per operation): left in the group by a step that raised, it is still
+    known as loomrun's, and the scheduler after it computes from the script's value."""
     optimizer = two_groups(lr=0.1)
     used = recording(optimizer)
+    scheduler = L.ExponentialLR(optimizer, gamma=0.5)
     train(optimizer, 1)
-    optimizers.put("lr", 0.2)
+    optimizers.put("lr", 0.2)  # the script's 0.1, doubled
     failing = [True]
 
     def fails_once(o, args, kwargs):
@@ -494,12 +498,9 @@ def test_a_step_that_raises_leaves_no_compounding(optimizers):
     with pytest.raises(RuntimeError):
         train(optimizer, 1)
     handle.remove()
-
-    def decays(o):
-        for group in o.param_groups:
-            group["lr"] *= 0.5
-
-    train(optimizer, 2, writer=decays)
+    assert type(optimizer.param_groups[0]["lr"]) is float, "the step's plain value, left"
+    scheduler.step()  # the script goes on: its schedule, then a step
+    train(optimizer, 2, scheduler)
     assert used[-2] == pytest.approx([0.1, 0.01]) and used[-1] == pytest.approx([0.05, 0.005])
 
 
@@ -584,3 +585,88 @@ def test_a_scaled_tensor_lr(optimizers):
     train(optimizer, 2, scheduler)
     assert used[2] == pytest.approx([0.02 / 3], rel=1e-6)
     assert used[3] == pytest.approx([0.02 / 4], rel=1e-6)
+
+
+def test_a_second_set_while_steered_takes_the_scripts_value_of_this_step(optimizers):
+    """The script wrote its lr for this step already: new/old is taken from that, so the
+    same `set` twice is the same value in effect, not a ratio of a stale one."""
+    optimizer = two_groups(lr=6e-4, optimizer=torch.optim.AdamW)
+    used = recording(optimizer)
+    step = [0]
+
+    def writes_lr(o):
+        for group in o.param_groups:
+            group["lr"] = nanogpt_lr(step[0])
+        step[0] += 1
+
+    train(optimizer, 3, writer=writes_lr)
+    writes_lr(optimizer)  # the script's value for the next step, before its boundary
+    step[0] -= 1
+    for _ in range(2):
+        optimizers.put("lr", 2e-4)
+        assert optimizers.get("lr") == pytest.approx(2e-4)
+    train(optimizer, 1, writer=writes_lr)
+    assert used[-1] == pytest.approx([2e-4, 2e-4])
+
+
+@pytest.mark.parametrize(
+    "writer",
+    [
+        lambda lr: round(lr * 0.5, 12),
+        lambda lr: __import__("numpy").float64(0.5) * lr,
+        lambda lr: lr**1.0 * 0.5,
+        lambda lr: lr // 1e-9 * 1e-9 * 0.5,
+    ],
+    ids=["round", "numpy", "pow", "floordiv"],
+)
+def test_relative_writes_through_other_arithmetic_are_not_compounded(optimizers, writer):
+    optimizer = two_groups(lr=0.1)
+    used = recording(optimizer)
+    train(optimizer, 1)
+    optimizers.put("lr", 0.2)
+
+    def halves(o):
+        for group in o.param_groups:
+            group["lr"] = writer(group["lr"])
+
+    train(optimizer, 3, writer=halves)
+    assert [u[0] for u in used[1:]] == pytest.approx([0.1, 0.05, 0.025], rel=1e-6)
+
+
+def test_a_scheduler_made_while_steered_takes_the_scripts_values(optimizers):
+    optimizer = two_groups(lr=0.1)
+    used = recording(optimizer)
+    train(optimizer, 1)
+    optimizers.put("lr", 0.3)
+    scheduler = L.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+    assert scheduler.base_lrs == pytest.approx([0.1, 0.01]) and type(scheduler.base_lrs[0]) is float
+    train(optimizer, 2, scheduler)
+    optimizers.unset("lr")
+    train(optimizer, 1, scheduler)
+    assert used[-1] == pytest.approx([0.1 / 3, 0.01 / 3]), "the schedule, unscaled"
+    assert type(optimizer.param_groups[0]["lr"]) is float
+
+
+def test_an_optimizer_that_steps_now_and_then_does_not_hold_the_answer(optimizers):
+    worker, desired = optimizers.worker, DesiredConfig()
+    often, seldom = two_groups(lr=0.1), two_groups(lr=0.1)
+    train(often, 1)
+    train(seldom, 1)
+    change_id = change(worker, desired, "lr", 0.2)
+    train(often, 1)
+    assert answer(worker, change_id) is None
+    train(often, 1)  # the next step's end: seldom is not waited for
+    assert answer(worker, change_id).state == pb.APPLIED
+
+
+def test_a_refused_change_leaves_no_hook(optimizers):
+    optimizer = two_groups(lr=0.1)
+
+    def warms_up_from_0(o):  # the script's own schedule, at 0 now (no scheduler's base)
+        for group in o.param_groups:
+            group["lr"] = 0.0
+
+    train(optimizer, 1, writer=warms_up_from_0)
+    with pytest.raises(P.ParamError, match="is 0 in the script's schedule now"):
+        optimizers.put("lr", 0.2)
+    assert not optimizer._optimizer_step_pre_hooks and not optimizers.steering

@@ -36,6 +36,9 @@ class LoomCallback(Callback):
 
     def __init__(self):
         self._applied: list[tuple[str, Any, int]] = []
+        # The trainer's global step at each recent loomrun step (a batch): a change is
+        # answered after its optimizer step, and logged at the trainer's step it landed at.
+        self._global_steps: dict[int, int] = {}
 
     def _take(self, name: str, value: Any, step: int) -> None:
         self._applied.append((name, value, step))
@@ -56,6 +59,9 @@ class LoomCallback(Callback):
             return
         worker.explicit_steps = True
         worker.boundary()
+        self._global_steps[worker.step] = trainer.global_step
+        if len(self._global_steps) > 4096:
+            del self._global_steps[next(iter(self._global_steps))]
         if self._applied:
             self._log(trainer, worker)
 
@@ -63,9 +69,6 @@ class LoomCallback(Callback):
         """A logger that refuses a value (MLflow will not change a logged parameter) or
         cannot reach its server costs a warning, never the training run."""
         changes, self._applied = self._applied, []
-        # loomrun's step of this batch is the trainer's global step plus one: a change to
-        # an optimizer's value is answered after its step, a batch later.
-        offset = trainer.global_step - worker.step
         for name, value, step in changes:
             if name == "pause":
                 continue
@@ -73,7 +76,8 @@ class LoomCallback(Callback):
             for logger in trainer.loggers:
                 try:
                     if metrics:
-                        logger.log_metrics(metrics, step=step + offset)
+                        at = self._global_steps.get(step, trainer.global_step)
+                        logger.log_metrics(metrics, step=at)
                     if hyperparameters:
                         logger.log_hyperparams(hyperparameters)
                 except Exception as error:  # noqa: BLE001 - see above

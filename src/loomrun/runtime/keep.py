@@ -31,6 +31,7 @@ class InEffect(float):
     write stays relative to the script's value). It pickles as a plain float."""
 
     __slots__ = ("own",)
+    __array_ufunc__ = None  # numpy defers to the reflected methods below: own carried too
 
     def __new__(cls, value: float, own: float):
         made = super().__new__(cls, value)
@@ -63,9 +64,21 @@ for _name, _op in (
     ("truediv", operator.truediv),
     ("add", operator.add),
     ("sub", operator.sub),
+    ("pow", operator.pow),
+    ("floordiv", operator.floordiv),
+    ("mod", operator.mod),
 ):
     setattr(InEffect, f"__{_name}__", _carried(_op))
     setattr(InEffect, f"__r{_name}__", _carried(_op, swapped=True))
+
+
+def _round(self, digits=None):
+    if digits is None:
+        return round(float(self))
+    return InEffect(round(float(self), digits), round(self.own, digits))
+
+
+InEffect.__round__ = _round
 
 
 class Scale:
@@ -115,13 +128,16 @@ class Kept:
     """One key of one param group that loomrun steers: the script's own value, the object
     in the group now, and the rules by name (`lr`, `lr.1`): the newest one wins."""
 
-    __slots__ = ("group", "key", "own", "put", "rules", "first", "swapped", "basis")
+    __slots__ = ("group", "key", "own", "put", "plain", "rules", "first", "swapped", "basis")
 
     def __init__(self, group: dict, key: str, first: Kept | None = None):
         self.group, self.key, self.first = group, key, first
         found = group[key]
         self.own: Any = _plain(found) if _is_tensor(found) else _own_of(found)
         self.put: Any = None  # what loomrun stored in the group, or None
+        # The same value as a plain float, in the group while a step runs: the optimizer's
+        # arithmetic on lr stays a float's (and torch.compile sees a float).
+        self.plain: Any = None
         self.rules: dict[str, Any] = {}
         self.swapped = False  # a tensor lr during a step (filled in place, given back after)
         self.basis: Any = None  # the first group's own value the value in effect was made from
@@ -150,12 +166,22 @@ class Kept:
             return
         if found is self.put and not again:
             return
-        if found is not self.put:
+        if not self._mine(found):
             self.own = _own_of(found)
         value = self.effective()
-        self.put = InEffect(value, self.own) if isinstance(value, float) else value
+        if isinstance(value, float):
+            self.put, self.plain = InEffect(value, self.own), float(value)
+        else:
+            self.put = self.plain = value
         self.basis = self.first.own if self.first is not None else None
         group[key] = self.put
+
+    def refresh(self) -> None:
+        """What the script wrote since the last step is its own value (before a change is
+        computed from it, or a value is read)."""
+        found = self.group[self.key]
+        if not self._mine(found) and not _is_tensor(found):
+            self.own = _own_of(found)
 
     def before(self) -> None:
         """Right before a step (the hot path): nothing to do unless the script wrote the
@@ -171,15 +197,23 @@ class Kept:
         found = self.group[self.key]
         if _is_tensor(found):
             return
-        if found is not self.put:
+        if not self._mine(found):
             self.own = _own_of(found)
-        self.put = None
+        self.put = self.plain = None
         self.group[self.key] = self.own
+
+    def _mine(self, found: Any) -> bool:
+        """loomrun's own value: as kept between steps, or the plain float of a step (left
+        there when the step raised)."""
+        return self.put is not None and (found is self.put or found is self.plain)
 
     def after(self) -> Any:
         """Right after the step: what replaced loomrun's value during the step (it was
         not in effect), or None."""
         found = self.group[self.key]
+        if found is self.plain and self.put is not None:
+            self.group[self.key] = self.put  # the step ran with it; back to loomrun's own
+            return None
         if found is self.put:
             return None
         if self.swapped:  # a tensor: the script's own value back
@@ -201,11 +235,11 @@ class Kept:
             if self.swapped:
                 found.fill_(self.own)
                 self.swapped = False
-        elif found is self.put:
+        elif found is self.put or (found is self.plain and self.put is not None):
             self.group[self.key] = self.own
         elif type(found) is InEffect:
             self.group[self.key] = found.own
-        self.put = None
+        self.put = self.plain = None
 
     def drop(self, name: str) -> None:
         self.rules.pop(name, None)

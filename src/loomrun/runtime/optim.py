@@ -24,7 +24,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from loomrun import params as P
-from loomrun.runtime.keep import Hold, HoldRatio, InEffect, Kept, Scale, _plain
+from loomrun.runtime.keep import Hold, HoldRatio, InEffect, Kept, Scale, _own_of, _plain
 from loomrun.runtime.target import Target
 
 if TYPE_CHECKING:
@@ -82,9 +82,10 @@ class Optimizers:
         self._kept: dict[tuple[int, str], Kept] = {}
         self._by_optimizer: dict[int, tuple[weakref.ref, list[Kept], list]] = {}
         self._stale: list = []  # hook handles to remove once no step is running them
-        # name -> ids of the optimizers that have not stepped since its change was applied:
-        # its answer waits for the last of them.
-        self._awaiting: dict[str, set[int]] = {}
+        # name -> (the step its change was applied at, the ids of the optimizers that have
+        # not stepped with it yet): its answer waits for the last of them, or for the next
+        # step's end (an optimizer that steps only now and then is not waited for).
+        self._awaiting: dict[str, tuple[int, set[int]]] = {}
         self.steering = False  # something is steered: the schedulers' steps look
 
     @property
@@ -113,13 +114,17 @@ class Optimizers:
                 first is not None and first.own is not kept.basis
             ):
                 kept.settle(again=True, stepping=True)
+            if kept.plain is not None and not kept.swapped:
+                kept.group[kept.key] = kept.plain  # a float's arithmetic in the step
 
     def _after(self, entries: list[Kept], optimizer, args, kwargs) -> None:
         """A steered optimizer's own step post-hook: a value replaced during the step was
         not in effect; the changes this step ran with can be answered."""
         replaced: dict[str, Any] = {}
         for kept in entries:
-            if kept.group[kept.key] is kept.put:  # Kept.after's answer, inline
+            group, key = kept.group, kept.key
+            if group[key] is kept.plain and kept.put is not None:  # Kept.after, inline
+                group[key] = kept.put
                 continue
             value = kept.after()
             if value is not None and kept.rules:
@@ -127,10 +132,10 @@ class Optimizers:
         if not replaced and not self._awaiting:
             return
         done = set()
-        for name, waiting in list(self._awaiting.items()):
+        for name, (since, waiting) in list(self._awaiting.items()):
             waiting.discard(id(optimizer))
             waiting &= set(self._by_optimizer)  # an optimizer gone will not step
-            if not waiting or name in replaced:
+            if not waiting or name in replaced or self.worker.step > since:
                 done.add(name)
                 del self._awaiting[name]
         for name in replaced:
@@ -223,7 +228,12 @@ class Optimizers:
         if group is None:
             return None
         kept = self._kept.get((id(group), "lr" if is_lr(key) else key))
-        return kept if kept is not None and kept.rules else None
+        if kept is None or not kept.rules:
+            return None
+        kept.refresh()  # the script may have written its value for the next step already
+        if kept.first is not None:
+            kept.first.refresh()
+        return kept
 
     def get(self, key: str) -> Any:
         """The value in effect: the one the next step runs with."""
@@ -268,17 +278,22 @@ class Optimizers:
                     "group's lr; make it with relative_step=False and an lr"
                 )
         optimizer, _, lead = groups[index]
-        first = self._keep(optimizer, lead, "lr", None)
-        if hold:
-            rules = [Hold(value)] + [HoldRatio(value)] * (len(chosen) - 1)
-        else:
-            base = first.own or _plain(lead.get("initial_lr", 0.0))
+        if not hold:  # checked before anything is kept: a refusal leaves nothing behind
+            held = self._kept.get((id(lead), "lr"))
+            if held is not None:
+                held.refresh()  # what the script wrote since the last step is its own now
+            own = held.own if held is not None else _own_of(lead["lr"])
+            base = _plain(own) or _plain(lead.get("initial_lr", 0.0))
             if not base:
                 raise P.ParamError(
                     f"{key} is 0 in the script's schedule now, so new/old has no ratio: "
                     f"use `--hold` to keep {key} at {P.format_value(value)}, or set it once "
                     "the schedule is above 0"
                 )
+        first = self._keep(optimizer, lead, "lr", None)
+        if hold:
+            rules = [Hold(value)] + [HoldRatio(value)] * (len(chosen) - 1)
+        else:
             factor = value / base
             rules = [Scale(factor, self._floor(g)) for _, _, g in chosen]
         for (optimizer, _, group), rule in zip(chosen, rules, strict=True):
@@ -348,7 +363,7 @@ class Optimizers:
             if kept.rules:
                 kept.settle(again=True)
         self._unhook()
-        self._awaiting[name] = {id(o) for o in optimizers}
+        self._awaiting[name] = (self.worker.step, {id(o) for o in optimizers})
         self.steering = True
 
     def replaced_groups(self) -> dict[str, str]:
@@ -391,22 +406,27 @@ class Optimizers:
                     floor = max(floor, float(mins[index]))
         return floor
 
-    def _kept_in(self, scheduler) -> list[Kept]:
-        groups = getattr(getattr(scheduler, "optimizer", None), "param_groups", None) or ()
+    def _kept_in(self, optimizer) -> list[Kept]:
+        groups = getattr(optimizer, "param_groups", None) or ()
         ids = {id(g) for g in groups}
         return [k for k in self._kept.values() if k.rules and id(k.group) in ids]
 
-    def scheduler_step(self, scheduler, step, args, kwargs):
-        """A scheduler steps with the script's own values in its groups (it computes the
-        script's schedule, chainable or closed-form), then the values in effect go back."""
-        kept = self._kept_in(scheduler)
+    def exposed(self, optimizer, fn, *args, **kwargs):
+        """`fn` runs with the script's own values in the optimizer's steered groups (a
+        scheduler computes the script's schedule, chainable or closed-form, and takes its
+        base values from them), then the values in effect go back."""
+        kept = self._kept_in(optimizer)
         for one in kept:
             one.expose()
         try:
-            return step(scheduler, *args, **kwargs)
+            return fn(*args, **kwargs)
         finally:
             for one in kept:
                 one.settle(again=True)
+
+    def scheduler_step(self, scheduler, step, args, kwargs):
+        optimizer = getattr(scheduler, "optimizer", None)
+        return self.exposed(optimizer, step, scheduler, *args, **kwargs)
 
     def last_lrs(self, scheduler, values: list) -> list:
         """A scheduler's last lrs as the steps run with them (the Trainer logs these): for
@@ -482,7 +502,11 @@ def track_schedulers(scheduler_class, optimizers: Optimizers) -> None:
     @functools.wraps(original_init)
     def tracked_init(scheduler, *args, **kwargs):
         _wrap_step(type(scheduler))
-        original_init(scheduler, *args, **kwargs)
+        if not optimizers.steering:
+            original_init(scheduler, *args, **kwargs)
+        else:  # made while steering: its base values are the script's, not loomrun's
+            optimizer = args[0] if args else kwargs.get("optimizer")
+            optimizers.exposed(optimizer, original_init, scheduler, *args, **kwargs)
         optimizers.schedulers.add(scheduler)
 
     @functools.wraps(original_last)

@@ -316,10 +316,12 @@ class Worker:
         if target.kept and want.kind != pb.UNSET and isinstance(value, float):
             now = target.get()
             if isinstance(now, float) and not math.isclose(now, value, rel_tol=1e-9):
-                outcome.new.CopyFrom(P.to_pb(now))  # the answer says what is in effect
+                # `new` stays what was asked (a replay asks it again); the reason says
+                # what is in effect meanwhile.
                 outcome.reason = (
                     f"in effect: {P.format_value(now)}, not {P.format_value(value)}: the "
-                    "floor its scheduler was given (eta_min, min_lrs)"
+                    "floor its scheduler was given (eta_min, min_lrs), while the schedule "
+                    "times new/old is below it"
                 )
         if target.kept and want.kind != pb.UNSET and not self.paused:
             earlier = self._unconfirmed.pop(name, None)  # a newer one before any step ran
