@@ -51,6 +51,31 @@ def metric_points(job: str) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
+def check_points(points: list[dict], rank: str, start: int, end: int, want) -> None:
+    """Every metric point of `rank` from step `start` to `end` shows lr within 1% of
+    `want(step)`: what the step it was taken at ran with."""
+    shown = [p for p in points if p["replica"] == rank and start <= p["step"] < end]
+    assert shown, f"metric points of {rank} between steps {start} and {end}"
+    for point in shown:
+        assert point["lr"] == pytest.approx(want(point["step"]), rel=0.01), point
+
+
+def hold_then_stop(job: str, sup, out, ranks, change: str) -> tuple[int, list[dict], int]:
+    """`set CHANGE --hold`, some steps, the metric points while it runs (from the
+    supervisor), then `set stop=true`: the step of the hold, the points, the last step."""
+    code, held = set_json("set", change, "--hold", "--job", job)
+    assert code == 0 and {c["kind"] for c in held["changes"]} == {"hold"}, held
+    at_hold = one_step(held)
+    wait_steps(out, at_hold, 20, ranks)
+    points = metric_points(job)
+    code, stopped = set_json("set", "stop=true", "--job", job)
+    assert code == 0, stopped
+    last = one_step(stopped)
+    sup.wait(timeout=300)
+    assert sup.returncode == 0
+    return at_hold, points, last
+
+
 def nanogpt_lr(it: int) -> float:
     """tests/scripts/nanogpt_style.py's schedule."""
     top, bottom, warmup, decay = 6e-3, 6e-4, 20, 800
@@ -107,16 +132,7 @@ def test_a_nanogpt_style_loop_keeps_set_unset_and_hold_on_both_ranks(procs, tmp_
     assert code == 0 and {c["kind"] for c in unset["changes"]} == {"unset"}, unset
     at_unset = one_step(unset)
     wait_steps(out, at_unset, 60, ranks)
-    code, held = set_json("set", "lr=0.001", "--hold", "--job", job)
-    assert code == 0 and {c["kind"] for c in held["changes"]} == {"hold"}, held
-    at_hold = one_step(held)
-    wait_steps(out, at_hold, 30, ranks)
-    points = metric_points(job)  # while it runs: from the supervisor
-    code, stopped = set_json("set", "stop=true", "--job", job)
-    assert code == 0, stopped
-    last = one_step(stopped)
-    sup.wait(timeout=180)
-    assert sup.returncode == 0
+    at_hold, points, last = hold_then_stop(job, sup, out, ranks, "lr=0.001")
 
     text = out.read_text()
     for rank in ranks:
@@ -132,11 +148,7 @@ def test_a_nanogpt_style_loop_keeps_set_unset_and_hold_on_both_ranks(procs, tmp_
                 want = schedule
             assert lrs == pytest.approx([want, want], rel=1e-12), (rank, step)
         assert all(used[s][0] == 0.001 for s in range(at_hold, last + 1)), "held exactly"
-        shown = [p for p in points if p["replica"] == rank and at_set + 20 <= p["step"] < at_unset]
-        assert shown, "metric points after the change"
-        for point in shown:
-            want = k * nanogpt_lr(point["step"] - 1)
-            assert point["lr"] == pytest.approx(want, rel=0.01), point
+        check_points(points, rank, at_set + 20, at_unset, lambda step: k * nanogpt_lr(step - 1))
     hashes = set(re.findall(r"hash (\w+)", text))
     assert len(hashes) == 1, "the ranks are bitwise identical"
 
@@ -179,16 +191,7 @@ def test_the_hugging_face_trainer_keeps_the_scaled_schedule_and_logs_it(procs, t
     assert code == 0, unset
     at_unset = one_step(unset)
     wait_steps(out, at_unset, 40, ranks)
-    code, held = set_json("set", "lr=0.0005", "--hold", "--job", job)
-    assert code == 0, held
-    at_hold = one_step(held)
-    wait_steps(out, at_hold, 10, ranks)
-    points = metric_points(job)
-    code, stopped = set_json("set", "stop=true", "--job", job)
-    assert code == 0, stopped
-    last = one_step(stopped)
-    sup.wait(timeout=300)
-    assert sup.returncode == 0
+    at_hold, points, last = hold_then_stop(job, sup, out, ranks, "lr=0.0005")
 
     text = out.read_text()
     assert len(set(re.findall(r"hash (\w+)", text))) == 1, "the ranks are bitwise identical"
@@ -214,10 +217,7 @@ def test_the_hugging_face_trainer_keeps_the_scaled_schedule_and_logs_it(procs, t
                 step,
             )
         assert logged[at_hold + 5] == 0.0005
-        shown = [p for p in points if p["replica"] == rank and at_set + 20 <= p["step"] < at_unset]
-        assert shown, "metric points after the change"
-        for point in shown:
-            assert point["lr"] == pytest.approx(k * linear(point["step"]), rel=0.01), point
+        check_points(points, rank, at_set + 20, at_unset, lambda step: k * linear(step))
 
 
 @pytest.mark.slow

@@ -1,23 +1,14 @@
 """A model under torch.compile (inductor, on the CPU), an SGD optimizer and a LambdaLR.
-Prints `stepped <n> <lr>`, the lr each step ran with (a global step post-hook registered
-before loomrun's)."""
+Prints `stepped <n> <lr>`, the lr each step ran with (lr_printer)."""
 
 import sys
 import time
 
 import torch
+from lr_printer import print_each_step
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
-count = [0]
-
-
-def stepped(optimizer, *_):
-    count[0] += 1
-    print(f"stepped {count[0]} {optimizer.param_groups[0]['lr']!r}", flush=True)
-
-
-register_optimizer_step_post_hook(stepped)
+print_each_step()
 torch.manual_seed(0)
 model = torch.compile(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1)))
 optimizer = torch.optim.SGD(model.parameters(), lr=0.05)

@@ -2,17 +2,17 @@
 the Trainer's own AdamW and linear-warmup schedule, accelerate underneath; under loomrun
 with several replicas, one gloo process group.
 
-It prints the lr each optimizer step ran with (`stepped <n> <lr>`, from a global step
-post-hook) and what the Trainer logs (`logged <global step> <learning_rate>`); at the end
-a hash of the weights. It stops at --max-steps, or at the step where the declared `stop`
-turns true (on every rank at one step)."""
+It prints the lr each optimizer step ran with (`stepped <n> <lr>`, lr_printer) and what
+the Trainer logs (`logged <global step> <learning_rate>`); at the end a hash of the
+weights. It stops at --max-steps, or at the step where the declared `stop` turns true (on
+every rank at one step)."""
 
 import argparse
 import hashlib
 import tempfile
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from lr_printer import print_each_step
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -58,15 +58,7 @@ class Printed(TrainerCallback):
         print(f"hash {hashlib.sha256(weights).hexdigest()}", flush=True)
 
 
-count = [0]
-
-
-def stepped(optimizer, *_):
-    count[0] += 1
-    print(f"stepped {count[0]} {optimizer.param_groups[0]['lr']!r}", flush=True)
-
-
-register_optimizer_step_post_hook(stepped)
+print_each_step()
 torch.manual_seed(0)
 config = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2)
 with tempfile.TemporaryDirectory() as output:

@@ -1,22 +1,14 @@
 """Lightning with a step-interval scheduler from configure_optimizers: Lightning wraps the
 optimizer (LightningOptimizer) and steps the scheduler itself after each optimizer step.
-Prints `stepped <n> <lr>`, the lr each step ran with (a global step post-hook registered
-before loomrun's)."""
+Prints `stepped <n> <lr>`, the lr each step ran with (lr_printer)."""
 
 import sys
 
 import lightning as L
 import torch
+from lr_printer import print_each_step
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader, TensorDataset
-
-count = [0]
-
-
-def stepped(optimizer, *_):
-    count[0] += 1
-    print(f"stepped {count[0]} {optimizer.param_groups[0]['lr']!r}", flush=True)
 
 
 class Regressor(L.LightningModule):
@@ -35,7 +27,7 @@ class Regressor(L.LightningModule):
 
 
 if __name__ == "__main__":
-    register_optimizer_step_post_hook(stepped)
+    print_each_step()
     torch.manual_seed(0)
     x = torch.randn(512, 8)
     data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)

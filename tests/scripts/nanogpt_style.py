@@ -4,9 +4,9 @@ with a decay and a no-decay group, gradient accumulation under DDP's no_sync, a
 GradScaler (disabled on the CPU), gradient clipping; one rank or several on gloo.
 
 It prints the lr each optimizer step ran with (`stepped <n> <lr of group 0> <lr of group
-1>`, read by a global step post-hook right after the step), and at the end a hash of the
-weights. It stops after --iters, or at the step where the declared `stop` turns true (on
-every rank at one step; a replay stops there too)."""
+1>`, lr_printer), and at the end a hash of the weights. It stops after --iters, or at the
+step where the declared `stop` turns true (on every rank at one step; a replay stops there
+too)."""
 
 import argparse
 import hashlib
@@ -16,9 +16,9 @@ import time
 
 import torch
 import torch.distributed as dist
+from lr_printer import print_each_step
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import loomrun
 
@@ -61,17 +61,7 @@ raw = model
 if ddp:
     model = DistributedDataParallel(model)
 scaler = torch.amp.GradScaler("cpu", enabled=False)
-count = [0]
-
-
-def stepped(opt, *_):
-    if opt is optimizer:
-        count[0] += 1
-        lrs = " ".join(repr(g["lr"]) for g in opt.param_groups)
-        print(f"stepped {count[0]} {lrs}", flush=True)
-
-
-register_optimizer_step_post_hook(stepped)
+print_each_step(only=optimizer)
 data = torch.Generator().manual_seed(7 + (dist.get_rank() if ddp else 0))
 for it in range(args.iters):
     if stop.value:
