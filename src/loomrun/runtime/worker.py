@@ -6,8 +6,10 @@ read; everything else (reading the desired state, applying, answering, writing s
 happens off that path.
 
 Every change the worker reads gets exactly one answer, named by the change's id: applied,
-rejected, missed (its step had passed) or superseded (a later change to the same parameter
-replaced it before it was due). Ranks of one process group take group changes only at
+rejected, overridden (an optimizer's own step wrote over it: not in effect), missed (its
+step had passed) or superseded (a later change to the same parameter replaced it before
+it was due). A change to a value an optimizer steps with is answered after the step that
+ran with it; one written over later gets a second record, overridden and `ended`. Ranks of one process group take group changes only at
 agreement points, about every 20 ms of steps (runtime.group; and the next few steps while
 a change has reached some ranks only), where they compare (in band, one tiny collective)
 what they hold: each rank applies the same changes at the same step, or none.
