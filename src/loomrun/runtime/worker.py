@@ -9,10 +9,12 @@ Every change the worker reads gets exactly one answer, named by the change's id:
 rejected, overridden (an optimizer's own step wrote over it: not in effect), missed (its
 step had passed) or superseded (a later change to the same parameter replaced it before
 it was due). A change to a value an optimizer steps with is answered after the step that
-ran with it; one written over later gets a second record, overridden and `ended`. Ranks of one process group take group changes only at
-agreement points, about every 20 ms of steps (runtime.group; and the next few steps while
-a change has reached some ranks only), where they compare (in band, one tiny collective)
-what they hold: each rank applies the same changes at the same step, or none.
+ran with it; one written over later gets a second record, overridden and `ended`.
+
+Ranks of one process group take group changes only at agreement points, about every 20 ms
+of steps (runtime.group; and the next few steps while a change has reached some ranks
+only), where they compare (in band, one tiny collective) what they hold: each rank applies
+the same changes at the same step, or none.
 """
 
 from __future__ import annotations
