@@ -82,6 +82,9 @@ class Optimizers:
         self._kept: dict[tuple[int, str], Kept] = {}
         self._by_optimizer: dict[int, tuple[weakref.ref, list[Kept], list]] = {}
         self._stale: list = []  # hook handles to remove once no step is running them
+        # The groups() of the param groups seen last (their ids), and which are not copies.
+        self._shape: tuple = ()
+        self._outer: set[int] = set()
         # name -> (the step its change was applied at, the ids of the optimizers that have
         # not stepped with it yet): its answer waits for the last of them, or for the next
         # step's end (an optimizer that steps only now and then is not waited for).
@@ -202,15 +205,17 @@ class Optimizers:
         whose parameters an optimizer seen before holds already is an inner copy (torch's
         ZeroRedundancyOptimizer steps an optimizer of its own over a shard of its groups,
         and copies their values into it): it takes its values from the outer one."""
-        found, seen = [], set()
-        for optimizer in self.optimizers:
-            for index, group in enumerate(optimizer.param_groups):
+        every = [(o, i, g) for o in self.optimizers for i, g in enumerate(o.param_groups)]
+        shape = tuple(id(g) for _, _, g in every)
+        if shape != self._shape:  # read with each status: the parameters only when it moved
+            outer, seen = set(), set()
+            for _, _, group in every:
                 params = {id(p) for p in group.get("params", ())}
-                if params and params <= seen:
-                    continue
+                if not params or not params <= seen:
+                    outer.add(id(group))
                 seen |= params
-                found.append((optimizer, index, group))
-        return found
+            self._shape, self._outer = shape, outer
+        return [entry for entry in every if id(entry[2]) in self._outer]
 
     def _has(self, key: str) -> bool:
         return any(key in g for _, _, g in self.groups())
