@@ -124,6 +124,19 @@ def test_lr_keeps_the_ratio_and_lr_n_sets_one_group(optimizers):
     assert not optimizers.steering
 
 
+def test_the_value_asked_for_is_exactly_the_one_in_effect(optimizers):
+    """0.1 * (0.0555 / 0.1) is 0.055499999999999994: while the schedule stands where it was,
+    the step runs with exactly the value the user typed, and `get` shows it."""
+    optimizer = two_groups(lr=0.1)
+    used = recording(optimizer)
+    train(optimizer, 1)
+    for asked in (0.0555, 0.0421, 0.0333, 0.007):
+        optimizers.put("lr", asked)
+        train(optimizer, 1)
+        assert used[-1][0] == asked and optimizers.get("lr") == asked
+        assert used[-1][1] == pytest.approx(asked / 10), "group 1 keeps its ratio"
+
+
 def test_a_single_group_has_no_lr_n(optimizers):
     weight = torch.nn.Parameter(torch.ones(1))
     train(torch.optim.Adam([weight], lr=0.1), 1)

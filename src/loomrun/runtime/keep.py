@@ -82,15 +82,21 @@ InEffect.__round__ = _round
 
 
 class Scale:
-    """lr as the script's schedule times a factor, above an absolute floor it set."""
+    """lr as the script's schedule times new/old, above an absolute floor it set.
 
-    __slots__ = ("factor", "floor")
+    Exactly `new` while the schedule stands at `old`: `0.1 * (0.0555 / 0.1)` is
+    0.055499999999999994, and a user who asked for 0.0555 must see 0.0555."""
 
-    def __init__(self, factor: float, floor: float = 0.0):
-        self.factor, self.floor = factor, floor
+    __slots__ = ("new", "old", "floor")
+
+    def __init__(self, new: float, old: float, floor: float = 0.0):
+        self.new, self.old, self.floor = new, old, floor
 
     def __call__(self, own: Any, first: Kept | None) -> Any:
-        return max(own * self.factor, self.floor) if own else own  # 0 stays 0
+        if not own:
+            return own  # a schedule at 0 stays 0
+        scaled = self.new if own == self.old else own * self.new / self.old
+        return max(scaled, self.floor)
 
 
 class Hold:

@@ -299,8 +299,7 @@ class Optimizers:
         if hold:
             rules = [Hold(value)] + [HoldRatio(value)] * (len(chosen) - 1)
         else:
-            factor = value / base
-            rules = [Scale(factor, self._floor(g)) for _, _, g in chosen]
+            rules = [Scale(value, base, self._floor(g)) for _, _, g in chosen]
         for (optimizer, _, group), rule in zip(chosen, rules, strict=True):
             kept = self._keep(optimizer, group, "lr", first if group is not lead else None)
             kept.rule(key, rule)
