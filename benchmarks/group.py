@@ -34,7 +34,7 @@ from scale import ready, running  # benchmarks/ is on the path of a script run f
 
 from loomrun.broker import BrokerOptions
 from loomrun.client import Steering
-from loomrun.supervisor import free_port
+from loomrun.launch import free_port
 
 HERE = Path(__file__).resolve().parent
 LOOMRUN = [sys.executable, "-m", "loomrun.cli"]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from loomrun.broker import BrokerOptions, BundledBroker
 from loomrun.client import SteerError, Steering
-from loomrun.supervisor import free_port
+from loomrun.launch import free_port
 
 HERE = Path(__file__).resolve().parent
 LOOMRUN = str(Path(sys.executable).parent / "loomrun")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from loomrun.broker import BrokerOptions
 from loomrun.client import Steering
-from loomrun.supervisor import free_port
+from loomrun.launch import free_port
 
 HERE = Path(__file__).resolve().parent
 LOOMRUN = [sys.executable, "-m", "loomrun.cli"]

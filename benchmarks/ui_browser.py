@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from loomrun.supervisor import free_port
+from loomrun.launch import free_port
 
 HERE = Path(__file__).resolve().parent
 LOOMRUN = [sys.executable, "-m", "loomrun.cli"]

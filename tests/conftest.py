@@ -15,7 +15,7 @@ import pytest
 
 from loomrun.broker import BundledBroker
 from loomrun.mailbox import Mailbox, new_segment_path, sweep_stale
-from loomrun.supervisor import free_port
+from loomrun.launch import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = Path(__file__).resolve().parent / "scripts"

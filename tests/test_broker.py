@@ -21,7 +21,7 @@ from loomrun.broker import (
     secret_path,
     state_dir,
 )
-from loomrun.supervisor import free_port
+from loomrun.launch import free_port
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from test_control import job_id, wait_ready
 
 from loomrun.broker import BrokerOptions, answers, host_port
 from loomrun.client import Steering
-from loomrun.supervisor import free_port
+from loomrun.launch import free_port
 
 
 def cluster_ready(url: str) -> bool:

@@ -16,7 +16,7 @@ from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.broker import BrokerError, BrokerOptions, answers, host_port, state_dir
 from loomrun.client import SteerError, Steering
-from loomrun.supervisor import free_port
+from loomrun.launch import free_port
 
 
 def job_id(name: str) -> str:

@@ -20,7 +20,7 @@ from test_control import job_id, start, wait_ready
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.broker import state_dir
 from loomrun.control import history
-from loomrun.supervisor import free_port
+from loomrun.launch import free_port
 
 
 def test_a_full_series_keeps_the_whole_run_evenly():

@@ -17,7 +17,7 @@ from conftest import EXAMPLES, FAKE_NVML, SCRIPTS, pid_alive, run_loomrun, wait_
 
 from loomrun.broker import HOST, answers
 from loomrun.mailbox import SHM_DIR
-from loomrun.supervisor import free_port
+from loomrun.launch import free_port
 
 # Keys whose values differ by design between two launches (ports, ids, temp paths), or that
 # loomrun deliberately leaves out: it hosts no TCPStore, so USE_AGENT_STORE would hang
@@ -362,8 +362,9 @@ def test_ddp_example_trains_under_loomrun(tmp_path):
 
 def test_the_supervisor_side_never_imports_torch():
     code = (
-        "import sys; import loomrun.cli, loomrun.supervisor, loomrun.control, loomrun.client, "
-        "loomrun.watch; print('torch' in sys.modules)"
+        "import sys; import loomrun.cli.run, loomrun.cli.steer, loomrun.cli.inspecting, "
+        "loomrun.cli.log, loomrun.cli.serve, loomrun.launch, loomrun.supervisor, "
+        "loomrun.control, loomrun.client, loomrun.watch; print('torch' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr

@@ -15,7 +15,7 @@ from test_control import job_id, start, wait_ready
 from test_steering import _steps_seen
 
 from loomrun.broker import state_dir
-from loomrun.supervisor import free_port
+from loomrun.launch import free_port
 
 
 def log(*args, **kwargs) -> list[dict]:

@@ -22,7 +22,7 @@ from loomrun._proto import loomrun_pb2 as pb
 from loomrun.broker import host_port, state_dir
 from loomrun.client import SteerError
 from loomrun.control.ledger import job_dir, read_files
-from loomrun.supervisor import free_port
+from loomrun.launch import free_port
 
 
 def start_nodes(procs, job: str, *args, extra=()) -> list:

@@ -570,7 +570,7 @@ def test_an_inner_copy_of_the_groups_is_not_scaled_twice(optimizers):
     import torch.distributed as dist
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
-    from loomrun.supervisor import free_port
+    from loomrun.launch import free_port
 
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1

@@ -15,7 +15,7 @@ from conftest import EXAMPLES, LOOMRUN, SCRIPTS, run_loomrun, wait_for
 from test_control import job_id, start, steering, wait_ready
 
 from loomrun.broker import BundledBroker, answers, default_store, host_port
-from loomrun.supervisor import free_port
+from loomrun.launch import free_port
 
 
 def set_json(*args, **kwargs) -> tuple[int, dict]:

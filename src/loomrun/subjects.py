@@ -36,6 +36,10 @@ PAUSE = "pause"
 HEARTBEAT_SECONDS = 2.0
 LOST_AFTER_SECONDS = 10.0
 
+# A job id: a KV key token and a subject token, and part of a shared-memory segment's name.
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+# A replica's name: r0, r1, ... (its global rank).
+REPLICA_NAME = re.compile(r"r[0-9]{1,6}")
 # A parameter's name; `lr.0`, `lr.1`, ... name one optimizer param group's lr.
 PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}(\.[0-9]{1,4})?$")
 _KEY_TOKEN = re.compile(r"[^A-Za-z0-9_=-]")

@@ -11,14 +11,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loomrun.broker import BrokerOptions, sweep_orphan_brokers
+from loomrun.broker import sweep_orphan_brokers
+from loomrun.launch import LaunchSpec, describe_exit, exit_code_of, free_port, worker_env
 from loomrun.lifeline import parent_env
 from loomrun.mailbox import Mailbox, MailboxError, new_segment_path, sweep_stale
 from loomrun.output import ConsoleStream, ReplicaOutput, prefix_for, say, use_color
@@ -30,111 +30,6 @@ PROGRESS_CHECK = 0.5
 EXIT_STOPPED_BY = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 # A closed terminal or a dropped ssh session (SIGHUP) stops the job like SIGTERM does.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-@dataclass(frozen=True)
-class LaunchSpec:
-    """Everything `loomrun run` was asked to do, already validated."""
-
-    job: str
-    script: str | None = None
-    module: str | None = None
-    args: tuple[str, ...] = ()
-    nproc: int = 1
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "localhost"
-    master_port: int | None = None
-    max_restarts: int = 0
-    restart_policy: str = "group"
-    log_dir: Path | None = None
-    console_filter: frozenset[str] | None = None
-    grace: float = 30.0
-    step_timeout: float | None = None
-    # Replica name -> its recorded changes to apply at their steps (loomrun.replay).
-    replay: dict[str, list] | None = None
-    broker: BrokerOptions | None = field(default_factory=BrokerOptions)
-    wait_broker: bool = False
-
-    @property
-    def target_name(self) -> str:
-        return f"-m {self.module}" if self.module else str(self.script)
-
-    @property
-    def world_size(self) -> int:
-        return self.nproc * self.nnodes
-
-    def rank_of(self, local_rank: int) -> int:
-        return self.node_rank * self.nproc + local_rank
-
-    def replica_names(self) -> list[str]:
-        """Global names: node 1 of 2 with 4 per node has r4..r7."""
-        return [f"r{self.rank_of(i)}" for i in range(self.nproc)]
-
-    def worker_command(self) -> list[str]:
-        target = ["-m", self.module] if self.module else [self.script]
-        return [sys.executable, "-m", "loomrun.runtime.boot", *target, *self.args]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def worker_env(
-    spec: LaunchSpec,
-    local_rank: int,
-    master_port: int,
-    restart_count: int,
-    error_file: Path,
-    base: dict[str, str],
-) -> dict[str, str]:
-    """torchrun's worker environment for one replica, plus loomrun's own variables."""
-    rank = spec.rank_of(local_rank)
-    env = dict(base)
-    env.pop("LOOMRUN_NATS_TOKEN", None)  # the broker's secret is the supervisor's, not the script's
-    env.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(local_rank),
-        WORLD_SIZE=str(spec.world_size),
-        LOCAL_WORLD_SIZE=str(spec.nproc),
-        GROUP_RANK=str(spec.node_rank),
-        GROUP_WORLD_SIZE=str(spec.nnodes),
-        ROLE_RANK=str(rank),
-        ROLE_NAME="default",
-        ROLE_WORLD_SIZE=str(spec.world_size),
-        MASTER_ADDR=spec.master_addr,
-        MASTER_PORT=str(master_port),
-        TORCHELASTIC_RUN_ID=spec.job,
-        TORCHELASTIC_RESTART_COUNT=str(restart_count),
-        TORCHELASTIC_MAX_RESTARTS=str(spec.max_restarts),
-        TORCHELASTIC_ERROR_FILE=str(error_file),
-        TORCHELASTIC_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT",
-        LOOMRUN_JOB=spec.job,
-        LOOMRUN_REPLICA=f"r{rank}",
-    )
-    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    # Output goes through a pipe to the supervisor; unbuffered keeps it live and in order.
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    if spec.nproc > 1:
-        env.setdefault("OMP_NUM_THREADS", "1")
-    return env
-
-
-def exit_code_of(returncode: int) -> int:
-    """A shell's view of a child's status: 128+n for death by signal n."""
-    return 128 - returncode if returncode < 0 else returncode
-
-
-def describe_exit(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"killed by {name} (exit code {exit_code_of(returncode)})"
-    return f"exit code {returncode}"
 
 
 @dataclass
@@ -216,15 +111,27 @@ class Supervisor:
     # -- the main loop ---------------------------------------------------------
 
     async def run(self) -> int:
+        """The job, from the claim of its id to the last replica's end. The console is
+        written out on every way out: a refusal's one line once left with os._exit unsaid."""
         loop = asyncio.get_running_loop()
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            return await self._run()
+        finally:
+            self._console_out.close()
+            self._console_err.close()
+            for sig in STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
+
+    async def _run(self) -> int:
         self.started = time.time()  # this run's, for what is on disk and on the broker
         self.watchdog = Watchdog()
         self.record_dirs = self._record_dirs()
         running = self._claim_job_id()
         if running:
             say(running)
+            self.watchdog.close()
             return 2
         self._prepare_run_dir()
         from loomrun.control.ledger import set_aside_earlier
@@ -269,10 +176,6 @@ class Supervisor:
                 mailbox.unlink()
             self._release_run_dir()
             self.watchdog.close()
-            self._console_out.close()
-            self._console_err.close()
-            for sig in STOP_SIGNALS:
-                loop.remove_signal_handler(sig)
 
     async def _watch(self) -> int:
         waits = {asyncio.ensure_future(self._wait(r)): r for r in self.replicas}

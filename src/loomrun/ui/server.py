@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import hmac
 import json
-import re
 import secrets
 import time
 from importlib import resources
@@ -38,8 +37,6 @@ UPDATES_PER_SECOND = 10
 QUIET_REFRESH = 1.0  # seconds: a frame at least this often (ages, stale states move on)
 MAX_BODY = 16 * 1024
 _LOCAL_HOSTS = ("127.0.0.1", "localhost")
-_REPLICA = re.compile(r"r\d{1,5}")
-_JOB = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 RECORDS_PER_MESSAGE = 2000  # ledger records in one WebSocket message, at most
 _STATIC = {
     "app.js": "application/javascript",
@@ -105,13 +102,13 @@ def parse_change(body: Any) -> tuple[str, dict[str, Any], list[str] | None, bool
     if not isinstance(body, dict):
         raise RequestError(400, "the body must be a JSON object")
     job = body.get("job")
-    if not isinstance(job, str) or not _JOB.fullmatch(job):
+    if not isinstance(job, str) or not S.JOB_ID.fullmatch(job):
         raise RequestError(400, "job must be a job id (letters, digits, - and _)")
     replicas = body.get("replicas")
     if replicas is not None and (
         not isinstance(replicas, list)
         or not replicas
-        or not all(isinstance(r, str) and _REPLICA.fullmatch(r) for r in replicas)
+        or not all(isinstance(r, str) and S.REPLICA_NAME.fullmatch(r) for r in replicas)
     ):
         raise RequestError(400, "replicas must be a non-empty list of names like r0, or null")
     params = body.get("params", {})
@@ -272,7 +269,7 @@ class Dashboard:
                 if not isinstance(ask, dict) or ask.get("type") != "select":
                     continue
                 job, selection = ask.get("job"), ask.get("selection")
-                if not isinstance(job, str) or not _JOB.fullmatch(job):
+                if not isinstance(job, str) or not S.JOB_ID.fullmatch(job):
                     continue
                 if not isinstance(selection, int) or isinstance(selection, bool):
                     continue
