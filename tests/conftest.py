@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from loomrun.broker import BundledBroker
-from loomrun.mailbox import Mailbox, new_segment_path, sweep_stale
 from loomrun.launch import free_port
+from loomrun.mailbox import Mailbox, new_segment_path, sweep_stale
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = Path(__file__).resolve().parent / "scripts"

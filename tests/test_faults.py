@@ -23,8 +23,8 @@ from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.broker import BundledBroker, answers
 from loomrun.cli import main as cli_main
-from loomrun.mailbox import Mailbox, find_segment
 from loomrun.launch import free_port
+from loomrun.mailbox import Mailbox, find_segment
 
 
 def step_rate(job: str, replica: str = "r0", seconds: float = 2.0) -> float:

@@ -16,8 +16,8 @@ import pytest
 from conftest import EXAMPLES, FAKE_NVML, SCRIPTS, pid_alive, run_loomrun, wait_for
 
 from loomrun.broker import HOST, answers
-from loomrun.mailbox import SHM_DIR
 from loomrun.launch import free_port
+from loomrun.mailbox import SHM_DIR
 
 # Keys whose values differ by design between two launches (ports, ids, temp paths), or that
 # loomrun deliberately leaves out: it hosts no TCPStore, so USE_AGENT_STORE would hang
