@@ -70,7 +70,7 @@ def test_set_get_pause_resume_ls_through_the_cli(procs):
 
     result = run_loomrun("set", "lr=0.05", "--replica", "r1", "--job", job)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("r1  lr  0.1 -> 0.05  at step ")
+    assert result.stdout.startswith("r1  lr 0.1 -> 0.05 at step ")
 
     got = json.loads(run_loomrun("get", "--job", job, "--json").stdout)
     values = {(p["replica"], p["name"]): p for p in got["params"]}

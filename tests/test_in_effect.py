@@ -288,7 +288,7 @@ def test_an_optimizer_that_writes_lr_in_its_step_is_never_applied(procs):
     again = run_loomrun("set", "lr=0.02", "--job", job)
     assert again.returncode == 1, again.stdout + again.stderr
     assert re.search(
-        r"r0  lr  overridden at step \d+, not in effect: the optimizer's own step", again.stdout
+        r"r0  lr overridden at step \d+, not in effect: the optimizer's own step", again.stdout
     )
     assert "wrote lr=0.25" in again.stdout
     events = run_loomrun("watch", "--once", "--json", "--job", job)
@@ -318,6 +318,6 @@ def test_a_replica_that_is_not_running_answers_nothing_and_set_says_how_it_ended
         assert states["r1"] == ("not running", "not running: exited 0 at step 30")
     plain = run_loomrun("set", "lr=0.04", "--replica", "r1", "--job", job)
     assert plain.returncode == 1
-    assert plain.stdout.strip() == "r1  lr  not sent: r1 is not running (exited 0 at step 30)"
+    assert plain.stdout.strip() == "r1  lr not sent: r1 is not running (exited 0 at step 30)"
     assert sup.poll() is None
     sup.send_signal(signal.SIGTERM)

@@ -120,7 +120,10 @@ def test_a_damaged_ledger_file_is_read_for_what_it_holds():
     nobroker = f"nats://127.0.0.1:{free_port()}"
     shown = run_loomrun("log", "--job", job, "--nats", nobroker)
     assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
-    assert len(shown.stdout.splitlines()) == 1 and "0.1 -> 0.2  step 3" in shown.stdout
+    assert (
+        len(shown.stdout.splitlines()) == 1
+        and "applied     lr 0.1 -> 0.2 at step 3  (a@b)" in shown.stdout
+    )
 
 
 def _hashes(out: str) -> set[str]:
@@ -179,7 +182,8 @@ def test_unset_goes_back_to_the_scripts_own_value(procs):
     assert not before["momentum"]["steered"]
     undone = run_loomrun("unset", "lr", "batch", "--job", job)
     assert undone.returncode == 0, undone.stdout + undone.stderr
-    assert "lr  0.05 -> 0.1" in undone.stdout and "batch  16 -> 8" in undone.stdout
+    assert "lr 0.05 -> 0.1 (the script's)" in undone.stdout
+    assert "batch 16 -> 8 (the script's)" in undone.stdout
     wait_for(lambda: not params()["batch"]["steered"], 10, what="the status to show it")
     assert not params()["lr"]["steered"]
     unknown = run_loomrun("unset", "nope", "--job", job)

@@ -213,7 +213,7 @@ def test_an_earlier_runs_failure_is_not_followed_whatever_its_clock_says(procs):
             kv = await s.js.key_value(S.STATE)
         except BucketNotFoundError:  # the first job on this broker: loomrun's own settings
             kv = await s.js.create_key_value(bucket=S.STATE, history=1)
-        await kv.put(S.group_record(job, 2), word.SerializeToString())
+        await kv.put(S.node_failure_record(job, 2), word.SerializeToString())
 
     steering(plant)
     node = procs.start(
@@ -244,7 +244,9 @@ def test_a_failure_recorded_while_away_is_followed_whatever_its_clock_says(procs
     )  # fmt: skip
 
     async def record(s):
-        await (await s.js.key_value(S.STATE)).put(S.group_record(job, 2), word.SerializeToString())
+        await (await s.js.key_value(S.STATE)).put(
+            S.node_failure_record(job, 2), word.SerializeToString()
+        )
 
     try:
         node = procs.start(

@@ -203,7 +203,7 @@ def test_the_page_shows_and_steers_a_real_job(procs, browser):
         lambda: browser.find_elements(By.CSS_SELECTOR, "#outcome .applied[data-replica=r1]"), 30,
         what="r1's answer on the page",
     )[0].text  # fmt: skip
-    step = int(re.search(r"applied at step (\d+)", answer)[1])
+    step = int(re.search(r"lr 0\.1 -> 0\.0421 at step (\d+)", answer)[1])
     assert len(browser.find_elements(By.CSS_SELECTOR, "#outcome [data-replica=r0]")) == 0
     wait_for(lambda: any(s >= step and lr == 0.0421 for s, lr in used_lrs(output, "r1")), 30,
              what="r1's optimizer stepping with lr 0.0421")  # fmt: skip

@@ -27,9 +27,8 @@ from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.broker import BrokerOptions, connect_client, several_filters
 from loomrun.desired import change, new_change_id
-from loomrun.outcomes import kind_word, state_word
+from loomrun.outcomes import answer, kind_word, outcome_sentence, sentence, state_word
 
-BUILTIN_NAMES = {"lr", "momentum", "weight_decay", "betas"}
 NEVER_USED = "no loomrun job has ever run on this broker"
 # A replica in one of these states answers nothing: a change to it is not sent.
 ENDED = {pb.EXITED: "exited", pb.FAILED: "failed", pb.STOPPED: "stopped"}
@@ -122,6 +121,15 @@ class Result:
             return "timed out"
         return state_word(self.outcome)
 
+    def sentence(self) -> str:
+        """This answer in words, as every view shows it (loomrun.outcomes.sentence)."""
+        if self.outcome is not None:
+            return outcome_sentence(self.outcome)
+        reason = f"{self.replica} is not running ({self.not_running})" if self.not_running else ""
+        return sentence(
+            self.name, self.state, new=self.requested, reason=reason, replica=self.replica
+        )
+
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "job": self.job,
@@ -157,20 +165,12 @@ class ReplicaSchema:
 
 def superseded(result: Result, newer: pb.Outcome | None) -> pb.Outcome:
     """The answer of a change that a newer change to the same key overtook."""
-    outcome = pb.Outcome(
-        name=result.name,
-        state=pb.SUPERSEDED,
-        step=newer.step if newer is not None else 0,
-        time=time.time(),
-        change_id=result.change_id,
-        replica=result.replica,
-        revision=result.revision,
-        reason="a later change to it reached the replica first",
-        kind=result.kind,
-    )
+    want = pb.DesiredParam(change_id=result.change_id, revision=result.revision, kind=result.kind)
     if result.requested is not None:
-        outcome.new.CopyFrom(P.to_pb(result.requested))
-    return outcome
+        want.value.CopyFrom(P.to_pb(result.requested))
+    step = newer.step if newer is not None else 0
+    reason = "a later change to it reached the replica first"
+    return answer(want, result.name, pb.SUPERSEDED, step, reason, result.replica)
 
 
 def summary(results: list[Result]) -> str:
@@ -465,7 +465,7 @@ class Steering:
             checked[replica] = {}
             for name, text in changes.items():
                 spec = specs.get(name)
-                if spec is None and name in BUILTIN_NAMES and not BUILTIN_NAMES & set(specs):
+                if spec is None and name in P.BUILTINS and not P.BUILTINS.keys() & set(specs):
                     raise SteerError(
                         f"{replica} has no optimizer yet: {name} appears with its first "
                         "optimizer step; try again in a moment"
@@ -485,7 +485,7 @@ class Steering:
                 checked[replica][name] = value
         return checked
 
-    async def _whole_groups(self, job: Job, targets: list[str], force: bool) -> bool:
+    async def _whole_process_groups(self, job: Job, targets: list[str], force: bool) -> bool:
         """True when the change may go to each target at once; refuse part of a group.
 
         Ranks that train together take a change together (the workers agree in band on the
@@ -548,7 +548,7 @@ class Steering:
         found = await self.job(job)
         targets = self.targets(found, replicas)
         checked = await self.check(found.job, targets, changes)
-        at_once = await self._whole_groups(found, targets, force)
+        at_once = await self._whole_process_groups(found, targets, force)
         ended = await self._not_running(found.job, targets)
         writes = [
             (r, name, S.desired_param(found.job, r, name), value)
@@ -599,7 +599,7 @@ class Steering:
         targets = self.targets(found, replicas)
         await self.check(found.job, targets, dict.fromkeys(names, None), convert=False)
         schemas = self._schemas[found.job]
-        at_once = await self._whole_groups(found, targets, force)
+        at_once = await self._whole_process_groups(found, targets, force)
         ended = await self._not_running(found.job, targets)
         writes = []
         for replica in targets:
@@ -628,7 +628,7 @@ class Steering:
         targets = self.targets(found, replicas)
         await self.schemas(found.job)
         # Resuming needs no agreement: paused ranks all stand at one step already.
-        at_once = await self._whole_groups(found, targets, force) or not paused
+        at_once = await self._whole_process_groups(found, targets, force) or not paused
         ended = await self._not_running(found.job, targets)
         writes = [
             (r, S.PAUSE, S.desired_pause(found.job, r), paused) for r in targets if r not in ended

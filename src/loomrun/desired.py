@@ -13,8 +13,7 @@ from typing import Any
 
 from loomrun import params as P
 from loomrun._proto import loomrun_pb2 as pb
-
-PAUSE = "pause"
+from loomrun.subjects import PAUSE
 
 
 def new_change_id() -> str:

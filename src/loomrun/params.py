@@ -332,3 +332,30 @@ def json_float(value: float) -> float | str:
     if math.isinf(value):
         return "inf" if value > 0 else "-inf"
     return value
+
+
+# The optimizer values every worker publishes where it trains with a torch optimizer.
+BUILTINS = {
+    "lr": ParamSpec(
+        "lr", "float", min=0.0, builtin=True,
+        doc="learning rate (first param group; the others keep their ratio): the script's "
+        "schedule times new/old, or held",
+    ),
+    "momentum": ParamSpec(
+        "momentum", "float", min=0.0, max=1.0, doc="momentum of every param group", builtin=True
+    ),
+    "weight_decay": ParamSpec(
+        "weight_decay", "float", min=0.0, doc="weight decay of every param group", builtin=True
+    ),
+    "betas": ParamSpec(
+        "betas", "float", is_list=True, length=2, min=0.0, max=1.0,
+        doc="Adam-style (beta1, beta2) of every param group", builtin=True,
+    ),
+}  # fmt: skip
+
+
+def param_group_spec(index: int) -> ParamSpec:
+    return ParamSpec(
+        f"lr.{index}", "float", min=0.0, builtin=True,
+        doc=f"learning rate of param group {index} alone",
+    )  # fmt: skip

@@ -41,7 +41,9 @@ class RendezvousError(Exception):
 
 
 @dataclass(frozen=True)
-class Agreement:
+class Placement:
+    """This node's rank and where the master listens, as the nodes agreed."""
+
     node_rank: int
     master_addr: str
     master_port: int
@@ -73,7 +75,7 @@ def _port(text: str, whole: str) -> int:
     return int(text)
 
 
-def agree(where: str, nnodes: int, nproc: int, rdzv_id: str, timeout: float = TIMEOUT) -> Agreement:
+def agree(where: str, nnodes: int, nproc: int, rdzv_id: str, timeout: float = TIMEOUT) -> Placement:
     """This node's rank and the master's address, agreed with the other nodes."""
     host, port = endpoint(where)
     helper = subprocess.Popen(
@@ -106,7 +108,7 @@ def agree(where: str, nnodes: int, nproc: int, rdzv_id: str, timeout: float = TI
             helper.wait()
     # The helper goes on (holding the store, on the node that hosts it) until every node
     # has read the answer; it ends by itself, and with this process.
-    return Agreement(answer["node_rank"], answer["master_addr"], answer["master_port"])
+    return Placement(answer["node_rank"], answer["master_addr"], answer["master_port"])
 
 
 def _address_towards(host: str) -> str:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from loomrun.broker import state_dir
 from loomrun.control.ledger import job_dir, node_files
-from loomrun.desired import PAUSE
 from loomrun.outcomes import KIND_OF
+from loomrun.subjects import PAUSE
 
 ORIGIN = "replay"
 

@@ -100,12 +100,12 @@ def outcomes(job: str, replica: str = "*") -> str:
     return f"loomrun.{job}.outcomes.{replica}"
 
 
-def group(job: str) -> str:
+def node_failures(job: str) -> str:
     """Where a node tells the job's other nodes that its process group failed."""
     return f"loomrun.{job}.group"
 
 
-def group_record(job: str, node_rank: int | str) -> str:
+def node_failure_record(job: str, node_rank: int | str) -> str:
     """The latest such word of a node, kept in the state bucket (`*` for every node)."""
     return f"{job}.group.{node_rank}"
 

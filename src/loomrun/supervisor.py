@@ -97,7 +97,7 @@ class Supervisor:
         self._console_err.speak_here()
         self._color = color_out and color_err
         self.replicas = [Replica(name, i) for i, name in enumerate(spec.replica_names())]
-        self.group_restarts = 0
+        self.restarts_of_all = 0
         self.master_port = spec.master_port or free_port()
         self._stop_signal: signal.Signals | None = None
         self._stop_requested = asyncio.Event()
@@ -239,7 +239,7 @@ class Supervisor:
         await self._drain(replica)
         spec = self.spec
         per_replica = spec.restart_policy == "replica"
-        used = replica.restarts if per_replica else self.group_restarts
+        used = replica.restarts if per_replica else self.restarts_of_all
         exited = f"{replica.name} {describe_exit(returncode)}"
         if replica.failure_note:
             exited += f" ({replica.failure_note})"
@@ -258,7 +258,7 @@ class Supervisor:
             await self._start(replica)
             return [replica]
         self._tell_nodes(used + 1, False, exited, exit_code_of(returncode))
-        return await self._restart_group(why)
+        return await self._restart_all(why)
 
     def _tell_nodes(
         self, attempt: int, give_up: bool, reason: str, code: int, stopped: bool = False
@@ -266,7 +266,7 @@ class Supervisor:
         """On several nodes, the others restart (or stop) with this one: their ranks would
         otherwise wait on the failed ones until a collective times out."""
         if self.control is not None and self.spec.nnodes > 1:
-            self.control.group_failed(attempt, give_up, reason, code, stopped)
+            self.control.node_failed(attempt, give_up, reason, code, stopped)
 
     async def _follow(self, word) -> list[Replica] | None:
         """Another node's group failed: restart this node's replicas as its restart
@@ -281,23 +281,21 @@ class Supervisor:
             say(f"{why}{past}; stopping this node's replicas")
             await self._stop(alive, signal.SIGTERM)
             return None
-        if word.attempt <= self.group_restarts:
+        if word.attempt <= self.restarts_of_all:
             return []  # this node is at that restart already
-        self.group_restarts = word.attempt - 1
+        self.restarts_of_all = word.attempt - 1
         for replica in self.replicas:
             if self._alive(replica):
                 self._tell_exit(replica, 0, f"stopped to restart with {why}", restarting=True)
-        return await self._restart_group(
-            f"(restart {word.attempt}/{self.spec.max_restarts}): {why}"
-        )
+        return await self._restart_all(f"(restart {word.attempt}/{self.spec.max_restarts}): {why}")
 
-    async def _restart_group(self, why: str) -> list[Replica]:
-        self.group_restarts += 1
+    async def _restart_all(self, why: str) -> list[Replica]:
+        self.restarts_of_all += 1
         say(f"restarting all replicas {why}")
         await self._stop([r for r in self.replicas if self._alive(r)], signal.SIGTERM)
         for r in self.replicas:
             await self._drain(r)
-            r.restarts = self.group_restarts
+            r.restarts = self.restarts_of_all
             r.finished = False
             r.failure_note = ""  # of the worker stopped here, not of the next one
         for r in self.replicas:  # every mailbox ready before any worker starts: one baseline
@@ -364,7 +362,7 @@ class Supervisor:
         if self._stop_signal is not None:
             say(f"second {sig.name}: killing every worker now")
             for replica in self.replicas:
-                self._signal_group(replica, signal.SIGKILL)
+                self._signal_pgid(replica, signal.SIGKILL)
             return
         self._stop_signal = sig
         self._stop_requested.set()
@@ -372,7 +370,7 @@ class Supervisor:
     async def _stop_on_signal(self) -> int:
         sig = self._stop_signal
         code = EXIT_STOPPED_BY.get(sig, 128 + int(sig))
-        self._tell_nodes(self.group_restarts, True, f"stopped by {sig.name}", code, stopped=True)
+        self._tell_nodes(self.restarts_of_all, True, f"stopped by {sig.name}", code, stopped=True)
         passed = signal.SIGTERM if sig == signal.SIGHUP else sig  # scripts handle SIGTERM
         alive = [r for r in self.replicas if self._alive(r)]
         if alive:
@@ -438,7 +436,7 @@ class Supervisor:
         return replica.proc is not None and replica.proc.returncode is None
 
     @staticmethod
-    def _signal_group(replica: Replica, sig: int) -> None:
+    def _signal_pgid(replica: Replica, sig: int) -> None:
         if replica.pgid is None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -449,14 +447,14 @@ class Supervisor:
         if not replicas:
             return
         for replica in replicas:
-            self._signal_group(replica, sig)
+            self._signal_pgid(replica, sig)
         waits = [asyncio.ensure_future(r.proc.wait()) for r in replicas]
         _, pending = await asyncio.wait(waits, timeout=self.spec.grace)
         if pending:
             late = [r.name for r in replicas if self._alive(r)]
             say(f"{', '.join(late)} still running after {self.spec.grace:g}s: sending SIGKILL")
             for replica in replicas:
-                self._signal_group(replica, signal.SIGKILL)
+                self._signal_pgid(replica, signal.SIGKILL)
             await asyncio.wait(pending)
         for replica in replicas:
             self._reaped(replica)
@@ -468,7 +466,7 @@ class Supervisor:
         no longer ours (ids are reused)."""
         if replica.pgid is None or self._alive(replica):
             return
-        self._signal_group(replica, signal.SIGKILL)
+        self._signal_pgid(replica, signal.SIGKILL)
         self.watchdog.tell(f"forget {replica.pgid}")
         replica.pgid = None
 
@@ -502,7 +500,7 @@ class Supervisor:
             ledger_dirs=self.record_dirs,
             started=self.started,
         )
-        self.control.on_group_failure = self._remote_failures.put_nowait
+        self.control.on_node_failure = self._remote_failures.put_nowait
         for replica in self.replicas:
             if replica.proc is not None:
                 self.control.replica_started(replica.name, replica.proc.pid, replica.restarts)
@@ -570,13 +568,13 @@ class Supervisor:
         and SIGKILL after the grace period if that very process still runs."""
         say(f"{replica.name}: {note}; stopping it")
         replica.failure_note = note
-        self._signal_group(replica, signal.SIGTERM)
+        self._signal_pgid(replica, signal.SIGTERM)
         proc = replica.proc
 
         async def kill_later() -> None:
             await asyncio.sleep(self.spec.grace)
             if replica.proc is proc and self._alive(replica):
-                self._signal_group(replica, signal.SIGKILL)
+                self._signal_pgid(replica, signal.SIGKILL)
 
         asyncio.ensure_future(kill_later())
 

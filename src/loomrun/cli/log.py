@@ -41,7 +41,7 @@ def log_command(job, replicas, as_json, follow, metrics, broker):
     from loomrun.broker import state_dir
     from loomrun.client import Steering
     from loomrun.control.ledger import job_dir, read_files, record
-    from loomrun.params import format_value
+    from loomrun.outcomes import sentence
     from loomrun.printable import printable
 
     def show(item) -> None:
@@ -57,15 +57,12 @@ def log_command(job, replicas, as_json, follow, metrics, broker):
             click.echo(json.dumps(item))
             return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(item["time"]))
-        change = f"{format_value(item['old'])} -> {format_value(item['new'])}"
-        if item["name"] == "pause":
-            change = "paused" if item["new"] else "resumed"
-        kind = item.get("kind", "set")
-        what = item["outcome"] + (f" ({kind})" if kind != "set" else "")
-        what += f": {item['reason']}" if item["reason"] else ""
+        said = sentence(
+            item["name"], item["outcome"], old=item["old"], new=item["new"], step=item["step"],
+            reason=item["reason"] or "", kind=item.get("kind", "set"), replica=item["replica"],
+        )  # fmt: skip
         click.echo(printable(
-            f"{stamp}  {item['replica']}  {item['name']}  {change}  step {item['step']}  "
-            f"{what}  ({item['who'] or '?'})"
+            f"{stamp}  {item['replica']}  {item['outcome']:<10}  {said}  ({item['who'] or '?'})"
         ))  # fmt: skip
 
     async def from_broker() -> tuple[str, int]:

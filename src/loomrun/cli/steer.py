@@ -79,29 +79,14 @@ def report(results, as_json: bool, job: str | None, waited: bool) -> int:
         click.echo(json.dumps({"job": found, "result": summary, "changes": changes}))
         return code
     for r in results:
-        d = r.as_dict()
-        head = f"{r.replica}  {r.name}"
         if not waited:
-            say(f"{head}  = {format_value(r.requested)}  written (change {r.change_id})")
-        elif r.state == "timed out":
-            say(f"{head}  no answer yet: still desired, it applies when the replica gets to it")
-        elif r.state == "rejected":
-            say(f"{head}  rejected: {d['reason']}")
-        elif r.state == "missed":
-            say(f"{head}  not applied: {d['reason']}")
-        elif r.state == "superseded":
-            say(f"{head}  not applied: a later change to {r.name} reached {r.replica} first")
-        elif r.state == "not running":
-            say(f"{head}  not sent: {r.replica} is not running ({r.not_running})")
-        elif r.state == "overridden":
-            say(f"{head}  overridden at step {d['step']}, not in effect: {d['reason']}")
-        elif r.name == "pause":
-            word = "paused" if d["new"] else "resumed"
-            say(f"{r.replica}  {word} at step {d['step']}  ({d['latency_ms']:.1f} ms)")
-        else:
-            change = f"{format_value(d['old'])} -> {format_value(d['new'])}"
-            how = {"hold": "  held", "unset": "  (the script's)"}.get(d["kind"], "")
-            say(f"{head}  {change}{how}  at step {d['step']}  ({d['latency_ms']:.1f} ms)")
+            shown = format_value(r.requested)
+            say(f"{r.replica}  {r.name}  = {shown}  written (change {r.change_id})")
+            continue
+        line = f"{r.replica}  {r.sentence()}"
+        if r.state == "applied" and r.latency is not None:
+            line += f"  ({r.latency * 1000:.1f} ms)"
+        say(line)
     return code
 
 

@@ -138,7 +138,7 @@ class ControlPlane:
         self._tasks: list[asyncio.Task] = []
         self._watch_task: asyncio.Task | None = None
         # Called with each GroupFailure of another node of this job (the supervisor's).
-        self.on_group_failure: Callable[[pb.GroupFailure], None] | None = None
+        self.on_node_failure: Callable[[pb.GroupFailure], None] | None = None
 
     # -- start and stop ---------------------------------------------------------------
 
@@ -155,8 +155,8 @@ class ControlPlane:
         try:
             await self.registry.subscribe(self.link.nc, self.on_device_failure)
             await self.link.nc.subscribe(S.history(self.job), cb=self._send_history)
-            await self.link.nc.subscribe(S.group(self.job), cb=self._group_failed)
-            self._tasks.append(asyncio.ensure_future(self._missed_group_failures()))
+            await self.link.nc.subscribe(S.node_failures(self.job), cb=self._node_failed)
+            self._tasks.append(asyncio.ensure_future(self._missed_node_failures()))
         except Exception as error:  # noqa: BLE001 - never take the job down
             say(f"cannot set up the job's state on the broker ({error}); no live control")
             return
@@ -172,7 +172,7 @@ class ControlPlane:
             for bucket in (S.DESIRED, S.STATE):
                 for key in await self.link.keys(bucket, f"{self.job}.{name}.>"):
                     await self.link.kv[bucket].purge(key)
-        own = S.group_record(self.job, self.registry.node_rank)  # an earlier run's failure
+        own = S.node_failure_record(self.job, self.registry.node_rank)  # an earlier run's failure
         revision = await buckets.purge(self.link.nc, S.STATE, own)
         self._mark = Mark(await buckets.made(self.link.nc, S.STATE), revision, time.time())
         with contextlib.suppress(Exception):  # its change ledger too (kept on disk, set aside)
@@ -203,7 +203,7 @@ class ControlPlane:
             except Exception as error:  # noqa: BLE001 - the client hears nothing, and says so
                 say(f"cannot send {replica}'s metric history: {error}")
 
-    def group_failed(
+    def node_failed(
         self, attempt: int, give_up: bool, reason: str, exit_code: int, stopped: bool = False
     ) -> None:
         """Tell the other nodes: this node's group failed, and restarts or gives up. Sent
@@ -213,17 +213,17 @@ class ControlPlane:
             job=self.job, node_rank=rank, attempt=attempt, give_up=give_up, reason=reason,
             exit_code=exit_code, time=time.time(), stopped=stopped,
         )  # fmt: skip
-        self.outbox.publish(S.group(self.job), word)
-        self.outbox.put(S.STATE, S.group_record(self.job, rank), word)
+        self.outbox.publish(S.node_failures(self.job), word)
+        self.outbox.put(S.STATE, S.node_failure_record(self.job, rank), word)
 
-    async def _missed_group_failures(self) -> None:
+    async def _missed_node_failures(self) -> None:
         """At the first connection and after each reconnect: the other nodes' latest
         failures of this run, which may have gone out while this node was not listening.
         Each is followed once (the supervisor knows which restart it is at), so one heard
         already changes nothing."""
-        if self.on_group_failure is None or self.registry.nnodes == 1 or self._mark is None:
+        if self.on_node_failure is None or self.registry.nnodes == 1 or self._mark is None:
             return
-        pattern = S.group_record(self.job, "*")
+        pattern = S.node_failure_record(self.job, "*")
         try:
             stream_made = await buckets.made(self.link.nc, S.STATE)
             found = await buckets.entries(self.link.nc, S.STATE, pattern)
@@ -237,23 +237,23 @@ class ControlPlane:
                 continue
             ours = of_this_run(revision, word.time, stream_made, self._mark, self.started)
             if word.node_rank != self.registry.node_rank and ours:
-                self.on_group_failure(word)
+                self.on_node_failure(word)
 
-    async def _group_failed(self, msg) -> None:
+    async def _node_failed(self, msg) -> None:
         try:
             word = pb.GroupFailure.FromString(msg.data)
         except DecodeError:
             say("a malformed group failure message on the broker was left out")
             return
-        if word.node_rank != self.registry.node_rank and self.on_group_failure is not None:
-            self.on_group_failure(word)
+        if word.node_rank != self.registry.node_rank and self.on_node_failure is not None:
+            self.on_node_failure(word)
 
     async def _resync(self) -> None:
         if self._watch_task is not None:
             self._watch_task.cancel()
         self._watch_task = asyncio.ensure_future(self.link.settle(self.relay.watch))
         self._tasks = [t for t in self._tasks if not t.done()]
-        self._tasks.append(asyncio.ensure_future(self._missed_group_failures()))
+        self._tasks.append(asyncio.ensure_future(self._missed_node_failures()))
         self.registry.publish_all()
         for replica in self.replicas.values():
             replica.seen["schema"] = 0  # published again: the store may be a new one

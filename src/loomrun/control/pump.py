@@ -19,10 +19,10 @@ import asyncio
 import contextlib
 import time
 
-from loomrun import params as P
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.mailbox import MailboxError
+from loomrun.outcomes import answer, outcome_sentence, state_word
 from loomrun.output import say
 from loomrun.replay import ORIGIN as REPLAYED
 
@@ -156,18 +156,8 @@ class MailboxPump:
                     continue
                 if written.replaced_at and written.replaced_at <= acks.read_version:
                     del changes[change_id]  # replaced before the worker ever read it
-                    outcome = pb.Outcome(
-                        name=name,
-                        version=written.want.version,
-                        state=pb.SUPERSEDED,
-                        step=replica.mailbox.step[0],
-                        time=time.time(),
-                        change_id=change_id,
-                        origin=written.want.origin,
-                        revision=written.want.revision,
-                    )
-                    outcome.new.CopyFrom(written.want.value)
-                    self._publish_outcome(replica, outcome)
+                    step = replica.mailbox.step[0]
+                    self._publish_outcome(replica, answer(written.want, name, pb.SUPERSEDED, step))
 
     def _malformed(self, replica, outcome: pb.Outcome) -> None:
         """An answer no worker of loomrun writes (its parameter's name, or a count far past
@@ -221,17 +211,8 @@ class MailboxPump:
 
 
 def describe(outcome: pb.Outcome) -> tuple[str, str]:
-    """An outcome as an event: its kind and one line."""
-    new = P.format_value(P.from_pb(outcome.new))
+    """An outcome as an event: its kind and its sentence."""
+    word = state_word(outcome)
     if outcome.state == pb.APPLIED and outcome.name == S.PAUSE:
         word = "paused" if outcome.new.b else "resumed"
-        return word, f"{word} at step {outcome.step}"
-    if outcome.state == pb.APPLIED:
-        old = P.format_value(P.from_pb(outcome.old)) if outcome.HasField("old") else "?"
-        how = {pb.HOLD: " (held)", pb.UNSET: " (the script's)"}.get(outcome.kind, "")
-        return "applied", f"{outcome.name} {old} -> {new}{how} at step {outcome.step}"
-    if outcome.state == pb.OVERRIDDEN:
-        return "overridden", f"{outcome.name} overridden at step {outcome.step}: {outcome.reason}"
-    if outcome.state == pb.MISSED:
-        return "missed", f"{outcome.name}={new} not applied: {outcome.reason}"
-    return "rejected", f"{outcome.name}={new}: {outcome.reason}"
+    return word, outcome_sentence(outcome)

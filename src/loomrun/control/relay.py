@@ -12,7 +12,6 @@ replaced change that the worker never read gets its answer (superseded) from the
 from __future__ import annotations
 
 import contextlib
-import time
 from collections import deque
 
 from google.protobuf.message import DecodeError
@@ -20,9 +19,11 @@ from google.protobuf.message import DecodeError
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.broker import several_filters
-from loomrun.desired import PAUSE, copy
+from loomrun.desired import copy
 from loomrun.mailbox import MailboxError
+from loomrun.outcomes import answer
 from loomrun.output import say
+from loomrun.subjects import PAUSE
 
 SEEN_IDS = 32  # per parameter: enough to know a change seen again
 TAKEN_KEPT = 512  # per replica: the changes taken lately, to go back to the one in effect
@@ -167,18 +168,7 @@ class DesiredRelay:
             earlier.replaced_at = earlier.replaced_at or version
 
     def _refused(self, replica, want: pb.DesiredParam, name: str) -> pb.Outcome:
-        outcome = pb.Outcome(
-            name=name,
-            state=pb.REJECTED,
-            reason=self.refusal,
-            time=time.time(),
-            change_id=want.change_id,
-            replica=replica.name,
-            origin=want.origin,
-            revision=want.revision,
-        )
-        outcome.new.CopyFrom(want.value)
-        return outcome
+        return answer(want, name, pb.REJECTED, reason=self.refusal, replica=replica.name)
 
     def write(self, replica) -> bool:
         try:

@@ -30,31 +30,6 @@ from loomrun.runtime.target import Target
 if TYPE_CHECKING:
     from loomrun.runtime.worker import Worker
 
-BUILTINS = {
-    "lr": P.ParamSpec(
-        "lr", "float", min=0.0, builtin=True,
-        doc="learning rate (first param group; the others keep their ratio): the script's "
-        "schedule times new/old, or held",
-    ),
-    "momentum": P.ParamSpec(
-        "momentum", "float", min=0.0, max=1.0, doc="momentum of every param group", builtin=True
-    ),
-    "weight_decay": P.ParamSpec(
-        "weight_decay", "float", min=0.0, doc="weight decay of every param group", builtin=True
-    ),
-    "betas": P.ParamSpec(
-        "betas", "float", is_list=True, length=2, min=0.0, max=1.0,
-        doc="Adam-style (beta1, beta2) of every param group", builtin=True,
-    ),
-}  # fmt: skip
-
-
-def group_spec(index: int) -> P.ParamSpec:
-    return P.ParamSpec(
-        f"lr.{index}", "float", min=0.0, builtin=True,
-        doc=f"learning rate of param group {index} alone",
-    )  # fmt: skip
-
 
 def is_lr(key: str) -> bool:
     return key == "lr" or key.startswith("lr.")
@@ -162,10 +137,10 @@ class Optimizers:
                 self.worker.boundary()
 
     def _publish_targets(self) -> bool:
-        specs = [spec for name, spec in BUILTINS.items() if self._has(name)]
+        specs = [spec for name, spec in P.BUILTINS.items() if self._has(name)]
         groups = self.groups()
         if len(groups) > 1:
-            specs += [group_spec(i) for i in range(len(groups))]
+            specs += [P.param_group_spec(i) for i in range(len(groups))]
         added = False
         for spec in specs:
             if spec.name not in self.worker.targets:

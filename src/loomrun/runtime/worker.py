@@ -32,9 +32,10 @@ from typing import Any
 
 from loomrun import params as P
 from loomrun._proto import loomrun_pb2 as pb
-from loomrun.desired import PAUSE
 from loomrun.mailbox import Mailbox, MailboxError
+from loomrun.outcomes import answer
 from loomrun.runtime.target import Target
+from loomrun.subjects import PAUSE
 
 STATUS_INTERVAL = 0.1
 DEVICE_READ_INTERVAL = 1.0  # seconds between reads of a metric that lives on a GPU
@@ -273,19 +274,7 @@ class Worker:
         return self._apply(name, want)
 
     def _outcome(self, name: str, want: pb.DesiredParam, state) -> pb.Outcome:
-        outcome = pb.Outcome(
-            name=name,
-            version=want.version,
-            state=state,
-            step=self.step,
-            time=time.time(),
-            change_id=want.change_id,
-            origin=want.origin,
-            revision=want.revision,
-            kind=want.kind,
-        )
-        outcome.new.CopyFrom(want.value)
-        return outcome
+        return answer(want, name, state, self.step)
 
     def _apply(self, name: str, want: pb.DesiredParam) -> pb.Outcome:
         outcome = self._outcome(name, want, pb.REJECTED)

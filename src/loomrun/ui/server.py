@@ -247,7 +247,10 @@ class Dashboard:
         except SteerError as error:
             raise RequestError(400, str(error)) from None
         return web.json_response(
-            {"result": summary(results), "changes": [r.as_dict() for r in results]}
+            {
+                "result": summary(results),
+                "changes": [{**r.as_dict(), "text": r.sentence()} for r in results],
+            }
         )
 
     # -- the live page -------------------------------------------------------------------

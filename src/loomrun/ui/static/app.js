@@ -379,15 +379,7 @@ async function post(path, body) {
   if (mine !== state.request) return;  // a later control (or another job) took the panel
   if (answer.error) { showError(answer.error); return; }
   $("#outcome").replaceChildren(...answer.changes.map((c) => {
-    let text;
-    if (c.state === "applied" && c.name === "pause") text = `${c.replica}: ${c.new ? "paused" : "resumed"} at step ${c.step}`;
-    else if (c.state === "applied") text = `${c.replica}: ${c.name} ${format(c.old)} → ${format(c.new)} applied at step ${c.step}`;
-    else if (c.state === "rejected") text = `${c.replica}: ${c.name} rejected: ${c.reason}`;
-    else if (c.state === "missed") text = `${c.replica}: ${c.name} late, not applied: ${c.reason}`;
-    else if (c.state === "superseded") text = `${c.replica}: ${c.name} replaced by a later change first`;
-    else if (c.state === "overridden") text = `${c.replica}: ${c.name} overridden at step ${c.step}, not in effect: ${c.reason}`;
-    else if (c.state === "not running") text = `${c.replica}: not sent, ${c.reason}`;
-    else text = `${c.replica}: ${c.name} no answer yet (still desired; it applies when the replica gets to it)`;
+    const text = `${c.replica}: ${c.text}`;  // the answer as `loomrun set` words it
     return el("div", {class: c.state.split(" ")[0], "data-replica": c.replica, text});
   }));
 }
