@@ -32,7 +32,7 @@ from pathlib import Path
 
 from scale import ready, running  # benchmarks/ is on the path of a script run from it
 
-from loomrun.broker import BrokerOptions
+from loomrun.broker.connect import BrokerOptions
 from loomrun.client import Steering
 from loomrun.launch import free_port
 

@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from loomrun.broker import BrokerOptions, BundledBroker
+from loomrun.broker.bundled import BundledBroker
+from loomrun.broker.connect import BrokerOptions
 from loomrun.client import SteerError, Steering
 from loomrun.launch import free_port
 

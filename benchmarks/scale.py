@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from loomrun.broker import BrokerOptions
+from loomrun.broker.connect import BrokerOptions
 from loomrun.client import Steering
 from loomrun.launch import free_port
 

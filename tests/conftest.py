@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from loomrun.broker import BundledBroker
+from loomrun.broker.bundled import BundledBroker
 from loomrun.launch import free_port
 from loomrun.mailbox import Mailbox, new_segment_path, sweep_stale
 

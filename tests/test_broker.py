@@ -10,17 +10,10 @@ import pytest
 from conftest import pid_alive
 from nats.js.errors import NotFoundError
 
-from loomrun.broker import (
-    BrokerError,
-    BrokerOptions,
-    BundledBroker,
-    answers,
-    connect_client,
-    host_port,
-    is_loopback,
-    secret_path,
-    state_dir,
-)
+from loomrun.broker import BrokerError
+from loomrun.broker.bundled import BundledBroker
+from loomrun.broker.connect import BrokerOptions, answers, connect_client, host_port, is_loopback
+from loomrun.broker.state import secret_path, state_dir
 from loomrun.launch import free_port
 
 
@@ -113,7 +106,7 @@ def test_nats_is_imported_without_websockets_or_metadata_and_both_still_work():
     import sys
 
     code = (
-        "import sys; from loomrun.broker import import_nats; nats = import_nats(); "
+        "import sys; from loomrun.broker.nats_import import import_nats; nats = import_nats(); "
         "loaded = 'aiohttp' in sys.modules or 'importlib.metadata' in sys.modules; "
         "import aiohttp, importlib.metadata as m; "
         "print(loaded, aiohttp.__name__, nats.aio.client.__version__ == m.version('nats-py'))"
@@ -137,7 +130,7 @@ def test_jetstream_is_loaded_at_first_use_and_only_once(code):
     import sys
 
     program = (
-        "import sys; from loomrun.broker import import_nats; nats = import_nats(); "
+        "import sys; from loomrun.broker.nats_import import import_nats; nats = import_nats(); "
         "early = 'nats.js.api' in sys.modules; "
         f"{code}; "
         "same = B is sys.modules['nats.js.errors'].BucketNotFoundError "
@@ -276,7 +269,7 @@ def test_a_tls_url_gets_tls_or_nothing_is_sent(tmp_path):
     from conftest import run_loomrun, wait_for
     from netcut import HangingUp
 
-    from loomrun.broker import server_binary
+    from loomrun.broker.bundled import server_binary
 
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed (make system installs it as root)")

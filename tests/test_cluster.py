@@ -13,7 +13,7 @@ import pytest
 from conftest import SCRIPTS, run_loomrun, wait_for
 from test_control import job_id, wait_ready
 
-from loomrun.broker import BrokerOptions, answers, host_port
+from loomrun.broker.connect import BrokerOptions, answers, host_port
 from loomrun.client import Steering
 from loomrun.launch import free_port
 

@@ -14,7 +14,9 @@ from conftest import FAKE_NVML, SCRIPTS, run_loomrun, wait_for
 
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
-from loomrun.broker import BrokerError, BrokerOptions, answers, host_port, state_dir
+from loomrun.broker import BrokerError
+from loomrun.broker.connect import BrokerOptions, answers, host_port
+from loomrun.broker.state import state_dir
 from loomrun.client import SteerError, Steering
 from loomrun.launch import free_port
 

@@ -21,7 +21,8 @@ from test_control import _events, job_id, start, steering, wait_ready
 
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
-from loomrun.broker import BundledBroker, answers
+from loomrun.broker.bundled import BundledBroker
+from loomrun.broker.connect import answers
 from loomrun.cli import main as cli_main
 from loomrun.launch import free_port
 from loomrun.mailbox import Mailbox, find_segment
@@ -353,7 +354,7 @@ def test_a_start_removes_what_a_dead_job_left_and_says_so(tmp_path):
     env = {**os.environ, "XDG_STATE_HOME": str(state)}
     port = free_port()
     code = (
-        "import os; from pathlib import Path; from loomrun.broker import BundledBroker; "
+        "import os; from pathlib import Path; from loomrun.broker.bundled import BundledBroker; "
         "from loomrun.mailbox import Mailbox, new_segment_path; "
         f"BundledBroker.start({port}); Mailbox.create(new_segment_path('dead', 'r0')); "
         "os._exit(0)"  # dies holding both, as a SIGKILL would leave them

@@ -18,7 +18,7 @@ from conftest import SCRIPTS, run_loomrun, wait_for
 from test_control import job_id, start, wait_ready
 
 from loomrun._proto import loomrun_pb2 as pb
-from loomrun.broker import state_dir
+from loomrun.broker.state import state_dir
 from loomrun.control import history
 from loomrun.launch import free_port
 

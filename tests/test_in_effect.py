@@ -19,7 +19,7 @@ import pytest
 from conftest import SCRIPTS, run_loomrun, wait_for
 from test_control import job_id, start, wait_ready
 
-from loomrun.broker import state_dir
+from loomrun.broker.state import state_dir
 
 
 def stepped(out: str, replica: str = "r0") -> dict[int, list[float]]:

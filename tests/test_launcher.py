@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import EXAMPLES, FAKE_NVML, SCRIPTS, pid_alive, run_loomrun, wait_for
 
-from loomrun.broker import HOST, answers
+from loomrun.broker.connect import answers
+from loomrun.broker.state import HOST
 from loomrun.launch import free_port
 from loomrun.mailbox import SHM_DIR
 

@@ -14,7 +14,7 @@ from conftest import LOOMRUN, SCRIPTS, run_loomrun, wait_for
 from test_control import job_id, start, wait_ready
 from test_steering import _steps_seen
 
-from loomrun.broker import state_dir
+from loomrun.broker.state import state_dir
 from loomrun.launch import free_port
 
 

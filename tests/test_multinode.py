@@ -19,7 +19,8 @@ from test_control import job_id, steering, wait_ready
 
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
-from loomrun.broker import host_port, state_dir
+from loomrun.broker.connect import host_port
+from loomrun.broker.state import state_dir
 from loomrun.client import SteerError
 from loomrun.control.ledger import job_dir, read_files
 from loomrun.launch import free_port

@@ -14,7 +14,9 @@ import torch
 from conftest import EXAMPLES, LOOMRUN, SCRIPTS, run_loomrun, wait_for
 from test_control import job_id, start, steering, wait_ready
 
-from loomrun.broker import BundledBroker, answers, default_store, host_port
+from loomrun.broker.bundled import BundledBroker
+from loomrun.broker.config import default_store
+from loomrun.broker.connect import answers, host_port
 from loomrun.launch import free_port
 
 

@@ -25,7 +25,7 @@ from loomrun import buckets
 from loomrun import params as P
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
-from loomrun.broker import BrokerOptions, connect_client, several_filters
+from loomrun.broker.connect import BrokerOptions, connect_client, several_filters
 from loomrun.desired import change, new_change_id
 from loomrun.outcomes import answer, kind_word, outcome_sentence, sentence, state_word
 

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loomrun.broker import BrokerOptions
+from loomrun.broker.connect import BrokerOptions
 
 
 class LaunchError(ValueError):

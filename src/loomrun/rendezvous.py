@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from loomrun.broker import loopback_host
+from loomrun.broker.connect import loopback_host
 from loomrun.lifeline import end_with_parent, parent_env
 
 DEFAULT_PORT = 29400  # torchrun's for --rdzv-endpoint

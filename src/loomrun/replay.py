@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from loomrun.broker import state_dir
+from loomrun.broker.state import state_dir
 from loomrun.control.ledger import job_dir, node_files
 from loomrun.outcomes import KIND_OF
 from loomrun.subjects import PAUSE

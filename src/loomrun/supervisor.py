@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loomrun.broker import sweep_orphan_brokers
+from loomrun.broker.bundled import sweep_orphan_brokers
 from loomrun.launch import LaunchSpec, describe_exit, exit_code_of, free_port, worker_env
 from loomrun.lifeline import parent_env
 from loomrun.mailbox import Mailbox, MailboxError, new_segment_path, sweep_stale
@@ -510,7 +510,8 @@ class Supervisor:
         """Where the change ledger and the metric history are kept on disk: the job's folder
         in the state directory (`loomrun log` finds them there when the broker no longer
         has them), and --log-dir."""
-        from loomrun.broker import BrokerError, private_state_dir
+        from loomrun.broker import BrokerError
+        from loomrun.broker.state import private_state_dir
         from loomrun.control.ledger import job_dir
 
         try:

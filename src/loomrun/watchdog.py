@@ -96,7 +96,7 @@ def main() -> None:
     for path in segments:
         with contextlib.suppress(OSError):
             Path(path).unlink()
-    from loomrun.broker import leave
+    from loomrun.broker.bundled import leave
 
     for port in brokers:
         leave(port, supervisor)

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from loomrun.broker import BrokerOptions
+from loomrun.broker.connect import BrokerOptions
 from loomrun.client import Steering
 
 job, url, clients, calls = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])

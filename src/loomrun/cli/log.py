@@ -38,7 +38,7 @@ def log_command(job, replicas, as_json, follow, metrics, broker):
         return
     import json
 
-    from loomrun.broker import state_dir
+    from loomrun.broker.state import state_dir
     from loomrun.client import Steering
     from loomrun.control.ledger import job_dir, read_files, record
     from loomrun.outcomes import sentence
@@ -115,7 +115,7 @@ def _log_metrics(job, replicas, as_json: bool, follow: bool, options) -> None:
     import json
 
     from loomrun._proto import loomrun_pb2 as pb
-    from loomrun.broker import state_dir
+    from loomrun.broker.state import state_dir
     from loomrun.client import Steering
     from loomrun.control import history
     from loomrun.control.ledger import job_dir

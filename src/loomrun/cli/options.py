@@ -26,7 +26,8 @@ class NoBroker(click.ClickException):
 
 def broker_of(nats_url: str, nats_creds: str | None, nats_ca: str | None):
     """The BrokerOptions the flags give; a token comes from LOOMRUN_NATS_TOKEN."""
-    from loomrun.broker import BrokerError, BrokerOptions, host_port
+    from loomrun.broker import BrokerError
+    from loomrun.broker.connect import BrokerOptions, host_port
 
     try:
         host_port(nats_url)

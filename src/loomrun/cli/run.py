@@ -261,7 +261,7 @@ def _own_options_after(raw: list[str], target: str, command: click.Command) -> l
 
 def _check_remote_broker(options) -> None:
     """A remote broker that does not answer is an error before anything starts."""
-    from loomrun.broker import host_port, is_loopback, reach
+    from loomrun.broker.connect import host_port, is_loopback, reach
 
     if is_loopback(options.url):
         return  # the bundled broker starts itself there

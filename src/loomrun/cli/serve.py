@@ -52,17 +52,10 @@ def server_command(listen, port, token, cluster_listen, routes, cluster_name):
     LOOMRUN_NATS_TOKEN=$T, keep three copies of their state with LOOMRUN_NATS_REPLICAS=3,
     and losing one member loses no change.
     """
-    from loomrun.broker import (
-        BrokerError,
-        ClusterOptions,
-        default_store,
-        local_secret,
-        private_state_dir,
-        secret_path,
-        server_binary,
-        server_config,
-        write_private,
-    )
+    from loomrun.broker import BrokerError
+    from loomrun.broker.bundled import server_binary
+    from loomrun.broker.config import ClusterOptions, default_store, server_config
+    from loomrun.broker.state import local_secret, private_state_dir, secret_path, write_private
 
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", cluster_name):
         raise click.BadParameter(

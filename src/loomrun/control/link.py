@@ -13,16 +13,13 @@ from collections.abc import Awaitable, Callable
 
 from loomrun import buckets
 from loomrun import subjects as S
-from loomrun.broker import (
-    BrokerError,
+from loomrun.broker import BrokerError
+from loomrun.broker.bundled import BundledBroker, bundled_here, join, leave
+from loomrun.broker.connect import (
     BrokerOptions,
-    BundledBroker,
     answers,
-    bundled_here,
     host_port,
     is_loopback,
-    join,
-    leave,
     open_connection,
     refused,
 )

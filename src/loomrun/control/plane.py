@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from loomrun import buckets
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
-from loomrun.broker import BrokerOptions
+from loomrun.broker.connect import BrokerOptions
 from loomrun.control import history
 from loomrun.control.ledger import Ledger
 from loomrun.control.link import BrokerLink

@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
-from loomrun.broker import several_filters
+from loomrun.broker.connect import several_filters
 from loomrun.desired import copy
 from loomrun.mailbox import MailboxError
 from loomrun.outcomes import answer
