@@ -12,9 +12,7 @@ import pytest
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.control.outbox import Outbox
-from loomrun.control.plane import ReplicaView
-from loomrun.control.pump import MailboxPump
-from loomrun.control.relay import DesiredRelay
+from loomrun.control.plane import ReplicaView, wire
 from loomrun.desired import change, copy
 from loomrun.params import ParamSpec
 from loomrun.runtime.target import Target
@@ -27,11 +25,8 @@ class Rig:
     def __init__(self, mailbox, monkeypatch):
         monkeypatch.delenv("WORLD_SIZE", raising=False)
         self.replica = ReplicaView("r0", 0, mailbox)
-        replicas = {"r0": self.replica}
         self.outbox = Outbox(link=None)
-        self.pump = MailboxPump(JOB, "host", replicas, self.outbox, None, lambda *a, **k: None)
-        self.relay = DesiredRelay(JOB, replicas, None, self.outbox, self.pump.written)
-        self.pump.on_not_applied = self.relay.not_applied
+        self.relay, self.pump = wire(JOB, {"r0": self.replica}, self.outbox)
         self.worker = Worker(mailbox)
         self.values = {"lr": 0.1}
         spec = ParamSpec("lr", "float", min=0.0)
@@ -101,10 +96,10 @@ def test_a_missed_change_is_applied_nowhere_even_when_seen_again(rig):
     rig.step()
     assert rig.answers()[-1] == (b.change_id, "MISSED")
     assert rig.values["lr"] == 0.2
-    assert rig.replica.desired.entry("lr").change_id == a.change_id, "put back in the relay"
+    assert rig.replica.changes.entry("lr").change_id == a.change_id, "put back in the relay"
     rig.write(0.9, at_step=2, change_id=b.change_id)  # the bucket's value, after a reconnect
     rig.step()
-    assert rig.replica.desired.entry("lr").change_id == a.change_id, "the missed one stays out"
+    assert rig.replica.changes.entry("lr").change_id == a.change_id, "the missed one stays out"
     c = rig.write(0.4)
     rig.step(2)
     assert rig.answers() == [
@@ -113,7 +108,7 @@ def test_a_missed_change_is_applied_nowhere_even_when_seen_again(rig):
         (c.change_id, "APPLIED"),
     ], "no second answer for the change put back"
     rig.relay.rebase(rig.replica)
-    assert rig.replica.desired.entry("lr").change_id == c.change_id
+    assert rig.replica.changes.entry("lr").change_id == c.change_id
 
 
 def test_a_huge_value_does_not_stop_the_answers(rig):
@@ -148,7 +143,7 @@ def test_a_rank_of_several_holds_a_change_until_it_knows_its_group(mailbox, monk
     worker = Worker(mailbox)
     values = {}
     worker.add_target(Target(ParamSpec("lr", "float"), lambda: 0.1, lambda v: values.update(lr=v)))
-    relay = DesiredRelay(JOB, {"r0": ReplicaView("r0", 0, mailbox)}, None, None, lambda *a: None)
+    relay, _ = wire(JOB, {"r0": ReplicaView("r0", 0, mailbox)}, Outbox(link=None))
     want = change(0.5)
     relay.take(S.desired_param(JOB, "r0", "lr"), "PUT", want.SerializeToString())
     worker.sync(at_boundary=False)
@@ -189,11 +184,11 @@ def test_a_rejected_change_is_not_what_a_restarted_worker_starts_from(rig):
     b = rig.write(-1.0)  # under the parameter's minimum: the worker refuses it
     rig.step(2)
     assert rig.answers() == [(a.change_id, "APPLIED"), (b.change_id, "REJECTED")]
-    assert rig.replica.desired.entry("lr").change_id == a.change_id
+    assert rig.replica.changes.entry("lr").change_id == a.change_id
     rig.write(-1.0, change_id=b.change_id)  # the bucket's value, after a reconnect
     rig.replica.mailbox.reset_worker_side()  # the worker restarts
     rig.relay.rebase(rig.replica)
-    assert rig.replica.desired.entry("lr").change_id == a.change_id
+    assert rig.replica.changes.entry("lr").change_id == a.change_id
     restarted = Worker(rig.replica.mailbox)
     restarted.sync(at_boundary=False)
     values = {"lr": 0.1}
@@ -206,7 +201,7 @@ def test_a_rejected_change_is_not_what_a_restarted_worker_starts_from(rig):
 def test_the_change_in_effect_outlives_many_later_changes(rig):
     """The relay keeps the latest TAKEN_KEPT changes, and the ones in effect whatever
     their age: a missed change goes back to it after any number of others."""
-    from loomrun.control.relay import TAKEN_KEPT
+    from loomrun.control.changes import TAKEN_KEPT
 
     spec = ParamSpec("momentum", "float")
     rig.worker.targets["momentum"] = Target(spec, lambda: 0.9, lambda v: None)
@@ -215,11 +210,11 @@ def test_the_change_in_effect_outlives_many_later_changes(rig):
     for i in range(TAKEN_KEPT + 10):
         rig.write(0.5 + i / 10_000, name="momentum")
     rig.step(3)
-    assert len(rig.replica.taken) <= TAKEN_KEPT + 1
+    assert rig.replica.changes.taken_count() <= TAKEN_KEPT + 1
     b = rig.write(0.9, at_step=1)
     rig.step()
     assert rig.answers()[-1] == (b.change_id, "MISSED")
-    assert rig.replica.desired.entry("lr").change_id == a.change_id, "not dropped"
+    assert rig.replica.changes.entry("lr").change_id == a.change_id, "not dropped"
 
 
 def test_a_replayed_change_does_not_bring_back_an_answered_live_one(rig):
@@ -231,7 +226,7 @@ def test_a_replayed_change_does_not_bring_back_an_answered_live_one(rig):
     rig.step(20)
     assert rig.answers() == [(a.change_id, "APPLIED"), ("recorded", "APPLIED")]
     assert rig.values["lr"] == 0.7
-    assert rig.replica.in_effect["lr"] == a.change_id, "the desired state's own"
+    assert rig.replica.changes.in_effect("lr") == a.change_id, "the desired state's own"
 
 
 def test_a_malformed_answer_in_the_mailbox_is_left_out_and_the_next_ones_are_read(rig):
@@ -274,10 +269,10 @@ def test_a_restarted_worker_trains_with_the_change_in_effect_while_a_newer_one_w
     rig = Rig(mailbox, monkeypatch)
     a = rig.write(0.2)
     rig.step(2)
-    rig.replica.scheduled = set()
+    rig.replica.changes.acks_read(set(), read_version=0)  # no change waits for its step
     rig.write(0.07)  # replaced before the worker read it: it waits, as at a cut-off node
     rig.relay.rebase(rig.replica)
-    assert rig.replica.desired.entry("lr").base.change_id == a.change_id
+    assert rig.replica.changes.entry("lr").base.change_id == a.change_id
     monkeypatch.setenv("WORLD_SIZE", "2")  # the restarted rank waits for its group
     mailbox.reset_worker_side()
     restarted = Worker(mailbox)
@@ -336,12 +331,12 @@ def test_a_change_before_the_restarted_worker_answers_keeps_its_start_as_base(ma
     rig.step(2)
     agreed = rig.write(0.3, at_step=10_000)
     rig.step()
-    rig.replica.scheduled = {agreed.change_id}  # as the acks of agreed ranks say
+    rig.replica.changes.acks_read({agreed.change_id}, read_version=0)  # as agreed ranks' acks say
     rig.replica.mailbox.reset_worker_side()  # the restart, as the plane makes it
     rig.relay.rebase(rig.replica)
     rig.replica.outcome_seq = 0
     c = rig.write(0.5)  # before the restarted worker read anything
-    entry = rig.replica.desired.entry("lr")
+    entry = rig.replica.changes.entry("lr")
     assert (entry.change_id, entry.base.change_id) == (c.change_id, agreed.change_id)
     restarted = Worker(rig.replica.mailbox)
     restarted.sync(at_boundary=False)
@@ -350,13 +345,13 @@ def test_a_change_before_the_restarted_worker_answers_keeps_its_start_as_base(ma
                                 lambda v: values.update(lr=v)))  # fmt: skip
     restarted.boundary()
     d = rig.write(0.6)  # the supervisor has not read the new worker's answers: a stale base
-    assert rig.replica.desired.entry("lr").base.change_id == agreed.change_id
+    assert rig.replica.changes.entry("lr").base.change_id == agreed.change_id
     restarted.boundary()
     rig.pump.read_back(rig.replica, 0.0)
     after = rig.answers()[-3:]
     assert after == [(agreed.change_id, "APPLIED"), (c.change_id, "APPLIED"),
                      (d.change_id, "APPLIED")], after  # fmt: skip
     assert values["lr"] == 0.6, "the stale base was not applied after the worker's answers"
-    assert "lr" not in rig.replica.baseline
+    assert rig.replica.changes.starts_from("lr") is None
     rig.write(0.7)
-    assert not rig.replica.desired.entry("lr").HasField("base")
+    assert not rig.replica.changes.entry("lr").HasField("base")

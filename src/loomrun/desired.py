@@ -143,3 +143,22 @@ class DesiredConfig:
                 starts[name] = copy(entry.base)
         self.state.version += 1
         return starts
+
+
+def restart_from(mailbox) -> None:
+    """A replica's mailbox made ready for its next worker, on a job with no control plane:
+    a clean worker side (the last may have died mid-write), and the desired state it held,
+    rebased, so that no step number of the last incarnation carries over (without a broker
+    nothing was steered, and what the mailbox holds applies at once)."""
+    from loomrun.mailbox import MailboxError
+
+    mailbox.reset_worker_side()
+    try:
+        _, state = mailbox.desired.read()
+    except MailboxError:
+        state = None
+    if state is not None:
+        desired = DesiredConfig()
+        desired.state.CopyFrom(state)
+        desired.rebase()
+        mailbox.desired.write(desired.state)

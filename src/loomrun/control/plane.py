@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -22,47 +21,43 @@ from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.broker.connect import BrokerOptions
 from loomrun.control import history
+from loomrun.control.changes import ReplicaChanges
 from loomrun.control.ledger import Ledger
 from loomrun.control.link import BrokerLink
 from loomrun.control.outbox import Outbox
 from loomrun.control.pump import MailboxPump
 from loomrun.control.registry import Registry
 from loomrun.control.relay import DesiredRelay
-from loomrun.desired import DesiredConfig
 from loomrun.devices import DeviceInfo, Devices
 from loomrun.mailbox import Mailbox, MailboxError
 from loomrun.output import say
 
 
 class ReplicaView:
-    """What the control plane knows of one replica; the supervisor keeps it current."""
+    """What the control plane knows of one replica: its lifecycle (state, pid, restarts,
+    exit code: the supervisor's, told through ControlPlane.replica_*), its device, what
+    the pump read last from its mailbox, and its changes (ReplicaChanges, moved by the
+    relay and the pump)."""
 
     def __init__(self, name: str, local_rank: int, mailbox: Mailbox):
         self.name = name
         self.local_rank = local_rank
         self.mailbox = mailbox
-        self.state = pb.STARTING
+        self.changes = ReplicaChanges()
+        self.state: int = pb.STARTING
         self.pid = 0
         self.restarts = 0
         self.exit_code = 0
         self.device: DeviceInfo | None = None
-        self.desired = DesiredConfig()
-        self.written: dict[str, dict] = {}  # name -> change id -> relay.Written, unanswered
-        self.seen_ids: dict[str, deque] = {}  # name -> ids of changes written lately
-        self.not_applied: deque[str] = deque(maxlen=256)  # ids: missed or rejected
-        self.taken: dict[str, pb.DesiredParam] = {}  # change id -> change, the latest taken
-        self.in_effect: dict[str, str] = {}  # name -> id of the change the worker applied
-        self.scheduled: set[str] = set()  # ids the ranks agreed on, waiting for their step
-        # name -> what a restarted worker starts from at once (see DesiredRelay.rebase),
-        # until that worker answers for the name
-        self.baseline: dict[str, pb.DesiredParam] = {}
+        self.telemetry = None
+        self.next_telemetry = 0.0
+        # The pump's reading of the mailbox: the sequence numbers of what it read last,
+        # the last answer taken, the last status, and when to publish the next one.
         self.seen = {"acks": 0, "schema": 0, "status": 0}
         self.outcome_seq = 0
         self.status: pb.Status | None = None
         self.next_status = 0.0
         self.heartbeat = 0.0
-        self.telemetry = None
-        self.next_telemetry = 0.0
 
 
 class Mark(NamedTuple):
@@ -95,7 +90,27 @@ def earlier_parts(subjects: dict[str, int] | list[str], nnodes: int) -> set[str]
     return {s for s in subjects if s.rsplit(".", 1)[-1] not in ours}
 
 
+def wire(
+    job: str, replicas: dict[str, ReplicaView], outbox: Outbox, link: BrokerLink | None = None,
+    *, host: str = "", devices: Devices | None = None, events=None, ledger: Ledger | None = None,
+    history: history.History | None = None,
+) -> tuple[DesiredRelay, MailboxPump]:  # fmt: skip
+    """The relay (changes in) and the pump (answers out) of these replicas, each knowing the
+    other: a write the relay makes is polled for, a change not applied is written back."""
+    pump = MailboxPump(job, host, replicas, outbox, devices, events or (lambda *a, **k: None))
+    pump.ledger, pump.history = ledger, history
+    relay = DesiredRelay(job, replicas, link, outbox, pump.written)
+    pump.on_not_applied = relay.not_applied
+    return relay, pump
+
+
 class ControlPlane:
+    """A node's NATS side, owned by the Supervisor: the relay and the pump of its replicas,
+    the registry of the job and its devices, the ledger and the metric history, and the
+    link to the broker (which it starts when none answers). The supervisor tells it of
+    each replica's lifecycle (replica_started, replica_exited, replica_hung,
+    replica_restarting)."""
+
     def __init__(
         self,
         job: str,
@@ -124,11 +139,12 @@ class ControlPlane:
             replica.device = self.devices.for_replica(replica.local_rank)
         self.link = BrokerLink(options, on_local_broker)
         self.outbox = Outbox(self.link)
-        self.pump = MailboxPump(job, host, self.replicas, self.outbox, self.devices, self.event)
-        self.relay = DesiredRelay(job, self.replicas, self.link, self.outbox, self.pump.written)
-        self.pump.on_not_applied = self.relay.not_applied
-        self.pump.ledger = self.ledger = Ledger(job, self.outbox, ledger_dirs or [], node_rank)
-        self.pump.history = self.history = history.History(job, list(self.replicas))
+        self.ledger = Ledger(job, self.outbox, ledger_dirs or [], node_rank)
+        self.history = history.History(job, list(self.replicas))
+        self.relay, self.pump = wire(
+            job, self.replicas, self.outbox, self.link, host=host, devices=self.devices,
+            events=self.event, ledger=self.ledger, history=self.history,
+        )  # fmt: skip
         self._history_file = history.file_name(node_rank)
         self._folders = ledger_dirs or []
         self.registry = Registry(

@@ -75,7 +75,7 @@ class MailboxPump:
                     self.read_back(replica, now)
                 except MailboxError as error:
                     say(f"{replica.name}: {error}")
-            waiting = any(w for r in self.replicas.values() for w in r.written.values())
+            waiting = any(r.changes.waiting() for r in self.replicas.values())
             if waiting and now < self._fast_until:
                 spin = now < self._spin_until and self._may_spin(now)
                 await asyncio.sleep(0 if spin else FAST_POLL)
@@ -135,29 +135,15 @@ class MailboxPump:
                 self._malformed(replica, outcome)
                 continue
             replica.outcome_seq = outcome.seq
-            replica.written.get(outcome.name, {}).pop(outcome.change_id, None)
             self._publish_outcome(replica, outcome)
-            # Of the desired state, as the worker counts it: an answer "overridden" at once
-            # is of a change the worker took too (it will not apply it again).
-            taken = outcome.state == pb.APPLIED or (
-                outcome.state == pb.OVERRIDDEN and not outcome.ended
-            )
-            if taken and outcome.origin != REPLAYED:
-                replica.in_effect[outcome.name] = outcome.change_id
+            replica.changes.answered(outcome, replayed=outcome.origin == REPLAYED)
             if outcome.state in NOT_APPLIED and self.on_not_applied is not None:
                 self.on_not_applied(replica, outcome)
-            if outcome.state != pb.SUPERSEDED:  # the worker took up the name: no base now
-                replica.baseline.pop(outcome.name, None)
         replica.mailbox.outcomes_read[0] = replica.outcome_seq
-        held = replica.scheduled = set(acks.scheduled)  # agreed on, answered at their step
-        for name, changes in replica.written.items():
-            for change_id, written in list(changes.items()):
-                if change_id in held:
-                    continue
-                if written.replaced_at and written.replaced_at <= acks.read_version:
-                    del changes[change_id]  # replaced before the worker ever read it
-                    step = replica.mailbox.step[0]
-                    self._publish_outcome(replica, answer(written.want, name, pb.SUPERSEDED, step))
+        gone = replica.changes.acks_read(set(acks.scheduled), acks.read_version)
+        for name, written in gone:  # replaced before the worker ever read it
+            step = replica.mailbox.step[0]
+            self._publish_outcome(replica, answer(written.want, name, pb.SUPERSEDED, step))
 
     def _malformed(self, replica, outcome: pb.Outcome) -> None:
         """An answer no worker of loomrun writes (its parameter's name, or a count far past
@@ -169,7 +155,7 @@ class MailboxPump:
 
     def _publish_outcome(self, replica, outcome: pb.Outcome) -> None:
         outcome.replica = replica.name
-        taken = replica.taken.get(outcome.change_id)
+        taken = replica.changes.taken_change(outcome.change_id)
         if not outcome.new.WhichOneof("kind") and taken is not None:
             outcome.new.CopyFrom(taken.value)  # too large for the acks: the ledger keeps it
         self.outbox.publish(S.outcomes(self.job, replica.name), outcome)

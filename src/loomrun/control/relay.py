@@ -12,44 +12,28 @@ replaced change that the worker never read gets its answer (superseded) from the
 from __future__ import annotations
 
 import contextlib
-from collections import deque
+from typing import TYPE_CHECKING
 
 from google.protobuf.message import DecodeError
 
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.broker.connect import several_filters
-from loomrun.desired import copy
 from loomrun.mailbox import MailboxError
 from loomrun.outcomes import answer
 from loomrun.output import say
 from loomrun.subjects import PAUSE
 
-SEEN_IDS = 32  # per parameter: enough to know a change seen again
-TAKEN_KEPT = 512  # per replica: the changes taken lately, to go back to the one in effect
-
-
-def forget_taken(taken: dict[str, pb.DesiredParam], in_effect: set[str]) -> None:
-    """Keep the TAKEN_KEPT latest changes taken, and every change in effect however old:
-    a change that is not applied goes back to it (a replica steered once, then 512 times
-    on other parameters, lost its first change at its next restart)."""
-    older = [change_id for change_id in taken if change_id not in in_effect]
-    for change_id in older[: len(taken) - TAKEN_KEPT]:
-        del taken[change_id]
-
-
-class Written:
-    """A change written to a replica's mailbox and not answered yet."""
-
-    __slots__ = ("want", "replaced_at")
-
-    def __init__(self, want: pb.DesiredParam):
-        self.want = want
-        self.replaced_at = 0  # the desired version that replaced it, once one did
+if TYPE_CHECKING:
+    from loomrun.control.plane import ReplicaView
 
 
 class DesiredRelay:
-    def __init__(self, job: str, replicas: dict, link, outbox, on_written):
+    """Takes each change to this node's replicas off the broker into their desired state
+    (ReplicaChanges) and writes it to their mailboxes; `on_written(replica, refused)` (the
+    pump's) hears of each write, or of its refusal as an answer."""
+
+    def __init__(self, job: str, replicas: dict[str, ReplicaView], link, outbox, on_written):
         self.job = job
         self.replicas = replicas
         self.link = link
@@ -115,10 +99,9 @@ class DesiredRelay:
         if parsed[1] == "param" and name == PAUSE:
             say(f"ignored {key}: 'pause' is loomrun's own flag, not a parameter")
             return
+        changes = replica.changes
         if operation in ("DEL", "PURGE") or not data:
-            version = replica.desired.drop(name)
-            if version:
-                self._replaced(replica, name, version)
+            if changes.unwant(name):
                 self.write(replica)
             return
         try:
@@ -137,72 +120,33 @@ class DesiredRelay:
             return
         want.revision = revision
         want.ClearField("base")  # the supervisor's own, never a client's
-        if want.change_id in replica.not_applied:
-            return  # applied nowhere: it stays out of what a restarted worker starts from
-        seen = replica.seen_ids.setdefault(name, deque(maxlen=SEEN_IDS))
-        again = want.change_id in seen  # put back after a missed change: answered before
-        base = replica.baseline.get(name)  # a restarted worker may not have applied it yet
-        if base is not None and base.change_id != want.change_id:
-            want.base.CopyFrom(base)
-        version = replica.desired.take(name, want)
+        version, again = changes.want(name, want)
         if not version:
             return  # the change this replica holds already (seen again after a reconnect)
         if not self.write(replica):
-            replica.desired.restore(name)
+            changes.not_written(name)
             if not again:
-                self.on_written(replica, self._refused(replica, want, name))
+                refused = answer(want, name, pb.REJECTED, reason=self.refusal, replica=replica.name)
+                self.on_written(replica, refused)
             return
-        self._replaced(replica, name, version)
-        replica.taken[want.change_id] = copy(replica.desired.entry(name))
-        if len(replica.taken) > TAKEN_KEPT:
-            forget_taken(replica.taken, set(replica.in_effect.values()))
-        if not again:
-            seen.append(want.change_id)
-            written = Written(copy(replica.desired.entry(name)))
-            replica.written.setdefault(name, {})[want.change_id] = written
+        changes.written(name, want.change_id, version, again)
         self.on_written(replica, None)
 
-    @staticmethod
-    def _replaced(replica, name: str, version: int) -> None:
-        for earlier in replica.written.get(name, {}).values():
-            earlier.replaced_at = earlier.replaced_at or version
-
-    def _refused(self, replica, want: pb.DesiredParam, name: str) -> pb.Outcome:
-        return answer(want, name, pb.REJECTED, reason=self.refusal, replica=replica.name)
-
-    def write(self, replica) -> bool:
+    def write(self, replica: ReplicaView) -> bool:
         try:
-            replica.mailbox.desired.write(replica.desired.state)
+            replica.mailbox.desired.write(replica.changes.desired.state)
         except MailboxError as error:
             self.refusal = str(error)
             say(f"{replica.name}: {error}")
             return False
         return True
 
-    def not_applied(self, replica, outcome: pb.Outcome) -> None:
-        """A change applied nowhere (missed, or rejected: the user was told so): what the
-        replica wants goes back to what is in effect there (not merely to the entry before
-        it, which may never have been applied), so a restarted worker does not start from
-        it either."""
-        name = outcome.name
-        replica.not_applied.append(outcome.change_id)
-        held = replica.desired.entry(name)
-        if held is None or held.change_id != outcome.change_id:
-            return  # a newer change stands already
-        in_effect = replica.taken.get(replica.in_effect.get(name, ""))
-        if in_effect is not None:
-            replica.desired.take(name, in_effect)
-        else:
-            replica.desired.drop(name)  # nothing of ours applied: the worker keeps its own
-        self.write(replica)
+    def not_applied(self, replica: ReplicaView, outcome: pb.Outcome) -> None:
+        """A change applied nowhere: the mailbox holds what is in effect again."""
+        if replica.changes.not_applied(outcome):
+            self.write(replica)
 
-    def rebase(self, replica) -> None:
-        """The replica restarts: it starts from what was in effect at once, and what was
-        waiting still waits (see DesiredConfig.rebase)."""
-        settled = set(replica.in_effect.values()) | replica.scheduled
-        found = {name: replica.taken.get(cid) for name, cid in replica.in_effect.items()}
-        in_effect = {name: want for name, want in found.items() if want is not None}
-        # What the new worker starts from, per name: a change that comes before the worker
-        # answered for the name takes it as its base (neither is lost meanwhile).
-        replica.baseline = replica.desired.rebase(settled, in_effect)
+    def rebase(self, replica: ReplicaView) -> None:
+        """The replica restarts: its mailbox holds what the next worker starts from."""
+        replica.changes.rebase()
         self.write(replica)
