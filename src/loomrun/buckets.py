@@ -14,6 +14,8 @@ import contextlib
 import json
 import time
 
+from loomrun import subjects as S
+
 API = "$JS.API"
 DELETED = ("DEL", "PURGE")
 
@@ -31,7 +33,7 @@ def stream(bucket: str) -> str:
 
 
 def subject(bucket: str, key: str) -> str:
-    return f"$KV.{bucket}.{key}"
+    return S.kv_subject(bucket, key)
 
 
 def delivery(reply: str) -> tuple[int, int]:

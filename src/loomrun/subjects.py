@@ -58,15 +58,15 @@ def desired_pause(job: str, replica: str) -> str:
     return f"{job}.{replica}.{PAUSE}"
 
 
-def schema(job: str, replica: str) -> str:
+def schema(job: str, replica: str = "*") -> str:
     return f"{job}.{replica}.schema"
 
 
-def outcome(job: str, replica: str, name: str) -> str:
+def outcome(job: str, replica: str = "*", name: str = ">") -> str:
     return f"{job}.{replica}.outcome.{name}"
 
 
-def status(job: str, replica: str) -> str:
+def status(job: str, replica: str = "*") -> str:
     return f"{job}.{replica}"
 
 
@@ -124,3 +124,40 @@ def split_desired(key: str) -> tuple[str, str, str | None] | None:
     if len(parts) == 3 and parts[2] == PAUSE:
         return parts[1], PAUSE, None
     return None
+
+
+def replica_of(key: str) -> str:
+    """The replica a job's key is of: `job.r1.schema` -> "r1"."""
+    return key.split(".", 2)[1]
+
+
+def split_outcome(key: str) -> tuple[str, str]:
+    """`job.r1.outcome.lr.0` -> ("r1", "lr.0")."""
+    parts = key.split(".", 3)
+    return parts[1], parts[3]
+
+
+def job_keys(job: str | None = None) -> str:
+    """Every key of one job in a bucket (`job.>`), or of every job (`>`)."""
+    return f"{job}.>" if job else ">"
+
+
+def replica_keys(job: str, replica: str) -> str:
+    """Every key of one replica of a job in a bucket."""
+    return f"{job}.{replica}.>"
+
+
+def kv_subject(bucket: str, key: str = ">") -> str:
+    """The subject a bucket's key is stored on (JetStream's KV layout)."""
+    return f"$KV.{bucket}.{key}"
+
+
+def split_job_key(key: str) -> tuple[str, str]:
+    """`job.r1` -> ("job", "r1"); `job.n0` -> ("job", "n0")."""
+    job, _, rest = key.partition(".")
+    return job, rest
+
+
+def last_token(subject: str) -> str:
+    """The replica of a history request, the node rank of a ledger part: the last token."""
+    return subject.rsplit(".", 1)[-1]

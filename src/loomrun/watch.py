@@ -68,7 +68,7 @@ class WatchModel:
 
     def take_status(self, key: str, data: bytes | None) -> None:
         self.updates += 1
-        job, _, replica = key.partition(".")
+        job, replica = S.split_job_key(key)
         if not data:
             self.statuses.pop((job, replica), None)
             return
@@ -77,7 +77,7 @@ class WatchModel:
 
     def take_job(self, key: str, data: bytes | None) -> None:
         self.updates += 1
-        job, _, node = key.partition(".")
+        job, node = S.split_job_key(key)
         if not data:
             self.jobs.get(job, {}).pop(int(node[1:] or 0), None)
             if not self.jobs.get(job):
@@ -280,7 +280,7 @@ async def feed(steering, model: WatchModel, job: str | None, ready: asyncio.Even
     from nats.js import api
 
     status_kv, jobs_kv = await steering.kv(S.STATUS), await steering.kv(S.JOBS)
-    pattern = f"{job}.>" if job else ">"
+    pattern = S.job_keys(job)
     tasks = []
     initial = []
     for bucket, kv, take in (
@@ -315,7 +315,7 @@ async def feed(steering, model: WatchModel, job: str | None, ready: asyncio.Even
 
     try:
         subscription = await steering.js.subscribe(
-            f"loomrun.{job or '*'}.events.>", ordered_consumer=True, config=config, cb=take_event
+            S.events(job or "*", ">"), ordered_consumer=True, config=config, cb=take_event
         )
         info = await subscription.consumer_info()
         if info.num_pending == 0 and not info.delivered.consumer_seq:

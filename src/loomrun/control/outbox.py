@@ -93,7 +93,7 @@ class Outbox:
                     with contextlib.suppress(Exception):
                         await kv.delete(key)
                 elif bucket == S.STATUS:
-                    await nc.publish(f"$KV.{S.STATUS}.{key}", data)
+                    await nc.publish(S.kv_subject(S.STATUS, key), data)
                 else:
                     await kv.put(key, data)
             except refusals() as error:

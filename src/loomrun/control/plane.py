@@ -87,7 +87,7 @@ def earlier_parts(subjects: dict[str, int] | list[str], nnodes: int) -> set[str]
     """The parts of a job's change ledger (`loomrun.JOB.ledger.K` subjects) that no node of
     a run of `nnodes` nodes writes: an earlier run's with more nodes, or none of loomrun's."""
     ours = {str(rank) for rank in range(nnodes)}
-    return {s for s in subjects if s.rsplit(".", 1)[-1] not in ours}
+    return {s for s in subjects if S.last_token(s) not in ours}
 
 
 def wire(
@@ -186,7 +186,7 @@ class ControlPlane:
         """A new run starts from the script's own values, not a past run's of the same id."""
         for name in self.replicas:
             for bucket in (S.DESIRED, S.STATE):
-                for key in await self.link.keys(bucket, f"{self.job}.{name}.>"):
+                for key in await self.link.keys(bucket, S.replica_keys(self.job, name)):
                     await self.link.kv[bucket].purge(key)
         own = S.node_failure_record(self.job, self.registry.node_rank)  # an earlier run's failure
         revision = await buckets.purge(self.link.nc, S.STATE, own)
@@ -212,7 +212,7 @@ class ControlPlane:
 
     async def _send_history(self, msg) -> None:
         """A client asks for a replica's metric history: the one of this node answers."""
-        replica = msg.subject.rsplit(".", 1)[-1]
+        replica = S.last_token(msg.subject)
         if replica in self.history.series and msg.reply:
             try:
                 await msg.respond(self.history.wire(replica, self.link.nc.max_payload))

@@ -49,8 +49,8 @@ class DesiredRelay:
         the whole job costs every node every change of every replica). A server older
         than 2.10 takes one filter only: the whole job's keys, then."""
         if not several_filters:
-            return [f"$KV.{S.DESIRED}.{self.job}.>"]
-        return [f"$KV.{S.DESIRED}.{self.job}.{name}.>" for name in self.replicas]
+            return [S.kv_subject(S.DESIRED, S.job_keys(self.job))]
+        return [S.kv_subject(S.DESIRED, S.replica_keys(self.job, name)) for name in self.replicas]
 
     async def watch(self) -> None:
         """Copy every change of this node's keys into the mailboxes, from the current
@@ -60,7 +60,7 @@ class DesiredRelay:
         from nats.js import api
 
         await self.stop()
-        prefix = len(f"$KV.{S.DESIRED}.")
+        prefix = len(S.kv_subject(S.DESIRED, ""))
 
         async def deliver(msg) -> None:
             try:

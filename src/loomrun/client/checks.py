@@ -1,0 +1,90 @@
+"""The checks a change passes before anything is written: every replica has every
+parameter and takes its value, and a process group is changed whole (or with --force)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loomrun import params as P
+from loomrun.client.model import Job, ReplicaSchema, SteerError, suggest
+
+
+def check(
+    schemas: dict[str, ReplicaSchema], job: str, replicas: list[str], changes: dict[str, Any],
+    convert: bool = True,
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Every change converted and validated for every replica against the schema it
+    published; nothing is written. With `convert=False`, only that every replica has every
+    parameter."""
+    checked: dict[str, dict[str, Any]] = {}
+    for replica in replicas:
+        if replica not in schemas:
+            raise SteerError(f"{replica} of {job} has not published its parameters yet")
+        specs = schemas[replica].specs
+        checked[replica] = {}
+        for name, text in changes.items():
+            spec = specs.get(name)
+            if spec is None and name in P.BUILTINS and not P.BUILTINS.keys() & set(specs):
+                raise SteerError(
+                    f"{replica} has no optimizer yet: {name} appears with its first "
+                    "optimizer step; try again in a moment"
+                )
+            if spec is None:
+                known = sorted(specs)
+                raise SteerError(
+                    f"{replica} has no parameter {name!r}{suggest(name, known)}; "
+                    f"it has: {', '.join(known) or 'none'}"
+                )
+            if not convert:
+                continue
+            try:
+                value = P.parse(spec, text) if isinstance(text, str) else P.check(spec, text)
+            except P.ParamError as error:
+                raise SteerError(str(error)) from None
+            checked[replica][name] = value
+    return checked
+
+
+async def whole_process_groups(
+    job: Job, targets: list[str], force: bool, schemas: dict[str, ReplicaSchema], fresh
+) -> bool:
+    """True when the change may go to each target at once; refuse part of a group.
+
+    Ranks that train together take a change together (the workers agree in band on the
+    step); a change to only some of them would make them differ, or hang a collective.
+    `schemas` are the ones read last; `fresh()` reads them again (a cached one may be an
+    earlier run's, or predate the group).
+    """
+    left_out = [r for r in job.replicas if r not in targets]
+    if not left_out:  # every rank the broker knows; the schemas tell the group's size
+
+        def size(found) -> int:
+            return max((found[r].group_size for r in targets if r in found), default=1)
+
+        if size(schemas) <= len(job.replicas):
+            return False
+        schemas = await fresh()  # a cached one may be an earlier run's
+        if size(schemas) <= len(job.replicas):
+            return False
+        if not force:  # a node's record is not on the broker (yet)
+            raise SteerError(
+                f"{', '.join(targets)} train in one process group of {size(schemas)} ranks, "
+                f"of which only {len(job.replicas)} are registered on the broker (a node "
+                "not connected yet?): the change would wait for ranks it cannot reach; "
+                "try again, or --force"
+            )
+        return True
+    if not any(s.group_size > 1 for s in schemas.values()):
+        schemas = await fresh()  # a cached schema may predate the group
+    grouped = [r for r in targets if schemas.get(r) and schemas[r].group_size > 1]
+    if not grouped:
+        return False
+    size = schemas[grouped[0]].group_size
+    if not force:
+        verb = "trains" if len(grouped) == 1 else "train"
+        raise SteerError(
+            f"{', '.join(grouped)} {verb} in one process group of {size} ranks with "
+            f"{', '.join(left_out)}: changing only some ranks would make them differ "
+            "(or hang their collectives); target all of them, or pass --force"
+        )
+    return True

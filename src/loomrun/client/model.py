@@ -1,0 +1,245 @@
+"""What the client knows and answers: a job, the result of one change on one replica, a
+replica's schema, and the listing `get` and the page show."""
+
+from __future__ import annotations
+
+import difflib
+import getpass
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from loomrun import params as P
+from loomrun import subjects as S
+from loomrun._proto import loomrun_pb2 as pb
+from loomrun.outcomes import answer, kind_word, outcome_sentence, sentence, state_word
+
+NEVER_USED = "no loomrun job has ever run on this broker"
+
+
+# A replica in one of these states answers nothing: a change to it is not sent.
+ENDED = {pb.EXITED: "exited", pb.FAILED: "failed", pb.STOPPED: "stopped"}
+
+
+class SteerError(Exception):
+    """A request that cannot be carried out as asked; one line for a person."""
+
+
+def origin() -> str:
+    """Who asks, as the change's record says: user@host."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+def suggest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def this_run(nodes: list[pb.JobInfo]) -> list[pb.JobInfo]:
+    """A job's node records of its latest run: an earlier run of the job id on more nodes
+    left the records of node ranks this one does not have, and their replicas are not
+    this run's (a `set` would wait on them for ever). The latest run is the one of the
+    record started last; its nodes that have not started yet still hold the records of
+    the run before, until they start."""
+    if not nodes:
+        return nodes
+    latest = max(nodes, key=lambda n: n.started)
+    return [n for n in nodes if n.node_rank < max(latest.nnodes, 1)]
+
+
+@dataclass
+class Job:
+    """A job as its supervisors registered it: one JobInfo per node."""
+
+    job: str
+    nodes: list[pb.JobInfo] = field(default_factory=list)
+
+    @property
+    def replicas(self) -> list[str]:
+        names = {r for node in self.nodes for r in node.replicas}
+        return sorted(names, key=S.replica_order)
+
+    @property
+    def finished(self) -> bool:
+        return all(n.finished for n in self.nodes)
+
+    @property
+    def exit_code(self) -> int:
+        return max((n.exit_code for n in self.nodes), default=0)
+
+    @property
+    def lost(self) -> bool:
+        """No supervisor of the job has sent a heartbeat lately, nor said it finished."""
+        newest = max((n.heartbeat for n in self.nodes), default=0.0)
+        return not self.finished and time.time() - newest > S.LOST_AFTER_SECONDS
+
+    @property
+    def state(self) -> str:
+        if self.finished:
+            return "exited 0" if self.exit_code == 0 else f"failed: {self.exit_code}"
+        if self.lost:
+            return "lost"
+        hung = sorted({r for node in self.nodes for r in node.hung})
+        return f"running, {', '.join(hung)} hung" if hung else "running"
+
+
+@dataclass
+class Result:
+    """What became of one change on one replica: only ever its own answer."""
+
+    job: str
+    replica: str
+    name: str
+    requested: Any
+    change_id: str = ""
+    at_step: int = 0
+    revision: int = 0
+    outcome: pb.Outcome | None = None
+    latency: float | None = None
+    started: float = 0.0
+    kind: int = pb.SET
+    # Why it was not sent: the replica is not running ("exited 0 at step 3000").
+    not_running: str = ""
+
+    @property
+    def state(self) -> str:
+        if self.not_running:
+            return "not running"
+        if self.outcome is None:
+            return "timed out"
+        return state_word(self.outcome)
+
+    def sentence(self) -> str:
+        """This answer in words, as every view shows it (loomrun.outcomes.sentence)."""
+        if self.outcome is not None:
+            return outcome_sentence(self.outcome)
+        reason = f"{self.replica} is not running ({self.not_running})" if self.not_running else ""
+        return sentence(
+            self.name, self.state, new=self.requested, reason=reason, replica=self.replica
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "job": self.job,
+            "replica": self.replica,
+            "name": self.name,
+            "state": self.state,
+            "requested": self.requested,
+            "change_id": self.change_id,
+            "kind": kind_word(self.kind),
+        }
+        if self.not_running:
+            out["reason"] = f"not running: {self.not_running}"
+        if self.at_step:
+            out["at_step"] = self.at_step
+        if self.outcome is not None:
+            out.update(
+                old=P.from_pb(self.outcome.old) if self.outcome.HasField("old") else None,
+                new=P.from_pb(self.outcome.new),
+                step=self.outcome.step,
+                reason=self.outcome.reason or None,
+                latency_ms=round(self.latency * 1000, 3) if self.latency is not None else None,
+            )
+        return out
+
+
+@dataclass
+class ReplicaSchema:
+    """What one replica published: its parameters, and the process group it trains in."""
+
+    specs: dict[str, P.ParamSpec]
+    group_size: int = 0
+
+
+def superseded(result: Result, newer: pb.Outcome | None) -> pb.Outcome:
+    """The answer of a change that a newer change to the same key overtook."""
+    want = pb.DesiredParam(change_id=result.change_id, revision=result.revision, kind=result.kind)
+    if result.requested is not None:
+        want.value.CopyFrom(P.to_pb(result.requested))
+    step = newer.step if newer is not None else 0
+    reason = "a later change to it reached the replica first"
+    return answer(want, result.name, pb.SUPERSEDED, step, reason, result.replica)
+
+
+def summary(results: list[Result]) -> str:
+    """What a change came to over its replicas: applied only when every one applied it."""
+    states = {r.state for r in results}
+    if "timed out" in states:
+        return "timed out"
+    if states != {"applied"}:
+        order = ("rejected", "overridden", "missed", "superseded", "not running")
+        return next((s for s in order if s in states), "applied")
+    return "applied"
+
+
+def how_it_ended(status: pb.ReplicaStatus) -> str:
+    """A replica that runs no more, in a few words: "exited 0 at step 3000"."""
+    word = ENDED.get(status.state, "ended")
+    code = f" {status.exit_code}" if status.state != pb.STOPPED else ""
+    return f"{word}{code} at step {status.status.step}"
+
+
+def parameters(
+    replica: str,
+    specs: dict[str, P.ParamSpec],
+    status: pb.Status | None,
+    outcomes: dict[tuple[str, str], pb.Outcome],
+) -> list[dict[str, Any]]:
+    """One replica's parameters as `get` and the page list them: the value in effect, the
+    script's own (its current value, which `unset` goes back to), whether loomrun steers
+    it and holds it, and its last change."""
+    values = status.values if status is not None else {}
+    own_values = status.own if status is not None else {}
+    held = set(status.held) if status is not None else set()
+    listing = []
+    for spec in specs.values():
+        last = outcomes.get((replica, spec.name))
+        applied = last is not None and last.state == pb.APPLIED and not last.ended
+        since = applied and (status is None or last.time > status.time)
+        if since and last.new.WhichOneof("kind"):
+            value = P.from_pb(last.new)  # applied since the last status (4 times a second)
+        elif spec.name in values:
+            value = P.from_pb(values[spec.name])
+        else:
+            value = spec.default
+        if spec.builtin:  # the optimizer's: the worker says what it steers
+            steered = spec.name in own_values
+            own = P.from_pb(own_values[spec.name]) if steered else value
+            if since:
+                steered = last.kind != pb.UNSET
+        else:
+            own = spec.default
+            steered = applied and last.kind != pb.UNSET and own is not None and value != own
+        bounds = [f"{k} {v:g}" for k, v in (("min", spec.min), ("max", spec.max)) if v is not None]
+        listing.append(
+            {
+                "replica": replica,
+                "name": spec.name,
+                "type": spec.type_name,
+                "bounds": ", ".join(bounds),
+                "builtin": spec.builtin,
+                "doc": spec.doc,
+                "value": value,
+                "own": own,
+                "steered": steered,
+                "held": spec.name in held and steered,
+                "changed_at_step": last.step if applied else None,
+                "changed_at": last.time if applied else None,
+            }
+        )
+    return listing
+
+
+def with_ended(job, results, ended: dict[str, str], names, kind) -> list[Result]:
+    """The results of the targets that run no more: not sent, and how each ended."""
+    for replica, how in ended.items():
+        for name in names:
+            requested = names[name] if isinstance(names, dict) else None
+            results.append(Result(job, replica, name, requested, kind=kind, not_running=how))
+    return results

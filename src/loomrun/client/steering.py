@@ -1,0 +1,326 @@
+"""The steering client: what `loomrun set/get/pause/resume/ls` do over NATS, from Python too.
+
+    async with Steering.connect(BrokerOptions("nats://127.0.0.1:4222")) as steering:
+        results = await steering.set("train-1a2b3c", {"lr": "0.002"}, replicas=["r1"])
+
+A change is checked against the schema the targeted replicas published before anything is
+written; then it is written as desired state, and `set` waits for every replica's outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from loomrun import buckets
+from loomrun import params as P
+from loomrun import subjects as S
+from loomrun._proto import loomrun_pb2 as pb
+from loomrun.broker.connect import BrokerOptions, connect_client
+from loomrun.client.checks import check, whole_process_groups
+from loomrun.client.correlator import Correlator
+from loomrun.client.model import (
+    ENDED,
+    NEVER_USED,
+    Job,
+    ReplicaSchema,
+    Result,
+    SteerError,
+    how_it_ended,
+    suggest,
+    this_run,
+    with_ended,
+)
+
+
+class Steering:
+    """A connection to the broker and the job state on it: the queries (jobs, schemas,
+    statuses, outcomes, the ledger, the metric history), the checks of a change, and
+    set, unset and pause, whose answers the Correlator waits for."""
+
+    def __init__(self, nc):
+        self.nc = nc
+        self._js = None
+        self._kv: dict[str, Any] = {}
+        # A long-lived client (the Python API) reads the schemas once; a missing name or
+        # replica makes it read them again, since workers declare parameters as they go.
+        self._schemas: dict[str, dict[str, ReplicaSchema]] = {}
+        self._jobs: dict[str, tuple[Job, float]] = {}  # job -> (it, when it was read)
+        self.job_ttl = 1.0
+        self.answers = Correlator(nc)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(cls, options: BrokerOptions, timeout: float = 3.0, reconnect: bool = False):
+        nc = await connect_client(options, timeout, reconnect)
+        steering = cls(nc)
+        try:
+            yield steering
+        finally:
+            await steering.close()
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+    @property
+    def js(self):
+        """nats-py's JetStream, for what a command never does (watching, the ledger)."""
+        if self._js is None:
+            self._js = self.nc.jetstream()
+        return self._js
+
+    async def kv(self, bucket: str):
+        if bucket not in self._kv:
+            from nats.js.errors import BucketNotFoundError
+
+            try:
+                self._kv[bucket] = await self.js.key_value(bucket)
+            except BucketNotFoundError:
+                raise SteerError(NEVER_USED) from None
+        return self._kv[bucket]
+
+    async def entries(self, bucket: str, pattern: str) -> dict[str, bytes]:
+        """The current value of every key matching `pattern` (see buckets.snapshot)."""
+        try:
+            return await buckets.snapshot(self.nc, bucket, pattern)
+        except buckets.BucketMissing:
+            raise SteerError(NEVER_USED) from None
+        except buckets.BucketError as error:
+            raise SteerError(str(error)) from None
+
+    async def jobs(self) -> list[Job]:
+        jobs: dict[str, Job] = {}
+        for data in (await self.entries(S.JOBS, ">")).values():
+            try:
+                info = pb.JobInfo.FromString(data)
+            except DecodeError:
+                continue
+            jobs.setdefault(info.job, Job(info.job)).nodes.append(info)
+        for found in jobs.values():
+            found.nodes = this_run(found.nodes)
+        return sorted(jobs.values(), key=lambda j: min(n.started for n in j.nodes))
+
+    async def job(self, job: str | None) -> Job:
+        """The job named, or the only running one; otherwise an error that lists them.
+        A job is read again after `job_ttl` seconds: a node may have joined it."""
+        cached = self._jobs.get(job)
+        if cached is not None and time.monotonic() - cached[1] < self.job_ttl:
+            return cached[0]
+        jobs = await self.jobs()
+        running = [j for j in jobs if not j.lost and not j.finished]
+        if job is None:
+            if len(running) == 1:
+                return running[0]
+            if not running:
+                raise SteerError("no loomrun job is running on this broker")
+            names = ", ".join(j.job for j in running)
+            raise SteerError(f"{len(running)} jobs are running ({names}): choose one with --job")
+        for candidate in jobs:
+            if candidate.job == job:
+                self._jobs[job] = (candidate, time.monotonic())
+                return candidate
+        known = [j.job for j in running]
+        listing = f"running: {', '.join(known)}" if known else "no job is running"
+        raise SteerError(f"no job {job!r} on this broker{suggest(job, known)}; {listing}")
+
+    def targets(self, job: Job, replicas: list[str] | None) -> list[str]:
+        if not replicas:
+            return job.replicas
+        unknown = [r for r in replicas if r not in job.replicas]
+        if unknown:
+            raise SteerError(
+                f"job {job.job} has no replica {unknown[0]!r}{suggest(unknown[0], job.replicas)} "
+                f"(it has {', '.join(job.replicas)})"
+            )
+        return list(dict.fromkeys(replicas))
+
+    async def schemas(self, job: str, fresh: bool = True) -> dict[str, ReplicaSchema]:
+        """What every replica of the job published (a replica that has not yet is absent)."""
+        if not fresh and job in self._schemas:
+            return self._schemas[job]
+        found = {}
+        for key, data in (await self.entries(S.STATE, S.schema(job))).items():
+            replica = S.replica_of(key)
+            try:
+                schema = pb.Schema.FromString(data)
+                specs = {s.name: P.spec_from_pb(s) for s in schema.params}
+            except (DecodeError, P.ParamError) as error:
+                raise SteerError(
+                    f"{replica} of {job} published a malformed schema ({error})"
+                ) from None
+            found[replica] = ReplicaSchema(specs, schema.group_size)
+        self._schemas[job] = found
+        return found
+
+    async def schema(self, job: str, replica: str) -> dict[str, P.ParamSpec]:
+        found = (await self.schemas(job)).get(replica)
+        if found is None:
+            raise SteerError(f"{replica} of {job} has not published its parameters yet")
+        return found.specs
+
+    async def statuses(self, job: str) -> dict[str, pb.ReplicaStatus]:
+        out = {}
+        for key, data in (await self.entries(S.STATUS, S.status(job))).items():
+            with contextlib.suppress(DecodeError):
+                out[S.replica_of(key)] = pb.ReplicaStatus.FromString(data)
+        return out
+
+    def ledger(self, job: str, follow: bool = False):
+        """The job's change ledger from the broker, oldest first (see client.records)."""
+        from loomrun.client.records import ledger
+
+        return ledger(self.nc, self.js, job, follow)
+
+    async def history(
+        self, job: str, replicas: list[str], timeout: float = 3.0
+    ) -> dict[str, pb.MetricSeries]:
+        """Each replica's metric history, from its supervisor while the job runs; a replica
+        whose supervisor does not answer (the job ended) is left out."""
+        from nats.errors import Error as NatsError
+
+        async def ask(replica: str) -> pb.MetricSeries | None:
+            try:
+                reply = await self.nc.request(S.history(job, replica), b"", timeout=timeout)
+                return pb.MetricSeries.FromString(reply.data)
+            except (NatsError, asyncio.TimeoutError, DecodeError):
+                return None
+
+        found = await asyncio.gather(*(ask(r) for r in replicas))
+        return {r: series for r, series in zip(replicas, found, strict=True) if series is not None}
+
+    async def outcomes(self, job: str) -> dict[tuple[str, str], pb.Outcome]:
+        out = {}
+        for key, data in (await self.entries(S.STATE, S.outcome(job))).items():
+            with contextlib.suppress(DecodeError):
+                out[S.split_outcome(key)] = pb.Outcome.FromString(data)
+        return out
+
+    async def check(
+        self, job: str, replicas: list[str], changes: dict[str, Any], convert: bool = True
+    ) -> dict[str, dict[str, Any]]:
+        """Convert and validate every change for every replica; nothing is written."""
+        if S.PAUSE in changes:
+            raise SteerError("pause is not a parameter: use `loomrun pause` and `loomrun resume`")
+        schemas = await self.schemas(job, fresh=False)
+        if any(r not in schemas or not set(changes) <= set(schemas[r].specs) for r in replicas):
+            schemas = await self.schemas(job)
+        return check(schemas, job, replicas, changes, convert)
+
+    async def _whole_process_groups(self, job: Job, targets: list[str], force: bool) -> bool:
+        """True when the change may go to each target at once; refuse part of a group."""
+        cached = self._schemas.get(job.job, {})
+        return await whole_process_groups(
+            job, targets, force, cached, lambda: self.schemas(job.job)
+        )
+
+    async def set(
+        self,
+        job: str | None,
+        changes: dict[str, Any],
+        replicas: list[str] | None = None,
+        at_step: int | None = None,
+        timeout: float = 30.0,
+        wait: bool = True,
+        force: bool = False,
+        hold: bool = False,
+    ) -> list[Result]:
+        """Check, write and (unless wait=False) wait for every replica's own answer. With
+        `hold`, lr stays at exactly the value whatever the script's schedule says."""
+        not_lr = [name for name in changes if name != "lr" and not name.startswith("lr.")]
+        if hold and not_lr:
+            raise SteerError(
+                f"--hold is for lr and lr.N (it keeps lr off the script's schedule); "
+                f"{not_lr[0]} keeps exactly the value set without it"
+            )
+        found = await self.job(job)
+        targets = self.targets(found, replicas)
+        checked = await self.check(found.job, targets, changes)
+        at_once = await self._whole_process_groups(found, targets, force)
+        ended = await self._not_running(found.job, targets)
+        writes = [
+            (r, name, S.desired_param(found.job, r, name), value)
+            for r in targets
+            if r not in ended
+            for name, value in checked[r].items()
+        ]
+        kind = pb.HOLD if hold else pb.SET
+        results = await self.answers.write_and_wait(
+            found.job, writes, at_step or 0, at_once, timeout, wait, kind
+        )
+        return with_ended(found.job, results, ended, changes, kind)
+
+    async def _not_running(self, job: str, targets: list[str]) -> dict[str, str]:
+        """The targets that run no more, and how each ended: no change is sent to them (no
+        worker would answer it, and nothing of an earlier run may answer for it)."""
+        try:
+            statuses = await self.statuses(job)
+        except SteerError:  # no status kept yet (a broker started anew): none known ended
+            return {}
+        return {
+            r: how_it_ended(statuses[r])
+            for r in targets
+            if r in statuses and statuses[r].state in ENDED
+        }
+
+    async def unset(
+        self,
+        job: str | None,
+        names: list[str],
+        replicas: list[str] | None = None,
+        timeout: float = 30.0,
+        wait: bool = True,
+        force: bool = False,
+    ) -> list[Result]:
+        """Each parameter back to the script: an optimizer's value to what the script's own
+        schedule computes from the step it lands at (unscaled), a declared one to its
+        default. Through the same acknowledged path as `set`."""
+        found = await self.job(job)
+        targets = self.targets(found, replicas)
+        await self.check(found.job, targets, dict.fromkeys(names, None), convert=False)
+        schemas = self._schemas[found.job]
+        at_once = await self._whole_process_groups(found, targets, force)
+        ended = await self._not_running(found.job, targets)
+        writes = []
+        for replica in targets:
+            for name in names:
+                spec = schemas[replica].specs[name]
+                if not spec.builtin and spec.default is None:
+                    raise SteerError(f"{name} of {replica} has no value of the script's own")
+                if replica not in ended:
+                    key = S.desired_param(found.job, replica, name)
+                    writes.append((replica, name, key, None))
+        results = await self.answers.write_and_wait(
+            found.job, writes, 0, at_once, timeout, wait, pb.UNSET
+        )
+        return with_ended(found.job, results, ended, names, pb.UNSET)
+
+    async def pause(
+        self,
+        job: str | None,
+        paused: bool,
+        replicas: list[str] | None = None,
+        at_step: int | None = None,
+        timeout: float = 30.0,
+        wait: bool = True,
+        force: bool = False,
+    ) -> list[Result]:
+        """Pause (or resume) replicas between two steps; ranks of a group at one step."""
+        found = await self.job(job)
+        targets = self.targets(found, replicas)
+        await self.schemas(found.job)
+        # Resuming needs no agreement: paused ranks all stand at one step already.
+        at_once = await self._whole_process_groups(found, targets, force) or not paused
+        ended = await self._not_running(found.job, targets)
+        writes = [
+            (r, S.PAUSE, S.desired_pause(found.job, r), paused) for r in targets if r not in ended
+        ]
+        results = await self.answers.write_and_wait(
+            found.job, writes, at_step or 0, at_once, timeout, wait
+        )
+        return with_ended(found.job, results, ended, {S.PAUSE: paused}, pb.SET)
+
+    async def close(self) -> None:
+        await self.answers.close()
