@@ -91,6 +91,6 @@ class LoomCallback(Callback):
             return
         # The tensors themselves: the worker reads their values only when a status is due
         # (a few times a second), so a GPU metric does not sync the device every batch.
-        worker.report(
+        worker.metrics.report(
             {k: v for k, v in trainer.callback_metrics.items() if getattr(v, "numel", int)() == 1}
         )

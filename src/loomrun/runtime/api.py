@@ -189,7 +189,7 @@ def step(**metrics: Any) -> None:
     if worker is None:
         return
     if metrics:
-        worker.report(metrics)
+        worker.metrics.report(metrics)
     worker.explicit_steps = True
     worker.boundary()
 
@@ -198,4 +198,4 @@ def report(**metrics: Any) -> None:
     """Report metrics (loss=..., acc=...) with the next status, without a step boundary."""
     worker = _worker.current
     if worker is not None:
-        worker.report(metrics)
+        worker.metrics.report(metrics)

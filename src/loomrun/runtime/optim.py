@@ -530,11 +530,11 @@ def _track_loss(worker: Worker) -> None:
     scaled: list = [None, None]  # the last scaled loss, and the loss it was scaled from
 
     def tracked_backward(self, *args, **kwargs):
-        if not worker.own_loss and self.dim() == 0:
+        if not worker.metrics.own_loss and self.dim() == 0:
             loss = self
             if self is scaled[0]:
                 loss = scaled[1]
-            worker.metrics["loss"] = loss.detach()
+            worker.metrics.reported["loss"] = loss.detach()
         scaled[0] = scaled[1] = None
         return backward(self, *args, **kwargs)
 
@@ -542,7 +542,11 @@ def _track_loss(worker: Worker) -> None:
         @functools.wraps(scale)
         def tracked_scale(self, outputs):
             out = scale(self, outputs)
-            if not worker.own_loss and isinstance(outputs, torch.Tensor) and outputs.dim() == 0:
+            if (
+                not worker.metrics.own_loss
+                and isinstance(outputs, torch.Tensor)
+                and outputs.dim() == 0
+            ):
                 scaled[0], scaled[1] = out, outputs
             return out
 

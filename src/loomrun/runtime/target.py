@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Callable
 from typing import Any
 
 from loomrun import params as P
+from loomrun._proto import loomrun_pb2 as pb
 
 
 class Target:
@@ -34,6 +37,61 @@ class Target:
         self.own = own or _nothing
         self.held = held or _never
         self.kept = kept
+
+    def apply(self, want: pb.DesiredParam, outcome: pb.Outcome) -> bool:
+        """Put the change `want` into effect, and say so in `outcome` (old, new, reason);
+        False (the reason said) when the value is refused or the handler raised."""
+        name = self.spec.name
+        try:
+            old = self.get()
+            if want.kind == pb.UNSET:
+                self.unset()
+                with contextlib.suppress(TypeError, ValueError, P.ParamError):
+                    outcome.new.CopyFrom(P.to_pb(self.get()))
+            else:
+                value = P.check(self.spec, P.from_pb(want.value))
+                if self.kept:
+                    self.put(value, want.kind == pb.HOLD)
+                else:
+                    self.put(value)
+        except P.ParamError as error:
+            outcome.reason = str(error)
+            return False
+        except Exception as error:  # noqa: BLE001 - a handler's failure is a rejection
+            outcome.reason = f"{name} handler raised {type(error).__name__}: {error}"
+            return False
+        if old is not None:
+            with contextlib.suppress(TypeError, ValueError):  # one the wire cannot carry
+                outcome.old.CopyFrom(P.to_pb(old))
+        outcome.state = pb.APPLIED
+        if self.kept and want.kind != pb.UNSET and isinstance(value, float):
+            now = self.get()
+            if isinstance(now, float) and not math.isclose(now, value, rel_tol=1e-9):
+                # `new` stays what was asked (a replay asks it again); the reason says
+                # what is in effect meanwhile.
+                outcome.reason = (
+                    f"in effect: {P.format_value(now)}, not {P.format_value(value)}: the "
+                    "floor its scheduler was given (eta_min, min_lrs), while the schedule "
+                    "times new/old is below it"
+                )
+        return True
+
+    def show(self, status: pb.Status, largest: int) -> None:
+        """This target's value into a status (and the script's own, when steered); one
+        that cannot be read, or is over `largest` bytes, is left out."""
+        name = self.spec.name
+        try:
+            value = self.get()
+            if value is not None:
+                wire = P.to_pb(value)
+                if wire.ByteSize() <= largest:
+                    status.values[name].CopyFrom(wire)
+            if self.kept and (own := self.own()) is not None:
+                status.own[name].CopyFrom(P.to_pb(own))
+                if self.held():
+                    status.held.append(name)
+        except Exception:  # noqa: BLE001 - a value we cannot read is left out
+            return
 
     def unset(self) -> None:
         """Back to the script: its own value (a declared parameter's default)."""

@@ -20,7 +20,6 @@ the same changes at the same step, or none.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
 import math
 import os
@@ -34,19 +33,21 @@ from loomrun import params as P
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.mailbox import Mailbox, MailboxError
 from loomrun.outcomes import answer
+from loomrun.runtime.answers import LARGEST_VALUE, AnswerBook
+from loomrun.runtime.metrics import Metrics
 from loomrun.runtime.target import Target
 from loomrun.subjects import PAUSE
 
 STATUS_INTERVAL = 0.1
-DEVICE_READ_INTERVAL = 1.0  # seconds between reads of a metric that lives on a GPU
 PAUSE_POLL = 0.005
-RECENT_OUTCOMES = 512
-LARGEST_VALUE = 2048  # bytes of a value repeated in an outcome or a status; larger: left out
 _NEVER = math.inf
 
 
 class Worker:
-    """One worker's runtime state, bound to its mailbox."""
+    """One worker's runtime state, bound to its mailbox: the step boundary, the desired
+    state and its agreement among ranks, applying changes to the targets, and the status.
+    Its answers are kept by an AnswerBook, its metrics by Metrics. Made by `attach` in a
+    worker process; runtime.api, runtime.optim and runtime.group call it."""
 
     def __init__(self, mailbox: Mailbox):
         self.mailbox = mailbox
@@ -54,16 +55,9 @@ class Worker:
         self.explicit_steps = False
         self.paused = False
         self.targets: dict[str, Target] = {}
-        # Metrics as reported (a tensor stays a tensor): converted only when a status is due,
-        # so reporting a GPU loss every step does not sync the device every step.
-        self.metrics: dict[str, Any] = {}
-        # The script reports a loss of its own: the one torch's backward saw is not taken.
-        self.own_loss = False
-        self._device_numbers: dict[str, float] = {}  # GPU metrics as last read
-        self._next_device_read = 0.0
-        # Called with (name, new value, the step it took effect at) of each applied change,
-        # once it is answered (LoomCallback logs them).
-        self.applied_listeners: list = []
+        self.metrics = Metrics(self.warn_once)
+        self.answers = AnswerBook(self.warn_once)
+        self.applied_listeners = self.answers.listeners
         # The process group's agreement (runtime.group), once torch.distributed is set up.
         self.group = None
         # Launched as one of several ranks: until the script sets up its process group or
@@ -74,23 +68,13 @@ class Worker:
         self._seq_view = mailbox.desired.seq
         self._seen = 0
         self._desired = pb.DesiredState()
-        self._answered: dict[str, str] = {}  # name -> id of the change last answered
-        self._in_effect: dict[str, str] = {}  # name -> id of the change last applied
-        self._in_effect_want: dict[str, pb.DesiredParam] = {}  # name -> that change
-        # Changes to values an optimizer steps with, applied at this boundary: answered
-        # after the step, applied or overridden (written over by the step itself).
-        self._unconfirmed: dict[str, pb.Outcome] = {}
         # Checks run with each status: each returns the steered names no longer in effect
         # (name -> why), as runtime.optim's Optimizers.replaced_groups.
         self.audits: dict[Any, Any] = {}
         self._scheduled: dict[str, pb.DesiredParam] = {}  # agreed, waiting for their step
-        self._recent: deque[pb.Outcome] = deque(maxlen=RECENT_OUTCOMES)
         self._replay: deque[dict] = deque()  # recorded changes, each for its step
-        self._outcome_seq = 0
         self._due = _NEVER
         self._next_status = 0.0
-        self._rate_mark: tuple[float, int] | None = None
-        self._rate = 0.0
         self._warned: set[str] = set()
 
     # -- the hot path --------------------------------------------------------------
@@ -116,8 +100,8 @@ class Worker:
             if self.paused:
                 self._due = 0  # paused before the first step: stop at the first boundary
             return
-        if self.paused and self._unconfirmed:
-            self.stepped(set(self._unconfirmed), {})  # no step while paused: as they stand
+        if self.paused and self.answers.parked():  # no step while paused: as they stand
+            self.stepped(self.answers.parked(), {})
         while self.paused:
             time.sleep(PAUSE_POLL)
             if self._read_desired() | self._settle(agree=False):
@@ -125,12 +109,6 @@ class Worker:
             now = time.monotonic()
             if now >= self._next_status:
                 self.write_status(now)
-
-    def _entries(self, desired: pb.DesiredState) -> dict[str, pb.DesiredParam]:
-        entries = dict(desired.params)
-        if desired.HasField("pause"):
-            entries[PAUSE] = desired.pause
-        return entries
 
     def _read_desired(self) -> bool:
         """Take the latest desired state; answer `superseded` for every change held unanswered
@@ -146,18 +124,18 @@ class Worker:
         self._seen = seq
         if desired is None:
             return False
-        now = self._entries(desired)
-        for name, held in self._entries(self._desired).items():
+        now = entries(desired)
+        for name, held in entries(self._desired).items():
             replaced = name not in now or now[name].change_id != held.change_id
             if replaced and self._open(name, held):
-                self._answer(self._outcome(name, held, pb.SUPERSEDED), quiet=True)
+                self._answer(answer(held, name, pb.SUPERSEDED, self.step), quiet=True)
         self._desired = desired
         return True
 
     def _open(self, name: str, want: pb.DesiredParam) -> bool:
         """Not answered yet, nor in effect (a change put back after a later one was missed),
         nor agreed on and waiting for its step."""
-        if want.change_id in (self._answered.get(name), self._in_effect.get(name)):
+        if self.answers.settled(name, want.change_id):
             return False
         scheduled = self._scheduled.get(name)
         return scheduled is None or scheduled.change_id != want.change_id
@@ -167,7 +145,9 @@ class Worker:
         step, due, answered = self.step, _NEVER, False
         while self._replay and self._replay[0]["step"] <= step:
             answered = True
-            self._answer(self._replayed(self._replay.popleft(), step), replayed=True)
+            recorded = self._replay.popleft()
+            outcome = self._decide(recorded["name"], recorded_change(recorded), step)
+            self._answer(outcome, replayed=True)
         if self._replay:
             due = self._replay[0]["step"]
         for name, want in list(self._scheduled.items()):
@@ -178,11 +158,11 @@ class Worker:
             else:
                 due = min(due, want.at_step)
         grouped = {}
-        for name, want in self._entries(self._desired).items():
+        for name, want in entries(self._desired).items():
             if not self._open(name, want):
                 continue
             base = want.base if want.HasField("base") else None
-            fresh = name not in self._answered and name not in self._in_effect
+            fresh = self.answers.fresh(name)
             if base is not None and fresh and self._open(name, base):  # a restart's start
                 if self._declared_later(name, step):
                     due = min(due, 2)
@@ -236,22 +216,7 @@ class Worker:
         scheduled = self._scheduled.get(name)
         if scheduled is not None and scheduled.change_id != change_id:
             del self._scheduled[name]
-            self._answer(self._outcome(name, scheduled, pb.SUPERSEDED), quiet=True)
-
-    def _replayed(self, recorded: dict, step: int) -> pb.Outcome:
-        """A change of a replayed record, at its step (or missed, if the worker is past it)."""
-        try:
-            value = P.to_pb(recorded["value"])
-        except (P.ParamError, TypeError, ValueError):
-            value = P.to_pb(str(recorded["value"]))
-        want = pb.DesiredParam(
-            value=value, at_step=recorded["step"], origin="replay",
-            change_id=str(recorded.get("change_id", "")),
-            kind={"hold": pb.HOLD, "unset": pb.UNSET}.get(recorded.get("kind"), pb.SET),
-        )  # fmt: skip
-        if want.kind == pb.UNSET:
-            want.ClearField("value")
-        return self._decide(recorded["name"], want, step)
+            self._answer(answer(scheduled, name, pb.SUPERSEDED, self.step), quiet=True)
 
     def replay(self, plan: list[dict]) -> None:
         """Apply these recorded changes, each at its step."""
@@ -260,71 +225,25 @@ class Worker:
 
     def _decide(self, name: str, want: pb.DesiredParam, step: int, agreed=False) -> pb.Outcome:
         if 0 < want.at_step < step:
-            outcome = self._outcome(name, want, pb.MISSED)
-            if agreed:
-                outcome.reason = (
-                    f"the ranks agreed on it at step {step}, after its step {want.at_step}: "
-                    "no rank applied it"
-                )
-            else:
-                outcome.reason = f"it arrived at step {step}, after its step {want.at_step}"
-            return outcome
+            return answer(want, name, pb.MISSED, step, missed(want.at_step, step, agreed))
         if name == PAUSE:
             return self._set_paused(want)
         return self._apply(name, want)
 
-    def _outcome(self, name: str, want: pb.DesiredParam, state) -> pb.Outcome:
-        return answer(want, name, state, self.step)
-
     def _apply(self, name: str, want: pb.DesiredParam) -> pb.Outcome:
-        outcome = self._outcome(name, want, pb.REJECTED)
+        outcome = answer(want, name, pb.REJECTED, self.step)
         target = self.targets.get(name)
         if target is None:
             known = ", ".join(sorted(self.targets)) or "none declared"
             outcome.reason = f"unknown parameter {name!r} (this replica has: {known})"
-            return outcome
-        try:
-            old = target.get()
-            if want.kind == pb.UNSET:
-                target.unset()
-                with contextlib.suppress(TypeError, ValueError, P.ParamError):
-                    outcome.new.CopyFrom(P.to_pb(target.get()))
-            else:
-                value = P.check(target.spec, P.from_pb(want.value))
-                if target.kept:
-                    target.put(value, want.kind == pb.HOLD)
-                else:
-                    target.put(value)
-        except P.ParamError as error:
-            outcome.reason = str(error)
-            return outcome
-        except Exception as error:  # noqa: BLE001 - a handler's failure is a rejection
-            outcome.reason = f"{name} handler raised {type(error).__name__}: {error}"
-            return outcome
-        if old is not None:
-            with contextlib.suppress(TypeError, ValueError):  # one the wire cannot carry
-                outcome.old.CopyFrom(P.to_pb(old))
-        outcome.state = pb.APPLIED
-        self._in_effect_want[name] = want
-        if target.kept and want.kind != pb.UNSET and isinstance(value, float):
-            now = target.get()
-            if isinstance(now, float) and not math.isclose(now, value, rel_tol=1e-9):
-                # `new` stays what was asked (a replay asks it again); the reason says
-                # what is in effect meanwhile.
-                outcome.reason = (
-                    f"in effect: {P.format_value(now)}, not {P.format_value(value)}: the "
-                    "floor its scheduler was given (eta_min, min_lrs), while the schedule "
-                    "times new/old is below it"
-                )
-        if target.kept and want.kind != pb.UNSET and not self.paused:
-            earlier = self._unconfirmed.pop(name, None)  # a newer one before any step ran
-            if earlier is not None:
-                self._publish(earlier)
-            self._unconfirmed[name] = outcome  # answered once a step ran with it
+        elif target.apply(want, outcome):
+            self.answers.took(name, want)
+            if target.kept and want.kind != pb.UNSET and not self.paused:
+                self.answers.park(name, outcome)  # answered once a step ran with it
         return outcome
 
     def _set_paused(self, want: pb.DesiredParam) -> pb.Outcome:
-        outcome = self._outcome(PAUSE, want, pb.REJECTED)
+        outcome = answer(want, PAUSE, pb.REJECTED, self.step)
         if want.value.WhichOneof("kind") != "b":
             outcome.reason = "the paused flag must be a boolean"
             return outcome
@@ -340,75 +259,20 @@ class Worker:
         and none is applied again for it."""
         if not quiet and not replayed:
             self._supersede_scheduled(outcome.name, outcome.change_id)
-            self._answered[outcome.name] = outcome.change_id
-        if outcome.state == pb.APPLIED and not replayed:
-            self._in_effect[outcome.name] = outcome.change_id
-        if self._unconfirmed.get(outcome.name) is not outcome:
-            self._publish(outcome)
+        self.answers.give(outcome, quiet, replayed)
 
     def stepped(
         self, done: set[str], replaced: dict[str, Any], why: dict[str, str] | None = None
     ) -> None:
-        """After an optimizer's step, while loomrun steers: the changes it was the last to
-        run with (`done`) are answered, applied or overridden; a change in effect that the
-        step wrote over (`replaced`: name -> the value found) has ended. `why` says what
-        ended a change, when not the step."""
-        if not (self._unconfirmed and done) and not replaced:
-            return
-        for name in [n for n in self._unconfirmed if n in done or n in replaced]:
-            outcome = self._unconfirmed.pop(name)
-            if name in replaced:
-                found = P.format_value(replaced.pop(name))
-                outcome.state = pb.OVERRIDDEN
-                outcome.reason = (
-                    f"the optimizer's own step {outcome.step} wrote {name}={found} over it: "
-                    "loomrun cannot keep it in effect here"
-                )
-            self._publish(outcome)
-        for name, value in replaced.items():
-            want = self._in_effect_want.get(name, pb.DesiredParam())
-            ended = self._outcome(name, want, pb.OVERRIDDEN)
-            ended.ended = True
-            ended.reason = (why or {}).get(name) or (
-                f"the optimizer's own step {self.step} wrote {name}="
-                f"{P.format_value(value)} over it: no longer in effect"
-            )
-            ended.new.Clear()
-            with contextlib.suppress(TypeError, ValueError, P.ParamError):
-                ended.new.CopyFrom(P.to_pb(value))
-            ended.old.CopyFrom(want.value)
-            self._publish(ended)
-        self._write_acks()
-
-    def _publish(self, outcome: pb.Outcome) -> None:
-        """An answer goes out: to the listeners when applied, then to the acks."""
-        if outcome.state == pb.APPLIED:
-            for listener in self.applied_listeners:
-                try:
-                    listener(outcome.name, P.from_pb(outcome.new), outcome.step)
-                except Exception as error:  # noqa: BLE001 - a listener never breaks a step
-                    self.warn_once(f"a listener of applied changes failed: {error!r}")
-        for value in (outcome.old, outcome.new):
-            if value.ByteSize() > LARGEST_VALUE:  # the client knows what it asked for
-                value.Clear()
-        self._outcome_seq += 1
-        outcome.seq = self._outcome_seq
-        self._recent.append(outcome)
+        """After an optimizer's step, while loomrun steers (see AnswerBook.stepped)."""
+        if self.answers.stepped(done, replaced, why, self.step):
+            self._write_acks()
 
     def _write_acks(self) -> None:
-        read = self.mailbox.outcomes_read[0]
-        while self._recent and self._recent[0].seq <= read:  # the supervisor has those
-            self._recent.popleft()
-        # Held too: the changes applied and waiting for their step's end to be answered
-        # (the supervisor must not take them for replaced before the worker read them).
-        waiting = [*self._scheduled.values(), *self._unconfirmed.values()]
-        acks = pb.Acks(
-            recent=self._recent,
-            read_version=self._desired.version,
-            scheduled=[w.change_id for w in waiting],
-        )
-        while acks.ByteSize() > self.mailbox.acks.capacity and len(acks.recent) > 1:
-            del acks.recent[: len(acks.recent) // 4 or 1]  # the oldest were read long ago
+        acks = self.answers.acks(
+            self.mailbox.outcomes_read[0], self._desired.version,
+            list(self._scheduled.values()), self.mailbox.acks.capacity,
+        )  # fmt: skip
         self._write(self.mailbox.acks, acks)
         self.write_status(time.monotonic())
 
@@ -444,71 +308,19 @@ class Worker:
 
     # -- status ----------------------------------------------------------------------
 
-    def report(self, metrics: dict[str, Any]) -> None:
-        if "loss" in metrics:
-            self.own_loss = True
-        self.metrics.update(metrics)
-
-    def _numbers(self, now: float, final: bool = False) -> dict[str, float]:
-        """The metrics as numbers. A tensor on a GPU is read at most once a second (reading
-        it waits for the device), and never while a CUDA graph is being captured."""
-        numbers = {}
-        read_devices = final or now >= self._next_device_read
-        for key, value in list(self.metrics.items()):
-            on_device = getattr(value, "is_cuda", False) or getattr(value, "is_xpu", False)
-            if on_device and not (read_devices and _may_sync(value)):
-                if key in self._device_numbers:
-                    numbers[key] = self._device_numbers[key]
-                continue
-            try:
-                numbers[key] = float(value)
-            except (TypeError, ValueError, RuntimeError):
-                del self.metrics[key]
-                self.warn_once(f"metric {key!r} is not a number ({value!r}); it is left out")
-                continue
-            if on_device:
-                self._device_numbers[key] = numbers[key]
-        if read_devices:
-            self._next_device_read = now + DEVICE_READ_INTERVAL
-        return numbers
-
     def write_status(self, now: float, final: bool = False) -> None:
         for audit in list(self.audits.values()):
             ended = audit()
             if ended:
                 found = {name: self.targets[name].get() for name in ended if name in self.targets}
                 self.stepped(set(), found, why=ended)  # writes the acks, and a status
-        if self._rate_mark is None:
-            if self.step > 0:  # the rate counts from the first step, not from start-up
-                self._rate_mark = (now, self.step)
-        else:
-            mark_time, mark_step = self._rate_mark
-            elapsed = now - mark_time
-            if elapsed >= 1.0 or (self._rate == 0.0 and elapsed >= STATUS_INTERVAL):
-                self._rate = (self.step - mark_step) / elapsed
-                self._rate_mark = (now, self.step)
+        rate, numbers = self.metrics.rate(now, self.step), self.metrics.numbers(now, final)
         status = pb.Status(
-            step=self.step,
-            steps_per_sec=self._rate,
-            metrics=self._numbers(now, final),
-            paused=self.paused,
-            time=time.time(),
-            pid=os.getpid(),
-            applied_version=self._desired.version,
-        )
-        for name, target in self.targets.items():
-            try:
-                value = target.get()
-                if value is not None:
-                    wire = P.to_pb(value)
-                    if wire.ByteSize() <= LARGEST_VALUE:
-                        status.values[name].CopyFrom(wire)
-                if target.kept and (own := target.own()) is not None:
-                    status.own[name].CopyFrom(P.to_pb(own))
-                    if target.held():
-                        status.held.append(name)
-            except Exception:  # noqa: BLE001, S112 - a value we cannot read is left out
-                continue
+            step=self.step, steps_per_sec=rate, metrics=numbers, paused=self.paused,
+            time=time.time(), pid=os.getpid(), applied_version=self._desired.version,
+        )  # fmt: skip
+        for target in self.targets.values():
+            target.show(status, LARGEST_VALUE)
         self._write(self.mailbox.status, status)
         self._next_status = now + STATUS_INTERVAL
 
@@ -516,8 +328,8 @@ class Worker:
         """At exit, however the script ended: where it really stopped, not the last periodic
         status (which can be a tenth of a second of steps behind)."""
         if not self.mailbox.closed:
-            if self._unconfirmed:  # no step after them: in effect as they stand
-                self.stepped(set(self._unconfirmed), {})
+            if self.answers.parked():  # no step after them: in effect as they stand
+                self.stepped(self.answers.parked(), {})
             self.write_status(time.monotonic(), final=True)
 
     def _write(self, slot, message) -> None:
@@ -532,12 +344,37 @@ class Worker:
             print(f"loomrun: {message}", file=sys.stderr, flush=True)
 
 
-def _may_sync(value) -> bool:
-    """Reading a CUDA tensor while a CUDA graph is captured would break the capture."""
-    import torch
+def missed(at_step: int, step: int, agreed: bool) -> str:
+    """Why a change due at `at_step` was applied nowhere, read (or agreed on) at `step`."""
+    if agreed:
+        return (
+            f"the ranks agreed on it at step {step}, after its step {at_step}: no rank applied it"
+        )
+    return f"it arrived at step {step}, after its step {at_step}"
 
-    capturing = getattr(torch.cuda, "is_current_stream_capturing", None)
-    return not (value.is_cuda and capturing is not None and capturing())
+
+def entries(desired: pb.DesiredState) -> dict[str, pb.DesiredParam]:
+    """A desired state's changes by name, the pause flag's too."""
+    found = dict(desired.params)
+    if desired.HasField("pause"):
+        found[PAUSE] = desired.pause
+    return found
+
+
+def recorded_change(recorded: dict) -> pb.DesiredParam:
+    """A change of a replayed record (loomrun.replay), due at its step."""
+    try:
+        value = P.to_pb(recorded["value"])
+    except (P.ParamError, TypeError, ValueError):
+        value = P.to_pb(str(recorded["value"]))
+    want = pb.DesiredParam(
+        value=value, at_step=recorded["step"], origin="replay",
+        change_id=str(recorded.get("change_id", "")),
+        kind={"hold": pb.HOLD, "unset": pb.UNSET}.get(recorded.get("kind"), pb.SET),
+    )  # fmt: skip
+    if want.kind == pb.UNSET:
+        want.ClearField("value")
+    return want
 
 
 current: Worker | None = None
