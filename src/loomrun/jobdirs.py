@@ -4,6 +4,7 @@ and the run directory of the workers' error files and logs."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -78,3 +79,44 @@ class RunDir:
     def release(self) -> None:
         if self._own:
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+class JobDirs:
+    """A run's folders, owned by the Supervisor: claimed at its start (`claim`), with an
+    earlier run's records set aside; the per-attempt folders of its workers; released at
+    its end."""
+
+    def __init__(self, spec: LaunchSpec):
+        self.spec = spec
+        self.records: list[Path] = []
+        self.run: RunDir | None = None
+        self._lock: int | None = None  # closed with the process: the lock goes with it
+
+    def claim(self, started: float) -> str:
+        """The job id made this run's on this host; the line that refuses it otherwise."""
+        from loomrun.control.ledger import set_aside_earlier
+
+        self.records = record_dirs(self.spec)
+        self._lock, refusal = claim_job_id(self.spec, self.records)
+        if refusal:
+            return refusal
+        self.run = RunDir(self.spec)
+        for folder in self.records:  # with or without a broker: no earlier run's records
+            set_aside_earlier(folder, started, self.spec.node_rank, self.spec.nnodes)
+        return ""
+
+    def attempt(self, replica: str, restarts: int) -> Path:
+        """The folder of one attempt of one replica: its error file, and logs."""
+        folder = self.run.path / f"attempt_{restarts}" / replica
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def replay_plan(self, replica: str, plan: list) -> Path:
+        """The replica's replay schedule, as the worker reads it (JSON)."""
+        path = self.run.path / f"replay-{replica}.json"
+        path.write_text(json.dumps(plan))
+        return path
+
+    def release(self) -> None:
+        if self.run is not None:
+            self.run.release()

@@ -68,6 +68,19 @@ class LaunchSpec:
         """Global names: node 1 of 2 with 4 per node has r4..r7."""
         return [f"r{self.rank_of(i)}" for i in range(self.nproc)]
 
+    def notices(self) -> list[str]:
+        """What the supervisor says as the job starts."""
+        names = self.replica_names()
+        shown = names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
+        steer = f", steer it with `loomrun set --job {self.job} ...`" if self.broker else ""
+        lines = [f"job {self.job}: {len(names)} replica(s) {shown}{steer}"]
+        if self.nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
+            lines.append(
+                "setting OMP_NUM_THREADS=1 for each worker to avoid overloading the machine; "
+                "set it yourself to tune it"
+            )
+        return lines
+
     def worker_command(self) -> list[str]:
         target = ["-m", self.module] if self.module else [self.script]
         return [sys.executable, "-m", "loomrun.runtime.boot", *target, *self.args]

@@ -43,6 +43,20 @@ class Replica:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
 
+    def failure(self, how: str, others: bool) -> list[str]:
+        """What the supervisor says of this replica's failure past its restarts: how it
+        ended, and the end of its error."""
+        runtime = time.monotonic() - self.started
+        tail = "; stopping the other replicas" if others else ""
+        lines = [
+            f"replica {self.name} failed: {how} (pid {self.proc.pid}, after {runtime:.1f}s){tail}"
+        ]
+        detail = self.error_detail()
+        if detail:
+            lines.append(f"last lines of {self.name}'s error:")
+            lines += [f"  {line}" for line in detail]
+        return lines
+
     def error_detail(self) -> list[str]:
         """The traceback torch's @record left, or else the end of the replica's stderr."""
         try:

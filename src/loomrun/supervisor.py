@@ -6,15 +6,13 @@ The supervisor never imports torch: starting it costs a Python start-up, not a t
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
-from pathlib import Path
 
 from loomrun.broker.bundled import sweep_orphan_brokers
 from loomrun.health import watch_progress
-from loomrun.jobdirs import RunDir, claim_job_id, record_dirs
+from loomrun.jobdirs import JobDirs
 from loomrun.launch import LaunchSpec, describe_exit, exit_code_of, free_port, worker_env
 from loomrun.lifeline import parent_env
 from loomrun.mailbox import Mailbox, MailboxError, new_segment_path, sweep_stale
@@ -43,9 +41,7 @@ class Supervisor:
         self.watchdog = Watchdog()
         self.workers = Workers(spec.grace, self.watchdog.tell, spec.console_filter)
         self.started = 0.0
-        self.record_dirs: list[Path] = []
-        self.run_dir: RunDir | None = None
-        self._job_lock: int | None = None  # closed with the process: the lock goes with it
+        self.dirs = JobDirs(spec)
         self._remote_failures: asyncio.Queue = asyncio.Queue()  # other nodes' GroupFailures
 
     # -- the main loop ---------------------------------------------------------
@@ -66,30 +62,17 @@ class Supervisor:
 
     async def _run(self) -> int:
         self.started = time.time()  # this run's, for what is on disk and on the broker
-        self.record_dirs = record_dirs(self.spec)
-        self._job_lock, running = claim_job_id(self.spec, self.record_dirs)
-        if running:
-            say(running)
+        refusal = self.dirs.claim(self.started)
+        if refusal:
+            say(refusal)
             return 2
-        self.run_dir = RunDir(self.spec)
-        from loomrun.control.ledger import set_aside_earlier
-
-        for folder in self.record_dirs:  # with or without a broker: no earlier run's records
-            set_aside_earlier(folder, self.started, self.spec.node_rank, self.spec.nnodes)
-        names = [r.name for r in self.replicas]
-        shown = names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
-        control = (
-            f", steer it with `loomrun set --job {self.spec.job} ...`" if self.spec.broker else ""
-        )
-        say(f"job {self.spec.job}: {len(names)} replica(s) {shown}{control}")
-        if self.spec.nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
-            say(
-                "setting OMP_NUM_THREADS=1 for each worker to avoid overloading the machine; "
-                "set it yourself to tune it"
-            )
+        for line in self.spec.notices():
+            say(line)
         code = 1
         try:
-            self._open_mailboxes()
+            for line in sweep_leftovers():
+                say(line)
+            self.mailboxes = open_mailboxes(self.spec.job, self.replicas, self.watchdog.tell)
             for replica in self.replicas:
                 await self._start(replica)
             self.watchdog.start()  # after the spawns too: a Python start-up of its own
@@ -115,7 +98,7 @@ class Supervisor:
                 await self.control.close(code)
             for mailbox in self.mailboxes.values():
                 mailbox.unlink()
-            self.run_dir.release()
+            self.dirs.release()
 
     async def _watch(self) -> int:
         waits = {asyncio.ensure_future(self._wait(r)): r for r in self.replicas}
@@ -254,18 +237,9 @@ class Supervisor:
             restart_from(self.mailboxes[replica.name])
 
     async def _fail(self, replica: Replica, returncode: int) -> None:
-        runtime = time.monotonic() - replica.started
         others = [r for r in self.replicas if r is not replica and r.alive]
-        tail = "; stopping the other replicas" if others else ""
-        say(
-            f"replica {replica.name} failed: {describe_exit(returncode)} "
-            f"(pid {replica.proc.pid}, after {runtime:.1f}s){tail}"
-        )
-        detail = replica.error_detail()
-        if detail:
-            say(f"last lines of {replica.name}'s error:")
-            for line in detail:
-                say(f"  {line}")
+        for line in replica.failure(describe_exit(returncode), bool(others)):
+            say(line)
         await self.workers.stop(others, signal.SIGTERM)
 
     # -- signals -------------------------------------------------------------------
@@ -297,9 +271,8 @@ class Supervisor:
 
     async def _start(self, replica: Replica) -> None:
         spec = self.spec
-        attempt_dir = self.run_dir.path / f"attempt_{replica.restarts}" / replica.name
-        attempt_dir.mkdir(parents=True, exist_ok=True)
-        replica.error_file = attempt_dir / "error.json"
+        attempt = self.dirs.attempt(replica.name, replica.restarts)
+        replica.error_file = attempt / "error.json"
         replica.error_file.unlink(missing_ok=True)
         env = worker_env(
             spec,
@@ -311,11 +284,9 @@ class Supervisor:
         )
         env["LOOMRUN_MAILBOX"] = str(self.mailboxes[replica.name].path)
         env.update(parent_env())  # the worker's boot asks to be killed when this process dies
-        if spec.replay and spec.replay.get(replica.name):
-            plan = self.run_dir.path / f"replay-{replica.name}.json"
-            plan.write_text(json.dumps(spec.replay[replica.name]))
-            env["LOOMRUN_REPLAY"] = str(plan)
-        logs = attempt_dir if spec.log_dir else None
+        if plan := (spec.replay or {}).get(replica.name):
+            env["LOOMRUN_REPLAY"] = str(self.dirs.replay_plan(replica.name, plan))
+        logs = attempt if spec.log_dir else None
         await self.workers.spawn(replica, spec.worker_command(), env, logs)
         if self.control is not None:
             self.control.replica_started(replica.name, replica.proc.pid, replica.restarts)
@@ -324,26 +295,13 @@ class Supervisor:
         """The NATS side: it connects while the workers start up, never ahead of them."""
         if self.spec.broker is None:
             return
-        from loomrun.control.plane import ControlPlane, ReplicaView
+        from loomrun.control.plane import ControlPlane
 
-        views = [ReplicaView(r.name, r.local_rank, self.mailboxes[r.name]) for r in self.replicas]
-        self.control = ControlPlane(
-            job=self.spec.job,
-            node_rank=self.spec.node_rank,
-            nnodes=self.spec.nnodes,
-            script=" ".join([self.spec.target_name, *self.spec.args]),
-            replicas=views,
-            options=self.spec.broker,
-            on_device_failure=self.fail_device,
-            wait_broker=self.spec.wait_broker,
+        self.control = ControlPlane.of(
+            self.spec, self.replicas, self.mailboxes, self.dirs.records, self.started,
+            on_device_failure=self.fail_device, on_node_failure=self._remote_failures.put_nowait,
             on_local_broker=lambda port: self.watchdog.tell(f"broker {port}"),
-            ledger_dirs=self.record_dirs,
-            started=self.started,
-        )
-        self.control.on_node_failure = self._remote_failures.put_nowait
-        for replica in self.replicas:
-            if replica.proc is not None:
-                self.control.replica_started(replica.name, replica.proc.pid, replica.restarts)
+        )  # fmt: skip
         await self.control.start()
 
     def _tell_exit(self, replica: Replica, code: int, text: str, restarting: bool = False) -> None:
@@ -369,17 +327,30 @@ class Supervisor:
         if self.control is not None:
             self.control.replica_hung(replica.name, hung)
 
-    def _open_mailboxes(self) -> None:
-        """One segment per replica, before any worker starts; kept across restarts."""
-        swept = sweep_stale()
-        if swept:
-            say(f"removed {len(swept)} shared-memory segment(s) left by loomrun jobs that died")
-        for port in sweep_orphan_brokers():
-            say(f"stopped the bundled NATS broker on port {port}, which no loomrun job used")
-        for replica in self.replicas:
-            path = new_segment_path(self.spec.job, replica.name)
-            self.watchdog.tell(f"segment {path}")
-            self.mailboxes[replica.name] = Mailbox.create(path)
+
+def sweep_leftovers() -> list[str]:
+    """What loomrun jobs that died left (shared memory, a bundled broker nobody uses),
+    removed; a line for each kind."""
+    lines = []
+    swept = sweep_stale()
+    if swept:
+        lines.append(
+            f"removed {len(swept)} shared-memory segment(s) left by loomrun jobs that died"
+        )
+    for port in sweep_orphan_brokers():
+        lines.append(f"stopped the bundled NATS broker on port {port}, which no loomrun job used")
+    return lines
+
+
+def open_mailboxes(job: str, replicas: list[Replica], tell) -> dict[str, Mailbox]:
+    """One segment per replica, before any worker starts; kept across restarts. The
+    watchdog (`tell`) removes them if the supervisor dies."""
+    mailboxes = {}
+    for replica in replicas:
+        path = new_segment_path(job, replica.name)
+        tell(f"segment {path}")
+        mailboxes[replica.name] = Mailbox.create(path)
+    return mailboxes
 
 
 def run(spec: LaunchSpec) -> int:

@@ -156,6 +156,27 @@ class ControlPlane:
         # Called with each GroupFailure of another node of this job (the supervisor's).
         self.on_node_failure: Callable[[pb.GroupFailure], None] | None = None
 
+    @classmethod
+    def of(
+        cls, spec, replicas, mailboxes, ledger_dirs, started, *, on_device_failure,
+        on_node_failure, on_local_broker,
+    ) -> ControlPlane:  # fmt: skip
+        """The control plane of a supervisor's job (a LaunchSpec) and its replicas (each
+        with name, local_rank, and proc once started), on their mailboxes."""
+        views = [ReplicaView(r.name, r.local_rank, mailboxes[r.name]) for r in replicas]
+        plane = cls(
+            job=spec.job, node_rank=spec.node_rank, nnodes=spec.nnodes,
+            script=" ".join([spec.target_name, *spec.args]), replicas=views,
+            options=spec.broker, on_device_failure=on_device_failure,
+            wait_broker=spec.wait_broker, on_local_broker=on_local_broker,
+            ledger_dirs=ledger_dirs, started=started,
+        )  # fmt: skip
+        plane.on_node_failure = on_node_failure
+        for replica in replicas:
+            if replica.proc is not None:
+                plane.replica_started(replica.name, replica.proc.pid, replica.restarts)
+        return plane
+
     # -- start and stop ---------------------------------------------------------------
 
     async def start(self) -> None:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from loomrun import params as P
 from loomrun.runtime.keep import Hold, HoldRatio, InEffect, Kept, Scale, _own_of, _plain
+from loomrun.runtime.steered import Steered
 from loomrun.runtime.target import Target
 
 if TYPE_CHECKING:
@@ -51,20 +52,15 @@ class Optimizers:
         # clears it before the id can be reused.
         self._primary_id: int | None = None
         self._primary_ref = None
-        # What is steered: (id of a param group, key) -> Kept; and per optimizer (by id, with
-        # a weakref to tell a reused id) the Kept of its groups and the handles of the step
-        # hooks it has while it has some (an optimizer with nothing steered has none).
-        self._kept: dict[tuple[int, str], Kept] = {}
-        self._by_optimizer: dict[int, tuple[weakref.ref, list[Kept], list]] = {}
-        self._stale: list = []  # hook handles to remove once no step is running them
         # The groups() of the param groups seen last (their ids), and which are not copies.
         self._shape: tuple = ()
         self._outer: set[int] = set()
-        # name -> (the step its change was applied at, the ids of the optimizers that have
-        # not stepped with it yet): its answer waits for the last of them, or for the next
-        # step's end (an optimizer that steps only now and then is not waited for).
-        self._awaiting: dict[str, tuple[int, set[int]]] = {}
-        self.steering = False  # something is steered: the schedulers' steps look
+        self.steered = Steered(worker)
+
+    @property
+    def steering(self) -> bool:
+        """Something is steered: the schedulers' steps look."""
+        return self.steered.steering
 
     @property
     def optimizers(self) -> list:
@@ -81,44 +77,6 @@ class Optimizers:
                 self.worker.boundary()
             return
         self._meet(optimizer)
-
-    @staticmethod
-    def _before(entries: list[Kept], optimizer, args, kwargs) -> None:
-        """A steered optimizer's own step pre-hook: the value in effect goes in where the
-        script wrote the group (Kept.before, inline: the hot path)."""
-        for kept in entries:
-            first = kept.first
-            if kept.group[kept.key] is not kept.put or (
-                first is not None and first.own is not kept.basis
-            ):
-                kept.settle(again=True, stepping=True)
-            if kept.plain is not None and not kept.swapped:
-                kept.group[kept.key] = kept.plain  # a float's arithmetic in the step
-
-    def _after(self, entries: list[Kept], optimizer, args, kwargs) -> None:
-        """A steered optimizer's own step post-hook: a value replaced during the step was
-        not in effect; the changes this step ran with can be answered."""
-        replaced: dict[str, Any] = {}
-        for kept in entries:
-            group, key = kept.group, kept.key
-            if group[key] is kept.plain and kept.put is not None:  # Kept.after, inline
-                group[key] = kept.put
-                continue
-            value = kept.after()
-            if value is not None and kept.rules:
-                replaced.setdefault(kept.active[0], _plain(value))
-        if not replaced and not self._awaiting:
-            return
-        done = set()
-        for name, (since, waiting) in list(self._awaiting.items()):
-            waiting.discard(id(optimizer))
-            waiting &= set(self._by_optimizer)  # an optimizer gone will not step
-            if not waiting or name in replaced or self.worker.step > since:
-                done.add(name)
-                del self._awaiting[name]
-        for name in replaced:
-            self._forget(name, in_hook=True)
-        self.worker.stepped(done, replaced)
 
     def _meet(self, optimizer) -> None:
         """First sight of an optimizer: track it, publish its keys, make it count if first."""
@@ -207,7 +165,7 @@ class Optimizers:
         group = self._group(key)
         if group is None:
             return None
-        kept = self._kept.get((id(group), "lr" if is_lr(key) else key))
+        kept = self.steered.kept.get((id(group), "lr" if is_lr(key) else key))
         if kept is None or not kept.rules:
             return None
         kept.refresh()  # the script may have written its value for the next step already
@@ -243,8 +201,8 @@ class Optimizers:
             wanted = tuple(value) if key == "betas" else value
             chosen = [(o, g) for o, _, g in groups if key in g]
             for optimizer, group in chosen:
-                self._keep(optimizer, group, key, None).rule(key, Hold(wanted))
-            self._arm(key, [o for o, _ in chosen])
+                self.steered.keep(optimizer, group, key, None).rule(key, Hold(wanted))
+            self.steered.arm(key, [o for o, _ in chosen])
             return
         index = int(key[3:]) if key != "lr" else 0
         if index >= len(groups):
@@ -259,7 +217,7 @@ class Optimizers:
                 )
         optimizer, _, lead = groups[index]
         if not hold:  # checked before anything is kept: a refusal leaves nothing behind
-            held = self._kept.get((id(lead), "lr"))
+            held = self.steered.kept.get((id(lead), "lr"))
             if held is not None:
                 held.refresh()  # what the script wrote since the last step is its own now
             own = held.own if held is not None else _own_of(lead["lr"])
@@ -270,103 +228,20 @@ class Optimizers:
                     f"use `--hold` to keep {key} at {P.format_value(value)}, or set it once "
                     "the schedule is above 0"
                 )
-        first = self._keep(optimizer, lead, "lr", None)
+        first = self.steered.keep(optimizer, lead, "lr", None)
         if hold:
             rules = [Hold(value)] + [HoldRatio(value)] * (len(chosen) - 1)
         else:
             rules = [Scale(value, base, self._floor(g)) for _, _, g in chosen]
         for (optimizer, _, group), rule in zip(chosen, rules, strict=True):
-            kept = self._keep(optimizer, group, "lr", first if group is not lead else None)
+            kept = self.steered.keep(optimizer, group, "lr", first if group is not lead else None)
             kept.rule(key, rule)
-        self._arm(key, [o for o, _, _ in chosen])
+        self.steered.arm(key, [o for o, _, _ in chosen])
 
     def unset(self, key: str) -> None:
         """Give `key` back to the script: its own value (its schedule) from the next step."""
-        self._awaiting.pop(key, None)
-        self._forget(key, in_hook=False)
-
-    def _keep(self, optimizer, group: dict, key: str, first: Kept | None) -> Kept:
-        kept = self._kept.get((id(group), key))
-        if kept is None or kept.group is not group:
-            kept = self._kept[(id(group), key)] = Kept(group, key, first)
-            self.worker.audits[self] = self.replaced_groups
-            found = self._by_optimizer.get(id(optimizer))
-            if found is None or found[0]() is not optimizer:
-                found = self._by_optimizer[id(optimizer)] = self._hook(optimizer)
-            if first is None:
-                found[1].insert(0, kept)  # a lead settles before the groups that follow it
-            else:
-                found[1].append(kept)
-        elif first is not None:
-            kept.first = first
-        return kept
-
-    def _forget(self, name: str, in_hook: bool) -> None:
-        """No rule of `name` any more; what has no rule left is the script's again."""
-        for key, kept in list(self._kept.items()):
-            if name not in kept.rules:
-                continue
-            kept.drop(name)
-            if kept.rules:
-                kept.settle(again=True)  # the rule under it is in effect again
-            else:
-                kept.give_back()
-                del self._kept[key]
-        for oid, (ref, entries, handles) in list(self._by_optimizer.items()):
-            entries[:] = [k for k in entries if k.rules]
-            if not entries or ref() is None:
-                del self._by_optimizer[oid]
-                self._stale += handles
-        self.steering = bool(self._by_optimizer)
-        if not in_hook:  # else a step is running them: they go at the next change
-            self._unhook()
-
-    def _hook(self, optimizer) -> tuple[weakref.ref, list[Kept], list]:
-        """The optimizer's own step hooks, over its steered groups."""
-        entries: list[Kept] = []
-        handles = [  # partials: no frame of their own on the hot path
-            optimizer.register_step_pre_hook(functools.partial(self._before, entries)),
-            optimizer.register_step_post_hook(functools.partial(self._after, entries)),
-        ]
-        return weakref.ref(optimizer), entries, handles
-
-    def _unhook(self) -> None:
-        for handle in self._stale:
-            handle.remove()
-        self._stale.clear()
-        if not self._by_optimizer:
-            self._awaiting.clear()
-
-    def _arm(self, name: str, optimizers: list) -> None:
-        for kept in list(self._kept.values()):
-            if kept.rules:
-                kept.settle(again=True)
-        self._unhook()
-        self._awaiting[name] = (self.worker.step, {id(o) for o in optimizers})
-        self.steering = True
-
-    def replaced_groups(self) -> dict[str, str]:
-        """Steered groups that their optimizer no longer holds (load_state_dict made new
-        ones, or the optimizer is gone): the value is not in effect any more. Returns the
-        names that ended, each with why; called with each status."""
-        live = {}
-        for oid, (ref, _, _) in self._by_optimizer.items():
-            optimizer = ref()
-            live[oid] = {id(g) for g in optimizer.param_groups} if optimizer is not None else set()
-        ended: dict[str, str] = {}
-        for oid, (_, entries, _) in self._by_optimizer.items():
-            for kept in entries:
-                if kept.rules and id(kept.group) not in live[oid]:
-                    name = kept.active[0]
-                    ended.setdefault(
-                        name,
-                        "the optimizer's param groups were made anew (load_state_dict, or "
-                        "a new optimizer): the value is not in effect any more",
-                    )
-        for name in ended:
-            self._awaiting.pop(name, None)
-            self._forget(name, in_hook=True)
-        return ended
+        self.steered.awaiting.pop(key, None)
+        self.steered.forget(key, in_hook=False)
 
     def _floor(self, group: dict) -> float:
         """An absolute floor the user gave a scheduler of this group (eta_min, min_lrs): the
@@ -385,27 +260,9 @@ class Optimizers:
                     floor = max(floor, float(mins[index]))
         return floor
 
-    def _kept_in(self, optimizer) -> list[Kept]:
-        groups = getattr(optimizer, "param_groups", None) or ()
-        ids = {id(g) for g in groups}
-        return [k for k in self._kept.values() if k.rules and id(k.group) in ids]
-
-    def exposed(self, optimizer, fn, *args, **kwargs):
-        """`fn` runs with the script's own values in the optimizer's steered groups (a
-        scheduler computes the script's schedule, chainable or closed-form, and takes its
-        base values from them), then the values in effect go back."""
-        kept = self._kept_in(optimizer)
-        for one in kept:
-            one.expose()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            for one in kept:
-                one.settle(again=True)
-
     def scheduler_step(self, scheduler, step, args, kwargs):
         optimizer = getattr(scheduler, "optimizer", None)
-        return self.exposed(optimizer, step, scheduler, *args, **kwargs)
+        return self.steered.exposed(optimizer, step, scheduler, *args, **kwargs)
 
     def last_lrs(self, scheduler, values: list) -> list:
         """A scheduler's last lrs as the steps run with them (the Trainer logs these): for
@@ -416,7 +273,7 @@ class Optimizers:
             return values
         out = list(values)
         for index, group in enumerate(groups[: len(out)]):
-            kept = self._kept.get((id(group), "lr"))
+            kept = self.steered.kept.get((id(group), "lr"))
             if kept is not None and kept.rules:
                 out[index] = _plain(kept.effective())
         return out
@@ -485,7 +342,7 @@ def track_schedulers(scheduler_class, optimizers: Optimizers) -> None:
             original_init(scheduler, *args, **kwargs)
         else:  # made while steering: its base values are the script's, not loomrun's
             optimizer = args[0] if args else kwargs.get("optimizer")
-            optimizers.exposed(optimizer, original_init, scheduler, *args, **kwargs)
+            optimizers.steered.exposed(optimizer, original_init, scheduler, *args, **kwargs)
         optimizers.schedulers.add(scheduler)
 
     @functools.wraps(original_last)
