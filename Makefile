@@ -46,8 +46,11 @@ system:
 test: lint system
 	$(PY) -m pytest
 
+# In process only (params, the mailbox, the protocol rig, the optimizer hooks, usage errors
+# through CliRunner): about a minute. `make test` runs it and tests/e2e, which start real
+# supervisors, workers and brokers.
 test-fast: install
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest tests/unit
 
 demo: install
 	$(PY) examples/demo.py

@@ -38,6 +38,7 @@ def two_at_once(command: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--pairs", type=int, default=15)
     args = parser.parse_args()
     commands = {
         "python": [sys.executable, NOOP],
@@ -59,6 +60,15 @@ def main() -> None:
     print(f"loomrun / torchrun  = {ratio:.2f}  (target <= 0.5)")
     print(f"loomrun / python    = {medians['loomrun'] / medians['python']:.2f}  (target <= 1.1)")
     floor = medians["python x2"]
+    # The target: loomrun --replicas 2 against the floor, in pairs run back to back.
+    pairs = []
+    for _ in range(args.pairs):
+        alone = two_at_once(commands["python"])
+        pairs.append(seconds(commands["loomrun"]) / alone)
+    print(
+        f"loomrun --replicas 2 / two pythons at once = {statistics.median(pairs):.3f} "
+        f"(the median of {args.pairs} pairs; target <= 1.05)"
+    )
     print(
         f"the floor, two pythons at once: {floor / medians['python']:.2f} x python, "
         f"{floor / medians['torchrun']:.2f} x torchrun; loomrun over it: "

@@ -124,10 +124,9 @@ class DesiredConfig:
         and waiting for its step; every one when not told) applies at once, before the first
         step, with no agreement: the ranks had all taken it. A change that was still waiting
         keeps waiting for the ranks to agree on it (it may have reached some ranks before
-        their restart and others after: held at once by some only, it made the ranks differ
-        for good), and carries the change `in_effect` before it as its base, which the new
-        worker applies at once meanwhile. Returns, per name, what the new worker starts from
-        at once (as a base)."""
+        their restart and others after: no rank applies it until all agree), and carries
+        the change `in_effect` before it as its base, which the new worker applies at once
+        meanwhile. Returns, per name, what the new worker starts from at once (as a base)."""
         starts = {}
         entries = list(self.state.params.items())
         if self.state.HasField("pause"):

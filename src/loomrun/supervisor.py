@@ -48,7 +48,7 @@ class Supervisor:
 
     async def run(self) -> int:
         """The job, from the claim of its id to the last replica's end. The console is
-        written out on every way out: a refusal's one line once left with os._exit unsaid."""
+        written out on every way out, before the console script's os._exit."""
         loop = asyncio.get_running_loop()
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)

@@ -39,7 +39,7 @@ def join(port: int) -> None:
         _users(port).mkdir(exist_ok=True, mode=0o700)
         (_users(port) / str(os.getpid())).touch()
     except (OSError, BrokerError):
-        pass  # without the record the broker is merely left running, as before
+        pass  # without the record no user's exit stops the broker: it keeps running
 
 
 def live_users(port: int) -> list[int]:
@@ -101,7 +101,7 @@ def _stop_server(port: int) -> bool:
 
 def _gone(pid: int, port: int, timeout: float) -> bool:
     """Wait until `pid` is no longer the bundled server on `port`; woken by its exit (a
-    pidfd) where Linux has one: a poll every 20 ms made every job's end 10 ms longer."""
+    pidfd) where Linux has one, else by a poll every 20 ms."""
     exited = pidfd = None
     try:
         pidfd = os.pidfd_open(pid)

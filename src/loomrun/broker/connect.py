@@ -90,8 +90,8 @@ class BrokerOptions:
 
 async def open_connection(options: BrokerOptions, **settings):
     """nats.connect, except that a connection told to use TLS (a tls:// URL, or a CA) never
-    goes on in clear: nats-py upgrades only when the server asks it to, and sent a token in
-    clear to a server that did not."""
+    goes on in clear: nats-py upgrades only when the server asks it to, so a server that
+    does not would get the token in clear."""
     nats = import_nats()
     kwargs = options.connect_kwargs()
     client = _tls_only()() if "tls" in kwargs else nats.NATS()

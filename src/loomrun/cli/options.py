@@ -107,8 +107,7 @@ def json_option(help: str = "Print one JSON object."):
 
 
 class Seconds(click.FloatRange):
-    """A number of seconds: click's FloatRange lets nan and inf through, and "--grace nan"
-    killed at once."""
+    """A finite number of seconds: click's FloatRange lets nan and inf through."""
 
     def convert(self, value, param, ctx):
         import math

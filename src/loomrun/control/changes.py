@@ -30,8 +30,7 @@ class Written:
 
 def forget_taken(taken: dict[str, pb.DesiredParam], in_effect: set[str]) -> None:
     """Keep the TAKEN_KEPT latest changes taken, and every change in effect however old:
-    a change that is not applied goes back to it (a replica steered once, then 512 times
-    on other parameters, lost its first change at its next restart)."""
+    a change that is not applied goes back to it, however many changes came since."""
     older = [change_id for change_id in taken if change_id not in in_effect]
     for change_id in older[: len(taken) - TAKEN_KEPT]:
         del taken[change_id]

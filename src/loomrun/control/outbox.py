@@ -23,8 +23,7 @@ _GONE = object()
 @functools.cache
 def refusals() -> tuple[type[Exception], ...]:
     """What the client or the broker refuses in one message, never for the connection:
-    sent again it fails again, so it is left out, and what queues behind it goes on (a
-    key no broker takes once held up every status of the node for good)."""
+    sent again it fails again, so it is left out, and what queues behind it goes on."""
     from nats.errors import BadSubjectError, MaxPayloadError
     from nats.js.errors import BadRequestError, InvalidKeyError
 

@@ -13,7 +13,7 @@ those names, and every rank applies them at this very step; otherwise none does.
 keep one parameter that some rank lacks from holding up the others.
 
 How far apart the points are is a time, not a number of steps: a change waits for the
-next point, and 8 steps of a second each made a `set` wait 4 s on average. The same
+next point, and a fixed count of steps would make it wait longer the slower they are. The same
 all_reduce carries the slowest rank's pace (seconds a step since the last point) and the
 all_reduce's cost (the longest any rank spent in the last one, its wait for the others
 included: ranks that do not meet every step anyway pay that wait); from them every rank

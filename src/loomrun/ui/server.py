@@ -57,8 +57,8 @@ _SECURITY_HEADERS = {
 
 def cookie_name(token: str) -> str:
     """The cookie a server's token is kept in, named after the token: every `loomrun ui`
-    has its own, even two reached through tunnels to the same remote port (a name by port
-    let the second page's cookie push out the first's). The name tells nothing of the token."""
+    has its own, even two reached through tunnels to the same remote port (cookies are kept
+    per host, not per port). The name tells nothing of the token."""
     return "loomrun_ui_" + hashlib.sha256(token.encode()).hexdigest()[:16]
 
 

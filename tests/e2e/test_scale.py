@@ -8,7 +8,7 @@ import json
 
 import pytest
 from conftest import SCRIPTS, run_loomrun, wait_for
-from test_control import job_id, start, wait_ready
+from jobs import job_id, start, wait_ready
 
 REPLICAS = 64
 

@@ -17,7 +17,7 @@ import signal
 
 import pytest
 from conftest import SCRIPTS, run_loomrun, wait_for
-from test_control import job_id, start, wait_ready
+from jobs import job_id, start, wait_ready
 
 from loomrun.broker.state import state_dir
 

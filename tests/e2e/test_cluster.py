@@ -11,7 +11,7 @@ import threading
 
 import pytest
 from conftest import SCRIPTS, run_loomrun, wait_for
-from test_control import job_id, wait_ready
+from jobs import job_id, wait_ready
 
 from loomrun.broker.connect import BrokerOptions, answers, host_port
 from loomrun.client import Steering
@@ -117,5 +117,13 @@ def test_a_job_started_before_its_cluster_has_a_quorum_gets_control_when_it_has(
     wait_for(lambda: any("trying again" in line for line in said), 60, what="the first refusal")
     members += [member(1), member(2)]
     wait_ready(job, url=urls[0], timeout=120)
-    assert set_everywhere(job, urls[1], 0.0321)[0]["new"] == 0.0321
+
+    # Through a member that just joined, the first tries may meet the cluster still electing
+    # the buckets' leaders (a read that is not answered within 5 s); the next one works.
+    def through_a_new_member():
+        result = run_loomrun("set", "lr=0.0321", "--job", job, "--nats", urls[1], "--json")
+        return json.loads(result.stdout)["changes"] if result.returncode == 0 else None
+
+    changes = wait_for(through_a_new_member, 60, interval=1.0, what="a set through member 1")
+    assert changes[0]["new"] == 0.0321
     assert not any("no live control" in line for line in said), said

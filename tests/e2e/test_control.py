@@ -6,58 +6,17 @@ import asyncio
 import json
 import os
 import random
-import secrets
 import signal
 
 import pytest
 from conftest import FAKE_NVML, SCRIPTS, run_loomrun, wait_for
+from jobs import events, job_id, start, steering, wait_ready
 
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
-from loomrun.broker import BrokerError
-from loomrun.broker.connect import BrokerOptions, answers, host_port
+from loomrun.broker.connect import answers, host_port
 from loomrun.broker.state import state_dir
-from loomrun.client import SteerError, Steering
 from loomrun.launch import free_port
-
-
-def job_id(name: str) -> str:
-    return f"{name}-{secrets.token_hex(3)}"
-
-
-def steering(work, url: str | None = None):
-    """Run `work(steering)` against the test broker from synchronous test code."""
-
-    async def session():
-        async with Steering.connect(BrokerOptions(url or os.environ["LOOMRUN_NATS"])) as s:
-            return await work(s)
-
-    return asyncio.run(session())
-
-
-def wait_ready(job: str, replicas=("r0",), name="lr", url=None, timeout=60):
-    """Until every replica published `name` in its schema (builtins: after its first step)."""
-
-    async def ready(s):
-        for replica in replicas:
-            try:
-                if name not in await s.schema(job, replica):
-                    return False
-            except SteerError:  # not registered yet
-                return False
-        return True
-
-    def probe():
-        try:
-            return steering(ready, url)
-        except BrokerError:  # the job has not started its bundled broker yet
-            return False
-
-    wait_for(probe, timeout, interval=0.2, what=f"{job} to publish {name}")
-
-
-def start(procs, script, *args, job, replicas=1, extra=(), env=None):
-    return procs.start("--replicas", replicas, "--job", job, *extra, script, *args, env=env)
 
 
 def test_set_get_pause_resume_ls_through_the_cli(procs):
@@ -198,23 +157,6 @@ def test_malformed_and_random_messages_do_not_stop_the_job(procs):
     assert sup.poll() is None, "the supervisor must survive"
 
 
-def _events(job: str, url=None) -> list[pb.Event]:
-    async def read(s):
-        js = s.nc.jetstream()
-        sub = await js.subscribe(f"loomrun.{job}.events.>", ordered_consumer=True)
-        events = []
-        try:
-            while True:
-                msg = await sub.next_msg(timeout=0.5)
-                events.append(pb.Event.FromString(msg.data))
-        except Exception:  # noqa: BLE001 - no more for now
-            pass
-        await sub.unsubscribe()
-        return events
-
-    return steering(read, url)
-
-
 @pytest.mark.slow
 def test_device_failure_stops_and_restarts_the_replica(procs):
     job = job_id("gpu")
@@ -247,15 +189,15 @@ def test_device_failure_stops_and_restarts_the_replica(procs):
     steering(fail)
     wait_for(
         lambda: any(e.kind == "restarted" and e.replica == "r1" and "restart 1" in e.text
-                    for e in _events(job)),
+                    for e in events(job)),
         30,
         what="r1 to restart",
     )  # fmt: skip
-    events = _events(job)
-    assert any(e.replica == "r1" and e.kind == "device_failed" for e in events)
-    failed = [e for e in events if e.replica == "r1" and e.kind == "failed"]
+    found = events(job)
+    assert any(e.replica == "r1" and e.kind == "device_failed" for e in found)
+    failed = [e for e in found if e.replica == "r1" and e.kind == "failed"]
     assert failed and "XID 79" in failed[0].text and failed[0].code == 143
-    assert not any(e.replica == "r0" and e.kind in ("failed", "restarted") for e in events)
+    assert not any(e.replica == "r0" and e.kind in ("failed", "restarted") for e in found)
     wait_ready(job, ("r1",))
     assert sup.poll() is None
     sup.send_signal(signal.SIGTERM)
@@ -318,43 +260,3 @@ def test_a_token_protects_the_bundled_broker(procs):
         return result.returncode == 0 and "-> 0.02" in result.stdout
 
     wait_for(applied, 60, interval=0.5, what="a set with the token to apply")
-
-
-def test_a_record_is_of_this_run_by_the_brokers_order_and_before_it_by_its_time():
-    from loomrun.control.plane import Mark, of_this_run
-
-    made, started = "2026-11-30T01:00:00Z", 1000.0
-    mark = Mark(made, 120, started + 2.0)  # purged 2 s after starting
-    assert of_this_run(121, started - 3600, made, mark, started), "after it: any clock"
-    assert of_this_run(100, started + 1.0, made, mark, started), "failed as this one connected"
-    assert not of_this_run(100, started - 60, made, mark, started), "an earlier run's"
-    assert not of_this_run(100, started + 3600, made, mark, started), "a clock ahead"
-    assert of_this_run(7, started - 3600, "2026-11-30T02:00:00Z", mark, started), (
-        "a stream made since, from revision 1 again"
-    )
-
-
-def test_node_0_forgets_the_ledger_parts_no_node_of_its_run_writes():
-    from loomrun.control.plane import earlier_parts
-
-    found = {S.ledger("j", k): 3 for k in ("0", "1", "2", "10", "01", "x")}
-    gone = {S.ledger("j", k) for k in ("2", "10", "01", "x")}
-    assert earlier_parts(found, nnodes=2) == gone
-    assert earlier_parts(found, nnodes=11) == {S.ledger("j", k) for k in ("01", "x")}
-    assert earlier_parts({}, nnodes=2) == set()
-
-
-def test_a_jobs_nodes_are_those_of_its_latest_run():
-    from loomrun.client import this_run
-
-    def node(rank, nnodes, started):
-        return pb.JobInfo(job="j", node_rank=rank, nnodes=nnodes, started=started)
-
-    earlier = [node(0, 2, 100.0), node(1, 2, 100.5)]
-    assert this_run(earlier) == earlier
-    fewer = [node(0, 1, 200.0), earlier[1]]
-    assert this_run(fewer) == [fewer[0]], "node 1 of the run before is not this run's"
-    # This run's node 1 is up, node 0 not yet: node 0's record is still the earlier run's.
-    more = [node(0, 1, 100.0), node(1, 2, 200.0)]
-    assert this_run(more) == more
-    assert this_run([]) == []

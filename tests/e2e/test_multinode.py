@@ -13,9 +13,9 @@ import time
 
 import pytest
 from conftest import SCRIPTS, run_loomrun, wait_for
+from jobs import job_id, steering, wait_ready
 from nats.js.errors import BucketNotFoundError
 from netcut import CuttableProxy
-from test_control import job_id, steering, wait_ready
 
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
@@ -488,58 +488,11 @@ def test_a_node_started_with_another_shape_is_refused_before_it_takes_a_rank(pro
 
 @pytest.mark.parametrize(
     "args, message",
-    [
-        (["--rdzv-backend", "c10d", "--nnodes", "2"], "needs --rdzv-endpoint"),
-        (["--rdzv-backend", "c10d", "--rdzv-endpoint", "h:0", "--rdzv-id", "j", "--nnodes", "2"],
-         "a port is 1..65535"),
-        (["--rdzv-backend", "c10d", "--rdzv-endpoint", "h", "--rdzv-id", "j", "--node-rank", "1",
-          "--nnodes", "2"], "leave it out"),
-        (["--rdzv-backend", "etcd"], "'etcd' is not one of 'static', 'c10d'"),
-        (["--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:1", "--rdzv-id", "j",
-          "--nnodes", "2", "--replicas-filter", "r9"], "'r9' is not a replica"),
-        (["--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:1", "--rdzv-id", "j",
-          "--nnodes", "2", "--replicas-filter", "r1,3"], "'3' is not a replica"),
-        (["--nnodes", "1:2"], "'1:2' is not a valid integer"),
-        (["--rdzv-backend", "c10d", "--rdzv-endpoint", "a b:12", "--rdzv-id", "j", "--nnodes",
-          "2"], "'a b:12' is not HOST[:PORT]"),
-        (["--rdzv-backend", "c10d", "--rdzv-endpoint", "[::1", "--rdzv-id", "j", "--nnodes",
-          "2"], "an IPv6 address in [ ]"),
-    ],
-)  # fmt: skip
+    [(["--rdzv-backend", "c10d", "--nnodes", "2"], "needs --rdzv-endpoint")],
+)
 def test_rendezvous_usage_errors_are_one_line(args, message):
-    """Before the rendezvous: a node that cannot start takes no rank from the others."""
+    """Before the rendezvous: a node that cannot start takes no rank from the others (in a
+    real process; every case: tests/unit/test_cli.py)."""
     result = run_loomrun(*args, SCRIPTS / "exit_with.py", "0")
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and "waiting for" not in result.stderr
-
-
-@pytest.mark.parametrize(
-    "route, endpoint_host, told",
-    [
-        ("10.0.0.5", "node0", "10.0.0.5"),
-        ("127.0.1.1", "node0.cluster", "node0.cluster"),  # Debian's own-name loopback alias
-        ("127.0.0.1", "127.0.0.1", "127.0.0.1"),  # every node on this machine, as in tests
-        ("127.0.0.1", "localhost", "127.0.0.1"),
-        ("::1", "::1", "::1"),
-        ("fe80::1%eth0", "node0", "node0.cluster"),  # a scope only node 0 knows
-    ],
-)
-def test_node_0_tells_an_address_the_other_nodes_can_reach(route, endpoint_host, told):
-    from loomrun.rendezvous import master_address
-
-    assert master_address(route, endpoint_host, lambda: "node0.cluster") == told
-
-
-def test_the_route_towards_the_endpoint_is_found_for_ipv4_and_ipv6():
-    import socket
-
-    from loomrun.rendezvous import _address_towards
-
-    assert _address_towards("127.0.0.1") == "127.0.0.1"
-    if socket.has_ipv6:
-        try:
-            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
-                probe.connect(("::1", 9))
-        except OSError:
-            pytest.skip("no IPv6 loopback on this machine")
-        assert _address_towards("::1") == "::1"

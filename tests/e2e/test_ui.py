@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, SCRIPTS, run_loomrun, wait_for
-from test_control import job_id, start, wait_ready
+from jobs import job_id, start, wait_ready
 
 from loomrun.ui.server import cookie_name
 
@@ -258,10 +258,3 @@ def test_the_page_shows_and_steers_a_real_job(procs, browser):
     browser.find_element(By.CSS_SELECTOR, "#params [data-param=lr] button").click()
     wait_for(lambda: any(lr == 0.0555 for _, lr in used_lrs(output, "r1")), 30,
              what="r1 stepping with the change made after the reconnect")  # fmt: skip
-
-
-def test_each_server_keeps_its_token_in_a_cookie_of_its_own():
-    first, second = "a" * 43, "b" * 43
-    assert cookie_name(first) != cookie_name(second), "two tunnels to one remote port"
-    assert cookie_name(first) == cookie_name(first)
-    assert first[:8] not in cookie_name(first) and re.fullmatch(r"[\w]+", cookie_name(first))

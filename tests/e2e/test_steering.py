@@ -12,7 +12,7 @@ import subprocess
 import pytest
 import torch
 from conftest import EXAMPLES, LOOMRUN, SCRIPTS, run_loomrun, wait_for
-from test_control import job_id, start, steering, wait_ready
+from jobs import job_id, start, steps_seen, wait_ready
 
 from loomrun.broker.bundled import BundledBroker
 from loomrun.broker.config import default_store
@@ -93,7 +93,7 @@ def test_independent_replicas_apply_at_once(procs):
         "--slow-rank", "1", job=job, replicas=2,
     )  # fmt: skip
     wait_ready(job, ("r0", "r1"))
-    wait_for(lambda: _steps_seen(job) > 200, 60, what="r0 well ahead of r1")
+    wait_for(lambda: steps_seen(job) > 200, 60, what="r0 well ahead of r1")
     code, answer = set_json("lr=0.002", "--job", job)
     assert code == 0, answer
     steps = {c["replica"]: c["step"] for c in answer["changes"]}
@@ -121,21 +121,13 @@ def test_lr_keeps_the_param_groups_ratio_and_lr_n_sets_one_group(procs):
     code, answer = set_json("lr.1=0.05", "--job", job)
     assert code == 0, answer
     step_one = answer["changes"][0]["step"]
-    wait_for(lambda: (s := _steps_seen(job)) and s > step_one + 2, 30, what="more steps")
+    wait_for(lambda: (s := steps_seen(job)) and s > step_one + 2, 30, what="more steps")
     sup.send_signal(signal.SIGTERM)
     out, _ = sup.communicate(timeout=60)
     used = _used(out)
     assert used[step - 1][:2] == [0.1, 0.01]
     assert used[step][:2] == pytest.approx([0.2, 0.02]), "the ratio of the groups is kept"
     assert used[step_one][:2] == pytest.approx([0.2, 0.05])
-
-
-def _steps_seen(job: str) -> int:
-    async def status(s):
-        found = (await s.statuses(job)).get("r0")
-        return found.status.step if found else 0
-
-    return steering(status)
 
 
 @pytest.mark.slow
@@ -146,7 +138,7 @@ def test_a_restart_starts_with_every_change_and_no_past_at_step(procs):
         "--step-time", "0.02", job=job, extra=("--max-restarts", "1"),
     )  # fmt: skip
     wait_ready(job, name="batch")
-    at = _steps_seen(job) + 25
+    at = steps_seen(job) + 25
     code, answer = set_json("lr=0.5", "batch=16", "--at-step", str(at), "--job", job)
     assert code == 0, answer
     assert {c["step"] for c in answer["changes"]} == {at}
@@ -265,7 +257,7 @@ def test_ddp_a_later_change_supersedes_one_agreed_for_a_later_step(procs):
         job=job, replicas=2,
     )  # fmt: skip
     wait_ready(job, ("r0", "r1"))
-    now = _steps_seen(job)
+    now = steps_seen(job)
     at = now + 1500
     first = subprocess.Popen(
         [*LOOMRUN, "set", "lr=0.5", "--at-step", str(at), "--job", job, "--json"],
@@ -273,7 +265,7 @@ def test_ddp_a_later_change_supersedes_one_agreed_for_a_later_step(procs):
         text=True,
     )
     try:
-        wait_for(lambda: _steps_seen(job) > now + 100, 60, what="the ranks to agree on it")
+        wait_for(lambda: steps_seen(job) > now + 100, 60, what="the ranks to agree on it")
         code, later = set_json("lr=0.009", "--job", job)
         assert code == 0, later
         assert max(c["step"] for c in later["changes"]) < at
@@ -285,7 +277,7 @@ def test_ddp_a_later_change_supersedes_one_agreed_for_a_later_step(procs):
     superseded = json.loads(out)
     assert first.returncode == 1 and superseded["result"] == "superseded", superseded
     assert {c["state"] for c in superseded["changes"]} == {"superseded"}
-    wait_for(lambda: _steps_seen(job) > at + 20, 120, what="the ranks to pass the old step")
+    wait_for(lambda: steps_seen(job) > at + 20, 120, what="the ranks to pass the old step")
     got = json.loads(run_loomrun("get", "--job", job, "--json").stdout)
     lrs = {p["replica"]: p["value"] for p in got["params"] if p["name"] == "lr"}
     assert lrs == {"r0": 0.009, "r1": 0.009}, "the superseded change never applied"

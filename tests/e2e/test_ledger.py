@@ -11,8 +11,7 @@ import threading
 
 import pytest
 from conftest import LOOMRUN, SCRIPTS, run_loomrun, wait_for
-from test_control import job_id, start, wait_ready
-from test_steering import _steps_seen
+from jobs import job_id, start, steps_seen, wait_ready
 
 from loomrun.broker.state import state_dir
 from loomrun.launch import free_port
@@ -87,7 +86,7 @@ def test_a_job_without_records_on_a_purged_ledger_stream_is_read_at_once(procs):
     """The broker's ledger stream no longer starts at 1 (a job's start purged an earlier
     run's records): a job with no record yet has an empty ledger, not one waited on for
     ever."""
-    from test_control import steering
+    from jobs import steering
 
     from loomrun import subjects as S
     from loomrun._proto import loomrun_pb2 as pb
@@ -139,8 +138,8 @@ def test_a_replayed_ddp_run_ends_bitwise_where_the_steered_one_did(procs):
     )  # fmt: skip
     wait_ready(steered, ("r0", "r1"))
     for change in ("lr=0.05", "momentum=0.5", "loss_scale=2.0"):  # at moments of their own
-        now = _steps_seen(steered)
-        wait_for(lambda now=now: _steps_seen(steered) > now + 25, 60, what="more steps")
+        now = steps_seen(steered)
+        wait_for(lambda now=now: steps_seen(steered) > now + 25, 60, what="more steps")
         result = run_loomrun("set", change, "--job", steered)
         listed = run_loomrun("ls", "--all").stdout
         assert result.returncode == 0, result.stdout + result.stderr + listed
@@ -193,8 +192,8 @@ def test_unset_goes_back_to_the_scripts_own_value(procs):
 def test_a_ledger_stream_an_earlier_loomrun_made_takes_each_nodes_part(procs):
     """An earlier loomrun made the ledger's stream on `loomrun.*.ledger` (one part a job):
     a supervisor adds the nodes' parts to it, and the old records stay."""
+    from jobs import steering
     from nats.js import api
-    from test_control import steering
 
     from loomrun import subjects as S
     from loomrun._proto import loomrun_pb2 as pb

@@ -12,7 +12,7 @@ from nats.js.errors import NotFoundError
 
 from loomrun.broker import BrokerError
 from loomrun.broker.bundled import BundledBroker
-from loomrun.broker.connect import BrokerOptions, answers, connect_client, host_port, is_loopback
+from loomrun.broker.connect import BrokerOptions, answers, connect_client, host_port
 from loomrun.broker.state import secret_path, state_dir
 from loomrun.launch import free_port
 
@@ -85,20 +85,6 @@ def test_a_bad_store_is_a_clear_error(tmp_path):
     (tmp_path / "js").write_text("a file where the store directory should be")
     with pytest.raises(BrokerError, match="cannot use .* for the broker's store"):
         BundledBroker.start(free_port(), store=tmp_path / "js")
-
-
-@pytest.mark.parametrize(
-    "url, loopback",
-    [("nats://127.0.0.1:4222", True), ("localhost:4222", True), ("nats://10.1.2.3", False)],
-)
-def test_urls(url, loopback):
-    assert is_loopback(url) is loopback
-
-
-@pytest.mark.parametrize("url", ["http://x:1", "nats://host:99999", "nats://", "nats://[::1"])
-def test_bad_urls_are_one_line_errors(url):
-    with pytest.raises(BrokerError):
-        host_port(url)
 
 
 def test_nats_is_imported_without_websockets_or_metadata_and_both_still_work():
@@ -188,43 +174,6 @@ def test_buckets_read_and_write_what_nats_py_key_value_does(broker):
     assert seen == {"job.r0.lr": b"0.2", "job.r1.lr": b"0.3"}
     assert keys == {"job.r0.lr": b"", "other.r0.lr": b""}
     assert consumers == 0  # every read removed its consumer
-
-
-@pytest.mark.parametrize(
-    "reply, sequence, left",
-    [
-        ("$JS.ACK.KV_x.c1.1.10.3.1700000000000000000.7", 10, 7),
-        ("$JS.ACK.dom.hash.KV_x.c1.1.11.3.1700000000000000000.0.tok", 11, 0),
-        ("$JS.ACK.dom.hash.KV_x.c1.1.12.3.1700000000000000000.2", 12, 2),
-    ],
-)
-def test_a_delivery_is_read_from_both_reply_forms(reply, sequence, left):
-    from loomrun.buckets import delivery
-
-    assert delivery(reply) == (sequence, left)
-
-
-@pytest.mark.parametrize(
-    "data, error",
-    [
-        (b"not json", "not JSON"),
-        (b"[1]", "answered"),
-        (b'{"error": {"code": 500, "err_code": 1, "description": "insufficient resources"}}',
-         "refused the write of k: insufficient resources"),
-    ],
-)  # fmt: skip
-def test_bad_answers_are_one_sentence(data, error):
-    from loomrun.buckets import BucketError, answer
-
-    with pytest.raises(BucketError, match=error):
-        answer(data, "the write of k")
-
-
-def test_a_delivery_without_a_jetstream_reply_is_one_sentence():
-    from loomrun.buckets import BucketError, delivery
-
-    with pytest.raises(BucketError, match="not a JetStream reply subject"):
-        delivery("_INBOX.x")
 
 
 def test_what_the_broker_refuses_is_left_out_and_the_rest_goes_on(broker, capsys):

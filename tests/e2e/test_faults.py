@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -14,16 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from conftest import LOOMRUN, SCRIPTS, run_loomrun, wait_for
+from jobs import events, job_id, start, steering, wait_ready
 from netcut import CuttableProxy, HangingUp
-from test_control import _events, job_id, start, steering, wait_ready
 
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.broker.bundled import BundledBroker
 from loomrun.broker.connect import answers
-from loomrun.cli import main as cli_main
 from loomrun.launch import free_port
 from loomrun.mailbox import Mailbox, find_segment
 
@@ -63,10 +60,10 @@ def test_a_worker_killed_mid_step_restarts_with_every_change(procs):
 
     os.kill(steering(pid_of), signal.SIGKILL)
     wait_for(
-        lambda: any(e.kind == "restarted" and e.replica == "r1" for e in _events(job)),
+        lambda: any(e.kind == "restarted" and e.replica == "r1" for e in events(job)),
         30, what="the group to restart",
     )  # fmt: skip
-    failed = [e for e in _events(job) if e.replica == "r1" and e.kind == "failed"]
+    failed = [e for e in events(job) if e.replica == "r1" and e.kind == "failed"]
     assert failed and "SIGKILL" in failed[0].text, failed
     wait_ready(job, ("r0", "r1"))
     assert values(job)[("r0", "lr")] == 0.05 and values(job)[("r1", "lr")] == 0.05
@@ -95,7 +92,7 @@ def test_a_restarted_worker_starts_from_what_is_in_effect_not_from_a_rejected_ch
 
     os.kill(steering(pid_of), signal.SIGKILL)
     wait_for(
-        lambda: any(e.kind == "restarted" for e in _events(job)), 30, what="the restart"
+        lambda: any(e.kind == "restarted" for e in events(job)), 30, what="the restart"
     )  # fmt: skip
     wait_ready(job, name="batch_size")
     sup.send_signal(signal.SIGTERM)
@@ -236,34 +233,6 @@ def test_a_flood_of_sets_from_four_clients_is_answered_in_full(procs, session_br
     # Training went on through the flood; what it cost is a figure, not a check.
     assert stepped >= 100, f"{stepped} steps while 2,000 changes were applied"
     print(f"{during:.0f} steps/s in the flood, {before:.0f} before (a figure, not a check)")
-
-
-def _random_argv(rng: random.Random) -> list[str]:
-    words = [
-        "set", "get", "pause", "resume", "watch", "ls", "server", "run", "--job", "--replica",
-        "--at-step", "--timeout", "--json", "--force", "--once", "--nats", "--replicas",
-        "--nnodes", "--node-rank", "--master-port", "-m", "--", "lr=0.1", "lr=", "=1",
-        "lr.0=x", "r1", "r-1", "nojob", "-1", "1e309", "nan", "\x1b[2J", "日本", "",
-        "--interval", "0", "--metrics", "--grace", "--step-timeout", "missing.py",
-    ]  # fmt: skip
-    return [rng.choice(words) for _ in range(rng.randint(0, 6))]
-
-
-def test_random_command_lines_are_one_line_errors_never_tracebacks():
-    rng = random.Random(20261123)
-    runner = CliRunner()
-    for _ in range(500):
-        argv = _random_argv(rng)
-        if argv[:1] in (["server"], ["watch"]) and "--once" not in argv:
-            argv = ["--help"]  # neither runs a foreground broker nor watches for ever here
-        result = runner.invoke(cli_main, argv, catch_exceptions=True)
-        shown = result.output
-        assert result.exception is None or isinstance(result.exception, SystemExit), (
-            argv, repr(result.exception))  # fmt: skip
-        assert "Traceback" not in shown, (argv, shown)
-        if result.exit_code not in (0, 1, 3):
-            errors = [line for line in shown.splitlines() if line.startswith("Error")]
-            assert len(errors) <= 1, (argv, shown)
 
 
 def test_a_broker_that_hangs_up_mid_command_is_one_line_and_exit_4():
