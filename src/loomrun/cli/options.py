@@ -50,18 +50,13 @@ def broker_options(f):
 
 def broker_flags(f):
     """The three broker flags as they are, for `run`, which may run with no broker."""
-    f = click.option(
-        "--nats-ca",
-        type=click.Path(dir_okay=False, exists=True),
-        envvar="LOOMRUN_NATS_CA",
-        help="CA file for a tls:// broker.",
-    )(f)
-    f = click.option(
-        "--nats-creds",
-        type=click.Path(dir_okay=False, exists=True),
-        envvar="LOOMRUN_NATS_CREDS",
-        help="NATS credentials file (JWT and NKey seed).",
-    )(f)
+    files = (
+        ("--nats-ca", "LOOMRUN_NATS_CA", "CA file for a tls:// broker."),
+        ("--nats-creds", "LOOMRUN_NATS_CREDS", "NATS credentials file (JWT and NKey seed)."),
+    )
+    for flag, variable, said in files:
+        path = click.Path(dir_okay=False, exists=True)
+        f = click.option(flag, type=path, envvar=variable, help=said)(f)
     return click.option(
         "--nats",
         "nats_url",

@@ -1,11 +1,6 @@
-"""The steering client: what `loomrun set/get/pause/resume/ls` do over NATS, from Python too.
-
-    async with Steering.connect(BrokerOptions("nats://127.0.0.1:4222")) as steering:
-        results = await steering.set("train-1a2b3c", {"lr": "0.002"}, replicas=["r1"])
-
-A change is checked against the schema the targeted replicas published before anything is
-written; then it is written as desired state, and `set` waits for every replica's outcome.
-"""
+"""Steering: one connection to the broker, the queries of a job's state on it, and the
+changes (set, unset, pause), each checked before it is written and waited on for every
+replica's own answer."""
 
 from __future__ import annotations
 
