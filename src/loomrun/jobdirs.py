@@ -20,7 +20,7 @@ def record_dirs(spec: LaunchSpec) -> list[Path]:
     has them), and --log-dir."""
     from loomrun.broker import BrokerError
     from loomrun.broker.state import private_state_dir
-    from loomrun.control.ledger import job_dir
+    from loomrun.records import job_dir
 
     try:
         folders = [job_dir(private_state_dir(), spec.job)]
@@ -94,7 +94,7 @@ class JobDirs:
 
     def claim(self, started: float) -> str:
         """The job id made this run's on this host; the line that refuses it otherwise."""
-        from loomrun.control.ledger import set_aside_earlier
+        from loomrun.records import set_aside_earlier
 
         self.records = record_dirs(self.spec)
         self._lock, refusal = claim_job_id(self.spec, self.records)

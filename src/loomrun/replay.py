@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 
 from loomrun.broker.state import state_dir
-from loomrun.control.ledger import job_dir, node_files
 from loomrun.outcomes import KIND_OF
+from loomrun.records import job_dir, node_files
 from loomrun.subjects import PAUSE
 
 ORIGIN = "replay"

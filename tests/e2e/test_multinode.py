@@ -22,8 +22,8 @@ from loomrun._proto import loomrun_pb2 as pb
 from loomrun.broker.connect import host_port
 from loomrun.broker.state import state_dir
 from loomrun.client import SteerError
-from loomrun.control.ledger import job_dir, read_files
 from loomrun.launch import free_port
+from loomrun.records import job_dir, read_changes
 
 
 def start_nodes(procs, job: str, *args, extra=()) -> list:
@@ -99,7 +99,7 @@ def test_two_nodes_are_one_job_and_one_change_lands_at_one_step(procs):
     folder = job_dir(state_dir(), job)
     assert (folder / "changes.jsonl").is_file() and (folder / "changes.node1.jsonl").is_file()
     ids = {c["change_id"] for c in changes}
-    kept = [r for r in read_files(folder) if r["change_id"] in ids]
+    kept = [r for r in read_changes(folder) if r["change_id"] in ids]
     assert sorted(r["replica"] for r in kept) == names, kept
     shown = run_loomrun("log", "--job", job, "--json", "--nats", "nats://127.0.0.1:1")
     assert shown.returncode == 0, shown.stderr

@@ -6,6 +6,7 @@ import json
 import math
 import time
 
+from loomrun import records
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.control import history
 
@@ -28,7 +29,7 @@ def test_metrics_that_come_late_are_padded_and_too_many_are_left_out():
     series.add(1, 1.1, {"loss": 0.4})  # the same step again: not a point
     series.add(2, 2.0, {"loss": 0.3, "acc": 0.9})
     series.add(1, 3.0, {"acc": 0.8})  # a restart from an earlier step
-    columns = history.series_dict(series.to_pb("j", "r0"))
+    columns = records.series_dict(series.to_pb("j", "r0"))
     assert columns == {
         "step": [1, 2, 1], "time": [1.0, 2.0, 3.0],
         "loss": [0.5, 0.3, None], "acc": [None, 0.9, 0.8],
@@ -43,12 +44,12 @@ def test_a_reported_nan_or_infinity_is_not_a_missing_value():
     series.add(1, 1.0, {"loss": 0.5})
     series.add(2, 2.0, {"loss": math.nan, "acc": math.inf})
     series.add(3, 3.0, {"loss": -math.inf})
-    columns = history.series_dict(pb.MetricSeries.FromString(
+    columns = records.series_dict(pb.MetricSeries.FromString(
         series.to_pb("j", "r0").SerializeToString()
     ))  # fmt: skip
     assert columns["loss"] == [0.5, "nan", "-inf"] and columns["acc"] == [None, "inf", None]
     text = json.dumps(columns, allow_nan=False)  # valid JSON, no NaN nor Infinity
-    assert [p.get("loss") for p in history.points("r0", json.loads(text))] == [0.5, "nan", "-inf"]
+    assert [p.get("loss") for p in records.points("r0", json.loads(text))] == [0.5, "nan", "-inf"]
 
 
 def test_an_odd_limit_keeps_the_newest_point():
@@ -69,28 +70,28 @@ def test_a_series_too_large_for_a_message_is_thinned_to_fit():
 
 
 def test_points_of_a_hand_edited_file_keep_only_what_fits():
-    assert history.points("r0", {"step": "x"}) == []
-    assert history.points("r0", {"step": [1, 2], "time": [1.0]}) == []
+    assert records.points("r0", {"step": "x"}) == []
+    assert records.points("r0", {"step": [1, 2], "time": [1.0]}) == []
     columns = {"step": [1, None, True, 2], "time": [1.0, 2.0, 3.0, 1e400],
                "loss": ["x", 1, 1, 1], "acc": [True, 1, 1, 1], "lr": [0.1, 1, 1, 1]}  # fmt: skip
-    assert history.points("r0", columns) == [{"replica": "r0", "step": 1, "time": 1.0, "lr": 0.1}]
+    assert records.points("r0", columns) == [{"replica": "r0", "step": 1, "time": 1.0, "lr": 0.1}]
 
 
 def test_an_earlier_runs_files_are_set_aside(tmp_path):
-    from loomrun.control.ledger import read_files, set_aside_earlier
+    from loomrun.records import read_changes, set_aside_earlier
 
     for name in ("metrics.json", "metrics.node1.json"):
         (tmp_path / name).write_text('{"replicas": {"r1": {"step": [1], "time": [1.0]}}}')
     for name in ("changes.jsonl", "changes.node1.jsonl"):
         (tmp_path / name).write_text('{"replica": "r1", "time": 1.0}\n')
     set_aside_earlier(tmp_path, time.time() + 1)
-    assert history.read_files(tmp_path) == {} and read_files(tmp_path) is None
+    assert records.read_metrics(tmp_path) == {} and read_changes(tmp_path) is None
     assert len(list(tmp_path.glob("metrics*-*.json"))) == 2
     assert len(list(tmp_path.glob("changes*-*.jsonl"))) == 2
     kept = history.History("j", ["r0"])
     kept.add("r0", pb.Status(step=1, time=1.0, metrics={"loss": 2.0}))
     assert kept.write([tmp_path], "metrics.json") == []
-    assert history.read_files(tmp_path)["r0"]["loss"] == [2.0]
+    assert records.read_metrics(tmp_path)["r0"]["loss"] == [2.0]
     assert kept.write([tmp_path / "missing"], "metrics.json")[0].startswith("cannot write")
 
 
@@ -103,7 +104,7 @@ def test_reserved_names_are_not_metrics():
 def test_a_node_sets_aside_its_own_earlier_files_never_another_nodes(tmp_path):
     """Nodes sharing a folder start at their own times: node 1, starting late, must not move
     node 0's live ledger; node 0 moves its own, and those of ranks this run does not have."""
-    from loomrun.control.ledger import set_aside_earlier
+    from loomrun.records import set_aside_earlier
 
     for name in ("changes.jsonl", "changes.node1.jsonl", "changes.node2.jsonl", "metrics.json"):
         (tmp_path / name).write_text('{"replica": "r1", "time": 1.0}\n')

@@ -40,9 +40,9 @@ def log_command(job, replicas, as_json, follow, metrics, broker):
 
     from loomrun.broker.state import state_dir
     from loomrun.client import Steering
-    from loomrun.control.ledger import job_dir, read_files, record
     from loomrun.outcomes import sentence
     from loomrun.printable import printable
+    from loomrun.records import job_dir, read_changes, record
 
     def show(item) -> None:
         with contextlib.suppress(
@@ -78,7 +78,7 @@ def log_command(job, replicas, as_json, follow, metrics, broker):
     if count:
         return
     folder = job_dir(state_dir(), name)
-    records = read_files(folder)
+    records = read_changes(folder)
     if records is None:
         path = folder / "changes.jsonl"
         raise click.UsageError(f"no change ledger for job {name!r} (nor {path})")
@@ -114,11 +114,11 @@ def _log_metrics(job, replicas, as_json: bool, follow: bool, options) -> None:
     import asyncio
     import json
 
+    from loomrun import records
     from loomrun._proto import loomrun_pb2 as pb
     from loomrun.broker.state import state_dir
     from loomrun.client import Steering
     from loomrun.control import history
-    from loomrun.control.ledger import job_dir
     from loomrun.params import json_float
     from loomrun.printable import printable
     from loomrun.subjects import replica_order
@@ -142,14 +142,14 @@ def _log_metrics(job, replicas, as_json: bool, follow: bool, options) -> None:
     def show_all(found: dict[str, dict[str, list]]) -> None:
         for replica in sorted(found, key=replica_order):
             if not replicas or replica in replicas:
-                for point in history.points(replica, found[replica]):
+                for point in records.points(replica, found[replica]):
                     show(point)
 
     async def from_broker() -> tuple[str, bool]:
         async with Steering.connect(options) as steering:
             found = await steering.job(job)
             series = await steering.history(found.job, found.replicas)
-            show_all({r: history.series_dict(s) for r, s in series.items()})
+            show_all({r: records.series_dict(s) for r, s in series.items()})
             for replica in series:
                 if not replicas or replica in replicas:
                     shown.setdefault(replica, -1)
@@ -171,8 +171,8 @@ def _log_metrics(job, replicas, as_json: bool, follow: bool, options) -> None:
     name, answered = _broker_first(job, from_broker, (job, False))
     if answered:
         return
-    folder = job_dir(state_dir(), name)
-    found = history.read_files(folder)
+    folder = records.job_dir(state_dir(), name)
+    found = records.read_metrics(folder)
     if not found:
         raise click.UsageError(
             f"no metric history for job {name!r} (its supervisors do not answer, and "

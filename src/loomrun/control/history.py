@@ -25,35 +25,16 @@ import contextlib
 import json
 import math
 import os
-import struct
 from array import array
 from pathlib import Path
-from typing import Any
 
 from loomrun._proto import loomrun_pb2 as pb
-from loomrun.control.ledger import node_file, node_files
 from loomrun.output import say
-from loomrun.params import json_float
+from loomrun.records import AXES, REPORTED_NAN, series_dict
 
 POINTS = 2048  # per replica, the most; LOOMRUN_HISTORY_POINTS sets fewer (at least 16)
 COLUMNS = 32  # metric names per replica; more are left out of the history (not of status)
 MISSING = math.nan
-REPORTED_NAN = struct.unpack("<d", struct.pack("<Q", 0x7FF8_0000_0000_0001))[0]
-AXES = ("replica", "step", "time")  # what a point is keyed by: not metric names
-
-
-def _bits(value: float) -> int:
-    return struct.unpack("<Q", struct.pack("<d", value))[0]
-
-
-_REPORTED_NAN_BITS = _bits(REPORTED_NAN)
-
-
-def plain(value: float) -> float | str | None:
-    """A stored value for JSON: as params.json_float(), or None where it is missing."""
-    if math.isnan(value) and _bits(value) != _REPORTED_NAN_BITS:
-        return None
-    return json_float(value)
 
 
 class Series:
@@ -126,38 +107,6 @@ def status_values(status: pb.Status) -> dict[str, float]:
     return values
 
 
-def series_dict(series: pb.MetricSeries) -> dict[str, list]:
-    """A series as plain columns, fit for JSON (see plain())."""
-    out: dict[str, list] = {"step": list(series.steps), "time": list(series.times)}
-    for column in series.columns:
-        out[column.name] = [plain(v) for v in column.values]
-    return out
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def points(replica: str, columns: dict[str, list]) -> list[dict[str, Any]]:
-    """Columns as one record per point: {"replica", "step", "time", metric: value, ...}.
-    Columns can come from a file anyone could have edited: what does not fit is left out."""
-    names = [n for n, c in columns.items() if n not in AXES and isinstance(c, list)]
-    steps, times = columns.get("step"), columns.get("time")
-    if not isinstance(steps, list) or not isinstance(times, list) or len(times) < len(steps):
-        return []
-    out = []
-    for i, step in enumerate(steps):
-        if not isinstance(step, int) or isinstance(step, bool) or not _number(times[i]):
-            continue
-        point = {"replica": replica, "step": step, "time": times[i]}
-        for name in names:
-            value = columns[name][i] if i < len(columns[name]) else None
-            if _number(value) or value in ("nan", "inf", "-inf"):
-                point[name] = value
-        out.append(point)
-    return out
-
-
 def limit_from_env() -> int:
     text = os.environ.get("LOOMRUN_HISTORY_POINTS", "")
     if not text:
@@ -167,26 +116,6 @@ def limit_from_env() -> int:
     except ValueError:
         say(f"LOOMRUN_HISTORY_POINTS={text!r} is not a whole number; keeping {POINTS} points")
         return POINTS
-
-
-def file_name(node_rank: int) -> str:
-    return node_file("metrics", ".json", node_rank)
-
-
-def read_files(folder: Path) -> dict[str, dict[str, list]]:
-    """The series a finished job's nodes wrote into its folder: replica -> columns."""
-    found: dict[str, dict[str, list]] = {}
-    for path in node_files(folder, "metrics", ".json"):
-        try:
-            written = json.loads(path.read_text())
-            replicas = written["replicas"]
-        except (OSError, ValueError, KeyError, TypeError, RecursionError):
-            continue
-        if isinstance(replicas, dict):
-            found.update(
-                {r: c for r, c in replicas.items() if isinstance(r, str) and isinstance(c, dict)}
-            )
-    return found
 
 
 class History:

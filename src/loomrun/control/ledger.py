@@ -16,102 +16,14 @@ directory (two on one machine, or a home directory on NFS) never write one file.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
-import time
 from pathlib import Path
-from typing import Any
 
-from loomrun import params as P
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
-from loomrun.outcomes import kind_word, state_word
 from loomrun.output import say
-
-
-def record(job: str, outcome: pb.Outcome) -> dict[str, Any]:
-    """One ledger record as plain data (a line of changes.jsonl, `loomrun log --json`)."""
-    return {
-        "time": outcome.time,
-        "who": outcome.origin,
-        "job": job,
-        "replica": outcome.replica,
-        "name": outcome.name,
-        "old": P.from_pb(outcome.old) if outcome.HasField("old") else None,
-        "new": P.from_pb(outcome.new) if outcome.HasField("new") else None,
-        "step": outcome.step,
-        "outcome": state_word(outcome),
-        "kind": kind_word(outcome.kind),
-        "ended": outcome.ended,
-        "reason": outcome.reason or None,
-        "change_id": outcome.change_id,
-        "revision": outcome.revision,
-    }
-
-
-def job_dir(state: Path, job: str) -> Path:
-    return state / "jobs" / job
-
-
-_NODE_RANK = re.compile(r"\.node([0-9]+)\.")
-
-
-def node_file(stem: str, suffix: str, node_rank: int) -> str:
-    """Node 0's `STEM.SUFFIX`, node K's `STEM.nodeK.SUFFIX`: one file per node of a job."""
-    return f"{stem}{suffix}" if node_rank == 0 else f"{stem}.node{node_rank}{suffix}"
-
-
-def node_files(folder: Path, stem: str, suffix: str) -> list[Path]:
-    """Node 0's `STEM.SUFFIX` in a job's folder, then every other node's `STEM.nodeK.SUFFIX`
-    (not the earlier runs' ones set aside under a time stamp)."""
-    own = re.compile(rf"{re.escape(stem)}\.node[0-9]+{re.escape(suffix)}")
-    nodes = [p for p in folder.glob(f"{stem}.node*{suffix}") if own.fullmatch(p.name)]
-    return [folder / f"{stem}{suffix}", *sorted(nodes)]
-
-
-def set_aside_earlier(folder: Path, started: float, node_rank: int = 0, nnodes: int = 1) -> None:
-    """A new run of a job id: this node's change ledger and metric history of an earlier run
-    (written before this run started) go under another name, so none is read as this run's;
-    node 0 does the same for the files of node ranks this run does not have. Never another
-    node's of this run: nodes sharing the folder start at their own times."""
-    for path in node_files(folder, "changes", ".jsonl") + node_files(folder, "metrics", ".json"):
-        rank = int(found[1]) if (found := _NODE_RANK.search(path.name)) else 0
-        if rank != node_rank and not (node_rank == 0 and rank >= nnodes):
-            continue
-        with contextlib.suppress(OSError):
-            if path.stat().st_mtime < started:
-                set_aside(path)
-
-
-def read_files(folder: Path) -> list[dict] | None:
-    """Every node's records of a job's last run in its folder, oldest first; None when no
-    node left one."""
-    paths = [p for p in node_files(folder, "changes", ".jsonl") if p.is_file()]
-    if not paths:
-        return None
-    records = []
-    for path in paths:
-        with contextlib.suppress(OSError):
-            for line in path.read_text(errors="replace").splitlines():
-                with contextlib.suppress(ValueError, RecursionError):
-                    item = json.loads(line)
-                    if isinstance(item, dict):
-                        records.append(item)
-    return sorted(records, key=_when)
-
-
-def _when(item: dict) -> float:
-    return item["time"] if isinstance(item.get("time"), int | float) else 0.0
-
-
-def set_aside(path: Path) -> None:
-    """An earlier run's file under the same job id is kept, under another name
-    (`changes.jsonl` -> `changes-20261123-181500.jsonl`)."""
-    if path.exists() and path.stat().st_size:
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
-        path.rename(path.with_name(f"{path.stem}-{stamp}{path.suffix}"))
+from loomrun.records import node_file, record
 
 
 class Ledger:

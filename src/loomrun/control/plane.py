@@ -31,20 +31,29 @@ from loomrun.control.relay import DesiredRelay
 from loomrun.devices import DeviceInfo, Devices
 from loomrun.mailbox import Mailbox, MailboxError
 from loomrun.output import say
+from loomrun.records import metrics_file
+
+ENDED = (pb.RESTARTING, pb.EXITED, pb.FAILED, pb.STOPPED)
 
 
 class ReplicaView:
-    """What the control plane knows of one replica: its lifecycle (state, pid, restarts,
-    exit code: the supervisor's, told through ControlPlane.replica_*), its device, what
-    the pump read last from its mailbox, and its changes (ReplicaChanges, moved by the
-    relay and the pump)."""
+    """What the control plane knows of one replica: its state, its device, what the pump
+    read last from its mailbox, and its changes (ReplicaChanges, moved by the relay and
+    the pump).
+
+    Its state has two owners, each with a field of its own, and is read in one place
+    (`state`, a ReplicaState): the lifecycle is the supervisor's (`lifecycle`, `hung`,
+    told through ControlPlane.replica_*), what the worker says of itself (`reported`:
+    running or paused) comes through the pump from its status."""
 
     def __init__(self, name: str, local_rank: int, mailbox: Mailbox):
         self.name = name
         self.local_rank = local_rank
         self.mailbox = mailbox
         self.changes = ReplicaChanges()
-        self.state: int = pb.STARTING
+        self.lifecycle: int = pb.STARTING  # until it ends: RESTARTING, EXITED, FAILED, STOPPED
+        self.hung = False  # no step and no status for a while, as the supervisor sees it
+        self.reported: int | None = None  # RUNNING or PAUSED, from the worker's last status
         self.pid = 0
         self.restarts = 0
         self.exit_code = 0
@@ -58,6 +67,20 @@ class ReplicaView:
         self.status: pb.Status | None = None
         self.next_status = 0.0
         self.heartbeat = 0.0
+
+    @property
+    def state(self) -> int:
+        """The replica's ReplicaState, as `watch`, `ls` and a `set` see it."""
+        if self.lifecycle in ENDED:
+            return self.lifecycle
+        if self.hung and self.reported != pb.PAUSED:
+            return pb.HUNG
+        return self.reported or pb.STARTING
+
+    def worker_reported(self, status: pb.Status) -> None:
+        """The worker wrote a status: it moves, and says whether it is paused."""
+        self.reported = pb.PAUSED if status.paused else pb.RUNNING
+        self.hung = False
 
 
 class Mark(NamedTuple):
@@ -145,7 +168,7 @@ class ControlPlane:
             job, self.replicas, self.outbox, self.link, host=host, devices=self.devices,
             events=self.event, ledger=self.ledger, history=self.history,
         )  # fmt: skip
-        self._history_file = history.file_name(node_rank)
+        self._history_file = metrics_file(node_rank)
         self._folders = ledger_dirs or []
         self.registry = Registry(
             job, node_rank, nnodes, script, host, options.url, self.replicas, self.outbox,
@@ -305,8 +328,8 @@ class ControlPlane:
             task.cancel()
         if self.link.connected:
             for replica in self.replicas.values():
-                if replica.state not in (pb.EXITED, pb.FAILED):
-                    replica.state = pb.STOPPED  # by loomrun: a signal, or another one failed
+                if replica.lifecycle not in (pb.EXITED, pb.FAILED):
+                    replica.lifecycle = pb.STOPPED  # by loomrun: a signal, or another failed
                 self._last_read(replica)
                 self.pump.publish_status(replica, force=True)
                 self.registry.drop_device(replica)
@@ -333,10 +356,10 @@ class ControlPlane:
 
     def replica_started(self, name: str, pid: int, restarts: int) -> None:
         replica = self.replicas[name]
-        replica.state, replica.pid, replica.restarts, replica.exit_code = (
+        replica.lifecycle, replica.pid, replica.restarts, replica.exit_code = (
             pb.STARTING, pid, restarts, 0,
         )  # fmt: skip
-        replica.status = None
+        replica.hung, replica.reported, replica.status = False, None, None
         replica.seen = {"acks": 0, "schema": 0, "status": 0}
         replica.outcome_seq = 0
         self.registry.register_device(replica)
@@ -352,9 +375,9 @@ class ControlPlane:
         self._last_read(replica)  # where it really ended
         replica.exit_code = exit_code
         if restarting:
-            replica.state = pb.RESTARTING
+            replica.lifecycle = pb.RESTARTING
         else:
-            replica.state = pb.EXITED if exit_code == 0 else pb.FAILED
+            replica.lifecycle = pb.EXITED if exit_code == 0 else pb.FAILED
         self.event(name, "exited" if exit_code == 0 else "failed", text, code=exit_code)
         self._hung_changed()
         if not restarting:
@@ -369,11 +392,10 @@ class ControlPlane:
 
     def replica_hung(self, name: str, hung: bool) -> None:
         replica = self.replicas[name]
-        if hung and replica.state in (pb.RUNNING, pb.STARTING):
-            replica.state = pb.HUNG
+        was = replica.state
+        replica.hung = hung
+        if replica.state == pb.HUNG and was != pb.HUNG:
             self.event(name, "hung", "no step and no status for a while")
-        elif not hung and replica.state == pb.HUNG:
-            replica.state = pb.RUNNING
         self._hung_changed()
         self.pump.publish_status(replica, force=True)
 

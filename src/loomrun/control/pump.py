@@ -119,8 +119,7 @@ class MailboxPump:
                     replica.status = found[1]
                     if self.history is not None:
                         self.history.add(replica.name, found[1])
-                    if replica.state in LIVE:  # a status written: not hung (any more)
-                        replica.state = pb.PAUSED if found[1].paused else pb.RUNNING
+                    replica.worker_reported(found[1])  # a status written: not hung
                     self.publish_status(replica)
                     return
         if replica.state in LIVE and now >= replica.heartbeat:

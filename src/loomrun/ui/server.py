@@ -29,8 +29,7 @@ from aiohttp import WSMsgType, web
 from loomrun import params as P
 from loomrun import subjects as S
 from loomrun.client import SteerError, Steering, parameters, summary
-from loomrun.control import history
-from loomrun.control.ledger import record
+from loomrun.records import record, series_dict
 from loomrun.watch import WatchModel, feed
 
 UPDATES_PER_SECOND = 10
@@ -317,7 +316,7 @@ class Dashboard:
             series = await self.steering.history(job, found.replicas)
             await self._send(page, {
                 "type": "history", "job": job, "selection": selection,
-                "series": {r: history.series_dict(s) for r, s in series.items()},
+                "series": {r: series_dict(s) for r, s in series.items()},
             })  # fmt: skip
         records: asyncio.Queue[dict] = asyncio.Queue()
 
