@@ -66,11 +66,12 @@ def sentence(
         return f"{'paused' if new else 'resumed'} at step {step}"
     if state == "applied":
         how = {"hold": " (held)", "unset": " (the script's)"}.get(kind, "")
-        return f"{name} {shown(old)} -> {shown(new)}{how} at step {step}"
+        said = f"{name} {shown(old)} -> {shown(new)}{how} at step {step}"
+        return f"{said} ({reason})" if reason else said  # what is in effect, when not `new`
     if state == "overridden":
         return f"{name} overridden at step {step}, not in effect: {reason}"
     if state == "rejected":
-        return f"{name}={shown(new)} rejected: {reason}"
+        return f"{name}={shown(new)} rejected: {reason}" + (f" (at step {step})" if step else "")
     if state == "missed":
         return f"{name}={shown(new)} not applied: {reason}"
     if state == "superseded":

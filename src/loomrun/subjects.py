@@ -41,7 +41,7 @@ JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 # A replica's name: r0, r1, ... (its global rank).
 REPLICA_NAME = re.compile(r"r[0-9]{1,6}")
 # A parameter's name; `lr.0`, `lr.1`, ... name one optimizer param group's lr.
-PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}(\.[0-9]{1,4})?$")
+PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}(\.[0-9]{1,4})?")
 _KEY_TOKEN = re.compile(r"[^A-Za-z0-9_=-]")
 
 
@@ -120,7 +120,7 @@ def split_desired(key: str) -> tuple[str, str, str | None] | None:
     parts = key.split(".")
     if len(parts) in (4, 5) and parts[2] == "param":
         name = ".".join(parts[3:])
-        return (parts[1], "param", name) if PARAM_NAME.match(name) else None
+        return (parts[1], "param", name) if PARAM_NAME.fullmatch(name) else None
     if len(parts) == 3 and parts[2] == PAUSE:
         return parts[1], PAUSE, None
     return None

@@ -55,7 +55,6 @@ class Supervisor:
         try:
             return await self._run()
         finally:
-            self.watchdog.close()
             self.workers.close()
             for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
@@ -65,6 +64,7 @@ class Supervisor:
         refusal = self.dirs.claim(self.started)
         if refusal:
             say(refusal)
+            self.watchdog.close()
             return 2
         for line in self.spec.notices():
             say(line)
@@ -72,7 +72,7 @@ class Supervisor:
         try:
             for line in sweep_leftovers():
                 say(line)
-            self.mailboxes = open_mailboxes(self.spec.job, self.replicas, self.watchdog.tell)
+            open_mailboxes(self.spec.job, self.replicas, self.watchdog.tell, self.mailboxes)
             for replica in self.replicas:
                 await self._start(replica)
             self.watchdog.start()  # after the spawns too: a Python start-up of its own
@@ -99,6 +99,7 @@ class Supervisor:
             for mailbox in self.mailboxes.values():
                 mailbox.unlink()
             self.dirs.release()
+            self.watchdog.close()  # last: had cleaning up failed, the watchdog does it
 
     async def _watch(self) -> int:
         waits = {asyncio.ensure_future(self._wait(r)): r for r in self.replicas}
@@ -342,15 +343,14 @@ def sweep_leftovers() -> list[str]:
     return lines
 
 
-def open_mailboxes(job: str, replicas: list[Replica], tell) -> dict[str, Mailbox]:
-    """One segment per replica, before any worker starts; kept across restarts. The
-    watchdog (`tell`) removes them if the supervisor dies."""
-    mailboxes = {}
+def open_mailboxes(job: str, replicas: list[Replica], tell, into: dict[str, Mailbox]) -> None:
+    """One segment per replica, before any worker starts; kept across restarts. Each goes
+    `into` as it is made (the supervisor unlinks what is there, whatever fails next), and
+    the watchdog (`tell`) removes them if the supervisor dies."""
     for replica in replicas:
         path = new_segment_path(job, replica.name)
         tell(f"segment {path}")
-        mailboxes[replica.name] = Mailbox.create(path)
-    return mailboxes
+        into[replica.name] = Mailbox.create(path)
 
 
 def run(spec: LaunchSpec) -> int:

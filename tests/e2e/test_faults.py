@@ -205,9 +205,9 @@ def test_a_flood_of_sets_from_four_clients_is_answered_in_full(procs, session_br
     _pin(steering(pid_of), trainer)
     for pid in (sup.pid, session_broker.process.pid, os.getpid()):
         _pin(pid, rest)
+    box = Mailbox.attach(find_segment(job, "r0"))
     try:
         before = step_rate(job, seconds=3)
-        box = Mailbox.attach(find_segment(job, "r0"))
         first = box.step[0]
         flood = subprocess.Popen(
             [sys.executable, SCRIPTS / "flood_clients.py", job, os.environ["LOOMRUN_NATS"],
@@ -219,8 +219,8 @@ def test_a_flood_of_sets_from_four_clients_is_answered_in_full(procs, session_br
         during = step_rate(job, seconds=3)
         out, _ = flood.communicate(timeout=150)
         stepped = box.step[0] - first
-        box.close()
     finally:
+        box.close()
         for pid in (session_broker.process.pid, os.getpid()):
             _pin(pid, set(cores))
     assert flood.returncode == 0

@@ -25,7 +25,7 @@ def _parse_assignments(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
     changes: dict[str, str] = {}
     for item in values:
         name, sep, value = item.partition("=")
-        if not sep or not PARAM_NAME.match(name):
+        if not sep or not PARAM_NAME.fullmatch(name):
             raise click.BadParameter(f"'{item}' is not KEY=VALUE (like lr=0.002)")
         changes[name] = value
     return changes
@@ -128,6 +128,14 @@ def set_command(
     comes after the step the change ran in. Independent replicas apply it at once; the
     ranks of a process group all at one step.
     """
+    if hold:  # said before the broker is asked anything
+        from loomrun.client import SteerError
+        from loomrun.client.checks import check_hold
+
+        try:
+            check_hold(assignments)
+        except SteerError as error:
+            raise click.UsageError(str(error)) from None
     _change(
         broker, job, no_wait, as_json,
         lambda s: s.set(job, assignments, replicas, at_step, timeout, not no_wait, force, hold),
@@ -161,7 +169,7 @@ def unset_command(names, job, replicas, force, timeout, no_wait, as_json, broker
     from loomrun.subjects import PARAM_NAME
 
     for name in names:
-        if not PARAM_NAME.match(name):
+        if not PARAM_NAME.fullmatch(name):
             raise click.BadParameter(f"'{name}' is not a parameter name", param_hint="KEY")
     unique = list(dict.fromkeys(names))
     _change(

@@ -88,3 +88,14 @@ async def whole_process_groups(
             "(or hang their collectives); target all of them, or pass --force"
         )
     return True
+
+
+def check_hold(changes: dict[str, Any]) -> None:
+    """`--hold` keeps lr (lr.N) off the script's schedule; the other values are held
+    exactly without it."""
+    not_lr = [name for name in changes if name != "lr" and not name.startswith("lr.")]
+    if not_lr:
+        raise SteerError(
+            f"--hold is for lr and lr.N (it keeps lr off the script's schedule); "
+            f"{not_lr[0]} keeps exactly the value set without it"
+        )

@@ -16,7 +16,7 @@ from loomrun import params as P
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.broker.connect import BrokerOptions, connect_client
-from loomrun.client.checks import check, whole_process_groups
+from loomrun.client.checks import check, check_hold, whole_process_groups
 from loomrun.client.correlator import Correlator
 from loomrun.client.model import (
     ENDED,
@@ -46,7 +46,7 @@ class Steering:
         self._schemas: dict[str, dict[str, ReplicaSchema]] = {}
         self._jobs: dict[str, tuple[Job, float]] = {}  # job -> (it, when it was read)
         self.job_ttl = 1.0
-        self.answers = Correlator(nc)
+        self.correlator = Correlator(nc)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -164,8 +164,8 @@ class Steering:
         return out
 
     def ledger(self, job: str, follow: bool = False):
-        """The job's change ledger from the broker, oldest first (see client.records)."""
-        from loomrun.client.records import ledger
+        """The job's change ledger from the broker, oldest first (see client.ledger)."""
+        from loomrun.client.ledger import ledger
 
         return ledger(self.nc, self.js, job, follow)
 
@@ -224,12 +224,8 @@ class Steering:
     ) -> list[Result]:
         """Check, write and (unless wait=False) wait for every replica's own answer. With
         `hold`, lr stays at exactly the value whatever the script's schedule says."""
-        not_lr = [name for name in changes if name != "lr" and not name.startswith("lr.")]
-        if hold and not_lr:
-            raise SteerError(
-                f"--hold is for lr and lr.N (it keeps lr off the script's schedule); "
-                f"{not_lr[0]} keeps exactly the value set without it"
-            )
+        if hold:
+            check_hold(changes)
         found = await self.job(job)
         targets = self.targets(found, replicas)
         checked = await self.check(found.job, targets, changes)
@@ -242,7 +238,7 @@ class Steering:
             for name, value in checked[r].items()
         ]
         kind = pb.HOLD if hold else pb.SET
-        results = await self.answers.write_and_wait(
+        results = await self.correlator.write_and_wait(
             found.job, writes, at_step or 0, at_once, timeout, wait, kind
         )
         return with_ended(found.job, results, ended, changes, kind)
@@ -287,7 +283,7 @@ class Steering:
                 if replica not in ended:
                     key = S.desired_param(found.job, replica, name)
                     writes.append((replica, name, key, None))
-        results = await self.answers.write_and_wait(
+        results = await self.correlator.write_and_wait(
             found.job, writes, 0, at_once, timeout, wait, pb.UNSET
         )
         return with_ended(found.job, results, ended, names, pb.UNSET)
@@ -312,10 +308,10 @@ class Steering:
         writes = [
             (r, S.PAUSE, S.desired_pause(found.job, r), paused) for r in targets if r not in ended
         ]
-        results = await self.answers.write_and_wait(
+        results = await self.correlator.write_and_wait(
             found.job, writes, at_step or 0, at_once, timeout, wait
         )
         return with_ended(found.job, results, ended, {S.PAUSE: paused}, pb.SET)
 
     async def close(self) -> None:
-        await self.answers.close()
+        await self.correlator.close()

@@ -130,7 +130,7 @@ class MailboxPump:
             if outcome.seq <= replica.outcome_seq:
                 continue
             far = outcome.seq > replica.outcome_seq + SEQ_AHEAD
-            if far or not S.PARAM_NAME.match(outcome.name):
+            if far or not S.PARAM_NAME.fullmatch(outcome.name):
                 self._malformed(replica, outcome)
                 continue
             replica.outcome_seq = outcome.seq

@@ -5,8 +5,9 @@ contents, so a change made while the supervisor was away still lands. A change i
 its id, so seeing it again (after a reconnect) changes nothing, and a store made anew
 (revisions starting over) cannot make new changes look old.
 
-The relay also remembers which changes it wrote and which later ones replaced them: a
-replaced change that the worker never read gets its answer (superseded) from the pump.
+Which changes were written, and which later ones replaced them, is kept by the replica's
+ReplicaChanges: a replaced change that the worker never read gets its answer (superseded)
+from the pump.
 """
 
 from __future__ import annotations

@@ -49,9 +49,6 @@ class AnswerBook:
         """The names whose answers wait for a step to run with them."""
         return set(self._parked)
 
-    def parked_outcomes(self) -> list[pb.Outcome]:
-        return list(self._parked.values())
-
     def give(self, outcome: pb.Outcome, quiet: bool = False, replayed: bool = False) -> None:
         """The answer to a change (see Worker._answer); a parked one goes out later."""
         if not quiet and not replayed:

@@ -165,8 +165,8 @@ class Optimizers:
         group = self._group(key)
         if group is None:
             return None
-        kept = self.steered.kept.get((id(group), "lr" if is_lr(key) else key))
-        if kept is None or not kept.rules:
+        kept = self.steered.kept_at(group, "lr" if is_lr(key) else key)
+        if kept is None:
             return None
         kept.refresh()  # the script may have written its value for the next step already
         if kept.first is not None:
@@ -273,8 +273,8 @@ class Optimizers:
             return values
         out = list(values)
         for index, group in enumerate(groups[: len(out)]):
-            kept = self.steered.kept.get((id(group), "lr"))
-            if kept is not None and kept.rules:
+            kept = self.steered.kept_at(group, "lr")
+            if kept is not None:
                 out[index] = _plain(kept.effective())
         return out
 
