@@ -319,7 +319,7 @@ def _wrap_step(kind: type) -> None:
     @functools.wraps(step)
     def stepped(scheduler, *args, **kwargs):
         optimizers = _tracking[0]
-        if optimizers is None or not optimizers.steering:
+        if optimizers is None or not optimizers.steered.steering:  # every step: no property
             return step(scheduler, *args, **kwargs)
         return optimizers.scheduler_step(scheduler, step, args, kwargs)
 
@@ -338,7 +338,7 @@ def track_schedulers(scheduler_class, optimizers: Optimizers) -> None:
     @functools.wraps(original_init)
     def tracked_init(scheduler, *args, **kwargs):
         _wrap_step(type(scheduler))
-        if not optimizers.steering:
+        if not optimizers.steered.steering:
             original_init(scheduler, *args, **kwargs)
         else:  # made while steering: its base values are the script's, not loomrun's
             optimizer = args[0] if args else kwargs.get("optimizer")
@@ -348,7 +348,7 @@ def track_schedulers(scheduler_class, optimizers: Optimizers) -> None:
     @functools.wraps(original_last)
     def get_last_lr(scheduler):
         values = original_last(scheduler)
-        return optimizers.last_lrs(scheduler, values) if optimizers.steering else values
+        return optimizers.last_lrs(scheduler, values) if optimizers.steered.steering else values
 
     scheduler_class.__init__ = tracked_init
     scheduler_class.get_last_lr = get_last_lr
