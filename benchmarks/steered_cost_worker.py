@@ -4,7 +4,8 @@ groups each (zero grads: every step is a no-op) step in turn, after a first opti
 counts the steps; `loomrun set lr.0=... lr.1=... --hold` (one per group of the first of
 the two) steers one of them. Both run through the same hooks; the difference between
 them, round by round, is the keeping. It prints `ready` when the keys are published,
-waits until the change is in effect (its param groups hold the value in effect), then
+waits until every change is in effect (all its param groups hold the value: the 16 keys
+may come at different boundaries, and the rounds below take none), then
 prints one JSON line: the best ns per step of each over ROUNDS interleaved rounds, and the
 median over the rounds of the difference between the two in one round (the machine's
 noise moves both alike within a round)."""
@@ -35,7 +36,7 @@ steered.step()
 plain.step()
 print("ready", flush=True)
 deadline = time.monotonic() + 60
-while steered.param_groups[0]["lr"] == 0.5:
+while any(group["lr"] == 0.5 for group in steered.param_groups):  # all 16 changes in
     if time.monotonic() > deadline:
         sys.exit("no change came in 60 s")
     counting.step()
