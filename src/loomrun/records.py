@@ -14,16 +14,17 @@ import re
 import struct
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from loomrun import params as P
-from loomrun._proto import loomrun_pb2 as pb
-from loomrun.outcomes import kind_word, state_word
-from loomrun.params import json_float
+if TYPE_CHECKING:
+    from loomrun._proto import loomrun_pb2 as pb
 
 
 def record(job: str, outcome: pb.Outcome) -> dict[str, Any]:
     """One ledger record as plain data (a line of changes.jsonl, `loomrun log --json`)."""
+    from loomrun import params as P  # protobuf: not for the job's folders, before the spawns
+    from loomrun.outcomes import kind_word, state_word
+
     return {
         "time": outcome.time,
         "who": outcome.origin,
@@ -120,6 +121,8 @@ _REPORTED_NAN_BITS = _bits(REPORTED_NAN)
 
 def plain(value: float) -> float | str | None:
     """A stored value for JSON: as params.json_float(), or None where it is missing."""
+    from loomrun.params import json_float
+
     if math.isnan(value) and _bits(value) != _REPORTED_NAN_BITS:
         return None
     return json_float(value)
