@@ -61,6 +61,7 @@ class Supervisor:
 
     async def _run(self) -> int:
         self.started = time.time()  # this run's, for what is on disk and on the broker
+        self.watchdog.start()  # armed before there is anything it must clean up
         refusal = self.dirs.claim(self.started)
         if refusal:
             say(refusal)
@@ -75,7 +76,6 @@ class Supervisor:
             open_mailboxes(self.spec.job, self.replicas, self.watchdog.tell, self.mailboxes)
             for replica in self.replicas:
                 await self._start(replica)
-            self.watchdog.start()  # after the spawns too: a Python start-up of its own
             await self._start_control()  # after the spawns: importing nats alone takes 0.3 s
             progress = asyncio.ensure_future(
                 watch_progress(self.replicas, self.mailboxes, self.spec.step_timeout, self._hung,
