@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install system test test-fast lint format demo bench proto clean
+.PHONY: install system test test-fast stress lint format demo bench proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,12 @@ test: lint system
 # supervisors, workers and brokers.
 test-fast: install
 	$(PY) -m pytest tests/unit
+
+# Races by the dozen (tests/stress): supervisors started at one moment, killed at random
+# moments of start-up; nothing may be left after any trial. Longer than `make test`, and
+# not part of it; writes its figures to STRESS.md. LOOMRUN_STRESS_SCALE=0.1 for a quick look.
+stress: install
+	$(PY) -m pytest tests/stress -q
 
 demo: install
 	$(PY) examples/demo.py

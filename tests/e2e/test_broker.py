@@ -69,7 +69,7 @@ def test_the_secret_is_private_and_off_every_command_line(broker):
 
 
 def test_stop_ends_the_server(broker):
-    pid = broker.process.pid
+    pid = broker.pid
     broker.stop()
     assert not pid_alive(pid)
     assert not answers(*host_port(broker.url))

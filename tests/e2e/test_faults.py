@@ -203,7 +203,7 @@ def test_a_flood_of_sets_from_four_clients_is_answered_in_full(procs, session_br
     cores = sorted(os.sched_getaffinity(0))
     trainer, rest = {cores[-1]}, set(cores[:-1]) or {cores[-1]}
     _pin(steering(pid_of), trainer)
-    for pid in (sup.pid, session_broker.process.pid, os.getpid()):
+    for pid in (sup.pid, session_broker.pid, os.getpid()):
         _pin(pid, rest)
     box = Mailbox.attach(find_segment(job, "r0"))
     try:
@@ -221,7 +221,7 @@ def test_a_flood_of_sets_from_four_clients_is_answered_in_full(procs, session_br
         stepped = box.step[0] - first
     finally:
         box.close()
-        for pid in (session_broker.process.pid, os.getpid()):
+        for pid in (session_broker.pid, os.getpid()):
             _pin(pid, set(cores))
     assert flood.returncode == 0
     results = [json.loads(line) for line in out.splitlines()]

@@ -8,6 +8,7 @@ leaves cleanly or its watchdog leaves for it."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import select
 import shutil
@@ -18,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from loomrun.broker import BrokerError
+from loomrun.broker import BrokerError, keeper
 from loomrun.broker.config import config_path, default_store, server_config
 from loomrun.broker.connect import answers, host_port
 from loomrun.broker.state import HOST, local_secret, private_state_dir, state_dir, write_private
@@ -32,6 +33,11 @@ def _server_pid(port: int) -> Path:
     return state_dir() / f"broker-{HOST}-{port}.pid"
 
 
+def _start_lock(port: int) -> Path:
+    """Held by the keeper of the port's bundled broker for its whole life."""
+    return state_dir() / f"broker-{HOST}-{port}.lock"
+
+
 def join(port: int) -> None:
     """Count this process among the users of the bundled broker on `port`."""
     try:
@@ -43,18 +49,7 @@ def join(port: int) -> None:
 
 
 def live_users(port: int) -> list[int]:
-    alive = []
-    for entry in _users(port).glob("[0-9]*"):
-        try:
-            stat = Path(f"/proc/{int(entry.name)}/stat").read_text()
-        except (OSError, ValueError):
-            entry.unlink(missing_ok=True)
-            continue
-        if stat.rsplit(")", 1)[-1].split()[0] == "Z":  # died, not yet reaped by its parent
-            entry.unlink(missing_ok=True)
-            continue
-        alive.append(int(entry.name))
-    return alive
+    return keeper.live_users(str(_users(port)))
 
 
 def leave(port: int, pid: int | None = None) -> bool:
@@ -156,9 +151,10 @@ def server_binary() -> Path:
 
 @dataclass
 class BundledBroker:
-    """A nats-server this process started; `stop` ends it."""
+    """A nats-server this process had its keeper start; `stop` ends it, whoever uses it."""
 
-    process: subprocess.Popen
+    keeper: subprocess.Popen
+    pid: int
     url: str
     store: Path
     log: Path
@@ -167,8 +163,9 @@ class BundledBroker:
     def start(
         cls, port: int, store: Path | None = None, token: str | None = None, wait: float = 10.0
     ) -> BundledBroker:
-        if answers("127.0.0.1", port):
-            raise BrokerError(f"a NATS server already answers on 127.0.0.1:{port}; connect to it")
+        """Start the bundled broker on `port`, through a keeper (see loomrun.broker.keeper).
+        BrokerError "already answers" when a server answers on the port, or comes to
+        answer there within `wait` from another keeper's start: share it."""
         state = private_state_dir()
         store = store or default_store(port)
         try:
@@ -177,45 +174,88 @@ class BundledBroker:
             raise BrokerError(
                 f"cannot use {store} for the broker's store: {error.strerror}"
             ) from None
-        log = state / f"nats-server-{HOST}-{port}.log"
-        config = config_path(port)
-        write_private(config, server_config("127.0.0.1", port, store, token or local_secret(), log))
-        command = [str(server_binary()), "-c", str(config)]
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        join(port)  # counted before the server exists: its keeper never finds it unused
+        lock = _claim_start(port, wait)
+        try:
+            log = state / f"nats-server-{HOST}-{port}.log"
+            config = config_path(port)
+            secret = token or local_secret()
+            write_private(config, server_config("127.0.0.1", port, store, secret, log))
+            _injected_delay()
+            process = subprocess.Popen(
+                [sys.executable, "-I", "-S", keeper.__file__, str(lock), str(_users(port)),
+                 str(_server_pid(port)), "--", str(server_binary()), "-c", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                pass_fds=(lock,),
+            )  # fmt: skip
+        finally:
+            os.close(lock)  # the keeper's now, if it started
         deadline = time.monotonic() + wait
         while not answers("127.0.0.1", port):
             if process.poll() is not None:
                 detail = (
                     log.read_text(errors="replace").strip().splitlines() if log.exists() else []
                 )
-                last = detail[-1] if detail else f"exit code {process.returncode}"
+                last = detail[-1] if detail else "it exited at once"
                 raise BrokerError(f"the bundled nats-server did not start: {last}")
             if time.monotonic() > deadline:
-                process.kill()
+                process.terminate()
                 process.wait()
                 raise BrokerError(f"the bundled nats-server did not answer on port {port}")
             time.sleep(0.02)
-        write_private(_server_pid(port), str(process.pid))
-        join(port)
-        return cls(process, f"nats://127.0.0.1:{port}", store, log)
+        pid = int(_server_pid(port).read_text())
+        return cls(process, pid, f"nats://127.0.0.1:{port}", store, log)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop it now, whoever else uses it (a test's broker outage, `loomrun server`)."""
         _, port = host_port(self.url)
         (_users(port) / str(os.getpid())).unlink(missing_ok=True)
-        if self.process.poll() is None:
-            self.process.terminate()
+        if self.keeper.poll() is None:
+            self.keeper.terminate()  # it stops the server, then leaves
             try:
-                self.process.wait(timeout)
+                self.keeper.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        with contextlib.suppress(OSError, ValueError):
-            if int(_server_pid(port).read_text()) == self.process.pid:
-                _server_pid(port).unlink()
+                self.keeper.kill()  # the server goes with it (its parent-death signal)
+                self.keeper.wait()
+
+
+def _claim_start(port: int, wait: float) -> int:
+    """The port's start lock, locked: this process alone may start a server there. A
+    BrokerError "already answers" once a server answers on the port."""
+    path = _start_lock(port)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + wait
+    try:
+        while True:
+            if answers("127.0.0.1", port):
+                raise BrokerError(
+                    f"a NATS server already answers on 127.0.0.1:{port}; connect to it"
+                )
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # another keeper's server is on its way: wait for it
+                if time.monotonic() > deadline:
+                    raise BrokerError(
+                        f"another process is starting a broker on port {port}, and it does "
+                        "not answer"
+                    ) from None
+                time.sleep(0.02)
+                continue
+            if not answers("127.0.0.1", port):  # looked at again, now that no keeper lives
+                return fd
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _injected_delay() -> None:
+    """LOOMRUN_TEST_BROKER_START_DELAY seconds between claiming the start and starting:
+    the window in which concurrent starters once both started a server, held open so a
+    test can show the race every time."""
+    delay = os.environ.get("LOOMRUN_TEST_BROKER_START_DELAY")
+    if delay:
+        time.sleep(float(delay))

@@ -104,10 +104,10 @@ class BrokerLink:
         host, port = host_port(self.options.url)
         if is_loopback(self.options.url):
             if self._local_port is None:
+                if self.on_local_broker is not None:
+                    self.on_local_broker(port)  # first: its watchdog removes the entry
                 join(port)  # counted before connecting: nobody stops it for want of users
                 self._local_port = port
-                if self.on_local_broker is not None:
-                    self.on_local_broker(port)
             if not answers(host, port):
                 await self._start_bundled(port)
         try:
@@ -223,7 +223,7 @@ class BrokerLink:
             port = self._local_port
             await asyncio.get_running_loop().run_in_executor(None, leave, port)
         if self.broker is not None:
-            self.broker.process.poll()  # reap it, if leaving stopped it
+            self.broker.keeper.poll()  # reap its keeper, if it has left
 
     # -- connection events -------------------------------------------------------------
 

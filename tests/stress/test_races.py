@@ -1,0 +1,140 @@
+"""Races of start-up, by the dozen: supervisors started at one moment on one host, and
+supervisors killed at random moments of their start-up. After each trial nothing of it
+may be left (tests/leftovers.py), and the time that took is the cleanup figure."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from leftovers import leftovers, processes_of, wait_clean
+from trials import trials
+
+from loomrun.launch import free_port
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "no_torch.py"
+STARTED_BROKER = "started the bundled NATS broker"
+
+
+def start(env: dict, *args) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "loomrun.cli", *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+@pytest.fixture
+def fresh(tmp_path):
+    """A state directory of its own and a port no broker answers on: every trial's
+    supervisors find no broker running, and race to start one."""
+    state = tmp_path / "state"
+    env = {
+        **os.environ,
+        "XDG_STATE_HOME": str(state),
+        "LOOMRUN_NATS": f"nats://127.0.0.1:{free_port()}",
+    }
+    yield state, env
+    for pid, _ in processes_of(state):  # what a failed trial left: not the next one's
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def finish(trial, state: Path, jobs: list[str], procs: list[subprocess.Popen]) -> list[str]:
+    """Wait for the supervisors, then for nothing of the jobs to be left; their stderr."""
+    errors = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=180)
+        errors.append(err)
+    try:
+        trial.cleanup = wait_clean(state, jobs)
+    except AssertionError:
+        trial.left = leftovers(state, jobs)
+        raise
+    for proc, err in zip(procs, errors, strict=True):
+        assert proc.returncode == 0, err
+    return errors
+
+
+@pytest.mark.kind("two-nodes", "two nodes of one job started at one moment")
+@pytest.mark.parametrize("number", trials(50))
+def test_two_nodes_started_at_once_start_one_broker_and_leave_nothing(number, trial, fresh):
+    state, env = fresh
+    job = f"two-{secrets.token_hex(3)}"
+    master = free_port()
+    nodes = [
+        start(env, "--nnodes", "2", "--node-rank", rank, "--nproc-per-node", "1",
+              "--master-addr", "127.0.0.1", "--master-port", master, "--job", job, SCRIPT)
+        for rank in (0, 1)
+    ]  # fmt: skip
+    errors = finish(trial, state, [job], nodes)
+    assert sum(STARTED_BROKER in err for err in errors) == 1, errors
+
+
+@pytest.mark.kind("four-jobs", "four jobs on one host started at one moment")
+@pytest.mark.parametrize("number", trials(50))
+def test_four_jobs_started_at_once_share_one_broker_and_leave_nothing(number, trial, fresh):
+    state, env = fresh
+    jobs = [f"four{i}-{secrets.token_hex(3)}" for i in range(4)]
+    procs = [start(env, "--replicas", "1", "--job", job, SCRIPT) for job in jobs]
+    errors = finish(trial, state, jobs, procs)
+    assert sum(STARTED_BROKER in err for err in errors) == 1, errors
+
+
+def _what_runs(state: Path) -> str:
+    """The parts of a start-up that exist at this moment, besides the supervisor."""
+    parts = {
+        "watchdog.py": "watchdog",
+        "keeper.py": "broker keeper",
+        "loomrun.rendezvous": "rendezvous",
+        "runtime.boot": "worker",
+    }
+    up = set()
+    for _, command in processes_of(state):
+        if command.split()[0].endswith("nats-server"):
+            up.add("broker")
+        words = command.split()[:4]  # the program, not its arguments
+        up.update(name for key, name in parts.items() if any(key in word for word in words))
+    up = sorted(up)
+    return ", ".join(up) or "nothing but the supervisor"
+
+
+@pytest.mark.kind("kill-start", "supervisor SIGKILLed at a random moment of start-up")
+@pytest.mark.parametrize("number", trials(100))
+def test_a_supervisor_killed_during_start_up_leaves_nothing(number, trial, fresh):
+    """A third of the trials start one node of a two-node c10d job, which waits in the
+    rendezvous for the other; the rest start two replicas and their broker."""
+    state, env = fresh
+    job = f"kill-{secrets.token_hex(3)}"
+    if number % 3 == 2:
+        shape = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+                 "--rdzv-id", job, "--nnodes", "2", "--nproc-per-node", "1"]  # fmt: skip
+    else:
+        shape = ["--replicas", "2"]
+    delay = random.Random(number).uniform(0.0, 1.0)
+    sup = start(env, *shape, "--job", job, SCRIPT, "--forever")
+    time.sleep(delay)  # the random moment itself: what is tested is what it hits
+    running = _what_runs(state)
+    sup.kill()
+    _, err = sup.communicate(timeout=30)
+    assert sup.returncode == -signal.SIGKILL, f"it ended before the kill: {err}"
+    killed = time.monotonic()
+    trial.moment = f"trial {number}: {delay * 1000:4.0f} ms after the start; up: {running}"
+    try:
+        wait_clean(state, [job], timeout=15)
+    except AssertionError:
+        trial.left = leftovers(state, [job])
+        raise
+    finally:
+        trial.cleanup = time.monotonic() - killed
