@@ -6,9 +6,13 @@ the workers start. So "a process of that state directory" is exact, whoever its 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import time
 from pathlib import Path
+
+from loomrun.launch import free_port
 
 SHM = Path("/dev/shm")
 
@@ -81,6 +85,7 @@ def held_locks(state: Path) -> list[str]:
 def leftovers(state: Path, jobs: list[str]) -> list[str]:
     """Everything these jobs left behind, one line each; empty when nothing is."""
     found = [f"process {pid}: {command}" for pid, command in processes_of(state)]
+    found += [f"broker pid record: {path}" for path in (state / "loomrun").glob("broker-*.pid")]
     found += [f"segment /dev/shm/{name}" for name in segments_of(jobs)]
     found += [f"user entry of a dead process: {entry}" for entry in dead_users(state)]
     found += [f"lock held: {lock}" for lock in held_locks(state)]
@@ -96,3 +101,19 @@ def wait_clean(state: Path, jobs: list[str], timeout: float = 10.0) -> float:
             raise AssertionError(f"left behind after {timeout:.0f} s: " + "; ".join(found))
         time.sleep(0.02)
     return time.monotonic() - started
+
+
+def fresh_state(tmp_path: Path) -> tuple[Path, int, dict]:
+    """A state directory of its own, a port no broker answers on, and the environment of
+    jobs that use them: (state, port, env). Their supervisors find no broker running."""
+    state = tmp_path / "state"
+    port = free_port()
+    env = {**os.environ, "XDG_STATE_HOME": str(state), "LOOMRUN_NATS": f"nats://127.0.0.1:{port}"}
+    return state, port, env
+
+
+def kill_left(state: Path) -> None:
+    """SIGKILL what a failed test left of that state directory: not the next test's."""
+    for pid, _ in processes_of(state):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)

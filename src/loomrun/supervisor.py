@@ -301,7 +301,6 @@ class Supervisor:
         self.control = ControlPlane.of(
             self.spec, self.replicas, self.mailboxes, self.dirs.records, self.started,
             on_device_failure=self.fail_device, on_node_failure=self._remote_failures.put_nowait,
-            on_local_broker=lambda port: self.watchdog.tell(f"broker {port}"),
         )  # fmt: skip
         await self.control.start()
 

@@ -3,10 +3,10 @@
 The supervisor starts this watchdog first, in a session of its own, and keeps the write
 end of a pipe to it. The kernel closes that pipe when the supervisor dies, however it
 dies, SIGKILL included: the watchdog reads end-of-file at once. As the job goes, the
-supervisor tells it, one line each, the process groups of its workers, its shared-memory
-segments and the bundled broker it uses. On end-of-file without a goodbye (`done`), the
-watchdog kills those process groups, removes those segments, and stops the broker if no
-other live process uses it; then it exits.
+supervisor tells it, one line each, the process groups of its workers and its
+shared-memory segments. On end-of-file without a goodbye (`done`), the watchdog kills
+those process groups and removes those segments; then it exits. (A bundled broker the job
+used has a keeper of its own, which sees the supervisor gone: broker/keeper.py.)
 
 Why a watchdog: the workers' parent-death signal (PR_SET_PDEATHSIG) reaches each worker,
 but not what the worker started (a helper process, a shell), which would live on with
@@ -27,8 +27,9 @@ class Watchdog:
 
     Started first (`start`), before the job's lock, its mailboxes, its broker or its
     workers exist: a supervisor killed at any moment of start-up leaves nothing behind.
-    It is a Python started with neither site nor loomrun (10-20 ms of CPU, beside the
-    supervisor's own start-up, not on the workers' path); it loads them only to act."""
+    It is a Python started with neither site nor loomrun, importing nothing outside the
+    interpreter's core (10-20 ms of CPU, beside the supervisor's own start-up, not on the
+    workers' path)."""
 
     def __init__(self) -> None:
         self.process = None
@@ -72,10 +73,9 @@ def _unless_gone(call, *args) -> None:
 
 
 def main() -> None:
-    supervisor = int(sys.argv[1])
+    """`python -I -S watchdog.py SUPERVISOR_PID`: the pid only shows in `ps` whose it is."""
     groups: set[int] = set()
     segments: set[str] = set()
-    brokers: set[int] = set()
     for raw in sys.stdin.buffer:
         command, _, argument = raw.decode(errors="replace").strip().partition(" ")
         if command == "group":
@@ -86,23 +86,12 @@ def main() -> None:
             segments.add(argument)
         elif command == "unsegment":
             segments.discard(argument)
-        elif command == "broker":
-            brokers.add(int(argument))
         elif command == "done":
             return
     for pgid in groups:
         _unless_gone(os.killpg, pgid, signal.SIGKILL)
     for path in segments:
         _unless_gone(os.unlink, path)
-    if brokers:
-        import site
-
-        site.main()  # started without it: the broker's code needs loomrun and its packages
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from loomrun.broker.bundled import leave
-
-        for port in brokers:
-            leave(port, supervisor)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,20 @@
 """The races the stress suite (tests/stress) looks for by the dozen, each made to show every
-time and checked in seconds: concurrent starters of the bundled broker, and a starter
-killed once its broker runs. Each test has a state directory of its own, and ends when
-nothing of it is left (tests/leftovers.py)."""
+time and checked in seconds: concurrent starters of the bundled broker, a starter killed
+once its broker runs, and a node whose supervisor is killed mid-run. Each test has a state
+directory of its own, and ends when nothing of it is left (tests/leftovers.py)."""
 
 from __future__ import annotations
 
 import os
 import secrets
-import signal
 import subprocess
 import sys
+import time
 
 import pytest
-from conftest import LOOMRUN, SCRIPTS
-from leftovers import processes_of, wait_clean
+from conftest import SCRIPTS, wait_for
+from leftovers import fresh_state, kill_left, processes_of, wait_clean
+from nodes import start_nodes, stepping
 
 from loomrun.launch import free_port
 
@@ -37,12 +38,9 @@ sys.stdin.read()
 
 @pytest.fixture
 def fresh(tmp_path):
-    state = tmp_path / "state"
-    port = free_port()
-    env = {**os.environ, "XDG_STATE_HOME": str(state), "LOOMRUN_NATS": f"nats://127.0.0.1:{port}"}
+    state, port, env = fresh_state(tmp_path)
     yield state, port, env
-    for pid, _ in processes_of(state):
-        os.kill(pid, signal.SIGKILL)
+    kill_left(state)
 
 
 def starter(env, port: int) -> subprocess.Popen:
@@ -89,17 +87,34 @@ def test_two_nodes_started_at_once_start_one_broker_and_leave_nothing(fresh):
     state, _, env = fresh
     job = f"race-{secrets.token_hex(3)}"
     master = free_port()
-    nodes = [
-        subprocess.Popen(
-            [*LOOMRUN, "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
-             "--master-addr", "127.0.0.1", "--master-port", str(master), "--job", job,
-             str(SCRIPTS / "no_torch.py"), "--seconds", "2"],
-            env={**env, **RACE}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            start_new_session=True,
-        )
-        for rank in (0, 1)
-    ]  # fmt: skip
+    nodes = start_nodes(
+        {**env, **RACE}, job, SCRIPTS / "no_torch.py", "--seconds", 2, master=master
+    )
     errors = [node.communicate(timeout=120)[1] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], errors
     assert sum("started the bundled NATS broker" in err for err in errors) == 1, errors
+    wait_clean(state, [job])
+
+
+@pytest.mark.slow
+def test_a_node_whose_supervisor_is_killed_stops_the_other_and_nothing_is_left(fresh):
+    """Node 1's supervisor SIGKILLed mid-run says nothing to node 0; node 0 sees its
+    heartbeat stop, and stops as for a node failure that gave up (exit 1), restarts left or
+    not: a group cannot form again without the node (docs/architecture.md)."""
+    state, _, env = fresh
+    job = f"lost-{secrets.token_hex(3)}"
+    master = free_port()
+    args = ["--steps", 1000000, "--step-time", 0.01]
+    nodes = start_nodes(
+        env, job, SCRIPTS / "ddp_seeded.py", *args, extra=["--max-restarts", 1], master=master
+    )
+    wait_for(lambda: stepping(job, "r0") and stepping(job, "r1"), 120, what="both ranks")
+    nodes[1].kill()
+    killed = time.monotonic()
+    _, err = nodes[0].communicate(timeout=60)
+    stopped = time.monotonic() - killed
+    print(f"node 0 stopped {stopped:.1f} s after node 1's supervisor was killed")
+    assert nodes[0].returncode == 1, err
+    assert "node 1: its supervisor is gone (no heartbeat for 10 s)" in err, err
+    nodes[1].communicate(timeout=10)
     wait_clean(state, [job])

@@ -4,8 +4,6 @@ may be left (tests/leftovers.py), and the time that took is the cleanup figure."
 
 from __future__ import annotations
 
-import contextlib
-import os
 import random
 import secrets
 import signal
@@ -15,12 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
-from leftovers import leftovers, processes_of, wait_clean
+from leftovers import fresh_state, kill_left, leftovers, processes_of, wait_clean
+from nodes import start_nodes, stepping
 from trials import trials
 
 from loomrun.launch import free_port
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "no_torch.py"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPT = SCRIPTS / "no_torch.py"
 STARTED_BROKER = "started the bundled NATS broker"
 
 
@@ -37,18 +37,9 @@ def start(env: dict, *args) -> subprocess.Popen:
 
 @pytest.fixture
 def fresh(tmp_path):
-    """A state directory of its own and a port no broker answers on: every trial's
-    supervisors find no broker running, and race to start one."""
-    state = tmp_path / "state"
-    env = {
-        **os.environ,
-        "XDG_STATE_HOME": str(state),
-        "LOOMRUN_NATS": f"nats://127.0.0.1:{free_port()}",
-    }
+    state, _, env = fresh_state(tmp_path)
     yield state, env
-    for pid, _ in processes_of(state):  # what a failed trial left: not the next one's
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
+    kill_left(state)
 
 
 def finish(trial, state: Path, jobs: list[str], procs: list[subprocess.Popen]) -> list[str]:
@@ -73,11 +64,7 @@ def test_two_nodes_started_at_once_start_one_broker_and_leave_nothing(number, tr
     state, env = fresh
     job = f"two-{secrets.token_hex(3)}"
     master = free_port()
-    nodes = [
-        start(env, "--nnodes", "2", "--node-rank", rank, "--nproc-per-node", "1",
-              "--master-addr", "127.0.0.1", "--master-port", master, "--job", job, SCRIPT)
-        for rank in (0, 1)
-    ]  # fmt: skip
+    nodes = start_nodes(env, job, SCRIPT, master=master)
     errors = finish(trial, state, [job], nodes)
     assert sum(STARTED_BROKER in err for err in errors) == 1, errors
 
@@ -114,7 +101,8 @@ def _what_runs(state: Path) -> str:
 @pytest.mark.parametrize("number", trials(100))
 def test_a_supervisor_killed_during_start_up_leaves_nothing(number, trial, fresh):
     """A third of the trials start one node of a two-node c10d job, which waits in the
-    rendezvous for the other; the rest start two replicas and their broker."""
+    rendezvous for the other; the rest start two replicas and their broker, a third with
+    the broker's start held open for 0.3 s (a wider window to be killed in)."""
     state, env = fresh
     job = f"kill-{secrets.token_hex(3)}"
     if number % 3 == 2:
@@ -123,6 +111,8 @@ def test_a_supervisor_killed_during_start_up_leaves_nothing(number, trial, fresh
     else:
         shape = ["--replicas", "2"]
     delay = random.Random(number).uniform(0.0, 1.0)
+    if number % 3 == 1:
+        env = {**env, "LOOMRUN_TEST_BROKER_START_DELAY": "0.3"}
     sup = start(env, *shape, "--job", job, SCRIPT, "--forever")
     time.sleep(delay)  # the random moment itself: what is tested is what it hits
     running = _what_runs(state)
@@ -138,3 +128,38 @@ def test_a_supervisor_killed_during_start_up_leaves_nothing(number, trial, fresh
         raise
     finally:
         trial.cleanup = time.monotonic() - killed
+
+
+def _until(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "the job did not start stepping"
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(360)
+@pytest.mark.kind("node-killed", "a node's supervisor SIGKILLed mid-run (2 nodes, DDP)")
+@pytest.mark.parametrize("number", trials(20))
+def test_a_node_killed_mid_run_stops_the_other_within_bounds(number, trial, fresh):
+    """The design (docs/architecture.md, "A node that is gone"): node 0 stops and exits 1
+    once node 1's heartbeat has stopped for 10 s, restarts left or not."""
+    state, env = fresh
+    job = f"lost-{secrets.token_hex(3)}"
+    args = ["--steps", 1000000, "--step-time", 0.01]
+    nodes = start_nodes(env, job, SCRIPTS / "ddp_seeded.py", *args,
+                        extra=["--max-restarts", 1], master=free_port())  # fmt: skip
+    _until(lambda: stepping(job, "r0") and stepping(job, "r1"), 180)
+    nodes[1].kill()
+    killed = time.monotonic()
+    _, err = nodes[0].communicate(timeout=60)
+    trial.moment = f"trial {number}: node 0 stopped {time.monotonic() - killed:.1f} s after"
+    nodes[1].communicate(timeout=10)
+    try:
+        wait_clean(state, [job], timeout=15)
+    except AssertionError:
+        trial.left = leftovers(state, [job])
+        raise
+    finally:
+        trial.cleanup = time.monotonic() - killed
+    assert nodes[0].returncode == 1, err
+    assert "node 1: its supervisor is gone" in err, err

@@ -27,7 +27,6 @@ class Kind:
     run: int = 0
     failed: list[str] = field(default_factory=list)
     leftovers: int = 0
-    lost: int = 0
     cleanups: list[float] = field(default_factory=list)
     moments: list[str] = field(default_factory=list)
 
@@ -43,7 +42,6 @@ class Trial:
     kind: Kind
     number: int
     left: list[str] = field(default_factory=list)
-    lost: int = 0
     cleanup: float | None = None
     moment: str | None = None
 
@@ -83,14 +81,13 @@ def report() -> str:
         f"- Scale: {SCALE:g} (LOOMRUN_STRESS_SCALE)",
         "- Again: `make stress`",
         "",
-        "| trials | kind | failed | with leftovers | answers lost | slowest cleanup |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| trials | kind | failed | with leftovers | slowest cleanup |",
+        "|---:|---|---:|---:|---:|",
     ]
     for kind in RESULTS.values():
         slowest = f"{max(kind.cleanups):.2f} s" if kind.cleanups else "-"
         lines.append(
-            f"| {kind.run} | {kind.title} | {len(kind.failed)} | {kind.leftovers} | "
-            f"{kind.lost} | {slowest} |"
+            f"| {kind.run} | {kind.title} | {len(kind.failed)} | {kind.leftovers} | {slowest} |"
         )
     for kind in RESULTS.values():
         if kind.failed:

@@ -45,20 +45,17 @@ def join(port: int) -> None:
         _users(port).mkdir(exist_ok=True, mode=0o700)
         (_users(port) / str(os.getpid())).touch()
     except (OSError, BrokerError):
-        pass  # without the record no user's exit stops the broker: it keeps running
+        pass  # not counted: the broker's keeper may stop it under this job, which reconnects
 
 
 def live_users(port: int) -> list[int]:
     return keeper.live_users(str(_users(port)))
 
 
-def leave(port: int, pid: int | None = None) -> bool:
-    """`pid` (this process) no longer uses the bundled broker on `port`; if nobody alive
-    does, stop it. True when it was stopped."""
-    (_users(port) / str(pid or os.getpid())).unlink(missing_ok=True)
-    if live_users(port):
-        return False
-    return _stop_server(port)
+def leave(port: int) -> None:
+    """This process no longer uses the bundled broker on `port`: its keeper stops it once
+    nobody alive does (a process that dies leaves by dying)."""
+    (_users(port) / str(os.getpid())).unlink(missing_ok=True)
 
 
 def bundled_here(port: int) -> bool:
@@ -124,15 +121,30 @@ def _gone(pid: int, port: int, timeout: float) -> bool:
 
 
 def sweep_orphan_brokers() -> list[int]:
-    """Stop bundled brokers that no live process uses (their users all died without their
-    watchdog acting); the ports of those stopped."""
+    """Stop bundled brokers that no live process uses and that have no keeper (started by
+    a loomrun before keepers; a keeper stops its own); the ports of those stopped."""
     stopped = []
     for record in state_dir().glob(f"broker-{HOST}-*.pid"):
         with contextlib.suppress(ValueError):
             port = int(record.name[len(f"broker-{HOST}-") : -len(".pid")])
-            if not live_users(port) and _stop_server(port):
+            if not live_users(port) and not _kept(port) and _stop_server(port):
                 stopped.append(port)
     return stopped
+
+
+def _kept(port: int) -> bool:
+    """A live keeper holds the port's start lock."""
+    try:
+        fd = os.open(_start_lock(port), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def server_binary() -> Path:
@@ -194,7 +206,7 @@ class BundledBroker:
         finally:
             os.close(lock)  # the keeper's now, if it started
         deadline = time.monotonic() + wait
-        while not answers("127.0.0.1", port):
+        while not (answers("127.0.0.1", port) and (pid := _recorded(port, process.pid))):
             if process.poll() is not None:
                 detail = (
                     log.read_text(errors="replace").strip().splitlines() if log.exists() else []
@@ -206,7 +218,6 @@ class BundledBroker:
                 process.wait()
                 raise BrokerError(f"the bundled nats-server did not answer on port {port}")
             time.sleep(0.02)
-        pid = int(_server_pid(port).read_text())
         return cls(process, pid, f"nats://127.0.0.1:{port}", store, log)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -222,11 +233,24 @@ class BundledBroker:
                 self.keeper.wait()
 
 
+def _recorded(port: int, keeper: int) -> int | None:
+    """The pid of the server `keeper` started, once its record is written."""
+    try:
+        pid = int(_server_pid(port).read_text())
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    return pid if int(stat.rsplit(")", 1)[-1].split()[1]) == keeper else None
+
+
 def _claim_start(port: int, wait: float) -> int:
     """The port's start lock, locked: this process alone may start a server there. A
     BrokerError "already answers" once a server answers on the port."""
     path = _start_lock(port)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as error:
+        raise BrokerError(f"cannot open {path}: {error.strerror}") from None
     deadline = time.monotonic() + wait
     try:
         while True:
@@ -236,7 +260,13 @@ def _claim_start(port: int, wait: float) -> int:
                 )
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # another keeper's server is on its way: wait for it
+            except OSError as error:
+                if not isinstance(error, BlockingIOError):  # no flock here (some NFS)
+                    raise BrokerError(
+                        f"cannot lock {path} ({error.strerror}): the state directory "
+                        "needs file locks; set XDG_STATE_HOME to a local disk"
+                    ) from None
+                # another keeper's server is on its way: wait for it
                 if time.monotonic() > deadline:
                     raise BrokerError(
                         f"another process is starting a broker on port {port}, and it does "

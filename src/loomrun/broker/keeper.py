@@ -24,7 +24,7 @@ import sys
 import time
 
 LOOK_EVERY = 0.25  # seconds between two looks at the users folder
-EMPTY_LOOKS = 2  # an empty folder seen this many times in a row: a user joining is not cut
+EMPTY_LOOKS = 2  # looks in a row that find no live user, before the server is stopped
 STOP_GRACE = 2.0  # seconds between SIGTERM and SIGKILL of the server
 _PR_SET_PDEATHSIG = 1
 
@@ -98,6 +98,7 @@ def main() -> int:
     lock, users, record = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     command = sys.argv[sys.argv.index("--") + 1 :]
     os.set_inheritable(lock, False)  # the keeper's alone: not the server's
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # waited for, whatever the starter ignored
     asked: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda number, _: asked.append(number))

@@ -40,11 +40,8 @@ def nats_replicas() -> int:
 
 
 class BrokerLink:
-    def __init__(self, options: BrokerOptions, on_local_broker=None):
+    def __init__(self, options: BrokerOptions):
         self.options = options
-        # Told the port of a bundled broker on this host once this job uses it: if the
-        # supervisor dies, its watchdog leaves it for it (and stops it, if it was the last).
-        self.on_local_broker = on_local_broker
         self._local_port: int | None = None
         self.nc = None
         self.js = None
@@ -104,9 +101,7 @@ class BrokerLink:
         host, port = host_port(self.options.url)
         if is_loopback(self.options.url):
             if self._local_port is None:
-                if self.on_local_broker is not None:
-                    self.on_local_broker(port)  # first: its watchdog removes the entry
-                join(port)  # counted before connecting: nobody stops it for want of users
+                join(port)  # counted before connecting: its keeper does not stop it meanwhile
                 self._local_port = port
             if not answers(host, port):
                 await self._start_bundled(port)
@@ -212,8 +207,8 @@ class BrokerLink:
         return list(await buckets.snapshot(self.nc, bucket, pattern, keys_only=True))
 
     async def close(self) -> None:
-        """Disconnect; the last job to leave a bundled broker stops it (another job still on
-        it keeps it, whoever started it)."""
+        """Disconnect, and leave a bundled broker: its keeper stops it once no live process
+        uses it (another job still on it keeps it, whoever started it)."""
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.close(), 3.0)
@@ -221,9 +216,7 @@ class BrokerLink:
             await asyncio.get_running_loop().run_in_executor(None, self._starting.wait, 15.0)
         if self._local_port is not None:
             port = self._local_port
-            await asyncio.get_running_loop().run_in_executor(None, leave, port)
-        if self.broker is not None:
-            self.broker.keeper.poll()  # reap its keeper, if it has left
+            leave(port)
 
     # -- connection events -------------------------------------------------------------
 

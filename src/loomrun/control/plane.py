@@ -25,6 +25,7 @@ from loomrun.control.changes import ReplicaChanges
 from loomrun.control.ledger import Ledger
 from loomrun.control.link import BrokerLink
 from loomrun.control.outbox import Outbox
+from loomrun.control.peers import Peers
 from loomrun.control.pump import MailboxPump
 from loomrun.control.registry import Registry
 from loomrun.control.relay import DesiredRelay
@@ -144,7 +145,6 @@ class ControlPlane:
         options: BrokerOptions,
         on_device_failure: Callable[[str, str], None],
         wait_broker: bool = False,
-        on_local_broker: Callable[[int], None] | None = None,
         ledger_dirs: list[Path] | None = None,
         started: float | None = None,
     ):
@@ -160,7 +160,7 @@ class ControlPlane:
         self.devices = Devices()
         for replica in replicas:
             replica.device = self.devices.for_replica(replica.local_rank)
-        self.link = BrokerLink(options, on_local_broker)
+        self.link = BrokerLink(options)
         self.outbox = Outbox(self.link)
         self.ledger = Ledger(job, self.outbox, ledger_dirs or [], node_rank)
         self.history = history.History(job, list(self.replicas))
@@ -182,7 +182,7 @@ class ControlPlane:
     @classmethod
     def of(
         cls, spec, replicas, mailboxes, ledger_dirs, started, *, on_device_failure,
-        on_node_failure, on_local_broker,
+        on_node_failure,
     ) -> ControlPlane:  # fmt: skip
         """The control plane of a supervisor's job (a LaunchSpec) and its replicas (each
         with name, local_rank, and proc once started), on their mailboxes."""
@@ -191,7 +191,7 @@ class ControlPlane:
             job=spec.job, node_rank=spec.node_rank, nnodes=spec.nnodes,
             script=" ".join([spec.target_name, *spec.args]), replicas=views,
             options=spec.broker, on_device_failure=on_device_failure,
-            wait_broker=spec.wait_broker, on_local_broker=on_local_broker,
+            wait_broker=spec.wait_broker,
             ledger_dirs=ledger_dirs, started=started,
         )  # fmt: skip
         plane.on_node_failure = on_node_failure
@@ -224,7 +224,15 @@ class ControlPlane:
         self.link.on_reconnect.append(self._resync)
         self._tasks.append(asyncio.ensure_future(self.outbox.run()))
         self._tasks.append(asyncio.ensure_future(self.registry.heartbeat()))
+        if self.registry.nnodes > 1 and self.on_node_failure is not None:
+            peers = Peers(self.job, self.registry.node_rank, self.registry.nnodes,
+                          self.on_node_failure, self._steps)  # fmt: skip
+            self._tasks.append(asyncio.ensure_future(peers.watch(self.link)))
         self._watch_task = asyncio.ensure_future(self.link.settle(self.relay.watch))
+
+    def _steps(self) -> int:
+        """This node's replicas' step counters, summed: it moves while any steps."""
+        return sum(int(replica.mailbox.step[0]) for replica in self.replicas.values())
 
     async def _forget_last_run(self) -> None:
         """A new run starts from the script's own values, not a past run's of the same id."""
