@@ -11,14 +11,14 @@ import signal
 import time
 
 from loomrun.broker.bundled import sweep_orphan_brokers
-from loomrun.health import watch_progress
-from loomrun.jobdirs import JobDirs
 from loomrun.launch import LaunchSpec, describe_exit, exit_code_of, free_port, worker_env
+from loomrun.launch.health import watch_progress
+from loomrun.launch.jobdirs import JobDirs
+from loomrun.launch.processes import Replica, Workers
 from loomrun.lifeline import parent_env
 from loomrun.mailbox import Mailbox, MailboxError, new_segment_path, sweep_stale
 from loomrun.output import say
 from loomrun.printable import printable
-from loomrun.processes import Replica, Workers
 from loomrun.watchdog import Watchdog
 
 EXIT_STOPPED_BY = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loomrun.health import Progress
+from loomrun.launch.health import Progress
 from loomrun.output import ConsoleStream, ReplicaOutput, prefix_for, say, use_color
 
 

@@ -2,7 +2,9 @@
 worker's torchrun environment, and what a worker's exit code means.
 
 The CLI makes the spec (`RunOptions.spec`); the supervisor runs it. Nothing here imports
-click or starts a process."""
+click or starts a process. Beside it in this package, what the supervisor launches with:
+processes.py (spawn, signal, stop, reap; the console), health.py (hung or moving) and
+jobdirs.py (the job's folders and its job-id lock)."""
 
 from __future__ import annotations
 
