@@ -301,6 +301,7 @@ class Supervisor:
         self.control = ControlPlane.of(
             self.spec, self.replicas, self.mailboxes, self.dirs.records, self.started,
             on_device_failure=self.fail_device, on_node_failure=self._remote_failures.put_nowait,
+            tell=self.watchdog.tell,
         )  # fmt: skip
         await self.control.start()
 

@@ -3,10 +3,10 @@
 The supervisor starts this watchdog first, in a session of its own, and keeps the write
 end of a pipe to it. The kernel closes that pipe when the supervisor dies, however it
 dies, SIGKILL included: the watchdog reads end-of-file at once. As the job goes, the
-supervisor tells it, one line each, the process groups of its workers and its
-shared-memory segments. On end-of-file without a goodbye (`done`), the watchdog kills
-those process groups and removes those segments; then it exits. (A bundled broker the job
-used has a keeper of its own, which sees the supervisor gone: broker/keeper.py.)
+supervisor tells it, one line each, the process groups of its workers, its shared-memory
+segments and its entry among the users of a bundled broker. On end-of-file without a
+goodbye (`done`), the watchdog kills those process groups and removes those files; then it
+exits. (The broker itself has a keeper, which sees its last user gone: broker/keeper.py.)
 
 Why a watchdog: the workers' parent-death signal (PR_SET_PDEATHSIG) reaches each worker,
 but not what the worker started (a helper process, a shell), which would live on with
@@ -75,22 +75,22 @@ def _unless_gone(call, *args) -> None:
 def main() -> None:
     """`python -I -S watchdog.py SUPERVISOR_PID`: the pid only shows in `ps` whose it is."""
     groups: set[int] = set()
-    segments: set[str] = set()
+    files: set[str] = set()  # segments, and the job's entry among a broker's users
     for raw in sys.stdin.buffer:
         command, _, argument = raw.decode(errors="replace").strip().partition(" ")
         if command == "group":
             groups.add(int(argument))
         elif command == "forget":
             groups.discard(int(argument))
-        elif command == "segment":
-            segments.add(argument)
-        elif command == "unsegment":
-            segments.discard(argument)
+        elif command in ("segment", "user"):
+            files.add(argument)
+        elif command in ("unsegment", "unuser"):
+            files.discard(argument)
         elif command == "done":
             return
     for pgid in groups:
         _unless_gone(os.killpg, pgid, signal.SIGKILL)
-    for path in segments:
+    for path in files:
         _unless_gone(os.unlink, path)
 
 

@@ -43,6 +43,17 @@ def test_a_record_never_seen_beating_is_never_judged():
     assert looks(peers(), 0, 10 * LOST, peer_beats_until=-1) == []
 
 
+def test_a_record_written_while_watched_is_judged_though_it_never_beat_again():
+    """A node that died right after its first beat, before a second one was seen."""
+    p = peers()
+    t = 0.0
+    while t <= 4:
+        p.look({0: pb.JobInfo(heartbeat=t), 1: None}, t, steps=7)  # node 1 not there yet
+        t += EVERY
+    assert looks(p, 6, 6 + LOST, peer_beats_until=5) == []
+    assert looks(p, 8 + LOST, 20 + LOST, peer_beats_until=5) == [1]
+
+
 def test_a_peer_that_finished_is_not_gone():
     p = peers()
     looks(p, 0, 10, peer_beats_until=10)

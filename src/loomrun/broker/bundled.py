@@ -38,12 +38,17 @@ def _start_lock(port: int) -> Path:
     return state_dir() / f"broker-{HOST}-{port}.lock"
 
 
+def user_entry(port: int) -> Path:
+    """This process's entry among the users of the bundled broker on `port`."""
+    return _users(port) / str(os.getpid())
+
+
 def join(port: int) -> None:
     """Count this process among the users of the bundled broker on `port`."""
     try:
         private_state_dir()
         _users(port).mkdir(exist_ok=True, mode=0o700)
-        (_users(port) / str(os.getpid())).touch()
+        user_entry(port).touch()
     except (OSError, BrokerError):
         pass  # not counted: the broker's keeper may stop it under this job, which reconnects
 

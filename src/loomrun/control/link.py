@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from loomrun import buckets
 from loomrun import subjects as S
 from loomrun.broker import BrokerError
-from loomrun.broker.bundled import BundledBroker, bundled_here, join, leave
+from loomrun.broker.bundled import BundledBroker, bundled_here, join, leave, user_entry
 from loomrun.broker.connect import (
     BrokerOptions,
     answers,
@@ -40,8 +40,12 @@ def nats_replicas() -> int:
 
 
 class BrokerLink:
-    def __init__(self, options: BrokerOptions):
+    def __init__(self, options: BrokerOptions, tell=None):
         self.options = options
+        # The watchdog's ear: it removes this job's entry among a bundled broker's users
+        # if the supervisor dies (the keeper counts only live users, but a broker that
+        # never started has no keeper to look).
+        self.tell = tell
         self._local_port: int | None = None
         self.nc = None
         self.js = None
@@ -101,7 +105,9 @@ class BrokerLink:
         host, port = host_port(self.options.url)
         if is_loopback(self.options.url):
             if self._local_port is None:
-                join(port)  # counted before connecting: its keeper does not stop it meanwhile
+                if self.tell is not None:  # first: killed in between, nothing is left
+                    self.tell(f"user {user_entry(port)}")
+                join(port)  # counted before connecting: its keeper waits for it
                 self._local_port = port
             if not answers(host, port):
                 await self._start_bundled(port)

@@ -2,9 +2,9 @@
 gone (a SIGKILL, a lost machine) sends no word of it, so its peers must see it themselves.
 
 A peer is gone when, for LOST_AFTER_SECONDS together:
-- its record, seen beating while this node watched, has not beaten, and does not say that
-  it finished (a record that never beat while watched, an earlier run's or a node still on
-  its way up, is never judged);
+- its record, seen beating (or written) while this node watched, has not beaten, and does
+  not say that it finished (a record there from the start that never beats, an earlier
+  run's or a node's that died before its first beat here, is never judged);
 - this node's own record kept beating on the broker: writes and reads both went through,
   so the silence is the peer's, not the broker's (a failed read, a stalled stream, a lost
   connection start the count again);
@@ -49,29 +49,36 @@ class Peers:
         self.on_gone = on_gone
         self.progress = progress
         self.beats: dict[int, Beat] = {}
+        self.absent: set[int] = set()  # read, and found with no record yet
         self.gone: set[int] = set()
         self.heard_since: float | None = None  # since when the broker is seen working
         self.steps: tuple[int, float] | None = None  # (count, when it last moved)
 
-    def look(self, records: dict[int, pb.JobInfo], now: float, steps: int) -> list[int]:
+    def look(self, records: dict[int, pb.JobInfo | None], now: float, steps: int) -> list[int]:
         """The peers found gone by this look at the records of every node, this one's
-        included (a node missing was not read); each told once."""
+        included (None: read, and not there; a node missing was not read); each told once."""
         if self.steps is None or steps != self.steps[0]:
             self.steps = (steps, now)
         for rank, info in records.items():
+            if info is None:
+                self.absent.add(rank)
+                continue
             beat = self.beats.get(rank)
             if beat is None or info.heartbeat != beat.heartbeat:
-                self.beats[rank] = Beat(info.heartbeat, now, beating=beat is not None)
+                written = beat is not None or rank in self.absent  # in this run
+                self.beats[rank] = Beat(info.heartbeat, now, beating=written)
         own = self.beats.get(self.node_rank)
-        if self.node_rank not in records or own is None or now - own.changed > OWN_SILENCE:
+        if records.get(self.node_rank) is None or own is None or now - own.changed > OWN_SILENCE:
             self.heard_since = None
             return []
         if self.heard_since is None:
             self.heard_since = now
         found = []
         for rank, info in records.items():
+            if info is None or rank == self.node_rank or rank in self.gone:
+                continue
             beat = self.beats[rank]
-            if rank == self.node_rank or not beat.beating or info.finished or rank in self.gone:
+            if not beat.beating or info.finished:
                 continue
             quiet = now - max(beat.changed, self.heard_since, self.steps[1])
             if quiet > S.LOST_AFTER_SECONDS:
@@ -94,14 +101,18 @@ class Peers:
             for rank in self.look(records, time.monotonic(), self.progress()):
                 self.on_gone(self.word(rank))
 
-    async def _read(self, link) -> dict[int, pb.JobInfo]:
-        records = {}
+    async def _read(self, link) -> dict[int, pb.JobInfo | None]:
+        from nats.js.errors import KeyDeletedError, KeyNotFoundError
+
+        records: dict[int, pb.JobInfo | None] = {}
         for rank in range(self.nnodes):
             try:
                 entry = await link.kv[S.JOBS].get(S.job_node(self.job, rank))
                 records[rank] = pb.JobInfo.FromString(entry.value or b"")
+            except (KeyNotFoundError, KeyDeletedError):
+                records[rank] = None
             except DecodeError:
                 continue
-            except Exception:  # noqa: BLE001 - not there (yet), or the broker is away
+            except Exception:  # noqa: BLE001 - the broker is away: not read
                 continue
         return records

@@ -145,6 +145,7 @@ class ControlPlane:
         options: BrokerOptions,
         on_device_failure: Callable[[str, str], None],
         wait_broker: bool = False,
+        tell: Callable[[str], None] | None = None,
         ledger_dirs: list[Path] | None = None,
         started: float | None = None,
     ):
@@ -160,7 +161,7 @@ class ControlPlane:
         self.devices = Devices()
         for replica in replicas:
             replica.device = self.devices.for_replica(replica.local_rank)
-        self.link = BrokerLink(options)
+        self.link = BrokerLink(options, tell)
         self.outbox = Outbox(self.link)
         self.ledger = Ledger(job, self.outbox, ledger_dirs or [], node_rank)
         self.history = history.History(job, list(self.replicas))
@@ -182,7 +183,7 @@ class ControlPlane:
     @classmethod
     def of(
         cls, spec, replicas, mailboxes, ledger_dirs, started, *, on_device_failure,
-        on_node_failure,
+        on_node_failure, tell,
     ) -> ControlPlane:  # fmt: skip
         """The control plane of a supervisor's job (a LaunchSpec) and its replicas (each
         with name, local_rank, and proc once started), on their mailboxes."""
@@ -191,7 +192,7 @@ class ControlPlane:
             job=spec.job, node_rank=spec.node_rank, nnodes=spec.nnodes,
             script=" ".join([spec.target_name, *spec.args]), replicas=views,
             options=spec.broker, on_device_failure=on_device_failure,
-            wait_broker=spec.wait_broker,
+            wait_broker=spec.wait_broker, tell=tell,
             ledger_dirs=ledger_dirs, started=started,
         )  # fmt: skip
         plane.on_node_failure = on_node_failure
