@@ -108,7 +108,8 @@ def test_a_node_whose_supervisor_is_killed_stops_the_other_and_nothing_is_left(f
     nodes = start_nodes(
         env, job, SCRIPTS / "ddp_seeded.py", *args, extra=["--max-restarts", 1], master=master
     )
-    wait_for(lambda: stepping(job, "r0") and stepping(job, "r1"), 120, what="both ranks")
+    mid_run = lambda: stepping(job, "r0", 300) and stepping(job, "r1", 300)  # noqa: E731
+    wait_for(mid_run, 120, what="both ranks a few heartbeats in")
     nodes[1].kill()
     killed = time.monotonic()
     _, err = nodes[0].communicate(timeout=60)
