@@ -84,7 +84,7 @@ def main() -> None:
             groups.discard(int(argument))
         elif command in ("segment", "user"):
             files.add(argument)
-        elif command in ("unsegment", "unuser"):
+        elif command == "unsegment":
             files.discard(argument)
         elif command == "done":
             return

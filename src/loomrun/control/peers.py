@@ -3,11 +3,12 @@ gone (a SIGKILL, a lost machine) sends no word of it, so its peers must see it t
 
 A peer is gone when, for LOST_AFTER_SECONDS together:
 - its record, seen beating (or written) while this node watched, has not beaten, and does
-  not say that it finished (a record there from the start that never beats, an earlier
-  run's or a node's that died before its first beat here, is never judged);
+  not say that it finished (never judged: a record there from the start that never beats,
+  an earlier run's or a node's that died before its first beat here, and a node that died
+  before it wrote any);
 - this node's own record kept beating on the broker: writes and reads both went through,
-  so the silence is the peer's, not the broker's (a failed read, a stalled stream, a lost
-  connection start the count again);
+  so the silence is the peer's, not the broker's (a failed read of its own record, a
+  stalled stream, a lost connection start the count again);
 - this node's replicas took no step: ranks that train with a live peer go on stepping (a
   peer only cut off from the broker is not gone), while ranks of a group that lost a node
   wait in a collective, or fail and restart to wait again.
@@ -59,9 +60,11 @@ class Peers:
         included (None: read, and not there; a node missing was not read); each told once."""
         if self.steps is None or steps != self.steps[0]:
             self.steps = (steps, now)
+        readable = records.get(self.node_rank) is not None  # the bucket answers for real
         for rank, info in records.items():
             if info is None:
-                self.absent.add(rank)
+                if readable:
+                    self.absent.add(rank)
                 continue
             beat = self.beats.get(rank)
             if beat is None or info.heartbeat != beat.heartbeat:
