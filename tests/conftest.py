@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from leftovers import pid_alive  # noqa: F401 - the tests' import of it
 
 from loomrun.broker.bundled import BundledBroker
 from loomrun.launch import free_port
@@ -110,19 +111,6 @@ def run_loomrun(*args, env=None, timeout=120, cwd=None) -> subprocess.CompletedP
         text=True,
         timeout=timeout,
     )
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purposes; it only waits for its parent to reap it.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):

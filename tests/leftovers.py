@@ -41,7 +41,8 @@ def segments_of(jobs: list[str]) -> list[str]:
     return sorted(name for name in os.listdir(SHM) if name.startswith(prefixes))
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """A zombie is dead for our purposes: it only waits for its parent to reap it."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
     except OSError:
@@ -55,7 +56,7 @@ def dead_users(state: Path) -> list[str]:
         str(entry)
         for users in folder.glob("broker-*.users")
         for entry in users.iterdir()
-        if not entry.name.isdigit() or not _alive(int(entry.name))
+        if not entry.name.isdigit() or not pid_alive(int(entry.name))
     )
 
 

@@ -121,10 +121,12 @@ _REPORTED_NAN_BITS = _bits(REPORTED_NAN)
 
 def plain(value: float) -> float | str | None:
     """A stored value for JSON: as params.json_float(), or None where it is missing."""
-    from loomrun.params import json_float
-
+    if math.isfinite(value):  # nearly every value: nothing to look up
+        return value
     if math.isnan(value) and _bits(value) != _REPORTED_NAN_BITS:
         return None
+    from loomrun.params import json_float  # protobuf: not for the job's folders
+
     return json_float(value)
 
 

@@ -1,9 +1,10 @@
 """The bundled nats-server's lifecycle on a host: started by whichever job finds no broker,
-shared by every job of the user, and stopped by the last one to leave.
+shared by every job of the user, and stopped by its keeper (broker/keeper.py) once the
+last one has left.
 
 Who uses the bundled broker on a port: one empty file per live process (its starter, and
-every supervisor connected to it), so that the last one to leave stops it, whether it
-leaves cleanly or its watchdog leaves for it."""
+every supervisor connected to it), removed as it leaves, by its watchdog if it dies, or by
+the keeper once it finds that process dead."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def live_users(port: int) -> list[int]:
 def leave(port: int) -> None:
     """This process no longer uses the bundled broker on `port`: its keeper stops it once
     nobody alive does (a process that dies leaves by dying)."""
-    (_users(port) / str(os.getpid())).unlink(missing_ok=True)
+    user_entry(port).unlink(missing_ok=True)
 
 
 def bundled_here(port: int) -> bool:
@@ -227,8 +228,7 @@ class BundledBroker:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop it now, whoever else uses it (a test's broker outage, `loomrun server`)."""
-        _, port = host_port(self.url)
-        (_users(port) / str(os.getpid())).unlink(missing_ok=True)
+        leave(host_port(self.url)[1])
         if self.keeper.poll() is None:
             self.keeper.terminate()  # it stops the server, then leaves
             try:
