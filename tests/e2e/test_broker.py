@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from pathlib import Path
 
 import nats
@@ -256,3 +258,79 @@ def test_a_tls_url_gets_tls_or_nothing_is_sent(tmp_path):
         plain.close()
         server.terminate()
         server.wait(10)
+
+
+def _unread(port: int) -> int:
+    """Bytes that reached the server's sockets on `port` and that it has not read."""
+    unread = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":  # established
+            unread += int(fields[4].split(":")[1], 16)
+    return unread
+
+
+def test_a_record_the_broker_died_holding_is_sent_again_and_kept_once(tmp_path, monkeypatch):
+    """Found by make stress (the broker SIGKILLed in a flood of sets): ledger records were
+    published plainly, and those the broker died holding unread were gone from its copy.
+    Here the broker is frozen while a record reaches its socket, then killed, then started
+    again on its store: the record is sent again until acked; and a record sent twice
+    under one message id is kept once."""
+    from types import SimpleNamespace
+
+    from loomrun._proto import loomrun_pb2 as pb
+    from loomrun.control import outbox as O
+
+    monkeypatch.setattr(O, "ACK_TIMEOUT", 1.0)
+    port, store = free_port(), tmp_path / "js"
+    broker = BundledBroker.start(port, store=store)
+    record = pb.Outcome(replica="r0", name="lr", state=pb.APPLIED, change_id="c1")
+
+    async def until(predicate, what: str) -> None:
+        for _ in range(500):
+            if predicate():
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"waited 10 s for {what}")
+
+    async def flushed(outbox) -> None:
+        for _ in range(50):  # as Outbox.run does: again after a failure
+            try:
+                return await outbox.flush()
+            except Exception:  # noqa: BLE001 - reconnecting
+                await asyncio.sleep(0.2)
+        raise AssertionError("the outbox never got its records acked")
+
+    async def work():
+        nc = await nats.connect(
+            **BrokerOptions(broker.url).connect_kwargs(), reconnect_time_wait=0.2,
+            max_reconnect_attempts=-1,
+        )  # fmt: skip
+        try:
+            js = nc.jetstream()
+            await js.add_stream(name="T_LEDGER", subjects=["t.ledger.*"], duplicate_window=600)
+            outbox = O.Outbox(SimpleNamespace(nc=nc, js=js, kv={}))
+            os.kill(broker.pid, signal.SIGSTOP)
+            before = _unread(port)
+            outbox.record("t.ledger.0", record, "run:r0:c1:applied")
+            sending = asyncio.ensure_future(outbox.flush())
+            await until(lambda: _unread(port) > before, "the record to reach the frozen broker")
+            os.kill(broker.pid, signal.SIGKILL)
+            with pytest.raises(asyncio.TimeoutError):
+                await sending  # no ack: kept
+            again = BundledBroker.start(port, store=store)
+            try:
+                await until(lambda: nc.is_connected, "the client to reconnect")
+                await flushed(outbox)
+                outbox.record("t.ledger.0", record, "run:r0:c1:applied")  # sent twice
+                await flushed(outbox)
+                return (await js.stream_info("T_LEDGER")).state.messages
+            finally:
+                again.stop()
+        finally:
+            await nc.close()
+
+    try:
+        assert asyncio.run(work()) == 1
+    finally:
+        broker.stop()

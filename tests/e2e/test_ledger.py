@@ -227,5 +227,6 @@ def test_a_ledger_stream_an_earlier_loomrun_made_takes_each_nodes_part(procs):
         on_disk.with_suffix(".aside").rename(on_disk)
     info = steering(stream)
     assert info.config.subjects == ["loomrun.*.ledger", S.LEDGER_SUBJECTS]
+    assert info.config.duplicate_window == S.LEDGER_DEDUP_SECONDS, "JetStream's 2 min, made longer"
     kept = log("--job", f"{job}-old")  # from the broker: no file on disk has it
     assert [r["change_id"] for r in kept] == ["kept"], "the old record is kept, and read"

@@ -17,6 +17,7 @@ from jobs import job_id, start, steps_seen, wait_ready
 from loomrun.broker.bundled import BundledBroker
 from loomrun.broker.config import default_store
 from loomrun.broker.connect import answers, host_port
+from loomrun.broker.state import state_dir
 from loomrun.launch import free_port
 
 
@@ -147,6 +148,16 @@ def test_a_restart_starts_with_every_change_and_no_past_at_step(procs):
     assert "restarting all replicas" in err
     second_run = _used(out[out.rindex("used 1 ") :])
     assert second_run[1] == [0.5, 16], "the restarted worker has both changes from step 1"
+    # It answered for them again (applied): not a second record in the ledger, on disk
+    # or in the broker (`log` reads the broker's).
+    on_disk = (state_dir() / "jobs" / job / "changes.jsonl").read_text().splitlines()
+    read = run_loomrun("log", "--job", job, "--json")
+    for lines in (on_disk, read.stdout.splitlines()):
+        records = [json.loads(line) for line in lines]
+        assert sorted((r["name"], r["outcome"]) for r in records) == [
+            ("batch", "applied"),
+            ("lr", "applied"),
+        ], records
 
 
 @pytest.mark.slow

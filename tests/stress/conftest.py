@@ -15,6 +15,7 @@ def trial(request):
     yield record
     kind.run += 1
     kind.leftovers += bool(record.left)
+    kind.lost += record.lost
     if record.cleanup is not None:
         kind.cleanups.append(record.cleanup)
     if record.moment is not None:

@@ -27,6 +27,7 @@ class Kind:
     run: int = 0
     failed: list[str] = field(default_factory=list)
     leftovers: int = 0
+    lost: int = 0  # answers a client got that the ledger lacks, or holds twice
     cleanups: list[float] = field(default_factory=list)
     moments: list[str] = field(default_factory=list)
 
@@ -43,6 +44,7 @@ class Trial:
     number: int
     left: list[str] = field(default_factory=list)
     cleanup: float | None = None
+    lost: int = 0
     moment: str | None = None
 
 
@@ -81,13 +83,14 @@ def report() -> str:
         f"- Scale: {SCALE:g} (LOOMRUN_STRESS_SCALE)",
         "- Again: `make stress`",
         "",
-        "| trials | kind | failed | with leftovers | slowest cleanup |",
-        "|---:|---|---:|---:|---:|",
+        "| trials | kind | failed | with leftovers | answers lost | slowest cleanup |",
+        "|---:|---|---:|---:|---:|---:|",
     ]
     for kind in RESULTS.values():
         slowest = f"{max(kind.cleanups):.2f} s" if kind.cleanups else "-"
         lines.append(
-            f"| {kind.run} | {kind.title} | {len(kind.failed)} | {kind.leftovers} | {slowest} |"
+            f"| {kind.run} | {kind.title} | {len(kind.failed)} | {kind.leftovers} | "
+            f"{kind.lost} | {slowest} |"
         )
     for kind in RESULTS.values():
         if kind.failed:

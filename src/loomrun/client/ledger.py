@@ -38,9 +38,14 @@ async def ledger(nc, js, job: str, follow: bool = False):
         # stream sequence it delivered up to, which a purge moves past 0.
         if info.num_pending == 0 and not info.delivered.consumer_seq and not follow:
             return
+        seen: set[str] = set()  # a copy the broker took after its duplicate window
         async for msg in subscription.messages:
-            with contextlib.suppress(DecodeError):
-                yield pb.Outcome.FromString(msg.data)
+            msg_id = (msg.headers or {}).get("Nats-Msg-Id")
+            if msg_id is None or msg_id not in seen:
+                if msg_id is not None:
+                    seen.add(msg_id)
+                with contextlib.suppress(DecodeError):
+                    yield pb.Outcome.FromString(msg.data)
             if not follow and msg.metadata.num_pending == 0:
                 return
     finally:

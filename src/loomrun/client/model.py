@@ -17,6 +17,9 @@ from loomrun._proto import loomrun_pb2 as pb
 from loomrun.outcomes import answer, kind_word, outcome_sentence, sentence, state_word
 
 NEVER_USED = "no loomrun job has ever run on this broker"
+# Why a change is superseded when the client, not the replica, knows it: a later change to
+# the same key was applied first, so this one was never read (and is in no ledger).
+OVERTAKEN = "a later change to it reached the replica first"
 
 
 # A replica in one of these states answers nothing: a change to it is not sent.
@@ -163,8 +166,7 @@ def superseded(result: Result, newer: pb.Outcome | None) -> pb.Outcome:
     if result.requested is not None:
         want.value.CopyFrom(P.to_pb(result.requested))
     step = newer.step if newer is not None else 0
-    reason = "a later change to it reached the replica first"
-    return answer(want, result.name, pb.SUPERSEDED, step, reason, result.replica)
+    return answer(want, result.name, pb.SUPERSEDED, step, OVERTAKEN, result.replica)
 
 
 def summary(results: list[Result]) -> str:

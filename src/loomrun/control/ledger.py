@@ -12,6 +12,11 @@ one JSON line to `changes.jsonl` in the job's directory under the state director
 under --log-dir), so the record outlives both the broker and the job. Node K > 0 of a job
 of several nodes writes `changes.nodeK.jsonl` beside it: nodes that share a state
 directory (two on one machine, or a home directory on NFS) never write one file.
+
+Each answer is one record, keyed by (replica, change id, outcome): a restarted worker
+answers again for the change it starts from (applied once more), and that is not a second
+record. In the broker each record carries that key, with the job and the run, as its
+message id (see Outbox.record): sent again after the broker went away, it is still one.
 """
 
 from __future__ import annotations
@@ -29,10 +34,14 @@ from loomrun.records import node_file, record
 class Ledger:
     """The supervisor's writer: the broker through the outbox, the files directly."""
 
-    def __init__(self, job: str, outbox, folders: list[Path], node_rank: int = 0):
+    def __init__(self, job: str, outbox, folders: list[Path], node_rank: int = 0, run: float = 0):
         self.subject = S.ledger(job, node_rank)
         self.job = job
         self.outbox = outbox
+        self._run = f"{job}:{run:.6f}"  # a new run of the job id answers with new ids
+        # (replica, name) -> {outcome state: the change id last recorded with it}: a
+        # re-answer is of the change last answered for its name (the one in effect).
+        self._last: dict[tuple[str, str], dict[int, str]] = {}
         self._files = []
         for folder in folders:
             # An earlier run's file was set aside as the supervisor started (set_aside_earlier).
@@ -45,7 +54,12 @@ class Ledger:
                 say(f"cannot keep the change ledger in {folder}: {error.strerror}")
 
     def record(self, outcome: pb.Outcome) -> None:
-        self.outbox.publish(self.subject, outcome)
+        last = self._last.setdefault((outcome.replica, outcome.name), {})
+        if last.get(outcome.state) == outcome.change_id:
+            return  # answered so before: a restart's re-answer
+        last[outcome.state] = outcome.change_id
+        msg_id = f"{self._run}:{outcome.replica}:{outcome.change_id}:{outcome.state}"
+        self.outbox.record(self.subject, outcome, msg_id)
         line = json.dumps(record(self.job, outcome)) + "\n"
         for f in self._files:
             try:

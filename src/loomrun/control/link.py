@@ -177,7 +177,8 @@ class BrokerLink:
 
     async def _ledger_stream(self) -> None:
         """The change ledger's stream. One made by an earlier loomrun (on `loomrun.*.ledger`,
-        one part a job) takes each node's part as well, its records kept."""
+        one part a job; or with JetStream's 2-minute duplicate window) takes each node's
+        part as well, and the longer window, its records kept."""
         from nats.js import api
 
         try:
@@ -188,12 +189,17 @@ class BrokerLink:
                 max_msgs_per_subject=S.LEDGER_KEPT,
                 storage=api.StorageType.FILE,
                 num_replicas=self.replicas,
+                duplicate_window=S.LEDGER_DEDUP_SECONDS,
             )
         except Exception:  # noqa: BLE001 - made already, by another supervisor or an older one
             config = (await self.js.stream_info(S.LEDGER_STREAM)).config
-            if S.LEDGER_SUBJECTS not in (config.subjects or []):
-                subjects = [*(config.subjects or []), S.LEDGER_SUBJECTS]
-                await self.js.update_stream(config.evolve(subjects=subjects))
+            subjects = config.subjects or []
+            window = config.duplicate_window or 0
+            if S.LEDGER_SUBJECTS not in subjects or window < S.LEDGER_DEDUP_SECONDS:
+                await self.js.update_stream(config.evolve(
+                    subjects=[*subjects, *{S.LEDGER_SUBJECTS} - set(subjects)],
+                    duplicate_window=max(window, S.LEDGER_DEDUP_SECONDS),
+                ))  # fmt: skip
 
     async def _bucket(self, name: str, **config):
         from nats.js.errors import BucketNotFoundError

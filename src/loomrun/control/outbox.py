@@ -2,8 +2,12 @@
 
 Latest-state keys (status, schema, the latest outcome, job and device records) are
 coalesced per key: only the newest matters. Messages (each outcome once, events) are kept
-in order and sent in order. Sending runs in its own task, so a slow or absent broker never
-holds up the mailboxes, let alone a training step.
+in order and sent in order. Records (the change ledger's) are kept until the stream acked
+each one: a plain publish that the broker dies holding is gone, so each record carries a
+message id and is sent again until acked, and JetStream keeps one copy of an id however
+often it came (within the stream's duplicate window; readers skip a later copy too).
+Sending runs in its own task, so a slow or absent broker never holds up the mailboxes, let
+alone a training step.
 """
 
 from __future__ import annotations
@@ -11,12 +15,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 from collections import deque
 
 from loomrun import subjects as S
 from loomrun.output import say
 
 MAX_MESSAGES = 10_000
+MAX_RECORDS = S.LEDGER_KEPT  # the stream keeps no more of a node's records than this
+RECORDS_IN_FLIGHT = 256  # records sent before the first of them is acked, at most
+ACK_TIMEOUT = 5.0
+MSG_ID = "Nats-Msg-Id"
 _GONE = object()
 
 
@@ -35,6 +44,8 @@ class Outbox:
         self.link = link
         self._latest: dict[tuple[str, str], bytes | None] = {}
         self._messages: deque[tuple[str, bytes]] = deque(maxlen=MAX_MESSAGES)
+        self._records: deque[tuple[str, bytes, str]] = deque()
+        self._dropped = 0  # records the broker's copy lost to a long absence (said once)
         self._wake = asyncio.Event()
 
     def put(self, bucket: str, key: str, message) -> None:
@@ -51,6 +62,22 @@ class Outbox:
         self._messages.append((subject, message.SerializeToString()))
         self._wake.set()
 
+    def record(self, subject: str, message, msg_id: str) -> None:
+        """Send `message` to a stream until it is acked, as one record whatever the retries."""
+        if len(self._records) >= MAX_RECORDS:
+            self._records.popleft()
+            self._dropped += 1
+            if self._dropped == 1:
+                say(f"the broker has been away for {MAX_RECORDS} ledger records: the oldest "
+                    "waiting are left out of its copy (changes.jsonl keeps them)")  # fmt: skip
+        self._records.append((subject, message.SerializeToString(), msg_id))
+        self._wake.set()
+
+    @property
+    def unsent(self) -> int:
+        """Messages and records not sent (or not acked) yet."""
+        return len(self._messages) + len(self._records)
+
     async def run(self) -> None:
         while True:
             await self._wake.wait()
@@ -65,11 +92,11 @@ class Outbox:
         self._wake.set()
 
     async def flush(self) -> None:
-        """Messages first (a `set` waits on the outcomes among them), then the latest state:
-        the job's record, then schemas and outcomes, then the rest; status goes out without
-        waiting for an ack: it matters only as the latest."""
+        """Messages first (a `set` waits on the outcomes among them), then records, then
+        the latest state: the job's record, then schemas and outcomes, then the rest;
+        status goes out without waiting for an ack: it matters only as the latest."""
         nc = self.link.nc
-        while self._latest or self._messages:
+        while self._latest or self._messages or self._records:
             if nc is None or not nc.is_connected:
                 raise ConnectionError("not connected")
             while self._messages:
@@ -79,6 +106,7 @@ class Outbox:
                 except refusals() as error:
                     say(f"left out a message on {subject} that the broker refuses ({error})")
                 self._messages.popleft()
+            await self._send_records()
             if not self._latest:
                 break
             bucket, key = next(  # the job's record first: a client finds the job by it
@@ -99,3 +127,24 @@ class Outbox:
                 say(f"left out {key} in {bucket}, which the broker refuses ({error})")
             if self._latest.get((bucket, key), _GONE) is data:
                 del self._latest[(bucket, key)]
+
+    async def _send_records(self) -> None:
+        """Each record until acked, in order, up to RECORDS_IN_FLIGHT at a time. A record
+        not acked is sent again, under its id, from the first not acked on: the stream keeps
+        the one copy it may have stored before the broker went away."""
+        js = self.link.js
+        while self._records:
+            batch = list(itertools.islice(self._records, RECORDS_IN_FLIGHT))
+            acks = []
+            try:
+                for subject, data, msg_id in batch:
+                    acks.append(await js.publish_async(subject, data, headers={MSG_ID: msg_id}))
+                for ack in acks:
+                    try:
+                        await asyncio.wait_for(ack, ACK_TIMEOUT)
+                    except refusals() as error:
+                        say(f"left out a ledger record that the broker refuses ({error})")
+                    self._records.popleft()
+            finally:
+                for ack in acks:
+                    ack.cancel()  # a late ack of one sent again: nobody waits for it now

@@ -163,7 +163,7 @@ class ControlPlane:
             replica.device = self.devices.for_replica(replica.local_rank)
         self.link = BrokerLink(options, tell)
         self.outbox = Outbox(self.link)
-        self.ledger = Ledger(job, self.outbox, ledger_dirs or [], node_rank)
+        self.ledger = Ledger(job, self.outbox, ledger_dirs or [], node_rank, self.started)
         self.history = history.History(job, list(self.replicas))
         self.relay, self.pump = wire(
             job, self.replicas, self.outbox, self.link, host=host, devices=self.devices,
