@@ -294,9 +294,9 @@ def test_a_record_the_broker_died_holding_is_sent_again_and_kept_once(tmp_path, 
         raise AssertionError(f"waited 10 s for {what}")
 
     async def flushed(outbox) -> None:
-        for _ in range(50):  # as Outbox.run does: again after a failure
+        for _ in range(50):  # as Outbox.run_records does: again after a failure
             try:
-                return await outbox.flush()
+                return await outbox.flush_records()
             except Exception:  # noqa: BLE001 - reconnecting
                 await asyncio.sleep(0.2)
         raise AssertionError("the outbox never got its records acked")
@@ -309,28 +309,32 @@ def test_a_record_the_broker_died_holding_is_sent_again_and_kept_once(tmp_path, 
         try:
             js = nc.jetstream()
             await js.add_stream(name="T_LEDGER", subjects=["t.ledger.*"], duplicate_window=600)
+            await js.publish("t.ledger.warm", b"")  # the client's reply inbox, subscribed
             outbox = O.Outbox(SimpleNamespace(nc=nc, js=js, kv={}))
             os.kill(broker.pid, signal.SIGSTOP)
             before = _unread(port)
             outbox.record("t.ledger.0", record, "run:r0:c1:applied")
-            sending = asyncio.ensure_future(outbox.flush())
+            sending = asyncio.ensure_future(outbox.flush_records())
             await until(lambda: _unread(port) > before, "the record to reach the frozen broker")
             os.kill(broker.pid, signal.SIGKILL)
             with pytest.raises(asyncio.TimeoutError):
                 await sending  # no ack: kept
+            assert outbox.unacked == 1
             again = BundledBroker.start(port, store=store)
             try:
                 await until(lambda: nc.is_connected, "the client to reconnect")
                 await flushed(outbox)
+                counts = [(await js.stream_info("T_LEDGER")).state.messages]
                 outbox.record("t.ledger.0", record, "run:r0:c1:applied")  # sent twice
                 await flushed(outbox)
-                return (await js.stream_info("T_LEDGER")).state.messages
+                counts.append((await js.stream_info("T_LEDGER")).state.messages)
+                return counts
             finally:
                 again.stop()
         finally:
             await nc.close()
 
     try:
-        assert asyncio.run(work()) == 1
+        assert asyncio.run(work()) == [2, 2], "the warm-up and the record, each once"
     finally:
         broker.stop()

@@ -30,7 +30,7 @@ from trials import trials
 
 from loomrun import params as P
 from loomrun import subjects as S
-from loomrun.broker.connect import BrokerOptions
+from loomrun.broker.connect import BrokerOptions, answers, host_port
 from loomrun.client import SteerError, Steering
 
 HERE = Path(__file__).resolve().parent
@@ -181,11 +181,34 @@ def _broker_pid(state: Path) -> int | None:
 
 
 def _results(outs: list[Path]) -> list[dict]:
+    """The clients' results so far: whole lines only (a client may be writing one)."""
     lines = []
     for out in outs:
         if out.exists():
-            lines += [json.loads(line) for line in out.read_text().splitlines() if line]
+            whole = out.read_text().rpartition("\n")[0]
+            lines += [json.loads(line) for line in whole.splitlines() if line]
     return lines
+
+
+def desired(url: str, job: str) -> dict[tuple[str, str], object]:
+    """What the broker holds as wanted, per replica and parameter: the last change written."""
+    from loomrun._proto import loomrun_pb2 as pb
+
+    async def read(s):
+        found = {}
+        for key, data in (await s.entries(S.DESIRED, S.job_keys(job))).items():
+            replica, _, name = S.split_desired(key)
+            found[(replica, name)] = P.from_pb(pb.DesiredParam.FromString(data).value)
+        return found
+
+    return steer(url, read)
+
+
+def applied_later(results: list[dict], disk: list[dict]) -> int:
+    """Calls the outage broke whose change still reached the job and was applied (their
+    values are their own, so the ledger names them)."""
+    applied = {(r["replica"], r["name"], r["new"]) for r in disk if r["outcome"] == "applied"}
+    return sum((r["replica"], r["name"], r["value"]) in applied for r in results if "error" in r)
 
 
 @pytest.mark.timeout(600)
@@ -213,13 +236,17 @@ def test_a_broker_killed_in_a_flood_loses_no_answer(number, trial, fresh):
         )  # fmt: skip
         for c, out in enumerate(outs)
     ]
+    started += clients
     at = random.Random(number).randint(CALLS // 5, CALLS * CLIENTS * 3 // 5)
     until(lambda: len(_results(outs)) >= at or any(c.poll() is not None for c in clients),
           120, f"{at} answers", 0.02)  # fmt: skip
     pid = _broker_pid(state)
     assert pid is not None, "no broker pid record"
     os.kill(pid, signal.SIGKILL)
-    killed_at = len(_results(outs))
+    killed, killed_at = time.monotonic(), len(_results(outs))
+    until(lambda: _broker_pid(state) not in (None, pid) and answers(*host_port(url)), 60,
+          "the job to start the broker again", 0.02)  # fmt: skip
+    back = time.monotonic() - killed
     for c in clients:
         _, err = c.communicate(timeout=400)
         assert c.returncode == 0, err[-2000:]
@@ -227,32 +254,38 @@ def test_a_broker_killed_in_a_flood_loses_no_answer(number, trial, fresh):
     assert len(results) == CLIENTS * CALLS
 
     # The job settles: both copies of the ledger hold the same records, and each replica
-    # has in effect what the ledger's last applied record says.
+    # has in effect what the ledger's last applied record says, and what the broker holds
+    # as the last change wanted (every value here is within bounds: none is refused).
     def settled():
         disk = disk_copy(state, job)
         try:
-            broker = broker_copy(url, job)
-            effect = in_effect(url, job)
+            broker, effect = broker_copy(url, job), in_effect(url, job)
+            wanted = desired(url, job)
         except Exception:  # noqa: BLE001 - the broker still coming back
             return None
         same = Counter(key(r) for r in disk) == Counter(key(r) for r, _ in broker)
-        agree = all(effect.get(k) == v for k, v in last_applied(disk).items())
-        return (disk, broker, effect) if same and agree else None
+        agree = last_applied(disk) == wanted == {k: effect.get(k) for k in wanted}
+        return (disk, broker, effect, wanted) if same and agree else None
 
     try:
-        disk, broker, effect = until(settled, 90, "the ledger's copies and replicas to agree", 0.5)
+        disk, broker, effect, wanted = until(settled, 90, "the copies and replicas to agree", 0.5)
     except AssertionError:
-        disk, broker, effect = disk_copy(state, job), broker_copy(url, job), in_effect(url, job)
+        disk, broker = disk_copy(state, job), broker_copy(url, job)
+        effect, wanted = in_effect(url, job), desired(url, job)
     trial.lost = len(found := lost(results, disk, broker))
-    broke = sum("error" in r for r in results)
+    broke = [r for r in results if "error" in r]
     timed_out = sum(r.get("state") == "timed out" for r in results)
+    late = applied_later(results, disk)
     trial.moment = (f"trial {number}: broker killed after {killed_at} of {CLIENTS * CALLS} "
-                    f"answers; {broke} calls broke, {timed_out} timed out; "
+                    f"answers, back in {back:.1f} s; {len(broke)} calls broke ({late} of "
+                    f"them applied all the same), {timed_out} timed out; "
                     f"{len(disk)} ledger records")  # fmt: skip
+    errors = sorted({r["error"] for r in broke})
     stop(trial, sup, state, job)
     assert not found, found[:10]
-    wanted = last_applied(disk)
-    assert {k: effect.get(k) for k in wanted} == wanted, "in effect: the last applied"
+    assert last_applied(disk) == wanted, "the last applied is the last wanted"
+    assert {k: effect.get(k) for k in wanted} == wanted, "in effect: the last wanted"
+    assert all("broker" in e and "\n" not in e for e in errors), errors  # one line, naming it
 
 
 def stop(trial, sup: subprocess.Popen, state: Path, job: str) -> None:

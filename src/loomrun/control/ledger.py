@@ -13,10 +13,12 @@ under --log-dir), so the record outlives both the broker and the job. Node K > 0
 of several nodes writes `changes.nodeK.jsonl` beside it: nodes that share a state
 directory (two on one machine, or a home directory on NFS) never write one file.
 
-Each answer is one record, keyed by (replica, change id, outcome): a restarted worker
-answers again for the change it starts from (applied once more), and that is not a second
-record. In the broker each record carries that key, with the job and the run, as its
-message id (see Outbox.record): sent again after the broker went away, it is still one.
+Each answer is one record, keyed by (replica, change id, outcome). A change gets one
+answer, and one more only to end it (`overridden`, ended, after `applied`): a restarted
+worker answers again for the change it starts from, and for the replay's changes before
+its step, and those are not records. In the broker each record carries its key, with the
+job and the run, as its message id (see Outbox.record): sent again after the broker went
+away, it is still one.
 """
 
 from __future__ import annotations
@@ -39,9 +41,9 @@ class Ledger:
         self.job = job
         self.outbox = outbox
         self._run = f"{job}:{run:.6f}"  # a new run of the job id answers with new ids
-        # (replica, name) -> {outcome state: the change id last recorded with it}: a
-        # re-answer is of the change last answered for its name (the one in effect).
-        self._last: dict[tuple[str, str], dict[int, str]] = {}
+        # (replica, change id) -> whether its ending was recorded; the oldest forgotten
+        # past LEDGER_KEPT (the stream keeps no more of a node's records either).
+        self._recorded: dict[tuple[str, str], bool] = {}
         self._files = []
         for folder in folders:
             # An earlier run's file was set aside as the supervisor started (set_aside_earlier).
@@ -54,10 +56,8 @@ class Ledger:
                 say(f"cannot keep the change ledger in {folder}: {error.strerror}")
 
     def record(self, outcome: pb.Outcome) -> None:
-        last = self._last.setdefault((outcome.replica, outcome.name), {})
-        if last.get(outcome.state) == outcome.change_id:
-            return  # answered so before: a restart's re-answer
-        last[outcome.state] = outcome.change_id
+        if not self._first(outcome):
+            return  # answered before: a restarted worker's answer again
         msg_id = f"{self._run}:{outcome.replica}:{outcome.change_id}:{outcome.state}"
         self.outbox.record(self.subject, outcome, msg_id)
         line = json.dumps(record(self.job, outcome)) + "\n"
@@ -66,6 +66,17 @@ class Ledger:
                 f.write(line)  # line-buffered: one write per record, at once
             except OSError as error:
                 say(f"cannot write the change ledger: {error.strerror}")
+
+    def _first(self, outcome: pb.Outcome) -> bool:
+        """The change's first answer, or the first that ends it."""
+        key = (outcome.replica, outcome.change_id)
+        ended = outcome.state == pb.OVERRIDDEN and outcome.ended
+        if key in self._recorded and (self._recorded[key] or not ended):
+            return False
+        self._recorded[key] = ended
+        if len(self._recorded) > S.LEDGER_KEPT:
+            del self._recorded[next(iter(self._recorded))]
+        return True
 
     def close(self) -> None:
         for f in self._files:

@@ -3,11 +3,13 @@
 Latest-state keys (status, schema, the latest outcome, job and device records) are
 coalesced per key: only the newest matters. Messages (each outcome once, events) are kept
 in order and sent in order. Records (the change ledger's) are kept until the stream acked
-each one: a plain publish that the broker dies holding is gone, so each record carries a
-message id and is sent again until acked, and JetStream keeps one copy of an id however
-often it came (within the stream's duplicate window; readers skip a later copy too).
-Sending runs in its own task, so a slow or absent broker never holds up the mailboxes, let
-alone a training step.
+each one: a plain publish that the broker dies holding is gone. So each record carries a
+message id, and is sent again until acked; JetStream keeps one copy of an id however often
+it came (within the stream's duplicate window; readers skip a later copy too). Records are
+sent one at a time, in order, by a loop of their own: waiting for an ack never holds up
+the messages and the latest state, and a record sent again cannot land after a later one.
+Sending runs in tasks of its own, so a slow or absent broker never holds up the mailboxes,
+let alone a training step.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import itertools
 from collections import deque
 
 from loomrun import subjects as S
@@ -23,7 +24,6 @@ from loomrun.output import say
 
 MAX_MESSAGES = 10_000
 MAX_RECORDS = S.LEDGER_KEPT  # the stream keeps no more of a node's records than this
-RECORDS_IN_FLIGHT = 256  # records sent before the first of them is acked, at most
 ACK_TIMEOUT = 5.0
 MSG_ID = "Nats-Msg-Id"
 _GONE = object()
@@ -47,6 +47,7 @@ class Outbox:
         self._records: deque[tuple[str, bytes, str]] = deque()
         self._dropped = 0  # records the broker's copy lost to a long absence (said once)
         self._wake = asyncio.Event()
+        self._wake_records = asyncio.Event()
 
     def put(self, bucket: str, key: str, message) -> None:
         """Make `message` the value of `key` (coalesced: a newer one replaces it unsent)."""
@@ -71,32 +72,41 @@ class Outbox:
                 say(f"the broker has been away for {MAX_RECORDS} ledger records: the oldest "
                     "waiting are left out of its copy (changes.jsonl keeps them)")  # fmt: skip
         self._records.append((subject, message.SerializeToString(), msg_id))
-        self._wake.set()
+        self._wake_records.set()
 
     @property
-    def unsent(self) -> int:
-        """Messages and records not sent (or not acked) yet."""
-        return len(self._messages) + len(self._records)
+    def unacked(self) -> int:
+        """Records the broker has not acked yet."""
+        return len(self._records)
 
     async def run(self) -> None:
+        """Send messages and the latest state as they come (records: run_records)."""
+        await self._loop(self._wake, self.flush)
+
+    async def run_records(self) -> None:
+        await self._loop(self._wake_records, self.flush_records)
+
+    @staticmethod
+    async def _loop(wake: asyncio.Event, flush) -> None:
         while True:
-            await self._wake.wait()
-            self._wake.clear()
+            await wake.wait()
+            wake.clear()
             try:
-                await self.flush()
+                await flush()
             except Exception:  # noqa: BLE001 - disconnected: kept, sent after reconnecting
                 await asyncio.sleep(0.5)
-                self._wake.set()
+                wake.set()
 
     def wake(self) -> None:
         self._wake.set()
+        self._wake_records.set()
 
     async def flush(self) -> None:
-        """Messages first (a `set` waits on the outcomes among them), then records, then
-        the latest state: the job's record, then schemas and outcomes, then the rest;
-        status goes out without waiting for an ack: it matters only as the latest."""
+        """Messages first (a `set` waits on the outcomes among them), then the latest state:
+        the job's record, then schemas and outcomes, then the rest; status goes out without
+        waiting for an ack: it matters only as the latest."""
         nc = self.link.nc
-        while self._latest or self._messages or self._records:
+        while self._latest or self._messages:
             if nc is None or not nc.is_connected:
                 raise ConnectionError("not connected")
             while self._messages:
@@ -106,7 +116,6 @@ class Outbox:
                 except refusals() as error:
                     say(f"left out a message on {subject} that the broker refuses ({error})")
                 self._messages.popleft()
-            await self._send_records()
             if not self._latest:
                 break
             bucket, key = next(  # the job's record first: a client finds the job by it
@@ -128,23 +137,20 @@ class Outbox:
             if self._latest.get((bucket, key), _GONE) is data:
                 del self._latest[(bucket, key)]
 
-    async def _send_records(self) -> None:
-        """Each record until acked, in order, up to RECORDS_IN_FLIGHT at a time. A record
-        not acked is sent again, under its id, from the first not acked on: the stream keeps
-        the one copy it may have stored before the broker went away."""
-        js = self.link.js
+    async def flush_records(self) -> None:
+        """Each record until acked, in order. One not acked is sent again under its id:
+        the stream keeps the one copy it may have stored before the broker went away."""
         while self._records:
-            batch = list(itertools.islice(self._records, RECORDS_IN_FLIGHT))
-            acks = []
+            nc = self.link.nc
+            if nc is None or not nc.is_connected:
+                raise ConnectionError("not connected")
+            head = self._records[0]
+            subject, data, msg_id = head
             try:
-                for subject, data, msg_id in batch:
-                    acks.append(await js.publish_async(subject, data, headers={MSG_ID: msg_id}))
-                for ack in acks:
-                    try:
-                        await asyncio.wait_for(ack, ACK_TIMEOUT)
-                    except refusals() as error:
-                        say(f"left out a ledger record that the broker refuses ({error})")
-                    self._records.popleft()
-            finally:
-                for ack in acks:
-                    ack.cancel()  # a late ack of one sent again: nobody waits for it now
+                await self.link.js.publish(
+                    subject, data, timeout=ACK_TIMEOUT, headers={MSG_ID: msg_id}
+                )
+            except refusals() as error:
+                say(f"left out a ledger record that the broker refuses ({error})")
+            if self._records and self._records[0] is head:  # not dropped meanwhile
+                self._records.popleft()

@@ -35,6 +35,7 @@ from loomrun.output import say
 from loomrun.records import metrics_file
 
 ENDED = (pb.RESTARTING, pb.EXITED, pb.FAILED, pb.STOPPED)
+RECORDS_AT_CLOSE = 5.0  # seconds a stopping supervisor waits for the ledger's last acks
 
 
 class ReplicaView:
@@ -224,6 +225,7 @@ class ControlPlane:
         self.registry.publish_all()
         self.link.on_reconnect.append(self._resync)
         self._tasks.append(asyncio.ensure_future(self.outbox.run()))
+        self._tasks.append(asyncio.ensure_future(self.outbox.run_records()))
         self._tasks.append(asyncio.ensure_future(self.registry.heartbeat()))
         if self.registry.nnodes > 1 and self.on_node_failure is not None:
             peers = Peers(self.job, self.registry.node_rank, self.registry.nnodes,
@@ -345,6 +347,11 @@ class ControlPlane:
             self.registry.publish_job(finished=time.time(), exit_code=exit_code)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.outbox.flush(), 3.0)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.outbox.flush_records(), RECORDS_AT_CLOSE)
+        if self.outbox.unacked:
+            say(f"{self.outbox.unacked} change ledger record(s) did not reach the broker; "
+                "changes.jsonl has them")  # fmt: skip
         for error in self.history.write(self._folders, self._history_file):
             say(error)  # written while the broker still answers for it: no gap between
         if self._watch_task is not None:
