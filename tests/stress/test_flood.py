@@ -121,8 +121,9 @@ def disk_copy(state: Path, job: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def key(record: dict) -> tuple[str, str, str]:
-    return (record["replica"], record["change_id"], record["outcome"])
+def key(record: dict) -> tuple[str, str, str, bool]:
+    """(replica, change id, outcome): an ending `overridden` is an outcome of its own."""
+    return (record["replica"], record["change_id"], record["outcome"], record["ended"])
 
 
 def last_applied(records: list[dict]) -> dict[tuple[str, str], object]:
@@ -154,20 +155,26 @@ def answered(results: list[dict]) -> list[dict]:
     ]
 
 
-def lost(results: list[dict], disk: list[dict], broker: list[tuple[dict, str]]) -> list[str]:
-    """Everything lost or doubled, one line each: an answer a client got that a copy of the
-    ledger lacks, a record a copy holds twice (or under two message ids, or none), and a
-    record one copy holds and the other does not."""
-    copies = {"disk": Counter(key(r) for r in disk), "broker": Counter(key(r) for r, _ in broker)}
+def lost_answers(results: list[dict], records: list[dict]) -> list[str]:
+    """The answers a client got that these records lack."""
+    keys = {key(r)[:3] for r in records}
+    return [
+        f"not in the ledger: {k}"
+        for r in answered(results)
+        if (k := (r["replica"], r["change_id"], r["state"])) not in keys
+    ]
+
+
+def doubled(disk: list[dict], broker: list[tuple[dict, str]]) -> list[str]:
+    """Records held twice, under two message ids or none, or not in the same order in the
+    two copies (the broker's takes them one at a time, in order)."""
     found = []
-    for where, counted in copies.items():
-        found += [f"not in the {where}'s ledger: {k}" for r in answered(results)
-                  if (k := (r["replica"], r["change_id"], r["state"])) not in counted]  # fmt: skip
-        found += [f"{n} times in the {where}'s ledger: {k}" for k, n in counted.items() if n > 1]
-    found += [f"on disk, not in the broker: {k}" for k in copies["disk"] - copies["broker"]]
-    found += [f"in the broker, not on disk: {k}" for k in copies["broker"] - copies["disk"]]
+    for where, keys in (("disk", [key(r) for r in disk]), ("broker", [key(r) for r, _ in broker])):
+        found += [f"{n} times on the {where}: {k}" for k, n in Counter(keys).items() if n > 1]
     ids = Counter(msg_id for _, msg_id in broker)
     found += [f"message id {i!r} on {n} records" for i, n in ids.items() if n > 1 or not i]
+    if [key(r) for r in disk] != [key(r) for r, _ in broker]:
+        found.append("the disk's and the broker's copies differ, or differ in order")
     return found
 
 
@@ -221,7 +228,7 @@ def test_a_broker_killed_in_a_flood_loses_no_answer(number, trial, fresh):
     sup = subprocess.Popen(
         [sys.executable, "-m", "loomrun.cli", "--replicas", "2", "--job", job, SCRIPT,
          "--steps", "100000000", "--step-time", "0.005", "--quiet"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=env, stdout=subprocess.DEVNULL, stderr=(tmp / "supervisor.err").open("w"),
         start_new_session=True,
     )  # fmt: skip
     started.append(sup)
@@ -263,7 +270,7 @@ def test_a_broker_killed_in_a_flood_loses_no_answer(number, trial, fresh):
             wanted = desired(url, job)
         except Exception:  # noqa: BLE001 - the broker still coming back
             return None
-        same = Counter(key(r) for r in disk) == Counter(key(r) for r, _ in broker)
+        same = [key(r) for r in disk] == [key(r) for r, _ in broker]
         agree = last_applied(disk) == wanted == {k: effect.get(k) for k in wanted}
         return (disk, broker, effect, wanted) if same and agree else None
 
@@ -272,7 +279,9 @@ def test_a_broker_killed_in_a_flood_loses_no_answer(number, trial, fresh):
     except AssertionError:
         disk, broker = disk_copy(state, job), broker_copy(url, job)
         effect, wanted = in_effect(url, job), desired(url, job)
-    trial.lost = len(found := lost(results, disk, broker))
+    missing = lost_answers(results, disk) + lost_answers(results, [r for r, _ in broker])
+    trial.lost = len(missing)
+    found = missing + doubled(disk, broker)
     broke = [r for r in results if "error" in r]
     timed_out = sum(r.get("state") == "timed out" for r in results)
     late = applied_later(results, disk)
@@ -292,7 +301,8 @@ def stop(trial, sup: subprocess.Popen, state: Path, job: str) -> None:
     """Stop the job as a user would (SIGTERM); its cleanup time is the trial's figure."""
     stopped = time.monotonic()
     sup.send_signal(signal.SIGTERM)
-    _, err = sup.communicate(timeout=120)
+    sup.wait(timeout=120)
+    err = (state.parent / "supervisor.err").read_text()
     try:
         wait_clean(state, [job])
     except AssertionError:
@@ -301,3 +311,4 @@ def stop(trial, sup: subprocess.Popen, state: Path, job: str) -> None:
     finally:
         trial.cleanup = time.monotonic() - stopped
     assert sup.returncode == 143, err[-2000:]
+    assert "may be missing from the broker's copy" not in err, err[-2000:]

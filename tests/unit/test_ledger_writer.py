@@ -46,12 +46,28 @@ def test_a_restarted_workers_answers_again_are_not_second_records(tmp_path):
     assert outbox.unacked == 5, "the broker's copy gets the same records"
 
 
-def test_an_answer_overridden_at_once_is_not_ended_again(tmp_path):
-    ledger = Ledger("j", Outbox(link=None), [tmp_path])
+def test_a_change_overridden_at_once_gets_its_end_under_an_id_of_its_own(tmp_path):
+    """A change overridden at once is in effect for the worker's count: a restarted worker
+    applies it again (no record) and may end it, which is its second record; the broker
+    must not take that for a copy of the first."""
+    outbox = Outbox(link=None)
+    ledger = Ledger("j", outbox, [tmp_path])
     ledger.record(answer("c1", pb.OVERRIDDEN))
     ledger.record(answer("c1", pb.APPLIED))  # a restart re-applies it: no record
+    ledger.record(answer("c1", pb.OVERRIDDEN, ended=True))
     ledger.close()
-    assert written(tmp_path) == [("r0", "c1", "overridden")]
+    assert written(tmp_path) == [("r0", "c1", "overridden"), ("r0", "c1", "overridden")]
+    first, ending = (msg_id for _, _, msg_id in outbox._records)
+    assert first != ending
+
+
+def test_without_a_broker_no_record_waits_for_one(tmp_path):
+    outbox = Outbox(link=None)
+    outbox.no_broker()
+    ledger = Ledger("j", outbox, [tmp_path])
+    ledger.record(answer("c1", pb.APPLIED))
+    ledger.close()
+    assert written(tmp_path) == [("r0", "c1", "applied")] and outbox.unacked == 0
 
 
 def test_each_record_has_a_message_id_of_its_run_and_key(tmp_path):

@@ -14,11 +14,11 @@ of several nodes writes `changes.nodeK.jsonl` beside it: nodes that share a stat
 directory (two on one machine, or a home directory on NFS) never write one file.
 
 Each answer is one record, keyed by (replica, change id, outcome). A change gets one
-answer, and one more only to end it (`overridden`, ended, after `applied`): a restarted
-worker answers again for the change it starts from, and for the replay's changes before
-its step, and those are not records. In the broker each record carries its key, with the
-job and the run, as its message id (see Outbox.record): sent again after the broker went
-away, it is still one.
+answer, and one more only to end it (`overridden`, ended): a restarted worker answers
+again for the change it starts from, and for the replay's changes before its step, and
+those are not records (nor is a restarted worker's end of a change ended before). In the
+broker each record carries its key, with the job and the run, as its message id (see
+Outbox.record): sent again after the broker went away, it is still one.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ class Ledger:
     def record(self, outcome: pb.Outcome) -> None:
         if not self._first(outcome):
             return  # answered before: a restarted worker's answer again
-        msg_id = f"{self._run}:{outcome.replica}:{outcome.change_id}:{outcome.state}"
+        ending = ":ended" if outcome.ended else ""  # the change's second record, its end
+        msg_id = f"{self._run}:{outcome.replica}:{outcome.change_id}:{outcome.state}{ending}"
         self.outbox.record(self.subject, outcome, msg_id)
         line = json.dumps(record(self.job, outcome)) + "\n"
         for f in self._files:
@@ -73,10 +74,15 @@ class Ledger:
         ended = outcome.state == pb.OVERRIDDEN and outcome.ended
         if key in self._recorded and (self._recorded[key] or not ended):
             return False
-        self._recorded[key] = ended
+        self._recorded.pop(key, None)
+        self._recorded[key] = ended  # the newest last: the oldest is forgotten first
         if len(self._recorded) > S.LEDGER_KEPT:
             del self._recorded[next(iter(self._recorded))]
         return True
+
+    @property
+    def on_disk(self) -> bool:
+        return bool(self._files)
 
     def close(self) -> None:
         for f in self._files:

@@ -173,9 +173,9 @@ class BrokerLink:
                 max_msgs=100_000, num_replicas=self.replicas,
             )  # fmt: skip
         with contextlib.suppress(Exception):
-            await self._ledger_stream()
+            await self.ledger_stream()
 
-    async def _ledger_stream(self) -> None:
+    async def ledger_stream(self) -> None:
         """The change ledger's stream. One made by an earlier loomrun (on `loomrun.*.ledger`,
         one part a job; or with JetStream's 2-minute duplicate window) takes each node's
         part as well, and the longer window, its records kept."""

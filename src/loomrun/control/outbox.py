@@ -25,6 +25,7 @@ from loomrun.output import say
 MAX_MESSAGES = 10_000
 MAX_RECORDS = S.LEDGER_KEPT  # the stream keeps no more of a node's records than this
 ACK_TIMEOUT = 5.0
+RECORD_TRIES = 3  # tries of one record before its failure is said (once)
 MSG_ID = "Nats-Msg-Id"
 _GONE = object()
 
@@ -44,8 +45,10 @@ class Outbox:
         self.link = link
         self._latest: dict[tuple[str, str], bytes | None] = {}
         self._messages: deque[tuple[str, bytes]] = deque(maxlen=MAX_MESSAGES)
-        self._records: deque[tuple[str, bytes, str]] = deque()
-        self._dropped = 0  # records the broker's copy lost to a long absence (said once)
+        self._records: deque[tuple[str, bytes, str]] | None = deque()  # None: no broker
+        self.dropped = 0  # records the broker's copy lost to a long absence
+        self._said_dropped = False  # said once per absence
+        self._failures = 0  # tries in a row that the head record failed
         self._wake = asyncio.Event()
         self._wake_records = asyncio.Event()
 
@@ -65,19 +68,26 @@ class Outbox:
 
     def record(self, subject: str, message, msg_id: str) -> None:
         """Send `message` to a stream until it is acked, as one record whatever the retries."""
+        if self._records is None:
+            return
         if len(self._records) >= MAX_RECORDS:
             self._records.popleft()
-            self._dropped += 1
-            if self._dropped == 1:
-                say(f"the broker has been away for {MAX_RECORDS} ledger records: the oldest "
+            self.dropped += 1
+            if not self._said_dropped:
+                self._said_dropped = True
+                say(f"the broker has not taken {MAX_RECORDS} ledger records: the oldest "
                     "waiting are left out of its copy (changes.jsonl keeps them)")  # fmt: skip
         self._records.append((subject, message.SerializeToString(), msg_id))
         self._wake_records.set()
 
+    def no_broker(self) -> None:
+        """The job runs without live control: records are not kept for a broker."""
+        self._records = None
+
     @property
     def unacked(self) -> int:
         """Records the broker has not acked yet."""
-        return len(self._records)
+        return len(self._records or ())
 
     async def run(self) -> None:
         """Send messages and the latest state as they come (records: run_records)."""
@@ -138,8 +148,9 @@ class Outbox:
                 del self._latest[(bucket, key)]
 
     async def flush_records(self) -> None:
-        """Each record until acked, in order. One not acked is sent again under its id:
-        the stream keeps the one copy it may have stored before the broker went away."""
+        """Each record until acked, in order (one round trip each). One not acked is sent
+        again under its id: the stream keeps the one copy it may have stored before the
+        broker went away. A head the broker keeps refusing is said once, and waits."""
         while self._records:
             nc = self.link.nc
             if nc is None or not nc.is_connected:
@@ -152,5 +163,16 @@ class Outbox:
                 )
             except refusals() as error:
                 say(f"left out a ledger record that the broker refuses ({error})")
+            except Exception as error:
+                self._failures += 1
+                if self._failures == RECORD_TRIES:
+                    why = str(error) or type(error).__name__
+                    say(f"the broker does not take the change ledger's records ({why}); "
+                        "they wait (changes.jsonl keeps them)")  # fmt: skip
+                if type(error).__name__ == "NoStreamResponseError":
+                    await self.link.ledger_stream()  # gone with a broker's store: made again
+                raise
+            self._failures = 0
             if self._records and self._records[0] is head:  # not dropped meanwhile
                 self._records.popleft()
+        self._said_dropped = False

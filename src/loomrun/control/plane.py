@@ -210,17 +210,8 @@ class ControlPlane:
         self._tasks.append(asyncio.ensure_future(self._serve()))
 
     async def _serve(self) -> None:
-        if not await self.link.connect(self.wait_broker):
-            return
-        if not await self.link.settle(self._forget_last_run):
-            return
-        try:
-            await self.registry.subscribe(self.link.nc, self.on_device_failure)
-            await self.link.nc.subscribe(S.history(self.job), cb=self._send_history)
-            await self.link.nc.subscribe(S.node_failures(self.job), cb=self._node_failed)
-            self._tasks.append(asyncio.ensure_future(self._missed_node_failures()))
-        except Exception as error:  # noqa: BLE001 - never take the job down
-            say(f"cannot set up the job's state on the broker ({error}); no live control")
+        if not await self._serving():
+            self.outbox.no_broker()  # the ledger is kept on disk only
             return
         self.registry.publish_all()
         self.link.on_reconnect.append(self._resync)
@@ -232,6 +223,22 @@ class ControlPlane:
                           self.on_node_failure, self._steps)  # fmt: skip
             self._tasks.append(asyncio.ensure_future(peers.watch(self.link)))
         self._watch_task = asyncio.ensure_future(self.link.settle(self.relay.watch))
+
+    async def _serving(self) -> bool:
+        """Connected, and the job's state set up on the broker: live control."""
+        if not await self.link.connect(self.wait_broker):
+            return False
+        if not await self.link.settle(self._forget_last_run):
+            return False
+        try:
+            await self.registry.subscribe(self.link.nc, self.on_device_failure)
+            await self.link.nc.subscribe(S.history(self.job), cb=self._send_history)
+            await self.link.nc.subscribe(S.node_failures(self.job), cb=self._node_failed)
+            self._tasks.append(asyncio.ensure_future(self._missed_node_failures()))
+        except Exception as error:  # noqa: BLE001 - never take the job down
+            say(f"cannot set up the job's state on the broker ({error}); no live control")
+            return False
+        return True
 
     def _steps(self) -> int:
         """This node's replicas' step counters, summed: it moves while any steps."""
@@ -349,9 +356,11 @@ class ControlPlane:
                 await asyncio.wait_for(self.outbox.flush(), 3.0)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.outbox.flush_records(), RECORDS_AT_CLOSE)
-        if self.outbox.unacked:
-            say(f"{self.outbox.unacked} change ledger record(s) did not reach the broker; "
-                "changes.jsonl has them")  # fmt: skip
+        missing = self.outbox.unacked + self.outbox.dropped
+        if missing:
+            kept = "changes.jsonl has them" if self.ledger.on_disk else "no file has them"
+            say(f"{missing} change ledger record(s) may be missing from the broker's copy "
+                f"(not acked); {kept}")  # fmt: skip
         for error in self.history.write(self._folders, self._history_file):
             say(error)  # written while the broker still answers for it: no gap between
         if self._watch_task is not None:
