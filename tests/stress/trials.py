@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,18 @@ def _machine() -> str:
     )
 
 
+def _commit() -> str:
+    """The commit the suite ran on, and whether its tree had changes."""
+    try:
+        found = subprocess.run(
+            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+            capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return found.stdout.strip() or "unknown"
+
+
 def write_report() -> None:
     if RESULTS:
         (ROOT / "STRESS.md").write_text(report())
@@ -75,10 +88,13 @@ def report() -> str:
         "Written by `make stress` (tests/stress/); each trial starts from a fresh state",
         "directory and a free port, and afterwards looks for what any process of it left:",
         "processes (by their XDG_STATE_HOME), shared-memory segments, broker users of dead",
-        "processes, held locks (tests/leftovers.py).",
+        "processes, held locks (tests/leftovers.py). The flood trials also hold every answer",
+        "a client got against the change ledger's two copies, on disk and in the broker: an",
+        "answer missing from either is lost (tests/stress/test_flood.py).",
         "",
         f"- Run: {time.strftime('%Y-%m-%d %H:%M', time.gmtime(STARTED))} UTC, "
         f"{(time.time() - STARTED) / 60:.1f} min",
+        f"- Code: {_commit()}",
         f"- Machine: {_machine()}",
         f"- Scale: {SCALE:g} (LOOMRUN_STRESS_SCALE)",
         "- Again: `make stress`",
