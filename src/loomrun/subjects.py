@@ -32,6 +32,7 @@ LEDGER_BEFORE = "loomrun.*.ledger"  # a job's one part, before the nodes' parts:
 LEDGER_KEPT = 100_000  # records of each node of each job
 LEDGER_DAYS = 90
 LEDGER_DEDUP_SECONDS = 600.0  # a record sent again within this long is kept once (msg id)
+MSG_ID = "Nats-Msg-Id"  # the header JetStream keeps one message of each value by
 DEVICE_FAILED = "loomrun.devices.failed"
 PAUSE = "pause"
 HEARTBEAT_SECONDS = 2.0

@@ -38,12 +38,11 @@ async def ledger(nc, js, job: str, follow: bool = False):
         # stream sequence it delivered up to, which a purge moves past 0.
         if info.num_pending == 0 and not info.delivered.consumer_seq and not follow:
             return
-        seen: set[str] = set()  # a copy the broker took after its duplicate window
+        seen: set[str | None] = set()  # a copy the broker took after its duplicate window
         async for msg in subscription.messages:
-            msg_id = (msg.headers or {}).get("Nats-Msg-Id")
+            msg_id = (msg.headers or {}).get(S.MSG_ID)  # none on an older loomrun's records
             if msg_id is None or msg_id not in seen:
-                if msg_id is not None:
-                    seen.add(msg_id)
+                seen.add(msg_id)
                 with contextlib.suppress(DecodeError):
                     yield pb.Outcome.FromString(msg.data)
             if not follow and msg.metadata.num_pending == 0:

@@ -26,7 +26,6 @@ MAX_MESSAGES = 10_000
 MAX_RECORDS = S.LEDGER_KEPT  # the stream keeps no more of a node's records than this
 ACK_TIMEOUT = 5.0
 RECORD_TRIES = 3  # tries of one record before its failure is said (once)
-MSG_ID = "Nats-Msg-Id"
 _GONE = object()
 
 
@@ -159,7 +158,7 @@ class Outbox:
             subject, data, msg_id = head
             try:
                 await self.link.js.publish(
-                    subject, data, timeout=ACK_TIMEOUT, headers={MSG_ID: msg_id}
+                    subject, data, timeout=ACK_TIMEOUT, headers={S.MSG_ID: msg_id}
                 )
             except refusals() as error:
                 say(f"left out a ledger record that the broker refuses ({error})")
@@ -169,7 +168,9 @@ class Outbox:
                     why = str(error) or type(error).__name__
                     say(f"the broker does not take the change ledger's records ({why}); "
                         "they wait (changes.jsonl keeps them)")  # fmt: skip
-                if type(error).__name__ == "NoStreamResponseError":
+                from nats.js.errors import NoStreamResponseError
+
+                if isinstance(error, NoStreamResponseError):
                     await self.link.ledger_stream()  # gone with a broker's store: made again
                 raise
             self._failures = 0
