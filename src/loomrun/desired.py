@@ -27,16 +27,19 @@ def change(
     origin: str = "",
     change_id: str = "",
     kind: int = pb.SET,
+    together: list[str] | None = None,
 ) -> pb.DesiredParam:
     """A desired change, as a client writes it; a fresh id unless given. One `set` gives
-    the same id to every replica it changes: ranks agree on a change by its id. An unset
-    carries no value: the worker knows the script's."""
+    the same id to every parameter and every replica it changes: it is one change, and
+    ranks agree on a change by its id; `together` names every parameter of a `set` of
+    several. An unset carries no value: the worker knows the script's."""
     want = pb.DesiredParam(
         at_step=at_step,
         change_id=change_id or new_change_id(),
         at_once=at_once,
         origin=origin,
         kind=kind,
+        together=sorted(together) if together and len(together) > 1 else [],
     )
     if kind != pb.UNSET:
         want.value.CopyFrom(P.to_pb(value))
@@ -51,9 +54,11 @@ def copy(want: pb.DesiredParam) -> pb.DesiredParam:
 
 
 def base_of(in_effect: pb.DesiredParam) -> pb.DesiredParam:
-    """The change in effect as the base of a newer one: applied at once, at no step."""
+    """The change in effect as the base of a newer one: applied at once, at no step, on
+    its own (each parameter of a change of several has its own base)."""
     base = copy(in_effect)
     base.ClearField("base")
+    base.ClearField("together")
     base.at_step, base.at_once = 0, True
     return base
 

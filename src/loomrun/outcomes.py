@@ -19,6 +19,10 @@ STATES = {
     pb.SUPERSEDED: "superseded",
     pb.OVERRIDDEN: "overridden",
 }
+# Why a change is superseded when the replica never read it: a later change to one of its
+# keys came first (the client knows it when that change was applied; the supervisor, for a
+# change of several keys, when one of them moved on before the rest came).
+OVERTAKEN = "a later change to it reached the replica first"
 KINDS = {pb.SET: "set", pb.HOLD: "hold", pb.UNSET: "unset"}
 KIND_OF = {word: kind for kind, word in KINDS.items()}
 
@@ -55,38 +59,90 @@ def answer(
     return outcome
 
 
+def answer_change(
+    parts: dict[str, pb.DesiredParam], state: int, step: int = 0, reason: str = "",
+    replica: str = "",
+) -> pb.Outcome:  # fmt: skip
+    """The one answer to a change of one or several parameters (`parts`: name -> its key's
+    entry, all of one change id): `answer` of the first by name, and every part's asked
+    value when there are several."""
+    names = sorted(parts)
+    outcome = answer(parts[names[0]], names[0], state, step, reason, replica)
+    if len(names) > 1:
+        for name in names:
+            part = outcome.parts.add(name=name)
+            if parts[name].HasField("value"):
+                part.new.CopyFrom(parts[name].value)
+    return outcome
+
+
+def names_of(outcome: pb.Outcome) -> list[str]:
+    """The parameters an answer is about: its parts', or its one name."""
+    return [part.name for part in outcome.parts] or [outcome.name]
+
+
+def part_of(outcome: pb.Outcome, name: str) -> pb.Outcome:
+    """The answer as one of its parameters sees it (for `get`'s latest answer per
+    parameter): that part's name, old and new value."""
+    view = pb.Outcome()
+    view.CopyFrom(outcome)
+    view.ClearField("parts")
+    for part in outcome.parts:
+        if part.name == name:
+            view.name = name
+            view.ClearField("old")
+            view.ClearField("new")
+            if part.HasField("old"):
+                view.old.CopyFrom(part.old)
+            if part.HasField("new"):
+                view.new.CopyFrom(part.new)
+    return view
+
+
 def sentence(
     name: str, state: str, *, old: Any = None, new: Any = None, step: int = 0,
     reason: str = "", kind: str = "set", replica: str = "",
+    parts: list[tuple[str, Any, Any]] | None = None,
 ) -> str:  # fmt: skip
-    """One answer in words, as every view shows it: `lr 0.1 -> 0.05 at step 12`."""
+    """One answer in words, as every view shows it: `lr 0.1 -> 0.05 at step 12`. A change
+    of several parameters (`parts`: name, old, new) is one sentence too:
+    `lr 0.1 -> 0.05, momentum 0.9 -> 0.8 at step 12`."""
     from loomrun.params import format_value as shown
 
+    parts = parts or [(name, old, new)]
+    names = ", ".join(n for n, _, _ in parts)
+    asked = " ".join(f"{n}={shown(v)}" for n, _, v in parts)
     if state == "applied" and name == PAUSE:
         return f"{'paused' if new else 'resumed'} at step {step}"
     if state == "applied":
         how = {"hold": " (held)", "unset": " (the script's)"}.get(kind, "")
-        said = f"{name} {shown(old)} -> {shown(new)}{how} at step {step}"
+        moves = ", ".join(f"{n} {shown(o)} -> {shown(v)}" for n, o, v in parts)
+        said = f"{moves}{how} at step {step}"
         return f"{said} ({reason})" if reason else said  # what is in effect, when not `new`
     if state == "overridden":
-        return f"{name} overridden at step {step}, not in effect: {reason}"
+        return f"{names} overridden at step {step}, not in effect: {reason}"
     if state == "rejected":
-        return f"{name}={shown(new)} rejected: {reason}" + (f" (at step {step})" if step else "")
+        return f"{asked} rejected: {reason}" + (f" (at step {step})" if step else "")
     if state == "missed":
-        return f"{name}={shown(new)} not applied: {reason}"
+        return f"{asked} not applied: {reason}"
     if state == "superseded":
-        return f"{name}={shown(new)} not applied: a later change to {name} reached {replica} first"
+        them = name if len(parts) == 1 else "one of them"
+        return f"{asked} not applied: a later change to {them} reached {replica} first"
     if state == "not running":
-        return f"{name} not sent: {reason}"
-    return f"{name} no answer yet: still desired, it applies when the replica gets to it"
+        return f"{names} not sent: {reason}"
+    return f"{names} no answer yet: still desired, it applies when the replica gets to it"
 
 
 def outcome_sentence(outcome: pb.Outcome) -> str:
     """`sentence` of an answer as it comes off the wire."""
     from loomrun.params import from_pb
 
+    def value(part, field: str):
+        return from_pb(getattr(part, field)) if part.HasField(field) else None
+
+    parts = [(p.name, value(p, "old"), value(p, "new")) for p in outcome.parts]
     return sentence(
         outcome.name, state_word(outcome), step=outcome.step, reason=outcome.reason,
-        old=from_pb(outcome.old) if outcome.HasField("old") else None, new=from_pb(outcome.new),
-        kind=kind_word(outcome.kind), replica=outcome.replica,
+        old=value(outcome, "old"), new=from_pb(outcome.new), kind=kind_word(outcome.kind),
+        replica=outcome.replica, parts=parts or None,
     )  # fmt: skip

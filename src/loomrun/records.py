@@ -21,18 +21,22 @@ if TYPE_CHECKING:
 
 
 def record(job: str, outcome: pb.Outcome) -> dict[str, Any]:
-    """One ledger record as plain data (a line of changes.jsonl, `loomrun log --json`)."""
+    """One ledger record as plain data (a line of changes.jsonl, `loomrun log --json`); a
+    change of several parameters is one record, with each one's old and new in "parts"."""
     from loomrun import params as P  # protobuf: not for the job's folders, before the spawns
     from loomrun.outcomes import kind_word, state_word
 
-    return {
+    def value(message, field: str) -> Any:
+        return P.from_pb(getattr(message, field)) if message.HasField(field) else None
+
+    out = {
         "time": outcome.time,
         "who": outcome.origin,
         "job": job,
         "replica": outcome.replica,
         "name": outcome.name,
-        "old": P.from_pb(outcome.old) if outcome.HasField("old") else None,
-        "new": P.from_pb(outcome.new) if outcome.HasField("new") else None,
+        "old": value(outcome, "old"),
+        "new": value(outcome, "new"),
         "step": outcome.step,
         "outcome": state_word(outcome),
         "kind": kind_word(outcome.kind),
@@ -41,6 +45,11 @@ def record(job: str, outcome: pb.Outcome) -> dict[str, Any]:
         "change_id": outcome.change_id,
         "revision": outcome.revision,
     }
+    if outcome.parts:  # one change of several parameters: "name", "old", "new" are the first's
+        out["parts"] = [
+            {"name": p.name, "old": value(p, "old"), "new": value(p, "new")} for p in outcome.parts
+        ]
+    return out
 
 
 def job_dir(state: Path, job: str) -> Path:

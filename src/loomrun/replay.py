@@ -60,11 +60,24 @@ def _records(path: Path) -> list[dict]:
                     "change_id": str(item.get("change_id", "")),
                     "kind": str(item.get("kind") or "set"),
                     "ended": bool(item.get("ended", False)),
+                    "parts": _parts(item.get("parts")),
                 }
             )
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
             raise ReplayError(f"{path}:{number} is not a change record") from None
     return records
+
+
+def _parts(parts) -> dict | None:
+    """A record's parts (a change of several parameters): name -> new value."""
+    if parts is None:
+        return None
+    if not isinstance(parts, list) or not parts:
+        raise TypeError("parts")
+    found = {str(part["name"]): part["new"] for part in parts}
+    if len(found) != len(parts):
+        raise ValueError("a parameter twice")
+    return found
 
 
 def schedules(records: list[dict], replicas: list[str]) -> tuple[dict[str, list], list[str]]:
@@ -80,7 +93,8 @@ def schedules(records: list[dict], replicas: list[str]) -> tuple[dict[str, list]
             continue
         if item["kind"] not in KIND_OF:
             raise ReplayError(f"the change of {item['name']} has an unknown kind {item['kind']!r}")
-        if item["new"] is None and item["kind"] != "unset":
+        values = item["parts"] or {item["name"]: item["new"]}
+        if item["kind"] != "unset" and any(value is None for value in values.values()):
             raise ReplayError(f"the change of {item['name']} at step {item['step']} has no value")
         if (item["replica"], item["change_id"]) in seen:
             continue
@@ -89,10 +103,11 @@ def schedules(records: list[dict], replicas: list[str]) -> tuple[dict[str, list]
             if item["replica"] not in missing:
                 missing.append(item["replica"])
             continue
-        plans[item["replica"]].append(
-            {"step": item["step"], "name": item["name"], "value": item["new"],
-             "change_id": item["change_id"], "kind": item["kind"]}
-        )  # fmt: skip
+        change = {"step": item["step"], "name": item["name"], "value": item["new"],
+                  "change_id": item["change_id"], "kind": item["kind"]}  # fmt: skip
+        if item["parts"]:
+            change["parts"] = item["parts"]  # applied together, at its step
+        plans[item["replica"]].append(change)
     for plan in plans.values():
         plan.sort(key=lambda change: change["step"])
     return plans, missing

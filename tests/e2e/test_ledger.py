@@ -181,8 +181,7 @@ def test_unset_goes_back_to_the_scripts_own_value(procs):
     assert not before["momentum"]["steered"]
     undone = run_loomrun("unset", "lr", "batch", "--job", job)
     assert undone.returncode == 0, undone.stdout + undone.stderr
-    assert "lr 0.05 -> 0.1 (the script's)" in undone.stdout
-    assert "batch 16 -> 8 (the script's)" in undone.stdout
+    assert "r0  batch 16 -> 8, lr 0.05 -> 0.1 (the script's) at step" in undone.stdout
     wait_for(lambda: not params()["batch"]["steered"], 10, what="the status to show it")
     assert not params()["lr"]["steered"]
     unknown = run_loomrun("unset", "nope", "--job", job)

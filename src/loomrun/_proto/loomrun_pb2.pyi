@@ -86,7 +86,7 @@ class ValueList(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[Value, _Mapping]]] = ...) -> None: ...
 
 class DesiredParam(_message.Message):
-    __slots__ = ("value", "version", "at_step", "change_id", "at_once", "origin", "revision", "base", "kind")
+    __slots__ = ("value", "version", "at_step", "change_id", "at_once", "origin", "revision", "base", "kind", "together")
     VALUE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     AT_STEP_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,7 @@ class DesiredParam(_message.Message):
     REVISION_FIELD_NUMBER: _ClassVar[int]
     BASE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    TOGETHER_FIELD_NUMBER: _ClassVar[int]
     value: Value
     version: int
     at_step: int
@@ -105,7 +106,8 @@ class DesiredParam(_message.Message):
     revision: int
     base: DesiredParam
     kind: ChangeKind
-    def __init__(self, value: _Optional[_Union[Value, _Mapping]] = ..., version: _Optional[int] = ..., at_step: _Optional[int] = ..., change_id: _Optional[str] = ..., at_once: _Optional[bool] = ..., origin: _Optional[str] = ..., revision: _Optional[int] = ..., base: _Optional[_Union[DesiredParam, _Mapping]] = ..., kind: _Optional[_Union[ChangeKind, str]] = ...) -> None: ...
+    together: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, value: _Optional[_Union[Value, _Mapping]] = ..., version: _Optional[int] = ..., at_step: _Optional[int] = ..., change_id: _Optional[str] = ..., at_once: _Optional[bool] = ..., origin: _Optional[str] = ..., revision: _Optional[int] = ..., base: _Optional[_Union[DesiredParam, _Mapping]] = ..., kind: _Optional[_Union[ChangeKind, str]] = ..., together: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DesiredState(_message.Message):
     __slots__ = ("version", "params", "pause")
@@ -125,7 +127,7 @@ class DesiredState(_message.Message):
     def __init__(self, version: _Optional[int] = ..., params: _Optional[_Mapping[str, DesiredParam]] = ..., pause: _Optional[_Union[DesiredParam, _Mapping]] = ...) -> None: ...
 
 class Outcome(_message.Message):
-    __slots__ = ("name", "version", "state", "step", "old", "new", "reason", "time", "change_id", "seq", "replica", "origin", "revision", "kind", "ended")
+    __slots__ = ("name", "version", "state", "step", "old", "new", "reason", "time", "change_id", "seq", "replica", "origin", "revision", "kind", "ended", "parts")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +143,7 @@ class Outcome(_message.Message):
     REVISION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ENDED_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     state: OutcomeState
@@ -156,7 +159,18 @@ class Outcome(_message.Message):
     revision: int
     kind: ChangeKind
     ended: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[OutcomeState, str]] = ..., step: _Optional[int] = ..., old: _Optional[_Union[Value, _Mapping]] = ..., new: _Optional[_Union[Value, _Mapping]] = ..., reason: _Optional[str] = ..., time: _Optional[float] = ..., change_id: _Optional[str] = ..., seq: _Optional[int] = ..., replica: _Optional[str] = ..., origin: _Optional[str] = ..., revision: _Optional[int] = ..., kind: _Optional[_Union[ChangeKind, str]] = ..., ended: _Optional[bool] = ...) -> None: ...
+    parts: _containers.RepeatedCompositeFieldContainer[Part]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[OutcomeState, str]] = ..., step: _Optional[int] = ..., old: _Optional[_Union[Value, _Mapping]] = ..., new: _Optional[_Union[Value, _Mapping]] = ..., reason: _Optional[str] = ..., time: _Optional[float] = ..., change_id: _Optional[str] = ..., seq: _Optional[int] = ..., replica: _Optional[str] = ..., origin: _Optional[str] = ..., revision: _Optional[int] = ..., kind: _Optional[_Union[ChangeKind, str]] = ..., ended: _Optional[bool] = ..., parts: _Optional[_Iterable[_Union[Part, _Mapping]]] = ...) -> None: ...
+
+class Part(_message.Message):
+    __slots__ = ("name", "old", "new")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OLD_FIELD_NUMBER: _ClassVar[int]
+    NEW_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    old: Value
+    new: Value
+    def __init__(self, name: _Optional[str] = ..., old: _Optional[_Union[Value, _Mapping]] = ..., new: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
 
 class Acks(_message.Message):
     __slots__ = ("recent", "read_version", "scheduled")

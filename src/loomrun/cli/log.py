@@ -57,9 +57,11 @@ def log_command(job, replicas, as_json, follow, metrics, broker):
             click.echo(json.dumps(item))
             return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(item["time"]))
+        parts = [(p["name"], p["old"], p["new"]) for p in item.get("parts") or ()]
         said = sentence(
             item["name"], item["outcome"], old=item["old"], new=item["new"], step=item["step"],
             reason=item["reason"] or "", kind=item.get("kind", "set"), replica=item["replica"],
+            parts=parts or None,
         )  # fmt: skip
         click.echo(printable(
             f"{stamp}  {item['replica']}  {item['outcome']:<10}  {said}  ({item['who'] or '?'})"

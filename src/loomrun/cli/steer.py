@@ -80,8 +80,9 @@ def report(results, as_json: bool, job: str | None, waited: bool) -> int:
         return code
     for r in results:
         if not waited:
-            shown = format_value(r.requested)
-            say(f"{r.replica}  {r.name}  = {shown}  written (change {r.change_id})")
+            asked = r.together or {r.name: r.requested}
+            shown = "  ".join(f"{name} = {format_value(value)}" for name, value in asked.items())
+            say(f"{r.replica}  {shown}  written (change {r.change_id})")
             continue
         line = f"{r.replica}  {r.sentence()}"
         if r.state == "applied" and r.latency is not None:

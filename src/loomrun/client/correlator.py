@@ -19,18 +19,20 @@ from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.client.model import NEVER_USED, Result, SteerError, origin, superseded
 from loomrun.desired import change, new_change_id
+from loomrun.outcomes import names_of
 
 
 class Correlator:
-    """Owned by a Steering: the results waiting for an answer, per (job, replica, name)."""
+    """Owned by a Steering: the results waiting for an answer, per (job, replica, name); a
+    change of several parameters waits under each of its names."""
 
     def __init__(self, nc):
         self.nc = nc
         self._listening: dict[str, Any] = {}
         # (job, replica, name) -> the Results waiting for an answer to a change of that key.
         self._waiting: dict[tuple[str, str, str], list[tuple[Result, asyncio.Event]]] = {}
-        # id of a waiting Result -> the newest revision applied to its key since it waits.
-        self._overtaken: dict[int, int] = {}
+        # (id of a waiting Result, name) -> the newest revision applied to that key since.
+        self._overtaken: dict[tuple[int, str], int] = {}
 
     async def listen(self, job: str) -> None:
         """Hear every outcome of the job from now on: subscribed (and flushed, so the server
@@ -43,31 +45,41 @@ class Correlator:
                 outcome = pb.Outcome.FromString(msg.data)
             except DecodeError:
                 return
-            key = (job, outcome.replica, outcome.name)
-            for result, done in list(self._waiting.get(key, ())):
-                if result.change_id == outcome.change_id:
-                    self._settle(key, result, done, outcome)
-                elif outcome.state == pb.APPLIED:
-                    newest = max(self._overtaken.get(id(result), 0), outcome.revision)
-                    self._overtaken[id(result)] = newest
-                    if result.revision and newest > result.revision:
-                        self._settle(key, result, done, superseded(result, outcome))
+            for name in names_of(outcome):
+                for result, done in list(self._waiting.get((job, outcome.replica, name), ())):
+                    if done.is_set():
+                        continue
+                    if result.change_id == outcome.change_id:
+                        self._settle(job, result, done, outcome)
+                    elif outcome.state == pb.APPLIED:
+                        key = (id(result), name)
+                        newest = max(self._overtaken.get(key, 0), outcome.revision)
+                        self._overtaken[key] = newest
+                        if self._overtaken_by(result):
+                            self._settle(job, result, done, superseded(result, outcome))
 
         self._listening[job] = await self.nc.subscribe(S.outcomes(job), cb=route)
         await self.nc.flush()
 
-    def _settle(self, key, result: Result, done: asyncio.Event, outcome: pb.Outcome) -> None:
-        """This result's answer: its own outcome, or news that a newer change to the same
-        key was applied first. Outcomes of one replica come in the order it answered; a
+    def _overtaken_by(self, result: Result) -> bool:
+        """A newer change to one of the result's keys was applied: its revision there is
+        past the result's own (known once the write returned)."""
+        return any(
+            revision and self._overtaken.get((id(result), name), 0) > revision
+            for name, revision in result.revisions.items()
+        )
+
+    def _settle(self, job: str, result: Result, done: asyncio.Event, outcome: pb.Outcome) -> None:
+        """This result's answer: its own outcome, or news that a newer change to one of its
+        keys was applied first. Outcomes of one replica come in the order it answered; a
         change the replica read is always answered before a newer one is applied; so one
         that has no answer when a newer one is applied was never read, and never will be
         (the bucket's watch may skip a change that a newer one replaced before it was
         delivered). Only `applied` counts: a newer change rejected, missed or refused
         leaves the older one desired."""
-        self._overtaken.pop(id(result), None)
         result.outcome = outcome
         result.latency = time.perf_counter() - result.started
-        self._waiting[key].remove((result, done))
+        self._forget(job, [(result, done)])
         done.set()
 
     async def close(self) -> None:
@@ -78,28 +90,41 @@ class Correlator:
     async def write_and_wait(
         self,
         job: str,
-        writes: list[tuple[str, str, str, Any]],
+        writes: list[tuple[str, dict[str, tuple[str, Any]]]],
         at_step: int,
         at_once: bool,
         timeout: float,
         wait: bool,
         kind: int = pb.SET,
     ) -> list[Result]:
+        """Write one change (`writes`: per replica, name -> (key, value)) and wait for each
+        replica's answer to it. Every key of every replica carries the one change id: the
+        ranks of a group agree on it by that id, and a replica applies all of its keys at
+        one step, or none."""
         if wait and writes:
             await self.listen(job)
-        who = origin()
-        ids = {name: new_change_id() for _, name, _, _ in writes}
-        results, pending, puts = [], [], []
-        for replica, name, key, value in writes:
-            want = change(value, at_step, at_once, who, ids[name], kind)
-            result = Result(job, replica, name, value, want.change_id, at_step, kind=kind)
+        who, change_id = origin(), new_change_id()
+        results, pending, puts, keyed = [], [], [], []
+        for replica, parts in writes:
+            names = sorted(parts)
+            lead_key, lead_value = parts[names[0]]
+            together = {name: parts[name][1] for name in names} if len(names) > 1 else {}
+            result = Result(
+                job, replica, names[0], lead_value, change_id, at_step, kind=kind,
+                together=together,
+            )  # fmt: skip
             if wait:
                 done = asyncio.Event()
-                self._waiting.setdefault((job, replica, name), []).append((result, done))
+                for name in names:
+                    self._waiting.setdefault((job, replica, name), []).append((result, done))
                 pending.append((result, done))
             result.started = time.perf_counter()
             results.append(result)
-            puts.append(buckets.put(self.nc, S.DESIRED, key, want.SerializeToString()))
+            for name in names:
+                key, value = parts[name]
+                want = change(value, at_step, at_once, who, change_id, kind, names)
+                puts.append(buckets.put(self.nc, S.DESIRED, key, want.SerializeToString()))
+                keyed.append((result, name))
         try:
             revisions = await asyncio.gather(*puts)
         except buckets.BucketMissing:
@@ -111,12 +136,13 @@ class Correlator:
                 f"could not write the change to the broker ({error or type(error).__name__}); "
                 "some replicas may have it: check with `loomrun get`"
             ) from None
-        for result, revision in zip(results, revisions, strict=True):
-            result.revision = revision
-        for result, done in pending:  # a newer change to its key was applied already
-            key = (job, result.replica, result.name)
-            if not done.is_set() and self._overtaken.get(id(result), 0) > result.revision:
-                self._settle(key, result, done, superseded(result, None))
+        for (result, name), revision in zip(keyed, revisions, strict=True):
+            result.revisions[name] = revision
+            if name == result.name:
+                result.revision = revision
+        for result, done in pending:  # a newer change to one of its keys was applied already
+            if not done.is_set() and self._overtaken_by(result):
+                self._settle(job, result, done, superseded(result, None))
         if pending:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*(d.wait() for _, d in pending)), timeout)
@@ -125,7 +151,8 @@ class Correlator:
 
     def _forget(self, job: str, pending) -> None:
         for result, done in pending:
-            self._overtaken.pop(id(result), None)
-            waiting = self._waiting.get((job, result.replica, result.name), [])
-            if (result, done) in waiting:
-                waiting.remove((result, done))
+            for name in [result.name, *result.together]:
+                self._overtaken.pop((id(result), name), None)
+                waiting = self._waiting.get((job, result.replica, name), [])
+                if (result, done) in waiting:
+                    waiting.remove((result, done))

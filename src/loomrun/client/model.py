@@ -14,12 +14,16 @@ from typing import Any
 from loomrun import params as P
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
-from loomrun.outcomes import answer, kind_word, outcome_sentence, sentence, state_word
+from loomrun.outcomes import (
+    OVERTAKEN,
+    answer_change,
+    kind_word,
+    outcome_sentence,
+    sentence,
+    state_word,
+)
 
 NEVER_USED = "no loomrun job has ever run on this broker"
-# Why a change is superseded when the client, not the replica, knows it: a later change to
-# the same key was applied first, so this one was never read (and is in no ledger).
-OVERTAKEN = "a later change to it reached the replica first"
 
 
 # A replica in one of these states answers nothing: a change to it is not sent.
@@ -109,6 +113,10 @@ class Result:
     kind: int = pb.SET
     # Why it was not sent: the replica is not running ("exited 0 at step 3000").
     not_running: str = ""
+    # A change of several parameters: each one's name -> the value asked (`name` and
+    # `requested` are the first's); and each key's revision once written.
+    together: dict[str, Any] = field(default_factory=dict)
+    revisions: dict[str, int] = field(default_factory=dict)
 
     @property
     def state(self) -> str:
@@ -123,9 +131,11 @@ class Result:
         if self.outcome is not None:
             return outcome_sentence(self.outcome)
         reason = f"{self.replica} is not running ({self.not_running})" if self.not_running else ""
+        parts = [(name, None, value) for name, value in self.together.items()] or None
         return sentence(
-            self.name, self.state, new=self.requested, reason=reason, replica=self.replica
-        )
+            self.name, self.state, new=self.requested, reason=reason, replica=self.replica,
+            parts=parts,
+        )  # fmt: skip
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -149,6 +159,19 @@ class Result:
                 reason=self.outcome.reason or None,
                 latency_ms=round(self.latency * 1000, 3) if self.latency is not None else None,
             )
+        if self.together:  # one change of several parameters: each one's values
+            answered = {p.name: p for p in self.outcome.parts} if self.outcome else {}
+
+            def value(name: str, field_name: str) -> Any:
+                part = answered.get(name)
+                has = part is not None and part.HasField(field_name)
+                return P.from_pb(getattr(part, field_name)) if has else None
+
+            out["parts"] = [
+                {"name": name, "requested": asked, "old": value(name, "old"),
+                 "new": value(name, "new")}
+                for name, asked in self.together.items()
+            ]  # fmt: skip
         return out
 
 
@@ -161,12 +184,17 @@ class ReplicaSchema:
 
 
 def superseded(result: Result, newer: pb.Outcome | None) -> pb.Outcome:
-    """The answer of a change that a newer change to the same key overtook."""
-    want = pb.DesiredParam(change_id=result.change_id, revision=result.revision, kind=result.kind)
-    if result.requested is not None:
-        want.value.CopyFrom(P.to_pb(result.requested))
+    """The answer of a change that a newer change to one of its keys overtook."""
+    parts = {}
+    for name, asked in (result.together or {result.name: result.requested}).items():
+        want = pb.DesiredParam(
+            change_id=result.change_id, revision=result.revision, kind=result.kind
+        )
+        if asked is not None:
+            want.value.CopyFrom(P.to_pb(asked))
+        parts[name] = want
     step = newer.step if newer is not None else 0
-    return answer(want, result.name, pb.SUPERSEDED, step, OVERTAKEN, result.replica)
+    return answer_change(parts, pb.SUPERSEDED, step, OVERTAKEN, result.replica)
 
 
 def summary(results: list[Result]) -> str:
@@ -239,9 +267,13 @@ def parameters(
 
 
 def with_ended(job, results, ended: dict[str, str], names, kind) -> list[Result]:
-    """The results of the targets that run no more: not sent, and how each ended."""
+    """The results of the targets that run no more: not sent, and how each ended (one per
+    replica: the change is one, however many parameters it has)."""
+    asked = dict(names) if isinstance(names, dict) else dict.fromkeys(names)
+    first = min(asked)
+    together = dict(sorted(asked.items())) if len(asked) > 1 else {}
     for replica, how in ended.items():
-        for name in names:
-            requested = names[name] if isinstance(names, dict) else None
-            results.append(Result(job, replica, name, requested, kind=kind, not_running=how))
+        results.append(
+            Result(job, replica, first, asked[first], kind=kind, not_running=how, together=together)
+        )
     return results

@@ -232,10 +232,9 @@ class Steering:
         at_once = await self._whole_process_groups(found, targets, force)
         ended = await self._not_running(found.job, targets)
         writes = [
-            (r, name, S.desired_param(found.job, r, name), value)
+            (r, {name: (S.desired_param(found.job, r, name), v) for name, v in checked[r].items()})
             for r in targets
             if r not in ended
-            for name, value in checked[r].items()
         ]
         kind = pb.HOLD if hold else pb.SET
         results = await self.correlator.write_and_wait(
@@ -280,9 +279,9 @@ class Steering:
                 spec = schemas[replica].specs[name]
                 if not spec.builtin and spec.default is None:
                     raise SteerError(f"{name} of {replica} has no value of the script's own")
-                if replica not in ended:
-                    key = S.desired_param(found.job, replica, name)
-                    writes.append((replica, name, key, None))
+            if replica not in ended:
+                keys = {name: (S.desired_param(found.job, replica, name), None) for name in names}
+                writes.append((replica, keys))
         results = await self.correlator.write_and_wait(
             found.job, writes, 0, at_once, timeout, wait, pb.UNSET
         )
@@ -305,9 +304,8 @@ class Steering:
         # Resuming needs no agreement: paused ranks all stand at one step already.
         at_once = await self._whole_process_groups(found, targets, force) or not paused
         ended = await self._not_running(found.job, targets)
-        writes = [
-            (r, S.PAUSE, S.desired_pause(found.job, r), paused) for r in targets if r not in ended
-        ]
+        key = S.desired_pause
+        writes = [(r, {S.PAUSE: (key(found.job, r), paused)}) for r in targets if r not in ended]
         results = await self.correlator.write_and_wait(
             found.job, writes, at_step or 0, at_once, timeout, wait
         )

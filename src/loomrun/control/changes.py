@@ -13,9 +13,11 @@ from collections import deque
 
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.desired import DesiredConfig, copy
+from loomrun.outcomes import names_of
 
 SEEN_IDS = 32  # per parameter: enough to know a change seen again
 TAKEN_KEPT = 512  # per replica: the changes taken lately, to go back to the one in effect
+PENDING_KEPT = 256  # per replica: changes of several keys, waiting for the rest of them
 
 
 class Written:
@@ -28,7 +30,7 @@ class Written:
         self.replaced_at = 0  # the desired version that replaced it, once one did
 
 
-def forget_taken(taken: dict[str, pb.DesiredParam], in_effect: set[str]) -> None:
+def forget_taken(taken: dict[str, dict[str, pb.DesiredParam]], in_effect: set[str]) -> None:
     """Keep the TAKEN_KEPT latest changes taken, and every change in effect however old:
     a change that is not applied goes back to it, however many changes came since."""
     older = [change_id for change_id in taken if change_id not in in_effect]
@@ -47,7 +49,13 @@ class ReplicaChanges:
         self._written: dict[str, dict[str, Written]] = {}  # name -> id -> unanswered
         self._seen_ids: dict[str, deque] = {}  # name -> ids of changes written lately
         self._not_applied: deque[str] = deque(maxlen=256)  # ids: missed or rejected
-        self._taken: dict[str, pb.DesiredParam] = {}  # id -> change, the latest taken
+        # id -> the change (name -> its entry), the latest taken
+        self._taken: dict[str, dict[str, pb.DesiredParam]] = {}
+        # A change of several keys comes key by key: id -> the keys of it come so far; and
+        # each key's latest change id delivered (a change that one of its keys moved on
+        # from before the rest of it came is never written).
+        self._pending: dict[str, dict[str, pb.DesiredParam]] = {}
+        self._delivered: dict[str, str] = {}
         self._in_effect: dict[str, str] = {}  # name -> id of the change the worker applied
         self._scheduled: set[str] = set()  # ids the ranks agreed on, waiting for their step
         # name -> what a restarted worker starts from at once (see `rebase`), until that
@@ -74,8 +82,43 @@ class ReplicaChanges:
         """What a restarted worker starts from for `name`, until it answers for it."""
         return self._baseline.get(name)
 
-    def taken_change(self, change_id: str) -> pb.DesiredParam | None:
-        return self._taken.get(change_id)
+    def taken_change(self, change_id: str, name: str) -> pb.DesiredParam | None:
+        return self._taken.get(change_id, {}).get(name)
+
+    # -- the relay: a change of several keys, assembled --------------------------------
+
+    def delivered(self, name: str, change_id: str) -> list[dict[str, pb.DesiredParam]]:
+        """A key's entry came off the broker (`change_id` "" for a deletion). Returns the
+        changes of several keys waiting for the rest of them that this key moved on from:
+        they can never be written whole (this key's latest is another change), and are
+        superseded."""
+        self._delivered[name] = change_id
+        gone = []
+        for pending_id, parts in list(self._pending.items()):
+            if pending_id != change_id and name in parts:
+                del self._pending[pending_id]
+                self._not_applied.append(pending_id)
+                gone.append(parts)
+        return gone
+
+    def assemble(self, name: str, want: pb.DesiredParam) -> dict[str, pb.DesiredParam] | None:
+        """One key of a change of several: the whole change (name -> entry) once every key
+        of it has come and is each key's latest, else None (it waits for the rest). A
+        change taken before (seen again after a reconnect) is given back as it came, one
+        key: the desired state holds it already."""
+        change_id = want.change_id
+        if change_id in self._not_applied:
+            return None  # one of its keys moved on before it came whole: answered so
+        if change_id in self._taken or change_id in self._seen_ids.get(name, ()):
+            return {name: want}
+        parts = self._pending.setdefault(change_id, {})
+        parts[name] = want
+        if set(parts) != set(want.together):
+            if len(self._pending) > PENDING_KEPT:
+                del self._pending[next(iter(self._pending))]  # its client was told of an error
+            return None
+        del self._pending[change_id]
+        return parts
 
     # -- the relay: a change in ---------------------------------------------------------
 
@@ -105,7 +148,7 @@ class ReplicaChanges:
         """The change is in the mailbox: unanswered (unless answered before), and the
         changes it replaced are marked so."""
         self._replaced(name, version)
-        self._taken[change_id] = copy(self.desired.entry(name))
+        self._taken.setdefault(change_id, {})[name] = copy(self.desired.entry(name))
         if len(self._taken) > TAKEN_KEPT:
             forget_taken(self._taken, set(self._in_effect.values()))
         if not again:
@@ -118,27 +161,31 @@ class ReplicaChanges:
             earlier.replaced_at = earlier.replaced_at or version
 
     def not_applied(self, outcome: pb.Outcome) -> bool:
-        """A change applied nowhere (missed, or rejected: the user was told so): what the
+        """A change applied nowhere (missed, rejected: the user was told so; or superseded,
+        which for a change of several keys may leave the others of it desired): what the
         replica wants goes back to what is in effect there (not merely to the entry before
         it, which may never have been applied), so a restarted worker does not start from
         it either. True when the desired state changed (to be written)."""
-        name = outcome.name
         self._not_applied.append(outcome.change_id)
-        held = self.desired.entry(name)
-        if held is None or held.change_id != outcome.change_id:
-            return False  # a newer change stands already
-        in_effect = self._taken.get(self._in_effect.get(name, ""))
-        if in_effect is not None:
-            self.desired.take(name, in_effect)
-        else:
-            self.desired.drop(name)  # nothing of ours applied: the worker keeps its own
-        return True
+        changed = False
+        for name in names_of(outcome):
+            held = self.desired.entry(name)
+            if held is None or held.change_id != outcome.change_id:
+                continue  # a newer change stands already
+            self._written.get(name, {}).pop(outcome.change_id, None)
+            in_effect = self.taken_change(self._in_effect.get(name, ""), name)
+            if in_effect is not None:
+                self.desired.take(name, in_effect)
+            else:
+                self.desired.drop(name)  # nothing of ours applied: the worker keeps its own
+            changed = True
+        return changed
 
     def rebase(self) -> None:
         """The replica restarts: it starts from what was in effect at once, and what was
         waiting still waits (see DesiredConfig.rebase)."""
         settled = set(self._in_effect.values()) | self._scheduled
-        found = {name: self._taken.get(cid) for name, cid in self._in_effect.items()}
+        found = {name: self.taken_change(cid, name) for name, cid in self._in_effect.items()}
         in_effect = {name: want for name, want in found.items() if want is not None}
         # What the new worker starts from, per name: a change that comes before the worker
         # answered for the name takes it as its base (neither is lost meanwhile).
@@ -148,28 +195,38 @@ class ReplicaChanges:
 
     def answered(self, outcome: pb.Outcome, replayed: bool) -> None:
         """The worker's answer to a change (`replayed`: one of --replay's, not ours)."""
-        self._written.get(outcome.name, {}).pop(outcome.change_id, None)
         # Of the desired state, as the worker counts it: an answer "overridden" at once
         # is of a change the worker took too (it will not apply it again).
         taken = outcome.state == pb.APPLIED or (
             outcome.state == pb.OVERRIDDEN and not outcome.ended
         )
-        if taken and not replayed:
-            self._in_effect[outcome.name] = outcome.change_id
-        if outcome.state != pb.SUPERSEDED:  # the worker took up the name: no base now
-            self._baseline.pop(outcome.name, None)
+        for name in names_of(outcome):
+            self._written.get(name, {}).pop(outcome.change_id, None)
+            if taken and not replayed:
+                self._in_effect[name] = outcome.change_id
+            if outcome.state != pb.SUPERSEDED:  # the worker took up the name: no base now
+                self._baseline.pop(name, None)
 
-    def acks_read(self, scheduled: set[str], read_version: int) -> list[tuple[str, Written]]:
+    def acks_read(self, scheduled: set[str], read_version: int) -> list[dict[str, pb.DesiredParam]]:
         """The worker's acks were read: the changes its ranks agreed on and that wait for
         their step (`scheduled`), and the desired version it read. Returns, removed, the
-        changes replaced before the worker ever read them: superseded."""
+        changes (name -> entry) replaced before the worker ever read them, whole: one
+        key of a change of several replaced is enough. They are superseded."""
         self._scheduled = set(scheduled)
+        gone_ids = [
+            change_id
+            for changes in self._written.values()
+            for change_id, written in changes.items()
+            if change_id not in self._scheduled
+            and written.replaced_at
+            and written.replaced_at <= read_version
+        ]
         gone = []
-        for name, changes in self._written.items():
-            for change_id, written in list(changes.items()):
-                if change_id in self._scheduled:
-                    continue
-                if written.replaced_at and written.replaced_at <= read_version:
-                    del changes[change_id]
-                    gone.append((name, written))
+        for change_id in dict.fromkeys(gone_ids):
+            parts = {
+                name: changes.pop(change_id).want
+                for name, changes in self._written.items()
+                if change_id in changes
+            }
+            gone.append(parts)
         return gone

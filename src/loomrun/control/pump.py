@@ -22,7 +22,7 @@ import time
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.mailbox import MailboxError
-from loomrun.outcomes import answer, outcome_sentence, state_word
+from loomrun.outcomes import answer_change, names_of, outcome_sentence, part_of, state_word
 from loomrun.output import say
 from loomrun.replay import ORIGIN as REPLAYED
 
@@ -36,7 +36,9 @@ FAST_POLL = 0.001
 SLOW_POLL = 0.02
 FAST_POLL_FOR = 2.0
 LIVE = (pb.STARTING, pb.RUNNING, pb.PAUSED, pb.HUNG)
-NOT_APPLIED = (pb.MISSED, pb.REJECTED)  # answers that leave what is in effect as it was
+# Answers that leave what is in effect as it was (a change of several keys superseded may
+# leave some of them desired: they go back too).
+NOT_APPLIED = (pb.MISSED, pb.REJECTED, pb.SUPERSEDED)
 SEQ_AHEAD = 1 << 20  # answers a worker could give between two reads of its mailbox, at most
 
 
@@ -48,7 +50,7 @@ class MailboxPump:
         self.outbox = outbox
         self.devices = devices
         self.events = events
-        self.on_not_applied = None  # the relay's: a missed or rejected change is not wanted
+        self.on_not_applied = None  # the relay's: a change applied nowhere is not wanted
         self._said_malformed: set[str] = set()
         self.ledger = None  # the change ledger: every answer, recorded
         self.history = None  # the metric history: a point per status read, at most
@@ -130,19 +132,23 @@ class MailboxPump:
             if outcome.seq <= replica.outcome_seq:
                 continue
             far = outcome.seq > replica.outcome_seq + SEQ_AHEAD
-            if far or not S.PARAM_NAME.fullmatch(outcome.name):
+            names = [outcome.name, *(part.name for part in outcome.parts)]
+            if far or not all(S.PARAM_NAME.fullmatch(name) for name in names):
                 self._malformed(replica, outcome)
                 continue
             replica.outcome_seq = outcome.seq
-            self._publish_outcome(replica, outcome)
-            replica.changes.answered(outcome, replayed=outcome.origin == REPLAYED)
-            if outcome.state in NOT_APPLIED and self.on_not_applied is not None:
-                self.on_not_applied(replica, outcome)
+            self._answered(replica, outcome)
         replica.mailbox.outcomes_read[0] = replica.outcome_seq
         gone = replica.changes.acks_read(set(acks.scheduled), acks.read_version)
-        for name, written in gone:  # replaced before the worker ever read it
+        for parts in gone:  # replaced before the worker ever read it
             step = replica.mailbox.step[0]
-            self._publish_outcome(replica, answer(written.want, name, pb.SUPERSEDED, step))
+            self._answered(replica, answer_change(parts, pb.SUPERSEDED, step))
+
+    def _answered(self, replica, outcome: pb.Outcome) -> None:
+        self._publish_outcome(replica, outcome)
+        replica.changes.answered(outcome, replayed=outcome.origin == REPLAYED)
+        if outcome.state in NOT_APPLIED and self.on_not_applied is not None:
+            self.on_not_applied(replica, outcome)
 
     def _malformed(self, replica, outcome: pb.Outcome) -> None:
         """An answer no worker of loomrun writes (its parameter's name, or a count far past
@@ -154,15 +160,18 @@ class MailboxPump:
 
     def _publish_outcome(self, replica, outcome: pb.Outcome) -> None:
         outcome.replica = replica.name
-        taken = replica.changes.taken_change(outcome.change_id)
-        if not outcome.new.WhichOneof("kind") and taken is not None:
-            outcome.new.CopyFrom(taken.value)  # too large for the acks: the ledger keeps it
+        for part in [outcome, *outcome.parts]:
+            taken = replica.changes.taken_change(outcome.change_id, part.name)
+            if not part.new.WhichOneof("kind") and taken is not None:
+                part.new.CopyFrom(taken.value)  # too large for the acks: the ledger keeps it
         self.outbox.publish(S.outcomes(self.job, replica.name), outcome)
         if self.ledger is not None:
             self.ledger.record(outcome)
         if outcome.state == pb.SUPERSEDED:
             return  # never in effect: neither the latest answer nor an event
-        self.outbox.put(S.STATE, S.outcome(self.job, replica.name, outcome.name), outcome)
+        for name in names_of(outcome):  # `get` reads the latest answer per parameter
+            seen = part_of(outcome, name) if outcome.parts else outcome
+            self.outbox.put(S.STATE, S.outcome(self.job, replica.name, name), seen)
         self.events(replica.name, *describe(outcome), step=outcome.step)
 
     def publish_status(self, replica, force: bool = False) -> None:

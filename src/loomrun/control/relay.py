@@ -21,12 +21,27 @@ from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.broker.connect import several_filters
 from loomrun.mailbox import MailboxError
-from loomrun.outcomes import answer
+from loomrun.outcomes import OVERTAKEN, answer_change
 from loomrun.output import say
 from loomrun.subjects import PAUSE
 
 if TYPE_CHECKING:
     from loomrun.control.plane import ReplicaView
+
+
+MOST_TOGETHER = 64  # parameters in one change, at most
+
+
+def together_fits(name: str, together) -> bool:
+    """A change's list of its keys, as a client of loomrun writes it: sorted, each a
+    parameter's name once, this key's among them."""
+    names = list(together)
+    return (
+        1 < len(names) <= MOST_TOGETHER
+        and name in names
+        and names == sorted(set(names))
+        and all(S.PARAM_NAME.fullmatch(n) and n != PAUSE for n in names)
+    )
 
 
 class DesiredRelay:
@@ -102,6 +117,7 @@ class DesiredRelay:
             return
         changes = replica.changes
         if operation in ("DEL", "PURGE") or not data:
+            self._superseded(replica, changes.delivered(name, ""))
             if changes.unwant(name):
                 self.write(replica)
             return
@@ -119,19 +135,39 @@ class DesiredRelay:
         if want.at_step < 0:
             say(f"ignored a desired value for {key} with a negative step")
             return
+        if want.together and not together_fits(name, want.together):
+            say(f"ignored a desired value for {key} with a malformed list of its change's keys")
+            return
         want.revision = revision
         want.ClearField("base")  # the supervisor's own, never a client's
-        version, again = changes.want(name, want)
-        if not version:
+        self._superseded(replica, changes.delivered(name, want.change_id))
+        parts = changes.assemble(name, want) if want.together else {name: want}
+        if parts is None:
+            return  # the rest of its keys are still to come
+        taken = {n: changes.want(n, w) for n, w in parts.items()}
+        if not any(version for version, _ in taken.values()):
             return  # the change this replica holds already (seen again after a reconnect)
         if not self.write(replica):
-            changes.not_written(name)
-            if not again:
-                refused = answer(want, name, pb.REJECTED, reason=self.refusal, replica=replica.name)
+            for n, (version, _) in taken.items():
+                if version:
+                    changes.not_written(n)
+            if not any(again for _, again in taken.values()):
+                refused = answer_change(parts, pb.REJECTED, 0, self.refusal, replica.name)
                 self.on_written(replica, refused)
             return
-        changes.written(name, want.change_id, version, again)
+        for n, (version, again) in taken.items():
+            if version:
+                changes.written(n, parts[n].change_id, version, again)
         self.on_written(replica, None)
+
+    def _superseded(self, replica: ReplicaView, gone: list[dict[str, pb.DesiredParam]]) -> None:
+        """Changes of several keys that one of their keys moved on from before the rest
+        came: never written, answered superseded."""
+        for parts in gone:
+            step = replica.mailbox.step[0]
+            self.on_written(
+                replica, answer_change(parts, pb.SUPERSEDED, step, OVERTAKEN, replica.name)
+            )
 
     def write(self, replica: ReplicaView) -> bool:
         try:

@@ -13,7 +13,7 @@ from typing import Any
 
 from loomrun import params as P
 from loomrun._proto import loomrun_pb2 as pb
-from loomrun.outcomes import answer
+from loomrun.outcomes import answer, names_of
 
 RECENT_OUTCOMES = 512
 LARGEST_VALUE = 2048  # bytes of a value repeated in an outcome or a status; larger: left out
@@ -51,24 +51,32 @@ class AnswerBook:
 
     def give(self, outcome: pb.Outcome, quiet: bool = False, replayed: bool = False) -> None:
         """The answer to a change (see Worker._answer); a parked one goes out later."""
-        if not quiet and not replayed:
-            self._answered[outcome.name] = outcome.change_id
-        if outcome.state == pb.APPLIED and not replayed:
-            self._in_effect[outcome.name] = outcome.change_id
-        if self._parked.get(outcome.name) is not outcome:
+        for name in names_of(outcome):
+            if not quiet and not replayed:
+                self._answered[name] = outcome.change_id
+            if outcome.state == pb.APPLIED and not replayed:
+                self._in_effect[name] = outcome.change_id
+        if not self._is_parked(outcome):
             self.publish(outcome)
+
+    def _is_parked(self, outcome: pb.Outcome) -> bool:
+        return any(parked is outcome for parked in self._parked.values())
 
     def took(self, name: str, want: pb.DesiredParam) -> None:
         """`want` was applied to `name`: what a later step that writes over it ends."""
         self._in_effect_want[name] = want
 
-    def park(self, name: str, outcome: pb.Outcome) -> None:
-        """Answer `outcome` once a step ran with it; one parked before for the name (a newer
-        change before any step ran) goes out as it stands."""
-        earlier = self._parked.pop(name, None)
-        if earlier is not None:
-            self.publish(earlier)
-        self._parked[name] = outcome
+    def park(self, names: list[str], outcome: pb.Outcome) -> None:
+        """Answer `outcome` once a step ran with each of `names` (the values of the change
+        that an optimizer steps with); one parked before for one of them (a newer change
+        before any step ran) goes out as it stands."""
+        for name in names:
+            earlier = self._parked.pop(name, None)
+            if earlier is not None and earlier is not outcome:
+                for other in [n for n, o in self._parked.items() if o is earlier]:
+                    del self._parked[other]
+                self.publish(earlier)
+            self._parked[name] = outcome
 
     def stepped(
         self, done: set[str], replaced: dict[str, Any], why: dict[str, str] | None, step: int
@@ -81,14 +89,16 @@ class AnswerBook:
             return False
         for name in [n for n in self._parked if n in done or n in replaced]:
             outcome = self._parked.pop(name)
-            if name in replaced:
+            if name in replaced and outcome.state != pb.OVERRIDDEN:  # the first one says it
                 found = P.format_value(replaced.pop(name))
                 outcome.state = pb.OVERRIDDEN
                 outcome.reason = (
                     f"the optimizer's own step {outcome.step} wrote {name}={found} over it: "
                     "loomrun cannot keep it in effect here"
                 )
-            self.publish(outcome)
+            replaced.pop(name, None)
+            if not self._is_parked(outcome):  # every value of the change has stepped
+                self.publish(outcome)
         for name, value in replaced.items():
             want = self._in_effect_want.get(name, pb.DesiredParam())
             ended = answer(want, name, pb.OVERRIDDEN, step)
@@ -106,15 +116,18 @@ class AnswerBook:
 
     def publish(self, outcome: pb.Outcome) -> None:
         """An answer goes out: to the listeners when applied, then to the acks."""
+        parts = list(outcome.parts) or [outcome]
         if outcome.state == pb.APPLIED:
             for listener in self.listeners:
-                try:
-                    listener(outcome.name, P.from_pb(outcome.new), outcome.step)
-                except Exception as error:  # noqa: BLE001 - a listener never breaks a step
-                    self.warn(f"a listener of applied changes failed: {error!r}")
-        for value in (outcome.old, outcome.new):
-            if value.ByteSize() > LARGEST_VALUE:  # the client knows what it asked for
-                value.Clear()
+                for part in parts:
+                    try:
+                        listener(part.name, P.from_pb(part.new), outcome.step)
+                    except Exception as error:  # noqa: BLE001 - a listener never breaks a step
+                        self.warn(f"a listener of applied changes failed: {error!r}")
+        for part in {id(p): p for p in [outcome, *parts]}.values():
+            for value in (part.old, part.new):
+                if value.ByteSize() > LARGEST_VALUE:  # the client knows what it asked for
+                    value.Clear()
         self._seq += 1
         outcome.seq = self._seq
         self._recent.append(outcome)

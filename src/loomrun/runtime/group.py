@@ -6,7 +6,8 @@ others: timing alone cannot make ranks agree. So ranks agree in band. At agreeme
 unanswered to one tiny all_reduce on a gloo group of loomrun's own, made right after the
 script's `init_process_group` (so the script's own collectives never see it).
 
-The changes are spread by parameter name over BUCKETS buckets, one digest of names and
+The changes are spread by parameter name over BUCKETS buckets (a change of several
+parameters by its first one's, so that it is agreed on whole), one digest of names and
 change ids per bucket, and the all_reduce takes the minimum of [digests, -digests]: where a
 bucket's minimum and maximum are equal, every rank holds exactly the same changes for
 those names, and every rank applies them at this very step; otherwise none does. Buckets
@@ -47,7 +48,7 @@ FOLLOW_UPS = 8  # agreement points one step apart, at most, while a change is la
 # The agreement's all_reduce layout; ranks of one group must share it. The join's own
 # all_reduce (`Agreement._alike`: PROTOCOL, step, every and their negations, 6 int64) must
 # keep its shape in every version, or ranks of two versions cannot even compare.
-PROTOCOL = 2
+PROTOCOL = 3
 
 
 def bucket(name: str) -> int:
@@ -55,11 +56,17 @@ def bucket(name: str) -> int:
     return hashlib.blake2b(name.encode(), digest_size=2).digest()[0] % BUCKETS
 
 
+def bucket_of(name: str, want) -> int:
+    """A change's bucket: its first parameter's, so that every parameter of one `set` of
+    several is in one bucket, agreed on together or not at all."""
+    return bucket(want.together[0] if want.together else name)
+
+
 def digests(changes) -> list[int]:
     """Per bucket, a 63-bit digest of {name: DesiredParam} in it; 0 for an empty bucket."""
     hashers: dict[int, hashlib.blake2b] = {}
     for name in sorted(changes):
-        h = hashers.setdefault(bucket(name), hashlib.blake2b(digest_size=8))
+        h = hashers.setdefault(bucket_of(name, changes[name]), hashlib.blake2b(digest_size=8))
         h.update(f"{name}\0{changes[name].change_id}\n".encode())
     out = [0] * BUCKETS
     for index, h in hashers.items():
@@ -173,7 +180,7 @@ class Agreement:
         landing = any(values[i] != -values[BUCKETS + i] for i in range(BUCKETS))
         slowest, cost = -values[2 * BUCKETS] / 1e6, -values[2 * BUCKETS + 1] / 1e6
         self.points.compared(step, landing, slowest, cost)
-        return {name for name in changes if bucket(name) in agreed}
+        return {name for name, want in changes.items() if bucket_of(name, want) in agreed}
 
 
 def install(worker) -> None:

@@ -76,6 +76,19 @@ class Target:
                 )
         return True
 
+    def restore(self, said: pb.Outcome) -> None:
+        """Back to the value before `apply` said it applied a change (another part of the
+        same change was refused after it ran): the handler runs again with that value.
+        Best effort: a failure here is left unsaid, the change's refusal says enough."""
+        if not said.HasField("old"):
+            return
+        with contextlib.suppress(Exception):
+            old = P.from_pb(said.old)
+            if self.kept:
+                self.put(old, False)
+            else:
+                self.put(old)
+
     def show(self, status: pb.Status, largest: int) -> None:
         """This target's value into a status (and the script's own, when steered); one
         that cannot be read, or is over `largest` bytes, is left out."""

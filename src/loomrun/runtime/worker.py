@@ -32,7 +32,7 @@ from typing import Any
 from loomrun import params as P
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.mailbox import Mailbox, MailboxError
-from loomrun.outcomes import answer
+from loomrun.outcomes import answer, answer_change, names_of
 from loomrun.runtime.answers import LARGEST_VALUE, AnswerBook
 from loomrun.runtime.metrics import Metrics
 from loomrun.runtime.target import Target
@@ -125,10 +125,10 @@ class Worker:
         if desired is None:
             return False
         now = entries(desired)
-        for name, held in entries(self._desired).items():
-            replaced = name not in now or now[name].change_id != held.change_id
-            if replaced and self._open(name, held):
-                self._answer(answer(held, name, pb.SUPERSEDED, self.step), quiet=True)
+        for change_id, parts in by_change(entries(self._desired)).items():
+            replaced = any(n not in now or now[n].change_id != change_id for n in parts)
+            if replaced and self._open(*lead(parts)):
+                self._answer(answer_change(parts, pb.SUPERSEDED, self.step), quiet=True)
         self._desired = desired
         return True
 
@@ -146,43 +146,48 @@ class Worker:
         while self._replay and self._replay[0]["step"] <= step:
             answered = True
             recorded = self._replay.popleft()
-            outcome = self._decide(recorded["name"], recorded_change(recorded), step)
-            self._answer(outcome, replayed=True)
+            self._answer(self._decide(recorded_change(recorded), step), replayed=True)
         if self._replay:
             due = self._replay[0]["step"]
-        for name, want in list(self._scheduled.items()):
-            if step >= want.at_step:
-                del self._scheduled[name]
-                self._answer(self._decide(name, want, step))
-                answered = True
-            else:
-                due = min(due, want.at_step)
+        now_due = {n: w for n, w in self._scheduled.items() if step >= w.at_step}
+        for name in now_due:
+            del self._scheduled[name]
+        for parts in by_change(now_due).values():
+            self._answer(self._decide(parts, step))
+            answered = True
+        due = min([due, *(w.at_step for w in self._scheduled.values())])
         grouped = {}
-        for name, want in entries(self._desired).items():
-            if not self._open(name, want):
-                continue
-            base = want.base if want.HasField("base") else None
-            fresh = self.answers.fresh(name)
-            if base is not None and fresh and self._open(name, base):  # a restart's start
-                if self._declared_later(name, step):
-                    due = min(due, 2)
+        for parts in by_change(entries(self._desired)).values():
+            name, want = lead(parts)
+            if not self._open(name, want) or not whole(parts):
+                continue  # answered; or a key of it replaced since (answered superseded)
+            starting = False
+            for part, entry in parts.items():
+                base = entry.base if entry.HasField("base") else None
+                if base is None or not self.answers.fresh(part) or not self._open(part, base):
                     continue
-                self._answer(self._decide(name, base, step))
+                if self._declared_later(part, step):  # a restart's start, not a target yet
+                    starting = True
+                    continue
+                self._answer(self._decide({part: base}, step))
                 answered = True
+            if starting:
+                due = min(due, 2)
+                continue
             resume = name == PAUSE and not want.value.b  # paused ranks cannot agree
             if self.group is not None and not want.at_once and not resume:
-                grouped[name] = want
+                grouped.update(parts)
                 continue
             if self.expect_group and self.group is None and step == 0 and not want.at_once:
                 due = min(due, 1)
                 continue
-            if self._declared_later(name, step):
+            if any(self._declared_later(part, step) for part in parts):
                 due = min(due, 2)
                 continue
             if want.at_step > step:
                 due = min(due, want.at_step)
                 continue
-            self._answer(self._decide(name, want, step))
+            self._answer(self._decide(parts, step))
             answered = True
         if self.group is not None:
             if agree and step in self.group.points:
@@ -201,46 +206,89 @@ class Worker:
         """One collective: the changes every rank holds alike, every rank takes now (or
         schedules for their step); the others wait for the next agreement point."""
         agreed = self.group.agree(grouped, step)
-        for name in sorted(agreed):
-            want = grouped[name]
+        for parts in by_change({name: grouped[name] for name in sorted(agreed)}).values():
+            _, want = lead(parts)
             if want.at_step > step:
-                self._supersede_scheduled(name, want.change_id)
-                self._scheduled[name] = want
+                self._supersede_scheduled(list(parts), want.change_id)
+                self._scheduled.update(parts)
             else:
-                self._answer(self._decide(name, want, step, agreed=True))
+                self._answer(self._decide(parts, step, agreed=True))
         return bool(agreed)
 
-    def _supersede_scheduled(self, name: str, change_id: str) -> None:
-        """A later change to `name` was taken: one agreed on earlier, still waiting for its
-        step, will not apply (every rank decides this at the same step)."""
-        scheduled = self._scheduled.get(name)
-        if scheduled is not None and scheduled.change_id != change_id:
-            del self._scheduled[name]
-            self._answer(answer(scheduled, name, pb.SUPERSEDED, self.step), quiet=True)
+    def _supersede_scheduled(self, names: list[str], change_id: str) -> None:
+        """A later change to one of `names` was taken: one agreed on earlier, still waiting
+        for its step, will not apply, none of it (every rank decides this at the same
+        step)."""
+        for name in names:
+            scheduled = self._scheduled.get(name)
+            if scheduled is None or scheduled.change_id == change_id:
+                continue
+            parts = {n: w for n, w in self._scheduled.items() if w.change_id == scheduled.change_id}
+            for part in parts:
+                del self._scheduled[part]
+            self._answer(answer_change(parts, pb.SUPERSEDED, self.step), quiet=True)
 
     def replay(self, plan: list[dict]) -> None:
         """Apply these recorded changes, each at its step."""
         self._replay.extend(plan)
         self._due = 0
 
-    def _decide(self, name: str, want: pb.DesiredParam, step: int, agreed=False) -> pb.Outcome:
+    def _decide(self, parts: dict[str, pb.DesiredParam], step: int, agreed=False) -> pb.Outcome:
+        """The answer to one change (`parts`: each parameter of it, name -> its entry)."""
+        name, want = lead(parts)
         if 0 < want.at_step < step:
-            return answer(want, name, pb.MISSED, step, missed(want.at_step, step, agreed))
+            return answer_change(parts, pb.MISSED, step, missed(want.at_step, step, agreed))
         if name == PAUSE:
             return self._set_paused(want)
-        return self._apply(name, want)
+        return self._apply(parts)
 
-    def _apply(self, name: str, want: pb.DesiredParam) -> pb.Outcome:
-        outcome = answer(want, name, pb.REJECTED, self.step)
-        target = self.targets.get(name)
-        if target is None:
+    def _apply(self, parts: dict[str, pb.DesiredParam]) -> pb.Outcome:
+        """Every parameter of the change into effect, or none: each value is checked first;
+        the handlers run before the optimizer's values (a handler may raise); one that
+        raises puts the handlers run before it back to their earlier value."""
+        outcome = answer_change(parts, pb.REJECTED, self.step)
+        several = len(parts) > 1
+        unknown = [name for name in parts if name not in self.targets]
+        if unknown:
             known = ", ".join(sorted(self.targets)) or "none declared"
-            outcome.reason = f"unknown parameter {name!r} (this replica has: {known})"
-        elif target.apply(want, outcome):
-            self.answers.took(name, want)
-            if target.kept and want.kind != pb.UNSET and not self.paused:
-                self.answers.park(name, outcome)  # answered once a step ran with it
+            outcome.reason = f"unknown parameter {unknown[0]!r} (this replica has: {known})"
+            return outcome
+        if several and (refused := self._refused(parts)):
+            outcome.reason = refused
+            return outcome
+        done: list[tuple[Target, pb.Outcome]] = []
+        for name in sorted(parts, key=lambda n: (self.targets[n].kept, n)):
+            target, said = self.targets[name], pb.Outcome(name=name)
+            if not target.apply(parts[name], said):
+                outcome.reason = said.reason  # it names the parameter
+                for earlier, before in reversed(done):
+                    earlier.restore(before)
+                return outcome
+            done.append((target, said))
+        outcome.state = pb.APPLIED
+        reasons = []
+        for _, said in done:
+            name = said.name
+            fill(outcome, name, said)
+            if said.reason:
+                reasons.append(f"{name}: {said.reason}" if several else said.reason)
+            self.answers.took(name, parts[name])
+        outcome.reason = "; ".join(reasons)
+        kept = [n for n, w in parts.items() if self.targets[n].kept and w.kind != pb.UNSET]
+        if kept and not self.paused:
+            self.answers.park(kept, outcome)  # answered once a step ran with them
         return outcome
+
+    def _refused(self, parts: dict[str, pb.DesiredParam]) -> str:
+        """Why one of a change's values is refused, before any is applied ("" if none)."""
+        for name, want in sorted(parts.items()):
+            if want.kind == pb.UNSET:
+                continue
+            try:
+                P.check(self.targets[name].spec, P.from_pb(want.value))
+            except P.ParamError as error:
+                return str(error)  # it names the parameter
+        return ""
 
     def _set_paused(self, want: pb.DesiredParam) -> pb.Outcome:
         outcome = answer(want, PAUSE, pb.REJECTED, self.step)
@@ -258,7 +306,7 @@ class Worker:
         desired state: the live changes there stay answered (or scheduled) as they were,
         and none is applied again for it."""
         if not quiet and not replayed:
-            self._supersede_scheduled(outcome.name, outcome.change_id)
+            self._supersede_scheduled(names_of(outcome), outcome.change_id)
         self.answers.give(outcome, quiet, replayed)
 
     def stepped(
@@ -361,20 +409,59 @@ def entries(desired: pb.DesiredState) -> dict[str, pb.DesiredParam]:
     return found
 
 
-def recorded_change(recorded: dict) -> pb.DesiredParam:
-    """A change of a replayed record (loomrun.replay), due at its step."""
-    try:
-        value = P.to_pb(recorded["value"])
-    except (P.ParamError, TypeError, ValueError):
-        value = P.to_pb(str(recorded["value"]))
-    want = pb.DesiredParam(
-        value=value, at_step=recorded["step"], origin="replay",
-        change_id=str(recorded.get("change_id", "")),
-        kind={"hold": pb.HOLD, "unset": pb.UNSET}.get(recorded.get("kind"), pb.SET),
-    )  # fmt: skip
-    if want.kind == pb.UNSET:
-        want.ClearField("value")
-    return want
+def by_change(found: dict[str, pb.DesiredParam]) -> dict[str, dict[str, pb.DesiredParam]]:
+    """Entries by change: id -> {name: entry}; one `set` of several keys is one change."""
+    changes: dict[str, dict[str, pb.DesiredParam]] = {}
+    for name, want in found.items():
+        changes.setdefault(want.change_id, {})[name] = want
+    return changes
+
+
+def lead(parts: dict[str, pb.DesiredParam]) -> tuple[str, pb.DesiredParam]:
+    """A change's first parameter by name, and its entry: what the change's answer is
+    named by, and where its step, kind and flags are read (one `set` gives every key
+    the same)."""
+    name = min(parts)
+    return name, parts[name]
+
+
+def whole(parts: dict[str, pb.DesiredParam]) -> bool:
+    """Every key of the change holds it (a later change to one of them replaces it all)."""
+    _, want = lead(parts)
+    return not want.together or set(want.together) == set(parts)
+
+
+def fill(outcome: pb.Outcome, name: str, said: pb.Outcome) -> None:
+    """A part's old and new value, as applying it said, into the change's answer."""
+    places = [p for p in outcome.parts if p.name == name]
+    if name == outcome.name:
+        places.append(outcome)
+    for place in places:
+        if said.HasField("old"):
+            place.old.CopyFrom(said.old)
+        if said.HasField("new"):
+            place.new.CopyFrom(said.new)
+
+
+def recorded_change(recorded: dict) -> dict[str, pb.DesiredParam]:
+    """The change of a replayed record (loomrun.replay), due at its step: name -> entry,
+    each parameter of it when it changed several together."""
+    values = recorded.get("parts") or {recorded["name"]: recorded.get("value")}
+    kind = {"hold": pb.HOLD, "unset": pb.UNSET}.get(recorded.get("kind"), pb.SET)
+    parts = {}
+    for name, value in values.items():
+        want = pb.DesiredParam(
+            at_step=recorded["step"], origin="replay", kind=kind,
+            change_id=str(recorded.get("change_id", "")),
+            together=sorted(values) if len(values) > 1 else [],
+        )  # fmt: skip
+        if kind != pb.UNSET:
+            try:
+                want.value.CopyFrom(P.to_pb(value))
+            except (P.ParamError, TypeError, ValueError):
+                want.value.CopyFrom(P.to_pb(str(value)))
+        parts[name] = want
+    return parts
 
 
 current: Worker | None = None
@@ -387,11 +474,18 @@ def _read_plan(path: str) -> list[dict]:
     if not isinstance(plan, list):
         raise ValueError("not a list of changes")
     keys = {"step": int, "name": str}
-    return [
-        c
-        for c in plan
-        if isinstance(c, dict) and all(isinstance(c.get(k), t) for k, t in keys.items())
-    ]
+
+    def fits(change) -> bool:
+        if not isinstance(change, dict) or not all(
+            isinstance(change.get(k), t) for k, t in keys.items()
+        ):
+            return False
+        parts = change.get("parts")
+        return parts is None or (
+            isinstance(parts, dict) and bool(parts) and all(isinstance(n, str) for n in parts)
+        )
+
+    return [change for change in plan if fits(change)]
 
 
 def attach() -> Worker | None:

@@ -549,7 +549,12 @@ function showTip(u) {
 
 function describe(record) {
   if (record.name === "pause") return record.new ? "paused" : "resumed";
-  return `${record.name} ${format(record.old)} → ${format(record.new)}`;
+  return partsOf(record).map((p) => `${p.name} ${format(p.old)} → ${format(p.new)}`).join(", ");
+}
+
+// A record's parameters: every one of a `set` of several (one change), else its one.
+function partsOf(record) {
+  return Array.isArray(record.parts) && record.parts.length ? record.parts : [record];
 }
 
 // -- the change ledger ---------------------------------------------------------------------------
@@ -561,8 +566,8 @@ function onChanges(message) {
     if (record.outcome === "applied" || record.outcome === "overridden") state.markers.push(record);
     body.prepend(el("tr", {"data-replica": record.replica, "data-change": record.change_id},
       el("td", {text: new Date(record.time * 1000).toLocaleTimeString()}),
-      el("td", {text: record.replica}), el("td", {text: record.name}),
-      el("td", {text: record.name === "pause" ? describe(record) : `${format(record.old)} → ${format(record.new)}`}),
+      el("td", {text: record.replica}), el("td", {text: partsOf(record).map((p) => p.name).join(", ")}),
+      el("td", {text: record.name === "pause" ? describe(record) : partsOf(record).map((p) => `${format(p.old)} → ${format(p.new)}`).join(", ")}),
       el("td", {text: String(record.step), class: "num"}),
       el("td", {text: record.outcome + (record.kind && record.kind !== "set" ? ` (${record.kind})` : "") + (record.reason ? `: ${record.reason}` : "")}),
       el("td", {text: record.who || "?"})));
