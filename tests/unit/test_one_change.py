@@ -12,7 +12,7 @@ from loomrun._proto import loomrun_pb2 as pb
 from loomrun.desired import change, new_change_id
 from loomrun.params import ParamSpec
 from loomrun.runtime.target import Target
-from tests.unit.test_protocol import JOB, Rig
+from test_protocol import JOB, Rig
 
 
 class Several(Rig):
