@@ -6,13 +6,13 @@ it, and it gets one answer with every part."""
 from __future__ import annotations
 
 import pytest
+from test_protocol import JOB, Rig
 
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.desired import change, new_change_id
 from loomrun.params import ParamSpec
 from loomrun.runtime.target import Target
-from test_protocol import JOB, Rig
 
 
 class Several(Rig):
