@@ -15,6 +15,8 @@ from loomrun import params as P
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.subjects import PAUSE
 
+MOST_TOGETHER = 64  # parameters in one change, at most
+
 
 def new_change_id() -> str:
     return secrets.token_hex(8)
@@ -127,7 +129,9 @@ class DesiredConfig:
         """The state restarted replicas start from: none waits for a step number of the
         incarnation before. A change `settled` there (in effect, or agreed on by the ranks
         and waiting for its step; every one when not told) applies at once, before the first
-        step, with no agreement: the ranks had all taken it. A change that was still waiting
+        step, with no agreement: the ranks had all taken it (each key of it that a later
+        change has not replaced: those left no longer make the whole change, and apply as
+        they are, together when they are several). A change that was still waiting
         keeps waiting for the ranks to agree on it (it may have reached some ranks before
         their restart and others after: no rank applies it until all agree), and carries
         the change `in_effect` before it as its base, which the new worker applies at once
@@ -141,6 +145,7 @@ class DesiredConfig:
             if settled is None or entry.change_id in settled:
                 entry.at_once = True
                 entry.ClearField("base")
+                entry.ClearField("together")  # what is left of it is in effect, key by key
                 starts[name] = base_of(entry)
             elif (base := (in_effect or {}).get(name)) is not None:
                 entry.base.CopyFrom(base_of(base))

@@ -83,12 +83,15 @@ def names_of(outcome: pb.Outcome) -> list[str]:
 
 def part_of(outcome: pb.Outcome, name: str) -> pb.Outcome:
     """The answer as one of its parameters sees it (for `get`'s latest answer per
-    parameter): that part's name, old and new value."""
+    parameter): that part's name, old and new value; applied, when the change is
+    overridden for another part only."""
     view = pb.Outcome()
     view.CopyFrom(outcome)
     view.ClearField("parts")
     for part in outcome.parts:
         if part.name == name:
+            if outcome.state == pb.OVERRIDDEN and not part.overridden and not outcome.ended:
+                view.state, view.reason = pb.APPLIED, ""
             view.name = name
             view.ClearField("old")
             view.ClearField("new")
@@ -141,6 +144,8 @@ def outcome_sentence(outcome: pb.Outcome) -> str:
         return from_pb(getattr(part, field)) if part.HasField(field) else None
 
     parts = [(p.name, value(p, "old"), value(p, "new")) for p in outcome.parts]
+    if outcome.state == pb.OVERRIDDEN and any(p.overridden for p in outcome.parts):
+        parts = [t for t, p in zip(parts, outcome.parts, strict=True) if p.overridden]
     return sentence(
         outcome.name, state_word(outcome), step=outcome.step, reason=outcome.reason,
         old=value(outcome, "old"), new=from_pb(outcome.new), kind=kind_word(outcome.kind),

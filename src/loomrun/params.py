@@ -354,6 +354,38 @@ BUILTINS = {
 }  # fmt: skip
 
 
+# The optimizers `set optimizer=KIND` switches to and from: KIND -> its torch.optim class,
+# each one that steps a param group as it is (not LBFGS, which needs a closure; not
+# SparseAdam, which takes sparse gradients only).
+OPTIMIZERS = {
+    "sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop",
+    "adagrad": "Adagrad", "adadelta": "Adadelta", "adamax": "Adamax", "nadam": "NAdam",
+    "radam": "RAdam", "asgd": "ASGD", "rprop": "Rprop",
+}  # fmt: skip
+# The built-ins each kind has (lr.N, with several param groups, every one).
+OPTIMIZER_BUILTINS = {
+    "sgd": {"lr", "momentum", "weight_decay"},
+    "adam": {"lr", "betas", "weight_decay"},
+    "adamw": {"lr", "betas", "weight_decay"},
+    "rmsprop": {"lr", "momentum", "weight_decay"},
+    "adagrad": {"lr", "weight_decay"},
+    "adadelta": {"lr", "weight_decay"},
+    "adamax": {"lr", "betas", "weight_decay"},
+    "nadam": {"lr", "betas", "weight_decay"},
+    "radam": {"lr", "betas", "weight_decay"},
+    "asgd": {"lr", "weight_decay"},
+    "rprop": {"lr"},
+}
+
+
+def optimizer_spec(default: str) -> ParamSpec:
+    return ParamSpec(
+        "optimizer", "str", choices=tuple(OPTIMIZERS), builtin=True, default=default,
+        doc="the kind of the script's torch optimizer, switched in place at a step (give lr "
+        "with it: an SGD lr under AdamW usually diverges)",
+    )  # fmt: skip
+
+
 def param_group_spec(index: int) -> ParamSpec:
     return ParamSpec(
         f"lr.{index}", "float", min=0.0, builtin=True,

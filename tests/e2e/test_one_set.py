@@ -101,3 +101,113 @@ def test_a_change_one_key_of_which_the_worker_refuses_is_applied_nowhere(procs):
     bad = run_loomrun("set", "temperature=0.5", "batch=0", "--job", job)
     assert bad.returncode == 2 and "batch" in bad.stderr, "checked by the client: nothing sent"
     assert values()["temperature"] == 0.3
+
+
+def _trace(out: str) -> dict[int, tuple[str, float]]:
+    found = re.finditer(r"step (\d+) (\w+) loss (\S+)", out)
+    return {int(m[1]): (m[2], float(m[3])) for m in found}
+
+
+@pytest.mark.slow
+def test_sgd_switched_to_adamw_live_on_both_ranks_at_one_step_then_replayed(procs):
+    """The optimizer switch with no code, as one change with its hyperparameters."""
+    job = job_id("switch")
+    sup = start(
+        procs, SCRIPTS / "ddp_seeded.py", "--steps", "400", "--step-time", "0.01", "--trace",
+        job=job, replicas=2,
+    )  # fmt: skip
+    wait_ready(job, ("r0", "r1"), name="optimizer")
+    got = json.loads(run_loomrun("get", "--job", job, "--json").stdout)
+    before = {(p["replica"], p["name"]): p for p in got["params"]}
+    assert before[("r0", "optimizer")]["value"] == "sgd" and ("r0", "betas") not in before
+    assert "adamw" in before[("r0", "optimizer")]["type"]
+    wrong = run_loomrun("set", "optimizer=adamw", "momentum=0.5", "--job", job)
+    assert wrong.returncode == 2 and "adamw has no momentum" in wrong.stderr, wrong.stderr
+    now = steps_seen(job)
+    wait_for(lambda: steps_seen(job) > now + 50, 60, what="some steps on SGD")
+    code, answer = set_json(
+        "optimizer=adamw", "lr=0.003", "betas=0.9,0.95", "weight_decay=0.01", "--job", job
+    )
+    assert code == 0, answer
+    [step] = {c["step"] for c in answer["changes"]}
+    for c in answer["changes"]:
+        parts = {p["name"]: (p["old"], p["new"]) for p in c["parts"]}
+        assert parts["optimizer"] == ("sgd", "adamw") and parts["betas"][1] == [0.9, 0.95]
+        assert "state reset (momentum_buffer)" in c["reason"], c
+    got = json.loads(run_loomrun("get", "--job", job, "--json").stdout)
+    after = {(p["replica"], p["name"]): p for p in got["params"]}
+    assert after[("r1", "optimizer")]["value"] == "adamw"
+    assert after[("r1", "betas")]["value"] == [0.9, 0.95] and ("r1", "momentum") not in after
+    out, err = sup.communicate(timeout=180)
+    assert sup.returncode == 0, err
+    trace = _trace(out)  # both ranks print: the same lines twice when they agree
+    kinds = {s: k for s, (k, _) in trace.items()}
+    assert kinds[step - 1] == "SGD" and kinds[step] == "AdamW" and kinds[400] == "AdamW"
+    assert len(set(re.findall(rf"step {step} (\w+)", out))) == 1, "both ranks, one class"
+    losses = [trace[s][1] for s in range(step, 401)]
+    assert sum(losses[-20:]) < sum(losses[:20]), "the loss keeps falling under AdamW"
+    first = _hashes(out)
+    assert len(first) == 1, "the ranks are bitwise identical"
+
+    again = run_loomrun(
+        "--replicas", "2", "--no-broker", "--job", job_id("switched"), "--replay", job,
+        SCRIPTS / "ddp_seeded.py", "--steps", "400", "--trace", timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert _hashes(again.stdout) == first, "the replay ends bitwise where the switched run did"
+    assert _trace(again.stdout)[step][0] == "AdamW"
+
+
+def test_unset_optimizer_goes_back_to_the_scripts_own_kind(procs):
+    job = job_id("unswitch")
+    start(procs, SCRIPTS / "steered.py", "--steps", "10000000", "--quiet", job=job)
+    wait_ready(job, name="optimizer")
+    code, answer = set_json("optimizer=rmsprop", "lr=0.001", "--job", job)
+    assert code == 0, answer
+    code, answer = set_json("momentum=0.5", "--job", job)
+    assert code == 0 and answer["changes"][0]["old"] == 0.0, "RMSprop's own default momentum"
+    undone = run_loomrun("unset", "optimizer", "--job", job)
+    assert undone.returncode == 0, undone.stdout + undone.stderr
+    assert "optimizer rmsprop -> sgd (the script's)" in undone.stdout
+
+    def params() -> dict[str, dict]:
+        got = run_loomrun("get", "--job", job, "--json")
+        return {p["name"]: p for p in json.loads(got.stdout)["params"]}
+
+    wait_for(lambda: params()["optimizer"]["value"] == "sgd", 10, what="the status to show it")
+    momentum = params()["momentum"]
+    assert momentum["own"] == 0.9, "the script's own momentum again (SGD's, not RMSprop's 0)"
+    assert momentum["value"] == 0.5 and momentum["steered"], "the change stays in effect"
+
+
+@pytest.mark.slow
+def test_the_switch_holds_under_lightning_with_no_code(procs):
+    job = job_id("lightswitch")
+    sup = start(procs, SCRIPTS / "lightning_train.py", job=job)
+    wait_ready(job, name="optimizer")
+    code, answer = set_json("optimizer=adam", "lr=0.01", "--job", job)
+    assert code == 0, answer
+    assert answer["changes"][0]["parts"][1]["old"] == "sgd"
+    out, err = sup.communicate(timeout=180)
+    assert sup.returncode == 0, err
+    assert "epoch 29 lr 0.01 dropout 0.0 Adam" in out, out[-1500:]
+
+
+@pytest.mark.slow
+def test_the_switch_holds_under_the_hugging_face_trainer(procs):
+    """The Trainer's own AdamW, under accelerate's wrapper and a LambdaLR, becomes SGD."""
+    job = job_id("hfswitch")
+    sup = start(procs, SCRIPTS / "hf_trainer.py", "--max-steps", "300", job=job)
+    wait_ready(job, name="optimizer", timeout=120)
+    code, answer = set_json("optimizer=sgd", "lr=0.01", "momentum=0.9", "--job", job)
+    assert code == 0, answer
+    [change] = answer["changes"]
+    assert [(p["name"], p["old"], p["new"]) for p in change["parts"]][1:] == [
+        ("momentum", None, 0.9),
+        ("optimizer", "adamw", "sgd"),
+    ], change
+    out, err = sup.communicate(timeout=300)
+    assert sup.returncode == 0, err
+    assert "optimizer SGD" in out
+    stepped = [float(m[1]) for m in re.finditer(r"stepped \d+ (\S+)", out)]
+    assert stepped and all(lr == lr and lr >= 0 for lr in stepped)

@@ -54,6 +54,8 @@ class Printed(TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, arguments, state, control, model=None, **kwargs):
+        inner = getattr(kwargs.get("optimizer"), "optimizer", kwargs.get("optimizer"))
+        print(f"optimizer {type(inner).__name__}", flush=True)  # under accelerate's wrapper
         weights = b"".join(p.detach().numpy().tobytes() for p in model.parameters())
         print(f"hash {hashlib.sha256(weights).hexdigest()}", flush=True)
 

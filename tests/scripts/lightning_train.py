@@ -31,8 +31,9 @@ class Regressor(L.LightningModule):
         return loss
 
     def on_train_epoch_end(self):
-        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-        print(f"epoch {self.current_epoch} lr {lr!r} dropout {self.net[1].p}", flush=True)
+        optimizer = self.trainer.optimizers[0]
+        lr, kind = optimizer.param_groups[0]["lr"], type(optimizer).__name__
+        print(f"epoch {self.current_epoch} lr {lr!r} dropout {self.net[1].p} {kind}", flush=True)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05)

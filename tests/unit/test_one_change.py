@@ -141,14 +141,61 @@ def test_a_change_replaced_in_part_before_the_worker_read_it_is_superseded_whole
     ), "the worker never read it whole: the supervisor answers it, after the worker's"
     assert (rig.values["lr"], rig.values["batch"]) == (0.5, 32)
     assert rig.replica.changes.entry("batch") is None, "not desired: it was never applied"
+    rig.step(3)
+    assert len(rig.outcomes()) == 3, "answered once: not again as the worker reads batch gone"
 
 
 def test_a_change_seen_again_after_a_reconnect_is_not_answered_again(rig):
     cid = rig.write_keys({"lr": 0.2, "batch": 64})
     rig.step(2)
+    version = rig.replica.changes.desired.state.version
     rig.write_keys({"lr": 0.2, "batch": 64}, change_id=cid, order=["lr", "batch"])
+    assert rig.replica.changes.desired.state.version == version, "taken again: not written"
     rig.step(2)
     assert [o.change_id for o in rig.outcomes()] == [cid]
+
+
+def test_the_rest_of_a_change_superseded_by_the_relay_stays_out_after_a_reconnect(rig):
+    rig.step(2)
+    first = change(64, 0, False, "me", "c1", pb.SET, ["batch", "lr"])
+    rig.relay.take(S.desired_param(JOB, "r0", "batch"), "PUT", first.SerializeToString())
+    rig.write(16, name="batch")
+    rest = change(0.3, 0, False, "me", "c1", pb.SET, ["batch", "lr"])
+    for _ in range(2):  # as it comes, then the watch's latest value of lr after a reconnect
+        rig.relay.take(S.desired_param(JOB, "r0", "lr"), "PUT", rest.SerializeToString())
+        rig.step(2)
+    assert [o.change_id for o in rig.outcomes()][0] == "c1" and len(rig.outcomes()) == 2
+    assert rig.replica.changes.entry("lr") is None and rig.values["lr"] == 0.1
+
+
+def test_a_change_left_half_way_is_answered_when_too_many_wait(rig):
+    from loomrun.control.changes import PENDING_KEPT
+
+    for i in range(PENDING_KEPT + 1):  # each waits for its lr, on a key of its own
+        half = change(i + 1, 0, False, "me", f"half{i}", pb.SET, ["lr", f"p{i}"])
+        rig.relay.take(S.desired_param(JOB, "r0", f"p{i}"), "PUT", half.SerializeToString())
+    states = [(o.change_id, pb.OutcomeState.Name(o.state)) for o in rig.outcomes()]
+    assert states == [("half0", "SUPERSEDED")], "the oldest, answered; the others wait"
+
+
+def test_a_restart_after_part_of_a_change_was_replaced_starts_from_the_rest_of_it(rig):
+    from loomrun.runtime.worker import Worker
+
+    rig.write_keys({"lr": 0.2, "batch": 64})
+    rig.step(2)
+    rig.write(0.5)
+    rig.step(2)
+    rig.replica.mailbox.reset_worker_side()
+    rig.relay.rebase(rig.replica)
+    restarted = Worker(rig.replica.mailbox)
+    values = {"lr": 0.1, "batch": 32}
+    for spec in (ParamSpec("lr", "float"), ParamSpec("batch", "int")):
+        name = spec.name
+        restarted.add_target(
+            Target(spec, lambda n=name: values[n], lambda v, n=name: values.update({n: v}))
+        )
+    restarted.boundary()
+    assert values == {"lr": 0.5, "batch": 64}, "batch from the change in effect, lr after it"
 
 
 def test_a_change_waiting_for_its_step_applies_whole_there(rig):
@@ -181,13 +228,24 @@ def test_a_restarted_worker_starts_from_every_key_of_the_change_in_effect(rig):
 
 
 def test_a_malformed_list_of_keys_is_left_out(rig, capsys):
-    for together in (["lr"], ["batch", "lr", "lr"], ["lr", "batch"], ["batch", "pause"]):
+    for together in (["lr"], ["batch", "lr", "lr"], ["lr", "batch"], ["lr", "pause"]):
         want = change(0.2, change_id="x")
         want.together[:] = together
         rig.relay.take(S.desired_param(JOB, "r0", "lr"), "PUT", want.SerializeToString())
     rig.step(2)
     assert rig.outcomes() == [] and rig.values["lr"] == 0.1
     assert capsys.readouterr().err.count("malformed list of its change's keys") == 4
+
+
+def test_get_shows_the_parts_an_optimizer_step_did_not_write_over_as_applied():
+    from loomrun.outcomes import outcome_sentence, part_of
+
+    outcome = pb.Outcome(name="lr", state=pb.OVERRIDDEN, step=5, reason="it wrote lr=0.1")
+    outcome.parts.add(name="lr", overridden=True).new.f = 0.2
+    outcome.parts.add(name="momentum").new.f = 0.5
+    assert part_of(outcome, "momentum").state == pb.APPLIED
+    assert part_of(outcome, "lr").state == pb.OVERRIDDEN
+    assert outcome_sentence(outcome).startswith("lr overridden at step 5")
 
 
 def test_a_change_of_several_keys_is_agreed_on_in_one_bucket():

@@ -43,7 +43,7 @@ def recording(optimizer, key="lr") -> list:
     """Every step's values of `key` in each group, as the step ran with them."""
     seen: list = []
     optimizer.register_step_post_hook(
-        lambda o, args, kwargs: seen.append([plain(g[key]) for g in o.param_groups])
+        lambda o, args, kwargs: seen.append([plain(g.get(key)) for g in o.param_groups])
     )
     return seen
 
@@ -683,3 +683,42 @@ def test_a_refused_change_leaves_no_hook(optimizers):
     with pytest.raises(P.ParamError, match="is 0 in the script's schedule now"):
         optimizers.put("lr", 0.2)
     assert not optimizer._optimizer_step_pre_hooks and not optimizers.steering
+
+
+def test_momentum_steered_up_from_zero_on_rmsprop_finds_its_buffers(optimizers):
+    """RMSprop makes momentum buffers at its first step only when momentum is above 0."""
+    optimizer = two_groups(optimizer=torch.optim.RMSprop, momentum=0.0)
+    train(optimizer, 2)
+    cid = change(optimizers.worker, DesiredConfig(), "momentum", 0.5)
+    train(optimizer, 3)  # a KeyError in RMSprop's step, without the buffers
+    assert answer(optimizers.worker, cid).state == pb.APPLIED
+    assert all("momentum_buffer" in state for state in optimizer.state.values())
+
+
+def test_a_switch_and_its_hyperparameters_are_one_change_and_unset_goes_back(optimizers):
+    from loomrun.runtime import switch
+
+    switch.install()
+    optimizer = two_groups(momentum=0.7)
+    train(optimizer, 2)
+    worker = optimizers.worker
+    assert worker.targets["optimizer"].get() == "sgd" and "betas" not in worker.targets
+    desired = DesiredConfig()
+    for name, value in (("optimizer", "adamw"), ("betas", [0.8, 0.9])):
+        want = pb.DesiredParam(change_id="c1", together=["betas", "optimizer"])
+        want.value.CopyFrom(P.to_pb(value))
+        desired.take(name, want)
+    worker.mailbox.desired.write(desired.state)
+    betas = recording(optimizer, "betas")
+    train(optimizer, 2)
+    outcome = answer(worker, "c1")
+    assert outcome.state == pb.APPLIED and type(optimizer) is torch.optim.AdamW
+    assert [p.name for p in outcome.parts] == ["betas", "optimizer"]
+    assert not outcome.parts[0].HasField("old"), "SGD had no betas before this change"
+    assert betas[:2] == [[(0.8, 0.9), (0.8, 0.9)]] * 2, "from the very step it landed at"
+    assert "momentum" not in worker.targets and "betas" in worker.targets
+    cid = change(worker, desired, "optimizer", kind=pb.UNSET)
+    train(optimizer, 1)
+    assert answer(worker, cid).state == pb.APPLIED and type(optimizer) is torch.optim.SGD
+    assert [g["momentum"] for g in optimizer.param_groups] == [0.7, 0.7], "the script's own"
+    assert "betas" not in worker.targets and "momentum" in worker.targets

@@ -163,14 +163,16 @@ class Outcome(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[OutcomeState, str]] = ..., step: _Optional[int] = ..., old: _Optional[_Union[Value, _Mapping]] = ..., new: _Optional[_Union[Value, _Mapping]] = ..., reason: _Optional[str] = ..., time: _Optional[float] = ..., change_id: _Optional[str] = ..., seq: _Optional[int] = ..., replica: _Optional[str] = ..., origin: _Optional[str] = ..., revision: _Optional[int] = ..., kind: _Optional[_Union[ChangeKind, str]] = ..., ended: _Optional[bool] = ..., parts: _Optional[_Iterable[_Union[Part, _Mapping]]] = ...) -> None: ...
 
 class Part(_message.Message):
-    __slots__ = ("name", "old", "new")
+    __slots__ = ("name", "old", "new", "overridden")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OLD_FIELD_NUMBER: _ClassVar[int]
     NEW_FIELD_NUMBER: _ClassVar[int]
+    OVERRIDDEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     old: Value
     new: Value
-    def __init__(self, name: _Optional[str] = ..., old: _Optional[_Union[Value, _Mapping]] = ..., new: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+    overridden: bool
+    def __init__(self, name: _Optional[str] = ..., old: _Optional[_Union[Value, _Mapping]] = ..., new: _Optional[_Union[Value, _Mapping]] = ..., overridden: _Optional[bool] = ...) -> None: ...
 
 class Acks(_message.Message):
     __slots__ = ("recent", "read_version", "scheduled")

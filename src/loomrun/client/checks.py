@@ -7,6 +7,7 @@ from typing import Any
 
 from loomrun import params as P
 from loomrun.client.model import Job, ReplicaSchema, SteerError, suggest
+from loomrun.desired import MOST_TOGETHER
 
 
 def check(
@@ -16,11 +17,16 @@ def check(
     """Every change converted and validated for every replica against the schema it
     published; nothing is written. With `convert=False`, only that every replica has every
     parameter."""
+    if len(changes) > MOST_TOGETHER:
+        raise SteerError(
+            f"one change sets {MOST_TOGETHER} parameters at most, not {len(changes)}: "
+            "split it into several"
+        )
     checked: dict[str, dict[str, Any]] = {}
     for replica in replicas:
         if replica not in schemas:
             raise SteerError(f"{replica} of {job} has not published its parameters yet")
-        specs = schemas[replica].specs
+        specs = after_switch(schemas[replica].specs, changes, convert)
         checked[replica] = {}
         for name, text in changes.items():
             spec = specs.get(name)
@@ -43,6 +49,25 @@ def check(
                 raise SteerError(str(error)) from None
             checked[replica][name] = value
     return checked
+
+
+def after_switch(specs: dict[str, P.ParamSpec], changes: dict[str, Any], convert: bool):
+    """The schema a change is checked against: the one it produces. `optimizer=KIND`
+    brings the new kind's built-ins and takes away those it lacks, in the same change."""
+    spec, kind = specs.get("optimizer"), changes.get("optimizer")
+    if spec is None or kind is None or not convert:
+        return specs
+    try:
+        kind = P.parse(spec, kind) if isinstance(kind, str) else P.check(spec, kind)
+    except P.ParamError as error:
+        raise SteerError(str(error)) from None
+    has = P.OPTIMIZER_BUILTINS[kind]
+    after = {n: s for n, s in specs.items() if n not in P.BUILTINS or n in has}
+    after.update({n: P.BUILTINS[n] for n in has if n not in after})
+    for name in changes:
+        if name in P.BUILTINS and name not in has:
+            raise SteerError(f"{kind} has no {name}: it goes with the switch to {kind}")
+    return after
 
 
 async def whole_process_groups(

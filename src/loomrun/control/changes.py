@@ -51,11 +51,9 @@ class ReplicaChanges:
         self._not_applied: deque[str] = deque(maxlen=256)  # ids: missed or rejected
         # id -> the change (name -> its entry), the latest taken
         self._taken: dict[str, dict[str, pb.DesiredParam]] = {}
-        # A change of several keys comes key by key: id -> the keys of it come so far; and
-        # each key's latest change id delivered (a change that one of its keys moved on
-        # from before the rest of it came is never written).
+        # A change of several keys comes key by key: id -> the keys of it come so far (one
+        # that a key moved on from before the rest of it came is never written).
         self._pending: dict[str, dict[str, pb.DesiredParam]] = {}
-        self._delivered: dict[str, str] = {}
         self._in_effect: dict[str, str] = {}  # name -> id of the change the worker applied
         self._scheduled: set[str] = set()  # ids the ranks agreed on, waiting for their step
         # name -> what a restarted worker starts from at once (see `rebase`), until that
@@ -91,15 +89,17 @@ class ReplicaChanges:
         """A key's entry came off the broker (`change_id` "" for a deletion). Returns the
         changes of several keys waiting for the rest of them that this key moved on from:
         they can never be written whole (this key's latest is another change), and are
-        superseded."""
-        self._delivered[name] = change_id
-        gone = []
-        for pending_id, parts in list(self._pending.items()):
-            if pending_id != change_id and name in parts:
-                del self._pending[pending_id]
-                self._not_applied.append(pending_id)
-                gone.append(parts)
-        return gone
+        superseded; so are the oldest past PENDING_KEPT (a client that gave up half-way)."""
+        gone = [
+            pending_id
+            for pending_id, parts in self._pending.items()
+            if pending_id != change_id and name in parts
+        ]
+        older = [pending_id for pending_id in self._pending if pending_id != change_id]
+        gone += older[: max(0, len(self._pending) - PENDING_KEPT + 1)]
+        for pending_id in dict.fromkeys(gone):
+            self._not_applied.append(pending_id)
+        return [self._pending.pop(pending_id) for pending_id in dict.fromkeys(gone)]
 
     def assemble(self, name: str, want: pb.DesiredParam) -> dict[str, pb.DesiredParam] | None:
         """One key of a change of several: the whole change (name -> entry) once every key
@@ -114,8 +114,6 @@ class ReplicaChanges:
         parts = self._pending.setdefault(change_id, {})
         parts[name] = want
         if set(parts) != set(want.together):
-            if len(self._pending) > PENDING_KEPT:
-                del self._pending[next(iter(self._pending))]  # its client was told of an error
             return None
         del self._pending[change_id]
         return parts
@@ -166,7 +164,8 @@ class ReplicaChanges:
         replica wants goes back to what is in effect there (not merely to the entry before
         it, which may never have been applied), so a restarted worker does not start from
         it either. True when the desired state changed (to be written)."""
-        self._not_applied.append(outcome.change_id)
+        if outcome.state != pb.SUPERSEDED or outcome.parts:  # (a single one is never latest)
+            self._not_applied.append(outcome.change_id)
         changed = False
         for name in names_of(outcome):
             held = self.desired.entry(name)

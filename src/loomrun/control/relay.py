@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.broker.connect import several_filters
+from loomrun.desired import MOST_TOGETHER
 from loomrun.mailbox import MailboxError
 from loomrun.outcomes import OVERTAKEN, answer_change
 from loomrun.output import say
@@ -27,9 +28,6 @@ from loomrun.subjects import PAUSE
 
 if TYPE_CHECKING:
     from loomrun.control.plane import ReplicaView
-
-
-MOST_TOGETHER = 64  # parameters in one change, at most
 
 
 def together_fits(name: str, together) -> bool:

@@ -89,14 +89,17 @@ class AnswerBook:
             return False
         for name in [n for n in self._parked if n in done or n in replaced]:
             outcome = self._parked.pop(name)
-            if name in replaced and outcome.state != pb.OVERRIDDEN:  # the first one says it
+            if name in replaced:
                 found = P.format_value(replaced.pop(name))
-                outcome.state = pb.OVERRIDDEN
+                said = f"the optimizer's own step {outcome.step} wrote {name}={found} over it"
+                for part in outcome.parts:
+                    part.overridden = part.overridden or part.name == name
                 outcome.reason = (
-                    f"the optimizer's own step {outcome.step} wrote {name}={found} over it: "
-                    "loomrun cannot keep it in effect here"
+                    f"{outcome.reason}; {said}"
+                    if outcome.state == pb.OVERRIDDEN
+                    else f"{said}: loomrun cannot keep it in effect here"
                 )
-            replaced.pop(name, None)
+                outcome.state = pb.OVERRIDDEN
             if not self._is_parked(outcome):  # every value of the change has stepped
                 self.publish(outcome)
         for name, value in replaced.items():

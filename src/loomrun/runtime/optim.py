@@ -56,6 +56,10 @@ class Optimizers:
         self._shape: tuple = ()
         self._outer: set[int] = set()
         self.steered = Steered(worker)
+        # Each optimizer's own kind and hyperparameters, as the script made it, kept once
+        # it is switched to another (runtime.switch): `unset optimizer` goes back to them.
+        self._own_kinds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._last_switch = ""
 
     @property
     def steering(self) -> bool:
@@ -99,7 +103,7 @@ class Optimizers:
         groups = self.groups()
         if len(groups) > 1:
             specs += [P.param_group_spec(i) for i in range(len(groups))]
-        added = False
+        added = self._publish_switch()
         for spec in specs:
             if spec.name not in self.worker.targets:
                 # The script's own value, as it gave it, before any schedule moved it.
@@ -116,6 +120,85 @@ class Optimizers:
                 )
                 added = True
         return added
+
+    # -- the optimizer's kind (runtime.switch) -------------------------------------------
+
+    def _switchable(self) -> list:
+        """The optimizers a switch changes: every one, when each is exactly one of
+        torch.optim's kinds and none is the inner copy of another (ZeroRedundancyOptimizer's
+        inner optimizer is not switched alone); else none."""
+        from loomrun.runtime.switch import kind_of
+
+        optimizers = self.optimizers
+        self.groups()  # the outer groups, up to date
+        whole = all(id(g) in self._outer for o in optimizers for g in o.param_groups)
+        if not optimizers or not whole or any(kind_of(o) is None for o in optimizers):
+            return []
+        return optimizers
+
+    def _publish_switch(self) -> bool:
+        """The built-in `optimizer`, once the script steps with torch.optim optimizers."""
+        if "optimizer" in self.worker.targets or not self._switchable():
+            return False
+        self.worker.targets["optimizer"] = Target(
+            P.optimizer_spec(self.own_kind()),
+            self.kind,
+            self.switch,
+            unset=lambda: self.switch(None),
+            own=lambda: self.own_kind() if self.kind() != self.own_kind() else None,
+            reshapes=self.reshapes,
+            note=lambda: self._last_switch,
+        )
+        return True
+
+    def kind(self) -> str | None:
+        """The kind the optimizers step as now (the first one's)."""
+        from loomrun.runtime.switch import kind_of
+
+        found = self._switchable()
+        return kind_of(found[0]) if found else None
+
+    def own_kind(self) -> str | None:
+        """The kind the script made its (first) optimizer as."""
+        found = self._switchable()
+        if not found:
+            return None
+        return self._own_kinds[found[0]][0] if found[0] in self._own_kinds else self.kind()
+
+    def reshapes(self, kind: str | None) -> tuple[set[str], set[str]]:
+        """The built-ins that appear, and those that go, with a switch to `kind`."""
+        if kind not in P.OPTIMIZER_BUILTINS:
+            raise P.ParamError(f"no optimizer kind {kind!r}")
+        now = {name for name in P.BUILTINS if name in self.worker.targets}
+        then = P.OPTIMIZER_BUILTINS[kind]
+        return then - now, now - then
+
+    def switch(self, kind: str | None) -> None:
+        """Every optimizer to `kind` in place (None: each back to the script's own kind and
+        hyperparameters); a built-in that a new kind lacks goes back to the script first,
+        and the schema then lists the new kind's."""
+        from loomrun.runtime.switch import hyperparameters, kind_of, switch
+
+        found = self._switchable()
+        if not found:
+            raise P.ParamError("this replica's optimizers cannot be switched")
+        for optimizer in found:
+            if optimizer not in self._own_kinds:
+                self._own_kinds[optimizer] = (kind_of(optimizer), hyperparameters(optimizer))
+        wanted = {o: kind or self._own_kinds[o][0] for o in found}
+        having = set.intersection(*(P.OPTIMIZER_BUILTINS[k] for k in wanted.values()))
+        for name in set(P.BUILTINS) - having:
+            self.unset(name)  # given back to the script, while its key is there
+        said = []
+        for optimizer in found:
+            own_kind, own_values = self._own_kinds[optimizer]
+            values = own_values if wanted[optimizer] == own_kind else None
+            said.append(switch(optimizer, wanted[optimizer], values).sentence())
+        self._last_switch = "; ".join(dict.fromkeys(said))
+        for name in [n for n in self.worker.targets if n in P.BUILTINS and not self._has(n)]:
+            del self.worker.targets[name]
+        self._publish_targets()
+        self.worker.write_schema()
 
     def _own(self, key: str) -> Any:
         """The value the script gave `key`, before any schedule moved it (a scheduler keeps
@@ -201,6 +284,8 @@ class Optimizers:
             wanted = tuple(value) if key == "betas" else value
             chosen = [(o, g) for o, _, g in groups if key in g]
             for optimizer, group in chosen:
+                if key == "momentum" and wanted:
+                    _momentum_buffers(optimizer, group)
                 self.steered.keep(optimizer, group, key, None).rule(key, Hold(wanted))
             self.steered.arm(key, [o for o, _ in chosen])
             return
@@ -279,12 +364,27 @@ class Optimizers:
         return out
 
 
+def _momentum_buffers(optimizer, group: dict) -> None:
+    """RMSprop makes a parameter's momentum buffer with its state, at its first step, only
+    when momentum is above 0 then; momentum steered up from 0 later would find none (a
+    KeyError in the script's step). Each gets the zeros RMSprop would have started it at."""
+    import torch
+
+    if not isinstance(optimizer, torch.optim.RMSprop):
+        return
+    for param in group["params"]:
+        state = optimizer.state.get(param)
+        if state and "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
 def _hook_torch(worker: Worker) -> None:
     import torch.optim.lr_scheduler as lr_scheduler
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-    from loomrun.runtime import group
+    from loomrun.runtime import group, switch
 
+    switch.install()
     optimizers = Optimizers(worker)
     register_optimizer_step_pre_hook(optimizers.pre_step)
     group.install(worker)

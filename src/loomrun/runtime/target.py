@@ -17,7 +17,9 @@ class Target:
     `kept` targets are values an optimizer steps with (lr, momentum, ...): loomrun keeps
     them in effect step after step, takes `hold`, and answers a change to them after the
     step it ran in, when it is known whether the value held. `own` reads the script's own
-    value of a steered one (None when loomrun does not steer it)."""
+    value of a steered one (None when loomrun does not steer it). `reshapes(value)` says
+    which parameters appear and which go with a value (the optimizer's kind brings its own
+    hyperparameters); `note()`, what applying the last value did, for its answer."""
 
     def __init__(
         self,
@@ -29,6 +31,8 @@ class Target:
         own: Callable[[], Any] | None = None,
         held: Callable[[], bool] | None = None,
         kept: bool = False,
+        reshapes: Callable[[Any], tuple[set[str], set[str]]] | None = None,
+        note: Callable[[], str] | None = None,
     ):
         self.spec = spec
         self.get = get
@@ -37,6 +41,9 @@ class Target:
         self.own = own or _nothing
         self.held = held or _never
         self.kept = kept
+        self._before: tuple = (None, False, False)
+        self.reshapes = reshapes
+        self.note = note
 
     def apply(self, want: pb.DesiredParam, outcome: pb.Outcome) -> bool:
         """Put the change `want` into effect, and say so in `outcome` (old, new, reason);
@@ -44,6 +51,7 @@ class Target:
         name = self.spec.name
         try:
             old = self.get()
+            self._before = (old, self.own() is not None, self.held())  # for `restore`
             if want.kind == pb.UNSET:
                 self.unset()
                 with contextlib.suppress(TypeError, ValueError, P.ParamError):
@@ -64,6 +72,8 @@ class Target:
             with contextlib.suppress(TypeError, ValueError):  # one the wire cannot carry
                 outcome.old.CopyFrom(P.to_pb(old))
         outcome.state = pb.APPLIED
+        if self.note is not None:
+            outcome.reason = self.note()
         if self.kept and want.kind != pb.UNSET and isinstance(value, float):
             now = self.get()
             if isinstance(now, float) and not math.isclose(now, value, rel_tol=1e-9):
@@ -76,18 +86,24 @@ class Target:
                 )
         return True
 
-    def restore(self, said: pb.Outcome) -> None:
-        """Back to the value before `apply` said it applied a change (another part of the
-        same change was refused after it ran): the handler runs again with that value.
-        Best effort: a failure here is left unsaid, the change's refusal says enough."""
-        if not said.HasField("old"):
-            return
-        with contextlib.suppress(Exception):
-            old = P.from_pb(said.old)
-            if self.kept:
-                self.put(old, False)
+    def restore(self) -> str:
+        """Back to where the last `apply` found this target (another part of the same
+        change was refused after it ran): a handler runs again with its earlier value; an
+        optimizer's value is steered (or held) as it was, or given back to the script.
+        Returns why it could not be, or ""."""
+        old, steered, held = self._before
+        try:
+            if self.kept and not steered:
+                self.unset()
+            elif old is None:
+                return f"{self.spec.name} had no value to go back to"
+            elif self.kept:
+                self.put(old, held)
             else:
                 self.put(old)
+        except Exception as error:  # noqa: BLE001 - said in the change's answer
+            return f"{self.spec.name} could not be put back ({type(error).__name__}: {error})"
+        return ""
 
     def show(self, status: pb.Status, largest: int) -> None:
         """This target's value into a status (and the script's own, when steered); one
@@ -99,7 +115,7 @@ class Target:
                 wire = P.to_pb(value)
                 if wire.ByteSize() <= largest:
                     status.values[name].CopyFrom(wire)
-            if self.kept and (own := self.own()) is not None:
+            if (own := self.own()) is not None:
                 status.own[name].CopyFrom(P.to_pb(own))
                 if self.held():
                     status.held.append(name)

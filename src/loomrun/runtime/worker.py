@@ -127,7 +127,8 @@ class Worker:
         now = entries(desired)
         for change_id, parts in by_change(entries(self._desired)).items():
             replaced = any(n not in now or now[n].change_id != change_id for n in parts)
-            if replaced and self._open(*lead(parts)):
+            # One never held whole was never read: the supervisor answers it.
+            if replaced and whole(parts) and self._open(*lead(parts)):
                 self._answer(answer_change(parts, pb.SUPERSEDED, self.step), quiet=True)
         self._desired = desired
         return True
@@ -156,24 +157,26 @@ class Worker:
             self._answer(self._decide(parts, step))
             answered = True
         due = min([due, *(w.at_step for w in self._scheduled.values())])
-        grouped = {}
-        for parts in by_change(entries(self._desired)).values():
-            name, want = lead(parts)
-            if not self._open(name, want) or not whole(parts):
-                continue  # answered; or a key of it replaced since (answered superseded)
-            starting = False
-            for part, entry in parts.items():
-                base = entry.base if entry.HasField("base") else None
-                if base is None or not self.answers.fresh(part) or not self._open(part, base):
-                    continue
-                if self._declared_later(part, step):  # a restart's start, not a target yet
-                    starting = True
-                    continue
-                self._answer(self._decide({part: base}, step))
-                answered = True
-            if starting:
-                due = min(due, 2)
+        grouped, starting = {}, set()
+        found = entries(self._desired)
+        bases = {
+            name: want.base
+            for name, want in found.items()
+            if want.HasField("base") and self._open(name, want)
+            and self.answers.fresh(name) and self._open(name, want.base)
+        }  # fmt: skip
+        for parts in by_change(bases).values():  # a restart's start, each change whole
+            if any(self._declared_later(part, step) for part in parts):  # not targets yet
+                starting |= set(parts)
                 continue
+            self._answer(self._decide(parts, step))
+            answered = True
+        if starting:
+            due = min(due, 2)
+        for parts in by_change(found).values():
+            name, want = lead(parts)
+            if not self._open(name, want) or not whole(parts) or starting & set(parts):
+                continue  # answered; a key of it replaced since; or its start waits
             resume = name == PAUSE and not want.value.b  # paused ranks cannot agree
             if self.group is not None and not want.at_once and not resume:
                 grouped.update(parts)
@@ -243,32 +246,49 @@ class Worker:
         return self._apply(parts)
 
     def _apply(self, parts: dict[str, pb.DesiredParam]) -> pb.Outcome:
-        """Every parameter of the change into effect, or none: each value is checked first;
-        the handlers run before the optimizer's values (a handler may raise); one that
-        raises puts the handlers run before it back to their earlier value."""
+        """Every parameter of the change into effect, or none: each value is checked first,
+        against the parameters the change itself brings (`set optimizer=adamw betas=...`);
+        what reshapes the parameters runs first, then the handlers (a handler may raise),
+        then the optimizer's values; one that fails puts those run before it back."""
         outcome = answer_change(parts, pb.REJECTED, self.step)
         several = len(parts) > 1
-        unknown = [name for name in parts if name not in self.targets]
+        coming, going = self._reshaped(parts)
+        unknown = [n for n in parts if (n not in self.targets or n in going) and n not in coming]
         if unknown:
+            name = unknown[0]
             known = ", ".join(sorted(self.targets)) or "none declared"
-            outcome.reason = f"unknown parameter {unknown[0]!r} (this replica has: {known})"
+            outcome.reason = (
+                f"{name} is not a parameter once this very change is applied"
+                if name in going
+                else f"unknown parameter {name!r} (this replica has: {known})"
+            )
             return outcome
         if several and (refused := self._refused(parts)):
             outcome.reason = refused
             return outcome
+
+        def order(name: str) -> tuple:
+            target = self.targets.get(name)
+            if target is None:  # one the change brings: after what brings it
+                return (1, True, name)
+            return (target.reshapes is None, target.kept, name)
+
         done: list[tuple[Target, pb.Outcome]] = []
-        for name in sorted(parts, key=lambda n: (self.targets[n].kept, n)):
-            target, said = self.targets[name], pb.Outcome(name=name)
-            if not target.apply(parts[name], said):
-                outcome.reason = said.reason  # it names the parameter
-                for earlier, before in reversed(done):
-                    earlier.restore(before)
+        for name in sorted(parts, key=order):
+            target, said = self.targets.get(name), pb.Outcome(name=name)
+            if target is None:
+                said.reason = f"{name} did not come with the change it was expected with"
+            if target is None or not target.apply(parts[name], said):
+                undone = [earlier.restore() for earlier, _ in reversed(done)]
+                outcome.reason = "; ".join([said.reason, *filter(None, undone)])  # named
                 return outcome
             done.append((target, said))
         outcome.state = pb.APPLIED
         reasons = []
         for _, said in done:
             name = said.name
+            if name in coming:
+                said.ClearField("old")  # it had none before this very change
             fill(outcome, name, said)
             if said.reason:
                 reasons.append(f"{name}: {said.reason}" if several else said.reason)
@@ -279,13 +299,32 @@ class Worker:
             self.answers.park(kept, outcome)  # answered once a step ran with them
         return outcome
 
+    def _reshaped(self, parts: dict[str, pb.DesiredParam]) -> tuple[set[str], set[str]]:
+        """The parameters a change brings, and those it takes away (the optimizer's kind)."""
+        coming, going = set(), set()
+        for name, want in parts.items():
+            target = self.targets.get(name)
+            if target is None or target.reshapes is None:
+                continue
+            value = target.spec.default if want.kind == pb.UNSET else P.from_pb(want.value)
+            try:
+                added, removed = target.reshapes(value)
+            except Exception:  # noqa: BLE001 - a value it refuses: apply says why
+                continue
+            coming, going = coming | added, going | removed
+        return coming, going
+
     def _refused(self, parts: dict[str, pb.DesiredParam]) -> str:
         """Why one of a change's values is refused, before any is applied ("" if none)."""
         for name, want in sorted(parts.items()):
             if want.kind == pb.UNSET:
                 continue
+            target = self.targets.get(name)
+            spec = target.spec if target is not None else P.BUILTINS.get(name)
+            if spec is None:
+                continue
             try:
-                P.check(self.targets[name].spec, P.from_pb(want.value))
+                P.check(spec, P.from_pb(want.value))
             except P.ParamError as error:
                 return str(error)  # it names the parameter
         return ""

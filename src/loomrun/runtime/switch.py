@@ -1,0 +1,195 @@
+"""Switching a live torch optimizer to another torch.optim class, in place.
+
+The object the script holds becomes the new kind, so every reference to it stays good:
+the script's own, its LR schedulers', its GradScaler's, and the wrappers of Lightning and
+accelerate (which copy or share its `state`, `defaults` and `param_groups`: those are
+changed in place, never replaced). Swapping `__class__` alone would go wrong silently:
+
+- torch's LR schedulers wrap the instance's `step` around the old class's function, and
+  accelerate wraps it again; and the switch itself happens at the step boundary, inside
+  the old class's step (its global pre-hooks), which calls the old class's function
+  next. So each kind's `step` is, from the moment torch is imported, a dispatch on the
+  instance's class (`install`): called through the old class, it runs the new one's.
+  This costs each optimizer step one Python call (benchmarks/poll.py).
+- the wrapper that fires the global step hooks (loomrun's step boundary among them) is
+  put on a class by its first construction: the new class gets it here, whether or not
+  the script ever made one.
+
+What the new kind starts with (`switch`): its param groups keep their parameters, their
+lr (with the ratios between groups, and whatever loomrun keeps in effect there) and the
+keys of CARRIED; every other hyperparameter takes the new kind's default (a value given in
+the same `set` is applied right after, as any change). The state starts fresh, except
+between kinds whose state is the same quantity (SAME_STATE): SGD's momentum buffer is
+about g/(1-momentum), not Adam's first moment, and Adam's bias correction at its first
+step would inflate it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from loomrun.params import OPTIMIZERS
+
+# Kept through a switch: the script's lr, its weight decay, and how the steps run.
+CARRIED = ("lr", "initial_lr", "weight_decay", "maximize", "foreach", "differentiable",
+           "capturable", "fused")  # fmt: skip
+# Kinds whose state is the same quantities, kept through a switch between them.
+SAME_STATE = ({"adam", "adamw"},)
+# Attributes a torch optimizer class's __init__ sets on the instance, besides its groups.
+CLASS_FLAGS = ("_step_supports_amp_scaling", "_need_device_dtype_check_for_fused")
+_RAW: dict[type, Callable] = {}  # each kind's own step function, under the dispatch
+
+
+def install() -> None:
+    """Each kind's `step` dispatches on the instance's class (see above); a class torch
+    hooked already (constructed before) is dispatched under its hook."""
+    import torch
+
+    for name in OPTIMIZERS.values():
+        cls = getattr(torch.optim, name, None)
+        step = cls.__dict__.get("step") if cls is not None else None
+        if step is None or cls in _RAW:
+            continue
+        hooked = getattr(step, "hooked", False)
+        raw = step.__wrapped__ if hooked else step
+        _RAW[cls] = raw
+        dispatch = _dispatching(cls, raw)
+        if hooked:
+            dispatch = torch.optim.Optimizer.profile_hook_step(dispatch)
+            dispatch.hooked = True
+        cls.step = dispatch
+
+
+def _dispatching(cls: type, raw: Callable) -> Callable:
+    @functools.wraps(raw)
+    def step(self, *args, **kwargs):
+        kind = type(self)
+        if kind is cls:
+            return raw(self, *args, **kwargs)
+        found = _FOUND.get(kind) or _find(kind, raw)  # switched, or a subclass
+        return found(self, *args, **kwargs)
+
+    return step
+
+
+_FOUND: dict[type, Callable] = {}
+
+
+def _find(kind: type, raw: Callable) -> Callable:
+    """The step a class runs: the first of its classes' own (AdamW steps as Adam does; a
+    subclass of SGD calling super().step() as SGD)."""
+    found = next((_RAW[c] for c in kind.__mro__ if c in _RAW), raw)
+    _FOUND[kind] = found
+    return found
+
+
+@dataclass
+class Switched:
+    """What a switch did, for its answer."""
+
+    old: str
+    new: str
+    kept_state: bool = False
+    reset: list[str] = field(default_factory=list)  # state entries dropped, by name
+    gone: list[str] = field(default_factory=list)  # hyperparameters the new kind lacks
+    added: dict[str, Any] = field(default_factory=dict)  # new ones, at their default
+
+    def sentence(self) -> str:
+        if self.old == self.new:
+            return f"already {self.new}"
+        said = []
+        if self.kept_state:
+            said.append(f"state kept ({self.old} and {self.new} keep the same moments)")
+        elif self.reset:
+            said.append(f"state reset ({', '.join(self.reset)})")
+        else:
+            said.append("no state yet")
+        if self.added:
+            said.append("new: " + ", ".join(f"{k}={_plain(v)}" for k, v in self.added.items()))
+        if self.gone:
+            said.append("gone: " + ", ".join(self.gone))
+        return "; ".join(said)
+
+
+def kind_of(optimizer) -> str | None:
+    """The name loomrun knows an optimizer's class by, when it is exactly one of torch's
+    (a subclass of one may step its own way: it is not switched)."""
+    import torch
+
+    cls = type(optimizer)
+    for kind, name in OPTIMIZERS.items():
+        if getattr(torch.optim, name, None) is cls:
+            return kind
+    return None
+
+
+def switch(optimizer, kind: str, values: list[dict] | None = None) -> Switched:
+    """Make `optimizer` a `kind` (a key of OPTIMIZERS) in place, at a step boundary;
+    `values`: per param group, hyperparameters to take rather than the new kind's
+    defaults (the script's own, going back to its own kind)."""
+    import torch
+
+    old_kind = kind_of(optimizer)
+    if old_kind is None:
+        raise ValueError(f"{type(optimizer).__name__} is not one of torch.optim's optimizers")
+    done = Switched(old_kind, kind)
+    if old_kind == kind:
+        return done
+    new_cls = getattr(torch.optim, OPTIMIZERS[kind])
+    # A fresh one over the same parameters: the new kind's defaults and flags, checked by
+    # its own __init__ (which also puts the global step hooks' wrapper on its class).
+    fresh = new_cls(
+        [{"params": g["params"], **_carried(g, new_cls)} for g in optimizer.param_groups],
+        lr=float(optimizer.defaults.get("lr", 1e-3)),
+    )
+    old_keys = set(optimizer.defaults)
+    pairs = zip(optimizer.param_groups, fresh.param_groups, strict=True)
+    for index, (group, made) in enumerate(pairs):
+        own = values[index] if values and index < len(values) else {}
+        for key in [k for k in group if k in old_keys and k not in made]:
+            del group[key]
+        for key, value in made.items():
+            if key != "params" and not (key in CARRIED and key in group):
+                group[key] = own.get(key, value)
+    done.gone = sorted(old_keys - set(fresh.defaults))
+    done.added = {k: v for k, v in fresh.defaults.items() if k not in old_keys}
+    defaults = optimizer.defaults  # in place: a wrapper may hold the same dict
+    for key in [k for k in defaults if k not in fresh.defaults]:
+        del defaults[key]
+    for key, value in fresh.defaults.items():
+        if key not in CARRIED or key not in defaults:
+            defaults[key] = value
+    done.kept_state = {old_kind, kind} in SAME_STATE
+    if not done.kept_state:
+        done.reset = sorted({k for entry in optimizer.state.values() for k in entry})
+        optimizer.state.clear()  # in place, as above
+    for flag in CLASS_FLAGS:
+        if flag in fresh.__dict__:
+            setattr(optimizer, flag, fresh.__dict__[flag])
+        elif flag in optimizer.__dict__:
+            delattr(optimizer, flag)
+    optimizer.__class__ = new_cls
+    optimizer._patch_step_function()
+    return done
+
+
+def hyperparameters(optimizer) -> list[dict]:
+    """Each param group's hyperparameters as they stand (not its parameters), to go back
+    to them."""
+    keys = set(optimizer.defaults) - {"params"}
+    return [{k: _plain(v) for k, v in g.items() if k in keys} for g in optimizer.param_groups]
+
+
+def _carried(group: dict, new_cls) -> dict:
+    """The keys of a param group the new kind takes as they are (as plain values)."""
+    import inspect
+
+    takes = inspect.signature(new_cls.__init__).parameters
+    return {k: _plain(group[k]) for k in CARRIED if k in group and k in takes and k != "params"}
+
+
+def _plain(value: Any) -> Any:
+    return float(value) if isinstance(value, float) else value
