@@ -355,12 +355,13 @@ BUILTINS = {
 
 
 # The optimizers `set optimizer=KIND` switches to and from: KIND -> its torch.optim class,
-# each one that steps a param group as it is (not LBFGS, which needs a closure; not
-# SparseAdam, which takes sparse gradients only).
+# each one that steps a param group as it is and reads its lr at every step (not LBFGS,
+# which needs a closure; not SparseAdam, sparse gradients only; not Rprop, whose lr sets
+# its step sizes once; not ASGD, which takes an lr one step late).
 OPTIMIZERS = {
     "sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop",
     "adagrad": "Adagrad", "adadelta": "Adadelta", "adamax": "Adamax", "nadam": "NAdam",
-    "radam": "RAdam", "asgd": "ASGD", "rprop": "Rprop",
+    "radam": "RAdam",
 }  # fmt: skip
 # The built-ins each kind has (lr.N, with several param groups, every one).
 OPTIMIZER_BUILTINS = {
@@ -373,8 +374,6 @@ OPTIMIZER_BUILTINS = {
     "adamax": {"lr", "betas", "weight_decay"},
     "nadam": {"lr", "betas", "weight_decay"},
     "radam": {"lr", "betas", "weight_decay"},
-    "asgd": {"lr", "weight_decay"},
-    "rprop": {"lr"},
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 
 import pytest
 from conftest import SCRIPTS, run_loomrun, wait_for
@@ -211,3 +212,26 @@ def test_the_switch_holds_under_the_hugging_face_trainer(procs):
     assert "optimizer SGD" in out
     stepped = [float(m[1]) for m in re.finditer(r"stepped \d+ (\S+)", out)]
     assert stepped and all(lr == lr and lr >= 0 for lr in stepped)
+
+
+@pytest.mark.slow
+def test_the_lightning_handler_recipe_in_the_docs_switches_the_optimizer(procs, tmp_path):
+    """docs/recipes.md's code block, run as it is written there."""
+    text = (SCRIPTS.parent.parent / "docs" / "recipes.md").read_text()
+    block = re.search(r"```python\n(# The recipe.*?)```", text, re.S)
+    assert block, "the recipe's code block"
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(block[1])
+    job, out = job_id("recipe"), tmp_path / "recipe.out"
+    with out.open("w") as sink:
+        sup = procs.start("--job", job, recipe, "100000", stdout=sink)
+    wait_ready(job, name="optimizer_type")
+    code, answer = set_json("optimizer_type=adam", "--job", job)
+    assert code == 0, answer
+    assert answer["changes"][0]["old"] == "sgd" and answer["changes"][0]["new"] == "adam"
+    wait_for(lambda: "Adam" in out.read_text(), 120, what="an epoch stepped with Adam")
+    sup.send_signal(signal.SIGINT)
+    sup.communicate(timeout=120)
+    kinds = re.findall(r"epoch \d+ (\w+)", out.read_text())
+    switched = kinds.index("Adam")
+    assert set(kinds[:switched]) <= {"SGD"} and set(kinds[switched:]) == {"Adam"}, kinds

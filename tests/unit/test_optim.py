@@ -722,3 +722,47 @@ def test_a_switch_and_its_hyperparameters_are_one_change_and_unset_goes_back(opt
     assert answer(worker, cid).state == pb.APPLIED and type(optimizer) is torch.optim.SGD
     assert [g["momentum"] for g in optimizer.param_groups] == [0.7, 0.7], "the script's own"
     assert "betas" not in worker.targets and "momentum" in worker.targets
+
+
+def test_a_switch_ends_what_it_takes_away_and_unset_brings_back_the_scripts_own(optimizers):
+    """momentum steered under SGD: the switch to Adam ends it (its own record); going back,
+    the script's own momentum returns, not the value loomrun had steered."""
+    from loomrun.runtime import switch
+
+    switch.install()
+    optimizer = two_groups(momentum=0.9)
+    train(optimizer, 2)
+    worker, desired = optimizers.worker, DesiredConfig()
+    steered = change(worker, desired, "momentum", 0.5)
+    train(optimizer, 2)
+    assert answer(worker, steered).state == pb.APPLIED
+    switched = change(worker, desired, "optimizer", "adam")
+    train(optimizer, 2)
+    assert answer(worker, switched).state == pb.APPLIED
+    ended = answer(worker, steered)
+    assert ended.state == pb.OVERRIDDEN and ended.ended and "took it away" in ended.reason
+    back = change(worker, desired, "optimizer", kind=pb.UNSET)
+    train(optimizer, 1)
+    assert answer(worker, back).state == pb.APPLIED
+    assert [g["momentum"] for g in optimizer.param_groups] == [0.9, 0.9], "the script's own"
+
+
+def test_a_switch_whose_lr_the_schedule_refuses_changes_nothing(optimizers):
+    """The script's lr is 0: lr has no ratio. The whole change is refused before the switch."""
+    from loomrun.runtime import switch
+
+    switch.install()
+    optimizer = two_groups(lr=0.0, momentum=0.9)
+    train(optimizer, 2)
+    buffers = [id(s["momentum_buffer"]) for s in optimizer.state.values()]
+    desired = DesiredConfig()
+    for name, value in (("optimizer", "adamw"), ("lr", 3e-4)):
+        want = pb.DesiredParam(change_id="c1", together=["lr", "optimizer"])
+        want.value.CopyFrom(P.to_pb(value))
+        desired.take(name, want)
+    optimizers.worker.mailbox.desired.write(desired.state)
+    train(optimizer, 1)
+    outcome = answer(optimizers.worker, "c1")
+    assert outcome.state == pb.REJECTED and "use `--hold`" in outcome.reason
+    assert type(optimizer) is torch.optim.SGD
+    assert [id(s["momentum_buffer"]) for s in optimizer.state.values()] == buffers

@@ -113,8 +113,10 @@ def test_adam_and_adamw_keep_their_moments_through_a_switch():
     _grads(model, 1)
     adam.step()
     moments = [adam.state[p]["exp_avg"].clone() for p in model.parameters()]
+    adam.param_groups[0]["betas"] = (0.8, 0.95)
     said = S.switch(adam, "adamw")
     assert said.kept_state and "state kept" in said.sentence()
+    assert adam.param_groups[0]["betas"] == (0.8, 0.95), "the moments' own hyperparameters"
     kept = [adam.state[p]["exp_avg"] for p in model.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(kept, moments, strict=True))
     assert adam.param_groups[0]["decoupled_weight_decay"] is True, "AdamW's, not Adam's"
@@ -140,3 +142,36 @@ def test_a_kind_that_is_not_torchs_own_is_refused():
     assert S.kind_of(mine) is None
     with pytest.raises(ValueError, match="not one of torch.optim's optimizers"):
         S.switch(mine, "adam")
+
+
+def test_a_switch_that_would_break_what_was_made_for_the_old_kind_is_refused_untouched():
+    model = _model()
+    adam = torch.optim.Adam(model.parameters(), lr=0.01)
+    cycle = torch.optim.lr_scheduler.OneCycleLR(adam, max_lr=0.1, total_steps=100)
+    assert "OneCycleLR cycles betas, which sgd does not have" in S.refusal(adam, "sgd", [cycle])
+    with pytest.raises(ValueError, match="cycles betas"):
+        S.switch(adam, "sgd", schedulers=[cycle])
+    assert type(adam) is torch.optim.Adam and "betas" in adam.param_groups[0]
+    assert S.refusal(adam, "nadam", [cycle]) == ""
+    fused = torch.optim.SGD(_model().parameters(), lr=0.1, fused=True)
+    assert "fused" in S.refusal(fused, "nadam") and S.refusal(fused, "adamw") == ""
+
+
+def test_what_a_switch_resets_of_the_hyperparameters_both_kinds_have_is_said():
+    sgd = torch.optim.SGD(_model().parameters(), lr=0.1, momentum=0.9)
+    said = S.switch(sgd, "rmsprop")
+    assert said.changed == {"momentum": 0} and "now: momentum=0" in said.sentence()
+    adamw = torch.optim.AdamW(_model().parameters(), lr=0.1, weight_decay=0.1)
+    said = S.switch(adamw, "radam")
+    assert said.changed == {"decoupled_weight_decay": False}, "an L2 penalty now: said"
+
+
+def test_unset_brings_back_the_scripts_own_weight_decay():
+    model = _model()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    own = S.hyperparameters(sgd)
+    S.switch(sgd, "adam")
+    sgd.param_groups[0]["weight_decay"] = 0.5  # written meanwhile (by a change, say)
+    S.switch(sgd, "sgd", own)
+    assert sgd.param_groups[0]["weight_decay"] == 0.5, "carried: the value in effect stays"
+    assert sgd.param_groups[0]["momentum"] == 0.9

@@ -53,14 +53,18 @@ def check(
 
 def after_switch(specs: dict[str, P.ParamSpec], changes: dict[str, Any], convert: bool):
     """The schema a change is checked against: the one it produces. `optimizer=KIND`
-    brings the new kind's built-ins and takes away those it lacks, in the same change."""
-    spec, kind = specs.get("optimizer"), changes.get("optimizer")
-    if spec is None or kind is None or not convert:
+    (or unset: the script's own kind) brings the new kind's built-ins and takes away those
+    it lacks, in the same change."""
+    spec = specs.get("optimizer")
+    if spec is None or "optimizer" not in changes:
         return specs
+    kind = changes["optimizer"] if convert else spec.default  # unset: the script's own
     try:
         kind = P.parse(spec, kind) if isinstance(kind, str) else P.check(spec, kind)
     except P.ParamError as error:
         raise SteerError(str(error)) from None
+    if kind not in P.OPTIMIZER_BUILTINS:
+        return specs
     has = P.OPTIMIZER_BUILTINS[kind]
     after = {n: s for n, s in specs.items() if n not in P.BUILTINS or n in has}
     after.update({n: P.BUILTINS[n] for n in has if n not in after})

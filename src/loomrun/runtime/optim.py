@@ -109,6 +109,9 @@ class Optimizers:
                 # The script's own value, as it gave it, before any schedule moved it.
                 spec = P._replace(spec, default=self._own(spec.name))
                 key = spec.name
+                precheck = None
+                if is_lr(key):
+                    precheck = lambda v, hold=False, key=key: self.check_lr(key, v, hold)  # noqa: E731
                 self.worker.targets[key] = Target(
                     spec,
                     lambda key=key: self.get(key),
@@ -117,6 +120,7 @@ class Optimizers:
                     own=lambda key=key: self.own(key),
                     held=lambda key=key: self.held(key),
                     kept=True,
+                    precheck=precheck,
                 )
                 added = True
         return added
@@ -177,28 +181,54 @@ class Optimizers:
         """Every optimizer to `kind` in place (None: each back to the script's own kind and
         hyperparameters); a built-in that a new kind lacks goes back to the script first,
         and the schema then lists the new kind's."""
-        from loomrun.runtime.switch import hyperparameters, kind_of, switch
+        from loomrun.runtime.switch import kind_of, refusal, switch
 
         found = self._switchable()
         if not found:
             raise P.ParamError("this replica's optimizers cannot be switched")
         for optimizer in found:
             if optimizer not in self._own_kinds:
-                self._own_kinds[optimizer] = (kind_of(optimizer), hyperparameters(optimizer))
+                self._own_kinds[optimizer] = (kind_of(optimizer), self._own_values(optimizer))
         wanted = {o: kind or self._own_kinds[o][0] for o in found}
+        for optimizer in found:  # before anything changes: all of them, or none
+            if why := refusal(optimizer, wanted[optimizer], self._schedulers_of(optimizer)):
+                raise P.ParamError(why)
         having = set.intersection(*(P.OPTIMIZER_BUILTINS[k] for k in wanted.values()))
-        for name in set(P.BUILTINS) - having:
+        lacking = set(P.BUILTINS) - having
+        ended = {n: self.own(n) for n in lacking if self.own(n) is not None}
+        for name in lacking:
             self.unset(name)  # given back to the script, while its key is there
+        if ended:  # a change in effect there ends with its own record
+            why = f"the switch to {wanted[found[0]]} took it away"
+            self.worker.stepped(set(), ended, dict.fromkeys(ended, why))
         said = []
         for optimizer in found:
             own_kind, own_values = self._own_kinds[optimizer]
             values = own_values if wanted[optimizer] == own_kind else None
-            said.append(switch(optimizer, wanted[optimizer], values).sentence())
+            schedulers = self._schedulers_of(optimizer)
+            said.append(switch(optimizer, wanted[optimizer], values, schedulers).sentence())
         self._last_switch = "; ".join(dict.fromkeys(said))
         for name in [n for n in self.worker.targets if n in P.BUILTINS and not self._has(n)]:
             del self.worker.targets[name]
         self._publish_targets()
         self.worker.write_schema()
+
+    def _own_values(self, optimizer) -> list[dict]:
+        """Each group's hyperparameters as the script has them: what loomrun steers there,
+        the script's own value."""
+        from loomrun.runtime.switch import hyperparameters
+
+        values = hyperparameters(optimizer)
+        for group, found in zip(optimizer.param_groups, values, strict=True):
+            for key in found:
+                kept = self.steered.kept_at(group, key)
+                if kept is not None:
+                    kept.refresh()
+                    found[key] = _plain(kept.own)
+        return values
+
+    def _schedulers_of(self, optimizer) -> list:
+        return [s for s in list(self.schedulers) if getattr(s, "optimizer", None) is optimizer]
 
     def _own(self, key: str) -> Any:
         """The value the script gave `key`, before any schedule moved it (a scheduler keeps
@@ -289,6 +319,23 @@ class Optimizers:
                 self.steered.keep(optimizer, group, key, None).rule(key, Hold(wanted))
             self.steered.arm(key, [o for o, _ in chosen])
             return
+        index, chosen, base = self.check_lr(key, value, hold)
+        optimizer, _, lead = groups[index]
+        first = self.steered.keep(optimizer, lead, "lr", None)
+        if hold:
+            rules = [Hold(value)] + [HoldRatio(value)] * (len(chosen) - 1)
+        else:
+            rules = [Scale(value, base, self._floor(g)) for _, _, g in chosen]
+        for (optimizer, _, group), rule in zip(chosen, rules, strict=True):
+            kept = self.steered.keep(optimizer, group, "lr", first if group is not lead else None)
+            kept.rule(key, rule)
+        self.steered.arm(key, [o for o, _, _ in chosen])
+
+    def check_lr(self, key: str, value: Any, hold: bool) -> tuple[int, list, float]:
+        """Whether lr (lr.N) can take `value` now, before anything is kept (a refusal leaves
+        nothing behind; `Worker._apply` asks it before any part of a change is applied):
+        the group's index, the groups it goes to, and the script's value new/old is from."""
+        groups = self.groups()
         index = int(key[3:]) if key != "lr" else 0
         if index >= len(groups):
             raise P.ParamError(f"there is no param group {index} (there are {len(groups)})")
@@ -300,8 +347,9 @@ class Optimizers:
                     "(relative_step=True, as transformers' Adafactor) and ignores the param "
                     "group's lr; make it with relative_step=False and an lr"
                 )
-        optimizer, _, lead = groups[index]
-        if not hold:  # checked before anything is kept: a refusal leaves nothing behind
+        base = 0.0
+        if not hold:
+            lead = groups[index][2]
             held = self.steered.kept.get((id(lead), "lr"))
             if held is not None:
                 held.refresh()  # what the script wrote since the last step is its own now
@@ -313,15 +361,7 @@ class Optimizers:
                     f"use `--hold` to keep {key} at {P.format_value(value)}, or set it once "
                     "the schedule is above 0"
                 )
-        first = self.steered.keep(optimizer, lead, "lr", None)
-        if hold:
-            rules = [Hold(value)] + [HoldRatio(value)] * (len(chosen) - 1)
-        else:
-            rules = [Scale(value, base, self._floor(g)) for _, _, g in chosen]
-        for (optimizer, _, group), rule in zip(chosen, rules, strict=True):
-            kept = self.steered.keep(optimizer, group, "lr", first if group is not lead else None)
-            kept.rule(key, rule)
-        self.steered.arm(key, [o for o, _, _ in chosen])
+        return index, chosen, base
 
     def unset(self, key: str) -> None:
         """Give `key` back to the script: its own value (its schedule) from the next step."""

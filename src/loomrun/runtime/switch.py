@@ -2,8 +2,8 @@
 
 The object the script holds becomes the new kind, so every reference to it stays good:
 the script's own, its LR schedulers', its GradScaler's, and the wrappers of Lightning and
-accelerate (which copy or share its `state`, `defaults` and `param_groups`: those are
-changed in place, never replaced). Swapping `__class__` alone would go wrong silently:
+accelerate (which read its `state`, `defaults` and `param_groups`: those are changed in
+place, never replaced). Swapping `__class__` alone would go wrong silently:
 
 - torch's LR schedulers wrap the instance's `step` around the old class's function, and
   accelerate wraps it again; and the switch itself happens at the step boundary, inside
@@ -36,8 +36,10 @@ from loomrun.params import OPTIMIZERS
 # Kept through a switch: the script's lr, its weight decay, and how the steps run.
 CARRIED = ("lr", "initial_lr", "weight_decay", "maximize", "foreach", "differentiable",
            "capturable", "fused")  # fmt: skip
-# Kinds whose state is the same quantities, kept through a switch between them.
+# Kinds whose state is the same quantities, kept through a switch between them (with the
+# hyperparameters that shape it, when amsgrad stays as it was).
 SAME_STATE = ({"adam", "adamw"},)
+SAME_STATE_CARRIED = ("betas", "eps", "amsgrad")
 # Attributes a torch optimizer class's __init__ sets on the instance, besides its groups.
 CLASS_FLAGS = ("_step_supports_amp_scaling", "_need_device_dtype_check_for_fused")
 _RAW: dict[type, Callable] = {}  # each kind's own step function, under the dispatch
@@ -96,6 +98,7 @@ class Switched:
     reset: list[str] = field(default_factory=list)  # state entries dropped, by name
     gone: list[str] = field(default_factory=list)  # hyperparameters the new kind lacks
     added: dict[str, Any] = field(default_factory=dict)  # new ones, at their default
+    changed: dict[str, Any] = field(default_factory=dict)  # kept ones, now the new kind's
 
     def sentence(self) -> str:
         if self.old == self.new:
@@ -109,6 +112,8 @@ class Switched:
             said.append("no state yet")
         if self.added:
             said.append("new: " + ", ".join(f"{k}={_plain(v)}" for k, v in self.added.items()))
+        if self.changed:
+            said.append("now: " + ", ".join(f"{k}={_plain(v)}" for k, v in self.changed.items()))
         if self.gone:
             said.append("gone: " + ", ".join(self.gone))
         return "; ".join(said)
@@ -126,10 +131,37 @@ def kind_of(optimizer) -> str | None:
     return None
 
 
-def switch(optimizer, kind: str, values: list[dict] | None = None) -> Switched:
+def refusal(optimizer, kind: str, schedulers=()) -> str:
+    """Why `optimizer` cannot become a `kind` in place ("" when it can): what was made
+    for its kind would break, or silently do the wrong thing."""
+    import inspect
+
+    import torch
+
+    new_cls = getattr(torch.optim, OPTIMIZERS[kind])
+    takes = inspect.signature(new_cls.__init__).parameters
+    if any(g.get("fused") for g in optimizer.param_groups) and "fused" not in takes:
+        return (
+            f"this optimizer is fused (a GradScaler steps it on the fused path): {kind} has "
+            "no fused step; switch to one that has (sgd, adam, adamw, adagrad)"
+        )
+    for scheduler in schedulers:
+        if not getattr(scheduler, "cycle_momentum", False):
+            continue
+        cycled = "betas" if getattr(scheduler, "use_beta1", False) else "momentum"
+        if cycled not in takes:
+            return (
+                f"its {type(scheduler).__name__} cycles {cycled}, which {kind} does not "
+                "have (the scheduler would fail at its next step)"
+            )
+    return ""
+
+
+def switch(optimizer, kind: str, values: list[dict] | None = None, schedulers=()) -> Switched:
     """Make `optimizer` a `kind` (a key of OPTIMIZERS) in place, at a step boundary;
     `values`: per param group, hyperparameters to take rather than the new kind's
-    defaults (the script's own, going back to its own kind)."""
+    defaults (the script's own, going back to its own kind); `schedulers`: the LR
+    schedulers of this optimizer. Raises ValueError, changing nothing, when it cannot."""
     import torch
 
     old_kind = kind_of(optimizer)
@@ -138,31 +170,46 @@ def switch(optimizer, kind: str, values: list[dict] | None = None) -> Switched:
     done = Switched(old_kind, kind)
     if old_kind == kind:
         return done
+    if why := refusal(optimizer, kind, schedulers):
+        raise ValueError(why)
     new_cls = getattr(torch.optim, OPTIMIZERS[kind])
+    same_state = {old_kind, kind} in SAME_STATE
+    # Between kinds of the same state, their common hyperparameters are the same too
+    # (but decoupled_weight_decay, which is what tells AdamW from Adam).
+    carried = [*CARRIED, *(SAME_STATE_CARRIED if same_state else ())]
     # A fresh one over the same parameters: the new kind's defaults and flags, checked by
     # its own __init__ (which also puts the global step hooks' wrapper on its class).
     fresh = new_cls(
-        [{"params": g["params"], **_carried(g, new_cls)} for g in optimizer.param_groups],
+        [{"params": g["params"], **_carried(g, new_cls, carried)} for g in optimizer.param_groups],
         lr=float(optimizer.defaults.get("lr", 1e-3)),
     )
     old_keys = set(optimizer.defaults)
+    amsgrad = [g.get("amsgrad") for g in optimizer.param_groups]
     pairs = zip(optimizer.param_groups, fresh.param_groups, strict=True)
     for index, (group, made) in enumerate(pairs):
         own = values[index] if values and index < len(values) else {}
         for key in [k for k in group if k in old_keys and k not in made]:
             del group[key]
         for key, value in made.items():
-            if key != "params" and not (key in CARRIED and key in group):
-                group[key] = own.get(key, value)
+            if key == "params" or (key in carried and key in group):
+                continue
+            value = own.get(key, value)
+            if index == 0 and key in group and _plain(group[key]) != value:
+                done.changed[key] = value
+            group[key] = value
     done.gone = sorted(old_keys - set(fresh.defaults))
     done.added = {k: v for k, v in fresh.defaults.items() if k not in old_keys}
+    for key in done.added:
+        done.changed.pop(key, None)
+        if values:
+            done.added[key] = optimizer.param_groups[0].get(key, done.added[key])
     defaults = optimizer.defaults  # in place: a wrapper may hold the same dict
     for key in [k for k in defaults if k not in fresh.defaults]:
         del defaults[key]
     for key, value in fresh.defaults.items():
-        if key not in CARRIED or key not in defaults:
+        if key not in carried or key not in defaults:
             defaults[key] = value
-    done.kept_state = {old_kind, kind} in SAME_STATE
+    done.kept_state = same_state and amsgrad == [g.get("amsgrad") for g in optimizer.param_groups]
     if not done.kept_state:
         done.reset = sorted({k for entry in optimizer.state.values() for k in entry})
         optimizer.state.clear()  # in place, as above
@@ -183,12 +230,12 @@ def hyperparameters(optimizer) -> list[dict]:
     return [{k: _plain(v) for k, v in g.items() if k in keys} for g in optimizer.param_groups]
 
 
-def _carried(group: dict, new_cls) -> dict:
+def _carried(group: dict, new_cls, carried) -> dict:
     """The keys of a param group the new kind takes as they are (as plain values)."""
     import inspect
 
     takes = inspect.signature(new_cls.__init__).parameters
-    return {k: _plain(group[k]) for k in CARRIED if k in group and k in takes and k != "params"}
+    return {k: _plain(group[k]) for k in carried if k in group and k in takes and k != "params"}
 
 
 def _plain(value: Any) -> Any:

@@ -19,7 +19,9 @@ class Target:
     step it ran in, when it is known whether the value held. `own` reads the script's own
     value of a steered one (None when loomrun does not steer it). `reshapes(value)` says
     which parameters appear and which go with a value (the optimizer's kind brings its own
-    hyperparameters); `note()`, what applying the last value did, for its answer."""
+    hyperparameters); `note()`, what applying the last value did, for its answer;
+    `precheck(value, hold)` raises ParamError when `put` would refuse the value now (asked
+    before any part of a change is applied)."""
 
     def __init__(
         self,
@@ -33,6 +35,7 @@ class Target:
         kept: bool = False,
         reshapes: Callable[[Any], tuple[set[str], set[str]]] | None = None,
         note: Callable[[], str] | None = None,
+        precheck: Callable[..., Any] | None = None,
     ):
         self.spec = spec
         self.get = get
@@ -44,6 +47,7 @@ class Target:
         self._before: tuple = (None, False, False)
         self.reshapes = reshapes
         self.note = note
+        self.precheck = precheck
 
     def apply(self, want: pb.DesiredParam, outcome: pb.Outcome) -> bool:
         """Put the change `want` into effect, and say so in `outcome` (old, new, reason);

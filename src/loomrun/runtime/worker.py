@@ -268,10 +268,12 @@ class Worker:
             return outcome
 
         def order(name: str) -> tuple:
+            """The handlers (which may raise), what reshapes, then the optimizer's values
+            (one the change brings comes after what brings it)."""
             target = self.targets.get(name)
-            if target is None:  # one the change brings: after what brings it
-                return (1, True, name)
-            return (target.reshapes is None, target.kept, name)
+            if target is None or target.kept:
+                return (2, name)
+            return (1 if target.reshapes is not None else 0, name)
 
         done: list[tuple[Target, pb.Outcome]] = []
         for name in sorted(parts, key=order):
@@ -324,7 +326,9 @@ class Worker:
             if spec is None:
                 continue
             try:
-                P.check(spec, P.from_pb(want.value))
+                value = P.check(spec, P.from_pb(want.value))
+                if target is not None and target.precheck is not None:
+                    target.precheck(value, want.kind == pb.HOLD)
             except P.ParamError as error:
                 return str(error)  # it names the parameter
         return ""
