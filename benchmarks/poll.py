@@ -7,7 +7,9 @@ call is a step boundary that finds no change. Also, in this process: an empty
 `multiprocessing.Queue.get_nowait()`, what the original torchLoom design polled every step.
 Targets: both <= 0.3 us above the baseline; the boundary >= 20x cheaper than the queue.
 Also `loss.backward()` of a scalar, where loomrun keeps the loss of a script that reports
-none (a reference, read only when a status is due).
+none (a reference, read only when a status is due); and, in this process, what the
+dispatch of each optimizer kind's step on the instance's class adds to a real SGD step
+(runtime/switch.py: what makes `set optimizer=...` take effect at the step it lands at).
 
 And a step with a steered value in effect (benchmarks/steered_cost_worker.py under
 `loomrun`, steered by a real `loomrun set lr.N=... --hold`): before each step loomrun looks
@@ -84,6 +86,40 @@ def steered_cost() -> dict[str, float]:
     return json.loads(last[last.index("{") :])
 
 
+def dispatch_cost(rounds: int = 41, calls: int = 2_000) -> dict[str, float]:
+    """A real SGD step of one small parameter, with each kind's step a dispatch on the
+    instance's class (what `set optimizer=...` needs, runtime/switch.py) and without it,
+    in alternating rounds in this process: the median of the rounds' differences."""
+    import statistics
+
+    import torch
+
+    from loomrun.runtime import switch
+
+    param = torch.nn.Parameter(torch.zeros(4))
+    param.grad = torch.ones(4)
+    optimizer = torch.optim.SGD([param], lr=1e-9)
+    optimizer.step()  # torch hooks the class's step at its first construction
+    hooked = torch.optim.SGD.step
+    switch.install()
+    dispatched = torch.optim.SGD.step
+
+    def timed(step) -> float:
+        torch.optim.SGD.step = step
+        started = time.perf_counter_ns()
+        for _ in range(calls):
+            optimizer.step()
+        return (time.perf_counter_ns() - started) / calls
+
+    differences, plain = [], []
+    for _ in range(rounds):
+        base = timed(hooked)
+        differences.append(timed(dispatched) - base)
+        plain.append(base)
+    torch.optim.SGD.step = dispatched
+    return {"step": statistics.median(plain), "extra": statistics.median(differences)}
+
+
 def main() -> None:
     plain = measure([sys.executable, str(WORKER)])
     steered = measure([sys.executable, "-m", "loomrun.cli", "--no-broker", str(WORKER)])
@@ -99,6 +135,12 @@ def main() -> None:
     boundary = steered["loomrun.step()"] - steered["empty loop"]
     ratio = queue_ns() / boundary
     print(f"queue.get_nowait / loomrun.step() = {ratio:.0f}x (target >= 20x)")
+    dispatch = dispatch_cost()
+    print(
+        f"optimizer.step() dispatched on its class (the optimizer switch): "
+        f"+{dispatch['extra']:.0f} ns per step, on a step of {dispatch['step'] / 1000:.1f} us "
+        "(a reference, no target; the median of the rounds' differences)"
+    )
     kept = steered_cost()
     groups = kept["groups"]
     extra = kept["difference"] / groups

@@ -235,3 +235,17 @@ def test_the_lightning_handler_recipe_in_the_docs_switches_the_optimizer(procs, 
     kinds = re.findall(r"epoch \d+ (\w+)", out.read_text())
     switched = kinds.index("Adam")
     assert set(kinds[:switched]) <= {"SGD"} and set(kinds[switched:]) == {"Adam"}, kinds
+
+
+def test_the_switch_can_be_left_out(procs):
+    """LOOMRUN_OPTIMIZER_SWITCH=0: torch's classes as they are, no `optimizer` built-in."""
+    job = job_id("noswitch")
+    start(
+        procs, SCRIPTS / "steered.py", "--steps", "10000000", "--quiet", job=job,
+        env={"LOOMRUN_OPTIMIZER_SWITCH": "0"},
+    )  # fmt: skip
+    wait_ready(job, name="momentum")
+    got = json.loads(run_loomrun("get", "--job", job, "--json").stdout)
+    assert "optimizer" not in {p["name"] for p in got["params"]}
+    refused = run_loomrun("set", "optimizer=adam", "--job", job)
+    assert refused.returncode == 2 and "has no parameter 'optimizer'" in refused.stderr

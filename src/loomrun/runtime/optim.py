@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import importlib.abc
 import importlib.util
+import os
 import sys
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -142,7 +143,9 @@ class Optimizers:
 
     def _publish_switch(self) -> bool:
         """The built-in `optimizer`, once the script steps with torch.optim optimizers."""
-        if "optimizer" in self.worker.targets or not self._switchable():
+        from loomrun.runtime.switch import installed
+
+        if "optimizer" in self.worker.targets or not installed() or not self._switchable():
             return False
         self.worker.targets["optimizer"] = Target(
             P.optimizer_spec(self.own_kind()),
@@ -424,7 +427,8 @@ def _hook_torch(worker: Worker) -> None:
 
     from loomrun.runtime import group, switch
 
-    switch.install()
+    if os.environ.get("LOOMRUN_OPTIMIZER_SWITCH", "1") != "0":
+        switch.install()
     optimizers = Optimizers(worker)
     register_optimizer_step_pre_hook(optimizers.pre_step)
     group.install(worker)

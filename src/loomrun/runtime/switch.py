@@ -10,7 +10,8 @@ place, never replaced). Swapping `__class__` alone would go wrong silently:
   the old class's step (its global pre-hooks), which calls the old class's function
   next. So each kind's `step` is, from the moment torch is imported, a dispatch on the
   instance's class (`install`): called through the old class, it runs the new one's.
-  This costs each optimizer step one Python call (benchmarks/poll.py).
+  This costs each optimizer step one Python call (benchmarks/poll.py);
+  LOOMRUN_OPTIMIZER_SWITCH=0 leaves torch's classes alone, and the built-in out.
 - the wrapper that fires the global step hooks (loomrun's step boundary among them) is
   put on a class by its first construction: the new class gets it here, whether or not
   the script ever made one.
@@ -63,6 +64,12 @@ def install() -> None:
             dispatch = torch.optim.Optimizer.profile_hook_step(dispatch)
             dispatch.hooked = True
         cls.step = dispatch
+
+
+def installed() -> bool:
+    """Whether the kinds dispatch (LOOMRUN_OPTIMIZER_SWITCH=0 leaves them as torch made
+    them, and the `optimizer` built-in out)."""
+    return bool(_RAW)
 
 
 def _dispatching(cls: type, raw: Callable) -> Callable:
