@@ -144,10 +144,14 @@ def outcome_sentence(outcome: pb.Outcome) -> str:
         return from_pb(getattr(part, field)) if part.HasField(field) else None
 
     parts = [(p.name, value(p, "old"), value(p, "new")) for p in outcome.parts]
+    in_effect = ""
     if outcome.state == pb.OVERRIDDEN and any(p.overridden for p in outcome.parts):
+        others = [p.name for p in outcome.parts if not p.overridden]
+        in_effect = f" ({', '.join(others)} in effect)" if others else ""
         parts = [t for t, p in zip(parts, outcome.parts, strict=True) if p.overridden]
-    return sentence(
+    said = sentence(
         outcome.name, state_word(outcome), step=outcome.step, reason=outcome.reason,
         old=value(outcome, "old"), new=from_pb(outcome.new), kind=kind_word(outcome.kind),
         replica=outcome.replica, parts=parts or None,
     )  # fmt: skip
+    return said + in_effect

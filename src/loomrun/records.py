@@ -47,7 +47,9 @@ def record(job: str, outcome: pb.Outcome) -> dict[str, Any]:
     }
     if outcome.parts:  # one change of several parameters: "name", "old", "new" are the first's
         out["parts"] = [
-            {"name": p.name, "old": value(p, "old"), "new": value(p, "new")} for p in outcome.parts
+            {"name": p.name, "old": value(p, "old"), "new": value(p, "new")}
+            | ({"overridden": True} if p.overridden else {})
+            for p in outcome.parts
         ]
     return out
 

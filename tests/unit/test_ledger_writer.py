@@ -79,3 +79,26 @@ def test_each_record_has_a_message_id_of_its_run_and_key(tmp_path):
     first, second = ids
     assert first != second, "a new run of the job id is never taken for a copy"
     assert first.startswith("j:1.000000:") and first.endswith(":r0:c1:1")
+
+
+def test_each_key_of_a_change_of_several_ends_with_a_record_of_its_own(tmp_path):
+    """`set lr=... momentum=...` is one change; when the script's new param groups end
+    both keys, each end is a record (and once each)."""
+    outbox = Outbox(link=None)
+    ledger = Ledger("j", outbox, [tmp_path])
+    applied = answer("c1", pb.APPLIED)
+    applied.parts.add(name="lr")
+    applied.parts.add(name="momentum")
+    ledger.record(applied)
+    for name in ("lr", "momentum", "lr"):
+        ended = answer("c1", pb.OVERRIDDEN, ended=True)
+        ended.name = name
+        ledger.record(ended)
+    ledger.close()
+    lines = [json.loads(line) for line in (tmp_path / "changes.jsonl").read_text().splitlines()]
+    assert [(r["name"], r["outcome"], r["ended"]) for r in lines] == [
+        ("lr", "applied", False),
+        ("lr", "overridden", True),
+        ("momentum", "overridden", True),
+    ]
+    assert len({msg_id for _, _, msg_id in outbox._records}) == 3

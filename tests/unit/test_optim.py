@@ -766,3 +766,34 @@ def test_a_switch_whose_lr_the_schedule_refuses_changes_nothing(optimizers):
     assert outcome.state == pb.REJECTED and "use `--hold`" in outcome.reason
     assert type(optimizer) is torch.optim.SGD
     assert [id(s["momentum_buffer"]) for s in optimizer.state.values()] == buffers
+
+
+def test_a_switch_says_old_values_from_before_it_and_no_default_that_is_not_in_effect(
+    optimizers,
+):
+    """momentum held at 0.5 under SGD: RMSprop's default momentum (0) is not in effect, so
+    the answer does not say so; a part's old value is the one before the change."""
+    from loomrun.runtime import switch
+
+    switch.install()
+    optimizer = two_groups(momentum=0.9)
+    train(optimizer, 2)
+    worker, desired = optimizers.worker, DesiredConfig()
+    held = change(worker, desired, "momentum", 0.5)
+    train(optimizer, 2)
+    assert answer(worker, held).state == pb.APPLIED
+    for name, value in (("optimizer", "rmsprop"), ("weight_decay", 0.1)):
+        want = pb.DesiredParam(change_id="c9", together=["optimizer", "weight_decay"])
+        want.value.CopyFrom(P.to_pb(value))
+        desired.take(name, want)
+    worker.mailbox.desired.write(desired.state)
+    momenta = recording(optimizer, "momentum")
+    train(optimizer, 1)
+    outcome = answer(worker, "c9")
+    assert outcome.state == pb.APPLIED, outcome.reason
+    assert {p.name: P.from_pb(p.old) for p in outcome.parts} == {
+        "optimizer": "sgd",
+        "weight_decay": 0,
+    }
+    assert "momentum=0" not in outcome.reason, "0.5 is in effect, not RMSprop's default"
+    assert momenta == [[0.5, 0.5]], "the held momentum, through the switch"

@@ -166,12 +166,15 @@ def test_what_a_switch_resets_of_the_hyperparameters_both_kinds_have_is_said():
     assert said.changed == {"decoupled_weight_decay": False}, "an L2 penalty now: said"
 
 
-def test_unset_brings_back_the_scripts_own_weight_decay():
+def test_back_to_the_scripts_kind_weight_decay_stays_as_it_is_and_momentum_is_its_own():
+    """weight_decay is carried through every switch (the value in effect stays); the
+    hyperparameters the kinds do not share come back as the script had them."""
     model = _model()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
     own = S.hyperparameters(sgd)
     S.switch(sgd, "adam")
+    assert sgd.param_groups[0]["weight_decay"] == 0.01
     sgd.param_groups[0]["weight_decay"] = 0.5  # written meanwhile (by a change, say)
     S.switch(sgd, "sgd", own)
-    assert sgd.param_groups[0]["weight_decay"] == 0.5, "carried: the value in effect stays"
-    assert sgd.param_groups[0]["momentum"] == 0.9
+    assert sgd.param_groups[0]["weight_decay"] == 0.5
+    assert sgd.param_groups[0]["momentum"] == 0.9 and sgd.param_groups[0]["dampening"] == 0

@@ -57,7 +57,10 @@ def log_command(job, replicas, as_json, follow, metrics, broker):
             click.echo(json.dumps(item))
             return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(item["time"]))
-        parts = [(p["name"], p["old"], p["new"]) for p in item.get("parts") or ()]
+        parts = item.get("parts") or ()
+        if item["outcome"] == "overridden" and any(p.get("overridden") for p in parts):
+            parts = [p for p in parts if p.get("overridden")]  # the others are in effect
+        parts = [(p["name"], p["old"], p["new"]) for p in parts]
         said = sentence(
             item["name"], item["outcome"], old=item["old"], new=item["new"], step=item["step"],
             reason=item["reason"] or "", kind=item.get("kind", "set"), replica=item["replica"],

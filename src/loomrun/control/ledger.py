@@ -41,9 +41,9 @@ class Ledger:
         self.job = job
         self.outbox = outbox
         self._run = f"{job}:{run:.6f}"  # a new run of the job id answers with new ids
-        # (replica, change id) -> whether its ending was recorded; the oldest forgotten
+        # (replica, change id) -> the keys whose ending was recorded; the oldest forgotten
         # past LEDGER_KEPT (the stream keeps no more of a node's records either).
-        self._recorded: dict[tuple[str, str], bool] = {}
+        self._recorded: dict[tuple[str, str], set[str]] = {}
         self._files = []
         for folder in folders:
             # An earlier run's file was set aside as the supervisor started (set_aside_earlier).
@@ -58,7 +58,8 @@ class Ledger:
     def record(self, outcome: pb.Outcome) -> None:
         if not self._first(outcome):
             return  # answered before: a restarted worker's answer again
-        ending = ":ended" if outcome.ended else ""  # the change's second record, its end
+        # The change's end, per key (each key of a change of several ends on its own).
+        ending = f":ended:{outcome.name}" if outcome.ended else ""
         msg_id = f"{self._run}:{outcome.replica}:{outcome.change_id}:{outcome.state}{ending}"
         self.outbox.record(self.subject, outcome, msg_id)
         line = json.dumps(record(self.job, outcome)) + "\n"
@@ -72,10 +73,13 @@ class Ledger:
         """The change's first answer, or the first that ends it."""
         key = (outcome.replica, outcome.change_id)
         ended = outcome.state == pb.OVERRIDDEN and outcome.ended
-        if key in self._recorded and (self._recorded[key] or not ended):
+        endings = self._recorded.get(key)
+        if endings is not None and (not ended or outcome.name in endings):
             return False
-        self._recorded.pop(key, None)
-        self._recorded[key] = ended  # the newest last: the oldest is forgotten first
+        endings = self._recorded.pop(key, None) or set()
+        if ended:
+            endings.add(outcome.name)
+        self._recorded[key] = endings  # the newest last: the oldest is forgotten first
         if len(self._recorded) > S.LEDGER_KEPT:
             del self._recorded[next(iter(self._recorded))]
         return True

@@ -91,7 +91,9 @@ class AnswerBook:
             outcome = self._parked.pop(name)
             if name in replaced:
                 found = P.format_value(replaced.pop(name))
-                said = f"the optimizer's own step {outcome.step} wrote {name}={found} over it"
+                said = (why or {}).get(name) or (
+                    f"the optimizer's own step {outcome.step} wrote {name}={found} over it"
+                )
                 for part in outcome.parts:
                     part.overridden = part.overridden or part.name == name
                 outcome.reason = (

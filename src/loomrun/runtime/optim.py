@@ -60,7 +60,7 @@ class Optimizers:
         # Each optimizer's own kind and hyperparameters, as the script made it, kept once
         # it is switched to another (runtime.switch): `unset optimizer` goes back to them.
         self._own_kinds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._last_switch = ""
+        self._switched: list = []  # what the last switch did (runtime.switch.Switched)
 
     @property
     def steering(self) -> bool:
@@ -154,9 +154,15 @@ class Optimizers:
             unset=lambda: self.switch(None),
             own=lambda: self.own_kind() if self.kind() != self.own_kind() else None,
             reshapes=self.reshapes,
-            note=lambda: self._last_switch,
+            note=self.switch_note,
         )
         return True
+
+    def switch_note(self) -> str:
+        """What the last switch did, as it stands now: a key loomrun steers (given in the
+        same change, or held before) is not said to be at the new kind's default."""
+        steered = {name for name in P.BUILTINS if self.own(name) is not None}
+        return "; ".join(dict.fromkeys(s.sentence(steered) for s in self._switched))
 
     def kind(self) -> str | None:
         """The kind the optimizers step as now (the first one's)."""
@@ -184,7 +190,7 @@ class Optimizers:
         """Every optimizer to `kind` in place (None: each back to the script's own kind and
         hyperparameters); a built-in that a new kind lacks goes back to the script first,
         and the schema then lists the new kind's."""
-        from loomrun.runtime.switch import kind_of, refusal, switch
+        from loomrun.runtime.switch import check, kind_of, switch
 
         found = self._switchable()
         if not found:
@@ -194,8 +200,10 @@ class Optimizers:
                 self._own_kinds[optimizer] = (kind_of(optimizer), self._own_values(optimizer))
         wanted = {o: kind or self._own_kinds[o][0] for o in found}
         for optimizer in found:  # before anything changes: all of them, or none
-            if why := refusal(optimizer, wanted[optimizer], self._schedulers_of(optimizer)):
-                raise P.ParamError(why)
+            try:
+                check(optimizer, wanted[optimizer], self._schedulers_of(optimizer))
+            except ValueError as error:
+                raise P.ParamError(str(error)) from None
         having = set.intersection(*(P.OPTIMIZER_BUILTINS[k] for k in wanted.values()))
         lacking = set(P.BUILTINS) - having
         ended = {n: self.own(n) for n in lacking if self.own(n) is not None}
@@ -204,13 +212,12 @@ class Optimizers:
         if ended:  # a change in effect there ends with its own record
             why = f"the switch to {wanted[found[0]]} took it away"
             self.worker.stepped(set(), ended, dict.fromkeys(ended, why))
-        said = []
+        self._switched = []
         for optimizer in found:
             own_kind, own_values = self._own_kinds[optimizer]
             values = own_values if wanted[optimizer] == own_kind else None
             schedulers = self._schedulers_of(optimizer)
-            said.append(switch(optimizer, wanted[optimizer], values, schedulers).sentence())
-        self._last_switch = "; ".join(dict.fromkeys(said))
+            self._switched.append(switch(optimizer, wanted[optimizer], values, schedulers))
         for name in [n for n in self.worker.targets if n in P.BUILTINS and not self._has(n)]:
             del self.worker.targets[name]
         self._publish_targets()

@@ -107,7 +107,9 @@ class Switched:
     added: dict[str, Any] = field(default_factory=dict)  # new ones, at their default
     changed: dict[str, Any] = field(default_factory=dict)  # kept ones, now the new kind's
 
-    def sentence(self) -> str:
+    def sentence(self, steered=()) -> str:
+        """What the switch did; `steered`: keys loomrun keeps at a value of a change (the
+        new kind's default is not what is in effect there), left out."""
         if self.old == self.new:
             return f"already {self.new}"
         said = []
@@ -117,10 +119,10 @@ class Switched:
             said.append(f"state reset ({', '.join(self.reset)})")
         else:
             said.append("no state yet")
-        if self.added:
-            said.append("new: " + ", ".join(f"{k}={_plain(v)}" for k, v in self.added.items()))
-        if self.changed:
-            said.append("now: " + ", ".join(f"{k}={_plain(v)}" for k, v in self.changed.items()))
+        for word, found in (("new", self.added), ("now", self.changed)):
+            shown = [f"{k}={_plain(v)}" for k, v in found.items() if k not in steered]
+            if shown:
+                said.append(f"{word}: " + ", ".join(shown))
         if self.gone:
             said.append("gone: " + ", ".join(self.gone))
         return "; ".join(said)
@@ -164,32 +166,43 @@ def refusal(optimizer, kind: str, schedulers=()) -> str:
     return ""
 
 
+def check(optimizer, kind: str, schedulers=()) -> tuple[Any, list[str]]:
+    """What `switch` would make, made aside (raises ValueError, changing nothing, when it
+    cannot be): a fresh optimizer of the new kind over the same parameters, with the new
+    kind's defaults and flags, checked by its own __init__ (which also puts the global step
+    hooks' wrapper on its class); and the keys carried to it."""
+    import torch
+
+    if why := refusal(optimizer, kind, schedulers):
+        raise ValueError(why)
+    new_cls = getattr(torch.optim, OPTIMIZERS[kind])
+    # Between kinds of the same state, their common hyperparameters are the same too
+    # (but decoupled_weight_decay, which is what tells AdamW from Adam).
+    same_state = {kind_of(optimizer), kind} in SAME_STATE
+    carried = [*CARRIED, *(SAME_STATE_CARRIED if same_state else ())]
+    groups = [{"params": g["params"], **_carried(g, new_cls, carried)}
+              for g in optimizer.param_groups]  # fmt: skip
+    try:
+        fresh = new_cls(groups, lr=float(optimizer.defaults.get("lr", 1e-3)))
+    except (ValueError, RuntimeError, TypeError) as error:
+        raise ValueError(f"{kind} refuses this optimizer's settings: {error}") from None
+    return fresh, carried
+
+
 def switch(optimizer, kind: str, values: list[dict] | None = None, schedulers=()) -> Switched:
     """Make `optimizer` a `kind` (a key of OPTIMIZERS) in place, at a step boundary;
     `values`: per param group, hyperparameters to take rather than the new kind's
     defaults (the script's own, going back to its own kind); `schedulers`: the LR
     schedulers of this optimizer. Raises ValueError, changing nothing, when it cannot."""
-    import torch
-
     old_kind = kind_of(optimizer)
     if old_kind is None:
         raise ValueError(f"{type(optimizer).__name__} is not one of torch.optim's optimizers")
     done = Switched(old_kind, kind)
     if old_kind == kind:
         return done
-    if why := refusal(optimizer, kind, schedulers):
-        raise ValueError(why)
-    new_cls = getattr(torch.optim, OPTIMIZERS[kind])
+    fresh, carried = check(optimizer, kind, schedulers)
+    new_cls = type(fresh)
     same_state = {old_kind, kind} in SAME_STATE
-    # Between kinds of the same state, their common hyperparameters are the same too
-    # (but decoupled_weight_decay, which is what tells AdamW from Adam).
-    carried = [*CARRIED, *(SAME_STATE_CARRIED if same_state else ())]
-    # A fresh one over the same parameters: the new kind's defaults and flags, checked by
-    # its own __init__ (which also puts the global step hooks' wrapper on its class).
-    fresh = new_cls(
-        [{"params": g["params"], **_carried(g, new_cls, carried)} for g in optimizer.param_groups],
-        lr=float(optimizer.defaults.get("lr", 1e-3)),
-    )
     old_keys = set(optimizer.defaults)
     amsgrad = [g.get("amsgrad") for g in optimizer.param_groups]
     pairs = zip(optimizer.param_groups, fresh.param_groups, strict=True)

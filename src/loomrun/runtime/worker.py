@@ -20,6 +20,7 @@ the same changes at the same step, or none.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import math
 import os
@@ -165,6 +166,11 @@ class Worker:
             if want.HasField("base") and self._open(name, want)
             and self.answers.fresh(name) and self._open(name, want.base)
         }  # fmt: skip
+        starts = {base.change_id for base in bases.values()}
+        for name, want in found.items():  # what is left in effect of the same change
+            fits = want.at_once and want.change_id in starts and name not in bases
+            if fits and self._open(name, want):
+                bases[name] = want
         for parts in by_change(bases).values():  # a restart's start, each change whole
             if any(self._declared_later(part, step) for part in parts):  # not targets yet
                 starting |= set(parts)
@@ -248,8 +254,9 @@ class Worker:
     def _apply(self, parts: dict[str, pb.DesiredParam]) -> pb.Outcome:
         """Every parameter of the change into effect, or none: each value is checked first,
         against the parameters the change itself brings (`set optimizer=adamw betas=...`);
-        what reshapes the parameters runs first, then the handlers (a handler may raise),
-        then the optimizer's values; one that fails puts those run before it back."""
+        the handlers run first (a handler may raise), then what reshapes the parameters,
+        then the optimizer's values; one that fails puts those run before it back. Each
+        part's old value is the one before the change (not after the reshape)."""
         outcome = answer_change(parts, pb.REJECTED, self.step)
         several = len(parts) > 1
         coming, going = self._reshaped(parts)
@@ -275,6 +282,10 @@ class Worker:
                 return (2, name)
             return (1 if target.reshapes is not None else 0, name)
 
+        olds = {}
+        for name in parts:
+            with contextlib.suppress(Exception):  # one that cannot be read has no old value
+                olds[name] = P.to_pb(self.targets[name].get())
         done: list[tuple[Target, pb.Outcome]] = []
         for name in sorted(parts, key=order):
             target, said = self.targets.get(name), pb.Outcome(name=name)
@@ -287,10 +298,13 @@ class Worker:
             done.append((target, said))
         outcome.state = pb.APPLIED
         reasons = []
-        for _, said in done:
+        for target, said in done:
             name = said.name
-            if name in coming:
-                said.ClearField("old")  # it had none before this very change
+            said.ClearField("old")
+            if name in olds and name not in coming:  # a part the change brings had none
+                said.old.CopyFrom(olds[name])
+            if target.note is not None:  # what it did, as it stands with the whole change
+                said.reason = target.note()
             fill(outcome, name, said)
             if said.reason:
                 reasons.append(f"{name}: {said.reason}" if several else said.reason)

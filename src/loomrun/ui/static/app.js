@@ -554,7 +554,9 @@ function describe(record) {
 
 // A record's parameters: every one of a `set` of several (one change), else its one.
 function partsOf(record) {
-  return Array.isArray(record.parts) && record.parts.length ? record.parts : [record];
+  if (!Array.isArray(record.parts) || !record.parts.length) return [record];
+  const overridden = record.parts.filter((p) => p.overridden);  // the others are in effect
+  return record.outcome === "overridden" && overridden.length ? overridden : record.parts;
 }
 
 // -- the change ledger ---------------------------------------------------------------------------
