@@ -13,6 +13,7 @@ from loomrun._proto import loomrun_pb2 as pb
 from loomrun.desired import change, new_change_id
 from loomrun.params import ParamSpec
 from loomrun.runtime.target import Target
+from loomrun.runtime.worker import Worker
 
 
 class Several(Rig):
@@ -56,6 +57,19 @@ class Several(Rig):
 @pytest.fixture
 def rig(mailbox, monkeypatch):
     return Several(mailbox, monkeypatch)
+
+
+def restart(mailbox) -> tuple[Worker, dict]:
+    """A restarted worker on the mailbox, as it attaches, then declaring lr and batch."""
+    restarted = Worker(mailbox)
+    restarted.sync(at_boundary=False)
+    values = {"lr": 0.1, "batch": 32}
+    for spec in (ParamSpec("lr", "float"), ParamSpec("batch", "int")):
+        name = spec.name
+        restarted.add_target(
+            Target(spec, lambda n=name: values[n], lambda v, n=name: values.update({n: v}))
+        )
+    return restarted, values
 
 
 def test_two_keys_are_one_change_one_answer_at_one_step(rig):
@@ -177,21 +191,13 @@ def test_a_change_left_half_way_is_answered_when_too_many_wait(rig):
 
 
 def test_a_restart_after_part_of_a_change_was_replaced_starts_from_the_rest_of_it(rig):
-    from loomrun.runtime.worker import Worker
-
     rig.write_keys({"lr": 0.2, "batch": 64})
     rig.step(2)
     rig.write(0.5)
     rig.step(2)
     rig.replica.mailbox.reset_worker_side()
     rig.relay.rebase(rig.replica)
-    restarted = Worker(rig.replica.mailbox)
-    values = {"lr": 0.1, "batch": 32}
-    for spec in (ParamSpec("lr", "float"), ParamSpec("batch", "int")):
-        name = spec.name
-        restarted.add_target(
-            Target(spec, lambda n=name: values[n], lambda v, n=name: values.update({n: v}))
-        )
+    restarted, values = restart(rig.replica.mailbox)
     restarted.boundary()
     assert values == {"lr": 0.5, "batch": 64}, "batch from the change in effect, lr after it"
 
@@ -208,19 +214,11 @@ def test_a_change_waiting_for_its_step_applies_whole_there(rig):
 
 
 def test_a_restarted_worker_starts_from_every_key_of_the_change_in_effect(rig):
-    from loomrun.runtime.worker import Worker
-
     rig.write_keys({"lr": 0.2, "batch": 64})
     rig.step(2)
     rig.replica.mailbox.reset_worker_side()
     rig.relay.rebase(rig.replica)
-    restarted = Worker(rig.replica.mailbox)
-    values = {"lr": 0.1, "batch": 32}
-    for spec in (ParamSpec("lr", "float"), ParamSpec("batch", "int")):
-        name = spec.name
-        restarted.add_target(
-            Target(spec, lambda n=name: values[n], lambda v, n=name: values.update({n: v}))
-        )
+    restarted, values = restart(rig.replica.mailbox)
     restarted.boundary()
     assert values == {"lr": 0.2, "batch": 64}
 
@@ -230,8 +228,6 @@ def test_a_restart_answers_the_change_it_starts_from_once_though_a_key_of_it_wai
 ):
     """lr of an applied change {batch, lr} is replaced by one still waiting for the ranks:
     the restarted worker starts from the applied change, batch and lr, answered once."""
-    from loomrun.runtime.worker import Worker
-
     rig = Several(mailbox, monkeypatch)
     cid = rig.write_keys({"lr": 0.2, "batch": 64})
     rig.step(2)
@@ -240,14 +236,7 @@ def test_a_restart_answers_the_change_it_starts_from_once_though_a_key_of_it_wai
     rig.relay.rebase(rig.replica)
     monkeypatch.setenv("WORLD_SIZE", "2")  # the restarted rank waits for its group
     mailbox.reset_worker_side()
-    restarted = Worker(mailbox)
-    restarted.sync(at_boundary=False)
-    values = {"lr": 0.1, "batch": 32}
-    for spec in (ParamSpec("lr", "float"), ParamSpec("batch", "int")):
-        name = spec.name
-        restarted.add_target(
-            Target(spec, lambda n=name: values[n], lambda v, n=name: values.update({n: v}))
-        )
+    _, values = restart(mailbox)
     assert values == {"lr": 0.2, "batch": 64}
     _, acks = mailbox.acks.read()
     again = [o for o in acks.recent if o.change_id == cid]

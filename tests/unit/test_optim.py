@@ -67,6 +67,15 @@ def train(optimizer, steps: int, scheduler=None, writer=None) -> None:
                 scheduler.step()
 
 
+def change_of(worker: Worker, desired: DesiredConfig, values: dict, change_id: str) -> None:
+    """One change of several parameters, into the worker's own mailbox."""
+    for name, value in values.items():
+        want = pb.DesiredParam(change_id=change_id, together=sorted(values))
+        want.value.CopyFrom(P.to_pb(value))
+        desired.take(name, want)
+    worker.mailbox.desired.write(desired.state)
+
+
 def change(worker: Worker, desired: DesiredConfig, name: str, value=None, kind=pb.SET) -> str:
     """Write a change into the worker's own mailbox, as its supervisor would."""
     want = pb.DesiredParam(change_id=f"c{desired.state.version + 1}", kind=kind)
@@ -704,11 +713,7 @@ def test_a_switch_and_its_hyperparameters_are_one_change_and_unset_goes_back(opt
     worker = optimizers.worker
     assert worker.targets["optimizer"].get() == "sgd" and "betas" not in worker.targets
     desired = DesiredConfig()
-    for name, value in (("optimizer", "adamw"), ("betas", [0.8, 0.9])):
-        want = pb.DesiredParam(change_id="c1", together=["betas", "optimizer"])
-        want.value.CopyFrom(P.to_pb(value))
-        desired.take(name, want)
-    worker.mailbox.desired.write(desired.state)
+    change_of(worker, desired, {"optimizer": "adamw", "betas": [0.8, 0.9]}, "c1")
     betas = recording(optimizer, "betas")
     train(optimizer, 2)
     outcome = answer(worker, "c1")
@@ -755,12 +760,7 @@ def test_a_switch_whose_lr_the_schedule_refuses_changes_nothing(optimizers):
     optimizer = two_groups(lr=0.0, momentum=0.9)
     train(optimizer, 2)
     buffers = [id(s["momentum_buffer"]) for s in optimizer.state.values()]
-    desired = DesiredConfig()
-    for name, value in (("optimizer", "adamw"), ("lr", 3e-4)):
-        want = pb.DesiredParam(change_id="c1", together=["lr", "optimizer"])
-        want.value.CopyFrom(P.to_pb(value))
-        desired.take(name, want)
-    optimizers.worker.mailbox.desired.write(desired.state)
+    change_of(optimizers.worker, DesiredConfig(), {"optimizer": "adamw", "lr": 3e-4}, "c1")
     train(optimizer, 1)
     outcome = answer(optimizers.worker, "c1")
     assert outcome.state == pb.REJECTED and "use `--hold`" in outcome.reason
@@ -782,11 +782,7 @@ def test_a_switch_says_old_values_from_before_it_and_no_default_that_is_not_in_e
     held = change(worker, desired, "momentum", 0.5)
     train(optimizer, 2)
     assert answer(worker, held).state == pb.APPLIED
-    for name, value in (("optimizer", "rmsprop"), ("weight_decay", 0.1)):
-        want = pb.DesiredParam(change_id="c9", together=["optimizer", "weight_decay"])
-        want.value.CopyFrom(P.to_pb(value))
-        desired.take(name, want)
-    worker.mailbox.desired.write(desired.state)
+    change_of(worker, desired, {"optimizer": "rmsprop", "weight_decay": 0.1}, "c9")
     momenta = recording(optimizer, "momentum")
     train(optimizer, 1)
     outcome = answer(worker, "c9")
