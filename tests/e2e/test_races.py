@@ -96,6 +96,24 @@ def test_two_nodes_started_at_once_start_one_broker_and_leave_nothing(fresh):
     wait_clean(state, [job])
 
 
+def test_a_job_that_ends_while_its_broker_starts_still_says_it_started_one(fresh):
+    """Found by `make stress` (1 of 50 four-jobs trials): a job of 50 quick steps ended
+    while its start of the bundled broker was under way; the others shared that broker,
+    and no job said it had started one. The start is held open here, so the script ends
+    during it every time."""
+    state, _, env = fresh
+    job = f"ends-{secrets.token_hex(3)}"
+    slow = {**env, "LOOMRUN_TEST_BROKER_START_DELAY": "3"}
+    sup = subprocess.Popen(
+        [sys.executable, "-m", "loomrun.cli", "--job", job, str(SCRIPTS / "no_torch.py")],
+        env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    _, err = sup.communicate(timeout=120)
+    assert sup.returncode == 0, err
+    assert err.count("started the bundled NATS broker") == 1, err
+    wait_clean(state, [job])
+
+
 @pytest.mark.slow
 def test_a_node_whose_supervisor_is_killed_stops_the_other_and_nothing_is_left(fresh):
     """Node 1's supervisor SIGKILLed mid-run says nothing to node 0; node 0 sees its

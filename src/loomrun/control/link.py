@@ -54,6 +54,7 @@ class BrokerLink:
         self.bundled = False  # the broker was seen to be a bundled one (see _bundled)
         self.replicas = 1
         self._starting: threading.Event | None = None  # set once a broker start is over
+        self._start_outcome: dict[str, object] = {}  # what that start came to
         self.closing = False
         # Called after every reconnection, once the buckets are there again.
         self.on_reconnect: list[Callable[[], Awaitable[None]]] = []
@@ -134,6 +135,7 @@ class BrokerLink:
         stops the broker if this job was its last user: none is left behind."""
         starting = self._starting = threading.Event()
         outcome: dict[str, object] = {}
+        self._start_outcome = outcome
 
         def start() -> None:
             try:
@@ -226,6 +228,9 @@ class BrokerLink:
                 await asyncio.wait_for(self.nc.close(), 3.0)
         if self._starting is not None and not self._starting.is_set():
             await asyncio.get_running_loop().run_in_executor(None, self._starting.wait, 15.0)
+        started = self._start_outcome.get("broker")
+        if self.broker is None and isinstance(started, BundledBroker):  # the job ended first
+            say(f"started the bundled NATS broker on {started.url} (loopback only)")
         if self._local_port is not None:
             port = self._local_port
             leave(port)
