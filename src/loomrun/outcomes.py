@@ -138,12 +138,9 @@ def sentence(
 
 def outcome_sentence(outcome: pb.Outcome) -> str:
     """`sentence` of an answer as it comes off the wire."""
-    from loomrun.params import from_pb
+    from loomrun.params import from_field, from_pb
 
-    def value(part, field: str):
-        return from_pb(getattr(part, field)) if part.HasField(field) else None
-
-    parts = [(p.name, value(p, "old"), value(p, "new")) for p in outcome.parts]
+    parts = [(p.name, from_field(p, "old"), from_field(p, "new")) for p in outcome.parts]
     in_effect = ""
     if outcome.state == pb.OVERRIDDEN and any(p.overridden for p in outcome.parts):
         others = [p.name for p in outcome.parts if not p.overridden]
@@ -151,7 +148,7 @@ def outcome_sentence(outcome: pb.Outcome) -> str:
         parts = [t for t, p in zip(parts, outcome.parts, strict=True) if p.overridden]
     said = sentence(
         outcome.name, state_word(outcome), step=outcome.step, reason=outcome.reason,
-        old=value(outcome, "old"), new=from_pb(outcome.new), kind=kind_word(outcome.kind),
+        old=from_field(outcome, "old"), new=from_pb(outcome.new), kind=kind_word(outcome.kind),
         replica=outcome.replica, parts=parts or None,
     )  # fmt: skip
     return said + in_effect

@@ -270,6 +270,11 @@ def from_pb(value: pb.Value) -> Any:
     return getattr(value, which)
 
 
+def from_field(message, field: str) -> Any:
+    """A message's Value field (an answer's old or new, a part's): None when it is unset."""
+    return from_pb(getattr(message, field)) if message.HasField(field) else None
+
+
 def spec_to_pb(spec: ParamSpec) -> pb.ParamSpec:
     out = pb.ParamSpec(
         name=spec.name,

@@ -26,17 +26,14 @@ def record(job: str, outcome: pb.Outcome) -> dict[str, Any]:
     from loomrun import params as P  # protobuf: not for the job's folders, before the spawns
     from loomrun.outcomes import kind_word, state_word
 
-    def value(message, field: str) -> Any:
-        return P.from_pb(getattr(message, field)) if message.HasField(field) else None
-
     out = {
         "time": outcome.time,
         "who": outcome.origin,
         "job": job,
         "replica": outcome.replica,
         "name": outcome.name,
-        "old": value(outcome, "old"),
-        "new": value(outcome, "new"),
+        "old": P.from_field(outcome, "old"),
+        "new": P.from_field(outcome, "new"),
         "step": outcome.step,
         "outcome": state_word(outcome),
         "kind": kind_word(outcome.kind),
@@ -47,7 +44,7 @@ def record(job: str, outcome: pb.Outcome) -> dict[str, Any]:
     }
     if outcome.parts:  # one change of several parameters: "name", "old", "new" are the first's
         out["parts"] = [
-            {"name": p.name, "old": value(p, "old"), "new": value(p, "new")}
+            {"name": p.name, "old": P.from_field(p, "old"), "new": P.from_field(p, "new")}
             | ({"overridden": True} if p.overridden else {})
             for p in outcome.parts
         ]

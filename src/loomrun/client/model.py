@@ -162,15 +162,11 @@ class Result:
         if self.together:  # one change of several parameters: each one's values
             answered = {p.name: p for p in self.outcome.parts} if self.outcome else {}
 
-            def value(name: str, field_name: str) -> Any:
-                part = answered.get(name)
-                has = part is not None and part.HasField(field_name)
-                return P.from_pb(getattr(part, field_name)) if has else None
-
             out["parts"] = [
-                {"name": name, "requested": asked, "old": value(name, "old"),
-                 "new": value(name, "new")}
+                {"name": name, "requested": asked, "old": P.from_field(part, "old"),
+                 "new": P.from_field(part, "new")}
                 for name, asked in self.together.items()
+                for part in [answered.get(name, pb.Part())]
             ]  # fmt: skip
         return out
 

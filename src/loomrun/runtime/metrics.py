@@ -7,6 +7,7 @@ being captured."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 DEVICE_READ_INTERVAL = 1.0  # seconds between reads of a metric that lives on a GPU
@@ -75,3 +76,57 @@ def _may_sync(value) -> bool:
 
     capturing = getattr(torch.cuda, "is_current_stream_capturing", None)
     return not (value.is_cuda and capturing is not None and capturing())
+
+
+def track_loss(metrics: Metrics) -> None:
+    """A script that reports no loss itself has one all the same: the scalar it calls
+    `.backward()` on (under a GradScaler, or a subclass such as FSDP's ShardedGradScaler,
+    the loss before scaling). A detached reference is kept (the graph is not: a custom
+    autograd Function may hold tensors on it); the worker reads its value when a status
+    is due, at most once a second."""
+    import torch
+
+    scaled: list = [None, None]  # the last scaled loss, and the loss it was scaled from
+
+    def tracked_backward(self, *args, **kwargs):
+        if not metrics.own_loss and self.dim() == 0:
+            loss = self
+            if self is scaled[0]:
+                loss = scaled[1]
+            metrics.reported["loss"] = loss.detach()
+        scaled[0] = scaled[1] = None
+        return backward(self, *args, **kwargs)
+
+    def tracking(scale):
+        @functools.wraps(scale)
+        def tracked_scale(self, outputs):
+            out = scale(self, outputs)
+            if not metrics.own_loss and isinstance(outputs, torch.Tensor) and outputs.dim() == 0:
+                scaled[0], scaled[1] = out, outputs
+            return out
+
+        return tracked_scale
+
+    backward = torch.Tensor.backward
+    torch.Tensor.backward = functools.wraps(backward)(tracked_backward)
+    scaler = getattr(getattr(torch, "amp", None), "GradScaler", None)  # torch >= 2.3
+    if scaler is None:
+        return
+    kinds, seen = [scaler], []
+    while kinds:  # the scaler and those of its subclasses that scale their own way
+        kind = kinds.pop()
+        seen.append(kind)
+        kinds.extend(kind.__subclasses__())
+        if "scale" in kind.__dict__:
+            kind.scale = tracking(kind.scale)
+    made = scaler.__dict__.get("__init_subclass__")
+
+    def init_subclass(cls, **kwargs):  # one defined later (FSDP's, when imported)
+        if made is not None:
+            made.__func__(cls, **kwargs)
+        else:
+            super(scaler, cls).__init_subclass__(**kwargs)
+        if "scale" in cls.__dict__:
+            cls.scale = tracking(cls.scale)
+
+    scaler.__init_subclass__ = classmethod(init_subclass)

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from loomrun import params as P
 from loomrun.runtime.keep import Hold, HoldRatio, InEffect, Kept, Scale, _own_of, _plain
+from loomrun.runtime.kind import OptimizerKind
+from loomrun.runtime.metrics import track_loss
 from loomrun.runtime.steered import Steered
 from loomrun.runtime.target import Target
 
@@ -57,10 +59,7 @@ class Optimizers:
         self._shape: tuple = ()
         self._outer: set[int] = set()
         self.steered = Steered(worker)
-        # Each optimizer's own kind and hyperparameters, as the script made it, kept once
-        # it is switched to another (runtime.switch): `unset optimizer` goes back to them.
-        self._own_kinds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._switched: list = []  # what the last switch did (runtime.switch.Switched)
+        self.kinds = OptimizerKind(self)  # the built-in `optimizer`
 
     @property
     def steering(self) -> bool:
@@ -90,7 +89,7 @@ class Optimizers:
             hook = getattr(optimizer, "register_state_dict_post_hook", None)
             if hook is not None:  # torch >= 2.2
                 hook(_plain_groups)
-            if self._publish_targets():
+            if self.publish_targets():
                 self.worker.write_schema()
                 self.worker.recheck()
         if self._primary_id is None:
@@ -99,12 +98,16 @@ class Optimizers:
             if not self.worker.explicit_steps:
                 self.worker.boundary()
 
-    def _publish_targets(self) -> bool:
-        specs = [spec for name, spec in P.BUILTINS.items() if self._has(name)]
+    def publish_targets(self) -> bool:
+        """The built-ins the optimizers have now, as targets of the worker (new ones only)."""
+        specs = [spec for name, spec in P.BUILTINS.items() if self.has(name)]
         groups = self.groups()
         if len(groups) > 1:
             specs += [P.param_group_spec(i) for i in range(len(groups))]
-        added = self._publish_switch()
+        added = False
+        if "optimizer" not in self.worker.targets and (kind := self.kinds.target()):
+            self.worker.targets["optimizer"] = kind
+            added = True
         for spec in specs:
             if spec.name not in self.worker.targets:
                 # The script's own value, as it gave it, before any schedule moved it.
@@ -126,120 +129,6 @@ class Optimizers:
                 added = True
         return added
 
-    # -- the optimizer's kind (runtime.switch) -------------------------------------------
-
-    def _switchable(self) -> list:
-        """The optimizers a switch changes: every one, when each is exactly one of
-        torch.optim's kinds and none is the inner copy of another (ZeroRedundancyOptimizer's
-        inner optimizer is not switched alone); else none."""
-        from loomrun.runtime.switch import kind_of
-
-        optimizers = self.optimizers
-        self.groups()  # the outer groups, up to date
-        whole = all(id(g) in self._outer for o in optimizers for g in o.param_groups)
-        if not optimizers or not whole or any(kind_of(o) is None for o in optimizers):
-            return []
-        return optimizers
-
-    def _publish_switch(self) -> bool:
-        """The built-in `optimizer`, once the script steps with torch.optim optimizers."""
-        from loomrun.runtime.switch import installed
-
-        if "optimizer" in self.worker.targets or not installed() or not self._switchable():
-            return False
-        self.worker.targets["optimizer"] = Target(
-            P.optimizer_spec(self.own_kind()),
-            self.kind,
-            self.switch,
-            unset=lambda: self.switch(None),
-            own=lambda: self.own_kind() if self.kind() != self.own_kind() else None,
-            reshapes=self.reshapes,
-            note=self.switch_note,
-        )
-        return True
-
-    def switch_note(self) -> str:
-        """What the last switch did, as it stands now: a key loomrun steers (given in the
-        same change, or held before) is not said to be at the new kind's default."""
-        steered = {name for name in P.BUILTINS if self.own(name) is not None}
-        return "; ".join(dict.fromkeys(s.sentence(steered) for s in self._switched))
-
-    def kind(self) -> str | None:
-        """The kind the optimizers step as now (the first one's)."""
-        from loomrun.runtime.switch import kind_of
-
-        found = self._switchable()
-        return kind_of(found[0]) if found else None
-
-    def own_kind(self) -> str | None:
-        """The kind the script made its (first) optimizer as."""
-        found = self._switchable()
-        if not found:
-            return None
-        return self._own_kinds[found[0]][0] if found[0] in self._own_kinds else self.kind()
-
-    def reshapes(self, kind: str | None) -> tuple[set[str], set[str]]:
-        """The built-ins that appear, and those that go, with a switch to `kind`."""
-        if kind not in P.OPTIMIZER_BUILTINS:
-            raise P.ParamError(f"no optimizer kind {kind!r}")
-        now = {name for name in P.BUILTINS if name in self.worker.targets}
-        then = P.OPTIMIZER_BUILTINS[kind]
-        return then - now, now - then
-
-    def switch(self, kind: str | None) -> None:
-        """Every optimizer to `kind` in place (None: each back to the script's own kind and
-        hyperparameters); a built-in that a new kind lacks goes back to the script first,
-        and the schema then lists the new kind's."""
-        from loomrun.runtime.switch import check, kind_of, switch
-
-        found = self._switchable()
-        if not found:
-            raise P.ParamError("this replica's optimizers cannot be switched")
-        for optimizer in found:
-            if optimizer not in self._own_kinds:
-                self._own_kinds[optimizer] = (kind_of(optimizer), self._own_values(optimizer))
-        wanted = {o: kind or self._own_kinds[o][0] for o in found}
-        for optimizer in found:  # before anything changes: all of them, or none
-            try:
-                check(optimizer, wanted[optimizer], self._schedulers_of(optimizer))
-            except ValueError as error:
-                raise P.ParamError(str(error)) from None
-        having = set.intersection(*(P.OPTIMIZER_BUILTINS[k] for k in wanted.values()))
-        lacking = set(P.BUILTINS) - having
-        ended = {n: self.own(n) for n in lacking if self.own(n) is not None}
-        for name in lacking:
-            self.unset(name)  # given back to the script, while its key is there
-        if ended:  # a change in effect there ends with its own record
-            why = f"the switch to {wanted[found[0]]} took it away"
-            self.worker.stepped(set(), ended, dict.fromkeys(ended, why))
-        self._switched = []
-        for optimizer in found:
-            own_kind, own_values = self._own_kinds[optimizer]
-            values = own_values if wanted[optimizer] == own_kind else None
-            schedulers = self._schedulers_of(optimizer)
-            self._switched.append(switch(optimizer, wanted[optimizer], values, schedulers))
-        for name in [n for n in self.worker.targets if n in P.BUILTINS and not self._has(n)]:
-            del self.worker.targets[name]
-        self._publish_targets()
-        self.worker.write_schema()
-
-    def _own_values(self, optimizer) -> list[dict]:
-        """Each group's hyperparameters as the script has them: what loomrun steers there,
-        the script's own value."""
-        from loomrun.runtime.switch import hyperparameters
-
-        values = hyperparameters(optimizer)
-        for group, found in zip(optimizer.param_groups, values, strict=True):
-            for key in found:
-                kept = self.steered.kept_at(group, key)
-                if kept is not None:
-                    kept.refresh()
-                    found[key] = _plain(kept.own)
-        return values
-
-    def _schedulers_of(self, optimizer) -> list:
-        return [s for s in list(self.schedulers) if getattr(s, "optimizer", None) is optimizer]
-
     def _own(self, key: str) -> Any:
         """The value the script gave `key`, before any schedule moved it (a scheduler keeps
         it as "initial_lr"); None when it is not a plain value."""
@@ -255,6 +144,11 @@ class Optimizers:
 
     def _primary_gone(self, _ref) -> None:
         self._primary_id = None
+
+    def is_outer(self, group: dict) -> bool:
+        """Not the inner copy of a group an optimizer seen before holds (see groups())."""
+        self.groups()  # up to date
+        return id(group) in self._outer
 
     def groups(self) -> list[tuple[Any, int, dict]]:
         """Every param group of every optimizer: (optimizer, index in it, group). A group
@@ -273,7 +167,7 @@ class Optimizers:
             self._shape, self._outer = shape, outer
         return [entry for entry in every if id(entry[2]) in self._outer]
 
-    def _has(self, key: str) -> bool:
+    def has(self, key: str) -> bool:
         return any(key in g for _, _, g in self.groups())
 
     def _group(self, key: str) -> dict | None:
@@ -441,7 +335,7 @@ def _hook_torch(worker: Worker) -> None:
     group.install(worker)
     track_schedulers(lr_scheduler.LRScheduler, optimizers)
     try:
-        _track_loss(worker)
+        track_loss(worker.metrics)
     except Exception as error:  # noqa: BLE001 - the built-ins work without it
         worker.warn_once(f"cannot take the loss from backward ({error}); report it yourself")
 
@@ -525,64 +419,6 @@ def _tracking_init(init):
 
     tracked._loomrun = True
     return tracked
-
-
-def _track_loss(worker: Worker) -> None:
-    """A script that reports no loss itself has one all the same: the scalar it calls
-    `.backward()` on (under a GradScaler, or a subclass such as FSDP's ShardedGradScaler,
-    the loss before scaling). A detached reference is kept (the graph is not: a custom
-    autograd Function may hold tensors on it); the worker reads its value when a status
-    is due, at most once a second."""
-    import torch
-
-    scaled: list = [None, None]  # the last scaled loss, and the loss it was scaled from
-
-    def tracked_backward(self, *args, **kwargs):
-        if not worker.metrics.own_loss and self.dim() == 0:
-            loss = self
-            if self is scaled[0]:
-                loss = scaled[1]
-            worker.metrics.reported["loss"] = loss.detach()
-        scaled[0] = scaled[1] = None
-        return backward(self, *args, **kwargs)
-
-    def tracking(scale):
-        @functools.wraps(scale)
-        def tracked_scale(self, outputs):
-            out = scale(self, outputs)
-            if (
-                not worker.metrics.own_loss
-                and isinstance(outputs, torch.Tensor)
-                and outputs.dim() == 0
-            ):
-                scaled[0], scaled[1] = out, outputs
-            return out
-
-        return tracked_scale
-
-    backward = torch.Tensor.backward
-    torch.Tensor.backward = functools.wraps(backward)(tracked_backward)
-    scaler = getattr(getattr(torch, "amp", None), "GradScaler", None)  # torch >= 2.3
-    if scaler is None:
-        return
-    kinds, seen = [scaler], []
-    while kinds:  # the scaler and those of its subclasses that scale their own way
-        kind = kinds.pop()
-        seen.append(kind)
-        kinds.extend(kind.__subclasses__())
-        if "scale" in kind.__dict__:
-            kind.scale = tracking(kind.scale)
-    made = scaler.__dict__.get("__init_subclass__")
-
-    def init_subclass(cls, **kwargs):  # one defined later (FSDP's, when imported)
-        if made is not None:
-            made.__func__(cls, **kwargs)
-        else:
-            super(scaler, cls).__init_subclass__(**kwargs)
-        if "scale" in cls.__dict__:
-            cls.scale = tracking(cls.scale)
-
-    scaler.__init_subclass__ = classmethod(init_subclass)
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

@@ -19,7 +19,8 @@ class Target:
     step it ran in, when it is known whether the value held. `own` reads the script's own
     value of a steered one (None when loomrun does not steer it). `reshapes(value)` says
     which parameters appear and which go with a value (the optimizer's kind brings its own
-    hyperparameters); `note()`, what applying the last value did, for its answer;
+    hyperparameters); `note()`, what applying the last value did, for its answer (the
+    worker asks it once the whole change is applied);
     `precheck(value, hold)` raises ParamError when `put` would refuse the value now (asked
     before any part of a change is applied)."""
 
@@ -76,8 +77,6 @@ class Target:
             with contextlib.suppress(TypeError, ValueError):  # one the wire cannot carry
                 outcome.old.CopyFrom(P.to_pb(old))
         outcome.state = pb.APPLIED
-        if self.note is not None:
-            outcome.reason = self.note()
         if self.kept and want.kind != pb.UNSET and isinstance(value, float):
             now = self.get()
             if isinstance(now, float) and not math.isclose(now, value, rel_tol=1e-9):

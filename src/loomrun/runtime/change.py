@@ -1,0 +1,105 @@
+"""A change as the worker sees it: the desired entries of one change id (one `set`, of one
+or several parameters); why one was missed; and a replay's schedule and its recorded
+changes, made into such entries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from loomrun import params as P
+from loomrun._proto import loomrun_pb2 as pb
+from loomrun.subjects import PAUSE
+
+
+def entries(desired: pb.DesiredState) -> dict[str, pb.DesiredParam]:
+    """A desired state's changes by name, the pause flag's too."""
+    found = dict(desired.params)
+    if desired.HasField("pause"):
+        found[PAUSE] = desired.pause
+    return found
+
+
+def by_change(found: dict[str, pb.DesiredParam]) -> dict[str, dict[str, pb.DesiredParam]]:
+    """Entries by change: id -> {name: entry}; one `set` of several keys is one change."""
+    changes: dict[str, dict[str, pb.DesiredParam]] = {}
+    for name, want in found.items():
+        changes.setdefault(want.change_id, {})[name] = want
+    return changes
+
+
+def lead(parts: dict[str, pb.DesiredParam]) -> tuple[str, pb.DesiredParam]:
+    """A change's first parameter by name, and its entry: what the change's answer is
+    named by, and where its step, kind and flags are read (one `set` gives every key
+    the same)."""
+    name = min(parts)
+    return name, parts[name]
+
+
+def whole(parts: dict[str, pb.DesiredParam]) -> bool:
+    """Every key of the change holds it (a later change to one of them replaces it all)."""
+    _, want = lead(parts)
+    return not want.together or set(want.together) == set(parts)
+
+
+def fill(outcome: pb.Outcome, name: str, said: pb.Outcome) -> None:
+    """A part's old and new value, as applying it said, into the change's answer."""
+    places = [p for p in outcome.parts if p.name == name]
+    if name == outcome.name:
+        places.append(outcome)
+    for place in places:
+        if said.HasField("old"):
+            place.old.CopyFrom(said.old)
+        if said.HasField("new"):
+            place.new.CopyFrom(said.new)
+
+
+def recorded_change(recorded: dict) -> dict[str, pb.DesiredParam]:
+    """The change of a replayed record (loomrun.replay), due at its step: name -> entry,
+    each parameter of it when it changed several together."""
+    values = recorded.get("parts") or {recorded["name"]: recorded.get("value")}
+    kind = {"hold": pb.HOLD, "unset": pb.UNSET}.get(recorded.get("kind"), pb.SET)
+    parts = {}
+    for name, value in values.items():
+        want = pb.DesiredParam(
+            at_step=recorded["step"], origin="replay", kind=kind,
+            change_id=str(recorded.get("change_id", "")),
+            together=sorted(values) if len(values) > 1 else [],
+        )  # fmt: skip
+        if kind != pb.UNSET:
+            try:
+                want.value.CopyFrom(P.to_pb(value))
+            except (P.ParamError, TypeError, ValueError):
+                want.value.CopyFrom(P.to_pb(str(value)))
+        parts[name] = want
+    return parts
+
+
+def missed(at_step: int, step: int, agreed: bool) -> str:
+    """Why a change due at `at_step` was applied nowhere, read (or agreed on) at `step`."""
+    if agreed:
+        return (
+            f"the ranks agreed on it at step {step}, after its step {at_step}: no rank applied it"
+        )
+    return f"it arrived at step {step}, after its step {at_step}"
+
+
+def read_plan(path: str) -> list[dict]:
+    """This replica's replay schedule (loomrun.replay), as the supervisor wrote it: JSON,
+    checked again here (a file can be anything)."""
+    plan = json.loads(Path(path).read_text())
+    if not isinstance(plan, list):
+        raise ValueError("not a list of changes")
+    keys = {"step": int, "name": str}
+
+    def fits(change) -> bool:
+        if not isinstance(change, dict) or not all(
+            isinstance(change.get(k), t) for k, t in keys.items()
+        ):
+            return False
+        parts = change.get("parts")
+        return parts is None or (
+            isinstance(parts, dict) and bool(parts) and all(isinstance(n, str) for n in parts)
+        )
+
+    return [change for change in plan if fits(change)]
