@@ -313,7 +313,8 @@ def test_a_hung_replica_is_shown_and_restarted_with_step_timeout(procs):
         result = run_loomrun("watch", "--once", "--json", "--job", job)
         if result.returncode != 0:
             return None
-        return json.loads(result.stdout)["jobs"][0]["replicas"][0]["state"]
+        replicas = json.loads(result.stdout)["jobs"][0]["replicas"]
+        return replicas[0]["state"] if replicas else None  # not listed yet, right at start
 
     wait_for(lambda: state() == "hung", 30, interval=0.2, what="r0 shown as hung")
     listed = {j["job"]: j for j in json.loads(run_loomrun("ls", "--json").stdout)["jobs"]}
