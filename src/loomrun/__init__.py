@@ -1,7 +1,8 @@
 """loomrun: launch a PyTorch job like torchrun, then steer it while it trains.
 
 Inside a worker, `import loomrun` is the API: `loomrun.param`, `@loomrun.handler`,
-`loomrun.step`, `loomrun.report`. Outside loomrun each is a cheap no-op, so the same
+`loomrun.step`, `loomrun.report`, and `loomrun.Field` (a field's bounds and doc, in
+`typing.Annotated`). Outside loomrun each is a cheap no-op, so the same
 script runs under plain `python`. The names load lazily: the supervisor and the CLI
 import this package and must stay light.
 """
@@ -10,6 +11,11 @@ _API = {"param", "handler", "step", "report", "Param"}
 
 
 def __getattr__(name: str):
+    if name == "Field":
+        from loomrun.fields import Field
+
+        globals()[name] = Field
+        return Field
     if name in _API:
         from loomrun.runtime import api
 
@@ -19,4 +25,4 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted(_API | set(globals()))
+    return sorted(_API | {"Field"} | set(globals()))

@@ -46,7 +46,9 @@ if TYPE_CHECKING:
 MAGIC = b"LOOMMBX2"
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 SLOT_NAMES = ("desired", "acks", "schema", "status")
-SLOT_SIZES = {"desired": 128 << 10, "acks": 256 << 10, "schema": 64 << 10, "status": 64 << 10}
+# Room for structured values of up to params.LARGEST_VALUE (16 KiB) each; tmpfs pages are
+# taken only as they are written.
+SLOT_SIZES = {"desired": 256 << 10, "acks": 512 << 10, "schema": 128 << 10, "status": 256 << 10}
 # Each slot's message, by name: protobuf is imported at the first read, not with this
 # module, which the supervisor needs before its first spawn.
 SLOT_TYPES = {"desired": "DesiredState", "acks": "Acks", "schema": "Schema", "status": "Status"}

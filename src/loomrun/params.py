@@ -7,6 +7,8 @@ becomes a value through int(), float(), a fixed table of booleans, or json.loads
 
 from __future__ import annotations
 
+import copy
+import difflib
 import enum
 import json
 import math
@@ -18,6 +20,12 @@ from typing import Any
 from loomrun._proto import loomrun_pb2 as pb
 
 KINDS = {"float": float, "int": int, "bool": bool, "str": str}
+# A dataclass or TypedDict (`fields`), and a dict[str, T] (`item`): see loomrun.fields.
+STRUCTURED = ("struct", "map")
+# The largest value loomrun carries, as sent (bytes): a structured value's JSON is refused
+# above it, by `set` and by the worker, so that no value in effect is ever left out of a
+# status or an answer.
+LARGEST_VALUE = 16 << 10
 _BOOLS = {
     "true": True, "false": False, "yes": True, "no": False,
     "on": True, "off": False, "1": True, "0": False,
@@ -30,7 +38,10 @@ _TYPE_WORDS = {
 }
 INT_RANGE = (-(2**63), 2**63 - 1)  # what the wire carries (a protobuf int64)
 _DIGITS = re.compile(r"[+-]?[0-9]+")
-_KIND_TO_PB = {"float": pb.FLOAT, "int": pb.INT, "bool": pb.BOOL, "str": pb.STR}
+_KIND_TO_PB = {
+    "float": pb.FLOAT, "int": pb.INT, "bool": pb.BOOL, "str": pb.STR,
+    "struct": pb.STRUCT, "map": pb.MAP,
+}  # fmt: skip
 _PB_TO_KIND = {v: k for k, v in _KIND_TO_PB.items()}
 
 
@@ -40,7 +51,8 @@ class ParamError(ValueError):
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """What a parameter accepts. `enum` is the worker's own Enum type, never sent."""
+    """What a parameter accepts. `enum` is the worker's own Enum type, `cls` its dataclass
+    or TypedDict: never sent. A struct's `fields` are named by their key alone."""
 
     name: str
     kind: str = "float"
@@ -52,35 +64,56 @@ class ParamSpec:
     doc: str = ""
     builtin: bool = False
     default: Any = None
+    fields: tuple = ()
+    item: ParamSpec | None = None
+    optional: bool = False
     enum: type | None = field(default=None, compare=False)
+    cls: type | None = field(default=None, compare=False)
 
     def __post_init__(self):
-        if self.kind not in KINDS:
+        if self.kind not in KINDS and self.kind not in STRUCTURED:
             raise ValueError(f"parameter kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
+
+    @property
+    def structured(self) -> bool:
+        return self.kind in STRUCTURED
 
     @property
     def type_name(self) -> str:
         """How the expected type reads in an error message."""
-        if self.choices:
-            item = plural = "one of " + ", ".join(_show(c) for c in self.choices)
-        else:
-            item, plural = _TYPE_WORDS[self.kind]
+        item, plural = self._words()
         if not self.is_list:
             return item
         count = f"{self.length} " if self.length else ""
         return f"a list of {count}{plural}"
+
+    def _words(self) -> tuple[str, str]:
+        """One value of this type, and several, as a message says them."""
+        if self.choices:
+            return ("one of " + ", ".join(_show(c) for c in self.choices),) * 2
+        if self.kind == "struct":
+            keys = ", ".join(f.name for f in self.fields)
+            return f"an object with fields {keys}", f"objects with fields {keys}"
+        if self.kind == "map":
+            of = self.item._words()[1] if self.item is not None else "values"
+            if self.item is not None and self.item.is_list:
+                of = "lists"
+            return f"an object whose values are {of}", f"objects whose values are {of}"
+        return _TYPE_WORDS[self.kind]
 
 
 def _show(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-def _fail(spec: ParamSpec, given: Any, expected: str | None = None) -> ParamError:
+def _fail(
+    spec: ParamSpec, given: Any, expected: str | None = None, name: str | None = None
+) -> ParamError:
     shown = repr(given)
     if len(shown) > 80:  # one line for a person, whatever was given
         shown = f"{shown[:60]}... ({len(shown)} characters)"
     return ParamError(
-        f"invalid value for {spec.name}: expected {expected or spec.type_name}, got {shown}"
+        f"invalid value for {name or spec.name}: expected {expected or spec.type_name}, got {shown}"
     )
 
 
@@ -112,7 +145,16 @@ def _parse_scalar(spec: ParamSpec, text: str) -> Any:
 
 
 def parse(spec: ParamSpec, text: str) -> Any:
-    """Convert command-line text to a checked value: "1e-3" -> 0.001, "0.9,0.999" -> list."""
+    """Convert command-line text to a checked value: "1e-3" -> 0.001, "0.9,0.999" -> list;
+    a structured value (or a list of them) is JSON."""
+    if spec.structured:
+        if len(text) > LARGEST_VALUE * 4:
+            raise _fail(spec, text, f"at most {LARGEST_VALUE // 1024} KiB")
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError):
+            raise _fail(spec, text, f"{spec.type_name}, as JSON") from None
+        return check(spec, value)
     if not spec.is_list:
         return check(spec, _parse_scalar(spec, text))
     stripped = text.strip()
@@ -134,51 +176,103 @@ def parse(spec: ParamSpec, text: str) -> Any:
 # -- typed value (from the wire, or Python) checked against the spec ---------------------
 
 
-def _check_scalar(spec: ParamSpec, value: Any) -> Any:
+def _check_scalar(spec: ParamSpec, value: Any, name: str) -> Any:
     kind = spec.kind
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _fail(spec, value)
+            raise _fail(spec, value, name=name)
         value = float(value)
         if not math.isfinite(value):
-            raise _fail(spec, value, "a finite float")
+            raise _fail(spec, value, "a finite float", name)
     elif kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 value = int(value)
             else:
-                raise _fail(spec, value, "an integer")
+                raise _fail(spec, value, "an integer", name)
         if not INT_RANGE[0] <= value <= INT_RANGE[1]:
-            raise _fail(spec, value, "an integer of 64 bits (up to 9223372036854775807)")
+            raise _fail(spec, value, "an integer of 64 bits (up to 9223372036854775807)", name)
     elif kind == "bool":
         if not isinstance(value, bool):
-            raise _fail(spec, value, "a boolean")
-    elif not isinstance(value, str):
-        raise _fail(spec, value, "a string")
+            raise _fail(spec, value, "a boolean", name)
+    elif kind == "str":
+        if not isinstance(value, str):
+            raise _fail(spec, value, "a string", name)
+    else:
+        return _check_structure(spec, value, name)
     if spec.choices and value not in spec.choices:
-        raise _fail(spec, value)
+        raise _fail(spec, value, name=name)
     if spec.min is not None and value < spec.min:
         raise ParamError(
-            f"invalid value for {spec.name}: {_show(value)} is below the minimum {spec.min:g}"
+            f"invalid value for {name}: {_show(value)} is below the minimum {spec.min:g}"
         )
     if spec.max is not None and value > spec.max:
         raise ParamError(
-            f"invalid value for {spec.name}: {_show(value)} is above the maximum {spec.max:g}"
+            f"invalid value for {name}: {_show(value)} is above the maximum {spec.max:g}"
         )
     return value
 
 
-def check(spec: ParamSpec, value: Any) -> Any:
-    """Validate a typed value and return it normalised (ints widen to floats, tuples to lists)."""
+def _check_structure(spec: ParamSpec, value: Any, name: str) -> dict:
+    """A struct's or a map's value, each field checked under its path; a struct's field
+    left out takes its default (or is missing, unless optional)."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise _fail(spec, value, name=name)
+    if spec.kind == "map":
+        return {k: check(spec.item, v, field_path(name, k)) for k, v in value.items()}
+    known = {f.name: f for f in spec.fields}
+    for key in value:
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ParamError(
+                f"invalid value for {name}: no field {key!r}{hint}; its fields: {', '.join(known)}"
+            )
+    out = {}
+    for key, sub in known.items():
+        if key in value:
+            out[key] = check(sub, value[key], field_path(name, key))
+        elif sub.default is not None:
+            out[key] = copy.deepcopy(sub.default)
+        elif not sub.optional:
+            raise ParamError(
+                f"invalid value for {name}: field {key!r} is missing (expected {sub.type_name})"
+            )
+    return out
+
+
+def field_path(name: str, key: str | int) -> str:
+    """The path of a field: `sched` and `warmup` -> `sched/warmup` (a key's `~` and `/`
+    written `~0` and `~1`, as JSON Pointer does)."""
+    return f"{name}/{str(key).replace('~', '~0').replace('/', '~1')}"
+
+
+def check(spec: ParamSpec, value: Any, name: str | None = None) -> Any:
+    """Validate a typed value and return it normalised (ints widen to floats, tuples to
+    lists, a structure's fields left out take their defaults). `name` is where the value
+    is, for the message (a field's path)."""
+    top = name is None
+    name = name or spec.name
     if not spec.is_list:
         if isinstance(value, list | tuple):
-            raise _fail(spec, value)
-        return _check_scalar(spec, value)
-    if not isinstance(value, list | tuple):
-        raise _fail(spec, value)
-    if spec.length and len(value) != spec.length:
-        raise _fail(spec, value)
-    return [_check_scalar(spec, item) for item in value]
+            raise _fail(spec, value, name=name)
+        out = _check_scalar(spec, value, name)
+    else:
+        if not isinstance(value, list | tuple):
+            raise _fail(spec, value, name=name)
+        if spec.length and len(value) != spec.length:
+            raise _fail(spec, value, name=name)
+        out = [
+            _check_scalar(spec, item, field_path(name, i) if spec.structured else name)
+            for i, item in enumerate(value)
+        ]
+    sized = top and (spec.structured or spec.is_list)
+    if sized and (size := to_pb(out).ByteSize()) > LARGEST_VALUE:
+        raise ParamError(
+            f"invalid value for {name}: {size} bytes as sent, over the {LARGEST_VALUE // 1024} "
+            "KiB a value may take"
+        )
+    return out
 
 
 # -- declarations from Python annotations ------------------------------------------------
@@ -218,8 +312,9 @@ def spec_from_annotation(name: str, annotation: Any, **options: Any) -> ParamSpe
                 )
             return spec
     raise TypeError(
-        f"{name}: cannot steer a parameter of type {annotation!r} "
-        "(expected float, int, bool, str, Literal[...], an Enum, or a list of those)"
+        f"{name}: cannot steer a parameter of type {annotation!r} (expected float, int, "
+        "bool, str, Literal[...], an Enum, a dataclass, a TypedDict, dict[str, T], or a list "
+        "of those)"
     )
 
 
@@ -230,7 +325,12 @@ def _replace(spec: ParamSpec, **changes: Any) -> ParamSpec:
 
 
 def to_python(spec: ParamSpec, value: Any) -> Any:
-    """The value a handler receives: Enum members for Enum parameters, tuples stay lists."""
+    """The value a handler receives: Enum members for Enum parameters, tuples stay lists,
+    a new instance of the script's own dataclass (or dict) for a structured one."""
+    if spec.structured:
+        from loomrun import fields
+
+        return fields.to_python(spec, value)
     if spec.enum is not None:
         if isinstance(value, list):
             return [spec.enum[v] for v in value]
@@ -256,6 +356,12 @@ def to_pb(value: Any) -> pb.Value:
     elif isinstance(value, list | tuple):
         out.list.SetInParent()
         out.list.items.extend(to_pb(v) for v in value)
+    elif isinstance(value, dict):
+        out.map.SetInParent()
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"cannot send a key of type {type(key).__name__}")
+            out.map.entries.add(key=key).value.CopyFrom(to_pb(item))
     else:
         raise TypeError(f"cannot send a value of type {type(value).__name__}")
     return out
@@ -267,6 +373,8 @@ def from_pb(value: pb.Value) -> Any:
         return None
     if which == "list":
         return [from_pb(v) for v in value.list.items]
+    if which == "map":
+        return {entry.key: from_pb(entry.value) for entry in value.map.entries}
     return getattr(value, which)
 
 
@@ -284,7 +392,11 @@ def spec_to_pb(spec: ParamSpec) -> pb.ParamSpec:
         doc=spec.doc,
         builtin=spec.builtin,
         length=spec.length,
+        fields=[spec_to_pb(f) for f in spec.fields],
+        optional=spec.optional,
     )
+    if spec.item is not None:
+        out.item.CopyFrom(spec_to_pb(spec.item))
     if spec.min is not None:
         out.min = spec.min
     if spec.max is not None:
@@ -303,6 +415,10 @@ def spec_from_pb(message: pb.ParamSpec) -> ParamSpec:
         choices = tuple(json.loads(c) for c in message.choices)
     except ValueError:
         raise ParamError(f"malformed parameter spec {message.name!r}: bad choices") from None
+    fields = tuple(spec_from_pb(f) for f in message.fields)
+    item = spec_from_pb(message.item) if message.HasField("item") else None
+    if (kind == "struct") != bool(fields) or (kind == "map") != (item is not None):
+        raise ParamError(f"malformed parameter spec {message.name!r}: fields of a {kind}")
     return ParamSpec(
         name=message.name,
         kind=kind,
@@ -314,6 +430,9 @@ def spec_from_pb(message: pb.ParamSpec) -> ParamSpec:
         doc=message.doc,
         builtin=message.builtin,
         default=from_pb(message.default) if message.HasField("default") else None,
+        fields=fields,
+        item=item,
+        optional=message.optional,
     )
 
 
@@ -325,6 +444,8 @@ def format_value(value: Any) -> str:
         return f"{value:.6g}"
     if isinstance(value, list | tuple):
         return "[" + ", ".join(format_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {format_value(v)}" for k, v in value.items()) + "}"
     if value is None:
         return "-"
     return str(value)

@@ -1,6 +1,7 @@
 """Every name loomrun uses on NATS: buckets, keys and subjects, each scoped by job id.
 
-loomrun_desired   {job}.{replica}.param.{name}   DesiredParam (version = KV revision)
+loomrun_desired   {job}.{replica}.param.{name}   DesiredParam (version = KV revision);
+                                                 a field's path is its name (key_token)
                   {job}.{replica}.pause          DesiredParam with a bool value
 loomrun_state     {job}.{replica}.schema         Schema
                   {job}.{replica}.outcome.{name} Outcome of the latest change
@@ -44,6 +45,12 @@ JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 REPLICA_NAME = re.compile(r"r[0-9]{1,6}")
 # A parameter's name; `lr.0`, `lr.1`, ... name one optimizer param group's lr.
 PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}(\.[0-9]{1,4})?")
+# What a change names: a parameter, or a field of a structured one by its path
+# (loomrun.fields): `sched/warmup`, `aug/p.x`, `blocks/0/width`.
+_KEY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}(\.[0-9]{1,4}|(/[^/\x00-\x1f\x7f]+){1,16})?")
+MOST_KEY_CHARS = 256
+_KEPT = re.compile(r"[A-Za-z0-9_/-]")  # a path's characters a bucket key keeps as they are
+_ESCAPED = re.compile(r"(?:=[0-9A-F]{2})+")
 _KEY_TOKEN = re.compile(r"[^A-Za-z0-9_=-]")
 
 
@@ -52,8 +59,32 @@ def replica_order(name: str) -> tuple[int, str]:
     return (int(name[1:]), name) if name[1:].isdigit() else (1 << 30, name)
 
 
+def is_key(name: str) -> bool:
+    """A name a change may carry: a parameter's, or a field's path."""
+    return len(name) <= MOST_KEY_CHARS and _KEY_NAME.fullmatch(name) is not None
+
+
+def key_token(name: str) -> str:
+    """A name as a bucket key holds it: a path's characters that a key cannot hold (a dot,
+    a space, any non-ASCII) as =XX, each byte of their UTF-8."""
+    base, sep, path = name.partition("/")
+    if not sep:
+        return name
+    kept = (c if _KEPT.fullmatch(c) else "".join(f"={b:02X}" for b in c.encode()) for c in path)
+    return f"{base}/{''.join(kept)}"
+
+
+def key_name(token: str) -> str | None:
+    """The name a bucket key holds (key_token's inverse); None when it is not one."""
+    try:
+        name = _ESCAPED.sub(lambda m: bytes.fromhex(m[0].replace("=", "")).decode(), token)
+    except UnicodeDecodeError:
+        return None
+    return name if is_key(name) else None
+
+
 def desired_param(job: str, replica: str, name: str) -> str:
-    return f"{job}.{replica}.param.{name}"
+    return f"{job}.{replica}.param.{key_token(name)}"
 
 
 def desired_pause(job: str, replica: str) -> str:
@@ -65,7 +96,7 @@ def schema(job: str, replica: str = "*") -> str:
 
 
 def outcome(job: str, replica: str = "*", name: str = ">") -> str:
-    return f"{job}.{replica}.outcome.{name}"
+    return f"{job}.{replica}.outcome.{name if name == '>' else key_token(name)}"
 
 
 def status(job: str, replica: str = "*") -> str:
@@ -121,8 +152,8 @@ def split_desired(key: str) -> tuple[str, str, str | None] | None:
     """`job.r1.param.lr` -> ("r1", "param", "lr"); `job.r1.pause` -> ("r1", "pause", None)."""
     parts = key.split(".")
     if len(parts) in (4, 5) and parts[2] == "param":
-        name = ".".join(parts[3:])
-        return (parts[1], "param", name) if PARAM_NAME.fullmatch(name) else None
+        name = key_name(".".join(parts[3:]))
+        return (parts[1], "param", name) if name is not None else None
     if len(parts) == 3 and parts[2] == PAUSE:
         return parts[1], PAUSE, None
     return None
@@ -136,7 +167,7 @@ def replica_of(key: str) -> str:
 def split_outcome(key: str) -> tuple[str, str]:
     """`job.r1.outcome.lr.0` -> ("r1", "lr.0")."""
     parts = key.split(".", 3)
-    return parts[1], parts[3]
+    return parts[1], key_name(parts[3]) or parts[3]
 
 
 def job_keys(job: str | None = None) -> str:

@@ -101,7 +101,7 @@ def test_random_command_lines_are_one_line_errors_never_tracebacks():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["set", "lr"], "'lr' is not KEY=VALUE (like lr=0.002)"),
+        (["set", "lr"], "'lr' is not KEY=VALUE (like lr=0.002"),
         (["set", "lr=0.1", "--replica", "r-1"], "'r-1' is not a replica name"),
         (["set", "lr=0.1", "--replica", ""], "no replica named"),
         (["set", "lr=0.1", "--job", "bad.id"], "'bad.id' is not a valid job id"),

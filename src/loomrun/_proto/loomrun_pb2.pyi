@@ -29,6 +29,8 @@ class ParamKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INT: _ClassVar[ParamKind]
     BOOL: _ClassVar[ParamKind]
     STR: _ClassVar[ParamKind]
+    STRUCT: _ClassVar[ParamKind]
+    MAP: _ClassVar[ParamKind]
 
 class ReplicaState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -55,6 +57,8 @@ FLOAT: ParamKind
 INT: ParamKind
 BOOL: ParamKind
 STR: ParamKind
+STRUCT: ParamKind
+MAP: ParamKind
 REPLICA_STATE_UNSPECIFIED: ReplicaState
 STARTING: ReplicaState
 RUNNING: ReplicaState
@@ -66,24 +70,40 @@ STOPPED: ReplicaState
 HUNG: ReplicaState
 
 class Value(_message.Message):
-    __slots__ = ("f", "i", "b", "s", "list")
+    __slots__ = ("f", "i", "b", "s", "list", "map")
     F_FIELD_NUMBER: _ClassVar[int]
     I_FIELD_NUMBER: _ClassVar[int]
     B_FIELD_NUMBER: _ClassVar[int]
     S_FIELD_NUMBER: _ClassVar[int]
     LIST_FIELD_NUMBER: _ClassVar[int]
+    MAP_FIELD_NUMBER: _ClassVar[int]
     f: float
     i: int
     b: bool
     s: str
     list: ValueList
-    def __init__(self, f: _Optional[float] = ..., i: _Optional[int] = ..., b: _Optional[bool] = ..., s: _Optional[str] = ..., list: _Optional[_Union[ValueList, _Mapping]] = ...) -> None: ...
+    map: ValueMap
+    def __init__(self, f: _Optional[float] = ..., i: _Optional[int] = ..., b: _Optional[bool] = ..., s: _Optional[str] = ..., list: _Optional[_Union[ValueList, _Mapping]] = ..., map: _Optional[_Union[ValueMap, _Mapping]] = ...) -> None: ...
 
 class ValueList(_message.Message):
     __slots__ = ("items",)
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[Value]
     def __init__(self, items: _Optional[_Iterable[_Union[Value, _Mapping]]] = ...) -> None: ...
+
+class ValueMap(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[MapEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[MapEntry, _Mapping]]] = ...) -> None: ...
+
+class MapEntry(_message.Message):
+    __slots__ = ("key", "value")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    value: Value
+    def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
 
 class DesiredParam(_message.Message):
     __slots__ = ("value", "version", "at_step", "change_id", "at_once", "origin", "revision", "base", "kind", "together")
@@ -185,7 +205,7 @@ class Acks(_message.Message):
     def __init__(self, recent: _Optional[_Iterable[_Union[Outcome, _Mapping]]] = ..., read_version: _Optional[int] = ..., scheduled: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ParamSpec(_message.Message):
-    __slots__ = ("name", "kind", "is_list", "choices", "min", "max", "doc", "builtin", "default", "length")
+    __slots__ = ("name", "kind", "is_list", "choices", "min", "max", "doc", "builtin", "default", "length", "fields", "item", "optional")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     IS_LIST_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +216,9 @@ class ParamSpec(_message.Message):
     BUILTIN_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    OPTIONAL_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: ParamKind
     is_list: bool
@@ -206,7 +229,10 @@ class ParamSpec(_message.Message):
     builtin: bool
     default: Value
     length: int
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ParamKind, str]] = ..., is_list: _Optional[bool] = ..., choices: _Optional[_Iterable[str]] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., doc: _Optional[str] = ..., builtin: _Optional[bool] = ..., default: _Optional[_Union[Value, _Mapping]] = ..., length: _Optional[int] = ...) -> None: ...
+    fields: _containers.RepeatedCompositeFieldContainer[ParamSpec]
+    item: ParamSpec
+    optional: bool
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ParamKind, str]] = ..., is_list: _Optional[bool] = ..., choices: _Optional[_Iterable[str]] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., doc: _Optional[str] = ..., builtin: _Optional[bool] = ..., default: _Optional[_Union[Value, _Mapping]] = ..., length: _Optional[int] = ..., fields: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., item: _Optional[_Union[ParamSpec, _Mapping]] = ..., optional: _Optional[bool] = ...) -> None: ...
 
 class Schema(_message.Message):
     __slots__ = ("params", "group_size", "group_rank", "agree_every")

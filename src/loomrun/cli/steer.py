@@ -19,14 +19,28 @@ from loomrun.cli.options import (
 )
 
 
+def _dotted(name: str) -> str:
+    """Why `sched.warmup` is not a name: a field goes by its path, with `/`."""
+    base, dot, rest = name.partition(".")
+    if dot and rest and not rest.isdigit() and "/" not in name:
+        return (
+            f"; a field of a structured parameter goes by its path with '/' "
+            f"({base}/{rest.replace('.', '/')}), and only lr.N has a dot"
+        )
+    return ""
+
+
 def _parse_assignments(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
-    from loomrun.subjects import PARAM_NAME
+    from loomrun.subjects import is_key
 
     changes: dict[str, str] = {}
     for item in values:
         name, sep, value = item.partition("=")
-        if not sep or not PARAM_NAME.fullmatch(name):
-            raise click.BadParameter(f"'{item}' is not KEY=VALUE (like lr=0.002)")
+        if not sep or not is_key(name):
+            raise click.BadParameter(
+                f"'{item}' is not KEY=VALUE (like lr=0.002, or sched/warmup=200 for a "
+                f"field){_dotted(name)}"
+            )
         changes[name] = value
     return changes
 
@@ -119,12 +133,16 @@ def set_command(
       loomrun set lr=1e-3 momentum=0.8 --replica r1 --job train-1a2b3c
       loomrun set lr.1=1e-4                  only the second param group's lr
       loomrun set lr=3e-4 --hold             stop the decay here
+      loomrun set sched/warmup=200           one field of a dataclass parameter
+      loomrun set sched='{"warmup": 200, "peak": 0.003}'   all of it, as JSON
     Values are checked against the schema the replicas published before anything is
     sent; then `set` waits until every replica answered this very change: applied (at
     which step, old -> new), rejected, overridden, or missed. A change stays in effect
     until the next change or `unset`, whatever the script writes: under a schedule, lr
     is the schedule times new/old (`--hold`: exactly the value); momentum, weight_decay
-    and betas are held exactly. `lr` keeps the param groups' ratios. An optimizer that
+    and betas are held exactly. `lr` keeps the param groups' ratios. A field goes by
+    its path (`sched/warmup`, `blocks/0/width`; a key's `/` written `~1`), applied to the
+    value in effect; fields of one `set` are one change. An optimizer that
     writes lr inside its own step cannot be steered: that answer is "overridden", and it
     comes after the step the change ran in. Independent replicas apply it at once; the
     ranks of a process group all at one step.
@@ -163,15 +181,19 @@ def unset_command(names, job, replicas, force, timeout, no_wait, as_json, broker
 
     \b
       loomrun unset lr                       every replica's lr, as the script's schedule says
+      loomrun unset sched/warmup             one field, back to the script's default
     An optimizer's value (lr, momentum, ...) is again what the script computes, from the
     step the unset lands at, unscaled; a declared parameter goes back to its default. The
     same checks and answers as `set`; `get` shows which parameters loomrun steers.
     """
-    from loomrun.subjects import PARAM_NAME
+    from loomrun.subjects import is_key
 
     for name in names:
-        if not PARAM_NAME.fullmatch(name):
-            raise click.BadParameter(f"'{name}' is not a parameter name", param_hint="KEY")
+        if not is_key(name):
+            raise click.BadParameter(
+                f"'{name}' is not a parameter name, nor a field's path{_dotted(name)}",
+                param_hint="KEY",
+            )
     unique = list(dict.fromkeys(names))
     _change(
         broker, job, no_wait, as_json,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from loomrun import fields
 from loomrun import params as P
 from loomrun.client.model import Job, ReplicaSchema, SteerError, suggest
 from loomrun.desired import MOST_TOGETHER
@@ -22,6 +23,8 @@ def check(
             f"one change sets {MOST_TOGETHER} parameters at most, not {len(changes)}: "
             "split it into several"
         )
+    if overlap := fields.overlapping(changes):
+        raise SteerError(overlap)
     checked: dict[str, dict[str, Any]] = {}
     for replica in replicas:
         if replica not in schemas:
@@ -29,6 +32,11 @@ def check(
         specs = after_switch(schemas[replica].specs, changes, convert)
         checked[replica] = {}
         for name, text in changes.items():
+            if "/" in name:
+                spec = _field(specs, name, replica, unset=not convert)
+                if convert:
+                    checked[replica][name] = _value(spec, text)
+                continue
             spec = specs.get(name)
             if spec is None and name in P.BUILTINS and not P.BUILTINS.keys() & set(specs):
                 raise SteerError(
@@ -43,12 +51,35 @@ def check(
                 )
             if not convert:
                 continue
-            try:
-                value = P.parse(spec, text) if isinstance(text, str) else P.check(spec, text)
-            except P.ParamError as error:
-                raise SteerError(str(error)) from None
-            checked[replica][name] = value
+            checked[replica][name] = _value(spec, text)
     return checked
+
+
+def _value(spec: P.ParamSpec, text: Any) -> Any:
+    try:
+        return P.parse(spec, text) if isinstance(text, str) else P.check(spec, text)
+    except P.ParamError as error:
+        raise SteerError(str(error)) from None
+
+
+def _field(specs: dict[str, P.ParamSpec], name: str, replica: str, unset: bool) -> P.ParamSpec:
+    """The spec of a field named by its path (`sched/warmup`); for an unset, the field
+    must have a value of the script's own (in its parameter's default)."""
+    base, keys = fields.split(name)
+    spec = specs.get(base)
+    if spec is None:
+        known = sorted(specs)
+        raise SteerError(
+            f"{replica} has no parameter {base!r}{suggest(base, known)}; "
+            f"it has: {', '.join(known) or 'none'}"
+        )
+    try:
+        found = fields.field_spec(spec, keys)
+    except P.ParamError as error:
+        raise SteerError(f"{replica}: {error}") from None
+    if unset and fields.value_at(spec.default, keys) is None:
+        raise SteerError(f"{name} of {replica} has no value of the script's own")
+    return found
 
 
 def after_switch(specs: dict[str, P.ParamSpec], changes: dict[str, Any], convert: bool):

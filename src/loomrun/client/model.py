@@ -3,6 +3,7 @@ replica's schema, and the listing `get` and the page show."""
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import getpass
 import os
@@ -11,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from loomrun import fields
 from loomrun import params as P
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
@@ -223,17 +225,25 @@ def parameters(
     values = status.values if status is not None else {}
     own_values = status.own if status is not None else {}
     held = set(status.held) if status is not None else set()
+    by_field = _field_changes(replica, specs, outcomes)
     listing = []
     for spec in specs.values():
         last = outcomes.get((replica, spec.name))
+        field = by_field.get(spec.name)
+        if field is not None and (last is None or field[1].time > last.time):
+            path, last = field
+        else:
+            path = spec.name
         applied = last is not None and last.state == pb.APPLIED and not last.ended
         since = applied and (status is None or last.time > status.time)
-        if since and last.new.WhichOneof("kind"):
-            value = P.from_pb(last.new)  # applied since the last status (4 times a second)
-        elif spec.name in values:
-            value = P.from_pb(values[spec.name])
-        else:
-            value = spec.default
+        value = P.from_pb(values[spec.name]) if spec.name in values else spec.default
+        if since and last.new.WhichOneof("kind"):  # applied since the last status
+            new = P.from_pb(last.new)
+            if path == spec.name:
+                value = new
+            else:  # a field of it: in the value as the status has it
+                with contextlib.suppress(P.ParamError):
+                    value = fields.patched(spec, value, fields.split(path)[1], new)
         if spec.builtin:  # the optimizer's: the worker says what it steers
             steered = spec.name in own_values
             own = P.from_pb(own_values[spec.name]) if steered else value
@@ -260,6 +270,21 @@ def parameters(
             }
         )
     return listing
+
+
+def _field_changes(replica: str, specs: dict, outcomes: dict) -> dict[str, tuple[str, pb.Outcome]]:
+    """By structured parameter: the latest answer to a change of one of its fields
+    (`sched/warmup`), and that field's path."""
+    if not any(spec.structured for spec in specs.values()):
+        return {}
+    latest: dict[str, tuple[str, pb.Outcome]] = {}
+    for (where, path), outcome in outcomes.items():
+        if where != replica or "/" not in path:
+            continue
+        base = fields.base(path)
+        if base not in latest or outcome.time > latest[base][1].time:
+            latest[base] = (path, outcome)
+    return latest
 
 
 def with_ended(job, results, ended: dict[str, str], names, kind) -> list[Result]:

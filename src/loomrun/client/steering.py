@@ -11,7 +11,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from loomrun import buckets
+from loomrun import buckets, fields
 from loomrun import params as P
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
@@ -200,7 +200,8 @@ class Steering:
         if S.PAUSE in changes:
             raise SteerError("pause is not a parameter: use `loomrun pause` and `loomrun resume`")
         schemas = await self.schemas(job, fresh=False)
-        if any(r not in schemas or not set(changes) <= set(schemas[r].specs) for r in replicas):
+        bases = {fields.base(name) for name in changes}
+        if any(r not in schemas or not bases <= set(schemas[r].specs) for r in replicas):
             schemas = await self.schemas(job)
         return check(schemas, job, replicas, changes, convert)
 
@@ -276,7 +277,7 @@ class Steering:
         writes = []
         for replica in targets:
             for name in names:
-                spec = schemas[replica].specs[name]
+                spec = schemas[replica].specs[fields.base(name)]
                 if not spec.builtin and spec.default is None:
                     raise SteerError(f"{name} of {replica} has no value of the script's own")
             if replica not in ended:

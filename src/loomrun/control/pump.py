@@ -133,7 +133,7 @@ class MailboxPump:
                 continue
             far = outcome.seq > replica.outcome_seq + SEQ_AHEAD
             names = [outcome.name, *(part.name for part in outcome.parts)]
-            if far or not all(S.PARAM_NAME.fullmatch(name) for name in names):
+            if far or not all(S.is_key(name) for name in names):
                 self._malformed(replica, outcome)
                 continue
             replica.outcome_seq = outcome.seq

@@ -38,7 +38,7 @@ def together_fits(name: str, together) -> bool:
         1 < len(names) <= MOST_TOGETHER
         and name in names
         and names == sorted(set(names))
-        and all(S.PARAM_NAME.fullmatch(n) and n != PAUSE for n in names)
+        and all(S.is_key(n) and n != PAUSE for n in names)
     )
 
 

@@ -16,7 +16,6 @@ from loomrun._proto import loomrun_pb2 as pb
 from loomrun.outcomes import answer, names_of
 
 RECENT_OUTCOMES = 512
-LARGEST_VALUE = 2048  # bytes of a value repeated in an outcome or a status; larger: left out
 
 
 class AnswerBook:
@@ -131,7 +130,7 @@ class AnswerBook:
                         self.warn(f"a listener of applied changes failed: {error!r}")
         for part in {id(p): p for p in [outcome, *parts]}.values():
             for value in (part.old, part.new):
-                if value.ByteSize() > LARGEST_VALUE:  # the client knows what it asked for
+                if value.ByteSize() > P.LARGEST_VALUE:  # a value read from the script, unchecked
                     value.Clear()
         self._seq += 1
         outcome.seq = self._seq

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from loomrun import params as P
+from loomrun.fields import spec_of, to_wire
 from loomrun.runtime import worker as _worker
 from loomrun.runtime.target import Target
 
@@ -28,20 +29,13 @@ class Param:
         self.value = P.to_python(spec, spec.default) if spec.default is not None else None
 
     def _get(self) -> Any:
-        return self.spec.default if self.value is None else _wire(self.value)
+        return self.spec.default if self.value is None else to_wire(self.value)
 
     def _put(self, value: Any) -> None:
         self.value = P.to_python(self.spec, value)
 
     def __repr__(self) -> str:
         return f"Param({self.spec.name}={self.value!r})"
-
-
-def _wire(value: Any) -> Any:
-    if isinstance(value, list | tuple):
-        return [_wire(v) for v in value]
-    name = getattr(value, "name", None)
-    return name if name is not None and hasattr(type(value), "__members__") else value
 
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
@@ -71,8 +65,8 @@ def param(
     doc: str = "",
 ) -> Param:
     """Declare a steerable parameter: `batch = loomrun.param("batch", int, default=64)`."""
-    spec = P.spec_from_annotation(_checked(name), type, **_options(min, max, choices, doc, default))
-    if spec.default is not None and spec.enum is None:
+    spec = spec_of(_checked(name), type, **_options(min, max, choices, doc, default))
+    if spec.default is not None and spec.enum is None and not spec.structured:
         spec = P._replace(spec, default=P.check(spec, spec.default))
     declared = Param(spec)
     worker = _worker.current
@@ -91,16 +85,17 @@ class _Handler:
         if not parameters:
             raise TypeError(f"handler {fn.__qualname__} must take the new value as its argument")
         value = parameters[-1]
-        annotation = typing.get_type_hints(fn).get(value.name)
+        annotation = typing.get_type_hints(fn, include_extras=True).get(value.name)
         if annotation is None:
             raise TypeError(
                 f"handler {fn.__qualname__}: annotate {value.name!r} with its type "
-                "(float, int, bool, str, Literal[...], an Enum or a list)"
+                "(float, int, bool, str, Literal[...], an Enum, a dataclass, a TypedDict, "
+                "dict[str, T] or a list)"
             )
         if options["default"] is None and value.default is not inspect.Parameter.empty:
             options["default"] = value.default
-        self.spec = P.spec_from_annotation(_checked(name or fn.__name__), annotation, **options)
-        self.current = _wire(self.spec.default) if self.spec.default is not None else None
+        self.spec = spec_of(_checked(name or fn.__name__), annotation, **options)
+        self.current = to_wire(self.spec.default) if self.spec.default is not None else None
         # A method, defined in a class body (`Model.set_dropout`, not `f.<locals>.g`): its
         # class is still being made when a restarted worker applies the desired value here,
         # and its instances come later still.

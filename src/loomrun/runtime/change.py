@@ -21,9 +21,11 @@ def entries(desired: pb.DesiredState) -> dict[str, pb.DesiredParam]:
 
 
 def by_change(found: dict[str, pb.DesiredParam]) -> dict[str, dict[str, pb.DesiredParam]]:
-    """Entries by change: id -> {name: entry}; one `set` of several keys is one change."""
+    """Entries by change: id -> {name: entry}; one `set` of several keys is one change.
+    In the order they were made (their revision in the bucket): a restarted worker
+    applies a field (`sched/warmup`), the whole value and an unset as they came."""
     changes: dict[str, dict[str, pb.DesiredParam]] = {}
-    for name, want in found.items():
+    for name, want in sorted(found.items(), key=lambda item: (item[1].revision, item[0])):
         changes.setdefault(want.change_id, {})[name] = want
     return changes
 

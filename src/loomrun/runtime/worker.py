@@ -29,11 +29,12 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from loomrun import fields
 from loomrun import params as P
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.mailbox import Mailbox, MailboxError
 from loomrun.outcomes import answer, answer_change, names_of
-from loomrun.runtime.answers import LARGEST_VALUE, AnswerBook
+from loomrun.runtime.answers import AnswerBook
 from loomrun.runtime.change import (
     by_change,
     entries,
@@ -218,7 +219,7 @@ class Worker:
     def _declared_later(self, name: str, step: int) -> bool:
         """Not a target yet, but it may be soon: declared by the script as it starts, or by
         its optimizer at its first step."""
-        return name not in self.targets and name != PAUSE and step < 2
+        return fields.base(name) not in self.targets and name != PAUSE and step < 2
 
     def _agree(self, grouped: dict[str, pb.DesiredParam], step: int) -> bool:
         """One collective: the changes every rank holds alike, every rank takes now (or
@@ -269,7 +270,10 @@ class Worker:
         outcome = answer_change(parts, pb.REJECTED, self.step)
         several = len(parts) > 1
         coming, going = self._reshaped(parts)
-        unknown = [n for n in parts if (n not in self.targets or n in going) and n not in coming]
+        unknown = [
+            n for n in map(fields.base, parts)
+            if (n not in self.targets or n in going) and n not in coming
+        ]  # fmt: skip
         if unknown:
             name = unknown[0]
             known = ", ".join(sorted(self.targets)) or "none declared"
@@ -282,6 +286,11 @@ class Worker:
         if several and (refused := self._refused(parts)):
             outcome.reason = refused
             return outcome
+        try:
+            wants, fielded = self._composed(parts)
+        except P.ParamError as error:
+            outcome.reason = str(error)
+            return outcome
 
         def order(name: str) -> tuple:
             """The handlers (which may raise), what reshapes, then the optimizer's values
@@ -292,17 +301,17 @@ class Worker:
             return (1 if target.reshapes is not None else 0, name)
 
         # A part applied after a reshape would read its old value from the new kind.
-        reshaping = any(t.reshapes for n in parts if (t := self.targets.get(n)) is not None)
+        reshaping = any(t.reshapes for n in wants if (t := self.targets.get(n)) is not None)
         olds = {}
-        for name in parts if reshaping else ():
+        for name in wants if reshaping else ():
             with contextlib.suppress(Exception):  # one that cannot be read has no old value
                 olds[name] = P.to_pb(self.targets[name].get())
         done: list[tuple[Target, pb.Outcome]] = []
-        for name in sorted(parts, key=order):
+        for name in sorted(wants, key=order):
             target, said = self.targets.get(name), pb.Outcome(name=name)
             if target is None:
                 said.reason = f"{name} did not come with the change it was expected with"
-            if target is None or not target.apply(parts[name], said):
+            if target is None or not target.apply(wants[name], said):
                 undone = [earlier.restore() for earlier, _ in reversed(done)]
                 outcome.reason = "; ".join([said.reason, *filter(None, undone)])  # named
                 return outcome
@@ -317,15 +326,50 @@ class Worker:
                     said.old.CopyFrom(olds[name])
             if target.note is not None:  # what it did, as it stands with the whole change
                 said.reason = target.note()
-            fill(outcome, name, said)
+            for part, (old, new) in fielded.get(name, {}).items():  # each field's own
+                field = pb.Outcome(name=part, new=P.to_pb(new))
+                if old is not None:
+                    field.old.CopyFrom(P.to_pb(old))
+                fill(outcome, part, field)
+                self.answers.took(part, parts[part])
+            if name not in fielded:
+                fill(outcome, name, said)
+                self.answers.took(name, parts[name])
             if said.reason:
                 reasons.append(f"{name}: {said.reason}" if several else said.reason)
-            self.answers.took(name, parts[name])
         outcome.reason = "; ".join(reasons)
-        kept = [n for n, w in parts.items() if self.targets[n].kept and w.kind != pb.UNSET]
+        kept = [n for n, w in wants.items() if self.targets[n].kept and w.kind != pb.UNSET]
         if kept and not self.paused:
             self.answers.park(kept, outcome)  # answered once a step ran with them
         return outcome
+
+    def _composed(self, parts: dict[str, pb.DesiredParam]) -> tuple[dict, dict]:
+        """What each target of a change is given: a part naming a whole parameter, its
+        entry; the fields of a structured one (`sched/warmup`), one new value of it, made
+        from the value in effect now with each field changed (two clients that change
+        different fields do not undo each other). Also, by parameter, each field's old and
+        new value, for the answer. ParamError when a field or the result is refused."""
+        if overlap := fields.overlapping(parts):
+            raise P.ParamError(overlap)
+        wants = {name: want for name, want in parts.items() if "/" not in name}
+        fielded: dict[str, dict[str, tuple]] = {}
+        for name in sorted(n for n in parts if "/" in n):
+            base, keys = fields.split(name)
+            target, want = self.targets[base], parts[name]
+            spec = target.spec
+            current = P.from_pb(wants[base].value) if base in fielded else target.get()
+            if want.kind == pb.UNSET:
+                new = fields.value_at(spec.default, keys)
+                if new is None:
+                    raise P.ParamError(f"{name} has no value of the script's own to go back to")
+            else:
+                new = P.check(fields.field_spec(spec, keys), P.from_pb(want.value), name)
+            value = P.check(spec, fields.patched(spec, current, keys, new))
+            fielded.setdefault(base, {})[name] = (fields.value_at(current, keys), new)
+            wants[base] = pb.DesiredParam(
+                value=P.to_pb(value), kind=pb.SET, change_id=want.change_id
+            )
+        return wants, fielded
 
     def _reshaped(self, parts: dict[str, pb.DesiredParam]) -> tuple[set[str], set[str]]:
         """The parameters a change brings, and those it takes away (the optimizer's kind)."""
@@ -437,7 +481,7 @@ class Worker:
             time=time.time(), pid=os.getpid(), applied_version=self._desired.version,
         )  # fmt: skip
         for target in self.targets.values():
-            target.show(status, LARGEST_VALUE)
+            target.show(status, P.LARGEST_VALUE)
         self._write(self.mailbox.status, status)
         self._next_status = now + STATUS_INTERVAL
 

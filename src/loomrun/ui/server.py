@@ -114,9 +114,9 @@ def parse_change(body: Any) -> tuple[str, dict[str, Any], list[str] | None, bool
     if not isinstance(params, dict) or len(params) > 64:
         raise RequestError(400, "params must be an object of at most 64 name: value pairs")
     for name, value in params.items():
-        if not S.PARAM_NAME.fullmatch(name):
-            raise RequestError(400, f"{name[:80]!r} is not a parameter name")
-        if not isinstance(value, str | int | float | bool | list):
+        if not S.is_key(name):
+            raise RequestError(400, f"{name[:80]!r} is not a parameter name, nor a field's path")
+        if not isinstance(value, str | int | float | bool | list | dict):
             raise RequestError(400, f"{name}: expected a value, got {type(value).__name__}")
     force = body.get("force", False)
     if not isinstance(force, bool):
