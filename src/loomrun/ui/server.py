@@ -26,6 +26,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from loomrun import fields
 from loomrun import params as P
 from loomrun import subjects as S
 from loomrun.client import SteerError, Steering, parameters, summary
@@ -93,6 +94,37 @@ def spec_dict(spec: P.ParamSpec, listed: dict[str, Any]) -> dict[str, Any]:
         "steered": listed["steered"],
         "held": listed["held"],
     }
+
+
+def forms(spec: P.ParamSpec, listed: dict[str, Any]) -> list[dict[str, Any]]:
+    """The page's forms of one parameter: one; for a structured one, one for the whole
+    value (JSON) and one per field, named by its path, down to the plain values."""
+    if not spec.structured:
+        return [spec_dict(spec, listed)]
+    whole = {**spec_dict(spec, listed), "kind": "json"}
+    out = [whole]
+    for path, field, value in _leaves(spec, spec.name, listed["value"]):
+        own = fields.value_at(listed["own"], fields.split(path)[1])
+        out.append(spec_dict(P._replace(field, name=path), {**listed, "value": value, "own": own}))
+    return out
+
+
+def _leaves(spec: P.ParamSpec, path: str, value: Any):
+    """Each plain field of a structured value: (path, its spec, its value); a list's or a
+    map's as the value in effect has them."""
+    if spec.is_list:
+        one = P._replace(spec, is_list=False, length=0)
+        for i, item in enumerate(value if isinstance(value, list) else []):
+            yield from _leaves(one, fields.join(path, i), item)
+    elif spec.kind == "struct":
+        for field in spec.fields:
+            got = value.get(field.name) if isinstance(value, dict) else None
+            yield from _leaves(field, fields.join(path, field.name), got)
+    elif spec.kind == "map":
+        for key, item in (value if isinstance(value, dict) else {}).items():
+            yield from _leaves(spec.item, fields.join(path, key), item)
+    else:
+        yield path, spec, value
 
 
 def parse_change(body: Any) -> tuple[str, dict[str, Any], list[str] | None, bool]:
@@ -355,8 +387,9 @@ class Dashboard:
                     status = statuses[replica].status if replica in statuses else None
                     listed = parameters(replica, schema.specs, status, outcomes)
                     params[replica] = [
-                        spec_dict(schema.specs[p["name"]], p)
+                        form
                         for p in sorted(listed, key=lambda p: p["name"])
+                        for form in forms(schema.specs[p["name"]], p)
                     ]
                 if params != sent:
                     sent = params

@@ -323,7 +323,8 @@ function inputFor(param) {
   }
   const input = el("input", {type: "text", name: param.name,
                              placeholder: param.is_list ? "0.9,0.999" : ""});
-  if (value != null) input.value = Array.isArray(value) ? value.join(",") : String(value);
+  if (param.kind === "json") input.dataset.json = "1";
+  showValue(input, value);
   return input;
 }
 
@@ -331,6 +332,7 @@ function showValue(field, value) {
   if (value == null) return;
   if (field.type === "checkbox") field.checked = Boolean(value);
   else if (field.tagName === "SELECT") field.value = JSON.stringify(value);
+  else if (field.dataset.json) field.value = JSON.stringify(value);  // a whole structure
   else field.value = Array.isArray(value) ? value.join(",") : String(value);
 }
 
