@@ -250,9 +250,10 @@ def _fields_of(name: str, cls: type, depth: int) -> tuple[P.ParamSpec, ...]:
     else:
         required = getattr(cls, "__required_keys__", frozenset(hints))
         for key, hint in hints.items():
+            optional = key not in required or typing.get_origin(hint) is typing.NotRequired
             if typing.get_origin(hint) in (typing.Required, typing.NotRequired):
-                hint = typing.get_args(hint)[0]
-            out.append(_field(name, key, hint, depth, None, optional=key not in required))
+                hint = typing.get_args(hint)[0]  # (read from a string, not in the keys)
+            out.append(_field(name, key, hint, depth, None, optional=optional))
     if not out:
         raise TypeError(f"{name}: {cls.__name__} has no fields to steer")
     return tuple(out)
