@@ -213,7 +213,7 @@ def spec_of(name: str, annotation: Any, depth: int = 0, **options: Any) -> P.Par
         key_type, value_type = typing.get_args(annotation) or (str, Any)
         if key_type is not str:
             raise TypeError(f"{name}: a dict parameter has str keys, not {key_type!r}")
-        item = spec_of("*", value_type, depth + 1)
+        item = P._replace(spec_of(join(name, "*"), value_type, depth + 1), name="*")
         spec = P.ParamSpec(name, "map", item=item, doc=doc, cls=dict)
     else:
         spec = P.ParamSpec(
@@ -260,10 +260,8 @@ def _fields_of(name: str, cls: type, depth: int) -> tuple[P.ParamSpec, ...]:
 
 
 def _field(parent: str, key: str, hint: Any, depth: int, default: Any, optional: bool):
-    try:
-        spec = spec_of(key, hint, depth + 1)
-    except TypeError as error:
-        raise TypeError(f"{join(parent, key)}: {error}".replace(f": {key}: ", ": ", 1)) from None
+    """A field's spec, named by its key (a message names its whole path)."""
+    spec = P._replace(spec_of(join(parent, key), hint, depth + 1), name=key)
     if default is not None:
         try:
             spec = P._replace(spec, default=P.check(spec, to_wire(default), join(parent, key)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 import struct
 import time
@@ -76,13 +77,57 @@ def set_aside_earlier(folder: Path, started: float, node_rank: int = 0, nnodes: 
     (written before this run started) go under another name, so none is read as this run's;
     node 0 does the same for the files of node ranks this run does not have. Never another
     node's of this run: nodes sharing the folder start at their own times."""
-    for path in node_files(folder, "changes", ".jsonl") + node_files(folder, "metrics", ".json"):
+    earlier = [
+        *node_files(folder, "changes", ".jsonl"), *node_files(folder, "metrics", ".json"),
+        *node_files(folder, "schema", ".json"),
+    ]  # fmt: skip
+    for path in earlier:
         rank = int(found[1]) if (found := _NODE_RANK.search(path.name)) else 0
         if rank != node_rank and not (node_rank == 0 and rank >= nnodes):
             continue
         with contextlib.suppress(OSError):
             if path.stat().st_mtime < started:
                 set_aside(path)
+
+
+def write_whole(folders: list[Path], name: str, text: str) -> list[str]:
+    """Write `text` as `name` into each folder, whole or not at all (a file is replaced
+    at once); the errors, one line each."""
+    errors = []
+    for folder in folders:
+        path = folder / name
+        partial = folder / f".{name}.{os.getpid()}"
+        try:
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(partial, path)
+        except OSError as error:
+            errors.append(f"cannot write {path}: {error.strerror}")
+            with contextlib.suppress(OSError):
+                partial.unlink()
+    return errors
+
+
+def read_schema(folder: Path) -> dict | None:
+    """The parameters' document a finished job's nodes left in its folder (`schema.json`,
+    and `schema.nodeK.json`), as one; None when none did."""
+    found = None
+    for path in node_files(folder, "schema", ".json"):
+        try:
+            document = json.loads(path.read_text())
+            properties = document["properties"]
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            continue
+        if found is None:
+            found = document
+            continue
+        for name, prop in properties.items():  # another node's replicas
+            mine = found["properties"].setdefault(name, prop)
+            if mine is not prop and isinstance(mine.get("x-loomrun"), dict):
+                theirs = prop.get("x-loomrun", {})
+                mine["x-loomrun"]["replicas"] += theirs.get("replicas", [])
+    return found
 
 
 def read_changes(folder: Path) -> list[dict] | None:

@@ -31,6 +31,7 @@ COMMANDS = {
     "pause": "loomrun.cli.steer:pause_command",
     "resume": "loomrun.cli.steer:resume_command",
     "get": "loomrun.cli.inspecting:get_command",
+    "schema": "loomrun.cli.inspecting:schema_command",
     "log": "loomrun.cli.log:log_command",
     "ls": "loomrun.cli.inspecting:ls_command",
     "watch": "loomrun.cli.inspecting:watch_command",

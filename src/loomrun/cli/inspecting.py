@@ -1,4 +1,5 @@
-"""The inspecting commands: get (parameters), ls (jobs), watch (replicas, live)."""
+"""The inspecting commands: get (parameters), schema (their docs), ls (jobs), watch
+(replicas, live)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,60 @@ def get_command(job, replicas, as_json, broker):
         rows,
         title=name,
     )
+
+
+@click.command("schema")
+@job_option()
+@click.option(
+    "--format", "form", type=click.Choice(["markdown", "json"]), default="markdown",
+    show_default=True, help="A Markdown table, or one JSON Schema (draft 2020-12) document.",
+)  # fmt: skip
+@broker_options
+def schema_command(job, form, broker):
+    """Print the documentation of a job's parameters: each one's type, bounds or choices,
+    default (the script's own value), the value in effect, its doc and the replicas that
+    have it; a structured one field by field.
+
+    \b
+      loomrun schema --job train-1a2b3c > PARAMS.md
+      loomrun schema --format json           one JSON Schema document, to validate against
+    Works for running and finished jobs: a finished job's document is kept next to its
+    change ledger (`schema.json` in its folder of the state directory).
+    """
+    import json
+
+    from loomrun import paramdoc
+    from loomrun.broker.state import state_dir
+    from loomrun.cli.options import broker_first
+    from loomrun.params import from_pb
+    from loomrun.records import job_dir, read_schema
+
+    async def from_broker():
+        from loomrun.client import Steering
+
+        async with Steering.connect(broker) as steering:
+            found = await steering.job(job)
+            schemas = await steering.schemas(found.job)
+            statuses = await steering.statuses(found.job)
+        values = {
+            r: {n: from_pb(v) for n, v in statuses[r].status.values.items()}
+            for r in schemas if r in statuses
+        }  # fmt: skip
+        specs = {r: s.specs for r, s in schemas.items()}
+        return found.job, paramdoc.document(found.job, paramdoc.entries(specs, values))
+
+    name, document = broker_first(job, from_broker, (job, None))
+    if document is None:
+        document = read_schema(job_dir(state_dir(), name))
+        if document is None:
+            raise click.UsageError(
+                f"no parameters of job {name!r}: its supervisors do not answer, and "
+                f"{job_dir(state_dir(), name) / 'schema.json'} does not exist"
+            )
+    if form == "json":
+        click.echo(json.dumps(document, indent=2))
+    else:
+        click.echo(paramdoc.markdown(document), nl=False)
 
 
 @click.command("ls")

@@ -4,12 +4,17 @@ the broker while its supervisors answer, else from the files they left."""
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 
 import click
 
-from loomrun.cli.options import NoBroker, broker_options, job_option, json_option, replica_option
+from loomrun.cli.options import (
+    broker_first,
+    broker_options,
+    job_option,
+    json_option,
+    replica_option,
+)
 
 
 @click.command("log")
@@ -79,7 +84,7 @@ def log_command(job, replicas, as_json, follow, metrics, broker):
                 count += 1
             return name, count
 
-    name, count = _broker_first(job, from_broker, (job, 0))
+    name, count = broker_first(job, from_broker, (job, 0))
     if count:
         return
     folder = job_dir(state_dir(), name)
@@ -89,29 +94,6 @@ def log_command(job, replicas, as_json, follow, metrics, broker):
         raise click.UsageError(f"no change ledger for job {name!r} (nor {path})")
     for item in records:
         show(item)
-
-
-def _broker_first(job, read, fallback):
-    """`loomrun log`: what `read()` got from the broker; `fallback` when the broker cannot
-    answer for the job named, whose record is then read from disk. Without a job named, the
-    broker's error is the answer."""
-    import asyncio
-
-    from loomrun.broker import BrokerError
-    from loomrun.client import SteerError
-    from loomrun.printable import printable
-
-    try:
-        return asyncio.run(read())
-    except KeyboardInterrupt:
-        sys.exit(0)
-    except SteerError as error:
-        if job is None:
-            raise click.UsageError(printable(error)) from None
-    except BrokerError as error:
-        if job is None:
-            raise NoBroker(error) from None
-    return fallback
 
 
 def _log_metrics(job, replicas, as_json: bool, follow: bool, options) -> None:
@@ -173,7 +155,7 @@ def _log_metrics(job, replicas, as_json: bool, follow: bool, options) -> None:
                 await asyncio.sleep(0.5)
             return found.job, bool(series)
 
-    name, answered = _broker_first(job, from_broker, (job, False))
+    name, answered = broker_first(job, from_broker, (job, False))
     if answered:
         return
     folder = records.job_dir(state_dir(), name)

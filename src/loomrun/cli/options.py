@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import click
 
@@ -138,3 +139,26 @@ def steer(options, work):
             return await work(steering)
 
     return run_async(session)
+
+
+def broker_first(job, read, fallback):
+    """`loomrun log` and `schema`: what `read()` got from the broker; `fallback` when the
+    broker cannot answer for the job named, whose record is then read from disk. Without a
+    job named, the broker's error is the answer."""
+    import asyncio
+
+    from loomrun.broker import BrokerError
+    from loomrun.client import SteerError
+    from loomrun.printable import printable
+
+    try:
+        return asyncio.run(read())
+    except KeyboardInterrupt:
+        sys.exit(0)
+    except SteerError as error:
+        if job is None:
+            raise click.UsageError(printable(error)) from None
+    except BrokerError as error:
+        if job is None:
+            raise NoBroker(error) from None
+    return fallback

@@ -21,7 +21,6 @@ at job end each supervisor writes its replicas' series next to the change ledger
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from pathlib import Path
 
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.output import say
-from loomrun.records import AXES, REPORTED_NAN, series_dict
+from loomrun.records import AXES, REPORTED_NAN, series_dict, write_whole
 
 POINTS = 2048  # per replica, the most; LOOMRUN_HISTORY_POINTS sets fewer (at least 16)
 COLUMNS = 32  # metric names per replica; more are left out of the history (not of status)
@@ -153,18 +152,4 @@ class History:
             "limit": self.limit,
             "replicas": {r: series_dict(s.to_pb(self.job, r)) for r, s in self.series.items()},
         }
-        text = json.dumps(body, allow_nan=False)
-        errors = []
-        for folder in folders:
-            path = folder / name
-            partial = folder / f".{name}.{os.getpid()}"
-            try:
-                fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "w") as f:
-                    f.write(text)
-                os.replace(partial, path)
-            except OSError as error:
-                errors.append(f"cannot write the metric history {path}: {error.strerror}")
-                with contextlib.suppress(OSError):
-                    partial.unlink()
-        return errors
+        return write_whole(folders, name, json.dumps(body, allow_nan=False))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import time
 from collections.abc import Callable
@@ -16,7 +17,8 @@ from typing import NamedTuple
 
 from google.protobuf.message import DecodeError
 
-from loomrun import buckets
+from loomrun import buckets, paramdoc
+from loomrun import params as P
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.broker.connect import BrokerOptions
@@ -32,7 +34,7 @@ from loomrun.control.relay import DesiredRelay
 from loomrun.devices import DeviceInfo, Devices
 from loomrun.mailbox import Mailbox, MailboxError
 from loomrun.output import say
-from loomrun.records import metrics_file
+from loomrun.records import metrics_file, node_file, write_whole
 
 ENDED = (pb.RESTARTING, pb.EXITED, pb.FAILED, pb.STOPPED)
 RECORDS_AT_CLOSE = 5.0  # seconds a stopping supervisor waits for the ledger's last acks
@@ -67,6 +69,7 @@ class ReplicaView:
         self.seen = {"acks": 0, "schema": 0, "status": 0}
         self.outcome_seq = 0
         self.status: pb.Status | None = None
+        self.schema: pb.Schema | None = None  # its parameters, as published last
         self.next_status = 0.0
         self.heartbeat = 0.0
 
@@ -171,6 +174,7 @@ class ControlPlane:
             events=self.event, ledger=self.ledger, history=self.history,
         )  # fmt: skip
         self._history_file = metrics_file(node_rank)
+        self._schema_file = node_file("schema", ".json", node_rank)
         self._folders = ledger_dirs or []
         self.registry = Registry(
             job, node_rank, nnodes, script, host, options.url, self.replicas, self.outbox,
@@ -363,11 +367,26 @@ class ControlPlane:
                 f"(not acked); {kept}")  # fmt: skip
         for error in self.history.write(self._folders, self._history_file):
             say(error)  # written while the broker still answers for it: no gap between
+        for error in write_whole(self._folders, self._schema_file, self._schema_document()):
+            say(error)
         if self._watch_task is not None:
             self._watch_task.cancel()
         await self.link.close()
         self.devices.close()
         self.ledger.close()
+
+    def _schema_document(self) -> str:
+        """This node's replicas' parameters, as `loomrun schema` prints them, with the
+        values in effect at the end: kept next to the ledger once the job ends."""
+        specs, values = {}, {}
+        for name, replica in self.replicas.items():
+            if replica.schema is None:
+                continue
+            with contextlib.suppress(P.ParamError):
+                specs[name] = {s.name: P.spec_from_pb(s) for s in replica.schema.params}
+            if replica.status is not None:
+                values[name] = {n: P.from_pb(v) for n, v in replica.status.values.items()}
+        return json.dumps(paramdoc.document(self.job, paramdoc.entries(specs, values)))
 
     # -- lifecycle, from the supervisor -------------------------------------------------------
 

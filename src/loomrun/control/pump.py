@@ -111,6 +111,7 @@ class MailboxPump:
             if found is not None:
                 replica.seen["schema"] = found[0]
                 if found[1] is not None:
+                    replica.schema = found[1]
                     self.outbox.put(S.STATE, S.schema(self.job, replica.name), found[1])
         fresh = box.status.seq[0] != replica.seen["status"]
         if fresh and (final or now >= replica.next_status):
