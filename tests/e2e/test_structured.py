@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 
+import jsonschema
 import pytest
 from conftest import LOOMRUN, SCRIPTS, run_loomrun, wait_for
 from jobs import job_id, start, steps_seen, wait_ready
@@ -136,6 +137,18 @@ def test_fields_and_whole_values_steer_a_real_loop_then_replay_bitwise(procs):
     )
     heads = [value for _, name, value in changes if name == "head"]
     assert heads == [{"steps": 9, "start": 0.1}], "the handler got its own dataclass"
+
+    # The parameters' docs: one JSON Schema a validator takes, which the values in effect
+    # at the end fit; and, with no broker to ask, the document kept next to the ledger.
+    document = json.loads(run_loomrun("schema", "--job", job, "--format", "json").stdout)
+    jsonschema.Draft202012Validator.check_schema(document)
+    final = {name: value for name, value in values(job).items() if value is not None}
+    jsonschema.Draft202012Validator(document).validate(final)
+    offline = run_loomrun("schema", "--job", job, "--nats", "nats://127.0.0.1:1")
+    assert offline.returncode == 0, offline.stderr
+    assert "| `sched/warmup/steps` | int | min 0 | 100 | 200 |  | steps of linear warm-up |" in (
+        offline.stdout
+    ), offline.stdout
 
     log = run_loomrun("log", "--job", job, "--json")
     records = [json.loads(line) for line in log.stdout.splitlines()]

@@ -258,3 +258,35 @@ def test_the_page_shows_and_steers_a_real_job(procs, browser):
     browser.find_element(By.CSS_SELECTOR, "#params [data-param=lr] button").click()
     wait_for(lambda: any(lr == 0.0555 for _, lr in used_lrs(output, "r1")), 30,
              what="r1 stepping with the change made after the reconnect")  # fmt: skip
+
+
+def test_the_page_has_a_form_per_field_of_a_structured_parameter(procs, browser):
+    """Built from the parameter's JSON Schema: the whole value as JSON, and each field by
+    its path, with its bounds; a field set from the page changes that field alone."""
+    from selenium.webdriver.common.by import By
+
+    job = job_id("uifields")
+    start(procs, SCRIPTS / "structured.py", job=job)
+    wait_ready(job, name="sched")
+    url, _, _ = start_ui(procs, "--job", job)
+    browser.get(url)
+    steps = '#params [data-param="sched/warmup/steps"]'
+    field = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, f"{steps} input"), 30,
+                     what="the form of sched/warmup/steps")[0]  # fmt: skip
+    assert field.get_attribute("type") == "number" and field.get_attribute("min") == "0"
+    assert field.get_attribute("value") == "100"
+    whole = browser.find_element(By.CSS_SELECTOR, '#params [data-param="aug"] input')
+    assert json.loads(whole.get_attribute("value")) == {"p": 0.5, "x.y": 1.0}
+    assert browser.find_elements(By.CSS_SELECTOR, '#params [data-param="aug/x.y"] input')
+    assert browser.find_elements(By.CSS_SELECTOR, '#params [data-param="blocks/1/width"] input')
+    field.clear()
+    field.send_keys("250")
+    browser.find_element(By.CSS_SELECTOR, f"{steps} button").click()
+    answer = wait_for(
+        lambda: browser.find_elements(By.CSS_SELECTOR, "#outcome .applied[data-replica=r0]"), 30,
+        what="r0's answer on the page",
+    )[0].text  # fmt: skip
+    assert re.search(r"sched/warmup/steps 100 -> 250 at step \d+", answer), answer
+    got = json.loads(run_loomrun("get", "--job", job, "--json").stdout)
+    sched = next(p["value"] for p in got["params"] if p["name"] == "sched")
+    assert sched == {"warmup": {"steps": 250, "start": 0.1}, "peak": 1.0, "name": "linear"}

@@ -26,7 +26,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from loomrun import fields
+from loomrun import fields, paramdoc
 from loomrun import params as P
 from loomrun import subjects as S
 from loomrun.client import SteerError, Steering, parameters, summary
@@ -74,57 +74,58 @@ def _static(name: str) -> bytes:
     return resources.files("loomrun.ui").joinpath("static", name).read_bytes()
 
 
-def spec_dict(spec: P.ParamSpec, listed: dict[str, Any]) -> dict[str, Any]:
-    """A published parameter as the page builds its form from it, with its value in
-    effect, the script's own, and whether loomrun steers (holds) it (client.parameters)."""
-    kind = "enum" if spec.choices else spec.kind
-    return {
-        "name": spec.name,
-        "kind": kind,
-        "type": spec.type_name,
-        "is_list": spec.is_list,
-        "length": spec.length,
-        "choices": list(spec.choices),
-        "min": spec.min,
-        "max": spec.max,
-        "doc": spec.doc,
-        "builtin": spec.builtin,
-        "own": listed["own"],
-        "value": listed["value"],
-        "steered": listed["steered"],
-        "held": listed["held"],
-    }
+_KINDS = {"number": "float", "integer": "int", "boolean": "bool", "string": "str"}
 
 
 def forms(spec: P.ParamSpec, listed: dict[str, Any]) -> list[dict[str, Any]]:
-    """The page's forms of one parameter: one; for a structured one, one for the whole
-    value (JSON) and one per field, named by its path, down to the plain values."""
-    if not spec.structured:
-        return [spec_dict(spec, listed)]
-    whole = {**spec_dict(spec, listed), "kind": "json"}
-    out = [whole]
-    for path, field, value in _leaves(spec, spec.name, listed["value"]):
-        own = fields.value_at(listed["own"], fields.split(path)[1])
-        out.append(spec_dict(P._replace(field, name=path), {**listed, "value": value, "own": own}))
+    """The page's forms of one parameter, built from its JSON Schema (as `loomrun schema
+    --format json` prints it), with its value in effect, the script's own, and whether
+    loomrun steers (holds) it (client.parameters). A structured one has a form for the
+    whole value (JSON), and one per field, named by its path."""
+    out = []
+    for path, prop, value, own in _nodes(spec.name, paramdoc.value_schema(spec), listed):
+        keys = fields.split(path)[1]
+        out.append({
+            "name": path, **_input(prop), "doc": prop.get("description", ""),
+            "type": fields.field_spec(spec, keys).type_name if keys else spec.type_name,
+            "builtin": spec.builtin, "own": own, "value": value,
+            "steered": listed["steered"], "held": listed["held"],
+        })  # fmt: skip
     return out
 
 
-def _leaves(spec: P.ParamSpec, path: str, value: Any):
-    """Each plain field of a structured value: (path, its spec, its value); a list's or a
-    map's as the value in effect has them."""
-    if spec.is_list:
-        one = P._replace(spec, is_list=False, length=0)
-        for i, item in enumerate(value if isinstance(value, list) else []):
-            yield from _leaves(one, fields.join(path, i), item)
-    elif spec.kind == "struct":
-        for field in spec.fields:
-            got = value.get(field.name) if isinstance(value, dict) else None
-            yield from _leaves(field, fields.join(path, field.name), got)
-    elif spec.kind == "map":
-        for key, item in (value if isinstance(value, dict) else {}).items():
-            yield from _leaves(spec.item, fields.join(path, key), item)
+def _input(prop: dict[str, Any]) -> dict[str, Any]:
+    """What input a value of this JSON Schema takes: a choice, a number (with bounds), a
+    switch, a text (a list of plain values, comma separated), or JSON (an object)."""
+    kind, is_list, length = prop.get("type"), False, 0
+    if kind == "array" and prop.get("items", {}).get("type") != "object":
+        is_list, length, prop = True, prop.get("minItems", 0), prop.get("items", {})
+        kind = prop.get("type")
+    choices = prop.get("enum", [])
+    form = "enum" if choices else "json" if kind in ("object", "array") else _KINDS.get(kind)
+    return {
+        "kind": form, "is_list": is_list, "length": length, "choices": choices,
+        "min": prop.get("minimum"), "max": prop.get("maximum"),
+    }  # fmt: skip
+
+
+def _nodes(path: str, prop: dict[str, Any], listed: dict[str, Any]):
+    """The parameter, then each field within it: (path, its schema, value, own value); a
+    list's items and a dict's keys as the value in effect has them."""
+    value, own = listed["value"], listed["own"]
+    yield path, prop, value, own
+    if prop.get("type") == "object" and "properties" in prop:
+        inner = [(key, sub) for key, sub in prop["properties"].items()]
+    elif prop.get("type") == "object" and isinstance(value, dict):
+        inner = [(key, prop.get("additionalProperties", {})) for key in value]
+    elif prop.get("type") == "array" and prop.get("items", {}).get("type") == "object":
+        inner = [(i, prop["items"]) for i in range(len(value) if isinstance(value, list) else 0)]
     else:
-        yield path, spec, value
+        return
+    for key, sub in inner:
+        got = fields.value_at(value, [str(key)])
+        mine = fields.value_at(own, [str(key)])
+        yield from _nodes(fields.join(path, key), sub, {"value": got, "own": mine})
 
 
 def parse_change(body: Any) -> tuple[str, dict[str, Any], list[str] | None, bool]:
