@@ -22,9 +22,9 @@ from loomrun._proto import loomrun_pb2 as pb
 KINDS = {"float": float, "int": int, "bool": bool, "str": str}
 # A dataclass or TypedDict (`fields`), and a dict[str, T] (`item`): see loomrun.fields.
 STRUCTURED = ("struct", "map")
-# The largest value loomrun carries, as sent (bytes): a structured value's JSON is refused
-# above it, by `set` and by the worker, so that no value in effect is ever left out of a
-# status or an answer.
+# The largest value loomrun carries, as sent (bytes): any value (a string, a list, a
+# structured value's JSON) is refused above it, by `set` and by the worker, so that no value
+# in effect is ever left out of a status or an answer.
 LARGEST_VALUE = 16 << 10
 _BOOLS = {
     "true": True, "false": False, "yes": True, "no": False,
@@ -266,7 +266,7 @@ def check(spec: ParamSpec, value: Any, name: str | None = None) -> Any:
             _check_scalar(spec, item, field_path(name, i) if spec.structured else name)
             for i, item in enumerate(value)
         ]
-    sized = top and (spec.structured or spec.is_list)
+    sized = top and (spec.structured or spec.is_list or spec.kind == "str")
     if sized and (size := to_pb(out).ByteSize()) > LARGEST_VALUE:
         raise ParamError(
             f"invalid value for {name}: {size} bytes as sent, over the {LARGEST_VALUE // 1024} "

@@ -2,10 +2,11 @@
 the Trainer's own AdamW and linear-warmup schedule, accelerate underneath; under loomrun
 with several replicas, one gloo process group.
 
-It prints the lr each optimizer step ran with (`stepped <n> <lr>`, lr_printer) and what
-the Trainer logs (`logged <global step> <learning_rate>`); at the end a hash of the
-weights. It stops at --max-steps, or at the step where the declared `stop` turns true (on
-every rank at one step)."""
+With --loom-callback, `loomrun.hf.LoomCallback()` is its one line of loomrun, and the
+Trainer reports to TensorBoard. It prints the lr each optimizer step ran with (`stepped
+<n> <lr>`, lr_printer) and what the Trainer logs (`logged <global step> <learning_rate>`);
+at the end a hash of the weights. It stops at --max-steps, or at the step where the
+declared `stop` turns true (on every rank at one step)."""
 
 import argparse
 import hashlib
@@ -22,10 +23,15 @@ from transformers import (
 )
 
 import loomrun
+import loomrun.hf
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--max-steps", type=int, default=3000)
 parser.add_argument("--warmup", type=int, default=10)
+parser.add_argument(
+    "--loom-callback", action="store_true",
+    help="with loomrun.hf.LoomCallback, reporting to TensorBoard (TENSORBOARD_LOGGING_DIR)",
+)  # fmt: skip
 args = parser.parse_args()
 
 
@@ -73,7 +79,7 @@ with tempfile.TemporaryDirectory() as output:
         warmup_steps=args.warmup,
         logging_steps=1,
         save_strategy="no",
-        report_to=[],
+        report_to=["tensorboard"] if args.loom_callback else [],
         use_cpu=True,
         disable_tqdm=True,
         dataloader_num_workers=0,
@@ -83,6 +89,6 @@ with tempfile.TemporaryDirectory() as output:
         model=GPT2LMHeadModel(config),
         args=training,
         train_dataset=Tokens(4096),
-        callbacks=[Printed()],
+        callbacks=[Printed(), *([loomrun.hf.LoomCallback()] if args.loom_callback else [])],
     )
     trainer.train()
