@@ -11,6 +11,7 @@ from typing import Annotated
 import jsonschema
 import pytest
 
+from loomrun import builtin_params as BP
 from loomrun import fields, paramdoc
 from loomrun import params as P
 from loomrun.fields import Field
@@ -31,8 +32,8 @@ class Sched:
 
 def _specs() -> dict[str, P.ParamSpec]:
     return {
-        "lr": P.BUILTINS["lr"],
-        "betas": P.BUILTINS["betas"],
+        "lr": BP.BUILTINS["lr"],
+        "betas": BP.BUILTINS["betas"],
         "sched": fields.spec_of("sched", Sched, default=Sched(Warmup(steps=7)), doc="the schedule"),
         "aug": fields.spec_of("aug", dict[str, float], default={"p": 0.5}),
     }  # fmt: skip

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from loomrun.params import OPTIMIZER_BUILTINS, OPTIMIZERS
+from loomrun.builtin_params import OPTIMIZER_BUILTINS, OPTIMIZERS
 from loomrun.runtime import switch as S
 
 S.install()

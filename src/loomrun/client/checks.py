@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from loomrun import builtin_params as BP
 from loomrun import fields
 from loomrun import params as P
 from loomrun.client.model import Job, ReplicaSchema, SteerError, suggest
@@ -38,7 +39,7 @@ def check(
                     checked[replica][name] = _value(spec, text)
                 continue
             spec = specs.get(name)
-            if spec is None and name in P.BUILTINS and not P.BUILTINS.keys() & set(specs):
+            if spec is None and name in BP.BUILTINS and not BP.BUILTINS.keys() & set(specs):
                 raise SteerError(
                     f"{replica} has no optimizer yet: {name} appears with its first "
                     "optimizer step; try again in a moment"
@@ -94,13 +95,13 @@ def after_switch(specs: dict[str, P.ParamSpec], changes: dict[str, Any], convert
         kind = P.parse(spec, kind) if isinstance(kind, str) else P.check(spec, kind)
     except P.ParamError as error:
         raise SteerError(str(error)) from None
-    if kind not in P.OPTIMIZER_BUILTINS:
+    if kind not in BP.OPTIMIZER_BUILTINS:
         return specs
-    has = P.OPTIMIZER_BUILTINS[kind]
-    after = {n: s for n, s in specs.items() if n not in P.BUILTINS or n in has}
-    after.update({n: P.BUILTINS[n] for n in has if n not in after})
+    has = BP.OPTIMIZER_BUILTINS[kind]
+    after = {n: s for n, s in specs.items() if n not in BP.BUILTINS or n in has}
+    after.update({n: BP.BUILTINS[n] for n in has if n not in after})
     for name in changes:
-        if name in P.BUILTINS and name not in has:
+        if name in BP.BUILTINS and name not in has:
             raise SteerError(f"{kind} has no {name}: it goes with the switch to {kind}")
     return after
 

@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from loomrun import fields
 from loomrun import params as P
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.subjects import PAUSE
+
+if TYPE_CHECKING:
+    from loomrun.runtime.target import Target
 
 
 def entries(desired: pb.DesiredState) -> dict[str, pb.DesiredParam]:
@@ -42,6 +47,33 @@ def whole(parts: dict[str, pb.DesiredParam]) -> bool:
     """Every key of the change holds it (a later change to one of them replaces it all)."""
     _, want = lead(parts)
     return not want.together or set(want.together) == set(parts)
+
+
+def composed(parts: dict[str, pb.DesiredParam], targets: dict[str, Target]) -> tuple[dict, dict]:
+    """What each target of a change is given: a part naming a whole parameter, its
+    entry; the fields of a structured one (`sched/warmup`), one new value of it, made
+    from the value in effect now with each field changed (two clients that change
+    different fields do not undo each other). Also, by parameter, each field's old and
+    new value, for the answer. ParamError when a field or the result is refused."""
+    if overlap := fields.overlapping(parts):
+        raise P.ParamError(overlap)
+    wants = {name: want for name, want in parts.items() if "/" not in name}
+    fielded: dict[str, dict[str, tuple]] = {}
+    for name in sorted(n for n in parts if "/" in n):
+        base, keys = fields.split(name)
+        target, want = targets[base], parts[name]
+        spec = target.spec
+        current = P.from_pb(wants[base].value) if base in fielded else target.get()
+        if want.kind == pb.UNSET:
+            new = fields.value_at(spec.default, keys)
+            if new is None:
+                raise P.ParamError(f"{name} has no value of the script's own to go back to")
+        else:
+            new = P.check(fields.field_spec(spec, keys), P.from_pb(want.value), name)
+        value = P.check(spec, fields.patched(spec, current, keys, new))
+        fielded.setdefault(base, {})[name] = (fields.value_at(current, keys), new)
+        wants[base] = pb.DesiredParam(value=P.to_pb(value), kind=pb.SET, change_id=want.change_id)
+    return wants, fielded
 
 
 def fill(outcome: pb.Outcome, name: str, said: pb.Outcome) -> None:

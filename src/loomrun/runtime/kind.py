@@ -6,6 +6,7 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING
 
+from loomrun import builtin_params as BP
 from loomrun import params as P
 from loomrun.runtime.keep import _plain
 from loomrun.runtime.switch import check, hyperparameters, installed, kind_of, switch
@@ -41,7 +42,7 @@ class OptimizerKind:
         if not installed() or not self.switchable():
             return None
         return Target(
-            P.optimizer_spec(self.own_kind()),
+            BP.optimizer_spec(self.own_kind()),
             self.kind,
             self.switch,
             unset=lambda: self.switch(None),
@@ -53,7 +54,7 @@ class OptimizerKind:
     def note(self) -> str:
         """What the last switch did, as it stands now: a key loomrun steers (given in the
         same change, or held before) is not said to be at the new kind's default."""
-        steered = {name for name in P.BUILTINS if self.optimizers.own(name) is not None}
+        steered = {name for name in BP.BUILTINS if self.optimizers.own(name) is not None}
         return "; ".join(dict.fromkeys(s.sentence(steered) for s in self._switched))
 
     def kind(self) -> str | None:
@@ -70,10 +71,10 @@ class OptimizerKind:
 
     def reshapes(self, kind: str | None) -> tuple[set[str], set[str]]:
         """The built-ins that appear, and those that go, with a switch to `kind`."""
-        if kind not in P.OPTIMIZER_BUILTINS:
+        if kind not in BP.OPTIMIZER_BUILTINS:
             raise P.ParamError(f"no optimizer kind {kind!r}")
-        now = {name for name in P.BUILTINS if name in self.optimizers.worker.targets}
-        then = P.OPTIMIZER_BUILTINS[kind]
+        now = {name for name in BP.BUILTINS if name in self.optimizers.worker.targets}
+        then = BP.OPTIMIZER_BUILTINS[kind]
         return then - now, now - then
 
     def switch(self, kind: str | None) -> None:
@@ -93,8 +94,8 @@ class OptimizerKind:
                 check(optimizer, wanted[optimizer], self._schedulers_of(optimizer))
             except ValueError as error:
                 raise P.ParamError(str(error)) from None
-        having = set.intersection(*(P.OPTIMIZER_BUILTINS[k] for k in wanted.values()))
-        lacking = set(P.BUILTINS) - having
+        having = set.intersection(*(BP.OPTIMIZER_BUILTINS[k] for k in wanted.values()))
+        lacking = set(BP.BUILTINS) - having
         ended = {n: optimizers.own(n) for n in lacking if optimizers.own(n) is not None}
         for name in lacking:
             optimizers.unset(name)  # given back to the script, while its key is there
@@ -107,7 +108,7 @@ class OptimizerKind:
             values = own_values if wanted[optimizer] == own_kind else None
             schedulers = self._schedulers_of(optimizer)
             self._switched.append(switch(optimizer, wanted[optimizer], values, schedulers))
-        for name in [n for n in worker.targets if n in P.BUILTINS and not optimizers.has(n)]:
+        for name in [n for n in worker.targets if n in BP.BUILTINS and not optimizers.has(n)]:
             del worker.targets[name]
         optimizers.publish_targets()
         worker.write_schema()

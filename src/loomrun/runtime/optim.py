@@ -24,6 +24,7 @@ import sys
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from loomrun import builtin_params as BP
 from loomrun import params as P
 from loomrun.runtime.keep import Hold, HoldRatio, InEffect, Kept, Scale, _own_of, _plain
 from loomrun.runtime.kind import OptimizerKind
@@ -100,10 +101,10 @@ class Optimizers:
 
     def publish_targets(self) -> bool:
         """The built-ins the optimizers have now, as targets of the worker (new ones only)."""
-        specs = [spec for name, spec in P.BUILTINS.items() if self.has(name)]
+        specs = [spec for name, spec in BP.BUILTINS.items() if self.has(name)]
         groups = self.groups()
         if len(groups) > 1:
-            specs += [P.param_group_spec(i) for i in range(len(groups))]
+            specs += [BP.param_group_spec(i) for i in range(len(groups))]
         added = False
         if "optimizer" not in self.worker.targets and (kind := self.kinds.target()):
             self.worker.targets["optimizer"] = kind

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from loomrun.params import OPTIMIZERS
+from loomrun.builtin_params import OPTIMIZERS
 
 # Kept through a switch: the script's lr, its weight decay, and how the steps run.
 CARRIED = ("lr", "initial_lr", "weight_decay", "maximize", "foreach", "differentiable",

@@ -29,6 +29,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from loomrun import builtin_params as BP
 from loomrun import fields
 from loomrun import params as P
 from loomrun._proto import loomrun_pb2 as pb
@@ -37,6 +38,7 @@ from loomrun.outcomes import answer, answer_change, names_of
 from loomrun.runtime.answers import AnswerBook
 from loomrun.runtime.change import (
     by_change,
+    composed,
     entries,
     fill,
     lead,
@@ -287,7 +289,7 @@ class Worker:
             outcome.reason = refused
             return outcome
         try:
-            wants, fielded = self._composed(parts)
+            wants, fielded = composed(parts, self.targets)
         except P.ParamError as error:
             outcome.reason = str(error)
             return outcome
@@ -343,34 +345,6 @@ class Worker:
             self.answers.park(kept, outcome)  # answered once a step ran with them
         return outcome
 
-    def _composed(self, parts: dict[str, pb.DesiredParam]) -> tuple[dict, dict]:
-        """What each target of a change is given: a part naming a whole parameter, its
-        entry; the fields of a structured one (`sched/warmup`), one new value of it, made
-        from the value in effect now with each field changed (two clients that change
-        different fields do not undo each other). Also, by parameter, each field's old and
-        new value, for the answer. ParamError when a field or the result is refused."""
-        if overlap := fields.overlapping(parts):
-            raise P.ParamError(overlap)
-        wants = {name: want for name, want in parts.items() if "/" not in name}
-        fielded: dict[str, dict[str, tuple]] = {}
-        for name in sorted(n for n in parts if "/" in n):
-            base, keys = fields.split(name)
-            target, want = self.targets[base], parts[name]
-            spec = target.spec
-            current = P.from_pb(wants[base].value) if base in fielded else target.get()
-            if want.kind == pb.UNSET:
-                new = fields.value_at(spec.default, keys)
-                if new is None:
-                    raise P.ParamError(f"{name} has no value of the script's own to go back to")
-            else:
-                new = P.check(fields.field_spec(spec, keys), P.from_pb(want.value), name)
-            value = P.check(spec, fields.patched(spec, current, keys, new))
-            fielded.setdefault(base, {})[name] = (fields.value_at(current, keys), new)
-            wants[base] = pb.DesiredParam(
-                value=P.to_pb(value), kind=pb.SET, change_id=want.change_id
-            )
-        return wants, fielded
-
     def _reshaped(self, parts: dict[str, pb.DesiredParam]) -> tuple[set[str], set[str]]:
         """The parameters a change brings, and those it takes away (the optimizer's kind)."""
         coming, going = set(), set()
@@ -392,7 +366,7 @@ class Worker:
             if want.kind == pb.UNSET:
                 continue
             target = self.targets.get(name)
-            spec = target.spec if target is not None else P.BUILTINS.get(name)
+            spec = target.spec if target is not None else BP.BUILTINS.get(name)
             if spec is None:
                 continue
             try:
