@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import difflib
 import enum
+import re
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,14 @@ def unescape(key: str) -> str:
     return key.replace("~1", "/").replace("~0", "~")
 
 
+# A list's index in a path: ASCII digits, no leading zero (so one item has one name).
+_INDEX = re.compile(r"0|[1-9][0-9]*")
+
+
+def is_index(key: str) -> bool:
+    return _INDEX.fullmatch(key) is not None
+
+
 def split(name: str) -> tuple[str, list[str]]:
     """`sched/warmup` -> ("sched", ["warmup"]); `lr` -> ("lr", [])."""
     base, *keys = name.split("/")
@@ -80,9 +89,11 @@ def field_spec(spec: P.ParamSpec, keys: list[str]) -> P.ParamSpec:
     """The spec of the field at `keys` within `spec`; ParamError names the path and what
     the value there has."""
     path, here = spec.name, spec
+    if keys and not spec.structured:
+        raise P.ParamError(f"no field {join(path, keys[0])!r}: {path} is {spec.type_name}")
     for key in keys:
         if here.is_list:
-            if not key.isdigit():
+            if not is_index(key):
                 raise P.ParamError(f"no field {join(path, key)!r}: {path} is a list (0, 1, ...)")
             here = P._replace(here, is_list=False, length=0)
         elif here.kind == "struct":
@@ -106,7 +117,7 @@ def value_at(value: Any, keys: list[str]) -> Any:
     """The part of a plain value at `keys` (None where there is none)."""
     for key in keys:
         if isinstance(value, list):
-            index = int(key) if key.isdigit() else len(value)
+            index = int(key) if is_index(key) else len(value)
             value = value[index] if index < len(value) else None
         elif isinstance(value, dict):
             value = value.get(key)
@@ -126,7 +137,7 @@ def patched(spec: P.ParamSpec, value: Any, keys: list[str], new: Any) -> Any:
     for i, key in enumerate(keys):
         last = i == len(keys) - 1
         if isinstance(here, list):
-            index = int(key)
+            index = int(key) if is_index(key) else len(here)
             if index >= len(here):
                 raise P.ParamError(
                     f"no field {join(path, key)!r}: {path} has {len(here)} items in effect"

@@ -222,7 +222,10 @@ def test_the_hugging_face_trainer_keeps_the_scaled_schedule_and_logs_it(procs, t
 
 @pytest.mark.slow
 def test_lightning_with_a_step_interval_scheduler(procs, tmp_path):
-    job, sup, out = run_to_file(procs, tmp_path, "lightning", SCRIPTS / "lightning_schedule.py")
+    # Steps enough that the job is still running when the change lands on a loaded machine.
+    job, sup, out = run_to_file(
+        procs, tmp_path, "lightning", SCRIPTS / "lightning_schedule.py", "3000"
+    )
     wait_ready(job, timeout=120)
     wait_steps(out, 20, 0)
     schedule = lambda step: 0.05 / (1.0 + 0.01 * (step - 1))  # noqa: E731
@@ -233,7 +236,7 @@ def test_lightning_with_a_step_interval_scheduler(procs, tmp_path):
     sup.wait(timeout=120)
     assert sup.returncode == 0
     used = stepped(out.read_text())
-    assert len(used) == 400
+    assert len(used) == 3000
     for step, (lr,) in used.items():
         want = k * schedule(step) if step >= at_set else schedule(step)
         assert lr == pytest.approx(want, rel=1e-9), step

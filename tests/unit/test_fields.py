@@ -13,7 +13,9 @@ import pytest
 from loomrun import fields
 from loomrun import params as P
 from loomrun import subjects as S
+from loomrun._proto import loomrun_pb2 as pb
 from loomrun.fields import Field
+from loomrun.runtime.change import composed
 
 
 @dataclasses.dataclass
@@ -130,6 +132,21 @@ def test_a_field_path_that_does_not_fit_says_why():
     with pytest.raises(P.ParamError, match="is a list"):
         fields.field_spec(blocks, ["first"])
     assert fields.field_spec(blocks, ["1", "steps"]).name == "blocks/1/steps"
+    for index in ("\u00b2", "01", "\u0661", "-1", " 1"):  # one item, one name: ASCII digits
+        with pytest.raises(P.ParamError, match="is a list"):
+            fields.field_spec(blocks, [index, "steps"])
+        with pytest.raises(P.ParamError, match="items in effect"):
+            fields.patched(blocks, [{"steps": 1, "start": 0.1}], [index, "steps"], 2)
+        assert fields.value_at([{"steps": 1}], [index, "steps"]) is None
+    betas = P.ParamSpec("betas", "float", is_list=True, length=2)
+    with pytest.raises(P.ParamError, match="no field 'betas/0': betas is a list of 2 floats"):
+        fields.field_spec(betas, ["0"])
+
+
+def test_a_field_of_a_parameter_the_replica_lacks_is_refused_not_raised():
+    parts = {"betas/0": pb.DesiredParam(value=P.to_pb(0.9), kind=pb.SET, change_id="c")}
+    with pytest.raises(P.ParamError, match="this replica has no parameter 'betas'"):
+        composed(parts, {})
 
 
 def test_a_patch_is_made_on_a_copy_of_the_value_in_effect():

@@ -61,7 +61,9 @@ def composed(parts: dict[str, pb.DesiredParam], targets: dict[str, Target]) -> t
     fielded: dict[str, dict[str, tuple]] = {}
     for name in sorted(n for n in parts if "/" in n):
         base, keys = fields.split(name)
-        target, want = targets[base], parts[name]
+        target, want = targets.get(base), parts[name]
+        if target is None:
+            raise P.ParamError(f"{name}: this replica has no parameter {base!r}")
         spec = target.spec
         current = P.from_pb(wants[base].value) if base in fielded else target.get()
         if want.kind == pb.UNSET:

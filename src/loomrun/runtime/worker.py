@@ -293,6 +293,9 @@ class Worker:
         except P.ParamError as error:
             outcome.reason = str(error)
             return outcome
+        except Exception as error:  # noqa: BLE001 - a change never breaks the script's step
+            outcome.reason = f"its fields could not be applied: {error!r}"
+            return outcome
 
         def order(name: str) -> tuple:
             """The handlers (which may raise), what reshapes, then the optimizer's values
