@@ -66,7 +66,7 @@ class LoomCallback(TrainerCallback):
         self._loggers = _loggers()
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if self._loggers is None:
+        if not self._loggers:
             self._loggers = _loggers()
         worker = _worker.current
         if worker is not None and self._take not in worker.applied_listeners:
@@ -74,8 +74,9 @@ class LoomCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         worker = _worker.current
+        # Nothing is logged here: the loggers have closed their writers (they come first),
+        # and every change lands in an optimizer step, logged at that step's end.
         if worker is not None and self._take in worker.applied_listeners:
-            self._log(args, state, control, kwargs, worker)
             worker.applied_listeners.remove(self._take)
 
     def on_step_end(self, args, state, control, **kwargs):
