@@ -78,6 +78,24 @@ def composed(parts: dict[str, pb.DesiredParam], targets: dict[str, Target]) -> t
     return wants, fielded
 
 
+def reshaped(
+    parts: dict[str, pb.DesiredParam], targets: dict[str, Target]
+) -> tuple[set[str], set[str]]:
+    """The parameters a change brings, and those it takes away (the optimizer's kind)."""
+    coming, going = set(), set()
+    for name, want in parts.items():
+        target = targets.get(name)
+        if target is None or target.reshapes is None:
+            continue
+        value = target.spec.default if want.kind == pb.UNSET else P.from_pb(want.value)
+        try:
+            added, removed = target.reshapes(value)
+        except Exception:  # noqa: BLE001 - a value it refuses: apply says why
+            continue
+        coming, going = coming | added, going | removed
+    return coming, going
+
+
 def fill(outcome: pb.Outcome, name: str, said: pb.Outcome) -> None:
     """A part's old and new value, as applying it said, into the change's answer."""
     places = [p for p in outcome.parts if p.name == name]

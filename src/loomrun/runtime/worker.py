@@ -45,6 +45,7 @@ from loomrun.runtime.change import (
     missed,
     read_plan,
     recorded_change,
+    reshaped,
     whole,
 )
 from loomrun.runtime.metrics import Metrics
@@ -271,7 +272,7 @@ class Worker:
         part's old value is the one before the change (not after the reshape)."""
         outcome = answer_change(parts, pb.REJECTED, self.step)
         several = len(parts) > 1
-        coming, going = self._reshaped(parts)
+        coming, going = reshaped(parts, self.targets)
         unknown = [
             n for n in map(fields.base, parts)
             if (n not in self.targets or n in going) and n not in coming
@@ -290,11 +291,9 @@ class Worker:
             return outcome
         try:
             wants, fielded = composed(parts, self.targets)
-        except P.ParamError as error:
-            outcome.reason = str(error)
-            return outcome
         except Exception as error:  # noqa: BLE001 - a change never breaks the script's step
-            outcome.reason = f"its fields could not be applied: {error!r}"
+            known = isinstance(error, P.ParamError)
+            outcome.reason = str(error) if known else f"its fields could not be applied: {error!r}"
             return outcome
 
         def order(name: str) -> tuple:
@@ -347,21 +346,6 @@ class Worker:
         if kept and not self.paused:
             self.answers.park(kept, outcome)  # answered once a step ran with them
         return outcome
-
-    def _reshaped(self, parts: dict[str, pb.DesiredParam]) -> tuple[set[str], set[str]]:
-        """The parameters a change brings, and those it takes away (the optimizer's kind)."""
-        coming, going = set(), set()
-        for name, want in parts.items():
-            target = self.targets.get(name)
-            if target is None or target.reshapes is None:
-                continue
-            value = target.spec.default if want.kind == pb.UNSET else P.from_pb(want.value)
-            try:
-                added, removed = target.reshapes(value)
-            except Exception:  # noqa: BLE001 - a value it refuses: apply says why
-                continue
-            coming, going = coming | added, going | removed
-        return coming, going
 
     def _refused(self, parts: dict[str, pb.DesiredParam]) -> str:
         """Why one of a change's values is refused, before any is applied ("" if none)."""
