@@ -1,13 +1,13 @@
 """loomrun: launch a PyTorch job like torchrun, then steer it while it trains.
 
 Inside a worker, `import loomrun` is the API: `loomrun.param`, `@loomrun.handler`,
-`loomrun.step`, `loomrun.report`, and `loomrun.Field` (a field's bounds and doc, in
+`loomrun.step`, `loomrun.report`, `loomrun.track`, and `loomrun.Field` (a field's bounds and doc, in
 `typing.Annotated`). Outside loomrun each is a cheap no-op, so the same
 script runs under plain `python`. The names load lazily: the supervisor and the CLI
 import this package and must stay light.
 """
 
-_API = {"param", "handler", "step", "report", "Param"}
+_API = {"param", "handler", "step", "report", "track", "Param"}
 
 
 def __getattr__(name: str):

@@ -13,7 +13,7 @@ from typing import Any
 
 from loomrun import params as P
 from loomrun._proto import loomrun_pb2 as pb
-from loomrun.subjects import PAUSE
+from loomrun.subjects import ACTIONS, PAUSE
 
 MOST_TOGETHER = 64  # parameters in one change, at most
 
@@ -135,13 +135,19 @@ class DesiredConfig:
         keeps waiting for the ranks to agree on it (it may have reached some ranks before
         their restart and others after: no rank applies it until all agree), and carries
         the change `in_effect` before it as its base, which the new worker applies at once
-        meanwhile. Returns, per name, what the new worker starts from at once (as a base)."""
+        meanwhile. An action not done yet (snapshot, rollback, save) waits as any change
+        does, with no base. Returns, per name, what the new worker starts from at once
+        (as a base)."""
         starts = {}
         entries = list(self.state.params.items())
         if self.state.HasField("pause"):
             entries.append((PAUSE, self.state.pause))
         for name, entry in entries:
             entry.at_step = 0
+            if name in ACTIONS:  # not done yet (once done it goes): done by the next worker
+                entry.at_once = False
+                entry.ClearField("base")
+                continue
             if settled is None or entry.change_id in settled:
                 entry.at_once = True
                 entry.ClearField("base")

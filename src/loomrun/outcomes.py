@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from loomrun._proto import loomrun_pb2 as pb
-from loomrun.subjects import PAUSE
+from loomrun.subjects import ACTIONS, PAUSE, SNAPSHOT_EVERY
 
 STATES = {
     pb.APPLIED: "applied",
@@ -112,6 +112,8 @@ def sentence(
     `lr 0.1 -> 0.05, momentum 0.9 -> 0.8 at step 12`."""
     from loomrun.params import format_value as shown
 
+    if (name in ACTIONS or name == SNAPSHOT_EVERY) and not parts:
+        return action_sentence(name, state, old, new, step, reason, replica)
     parts = parts or [(name, old, new)]
     names = ", ".join(n for n, _, _ in parts)
     asked = " ".join(f"{n}={shown(v)}" for n, _, v in parts)
@@ -134,6 +136,62 @@ def sentence(
     if state == "not running":
         return f"{names} not sent: {reason}"
     return f"{names} no answer yet: still desired, it applies when the replica gets to it"
+
+
+def size_words(nbytes: float) -> str:
+    """`40.1 MB`: a size as people read it (powers of 1000)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1000 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.1f} GB"
+
+
+def action_sentence(
+    name: str, state: str, old: Any, new: Any, step: int, reason: str, replica: str
+) -> str:
+    """An action's answer in words: `snapshot a taken at step 120: 40.1 MB in 35 ms`."""
+    done = new if isinstance(new, dict) else {}
+    label = done.get("name") or done.get("dir") or ""
+    took = f" in {_ms(done['seconds'])}" if isinstance(done.get("seconds"), float) else ""
+    size = size_words(done["bytes"]) if isinstance(done.get("bytes"), int) else ""
+    note = f" ({reason})" if reason else ""
+    if state == "applied":
+        if name == SNAPSHOT_EVERY:
+            every, keep = done.get("every"), done.get("keep")
+            if not every:
+                return f"periodic snapshots off from step {step}"
+            return f"a snapshot every {every} steps from step {step}, the last {keep} kept"
+        if name == "rollback":
+            return (
+                f"rolled back to snapshot {label} (taken at step {done.get('step')}) at step "
+                f"{step}{took}{note}"
+            )
+        if name == "save":
+            return f"saved {done.get('file', label)} at step {step}: {size}{took}{note}"
+        return f"snapshot {label} taken at step {step}: {size}{took}{note}"
+    what = {
+        "snapshot": f"snapshot {label}".rstrip(),
+        "rollback": f"rollback to {label or _before(done)}",
+        "save": f"save to {label}",
+        SNAPSHOT_EVERY: "periodic snapshots",
+    }[name]
+    if state == "rejected":
+        return f"{what} refused: {reason}" + (f" (at step {step})" if step else "")
+    if state in ("missed", "not running"):
+        return f"{what} not done: {reason}"
+    if state == "superseded":
+        return f"{what} not done: a later {name} reached {replica} first"
+    return f"{what}: no answer yet: still desired, it is done when the replica gets to it"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms" if seconds < 0.01 else f"{seconds * 1000:.0f} ms"
+
+
+def _before(asked: dict) -> str:
+    before = asked.get("before")
+    return f"the newest snapshot before step {before}" if before else "the newest snapshot"
 
 
 def outcome_sentence(outcome: pb.Outcome) -> str:

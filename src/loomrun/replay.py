@@ -4,8 +4,10 @@ The supervisor reads a record (`changes.jsonl`, or a job's own in the state dire
 keeps each replica's changes that were applied (with their kind: set, hold, unset) or
 overridden at once (applied, and written over in that very step: replayed, the same
 optimizer writes over them again); a later "overridden" record ends a change the record
-has already, and pause and resume are left out: they change no
-parameter) and hands each worker its own schedule as a JSON file. The worker applies each
+has already, and pause, resume and save are left out: they change no parameter. A
+rollback is replayed to a snapshot taken at the same step under the same name: the
+record's own, or one taken for it when the run's was periodic) and hands each worker its
+own schedule as a JSON file. The worker applies each
 change at exactly its recorded step, before that step's optimizer step, and answers it like
 any change, as asked by `replay`. Every rank applies what its own record says, at the
 same steps, so a seeded run steered by hand runs again bitwise. Nothing is evaluated: the
@@ -20,7 +22,7 @@ from pathlib import Path
 from loomrun.broker.state import state_dir
 from loomrun.outcomes import KIND_OF
 from loomrun.records import job_dir, node_files
-from loomrun.subjects import PAUSE
+from loomrun.subjects import PAUSE, ROLLBACK, SAVE, SNAPSHOT
 
 ORIGIN = "replay"
 
@@ -89,7 +91,7 @@ def schedules(records: list[dict], replicas: list[str]) -> tuple[dict[str, list]
         taken = item["outcome"] == "applied" or (
             item["outcome"] == "overridden" and not item["ended"]
         )
-        if not taken or item["name"] == PAUSE or item["step"] < 1:
+        if not taken or item["name"] in (PAUSE, SAVE) or item["step"] < 1:
             continue
         if item["kind"] not in KIND_OF:
             raise ReplayError(f"the change of {item['name']} has an unknown kind {item['kind']!r}")
@@ -109,5 +111,28 @@ def schedules(records: list[dict], replicas: list[str]) -> tuple[dict[str, list]
             change["parts"] = item["parts"]  # applied together, at its step
         plans[item["replica"]].append(change)
     for plan in plans.values():
+        plan[:0] = _snapshots_for(plan)
         plan.sort(key=lambda change: change["step"])
     return plans, missing
+
+
+def _snapshots_for(plan: list[dict]) -> list[dict]:
+    """The snapshots the plan's rollbacks go to that it does not take itself (a periodic
+    one, which no record holds): taken at the same step, under the same name."""
+    taken = {
+        (c["value"].get("name"), c["step"])
+        for c in plan
+        if c["name"] == SNAPSHOT and isinstance(c["value"], dict)
+    }
+    needed = []
+    for change in plan:
+        value = change["value"]
+        if change["name"] != ROLLBACK or not isinstance(value, dict):
+            continue
+        name, step = value.get("name"), value.get("step")
+        if not isinstance(name, str) or not isinstance(step, int) or (name, step) in taken:
+            continue
+        taken.add((name, step))
+        needed.append({"step": step, "name": SNAPSHOT, "value": {"name": name},
+                       "change_id": f"replay-{name}-{step}", "kind": "set"})  # fmt: skip
+    return needed

@@ -36,6 +36,13 @@ LEDGER_DEDUP_SECONDS = 600.0  # a record sent again within this long is kept onc
 MSG_ID = "Nats-Msg-Id"  # the header JetStream keeps one message of each value by
 DEVICE_FAILED = "loomrun.devices.failed"
 PAUSE = "pause"
+# What `snapshot`, `rollback` and `save` write: an action, done once at one step (never a
+# parameter, never in effect); and the periodic snapshots' setting (`snapshot --every`).
+SNAPSHOT, ROLLBACK, SAVE = "snapshot", "rollback", "save"
+ACTIONS = frozenset({SNAPSHOT, ROLLBACK, SAVE})
+SNAPSHOT_EVERY = "snapshot_every"
+# loomrun's own names: no parameter may be declared with one.
+OWN_NAMES = frozenset({PAUSE, SNAPSHOT_EVERY, *ACTIONS})
 HEARTBEAT_SECONDS = 2.0
 LOST_AFTER_SECONDS = 10.0
 

@@ -247,7 +247,7 @@ class Schema(_message.Message):
     def __init__(self, params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., group_size: _Optional[int] = ..., group_rank: _Optional[int] = ..., agree_every: _Optional[int] = ...) -> None: ...
 
 class Status(_message.Message):
-    __slots__ = ("step", "steps_per_sec", "metrics", "paused", "values", "time", "pid", "applied_version", "own", "held")
+    __slots__ = ("step", "steps_per_sec", "metrics", "paused", "values", "time", "pid", "applied_version", "own", "held", "snapshots", "snapshot_every", "snapshot_keep")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -279,6 +279,9 @@ class Status(_message.Message):
     APPLIED_VERSION_FIELD_NUMBER: _ClassVar[int]
     OWN_FIELD_NUMBER: _ClassVar[int]
     HELD_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_KEEP_FIELD_NUMBER: _ClassVar[int]
     step: int
     steps_per_sec: float
     metrics: _containers.ScalarMap[str, float]
@@ -289,7 +292,26 @@ class Status(_message.Message):
     applied_version: int
     own: _containers.MessageMap[str, Value]
     held: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, step: _Optional[int] = ..., steps_per_sec: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., paused: _Optional[bool] = ..., values: _Optional[_Mapping[str, Value]] = ..., time: _Optional[float] = ..., pid: _Optional[int] = ..., applied_version: _Optional[int] = ..., own: _Optional[_Mapping[str, Value]] = ..., held: _Optional[_Iterable[str]] = ...) -> None: ...
+    snapshots: _containers.RepeatedCompositeFieldContainer[SnapshotInfo]
+    snapshot_every: int
+    snapshot_keep: int
+    def __init__(self, step: _Optional[int] = ..., steps_per_sec: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., paused: _Optional[bool] = ..., values: _Optional[_Mapping[str, Value]] = ..., time: _Optional[float] = ..., pid: _Optional[int] = ..., applied_version: _Optional[int] = ..., own: _Optional[_Mapping[str, Value]] = ..., held: _Optional[_Iterable[str]] = ..., snapshots: _Optional[_Iterable[_Union[SnapshotInfo, _Mapping]]] = ..., snapshot_every: _Optional[int] = ..., snapshot_keep: _Optional[int] = ...) -> None: ...
+
+class SnapshotInfo(_message.Message):
+    __slots__ = ("name", "step", "bytes", "periodic", "time", "seconds")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    PERIODIC_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    step: int
+    bytes: int
+    periodic: bool
+    time: float
+    seconds: float
+    def __init__(self, name: _Optional[str] = ..., step: _Optional[int] = ..., bytes: _Optional[int] = ..., periodic: _Optional[bool] = ..., time: _Optional[float] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class ReplicaStatus(_message.Message):
     __slots__ = ("job", "replica", "host", "state", "restarts", "exit_code", "status", "device_uuid", "device_name", "gpu_util", "gpu_mem_used", "gpu_mem_total", "time", "pid")

@@ -197,6 +197,22 @@ class ProcCount(click.ParamType):
     help="Apply the applied changes of a ledger (a changes.jsonl, or a job id) to the same "
     "replicas at the same steps: a seeded steered run, again.",
 )
+@click.option(
+    "--snapshot-every",
+    type=click.IntRange(0, 2**62),
+    default=0,
+    metavar="N",
+    help="Snapshot the training state in host memory every N steps, so that `loomrun "
+    "rollback` always has one to go to [default: 0, none].",
+)
+@click.option(
+    "--snapshot-keep",
+    type=click.IntRange(1, 10_000),
+    default=2,
+    show_default=True,
+    metavar="K",
+    help="How many of --snapshot-every's snapshots are kept (the newest).",
+)
 @broker_flags
 @click.option(
     "--wait-broker",

@@ -312,5 +312,55 @@ class Steering:
         )
         return with_ended(found.job, results, ended, {S.PAUSE: paused}, pb.SET)
 
+    async def act(
+        self,
+        job: str | None,
+        name: str,
+        value: dict[str, Any],
+        replicas: list[str] | None = None,
+        at_step: int | None = None,
+        timeout: float = 30.0,
+        wait: bool = True,
+        force: bool = False,
+    ) -> list[Result]:
+        """One action on the training state (snapshot, rollback, save; or the periodic
+        snapshots' setting), done once, at one step (ranks of a group: one they agree on),
+        and answered by each replica with what it did."""
+        if name not in S.ACTIONS and name != S.SNAPSHOT_EVERY:
+            raise SteerError(f"{name!r} is not an action of loomrun")
+        found = await self.job(job)
+        targets = self.targets(found, replicas)
+        await self.schemas(found.job)
+        at_once = await self._whole_process_groups(found, targets, force)
+        ended = await self._not_running(found.job, targets)
+        key = S.desired_param
+        writes = [(r, {name: (key(found.job, r, name), value)}) for r in targets if r not in ended]
+        results = await self.correlator.write_and_wait(
+            found.job, writes, at_step or 0, at_once, timeout, wait
+        )
+        return with_ended(found.job, results, ended, {name: value}, pb.SET)
+
+    async def snapshots(self, job: str | None) -> tuple[str, list[dict[str, Any]], dict]:
+        """The snapshots every replica keeps (from their statuses): one row per name and
+        step, with its size and the replicas that hold it; and each replica's periodic
+        setting (every, keep)."""
+        found = await self.job(job)
+        rows: dict[tuple[str, int], dict[str, Any]] = {}
+        every = {}
+        for replica, status in sorted((await self.statuses(found.job)).items()):
+            if status.state in ENDED:
+                continue
+            every[replica] = (status.status.snapshot_every, status.status.snapshot_keep)
+            for info in status.status.snapshots:
+                row = rows.setdefault(
+                    (info.name, info.step),
+                    {"name": info.name, "step": info.step, "bytes": info.bytes,
+                     "periodic": info.periodic, "time": info.time, "replicas": []},
+                )  # fmt: skip
+                row["bytes"] = max(row["bytes"], info.bytes)
+                row["replicas"].append(replica)
+        ordered = sorted(rows.values(), key=lambda r: (r["step"], r["name"]))
+        return found.job, ordered, every
+
     async def close(self) -> None:
         await self.correlator.close()

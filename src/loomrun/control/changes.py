@@ -14,6 +14,7 @@ from collections import deque
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.desired import DesiredConfig, copy
 from loomrun.outcomes import names_of
+from loomrun.subjects import ACTIONS
 
 SEEN_IDS = 32  # per parameter: enough to know a change seen again
 TAKEN_KEPT = 512  # per replica: the changes taken lately, to go back to the one in effect
@@ -201,7 +202,7 @@ class ReplicaChanges:
         )
         for name in names_of(outcome):
             self._written.get(name, {}).pop(outcome.change_id, None)
-            if taken and not replayed:
+            if taken and not replayed and name not in ACTIONS:  # an action is never in effect
                 self._in_effect[name] = outcome.change_id
             if outcome.state != pb.SUPERSEDED:  # the worker took up the name: no base now
                 self._baseline.pop(name, None)

@@ -148,7 +148,8 @@ class MailboxPump:
     def _answered(self, replica, outcome: pb.Outcome) -> None:
         self._publish_outcome(replica, outcome)
         replica.changes.answered(outcome, replayed=outcome.origin == REPLAYED)
-        if outcome.state in NOT_APPLIED and self.on_not_applied is not None:
+        done = outcome.state in NOT_APPLIED or outcome.name in S.ACTIONS  # an action: once
+        if done and self.on_not_applied is not None:
             self.on_not_applied(replica, outcome)
 
     def _malformed(self, replica, outcome: pb.Outcome) -> None:

@@ -52,6 +52,9 @@ class LaunchSpec:
     step_timeout: float | None = None
     # Replica name -> its recorded changes to apply at their steps (loomrun.replay).
     replay: dict[str, list] | None = None
+    # A snapshot every N steps (0: none), the last K kept (runtime.snapshots).
+    snapshot_every: int = 0
+    snapshot_keep: int = 2
     broker: BrokerOptions | None = field(default_factory=BrokerOptions)
     wait_broker: bool = False
 
@@ -126,6 +129,9 @@ def worker_env(
         LOOMRUN_JOB=spec.job,
         LOOMRUN_REPLICA=f"r{rank}",
     )
+    if spec.snapshot_every:
+        env["LOOMRUN_SNAPSHOT_EVERY"] = str(spec.snapshot_every)
+        env["LOOMRUN_SNAPSHOT_KEEP"] = str(spec.snapshot_keep)
     env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     # Output goes through a pipe to the supervisor; unbuffered keeps it live and in order.
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -173,6 +179,8 @@ class RunOptions:
     step_timeout: float | None
     job: str | None
     replay: str | None
+    snapshot_every: int
+    snapshot_keep: int
     broker: BrokerOptions | None  # None: --no-broker
     wait_broker: bool
 
@@ -226,6 +234,8 @@ class RunOptions:
             grace=self.grace,
             step_timeout=self.step_timeout,
             replay=self._replay(names, None if before_rendezvous else say),
+            snapshot_every=self.snapshot_every,
+            snapshot_keep=self.snapshot_keep,
             broker=self.broker,
             wait_broker=self.wait_broker,
         )

@@ -19,6 +19,7 @@ from loomrun import params as P
 from loomrun.fields import spec_of, to_wire
 from loomrun.runtime import worker as _worker
 from loomrun.runtime.target import Target
+from loomrun.subjects import OWN_NAMES
 
 
 class Param:
@@ -42,10 +43,11 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 def _checked(name: str) -> str:
-    if name == "pause" or not _NAME.fullmatch(name):
+    if name in OWN_NAMES or not _NAME.fullmatch(name):
         raise ValueError(
             f"{name!r} cannot name a loomrun parameter (expected letters, digits and _, at "
-            "most 64, not starting with a digit; 'pause' is loomrun's own)"
+            f"most 64, not starting with a digit; {', '.join(sorted(OWN_NAMES))} are "
+            "loomrun's own)"
         )
     return name
 
@@ -194,3 +196,19 @@ def report(**metrics: Any) -> None:
     worker = _worker.current
     if worker is not None:
         worker.metrics.report(metrics)
+
+
+def track(*objects: Any) -> None:
+    """Add to what a snapshot holds (and `rollback` puts back, `save` writes): a module
+    no optimizer trains (an EMA copy), or any object with `state_dict()` and
+    `load_state_dict()` (a sampler's position, a counter of the script's own). The modules
+    the optimizers train, their optimizers, schedulers and GradScalers are found without it."""
+    for obj in objects:
+        if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+            raise TypeError(
+                f"loomrun.track takes modules and objects with state_dict() and "
+                f"load_state_dict(), not {type(obj).__name__}"
+            )
+    worker = _worker.current
+    if worker is not None:
+        worker.snapshots.finder.track(*objects)

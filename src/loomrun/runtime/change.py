@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from loomrun import builtin_params as BP
 from loomrun import fields
 from loomrun import params as P
 from loomrun._proto import loomrun_pb2 as pb
@@ -94,6 +95,24 @@ def reshaped(
             continue
         coming, going = coming | added, going | removed
     return coming, going
+
+
+def refusal(parts: dict[str, pb.DesiredParam], targets: dict[str, Target]) -> str:
+    """Why one of a change's values is refused, before any is applied ("" if none)."""
+    for name, want in sorted(parts.items()):
+        if want.kind == pb.UNSET:
+            continue
+        target = targets.get(name)
+        spec = target.spec if target is not None else BP.BUILTINS.get(name)
+        if spec is None:
+            continue
+        try:
+            value = P.check(spec, P.from_pb(want.value))
+            if target is not None and target.precheck is not None:
+                target.precheck(value, want.kind == pb.HOLD)
+        except P.ParamError as error:
+            return str(error)  # it names the parameter
+    return ""
 
 
 def fill(outcome: pb.Outcome, name: str, said: pb.Outcome) -> None:

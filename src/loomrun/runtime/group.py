@@ -182,6 +182,16 @@ class Agreement:
         self.points.compared(step, landing, slowest, cost)
         return {name for name, want in changes.items() if bucket_of(name, want) in agreed}
 
+    def alike(self, text: str) -> bool:
+        """Whether every rank says the same `text` (a collective, as `agree`: every rank
+        calls it at the same step): a rollback checks that all go to one snapshot."""
+        digest = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+        mine = [digest >> 1]
+        both = self._torch.tensor(mine + [-mine[0]], dtype=self._torch.int64)
+        self._dist.all_reduce(both, op=self._dist.ReduceOp.MIN, group=self._group)
+        low, high = both.tolist()
+        return low == -high == mine[0]
+
 
 def install(worker) -> None:
     """Wrap torch.distributed's init and destroy so the worker joins and leaves the group."""

@@ -332,6 +332,7 @@ def _hook_torch(worker: Worker) -> None:
     if os.environ.get("LOOMRUN_OPTIMIZER_SWITCH", "1") != "0":
         switch.install()
     optimizers = Optimizers(worker)
+    worker.snapshots.optimizers = optimizers
     register_optimizer_step_pre_hook(optimizers.pre_step)
     group.install(worker)
     track_schedulers(lr_scheduler.LRScheduler, optimizers)

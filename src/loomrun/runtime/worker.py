@@ -29,7 +29,6 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from loomrun import builtin_params as BP
 from loomrun import fields
 from loomrun import params as P
 from loomrun._proto import loomrun_pb2 as pb
@@ -45,12 +44,14 @@ from loomrun.runtime.change import (
     missed,
     read_plan,
     recorded_change,
+    refusal,
     reshaped,
     whole,
 )
 from loomrun.runtime.metrics import Metrics
+from loomrun.runtime.snapshots import Snapshots
 from loomrun.runtime.target import Target
-from loomrun.subjects import PAUSE
+from loomrun.subjects import OWN_NAMES, PAUSE
 
 STATUS_INTERVAL = 0.1
 PAUSE_POLL = 0.005
@@ -71,6 +72,7 @@ class Worker:
         self.targets: dict[str, Target] = {}
         self.metrics = Metrics(self.warn_once)
         self.answers = AnswerBook(self.warn_once)
+        self.snapshots = Snapshots(self)  # snapshot, rollback, save; the periodic ones
         self.applied_listeners = self.answers.listeners
         # The process group's agreement (runtime.group), once torch.distributed is set up.
         self.group = None
@@ -158,6 +160,8 @@ class Worker:
     def _settle(self, agree: bool) -> bool:
         """Apply every change that is due now; note when the next one is. True if any was."""
         step, due, answered = self.step, _NEVER, False
+        if agree and step >= self.snapshots.next_due:  # at a boundary: before any change
+            self.snapshots.due(step)
         while self._replay and self._replay[0]["step"] <= step:
             answered = True
             recorded = self._replay.popleft()
@@ -216,13 +220,13 @@ class Worker:
                 answered |= self._agree(grouped, step)
                 due = min([due, *(w.at_step for w in self._scheduled.values())])
             due = min(due, self.group.points.after(step))
-        self._due = due
+        self._due = min(due, self.snapshots.next_due)
         return answered
 
     def _declared_later(self, name: str, step: int) -> bool:
         """Not a target yet, but it may be soon: declared by the script as it starts, or by
         its optimizer at its first step."""
-        return fields.base(name) not in self.targets and name != PAUSE and step < 2
+        return fields.base(name) not in self.targets and name not in OWN_NAMES and step < 2
 
     def _agree(self, grouped: dict[str, pb.DesiredParam], step: int) -> bool:
         """One collective: the changes every rank holds alike, every rank takes now (or
@@ -262,6 +266,8 @@ class Worker:
             return answer_change(parts, pb.MISSED, step, missed(want.at_step, step, agreed))
         if name == PAUSE:
             return self._set_paused(want)
+        if name in OWN_NAMES:  # an action on the training state, or the periodic snapshots
+            return self.snapshots.act(parts, step, agreed)
         return self._apply(parts)
 
     def _apply(self, parts: dict[str, pb.DesiredParam]) -> pb.Outcome:
@@ -286,7 +292,7 @@ class Worker:
                 else f"unknown parameter {name!r} (this replica has: {known})"
             )
             return outcome
-        if several and (refused := self._refused(parts)):
+        if several and (refused := refusal(parts, self.targets)):
             outcome.reason = refused
             return outcome
         try:
@@ -346,23 +352,6 @@ class Worker:
         if kept and not self.paused:
             self.answers.park(kept, outcome)  # answered once a step ran with them
         return outcome
-
-    def _refused(self, parts: dict[str, pb.DesiredParam]) -> str:
-        """Why one of a change's values is refused, before any is applied ("" if none)."""
-        for name, want in sorted(parts.items()):
-            if want.kind == pb.UNSET:
-                continue
-            target = self.targets.get(name)
-            spec = target.spec if target is not None else BP.BUILTINS.get(name)
-            if spec is None:
-                continue
-            try:
-                value = P.check(spec, P.from_pb(want.value))
-                if target is not None and target.precheck is not None:
-                    target.precheck(value, want.kind == pb.HOLD)
-            except P.ParamError as error:
-                return str(error)  # it names the parameter
-        return ""
 
     def _set_paused(self, want: pb.DesiredParam) -> pb.Outcome:
         outcome = answer(want, PAUSE, pb.REJECTED, self.step)
@@ -443,6 +432,8 @@ class Worker:
         )  # fmt: skip
         for target in self.targets.values():
             target.show(status, P.LARGEST_VALUE)
+        status.snapshots.extend(self.snapshots.infos())
+        status.snapshot_every, status.snapshot_keep = self.snapshots.every, self.snapshots.keep
         self._write(self.mailbox.status, status)
         self._next_status = now + STATUS_INTERVAL
 

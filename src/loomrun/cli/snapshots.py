@@ -1,0 +1,178 @@
+"""snapshot, rollback, save: actions on a running job's training state, each done once at
+one step (the ranks of a process group: one they agree on) and answered like a `set`."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from loomrun.cli.steer import _change, steering_options
+
+ACTION_CODES = (
+    "Exit codes: 0 done on every replica; 1 not done somewhere (refused, its step missed, "
+    "replaced by a later one of its kind, or the replica is not running); 3 timed out (it "
+    "stays asked for, and is done when the replica gets to it); 2 usage; 4 no broker."
+)
+
+
+def _snapshot_name(ctx, param, value: str | None) -> str | None:
+    from loomrun.runtime.snapshots import NAME
+
+    if value is not None and not NAME.fullmatch(value):
+        raise click.BadParameter(
+            f"{value!r} is not a snapshot name (expected letters, digits, _ . and -, at most "
+            "64, starting with a letter or digit)"
+        )
+    return value
+
+
+@click.command("snapshot", epilog=ACTION_CODES)
+@click.argument("name", required=False, callback=_snapshot_name)
+@click.option("--list", "listing", is_flag=True, help="List the snapshots the replicas keep.")
+@click.option(
+    "--every",
+    type=click.IntRange(0, 2**62),
+    default=None,
+    help="Take one every N steps (at each multiple of N), keeping a rolling set; 0 stops.",
+)
+@click.option(
+    "--keep",
+    type=click.IntRange(1, 10_000),
+    default=None,
+    help="With --every: how many periodic snapshots are kept [default: 2].",
+)
+@steering_options
+def snapshot_command(
+    name, listing, every, keep, job, replicas, at_step, force, timeout, no_wait, as_json, broker
+):
+    """Copy the training state to host memory, at one step, on every replica.
+
+    \b
+      loomrun snapshot before-lr             a snapshot named before-lr
+      loomrun snapshot                       named after its step (step-1200)
+      loomrun snapshot --every 500 --keep 3  one every 500 steps, the last 3 kept
+      loomrun snapshot --list                what the replicas keep
+    A snapshot holds every parameter and buffer of the modules the optimizers train, the
+    optimizers', schedulers' and GradScaler's state, and the RNG states: everything
+    `loomrun rollback` puts back. It is taken at a step boundary, before that step's
+    optimizer step, at one step on every rank of a process group. Snapshots live in the
+    worker's memory (a restart loses them), within LOOMRUN_SNAPSHOT_MEMORY; each answer
+    gives its size and the time it took.
+    """
+    from loomrun.subjects import SNAPSHOT, SNAPSHOT_EVERY
+
+    if listing:
+        if name or every is not None or keep is not None:
+            raise click.UsageError("--list takes no NAME, --every or --keep")
+        _list(job, replicas, as_json, broker)
+        return
+    if keep is not None and every is None:
+        raise click.UsageError("--keep goes with --every N (how many periodic snapshots)")
+    if every is not None and name:
+        raise click.UsageError("--every takes no NAME: periodic snapshots are named step-N")
+    if every is not None:
+        action, value = SNAPSHOT_EVERY, {"every": every, "keep": keep or 2}
+    else:
+        action, value = SNAPSHOT, {"name": name or ""}
+    _change(
+        broker, job, no_wait, as_json,
+        lambda s: s.act(job, action, value, replicas, at_step, timeout, not no_wait, force),
+    )  # fmt: skip
+
+
+def _list(job, replicas, as_json, broker) -> None:
+    import json
+    import time
+
+    from loomrun import tables
+    from loomrun.cli.options import steer
+    from loomrun.outcomes import size_words
+
+    found, rows, every = steer(broker, lambda s: s.snapshots(job))
+    if replicas:
+        rows = [dict(r, replicas=[x for x in r["replicas"] if x in replicas]) for r in rows]
+        rows = [r for r in rows if r["replicas"]]
+    if as_json:
+        periodic = {r: {"every": e, "keep": k} for r, (e, k) in every.items()}
+        click.echo(json.dumps({"job": found, "snapshots": rows, "periodic": periodic}))
+        return
+    settings = {(e, k) for e, k in every.values()}
+    if len(settings) == 1 and (setting := settings.pop())[0]:
+        click.echo(f"a snapshot every {setting[0]} steps, the last {setting[1]} kept")
+    if not rows:
+        click.echo(f"no snapshot in job {found}")
+        return
+    table = [
+        [
+            r["name"], str(r["step"]), size_words(r["bytes"]), ",".join(r["replicas"]),
+            "every" if r["periodic"] else "named",
+            time.strftime("%H:%M:%S", time.localtime(r["time"])),
+        ]
+        for r in rows
+    ]  # fmt: skip
+    tables.render(["NAME", "STEP", "SIZE", "REPLICAS", "KIND", "TAKEN"], table)
+
+
+@click.command("rollback", epilog=ACTION_CODES)
+@click.argument("name", required=False, callback=_snapshot_name)
+@click.option(
+    "--before",
+    type=click.IntRange(1, 2**62),
+    default=None,
+    help="The newest snapshot taken before this step [default: the newest].",
+)
+@steering_options
+def rollback_command(
+    name, before, job, replicas, at_step, force, timeout, no_wait, as_json, broker
+):
+    """Put the training state of a snapshot back, in place, with no restart.
+
+    \b
+      loomrun rollback                       to the newest snapshot
+      loomrun rollback before-lr             to the one named before-lr
+      loomrun rollback --before 1200         to the newest taken before step 1200
+    Parameters, buffers, the optimizers', schedulers' and GradScaler's state and the RNG
+    states go back to the snapshot's, on every rank at one step; every gradient is then
+    None (it was computed on the parameters thrown away: that step's optimizer step
+    changes nothing). What stays: loomrun's step count (it goes on), the values loomrun
+    steers (in effect until the next change), the data loader (its next batch, not the
+    snapshot's), and the script's own variables (a loop that computes lr from its own
+    iteration number goes on from there).
+    """
+    from loomrun.subjects import ROLLBACK
+
+    if name and before is not None:
+        raise click.UsageError("give a snapshot's NAME or --before STEP, not both")
+    value = {"name": name or "", "before": before or 0}
+    _change(
+        broker, job, no_wait, as_json,
+        lambda s: s.act(job, ROLLBACK, value, replicas, at_step, timeout, not no_wait, force),
+    )  # fmt: skip
+
+
+@click.command("save", epilog=ACTION_CODES)
+@click.argument("folder", metavar="DIR")
+@steering_options
+def save_command(folder, job, replicas, at_step, force, timeout, no_wait, as_json, broker):
+    """Write a checkpoint of every replica at one step: DIR/rN.pt, one file per rank.
+
+    \b
+      loomrun save /ckpt/run7                /ckpt/run7/r0.pt, r1.pt, ...
+      loomrun save '/ckpt/step-{step}'       {step} is the step it was taken at
+    Each file is written whole or not at all (a file beside it, then renamed) and loads
+    with `torch.load(path, weights_only=True)`: modules (state_dicts, without DDP's or
+    torch.compile's prefix), optimizers, schedulers, scalers, rng, values (the
+    parameters in effect), step, replica, rank, world_size. A Lightning job saves through
+    its trainer (DIR/checkpoint.ckpt), which `ckpt_path=` resumes from. DIR is a folder
+    on each worker's host; a relative one is taken from this shell's folder.
+    """
+    from loomrun.subjects import SAVE
+
+    if not folder.strip():
+        raise click.BadParameter("the folder is empty", param_hint="DIR")
+    value = {"dir": os.path.abspath(os.path.expanduser(folder))}
+    _change(
+        broker, job, no_wait, as_json,
+        lambda s: s.act(job, SAVE, value, replicas, at_step, timeout, not no_wait, force),
+    )  # fmt: skip

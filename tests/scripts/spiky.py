@@ -1,0 +1,73 @@
+"""A seeded regression whose data turns bad for a few steps: from --bad-from, for --bad-for
+steps, the targets are 8 times too large, and SGD with momentum carries the damage on for
+long after. A loop in the usual shape (DDP on gloo when launched with several ranks, a
+BatchNorm, dropout, a warm-up schedule), written for the snapshot and rollback tests.
+
+Each step prints `step <n> hash <h> loss <l>`: n counts the optimizer steps from 1 (as
+loomrun counts them), h hashes the model's state_dict before that step's optimizer step.
+It stops after --iters, or at the step where the declared `stop` turns true; at the end
+it prints `final <mean loss of the last 20 steps> hash <h>`."""
+
+import argparse
+import hashlib
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import loomrun
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--iters", type=int, default=100_000)
+parser.add_argument("--bad-from", type=int, default=60)
+parser.add_argument("--bad-for", type=int, default=4)
+parser.add_argument("--step-time", type=float, default=0.0)
+args = parser.parse_args()
+
+stop = loomrun.param("stop", bool, default=False, doc="end the run after this step")
+ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+if ddp:
+    dist.init_process_group("gloo")
+rank = dist.get_rank() if ddp else 0
+torch.manual_seed(0)
+model = nn.Sequential(
+    nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.05), nn.Linear(32, 1)
+)
+raw = model
+if ddp:
+    model = DistributedDataParallel(model)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20))
+truth = torch.randn(8, 1, generator=torch.Generator().manual_seed(1))
+
+
+def digest() -> str:
+    blob = b"".join(t.detach().contiguous().numpy().tobytes() for t in raw.state_dict().values())
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+losses = []
+for it in range(1, args.iters + 1):
+    if stop.value:
+        break
+    data = torch.Generator().manual_seed(1000 * it + rank)
+    x = torch.randn(256, 8, generator=data)
+    y = x @ truth + 0.1 * torch.randn(256, 1, generator=data)
+    if args.bad_from <= it < args.bad_from + args.bad_for:
+        y = y * 8
+    loss = nn.functional.mse_loss(model(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    print(f"step {it} hash {digest()} loss {loss.item():.6f}", flush=True)
+    optimizer.step()
+    scheduler.step()
+    losses.append(loss.item())
+    if args.step_time:
+        time.sleep(args.step_time)
+tail = losses[-20:]
+print(f"final {sum(tail) / len(tail):.6f} hash {digest()}", flush=True)
+if ddp:
+    dist.destroy_process_group()
