@@ -3,10 +3,13 @@ steps, the targets are 8 times too large, and SGD with momentum carries the dama
 long after. A loop in the usual shape (DDP on gloo when launched with several ranks, a
 BatchNorm, dropout, a warm-up schedule), written for the snapshot and rollback tests.
 
-Each step prints `step <n> hash <h> loss <l>`: n counts the optimizer steps from 1 (as
-loomrun counts them), h hashes the model's state_dict before that step's optimizer step.
+Each step prints `step <n> hash <h> params <p> loss <l>`: n counts the optimizer steps
+from 1 (as loomrun counts them); h hashes the model's state_dict before that step's
+optimizer step (after its forward, which moved the BatchNorm's running statistics), p its
+parameters alone.
 It stops after --iters, or at the step where the declared `stop` turns true; at the end
-it prints `final <mean loss of the last 20 steps> hash <h>`."""
+it prints `final <mean loss of the last 20 steps> hash <h> params <p>` (under DDP the
+ranks' BatchNorm statistics differ: each rank's forward moves them with its own batch)."""
 
 import argparse
 import hashlib
@@ -44,8 +47,9 @@ scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s +
 truth = torch.randn(8, 1, generator=torch.Generator().manual_seed(1))
 
 
-def digest() -> str:
-    blob = b"".join(t.detach().contiguous().numpy().tobytes() for t in raw.state_dict().values())
+def digest(tensors=None) -> str:
+    tensors = raw.state_dict().values() if tensors is None else tensors
+    blob = b"".join(t.detach().contiguous().numpy().tobytes() for t in tensors)
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -61,13 +65,14 @@ for it in range(1, args.iters + 1):
     loss = nn.functional.mse_loss(model(x), y)
     optimizer.zero_grad()
     loss.backward()
-    print(f"step {it} hash {digest()} loss {loss.item():.6f}", flush=True)
+    weights = digest(raw.parameters())
+    print(f"step {it} hash {digest()} params {weights} loss {loss.item():.6f}", flush=True)
     optimizer.step()
     scheduler.step()
     losses.append(loss.item())
     if args.step_time:
         time.sleep(args.step_time)
 tail = losses[-20:]
-print(f"final {sum(tail) / len(tail):.6f} hash {digest()}", flush=True)
+print(f"final {sum(tail) / len(tail):.6f} hash {digest()} params {digest(raw.parameters())}")
 if ddp:
     dist.destroy_process_group()

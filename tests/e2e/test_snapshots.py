@@ -1,0 +1,247 @@
+"""Snapshots, rollback and save on a running job, steered through the CLI: a seeded script
+whose data turns bad for a few steps (tests/scripts/spiky.py) is rolled back to before
+the spike, its lr lowered, and it ends near the run that never spiked; on 2 DDP ranks the
+ranks are bitwise identical after it; the run replays bitwise; a save loads with plain
+`torch.load(weights_only=True)` in a fresh process and equals the live state of its step.
+
+spiky.py prints, every step, a hash of its model's state_dict before that step's
+optimizer step: a snapshot taken at step s holds what the hash of step s says, and after
+a rollback applied at step r (whose own optimizer step then changes nothing) the hash of
+the parameters at step r + 1 must be the snapshot's (the BatchNorm's statistics have moved
+with step r + 1's forward by then: the unit tests check the buffers)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import SCRIPTS, run_loomrun, wait_for
+from jobs import job_id, wait_ready
+
+from loomrun.broker.state import state_dir
+
+SPIKY = SCRIPTS / "spiky.py"
+
+
+def run_to_file(procs, tmp_path, name, *args, replicas=1, extra=()):
+    out = tmp_path / f"{name}.out"
+    job = job_id(name)
+    with out.open("w") as sink:
+        sup = procs.start(
+            "--replicas", replicas, "--job", job, *extra, SPIKY, *args, stdout=sink
+        )  # fmt: skip
+    return job, sup, out
+
+
+def hashes(text: str, replica: str = "r0", of: str = "hash") -> dict[int, str]:
+    """Per step, the hash of the state_dict (`hash`) or of the parameters (`params`)."""
+    pattern = rf"^\[{replica}\] step (\d+) hash (\w+) params (\w+) loss"
+    column = 2 if of == "hash" else 3
+    return {int(m[1]): m[column] for m in re.finditer(pattern, text, re.M)}
+
+
+def final(text: str, replica: str = "r0") -> tuple[float, str, str]:
+    """The run's last loss (a mean of 20 steps), the hash of its state_dict, of its
+    parameters."""
+    found = re.search(rf"^(?:\[{replica}\] )?final (\S+) hash (\w+) params (\w+)$", text, re.M)
+    assert found, text[-2000:]
+    return float(found[1]), found[2], found[3]
+
+
+def at_least(out, step: int, replicas=("r0",), timeout=120) -> None:
+    wait_for(
+        lambda: all(max(hashes(out.read_text(), r), default=0) >= step for r in replicas),
+        timeout,
+        what=f"step {step}",
+    )
+
+
+def cli_json(*args) -> tuple[int, dict]:
+    result = run_loomrun(*args, "--json", timeout=120)
+    assert result.stdout, result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def one_step(answer: dict) -> int:
+    steps = {c["step"] for c in answer["changes"]}
+    assert len(steps) == 1, f"every rank at one step: {answer}"
+    return steps.pop()
+
+
+def stop(job: str, sup) -> int:
+    code, stopped = cli_json("set", "stop=true", "--job", job)
+    assert code == 0, stopped
+    sup.wait(timeout=300)
+    assert sup.returncode == 0
+    return one_step(stopped)
+
+
+def reference(steps: int, bad_for: int, replicas: int = 1) -> float:
+    """The same seeded run, unsteered, for `steps` steps."""
+    result = run_loomrun(
+        "--replicas", replicas, "--no-broker", "--job", job_id("reference"), SPIKY,
+        "--iters", steps, "--bad-for", bad_for, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return final(result.stdout)[0]
+
+
+def rescue(procs, tmp_path, name: str, replicas: int):
+    """Launch with a snapshot every 10 steps, let the spike (steps 60-63) pass, roll back
+    to before it, lower lr, and end 150 steps later. Returns the job, the output, the
+    rollback's answer and the step the run ended at."""
+    ranks = tuple(f"r{i}" for i in range(replicas))
+    job, sup, out = run_to_file(
+        procs, tmp_path, name, "--step-time", "0.01", replicas=replicas,
+        extra=("--snapshot-every", "10", "--snapshot-keep", "8"),
+    )  # fmt: skip
+    wait_ready(job, ranks)
+    at_least(out, 75, ranks)
+    code, rolled = cli_json("rollback", "--before", "60", "--job", job)
+    assert code == 0 and rolled["result"] == "applied", rolled
+    for change in rolled["changes"]:
+        assert change["new"]["name"] == "step-50" and change["new"]["step"] == 50, change
+    at = one_step(rolled)
+    code, lowered = cli_json("set", "lr=0.01", "--job", job)
+    assert code == 0, lowered
+    at_least(out, at + 150, ranks)
+    return job, out, at, stop(job, sup)
+
+
+@pytest.mark.slow
+def test_a_loss_spike_rolled_back_ends_near_the_run_that_never_spiked(procs, tmp_path):
+    job, out, at, last = rescue(procs, tmp_path, "spike", 1)
+    text = out.read_text()
+    seen = hashes(text, of="params")
+    assert seen[at + 1] == seen[50], "the parameters of step 50, bitwise"
+    assert seen[at] != seen[50]
+    rescued, rescued_hash = final(text, "r0")
+    spiked, clean = reference(last, 4), reference(last, 0)
+    assert rescued < 0.6 * spiked, (rescued, spiked)
+    assert rescued < 2.0 * clean, (rescued, clean)
+
+    records = [json.loads(line) for line in (state_dir() / "jobs" / job / "changes.jsonl").open()]
+    rollbacks = [r for r in records if r["name"] == "rollback"]
+    assert [(r["outcome"], r["step"], r["new"]["name"]) for r in rollbacks] == [
+        ("applied", at, "step-50")
+    ]
+    events = run_loomrun("log", "--job", job)
+    assert "rolled back to snapshot step-50 (taken at step 50)" in events.stdout, events.stdout
+
+    # The record holds no snapshot (a periodic one): the replay takes it for the rollback.
+    again = run_loomrun(
+        "--no-broker", "--job", job_id("replayed"), "--replay", job, SPIKY, timeout=300
+    )
+    assert again.returncode == 0, again.stderr
+    assert final(again.stdout)[1] == rescued_hash, "the replay ends bitwise equal"
+
+
+@pytest.mark.slow
+def test_two_ranks_roll_back_together_and_stay_identical(procs, tmp_path):
+    job, out, at, last = rescue(procs, tmp_path, "spike-ddp", 2)
+    text = out.read_text()
+    r0, r1 = hashes(text, "r0", "params"), hashes(text, "r1", "params")
+    assert r0[at + 1] == r0[50] and r1[at + 1] == r1[50]
+    assert r0[at + 1] == r1[at + 1], "the ranks are bitwise identical after the rollback"
+    assert final(text, "r0")[2] == final(text, "r1")[2], "and at the end"
+    assert final(text, "r0")[0] < 0.6 * reference(last, 4, replicas=2)
+
+
+@pytest.mark.slow
+def test_save_writes_one_file_per_rank_that_plain_torch_load_reads(procs, tmp_path):
+    ranks = ("r0", "r1")
+    job, sup, out = run_to_file(procs, tmp_path, "save", "--step-time", "0.01", replicas=2)
+    wait_ready(job, ranks)
+    at_least(out, 20, ranks)
+    code, saved = cli_json("save", str(tmp_path / "ck" / "at-{step}"), "--job", job)
+    assert code == 0 and saved["result"] == "applied", saved
+    step = one_step(saved)
+    folder = tmp_path / "ck" / f"at-{step}"
+    assert sorted(p.name for p in folder.iterdir()) == ["r0.pt", "r1.pt"], "whole files only"
+    for change in saved["changes"]:
+        assert change["new"]["file"] == str(folder / f"{change['replica']}.pt")
+        assert change["new"]["bytes"] == (folder / f"{change['replica']}.pt").stat().st_size
+    at_least(out, step + 1, ranks)
+    stop(job, sup)
+    text = out.read_text()
+    read = subprocess.run(
+        [sys.executable, "-c", LOAD, str(folder / "r0.pt"), str(folder / "r1.pt")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert read.returncode == 0, read.stderr
+    loaded = json.loads(read.stdout)
+    for replica in ranks:
+        got = loaded[replica]
+        assert got["hash"] == hashes(text, replica)[step], "the live state of its step"
+        assert (got["step"], got["replica"], got["world_size"]) == (step, replica, 2)
+        assert got["rank"] == int(replica[1:])
+        assert set(got["keys"]) >= {"optimizers", "schedulers", "rng", "values", "modules"}
+        assert got["values"]["lr"] == pytest.approx(0.02)
+
+
+# A fresh process, plain torch: the digest spiky.py prints, of the saved module.
+LOAD = """
+import hashlib, json, sys, torch
+out = {}
+for path in sys.argv[1:]:
+    data = torch.load(path, weights_only=True)
+    state = data["modules"][0]["state_dict"]
+    blob = b"".join(t.contiguous().numpy().tobytes() for t in state.values())
+    out[data["replica"]] = {
+        "hash": hashlib.sha256(blob).hexdigest()[:16], "step": data["step"],
+        "replica": data["replica"], "rank": data["rank"], "world_size": data["world_size"],
+        "keys": sorted(data), "values": data["values"],
+    }
+print(json.dumps(out))
+"""
+
+
+def test_snapshots_listed_named_periodic_and_each_answer_its_own(procs, tmp_path):
+    job, sup, out = run_to_file(procs, tmp_path, "named", "--step-time", "0.005")
+    wait_ready(job)
+    at_least(out, 5)
+    code, first = cli_json("snapshot", "a", "--job", job)
+    assert code == 0, first
+    code, second = cli_json("snapshot", "a", "--job", job)
+    assert code == 0, second
+    one, two = first["changes"][0], second["changes"][0]
+    assert one["change_id"] != two["change_id"]
+    assert one["new"]["step"] == one["step"] and two["new"]["step"] == two["step"] > one["step"]
+    assert two["new"]["bytes"] > 0 and two["new"]["seconds"] >= 0
+
+    code, every = cli_json("snapshot", "--every", "5", "--keep", "2", "--job", job)
+    assert code == 0 and every["changes"][0]["new"] == {"every": 5, "keep": 2}, every
+    at_least(out, every["changes"][0]["step"] + 20)
+
+    def listing():
+        result = run_loomrun("snapshot", "--list", "--job", job, "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    found = wait_for(
+        lambda: (x := listing()) and len([s for s in x["snapshots"] if s["periodic"]]) == 2 and x,
+        30,
+        what="two periodic snapshots",
+    )
+    named = [s for s in found["snapshots"] if not s["periodic"]]
+    assert [(s["name"], s["step"], s["replicas"]) for s in named] == [("a", two["step"], ["r0"])]
+    assert all(s["step"] % 5 == 0 for s in found["snapshots"] if s["periodic"])
+    assert found["periodic"] == {"r0": {"every": 5, "keep": 2}}
+
+    code, back = cli_json("rollback", "a", "--job", job)
+    assert code == 0, back
+    at = one_step(back)
+    assert back["changes"][0]["old"] == {"step": at}
+    at_least(out, at + 1)
+    seen = hashes(out.read_text(), of="params")
+    assert seen[at + 1] == seen[two["step"]], "the second snapshot named a, not the first"
+
+    code, missing = cli_json("rollback", "nope", "--job", job)
+    assert code == 1 and "no snapshot named 'nope'" in missing["changes"][0]["reason"]
+    words = run_loomrun("rollback", "--before", "3", "--job", job)
+    assert words.returncode == 1
+    assert "has no snapshot taken before step 3" in words.stdout, words.stdout
+    stop(job, sup)
