@@ -231,9 +231,16 @@ def test_snapshots_listed_named_periodic_and_each_answer_its_own(procs, tmp_path
     assert all(s["step"] % 5 == 0 for s in found["snapshots"] if s["periodic"])
     assert found["periodic"] == {"r0": {"every": 5, "keep": 2}}
 
+    code, held = cli_json("set", "lr=0.004", "--hold", "--job", job)
+    assert code == 0, held
     code, back = cli_json("rollback", "a", "--job", job)
     assert code == 0, back
     at = one_step(back)
+    at_least(out, at + 3)
+    listed = json.loads(run_loomrun("get", "--job", job, "--json").stdout)["params"]
+    lr = next(p for p in listed if p["name"] == "lr")
+    assert lr["value"] == 0.004 and lr["held"], "a steered value stays in effect"
+
     assert back["changes"][0]["old"] == {"step": at}
     at_least(out, at + 1)
     seen = hashes(out.read_text(), of="params")

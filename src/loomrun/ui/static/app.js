@@ -524,6 +524,7 @@ function markerPlugin() {
       for (const marker of state.markers) {
         const x = Math.round(u.valToPos(marker.step, "x", true));
         if (x < u.bbox.left || x > u.bbox.left + u.bbox.width) continue;
+        ctx.setLineDash(marker.name === "rollback" ? [] : [5, 4]);  // a rollback: solid
         ctx.strokeStyle = color(marker.replica);
         ctx.beginPath();
         ctx.moveTo(x, u.bbox.top);
@@ -549,8 +550,18 @@ function showTip(u) {
   tip.hidden = false;
 }
 
+// Actions on the training state: what each did, from its answer (record.new).
+const ACTIONS = {
+  rollback: (done) => `rolled back to snapshot ${done.name} (taken at step ${done.step})`,
+  snapshot: (done) => `snapshot ${done.name}`,
+  save: (done) => `saved ${done.file}`,
+  snapshot_every: (done) => (done.every ? `a snapshot every ${done.every} steps` : "periodic snapshots off"),
+};
+
 function describe(record) {
   if (record.name === "pause") return record.new ? "paused" : "resumed";
+  const done = record.new;
+  if (ACTIONS[record.name] && done && typeof done === "object") return ACTIONS[record.name](done);
   return partsOf(record).map((p) => `${p.name} ${format(p.old)} → ${format(p.new)}`).join(", ");
 }
 
@@ -571,7 +582,7 @@ function onChanges(message) {
     body.prepend(el("tr", {"data-replica": record.replica, "data-change": record.change_id},
       el("td", {text: new Date(record.time * 1000).toLocaleTimeString()}),
       el("td", {text: record.replica}), el("td", {text: partsOf(record).map((p) => p.name).join(", ")}),
-      el("td", {text: record.name === "pause" ? describe(record) : partsOf(record).map((p) => `${format(p.old)} → ${format(p.new)}`).join(", ")}),
+      el("td", {text: record.name === "pause" || ACTIONS[record.name] ? describe(record) : partsOf(record).map((p) => `${format(p.old)} → ${format(p.new)}`).join(", ")}),
       el("td", {text: String(record.step), class: "num"}),
       el("td", {text: record.outcome + (record.kind && record.kind !== "set" ? ` (${record.kind})` : "") + (record.reason ? `: ${record.reason}` : "")}),
       el("td", {text: record.who || "?"})));
