@@ -177,3 +177,19 @@ def restart_from(mailbox) -> None:
         desired.state.CopyFrom(state)
         desired.rebase()
         mailbox.desired.write(desired.state)
+
+
+def ask_once(mailbox, name: str, want: pb.DesiredParam) -> None:
+    """An action (a save on SIGUSR1) into a replica's mailbox, on a job with no control
+    plane: the desired state it holds, with the action added."""
+    from loomrun.mailbox import MailboxError
+
+    try:
+        _, state = mailbox.desired.read()
+    except MailboxError:
+        state = None
+    desired = DesiredConfig()
+    if state is not None:
+        desired.state.CopyFrom(state)
+    desired.take(name, want)
+    mailbox.desired.write(desired.state)

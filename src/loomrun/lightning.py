@@ -3,7 +3,9 @@ reported, and each applied change goes to the trainer's loggers.
 
     trainer = Trainer(callbacks=[LoomCallback()])
 
-`@loomrun.handler` methods on the LightningModule work as on any class. Install with
+`@loomrun.handler` methods on the LightningModule work as on any class. `loomrun save DIR`
+writes the trainer's own checkpoint (DIR/checkpoint.ckpt, by `trainer.save_checkpoint`),
+which `trainer.fit(..., ckpt_path=...)` resumes from. Install with
 `pip install loomrun[lightning]`. Outside loomrun the callback does nothing.
 """
 
@@ -47,11 +49,15 @@ class LoomCallback(Callback):
         worker = _worker.current
         if worker is not None and self._take not in worker.applied_listeners:
             worker.applied_listeners.append(self._take)
+        if worker is not None:  # `loomrun save`: the trainer's own checkpoint, for ckpt_path=
+            worker.snapshots.saver = trainer.save_checkpoint
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         worker = _worker.current
         if worker is not None and self._take in worker.applied_listeners:
             worker.applied_listeners.remove(self._take)
+        if worker is not None and worker.snapshots.saver == trainer.save_checkpoint:
+            worker.snapshots.saver = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         worker = _worker.current

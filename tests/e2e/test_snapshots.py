@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 
@@ -252,3 +253,64 @@ def test_snapshots_listed_named_periodic_and_each_answer_its_own(procs, tmp_path
     assert words.returncode == 1
     assert "has no snapshot taken before step 3" in words.stdout, words.stdout
     stop(job, sup)
+
+
+@pytest.mark.slow
+def test_a_lightning_save_is_the_trainers_own_checkpoint_that_ckpt_path_resumes(procs, tmp_path):
+    pytest.importorskip("lightning")
+    job = job_id("lightning-save")
+    sup = procs.start("--job", job, SCRIPTS / "lightning_train.py")
+    wait_ready(job, name="dropout", timeout=120)
+    code, saved = cli_json("save", str(tmp_path / "ck"), "--job", job)
+    assert code == 0 and saved["result"] == "applied", saved
+    step = one_step(saved)
+    path = tmp_path / "ck" / "checkpoint.ckpt"
+    assert saved["changes"][0]["new"]["file"] == str(path) and path.stat().st_size > 0
+    out, err = sup.communicate(timeout=300)
+    assert sup.returncode == 0, err
+    resumed = subprocess.run(
+        [sys.executable, SCRIPTS / "lightning_train.py", "--resume", str(path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    # Saved at the start of loomrun's step `step`: the trainer had done step - 1 of its own.
+    assert f"start at global step {step - 1}" in resumed.stdout, resumed.stdout
+
+
+@pytest.mark.parametrize("broker", [True, False], ids=["broker", "no-broker"])
+def test_sigusr1_to_the_supervisor_saves_every_replica(procs, tmp_path, broker):
+    extra = ("--save-dir", tmp_path / "saves") + (() if broker else ("--no-broker",))
+    job, sup, out = run_to_file(
+        procs, tmp_path, "usr1", "--step-time", "0.01", replicas=2, extra=extra
+    )  # fmt: skip
+    at_least(out, 20, ("r0", "r1"))
+    sup.send_signal(signal.SIGUSR1)
+    files = lambda: sorted((tmp_path / "saves").glob("usr1-1-step-*/r*.pt"))  # noqa: E731
+    found = wait_for(lambda: len(files()) == 2 and files(), 60, what="both files")
+    assert [p.name for p in found] == ["r0.pt", "r1.pt"]
+    step = int(found[0].parent.name.rsplit("-", 1)[1])
+    if broker:
+        wait_ready(job, ("r0", "r1"))
+        stop(job, sup)
+        records = (state_dir() / "jobs" / job / "changes.jsonl").read_text().splitlines()
+        saves = [json.loads(r) for r in records if json.loads(r)["name"] == "save"]
+        assert {(r["replica"], r["outcome"], r["step"], r["who"]) for r in saves} == {
+            (r, "applied", step, "SIGUSR1") for r in ("r0", "r1")
+        }
+    else:
+        sup.send_signal(signal.SIGTERM)
+        sup.wait(timeout=60)
+    text = out.read_text()
+    for path in found:
+        data = torch_load(path)
+        assert data["step"] == step
+        assert data["hash"] == hashes(text, data["replica"])[step]
+
+
+def torch_load(path) -> dict:
+    """A saved file as a fresh process with plain torch reads it (LOAD, for one file)."""
+    read = subprocess.run(
+        [sys.executable, "-c", LOAD, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert read.returncode == 0, read.stderr
+    return next(iter(json.loads(read.stdout).values()))

@@ -1,5 +1,6 @@
 """A small LightningModule trained on CPU, with a handler method and the loomrun callback;
-`--csv DIR` logs to a CSVLogger there."""
+`--csv DIR` logs to a CSVLogger there; `--resume CKPT` resumes from a checkpoint (and says
+at which global step it starts)."""
 
 import sys
 import time
@@ -30,6 +31,9 @@ class Regressor(L.LightningModule):
         time.sleep(0.01)
         return loss
 
+    def on_train_start(self):
+        print(f"start at global step {self.trainer.global_step}", flush=True)
+
     def on_train_epoch_end(self):
         optimizer = self.trainer.optimizers[0]
         lr, kind = optimizer.param_groups[0]["lr"], type(optimizer).__name__
@@ -55,4 +59,5 @@ if __name__ == "__main__":
         if sys.argv[1:2] == ["--csv"]
         else False,
     )
-    trainer.fit(Regressor(), data)
+    resume = sys.argv[2] if sys.argv[1:2] == ["--resume"] else None
+    trainer.fit(Regressor(), data, ckpt_path=resume)

@@ -213,6 +213,13 @@ class ProcCount(click.ParamType):
     metavar="K",
     help="How many of --snapshot-every's snapshots are kept (the newest).",
 )
+@click.option(
+    "--save-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where SIGUSR1 to the supervisor saves a checkpoint of every replica (as `loomrun "
+    "save`), in usr1-N-step-S [default: the job's folder in the state directory, saves/].",
+)
 @broker_flags
 @click.option(
     "--wait-broker",

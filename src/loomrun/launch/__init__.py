@@ -55,6 +55,7 @@ class LaunchSpec:
     # A snapshot every N steps (0: none), the last K kept (runtime.snapshots).
     snapshot_every: int = 0
     snapshot_keep: int = 2
+    save_dir: Path | None = None  # where SIGUSR1 saves [default: the job's folder]
     broker: BrokerOptions | None = field(default_factory=BrokerOptions)
     wait_broker: bool = False
 
@@ -181,6 +182,7 @@ class RunOptions:
     replay: str | None
     snapshot_every: int
     snapshot_keep: int
+    save_dir: Path | None
     broker: BrokerOptions | None  # None: --no-broker
     wait_broker: bool
 
@@ -236,6 +238,7 @@ class RunOptions:
             replay=self._replay(names, None if before_rendezvous else say),
             snapshot_every=self.snapshot_every,
             snapshot_keep=self.snapshot_keep,
+            save_dir=self.save_dir.absolute() if self.save_dir else None,
             broker=self.broker,
             wait_broker=self.wait_broker,
         )
