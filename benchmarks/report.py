@@ -27,6 +27,7 @@ SCRIPTS = [
     ("records.py", "the change ledger and the metric history: time and memory"),
     ("ui_browser.py", "loomrun ui in headless chromium at 64 and 2 replicas"),
     ("scale.py", "64 replicas on one supervisor: CPU, freshness, set fan-out"),
+    ("snapshot.py", "snapshot, rollback and save of a 9.4 M-parameter model with AdamW"),
     ("group.py", "a 64-rank process group: one set, applied at one common step"),
 ]
 TIMEOUT = 1200

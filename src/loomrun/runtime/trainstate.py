@@ -142,17 +142,18 @@ def _inner(scheduler) -> Any:
     return getattr(optimizer, "optimizer", optimizer)
 
 
-def host(value: Any) -> Any:
+def host(value: Any, copied: bool = True) -> Any:
     """A copy in host memory: tensors copied to the CPU, loomrun's values as the plain
-    floats they are, everything else deep-copied."""
+    floats they are, everything else deep-copied. Not `copied`: a tensor on the CPU as it
+    is (a save writes it at once, while the step waits)."""
     if hasattr(value, "detach") and hasattr(value, "to"):
-        return value.detach().to("cpu", copy=True)
+        return value.detach().to("cpu", copy=copied)
     if type(value) is InEffect:
         return float(value)
     if isinstance(value, dict):
-        return {k: host(v) for k, v in value.items()}
+        return {k: host(v, copied) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return type(value)(host(v) for v in value)
+        return type(value)(host(v, copied) for v in value)
     return copy.deepcopy(value)
 
 
@@ -347,23 +348,30 @@ def set_rng_state(state: dict) -> None:
 
 def checkpoint(found: Found) -> dict:
     """The state as a checkpoint on disk holds it: torch's own state_dicts (the values in
-    effect in the param groups, as the steps run with them), copied to host memory, and
-    the RNG states; every part a tensor or a plain type, so that `torch.load` loads it
-    with `weights_only=True`."""
+    effect in the param groups, as the steps run with them) on the CPU, and the RNG
+    states; every part a tensor or a plain type, so that `torch.load` loads it with
+    `weights_only=True`. Written at once, while the step waits: CPU tensors are not
+    copied."""
+
+    def plain(value: Any) -> Any:
+        return host(value, copied=False)
+
     return {
         "modules": [
-            {"type": type(_unwrapped(m)).__name__, "state_dict": host(_unwrapped(m).state_dict())}
+            {"type": type(_unwrapped(m)).__name__, "state_dict": plain(_unwrapped(m).state_dict())}
             for m in found.modules
         ],
-        "params": [host(p) for p in found.loose],
+        "params": [plain(p) for p in found.loose],
         "optimizers": [
-            {"type": type(o).__name__, "state_dict": host(o.state_dict())} for o in found.optimizers
+            {"type": type(o).__name__, "state_dict": plain(o.state_dict())}
+            for o in found.optimizers
         ],
         "schedulers": [
-            {"type": type(s).__name__, "state_dict": host(s.state_dict())} for s in found.schedulers
+            {"type": type(s).__name__, "state_dict": plain(s.state_dict())}
+            for s in found.schedulers
         ],
-        "scalers": [host(s.state_dict()) for s in found.scalers],
-        "objects": [host(o.state_dict()) for o in found.objects],
+        "scalers": [plain(s.state_dict()) for s in found.scalers],
+        "objects": [plain(o.state_dict()) for o in found.objects],
         "rng": rng_state(),
     }
 
