@@ -4,8 +4,9 @@ reported, and each applied change goes to the trainer's loggers.
     trainer = Trainer(callbacks=[LoomCallback()])
 
 `@loomrun.handler` methods on the LightningModule work as on any class. `loomrun save DIR`
-writes the trainer's own checkpoint (DIR/checkpoint.ckpt, by `trainer.save_checkpoint`),
-which `trainer.fit(..., ckpt_path=...)` resumes from. Install with
+writes the trainer's own checkpoint (by `trainer.save_checkpoint`: DIR/checkpoint.ckpt for
+a process group, DIR/rN.ckpt for a replica of its own), which `trainer.fit(...,
+ckpt_path=...)` resumes from. Install with
 `pip install loomrun[lightning]`. Outside loomrun the callback does nothing.
 """
 

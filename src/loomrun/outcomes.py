@@ -168,7 +168,8 @@ def action_sentence(
                 f"{step}{took}{note}"
             )
         if name == "save":
-            return f"saved {done.get('file', label)} at step {step}: {size}{took}{note}"
+            size = f": {size}" if size else ""
+            return f"saved {done.get('file', label)} at step {step}{size}{took}{note}"
         return f"snapshot {label} taken at step {step}: {size}{took}{note}"
     what = {
         "snapshot": f"snapshot {label}".rstrip(),

@@ -264,7 +264,7 @@ def test_a_lightning_save_is_the_trainers_own_checkpoint_that_ckpt_path_resumes(
     code, saved = cli_json("save", str(tmp_path / "ck"), "--job", job)
     assert code == 0 and saved["result"] == "applied", saved
     step = one_step(saved)
-    path = tmp_path / "ck" / "checkpoint.ckpt"
+    path = tmp_path / "ck" / "r0.ckpt"  # a replica of its own (a group's: checkpoint.ckpt)
     assert saved["changes"][0]["new"]["file"] == str(path) and path.stat().st_size > 0
     out, err = sup.communicate(timeout=300)
     assert sup.returncode == 0, err

@@ -164,8 +164,9 @@ def save_command(folder, job, replicas, at_step, force, timeout, no_wait, as_jso
     with `torch.load(path, weights_only=True)`: modules (state_dicts, without DDP's or
     torch.compile's prefix), optimizers, schedulers, scalers, rng, values (the
     parameters in effect), step, replica, rank, world_size. A Lightning job saves through
-    its trainer (DIR/checkpoint.ckpt), which `ckpt_path=` resumes from. DIR is a folder
-    on each worker's host; a relative one is taken from this shell's folder.
+    its trainer (DIR/checkpoint.ckpt; DIR/rN.ckpt for a replica of its own), which
+    `ckpt_path=` resumes from. DIR is a folder on each worker's host; a relative one is
+    taken from this shell's folder.
     """
     from loomrun.subjects import SAVE
 

@@ -32,6 +32,7 @@ from loomrun.subjects import ROLLBACK, SAVE, SNAPSHOT, SNAPSHOT_EVERY
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 KEEP = 2  # periodic snapshots kept, unless told
+MOST = 100  # snapshots kept at most, whatever their size (each is listed in every status)
 _SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:i?B)?\s*", re.IGNORECASE)
 
 
@@ -193,7 +194,8 @@ class Snapshots:
 
     def _room(self, need: int, name: str, periodic: bool) -> list[str]:
         """Drop what must go for a snapshot of `need` bytes: one of the same name, the
-        periodic ones past `keep`, then the oldest (periodic first) while over budget.
+        periodic ones past `keep`, then the oldest (periodic first) while over budget or
+        over MOST snapshots.
         Returns the names dropped that the user may miss (not the one replaced)."""
         budget, source = memory_budget()
         if need > budget:
@@ -207,7 +209,9 @@ class Snapshots:
         if periodic and len(rolling) >= self.keep:
             for gone in rolling[: len(rolling) - self.keep + 1]:
                 self.kept.remove(gone)
-        while self.kept and sum(s.content.nbytes for s in self.kept) + need > budget:
+        while self.kept and (
+            sum(s.content.nbytes for s in self.kept) + need > budget or len(self.kept) >= MOST
+        ):
             gone = next((s for s in self.kept if s.periodic), self.kept[0])
             self.kept.remove(gone)
             dropped.append(gone.name)
@@ -266,15 +270,20 @@ class Snapshots:
             raise ActionError(f"save needs an absolute folder, not {folder!r}")
         replica = os.environ.get("LOOMRUN_REPLICA", "r0")
         started = time.perf_counter()
-        if self.saver is not None:
-            path = Path(folder) / "checkpoint.ckpt"
+        group = self.worker.group
+        if self.saver is not None:  # the trainer's: one file for a group, written by rank 0
+            path = Path(folder) / ("checkpoint.ckpt" if group is not None else f"{replica}.ckpt")
             self.saver(str(path))
         else:
             path = Path(folder) / f"{replica}.pt"
             write_checkpoint(path, self._checkpoint(step, replica))
         seconds = time.perf_counter() - started
-        size = path.stat().st_size if path.exists() else 0
-        return {"dir": folder, "file": str(path), "bytes": size, "seconds": round(seconds, 6)}, None
+        done = {"dir": folder, "file": str(path), "seconds": round(seconds, 6)}
+        if path.exists():
+            done["bytes"] = path.stat().st_size
+        else:
+            done["note"] = "written by rank 0 of the group, on its host"
+        return done, None
 
     def _checkpoint(self, step: int, replica: str) -> dict:
         from loomrun.runtime.trainstate import checkpoint
