@@ -164,7 +164,8 @@ def restart_from(mailbox) -> None:
     """A replica's mailbox made ready for its next worker, on a job with no control plane:
     a clean worker side (the last may have died mid-write), and the desired state it held,
     rebased, so that no step number of the last incarnation carries over (without a broker
-    nothing was steered, and what the mailbox holds applies at once)."""
+    nothing was steered, and what the mailbox holds applies at once), without an action
+    (a save on SIGUSR1: nothing says whether it was done, and a save is not done twice)."""
     from loomrun.mailbox import MailboxError
 
     mailbox.reset_worker_side()
@@ -175,6 +176,8 @@ def restart_from(mailbox) -> None:
     if state is not None:
         desired = DesiredConfig()
         desired.state.CopyFrom(state)
+        for name in ACTIONS & set(desired.state.params):  # asked of the worker before (SIGUSR1)
+            desired.drop(name)
         desired.rebase()
         mailbox.desired.write(desired.state)
 

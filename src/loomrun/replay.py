@@ -61,6 +61,7 @@ def _records(path: Path) -> list[dict]:
                     "outcome": str(item["outcome"]),
                     "change_id": str(item.get("change_id", "")),
                     "kind": str(item.get("kind") or "set"),
+                    "revision": int(item.get("revision") or 0),
                     "ended": bool(item.get("ended", False)),
                     "parts": _parts(item.get("parts")),
                 }
@@ -106,13 +107,16 @@ def schedules(records: list[dict], replicas: list[str]) -> tuple[dict[str, list]
                 missing.append(item["replica"])
             continue
         change = {"step": item["step"], "name": item["name"], "value": item["new"],
-                  "change_id": item["change_id"], "kind": item["kind"]}  # fmt: skip
+                  "change_id": item["change_id"], "kind": item["kind"],
+                  "revision": item.get("revision", 0)}  # fmt: skip
         if item["parts"]:
             change["parts"] = item["parts"]  # applied together, at its step
         plans[item["replica"]].append(change)
     for plan in plans.values():
         plan[:0] = _snapshots_for(plan)
-        plan.sort(key=lambda change: change["step"])
+        # Changes of one step in the order the worker took them (by their revision, as
+        # it orders them), not the order answered: a parked set is answered after its step.
+        plan.sort(key=lambda change: (change["step"], change.get("revision", 0)))
     return plans, missing
 
 

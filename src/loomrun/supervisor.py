@@ -44,6 +44,7 @@ class Supervisor:
         self.dirs = JobDirs(spec)
         self._remote_failures: asyncio.Queue = asyncio.Queue()  # other nodes' GroupFailures
         self._saves = 0  # SIGUSR1s so far
+        self._save_asked = False  # a SIGUSR1 came before the control plane was up
 
     # -- the main loop ---------------------------------------------------------
 
@@ -258,30 +259,32 @@ class Supervisor:
 
     def _on_save_signal(self) -> None:
         """SIGUSR1, as a cluster's scheduler sends before it preempts a job: `loomrun save`
-        of every replica of this node, to --save-dir. The change's id counts the signals,
-        so nodes that are all signalled give their ranks one change to agree on."""
-        import hashlib
-
+        of every replica, to --save-dir. With a broker, node 0 writes it for every replica
+        of the job, as a client would (one change, which the ranks of every node agree on);
+        the other nodes leave it to node 0. With none, each node saves its own replicas."""
         from loomrun.desired import ask_once, change
-        from loomrun.subjects import SAVE, desired_param
+        from loomrun.subjects import SAVE
 
+        if self.spec.broker is not None and self.control is None:
+            self._save_asked = True  # done once the control plane is up
+            return
+        if self.control is not None and self.spec.node_rank != 0:
+            say("got SIGUSR1: node 0 saves every replica of the job (signal node 0)")
+            return
         self._saves += 1
         base = self.spec.save_dir or (self.dirs.records[0] / "saves" if self.dirs.records else None)
         if base is None:
             say("got SIGUSR1, but there is no folder to save to: launch with --save-dir DIR")
             return
-        folder = base / f"usr1-{self._saves}-step-{{step}}"
-        name = f"{self.spec.job}/usr1/{self._saves}".encode()
-        want = change(
-            {"dir": str(folder.absolute())}, origin="SIGUSR1",
-            change_id=hashlib.blake2b(name, digest_size=8).hexdigest(),
-        )  # fmt: skip
+        folder = base.absolute() / f"usr1-{self._saves}-step-{{step}}"
+        want = change({"dir": str(folder)}, origin="SIGUSR1")
         say(f"got SIGUSR1: saving every replica to {folder} (step: the step it is taken at)")
+        if self.control is not None:
+            every = [f"r{rank}" for rank in range(self.spec.world_size)]
+            self.control.ask(SAVE, want, every)
+            return
         for replica in self.replicas:
-            if self.control is not None:
-                key = desired_param(self.spec.job, replica.name, SAVE)
-                self.control.relay.take(key, "PUT", want.SerializeToString())
-            elif replica.name in self.mailboxes:
+            if replica.name in self.mailboxes:
                 ask_once(self.mailboxes[replica.name], SAVE, want)
 
     async def _stop_on_signal(self) -> int:
@@ -334,6 +337,8 @@ class Supervisor:
             tell=self.watchdog.tell,
         )  # fmt: skip
         await self.control.start()
+        if self._save_asked:
+            self._on_save_signal()
 
     def _tell_exit(self, replica: Replica, code: int, text: str, restarting: bool = False) -> None:
         if self.control is not None:

@@ -38,9 +38,10 @@ def run_to_file(procs, tmp_path, name, *args, replicas=1, extra=()):
 
 
 def hashes(text: str, replica: str = "r0", of: str = "hash") -> dict[int, str]:
-    """Per step, the hash of the state_dict (`hash`) or of the parameters (`params`)."""
-    pattern = rf"^\[{replica}\] step (\d+) hash (\w+) params (\w+) loss"
-    column = 2 if of == "hash" else 3
+    """Per step, what spiky.py printed of it: the hash of the state_dict (`hash`), of the
+    parameters (`params`), the param group's lr (`lr`), the scheduler's count (`sched`)."""
+    pattern = rf"^\[{replica}\] step (\d+) hash (\w+) params (\w+) loss \S+ lr (\S+) sched (\d+)"
+    column = {"hash": 2, "params": 3, "lr": 4, "sched": 5}[of]
     return {int(m[1]): m[column] for m in re.finditer(pattern, text, re.M)}
 
 
@@ -91,13 +92,14 @@ def reference(steps: int, bad_for: int, replicas: int = 1) -> float:
 
 
 def rescue(procs, tmp_path, name: str, replicas: int):
-    """Launch with a snapshot every 10 steps, let the spike (steps 60-63) pass, roll back
+    """Launch with a snapshot every 10 steps (the last 40 kept: step-50 stays 400 steps),
+    let the spike (steps 60-63) pass, roll back
     to before it, lower lr, and end 150 steps later. Returns the job, the output, the
     rollback's answer and the step the run ended at."""
     ranks = tuple(f"r{i}" for i in range(replicas))
     job, sup, out = run_to_file(
         procs, tmp_path, name, "--step-time", "0.01", replicas=replicas,
-        extra=("--snapshot-every", "10", "--snapshot-keep", "8"),
+        extra=("--snapshot-every", "10", "--snapshot-keep", "40"),
     )  # fmt: skip
     wait_ready(job, ranks)
     at_least(out, 75, ranks)
@@ -119,7 +121,7 @@ def test_a_loss_spike_rolled_back_ends_near_the_run_that_never_spiked(procs, tmp
     seen = hashes(text, of="params")
     assert seen[at + 1] == seen[50], "the parameters of step 50, bitwise"
     assert seen[at] != seen[50]
-    rescued, rescued_hash = final(text, "r0")
+    rescued, rescued_hash, _ = final(text, "r0")
     spiked, clean = reference(last, 4), reference(last, 0)
     assert rescued < 0.6 * spiked, (rescued, spiked)
     assert rescued < 2.0 * clean, (rescued, clean)
@@ -238,9 +240,9 @@ def test_snapshots_listed_named_periodic_and_each_answer_its_own(procs, tmp_path
     assert code == 0, back
     at = one_step(back)
     at_least(out, at + 3)
-    listed = json.loads(run_loomrun("get", "--job", job, "--json").stdout)["params"]
-    lr = next(p for p in listed if p["name"] == "lr")
-    assert lr["value"] == 0.004 and lr["held"], "a steered value stays in effect"
+    lrs, counts = hashes(out.read_text(), of="lr"), hashes(out.read_text(), of="sched")
+    assert {lrs[s] for s in range(at + 1, at + 4)} == {"0.004"}, "a steered value stays"
+    assert counts[at + 1] == counts[two["step"]], "the scheduler back at the snapshot's step"
 
     assert back["changes"][0]["old"] == {"step": at}
     at_least(out, at + 1)

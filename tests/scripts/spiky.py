@@ -3,11 +3,12 @@ steps, the targets are 8 times too large, and SGD with momentum carries the dama
 long after. A loop in the usual shape (DDP on gloo when launched with several ranks, a
 BatchNorm, dropout, a warm-up schedule), written for the snapshot and rollback tests.
 
-Each step prints `step <n> hash <h> params <p> loss <l>`: n counts the optimizer steps
-from 1 (as loomrun counts them); h hashes the model's state_dict before that step's
-optimizer step (after its forward, which moved the BatchNorm's running statistics), p its
-parameters alone.
-It stops after --iters, or at the step where the declared `stop` turns true; at the end
+Each step prints `step <n> hash <h> params <p> loss <l> lr <lr> sched <e>`: n counts the
+optimizer steps from 1 (as loomrun counts them); h hashes the model's state_dict before
+that step's optimizer step (after its forward, which moved the BatchNorm's running
+statistics), p its parameters alone; lr is the param group's (a steered value is
+loomrun's), e the scheduler's own count of its steps. It stops after --iters, or at the
+step where the declared `stop` turns true; at the end
 it prints `final <mean loss of the last 20 steps> hash <h> params <p>` (under DDP the
 ranks' BatchNorm statistics differ: each rank's forward moves them with its own batch)."""
 
@@ -65,8 +66,12 @@ for it in range(1, args.iters + 1):
     loss = nn.functional.mse_loss(model(x), y)
     optimizer.zero_grad()
     loss.backward()
-    weights = digest(raw.parameters())
-    print(f"step {it} hash {digest()} params {weights} loss {loss.item():.6f}", flush=True)
+    weights, lr = digest(raw.parameters()), optimizer.param_groups[0]["lr"]
+    print(
+        f"step {it} hash {digest()} params {weights} loss {loss.item():.6f} lr {lr!r} "
+        f"sched {scheduler.last_epoch}",
+        flush=True,
+    )
     optimizer.step()
     scheduler.step()
     losses.append(loss.item())

@@ -67,6 +67,7 @@ def test_an_action_is_done_once_answered_once_and_leaves_the_desired_state(rig):
     rig.step(3)
     at_snapshot = rig.model.weight.detach().clone()  # what step 4's boundary finds
     taken = rig.act("snapshot", {"name": "a"})
+    assert rig.replica.changes.entry("snapshot").change_id == taken.change_id
     rig.step(2)
     said = rig.answer(taken)
     assert said.state == pb.APPLIED and said.step == 4
@@ -76,11 +77,18 @@ def test_an_action_is_done_once_answered_once_and_leaves_the_desired_state(rig):
     assert rig.replica.changes.entry("snapshot") is None, "done: no longer desired"
 
     back = rig.act("rollback", {"name": "", "before": 0})
+    assert rig.replica.changes.entry("rollback").change_id == back.change_id
     rig.step(1)
     said = rig.answer(back)
     assert said.state == pb.APPLIED and from_pb(said.old) == {"step": 6}
     assert torch.equal(rig.model.weight, at_snapshot + 1.0), "back at step 4, then one step"
     assert rig.replica.changes.entry("rollback") is None
+    # The bucket keeps the key: delivered again (a reconnect), it is not done again.
+    key = S.desired_param(JOB, "r0", "rollback")
+    rig.relay.take(key, "PUT", back.SerializeToString())
+    assert rig.replica.changes.entry("rollback") is None
+    rig.step(2)
+    assert len([o for o in rig.answers() if o.change_id == back.change_id]) == 1
     # A restart's baseline holds no action: a new worker does none again.
     rig.relay.rebase(rig.replica)
     assert not rig.replica.changes.desired.state.params
@@ -104,12 +112,9 @@ def test_rollback_chooses_by_name_or_before_a_step_and_says_what_it_lacks(rig):
     for name in ("s2", "s3", "s4"):
         rig.act("snapshot", {"name": name})
         rig.step(1)
-    asked = {
-        "named": rig.act("rollback", {"name": "s3"}),
-        "before": None,
-    }
+    named = rig.act("rollback", {"name": "s3"})
     rig.step(1)
-    assert from_pb(rig.answer(asked["named"]).new)["name"] == "s3"
+    assert from_pb(rig.answer(named).new)["name"] == "s3"
     before = rig.act("rollback", {"before": 4})
     rig.step(1)
     assert from_pb(rig.answer(before).new) | {"seconds": 0} == {
@@ -120,6 +125,7 @@ def test_rollback_chooses_by_name_or_before_a_step_and_says_what_it_lacks(rig):
     cases = {
         "nope": ({"name": "nope"}, "no snapshot named 'nope' (it has: s2, s3, s4)"),
         "early": ({"before": 2}, "no snapshot taken before step 2 (the oldest is s2, at step 2)"),
+        "later": ({"before": 99}, None),
         "bad": ({"before": "x"}, "before must be a step number, not 'x'"),
         "flat": (None, "rollback takes a structured value"),
     }
@@ -128,6 +134,9 @@ def test_rollback_chooses_by_name_or_before_a_step_and_says_what_it_lacks(rig):
         rig.relay.take(S.desired_param(JOB, "r0", "rollback"), "PUT", want.SerializeToString())
         rig.step(1)
         said = rig.answer(want)
+        if reason is None:  # past the present step: the newest, not one of this very step
+            assert from_pb(said.new)["name"] == "s4", said
+            continue
         assert said.state == pb.REJECTED and reason in said.reason, said.reason
 
 
@@ -235,3 +244,17 @@ def test_usage_errors_say_what_is_wrong_before_anything_is_sent(args, said):
     result = CliRunner().invoke(main, [*args, "--nats", "nats://127.0.0.1:1"])
     assert result.exit_code == 2, result.output
     assert said in result.output and "Traceback" not in result.output
+
+
+def test_a_rollback_never_goes_to_the_periodic_snapshot_of_its_own_step(rig):
+    """At a multiple of --every the periodic snapshot is taken before that step's changes:
+    it holds what a rollback there throws away."""
+    every = rig.act("snapshot_every", {"every": 5})
+    rig.step(4)  # steps 1..4; step-5 is due at the next boundary
+    assert rig.answer(every).state == pb.APPLIED
+    back = rig.act("rollback", {})
+    rig.step(1)  # step 5: the periodic snapshot first, then the rollback
+    said = rig.answer(back)
+    assert said.state == pb.REJECTED
+    assert "no snapshot taken before step 5 (the oldest is step-5, at step 5)" in said.reason
+    assert from_pb(said.new) == {}

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from loomrun.runtime.snapshots import parse_bytes, write_checkpoint
+from loomrun.runtime.snapshots import parse_bytes
 from loomrun.runtime.trainstate import (
     Finder,
     StateError,
     capture,
     checkpoint,
     restore,
+    write_checkpoint,
 )
 
 
@@ -83,11 +84,11 @@ def test_rollback_puts_every_part_back_bitwise():
     assert not torch.equal(first_run[0][0], before[0][0])
     for p in model.parameters():
         p.grad = torch.ones_like(p)
-    assert restore(saved, None) == []
+    assert restore(saved, None, [optimizer]) == ([], [scheduler])
     assert all(p.grad is None for p in model.parameters())
     _same(_fingerprint(model, optimizer, scheduler), before)
     # From the restored state (RNG included), the same steps give the same result.
-    assert restore(saved, None) == []
+    assert restore(saved, None)[0] == []
     _train(model, optimizer, scheduler, scaler, 5)
     _same(_fingerprint(model, optimizer, scheduler), first_run)
 
@@ -106,11 +107,14 @@ def test_a_switched_optimizer_starts_fresh_and_says_so():
     model, optimizer, scheduler, scaler = _setup(torch.optim.SGD)
     _train(model, optimizer, scheduler, scaler, 2)
     saved = capture(Finder().find([optimizer], [scheduler]), None)
+    lr = optimizer.param_groups[0]["lr"]
     optimizer.__class__ = torch.optim.Adam  # as `set optimizer=adam` does, in place
     optimizer.state[next(model.parameters())] = {"exp_avg": torch.zeros(1)}
-    notes = restore(saved, None)
+    optimizer.param_groups[0]["lr"] = 0.5
+    notes, _ = restore(saved, None)
     assert any("starts fresh" in note for note in notes)
     assert not optimizer.state
+    assert optimizer.param_groups[0]["lr"] == lr, "the snapshot's lr, carried through a switch"
 
 
 def test_a_tensor_resized_since_is_refused_with_nothing_changed():

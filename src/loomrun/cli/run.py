@@ -207,11 +207,10 @@ class ProcCount(click.ParamType):
 )
 @click.option(
     "--snapshot-keep",
-    type=click.IntRange(1, 10_000),
-    default=2,
-    show_default=True,
+    type=click.IntRange(1, 100),
+    default=None,
     metavar="K",
-    help="How many of --snapshot-every's snapshots are kept (the newest).",
+    help="How many of --snapshot-every's snapshots are kept, the newest [default: 2].",
 )
 @click.option(
     "--save-dir",

@@ -38,9 +38,10 @@ def _snapshot_name(ctx, param, value: str | None) -> str | None:
 )
 @click.option(
     "--keep",
-    type=click.IntRange(1, 10_000),
+    type=click.IntRange(1, 100),
     default=None,
-    help="With --every: how many periodic snapshots are kept [default: 2].",
+    help="With --every: how many periodic snapshots are kept [default: as before; 2 at "
+    "first].",
 )
 @steering_options
 def snapshot_command(
@@ -72,7 +73,7 @@ def snapshot_command(
     if every is not None and name:
         raise click.UsageError("--every takes no NAME: periodic snapshots are named step-N")
     if every is not None:
-        action, value = SNAPSHOT_EVERY, {"every": every, "keep": keep or 2}
+        action, value = SNAPSHOT_EVERY, {"every": every} | ({"keep": keep} if keep else {})
     else:
         action, value = SNAPSHOT, {"name": name or ""}
     _change(

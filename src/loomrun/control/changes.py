@@ -60,6 +60,9 @@ class ReplicaChanges:
         # name -> what a restarted worker starts from at once (see `rebase`), until that
         # worker answers for the name
         self._baseline: dict[str, pb.DesiredParam] = {}
+        # action -> the id of the last one answered: the bucket keeps its key, and it comes
+        # again after a reconnect, which must not do it again
+        self._done: dict[str, str] = {}
 
     # -- what is known --------------------------------------------------------------
 
@@ -124,8 +127,8 @@ class ReplicaChanges:
     def want(self, name: str, want: pb.DesiredParam) -> tuple[int, bool]:
         """Take a change off the broker into the desired state: (the new desired version,
         or 0 when nothing changed; whether it was written before, and so answered)."""
-        if want.change_id in self._not_applied:
-            return 0, True  # applied nowhere: it stays out of what a restarted worker starts from
+        if want.change_id in self._not_applied or self._done.get(name) == want.change_id:
+            return 0, True  # applied nowhere, or an action done: not for a restarted worker
         again = want.change_id in self._seen_ids.get(name, ())
         base = self._baseline.get(name)  # a restarted worker may not have applied it yet
         if base is not None and base.change_id != want.change_id:
@@ -202,7 +205,9 @@ class ReplicaChanges:
         )
         for name in names_of(outcome):
             self._written.get(name, {}).pop(outcome.change_id, None)
-            if taken and not replayed and name not in ACTIONS:  # an action is never in effect
+            if name in ACTIONS and not replayed:  # never in effect; done (or not) for good
+                self._done[name] = outcome.change_id
+            elif taken and not replayed:
                 self._in_effect[name] = outcome.change_id
             if outcome.state != pb.SUPERSEDED:  # the worker took up the name: no base now
                 self._baseline.pop(name, None)

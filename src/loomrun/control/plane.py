@@ -285,6 +285,12 @@ class ControlPlane:
             except Exception as error:  # noqa: BLE001 - the client hears nothing, and says so
                 say(f"cannot send {replica}'s metric history: {error}")
 
+    def ask(self, name: str, want: pb.DesiredParam, replicas: list[str]) -> None:
+        """Want `want` of every one of `replicas` (of any node), as a client would write
+        it: the supervisor's own action (a save on SIGUSR1). Kept while the broker is away."""
+        for replica in replicas:
+            self.outbox.put(S.DESIRED, S.desired_param(self.job, replica, name), want)
+
     def node_failed(
         self, attempt: int, give_up: bool, reason: str, exit_code: int, stopped: bool = False
     ) -> None:

@@ -181,7 +181,7 @@ class RunOptions:
     job: str | None
     replay: str | None
     snapshot_every: int
-    snapshot_keep: int
+    snapshot_keep: int | None
     save_dir: Path | None
     broker: BrokerOptions | None  # None: --no-broker
     wait_broker: bool
@@ -192,6 +192,8 @@ class RunOptions:
         against every node's replicas. `say` takes the notices a user should read."""
         script, args = self._target(target, raw_args)
         nproc = proc_count(self.replicas)
+        if self.snapshot_keep is not None and not self.snapshot_every:
+            raise LaunchError("goes with --snapshot-every N", "--snapshot-keep")
         if self.standalone and self.nnodes > 1:
             raise LaunchError("--standalone is for one node, but --nnodes is more than 1")
         node_rank = self.node_rank or 0
@@ -237,7 +239,7 @@ class RunOptions:
             step_timeout=self.step_timeout,
             replay=self._replay(names, None if before_rendezvous else say),
             snapshot_every=self.snapshot_every,
-            snapshot_keep=self.snapshot_keep,
+            snapshot_keep=self.snapshot_keep or 2,
             save_dir=self.save_dir.absolute() if self.save_dir else None,
             broker=self.broker,
             wait_broker=self.wait_broker,

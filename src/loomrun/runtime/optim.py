@@ -61,6 +61,10 @@ class Optimizers:
         self._outer: set[int] = set()
         self.steered = Steered(worker)
         self.kinds = OptimizerKind(self)  # the built-in `optimizer`
+        # Schedulers whose next step is skipped (ids): restored by a rollback inside an
+        # optimizer step that changes nothing, they stay at the snapshot's step.
+        self.skipping: set[int] = set()
+        self._skip_at = 0
 
     @property
     def steering(self) -> bool:
@@ -290,6 +294,25 @@ class Optimizers:
                     floor = max(floor, float(mins[index]))
         return floor
 
+    def skip_next_step(self, schedulers: list) -> None:
+        """A rollback at the boundary inside an optimizer step (whose gradients are None
+        now, so it changes nothing): the schedulers it restored skip the step that the
+        script calls after it, and stay at the snapshot's step as the parameters do."""
+        self.skipping = {id(s) for s in schedulers}
+        self._skip_at = self.worker.step
+        for scheduler in schedulers:
+            _wrap_step(type(scheduler))
+
+    def skips(self, scheduler) -> bool:
+        """Whether this step of the scheduler is the one skipped (once, in that very step)."""
+        if self.worker.step != self._skip_at:
+            self.skipping = set()
+            return False
+        if id(scheduler) not in self.skipping:
+            return False
+        self.skipping.discard(id(scheduler))
+        return True
+
     def scheduler_step(self, scheduler, step, args, kwargs):
         optimizer = getattr(scheduler, "optimizer", None)
         return self.steered.exposed(optimizer, step, scheduler, *args, **kwargs)
@@ -366,8 +389,10 @@ def _wrap_step(kind: type) -> None:
     @functools.wraps(step)
     def stepped(scheduler, *args, **kwargs):
         optimizers = _tracking[0]
-        if optimizers is None or not optimizers.steered.steering:  # every step: no property
-            return step(scheduler, *args, **kwargs)
+        if optimizers is None or not (optimizers.steered.steering or optimizers.skipping):
+            return step(scheduler, *args, **kwargs)  # every step: no property
+        if optimizers.skips(scheduler):
+            return None
         return optimizers.scheduler_step(scheduler, step, args, kwargs)
 
     stepped._loomrun = True

@@ -45,20 +45,21 @@ def parse_bytes(text: str) -> int:
     return int(number * 1024 ** "_KMGT".index(unit or "_"))
 
 
-def memory_budget() -> tuple[int, str]:
-    """The bytes snapshots may take on this worker, and where that figure comes from."""
-    text = os.environ.get("LOOMRUN_SNAPSHOT_MEMORY", "")
+def memory_budget() -> tuple[int, str, str]:
+    """The bytes snapshots may take on this worker, where that figure comes from, and
+    what was wrong with LOOMRUN_SNAPSHOT_MEMORY ("" when nothing)."""
+    text, problem = os.environ.get("LOOMRUN_SNAPSHOT_MEMORY", ""), ""
     if text:
         try:
-            return parse_bytes(text), "LOOMRUN_SNAPSHOT_MEMORY"
-        except ValueError:
-            pass
+            return parse_bytes(text), "LOOMRUN_SNAPSHOT_MEMORY", ""
+        except ValueError as error:
+            problem = f"LOOMRUN_SNAPSHOT_MEMORY: {error}; a quarter of the host's memory instead"
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         total = 8 << 30
     ranks = max(1, _int_env("LOCAL_WORLD_SIZE", 1))
-    return total // 4 // ranks, "a quarter of the host's memory (LOOMRUN_SNAPSHOT_MEMORY)"
+    return total // 4 // ranks, "a quarter of the host's memory (LOOMRUN_SNAPSHOT_MEMORY)", problem
 
 
 def _int_env(name: str, default: int) -> int:
@@ -114,14 +115,19 @@ class Snapshots:
     def due(self, step: int) -> None:
         """A periodic snapshot, at a multiple of `every` (the same steps on every rank)."""
         self.next_due = self._after(step)
+        name = f"step-{step}"
+        if any(s.name == name and not s.periodic for s in self.kept):
+            self.worker.warn_once(f"no periodic snapshot at step {step}: {name} is one's own name")
+            return
         try:
-            self._take(f"step-{step}", step, periodic=True)
-        except ActionError as error:
-            self.worker.warn_once(f"no periodic snapshot: {error}")
+            self._take(name, step, periodic=True)
+        except Exception as error:  # noqa: BLE001 - never the script's step
+            said = str(error) if isinstance(error, ActionError) else repr(error)
+            self.worker.warn_once(f"no periodic snapshot: {said}")
 
     # -- the actions -------------------------------------------------------------------
 
-    def act(self, parts: dict[str, pb.DesiredParam], step: int, agreed: bool) -> pb.Outcome:
+    def act(self, parts: dict[str, pb.DesiredParam], step: int) -> pb.Outcome:
         """Do one action's change (or set the periodic snapshots); its answer."""
         name, want = lead(parts)
         outcome = answer_change(parts, pb.REJECTED, step)
@@ -131,7 +137,12 @@ class Snapshots:
             value = P.from_pb(want.value)
             if not isinstance(value, dict):
                 raise ActionError(f"{name} takes a structured value, not {value!r}")
-            together = self._together(want, agreed)
+            together = self._together(want)
+            if name == ROLLBACK and self.worker.group is not None and want.at_once:
+                raise ActionError(  # (a replay's: each rank its own record, at its step)
+                    "a rollback of some ranks of a process group only would leave them "
+                    "different: roll back the whole group, without --force"
+                )
             done, old = {
                 SNAPSHOT: self._snapshot, ROLLBACK: self._rollback, SAVE: self._save,
                 SNAPSHOT_EVERY: self._every,
@@ -149,7 +160,7 @@ class Snapshots:
             outcome.old.CopyFrom(P.to_pb(old))
         return outcome
 
-    def _together(self, want: pb.DesiredParam, agreed: bool):
+    def _together(self, want: pb.DesiredParam):
         """The process group when the ranks take this change at one step together (they
         can check with each other then), else None."""
         group = self.worker.group
@@ -171,10 +182,14 @@ class Snapshots:
     def _take(self, name: str, step: int, periodic: bool) -> tuple[Snapshot, list[str]]:
         from loomrun.runtime.trainstate import capture
 
+        started = time.perf_counter()
         found = self._found()
         dropped = self._room(found.nbytes(), name, periodic)
-        started = time.perf_counter()
-        content = capture(found, self._steered())
+        try:
+            content = capture(found, self._steered())
+        except Exception as error:  # noqa: BLE001 - said in the answer
+            gone = f" (dropped {', '.join(dropped)} first, to make room)" if dropped else ""
+            raise ActionError(f"cannot take it: {type(error).__name__}: {error}{gone}") from None
         taken = Snapshot(name, step, periodic, time.time(), time.perf_counter() - started, content)
         self.kept.append(taken)
         return taken, dropped
@@ -197,7 +212,9 @@ class Snapshots:
         periodic ones past `keep`, then the oldest (periodic first) while over budget or
         over MOST snapshots.
         Returns the names dropped that the user may miss (not the one replaced)."""
-        budget, source = memory_budget()
+        budget, source, problem = memory_budget()
+        if problem:
+            self.worker.warn_once(problem)
         if need > budget:
             raise ActionError(
                 f"a snapshot takes {size_words(need)} here, more than the budget of "
@@ -217,9 +234,10 @@ class Snapshots:
             dropped.append(gone.name)
         return dropped
 
-    def choose(self, name: str, before: int) -> Snapshot:
+    def choose(self, name: str, before: int, step: int) -> Snapshot:
         """The snapshot a rollback goes to: by name; else the newest taken before step
-        `before` (when > 0); else the newest."""
+        `before` (when > 0); else the newest. Not by name, never one of this very `step`
+        (a periodic one taken at this boundary holds what is to be thrown away)."""
         if not self.kept:
             raise ActionError(
                 "this replica has no snapshot (take one with `loomrun snapshot`, or launch with "
@@ -231,40 +249,67 @@ class Snapshots:
                 have = ", ".join(s.name for s in self.kept)
                 raise ActionError(f"this replica has no snapshot named {name!r} (it has: {have})")
             return found[-1]
-        if before > 0:
-            found = [s for s in self.kept if s.step < before]
-            if not found:
-                raise ActionError(
-                    f"this replica has no snapshot taken before step {before} (the oldest "
-                    f"is {self.kept[0].name}, at step {min(s.step for s in self.kept)})"
-                )
-            return max(found, key=lambda s: s.step)
-        return max(self.kept, key=lambda s: (s.step, s.time))
+        limit = min(before, step) if before > 0 else step
+        found = [s for s in self.kept if s.step < limit]
+        if not found:
+            oldest = min(self.kept, key=lambda s: s.step)
+            raise ActionError(
+                f"this replica has no snapshot taken before step {limit} (the oldest is "
+                f"{oldest.name}, at step {oldest.step})"
+            )
+        return max(found, key=lambda s: (s.step, s.time))
 
     def _rollback(self, value: dict, step: int, together) -> tuple[dict, dict]:
-        from loomrun.runtime.trainstate import StateError, restore
+        """Back to a snapshot. In a group every rank first says which snapshot it would
+        restore (or that it cannot), in one collective every rank reaches whatever it
+        found: none restores unless all go to the same one. A second says whether each
+        restored it whole."""
+        from loomrun.runtime.trainstate import StateError, check, restore
 
         before = value.get("before", 0)
         if not isinstance(before, int) or isinstance(before, bool) or before < 0:
             raise ActionError(f"before must be a step number, not {before!r}")
-        chosen = self.choose(_text(value, "name"), before)
-        if together is not None and not together.alike(f"{chosen.name}@{chosen.step}"):
-            raise ActionError(
-                f"the ranks do not all hold snapshot {chosen.name} of step {chosen.step}: "
-                "no rank rolled back"
-            )
-        started = time.perf_counter()
+        name, problem, chosen = _text(value, "name"), "", None
         try:
-            notes = restore(chosen.content, self._steered())
-        except StateError as error:
-            raise ActionError(f"cannot roll back to {chosen.name}: {error}") from None
+            chosen = self.choose(name, before, step)
+            check(chosen.content)
+        except (ActionError, StateError) as error:
+            problem = str(error) if isinstance(error, ActionError) else f"cannot roll back: {error}"
+        if together is not None:
+            said = "" if problem else f"{chosen.name}@{chosen.step}"
+            if not together.alike(said) and not problem:
+                problem = (
+                    f"the ranks do not all hold snapshot {chosen.name} of step {chosen.step}, "
+                    "or cannot all restore it: no rank rolled back"
+                )
+        if problem:
+            raise ActionError(problem)
+        started = time.perf_counter()
+        failed: Exception | None = None
+        try:
+            now = self.optimizers.optimizers if self.optimizers is not None else []
+            notes, restored = restore(chosen.content, self._steered(), now)
+        except Exception as error:  # noqa: BLE001 - said in the answer, and to the other ranks
+            failed, notes, restored = error, [], []
+        whole = together.alike("whole" if failed is None else "") if together else True
+        if failed is not None:
+            raise ActionError(
+                f"the rollback to {chosen.name} failed part-way ({type(failed).__name__}: "
+                f"{failed}): this replica's state is now partly the snapshot's"
+            )
+        if not self.worker.explicit_steps and self.optimizers is not None:
+            self.optimizers.skip_next_step(restored)  # this step's optimizer step is a no-op
         seconds = time.perf_counter() - started
         done = {"name": chosen.name, "step": chosen.step, "seconds": round(seconds, 6)}
+        if not whole:
+            notes.append("another rank's rollback failed part-way: the ranks now differ")
         if notes:
             done["note"] = "; ".join(notes)
         return done, {"step": step}
 
     def _save(self, value: dict, step: int, together) -> tuple[dict, None]:
+        from loomrun.runtime.trainstate import write_checkpoint
+
         folder = _text(value, "dir").replace("{step}", str(step))
         if not folder or not os.path.isabs(folder):
             raise ActionError(f"save needs an absolute folder, not {folder!r}")
@@ -276,13 +321,13 @@ class Snapshots:
             self.saver(str(path))
         else:
             path = Path(folder) / f"{replica}.pt"
-            write_checkpoint(path, self._checkpoint(step, replica))
+            write_checkpoint(path, self._checkpoint(step, replica))  # trainstate
         seconds = time.perf_counter() - started
         done = {"dir": folder, "file": str(path), "seconds": round(seconds, 6)}
-        if path.exists():
-            done["bytes"] = path.stat().st_size
-        else:
+        if self.saver is not None and group is not None and group.rank != 0:
             done["note"] = "written by rank 0 of the group, on its host"
+        else:
+            done["bytes"] = path.stat().st_size
         return done, None
 
     def _checkpoint(self, step: int, replica: str) -> dict:
@@ -303,11 +348,9 @@ class Snapshots:
         values = {}
         for name, target in self.worker.targets.items():
             try:
-                value = target.get()
-                P.to_pb(value)
+                values[name] = P.from_pb(P.to_pb(target.get()))  # an Enum as its text
             except Exception:  # noqa: BLE001 - one that cannot be read is left out
                 continue
-            values[name] = value
         return values
 
     def _every(self, value: dict, step: int, together) -> tuple[dict, dict]:
@@ -315,8 +358,8 @@ class Snapshots:
         for key, number in (("every", every), ("keep", keep)):
             if not isinstance(number, int) or isinstance(number, bool) or number < 0:
                 raise ActionError(f"{key} must be a whole number, not {number!r}")
-        if keep < 1:
-            raise ActionError("keep must be 1 or more")
+        if not 1 <= keep <= MOST:
+            raise ActionError(f"keep must be 1 to {MOST}, not {keep}")
         old = {"every": self.every, "keep": self.keep}
         self.every, self.keep = every, keep
         self.next_due = self._after(step)
@@ -334,29 +377,3 @@ def _text(value: dict, key: str) -> str:
     if not isinstance(found, str):
         raise ActionError(f"{key} must be text, not {found!r}")
     return found
-
-
-def write_checkpoint(path: Path, data: dict) -> None:
-    """`torch.save` to a file beside it, flushed to disk, then renamed over `path`: a
-    reader finds the whole file or none."""
-    import torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with open(partial, "wb") as out:
-            torch.save(data, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    try:
-        folder = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)

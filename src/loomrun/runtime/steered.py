@@ -40,6 +40,21 @@ class Steered:
         kept = self.kept.get((id(group), key))
         return kept if kept is not None and kept.rules else None
 
+    def own_at(self, group: dict, key: str, value: Any) -> Any:
+        """The script's own value of a steered key (what a snapshot keeps), else `value`."""
+        kept = self.kept_at(group, key)
+        if kept is None:
+            return value
+        kept.refresh()
+        return kept.own
+
+    def written(self, group: dict, key: str) -> None:
+        """The group's key holds a value of the script's own again (a rollback put the
+        snapshot's back): a steered one gets the value in effect made from it."""
+        kept = self.kept_at(group, key)
+        if kept is not None:
+            kept.settle(again=True)
+
     @staticmethod
     def _before(entries: list[Kept], optimizer, args, kwargs) -> None:
         """A steered optimizer's own step pre-hook: the value in effect goes in where the

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 import random
 import sys
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from loomrun.runtime.keep import InEffect
@@ -182,10 +184,8 @@ def capture(found: Found, steered) -> Captured:
             for key, value in group.items():
                 if key == "params":
                     continue
-                kept = steered.kept_at(group, key) if steered is not None else None
-                if kept is not None:
-                    kept.refresh()
-                    value = kept.own
+                if steered is not None:
+                    value = steered.own_at(group, key, value)
                 values[key] = host(value)
             groups.append(values)
         state = {}
@@ -209,22 +209,34 @@ def _ref(obj: Any) -> Any:
         return lambda: obj
 
 
-def restore(saved: Captured, steered) -> list[str]:
-    """Put the state back in place; then every parameter's gradient is None (it was
-    computed on the parameters just replaced: torch's optimizers skip a parameter with
-    none). Returns notes for the answer (what could not be put back, and why). Raises
-    StateError, with nothing changed, when a tensor's shape or type no longer fits."""
-    import torch
-
+def check(saved: Captured) -> None:
+    """Raise StateError when the snapshot cannot be put back whole (a tensor's shape or
+    type changed, or none of its tensors exists any more): then nothing is changed."""
     live = [(ref(), copied) for ref, copied in saved.tensors]
+    if saved.tensors and all(tensor is None for tensor, _ in live):
+        raise StateError("none of its tensors exists any more (the model was made anew)")
     for tensor, copied in live:
         if tensor is not None and (tensor.shape != copied.shape or tensor.dtype != copied.dtype):
             raise StateError(
                 f"a tensor of shape {tuple(copied.shape)} ({copied.dtype}) at the snapshot "
                 f"is {tuple(tensor.shape)} ({tensor.dtype}) now"
             )
+
+
+def restore(saved: Captured, steered, optimizers_now=()) -> tuple[list[str], list]:
+    """Put the state back in place (`check` it first); then every parameter's gradient
+    is None (it was computed on the parameters just replaced: torch's optimizers skip a
+    parameter with none). The objects `loomrun.track` was given go first: their own
+    `load_state_dict` may raise, and then only they were touched. Returns notes for the
+    answer (what was not put back, and why), and the schedulers restored."""
+    import torch
+
+    check(saved)
+    for ref, state in saved.objects:
+        if (obj := ref()) is not None:
+            obj.load_state_dict(copy.deepcopy(state))
+    live = [(ref(), copied) for ref, copied in saved.tensors]
     notes: list[str] = []
-    gone = sum(1 for tensor, _ in live if tensor is None)
     with torch.no_grad():
         for tensor, copied in live:
             if tensor is not None:
@@ -233,19 +245,36 @@ def restore(saved: Captured, steered) -> list[str]:
             optimizer = ref()
             if optimizer is not None:
                 _restore_optimizer(optimizer, kind, groups, state, steered, notes)
+    restored = []
     for ref, state in saved.schedulers:
         if (scheduler := ref()) is not None:
             scheduler.load_state_dict(copy.deepcopy(state))
-    for ref, state in saved.scalers + saved.objects:
+            restored.append(scheduler)
+    for ref, state in saved.scalers:
         if (obj := ref()) is not None:
             obj.load_state_dict(copy.deepcopy(state))
     set_rng_state(saved.rng)
     for tensor, _ in live:
         if tensor is not None and tensor.requires_grad:
             tensor.grad = None
-    if gone:
-        notes.append(f"{gone} tensors of the snapshot no longer exist")
-    return notes
+    _missing(saved, live, optimizers_now, restored, notes)
+    return notes, restored
+
+
+def _missing(saved: Captured, live, optimizers_now, restored, notes: list[str]) -> None:
+    """What the answer must say was not put back: objects gone since, or made since."""
+    gone = {
+        "tensors": sum(1 for tensor, _ in live if tensor is None),
+        "optimizers": sum(1 for ref, *_ in saved.optimizers if ref() is None),
+        "schedulers": len(saved.schedulers) - len(restored),
+    }
+    for what, count in gone.items():
+        if count:
+            notes.append(f"{count} {what} of the snapshot no longer exist")
+    known = {id(ref()) for ref, *_ in saved.optimizers if ref() is not None}
+    new = [o for o in optimizers_now if id(o) not in known]
+    if new:
+        notes.append(f"{len(new)} optimizers made since the snapshot keep their state")
 
 
 def _restore_optimizer(optimizer, kind, groups, state, steered, notes: list[str]) -> None:
@@ -268,13 +297,15 @@ def _restore_optimizer(optimizer, kind, groups, state, steered, notes: list[str]
             if key not in group or (not same and key not in CARRIED):
                 continue
             found = group[key]
-            if hasattr(found, "copy_") and hasattr(value, "shape"):
-                found.copy_(value)
+            if hasattr(found, "copy_"):  # a tensor lr (capturable): filled in place
+                if hasattr(value, "shape"):
+                    found.copy_(value)
+                else:
+                    found.fill_(value)
                 continue
             group[key] = copy.deepcopy(value)  # as the script's own write
-            kept = steered.kept_at(group, key) if steered is not None else None
-            if kept is not None:
-                kept.settle(again=True)  # the steered rule, on the script's value again
+            if steered is not None:
+                steered.written(group, key)  # the steered rule, on the script's value again
     for group in optimizer.param_groups:
         for param in group["params"]:
             ref, saved = state.get(id(param), (None, None))
@@ -290,9 +321,9 @@ def _restore_optimizer(optimizer, kind, groups, state, steered, notes: list[str]
                     if _fits(now, value):
                         now.copy_(value)
                         fresh[key] = now
-                    else:
-                        device = param.device if value.dim() > 0 else value.device
-                        fresh[key] = value.to(device, copy=True)
+                    else:  # a step count lives on the CPU unless the steps run on the device
+                        on_device = value.dim() > 0 or group.get("capturable") or group.get("fused")
+                        fresh[key] = value.to(param.device if on_device else "cpu", copy=True)
                 else:
                     fresh[key] = copy.deepcopy(value)
             if per is None:
@@ -386,3 +417,29 @@ def _unwrapped(module) -> Any:
         if inner is None:
             return module
         module = inner
+
+
+def write_checkpoint(path: Path, data: dict) -> None:
+    """`torch.save` to a file beside it, flushed to disk, then renamed over `path`: a
+    reader finds the whole file or none."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with open(partial, "wb") as out:
+            torch.save(data, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    try:
+        folder = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)

@@ -267,7 +267,7 @@ class Worker:
         if name == PAUSE:
             return self._set_paused(want)
         if name in OWN_NAMES:  # an action on the training state, or the periodic snapshots
-            return self.snapshots.act(parts, step, agreed)
+            return self.snapshots.act(parts, step)
         return self._apply(parts)
 
     def _apply(self, parts: dict[str, pb.DesiredParam]) -> pb.Outcome:
