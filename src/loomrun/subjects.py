@@ -41,6 +41,7 @@ PAUSE = "pause"
 SNAPSHOT, ROLLBACK, SAVE = "snapshot", "rollback", "save"
 ACTIONS = frozenset({SNAPSHOT, ROLLBACK, SAVE})
 SNAPSHOT_EVERY = "snapshot_every"
+SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # loomrun's own names: no parameter may be declared with one.
 OWN_NAMES = frozenset({PAUSE, SNAPSHOT_EVERY, *ACTIONS})
 HEARTBEAT_SECONDS = 2.0

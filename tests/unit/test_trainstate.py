@@ -84,7 +84,10 @@ def test_rollback_puts_every_part_back_bitwise():
     assert not torch.equal(first_run[0][0], before[0][0])
     for p in model.parameters():
         p.grad = torch.ones_like(p)
+    scale = scaler.get_scale()
+    scaler.update(new_scale=scale / 4)
     assert restore(saved, None, [optimizer]) == ([], [scheduler])
+    assert scaler.get_scale() == scale, "the GradScaler's scale back too"
     assert all(p.grad is None for p in model.parameters())
     _same(_fingerprint(model, optimizer, scheduler), before)
     # From the restored state (RNG included), the same steps give the same result.

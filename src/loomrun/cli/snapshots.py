@@ -7,7 +7,7 @@ import os
 
 import click
 
-from loomrun.cli.steer import _change, steering_options
+from loomrun.cli.steer import run_change, steering_options
 
 ACTION_CODES = (
     "Exit codes: 0 done on every replica; 1 not done somewhere (refused, its step missed, "
@@ -17,9 +17,9 @@ ACTION_CODES = (
 
 
 def _snapshot_name(ctx, param, value: str | None) -> str | None:
-    from loomrun.runtime.snapshots import NAME
+    from loomrun.subjects import SNAPSHOT_NAME
 
-    if value is not None and not NAME.fullmatch(value):
+    if value is not None and not SNAPSHOT_NAME.fullmatch(value):
         raise click.BadParameter(
             f"{value!r} is not a snapshot name (expected letters, digits, _ . and -, at most "
             "64, starting with a letter or digit)"
@@ -40,8 +40,7 @@ def _snapshot_name(ctx, param, value: str | None) -> str | None:
     "--keep",
     type=click.IntRange(1, 100),
     default=None,
-    help="With --every: how many periodic snapshots are kept [default: as before; 2 at "
-    "first].",
+    help="With --every: how many periodic snapshots are kept [default: as before; 2 at first].",
 )
 @steering_options
 def snapshot_command(
@@ -76,7 +75,7 @@ def snapshot_command(
         action, value = SNAPSHOT_EVERY, {"every": every} | ({"keep": keep} if keep else {})
     else:
         action, value = SNAPSHOT, {"name": name or ""}
-    _change(
+    run_change(
         broker, job, no_wait, as_json,
         lambda s: s.act(job, action, value, replicas, at_step, timeout, not no_wait, force),
     )  # fmt: skip
@@ -94,6 +93,7 @@ def _list(job, replicas, as_json, broker) -> None:
     if replicas:
         rows = [dict(r, replicas=[x for x in r["replicas"] if x in replicas]) for r in rows]
         rows = [r for r in rows if r["replicas"]]
+        every = {r: setting for r, setting in every.items() if r in replicas}
     if as_json:
         periodic = {r: {"every": e, "keep": k} for r, (e, k) in every.items()}
         click.echo(json.dumps({"job": found, "snapshots": rows, "periodic": periodic}))
@@ -146,7 +146,7 @@ def rollback_command(
     if name and before is not None:
         raise click.UsageError("give a snapshot's NAME or --before STEP, not both")
     value = {"name": name or "", "before": before or 0}
-    _change(
+    run_change(
         broker, job, no_wait, as_json,
         lambda s: s.act(job, ROLLBACK, value, replicas, at_step, timeout, not no_wait, force),
     )  # fmt: skip
@@ -174,7 +174,7 @@ def save_command(folder, job, replicas, at_step, force, timeout, no_wait, as_jso
     if not folder.strip():
         raise click.BadParameter("the folder is empty", param_hint="DIR")
     value = {"dir": os.path.abspath(os.path.expanduser(folder))}
-    _change(
+    run_change(
         broker, job, no_wait, as_json,
         lambda s: s.act(job, SAVE, value, replicas, at_step, timeout, not no_wait, force),
     )  # fmt: skip

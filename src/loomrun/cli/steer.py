@@ -155,13 +155,13 @@ def set_command(
             check_hold(assignments)
         except SteerError as error:
             raise click.UsageError(str(error)) from None
-    _change(
+    run_change(
         broker, job, no_wait, as_json,
         lambda s: s.set(job, assignments, replicas, at_step, timeout, not no_wait, force, hold),
     )  # fmt: skip
 
 
-def _change(broker, job, no_wait: bool, as_json: bool, work) -> None:
+def run_change(broker, job, no_wait: bool, as_json: bool, work) -> None:
     """Run one change (set, unset, pause, resume); exit with the code its answers mean."""
     results = steer(broker, work)
     sys.exit(report(results, as_json, job, not no_wait))
@@ -195,14 +195,14 @@ def unset_command(names, job, replicas, force, timeout, no_wait, as_json, broker
                 param_hint="KEY",
             )
     unique = list(dict.fromkeys(names))
-    _change(
+    run_change(
         broker, job, no_wait, as_json,
         lambda s: s.unset(job, unique, replicas, timeout, not no_wait, force),
     )  # fmt: skip
 
 
 def _pause_or_resume(paused, job, replicas, at_step, force, timeout, no_wait, as_json, broker):
-    _change(
+    run_change(
         broker, job, no_wait, as_json,
         lambda s: s.pause(job, paused, replicas, at_step, timeout, not no_wait, force),
     )  # fmt: skip

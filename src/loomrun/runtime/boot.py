@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import signal
 import sys
 import traceback
 
@@ -46,6 +47,11 @@ def main() -> None:
     worker = attach()
     if worker is not None:
         optim.install(worker)
+        # A cluster's scheduler sends SIGUSR1 to every process of a job before it preempts
+        # it; its default would end the worker. The supervisor's answer is a save. A script
+        # that handles SIGUSR1 itself installs its own handler over this one.
+        if signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL:
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
         run_target(argv)
     except SystemExit:

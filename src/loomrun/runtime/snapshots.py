@@ -29,8 +29,8 @@ from loomrun._proto import loomrun_pb2 as pb
 from loomrun.outcomes import answer_change, size_words
 from loomrun.runtime.change import lead
 from loomrun.subjects import ROLLBACK, SAVE, SNAPSHOT, SNAPSHOT_EVERY
+from loomrun.subjects import SNAPSHOT_NAME as NAME
 
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 KEEP = 2  # periodic snapshots kept, unless told
 MOST = 100  # snapshots kept at most, whatever their size (each is listed in every status)
 _SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:i?B)?\s*", re.IGNORECASE)
