@@ -83,3 +83,21 @@ def steps_seen(job: str) -> int:
         return found.status.step if found else 0
 
     return steering(status)
+
+
+def cli_json(*args) -> tuple[int, dict]:
+    """A steering command with --json: its exit code and what it printed."""
+    import json
+
+    from conftest import run_loomrun
+
+    result = run_loomrun(*args, "--json", timeout=120)
+    assert result.stdout, result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def one_step(answer: dict) -> int:
+    """The step every replica answered a change at (the ranks of a group: one)."""
+    steps = {c["step"] for c in answer["changes"]}
+    assert len(steps) == 1, f"every rank at one step: {answer}"
+    return steps.pop()

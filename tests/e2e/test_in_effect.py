@@ -17,7 +17,7 @@ import signal
 
 import pytest
 from conftest import SCRIPTS, run_loomrun, wait_for
-from jobs import job_id, start, wait_ready
+from jobs import cli_json, job_id, one_step, start, wait_ready
 
 from loomrun.broker.state import state_dir
 
@@ -31,18 +31,6 @@ def seen(out_file, replica: str = "r0") -> int:
     """The last step `replica` printed so far (the script's stdout goes to a file)."""
     found = stepped(out_file.read_text(), replica)
     return max(found, default=0)
-
-
-def set_json(*args) -> tuple[int, dict]:
-    result = run_loomrun(*args, "--json", timeout=120)
-    assert result.stdout, result.stderr
-    return result.returncode, json.loads(result.stdout)
-
-
-def one_step(answer: dict) -> int:
-    steps = {c["step"] for c in answer["changes"]}
-    assert len(steps) == 1, f"every rank at one step: {answer}"
-    return steps.pop()
 
 
 def metric_points(job: str) -> list[dict]:
@@ -63,12 +51,12 @@ def check_points(points: list[dict], rank: str, start: int, end: int, want) -> N
 def hold_then_stop(job: str, sup, out, ranks, change: str) -> tuple[int, list[dict], int]:
     """`set CHANGE --hold`, some steps, the metric points while it runs (from the
     supervisor), then `set stop=true`: the step of the hold, the points, the last step."""
-    code, held = set_json("set", change, "--hold", "--job", job)
+    code, held = cli_json("set", change, "--hold", "--job", job)
     assert code == 0 and {c["kind"] for c in held["changes"]} == {"hold"}, held
     at_hold = one_step(held)
     wait_steps(out, at_hold, 20, ranks)
     points = metric_points(job)
-    code, stopped = set_json("set", "stop=true", "--job", job)
+    code, stopped = cli_json("set", "stop=true", "--job", job)
     assert code == 0, stopped
     last = one_step(stopped)
     sup.wait(timeout=300)
@@ -114,7 +102,7 @@ def test_a_nanogpt_style_loop_keeps_set_unset_and_hold_on_both_ranks(procs, tmp_
     wait_ready(job, ranks)
     wait_steps(out, 40, 0, ranks)
 
-    code, scaled = set_json("set", "lr=0.002", "--job", job)
+    code, scaled = cli_json("set", "lr=0.002", "--job", job)
     assert code == 0 and scaled["result"] == "applied", scaled
     at_set = one_step(scaled)
     k = 0.002 / nanogpt_lr(at_set - 1)
@@ -128,7 +116,7 @@ def test_a_nanogpt_style_loop_keeps_set_unset_and_hold_on_both_ranks(procs, tmp_
         assert nanogpt_lr(at_set + 60) > now > nanogpt_lr(899)
         assert lr[rank]["value"] == pytest.approx(k * now, rel=1e-9)
 
-    code, unset = set_json("unset", "lr", "--job", job)
+    code, unset = cli_json("unset", "lr", "--job", job)
     assert code == 0 and {c["kind"] for c in unset["changes"]} == {"unset"}, unset
     at_unset = one_step(unset)
     wait_steps(out, at_unset, 60, ranks)
@@ -182,12 +170,12 @@ def test_the_hugging_face_trainer_keeps_the_scaled_schedule_and_logs_it(procs, t
         t = step - 1
         return 5e-3 * (t / 10 if t < 10 else max(0.0, (3000 - t) / 2990))
 
-    code, scaled = set_json("set", "lr=0.001", "--job", job)
+    code, scaled = cli_json("set", "lr=0.001", "--job", job)
     assert code == 0 and scaled["result"] == "applied", scaled
     at_set = one_step(scaled)
     k = 0.001 / linear(at_set)
     wait_steps(out, at_set, 60, ranks)
-    code, unset = set_json("unset", "lr", "--job", job)
+    code, unset = cli_json("unset", "lr", "--job", job)
     assert code == 0, unset
     at_unset = one_step(unset)
     wait_steps(out, at_unset, 40, ranks)
@@ -229,7 +217,7 @@ def test_lightning_with_a_step_interval_scheduler(procs, tmp_path):
     wait_ready(job, timeout=120)
     wait_steps(out, 20, 0)
     schedule = lambda step: 0.05 / (1.0 + 0.01 * (step - 1))  # noqa: E731
-    code, scaled = set_json("set", "lr=0.01", "--job", job)
+    code, scaled = cli_json("set", "lr=0.01", "--job", job)
     assert code == 0, scaled
     at_set = one_step(scaled)
     k = 0.01 / schedule(at_set)
@@ -247,7 +235,7 @@ def test_a_model_under_torch_compile_steps_and_changes_as_without_it(procs, tmp_
     job, sup, out = run_to_file(procs, tmp_path, "compiled", SCRIPTS / "compiled.py", "600")
     wait_ready(job, timeout=180)
     wait_steps(out, 20, 0, timeout=180)
-    code, scaled = set_json("set", "lr=0.1", "--job", job)
+    code, scaled = cli_json("set", "lr=0.1", "--job", job)
     assert code == 0, scaled
     at_set = one_step(scaled)
     schedule = lambda step: 0.05 / (1.0 + 0.01 * (step - 1))  # noqa: E731
@@ -266,7 +254,7 @@ def test_an_optimizer_that_writes_lr_in_its_step_is_never_applied(procs):
     job = job_id("ownlr")
     start(procs, SCRIPTS / "own_lr.py", job=job)
     wait_ready(job)
-    code, held = set_json("set", "lr=0.05", "--job", job)
+    code, held = cli_json("set", "lr=0.05", "--job", job)
     assert code == 0 and held["changes"][0]["state"] == "applied", held
     first = held["changes"][0]["change_id"]
     refused = run_loomrun("set", "own_lr=true", "--hold", "--job", job)
@@ -314,7 +302,7 @@ def test_a_replica_that_is_not_running_answers_nothing_and_set_says_how_it_ended
 
     wait_for(r1_exited, 60, what="r1 to exit")
     for _ in range(2):  # the same key set twice: each answer its own, never a stale one
-        code, answer = set_json("set", "lr=0.03", "--job", job)
+        code, answer = cli_json("set", "lr=0.03", "--job", job)
         assert code == 1, answer
         states = {c["replica"]: (c["state"], c.get("reason")) for c in answer["changes"]}
         assert states["r0"][0] == "applied"

@@ -20,7 +20,7 @@ import sys
 
 import pytest
 from conftest import SCRIPTS, run_loomrun, wait_for
-from jobs import job_id, wait_ready
+from jobs import cli_json, job_id, one_step, wait_ready
 
 from loomrun.broker.state import state_dir
 
@@ -59,18 +59,6 @@ def at_least(out, step: int, replicas=("r0",), timeout=120) -> None:
         timeout,
         what=f"step {step}",
     )
-
-
-def cli_json(*args) -> tuple[int, dict]:
-    result = run_loomrun(*args, "--json", timeout=120)
-    assert result.stdout, result.stderr
-    return result.returncode, json.loads(result.stdout)
-
-
-def one_step(answer: dict) -> int:
-    steps = {c["step"] for c in answer["changes"]}
-    assert len(steps) == 1, f"every rank at one step: {answer}"
-    return steps.pop()
 
 
 def stop(job: str, sup) -> int:

@@ -304,13 +304,22 @@ class Steering:
         await self.schemas(found.job)
         # Resuming needs no agreement: paused ranks all stand at one step already.
         at_once = await self._whole_process_groups(found, targets, force) or not paused
-        ended = await self._not_running(found.job, targets)
-        key = S.desired_pause
-        writes = [(r, {S.PAUSE: (key(found.job, r), paused)}) for r in targets if r not in ended]
+        key = lambda r: S.desired_pause(found.job, r)  # noqa: E731
+        return await self._one(found.job, targets, S.PAUSE, key, paused, at_step, at_once,
+                               timeout, wait)  # fmt: skip
+
+    async def _one(
+        self, job: str, targets: list[str], name: str, key, value: Any, at_step: int | None,
+        at_once: bool, timeout: float, wait: bool,
+    ) -> list[Result]:  # fmt: skip
+        """Write one key's change (pause, an action) to each target that runs, under
+        `key(replica)`, and wait for every answer."""
+        ended = await self._not_running(job, targets)
+        writes = [(r, {name: (key(r), value)}) for r in targets if r not in ended]
         results = await self.correlator.write_and_wait(
-            found.job, writes, at_step or 0, at_once, timeout, wait
+            job, writes, at_step or 0, at_once, timeout, wait
         )
-        return with_ended(found.job, results, ended, {S.PAUSE: paused}, pb.SET)
+        return with_ended(job, results, ended, {name: value}, pb.SET)
 
     async def act(
         self,
@@ -332,13 +341,9 @@ class Steering:
         targets = self.targets(found, replicas)
         await self.schemas(found.job)
         at_once = await self._whole_process_groups(found, targets, force)
-        ended = await self._not_running(found.job, targets)
-        key = S.desired_param
-        writes = [(r, {name: (key(found.job, r, name), value)}) for r in targets if r not in ended]
-        results = await self.correlator.write_and_wait(
-            found.job, writes, at_step or 0, at_once, timeout, wait
-        )
-        return with_ended(found.job, results, ended, {name: value}, pb.SET)
+        key = lambda r: S.desired_param(found.job, r, name)  # noqa: E731
+        return await self._one(found.job, targets, name, key, value, at_step, at_once,
+                               timeout, wait)  # fmt: skip
 
     async def snapshots(self, job: str | None) -> tuple[str, list[dict[str, Any]], dict]:
         """The snapshots every replica keeps (from their statuses): one row per name and
