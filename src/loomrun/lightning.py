@@ -12,6 +12,7 @@ ckpt_path=...)` resumes from. Install with
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 try:
@@ -52,6 +53,13 @@ class LoomCallback(Callback):
             worker.applied_listeners.append(self._take)
         if worker is not None:  # `loomrun save`: the trainer's own checkpoint, for ckpt_path=
             worker.snapshots.saver = trainer.save_checkpoint
+        if worker is not None and worker.ignores_usr1:  # the trainer's (SLURM requeue) again
+            import signal
+
+            with contextlib.suppress(ValueError):  # not the main thread: left as it is
+                if signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN:
+                    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+            worker.ignores_usr1 = False
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         worker = _worker.current

@@ -262,6 +262,8 @@ class Supervisor:
         of every replica, to --save-dir. With a broker, node 0 writes it for every replica
         of the job, as a client would (one change, which the ranks of every node agree on);
         the other nodes leave it to node 0. With none, each node saves its own replicas."""
+        import hashlib
+
         from loomrun.desired import ask_once, change
         from loomrun.subjects import SAVE
 
@@ -277,7 +279,13 @@ class Supervisor:
             say("got SIGUSR1, but there is no folder to save to: launch with --save-dir DIR")
             return
         folder = base.absolute() / f"usr1-{self._saves}-step-{{step}}"
-        want = change({"dir": str(folder)}, origin="SIGUSR1")
+        # With no broker each node asks its own ranks: one id from the job and the count
+        # of signals, so that ranks of several nodes, all signalled, agree on one change.
+        counted = hashlib.blake2b(f"{self.spec.job}/usr1/{self._saves}".encode(), digest_size=8)
+        want = change(
+            {"dir": str(folder)}, origin="SIGUSR1",
+            change_id="" if self.control is not None else counted.hexdigest(),
+        )  # fmt: skip
         say(f"got SIGUSR1: saving every replica to {folder} (step: the step it is taken at)")
         if self.control is not None:
             every = [f"r{rank}" for rank in range(self.spec.world_size)]

@@ -142,6 +142,30 @@ def test_two_ranks_roll_back_together_and_stay_identical(procs, tmp_path):
 
 
 @pytest.mark.slow
+def test_ranks_that_do_not_all_hold_a_snapshot_none_rolls_back(procs, tmp_path):
+    ranks = ("r0", "r1")
+    job, sup, out = run_to_file(procs, tmp_path, "lacks", "--step-time", "0.01", replicas=2)
+    wait_ready(job, ranks)
+    at_least(out, 10, ranks)
+    code, one = cli_json("snapshot", "mine", "--replica", "r0", "--force", "--job", job)
+    assert code == 0 and one["changes"][0]["new"]["name"] == "mine", one
+    code, back = cli_json("rollback", "mine", "--job", job)
+    assert code == 1, back
+    reasons = {c["replica"]: (c["state"], c["reason"]) for c in back["changes"]}
+    assert reasons["r0"][0] == reasons["r1"][0] == "rejected"
+    assert "the ranks do not all hold snapshot mine" in reasons["r0"][1]
+    assert "this replica has no snapshot" in reasons["r1"][1]
+    at = one_step(back)
+    at_least(out, at + 2, ranks)
+    text = out.read_text()
+    r0, r1 = hashes(text, "r0", "params"), hashes(text, "r1", "params")
+    assert r0[at + 1] == r1[at + 1], "neither rolled back: still identical"
+    forced = run_loomrun("rollback", "mine", "--replica", "r0", "--force", "--job", job)
+    assert forced.returncode == 2 and "would leave them different" in forced.stderr
+    stop(job, sup)
+
+
+@pytest.mark.slow
 def test_save_writes_one_file_per_rank_that_plain_torch_load_reads(procs, tmp_path):
     ranks = ("r0", "r1")
     job, sup, out = run_to_file(procs, tmp_path, "save", "--step-time", "0.01", replicas=2)

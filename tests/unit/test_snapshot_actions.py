@@ -203,7 +203,9 @@ def test_a_restart_keeps_an_action_not_done_yet_waiting_with_no_base():
     desired = DesiredConfig()
     desired.take("lr", change(0.1))
     desired.take("rollback", change({"name": "a"}))
-    desired.rebase(settled=set(), in_effect={})
+    earlier = change({"name": "b"})
+    starts = desired.rebase(settled=None, in_effect={"rollback": earlier})  # all settled
+    assert "rollback" not in starts and starts["lr"].at_once, "the lr, not the action"
     assert not desired.state.params["rollback"].at_once
     assert not desired.state.params["rollback"].HasField("base")
 

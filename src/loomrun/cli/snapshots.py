@@ -135,8 +135,11 @@ def rollback_command(
       loomrun rollback --before 1200         to the newest taken before step 1200
     Parameters, buffers, the optimizers', schedulers' and GradScaler's state and the RNG
     states go back to the snapshot's, on every rank at one step; every gradient is then
-    None (it was computed on the parameters thrown away: that step's optimizer step
-    changes nothing). What stays: loomrun's step count (it goes on), the values loomrun
+    None. At the usual boundary, inside the optimizer's step, that step's gradients were
+    computed on the parameters thrown away: the step changes nothing, and the schedulers
+    skip theirs. (With `loomrun.step()` at the top of the loop, or Lightning's callback,
+    the rollback comes before the forward, and that step trains from the snapshot.) What
+    stays: loomrun's step count (it goes on), the values loomrun
     steers (in effect until the next change), the data loader (its next batch, not the
     snapshot's), and the script's own variables (a loop that computes lr from its own
     iteration number goes on from there).

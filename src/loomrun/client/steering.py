@@ -341,6 +341,16 @@ class Steering:
         targets = self.targets(found, replicas)
         await self.schemas(found.job)
         at_once = await self._whole_process_groups(found, targets, force)
+        schemas = self._schemas.get(found.job, {})
+        if (
+            name == S.ROLLBACK
+            and at_once
+            and any(schemas[r].group_size > 1 for r in targets if r in schemas)
+        ):
+            raise SteerError(
+                "a rollback of some ranks of a process group would leave them different: "
+                "roll back every rank of the group, without --force"
+            )
         key = lambda r: S.desired_param(found.job, r, name)  # noqa: E731
         return await self._one(found.job, targets, name, key, value, at_step, at_once,
                                timeout, wait)  # fmt: skip

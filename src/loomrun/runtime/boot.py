@@ -49,9 +49,11 @@ def main() -> None:
         optim.install(worker)
         # A cluster's scheduler sends SIGUSR1 to every process of a job before it preempts
         # it; its default would end the worker. The supervisor's answer is a save. A script
-        # that handles SIGUSR1 itself installs its own handler over this one.
+        # that handles SIGUSR1 itself installs its own handler over this one (Lightning
+        # installs its own only where none is set: its callback puts the default back).
         if signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL:
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+            worker.ignores_usr1 = True  # Lightning's callback gives it back to the trainer
     try:
         run_target(argv)
     except SystemExit:

@@ -63,7 +63,7 @@ class Optimizers:
         self.kinds = OptimizerKind(self)  # the built-in `optimizer`
         # Schedulers whose next step is skipped (ids): restored by a rollback inside an
         # optimizer step that changes nothing, they stay at the snapshot's step.
-        self.skipping: set[int] = set()
+        self.skipping: dict[int, int] = {}
         self._skip_at = 0
 
     @property
@@ -294,23 +294,29 @@ class Optimizers:
                     floor = max(floor, float(mins[index]))
         return floor
 
-    def skip_next_step(self, schedulers: list) -> None:
+    def skip_next_step(self, schedulers: list, counts: dict[int, int]) -> None:
         """A rollback at the boundary inside an optimizer step (whose gradients are None
-        now, so it changes nothing): the schedulers it restored skip the step that the
-        script calls after it, and stay at the snapshot's step as the parameters do."""
-        self.skipping = {id(s) for s in schedulers}
+        now, so it changes nothing): the schedulers it restored skip the steps the script
+        takes of them in this step (`counts`, by id: as many as each took per step since
+        the snapshot; none for one stepped per epoch), and stay at the snapshot's step as
+        the parameters do."""
+        self.skipping = {id(s): counts.get(id(s), 1) for s in schedulers if counts.get(id(s), 1)}
         self._skip_at = self.worker.step
         for scheduler in schedulers:
             _wrap_step(type(scheduler))
 
     def skips(self, scheduler) -> bool:
-        """Whether this step of the scheduler is the one skipped (once, in that very step)."""
+        """Whether this call of the scheduler's step is one skipped (in that very step)."""
         if self.worker.step != self._skip_at:
-            self.skipping = set()
+            self.skipping = {}
             return False
-        if id(scheduler) not in self.skipping:
+        left = self.skipping.get(id(scheduler), 0)
+        if not left:
             return False
-        self.skipping.discard(id(scheduler))
+        if left == 1:
+            del self.skipping[id(scheduler)]
+        else:
+            self.skipping[id(scheduler)] = left - 1
         return True
 
     def scheduler_step(self, scheduler, step, args, kwargs):

@@ -175,8 +175,9 @@ class Snapshots:
         taken, dropped = self._take(name, step, periodic=False)
         done = {"name": name, "step": step, "bytes": taken.content.nbytes,
                 "seconds": round(taken.seconds, 6)}  # fmt: skip
-        if dropped:
-            done["note"] = f"dropped {', '.join(dropped)} to stay within the memory budget"
+        others = [d for d in dropped if d != name]
+        if others:
+            done["note"] = f"dropped {', '.join(others)} to stay within the memory budget"
         return done, None
 
     def _take(self, name: str, step: int, periodic: bool) -> tuple[Snapshot, list[str]]:
@@ -211,7 +212,8 @@ class Snapshots:
         """Drop what must go for a snapshot of `need` bytes: one of the same name, the
         periodic ones past `keep`, then the oldest (periodic first) while over budget or
         over MOST snapshots.
-        Returns the names dropped that the user may miss (not the one replaced)."""
+        Returns the names dropped (the one of the same name too: it is said if the new
+        one then fails)."""
         budget, source, problem = memory_budget()
         if problem:
             self.worker.warn_once(problem)
@@ -220,8 +222,8 @@ class Snapshots:
                 f"a snapshot takes {size_words(need)} here, more than the budget of "
                 f"{size_words(budget)} ({source})"
             )
+        dropped = [s.name for s in self.kept if s.name == name and not periodic]
         self.kept = [s for s in self.kept if s.name != name]
-        dropped = []
         rolling = [s for s in self.kept if s.periodic]
         if periodic and len(rolling) >= self.keep:
             for gone in rolling[: len(rolling) - self.keep + 1]:
@@ -230,6 +232,11 @@ class Snapshots:
             sum(s.content.nbytes for s in self.kept) + need > budget or len(self.kept) >= MOST
         ):
             gone = next((s for s in self.kept if s.periodic), self.kept[0])
+            if periodic and not gone.periodic:  # a periodic one never takes a named one's room
+                raise ActionError(
+                    "the named snapshots fill the memory budget (or the 100 kept): drop one "
+                    "by taking another of its name, or raise LOOMRUN_SNAPSHOT_MEMORY"
+                )
             self.kept.remove(gone)
             dropped.append(gone.name)
         return dropped
@@ -273,8 +280,13 @@ class Snapshots:
         try:
             chosen = self.choose(name, before, step)
             check(chosen.content)
-        except (ActionError, StateError) as error:
-            problem = str(error) if isinstance(error, ActionError) else f"cannot roll back: {error}"
+        except Exception as error:  # noqa: BLE001 - said at the collective, which all reach
+            if isinstance(error, ActionError):
+                problem = str(error)
+            elif isinstance(error, StateError):
+                problem = f"cannot roll back: {error}"
+            else:
+                problem = f"cannot roll back: {type(error).__name__}: {error}"
         if together is not None:
             said = "" if problem else f"{chosen.name}@{chosen.step}"
             if not together.alike(said) and not problem:
@@ -286,6 +298,9 @@ class Snapshots:
             raise ActionError(problem)
         started = time.perf_counter()
         failed: Exception | None = None
+        counts = {
+            id(ref()): getattr(ref(), "last_epoch", None) for ref, _ in chosen.content.schedulers
+        }
         try:
             now = self.optimizers.optimizers if self.optimizers is not None else []
             notes, restored = restore(chosen.content, self._steered(), now)
@@ -298,7 +313,14 @@ class Snapshots:
                 f"{failed}): this replica's state is now partly the snapshot's"
             )
         if not self.worker.explicit_steps and self.optimizers is not None:
-            self.optimizers.skip_next_step(restored)  # this step's optimizer step is a no-op
+            # This step's optimizer step is a no-op: each scheduler restored skips the
+            # steps it takes in one (as many as it took a step since the snapshot).
+            skips = {}
+            for scheduler in restored:
+                now, then = counts.get(id(scheduler)), getattr(scheduler, "last_epoch", None)
+                if isinstance(now, int) and isinstance(then, int) and step > chosen.step:
+                    skips[id(scheduler)] = round((now - then) / (step - chosen.step))
+            self.optimizers.skip_next_step(restored, skips)
         seconds = time.perf_counter() - started
         done = {"name": chosen.name, "step": chosen.step, "seconds": round(seconds, 6)}
         if not whole:
@@ -316,6 +338,11 @@ class Snapshots:
         replica = os.environ.get("LOOMRUN_REPLICA", "r0")
         started = time.perf_counter()
         group = self.worker.group
+        if self.saver is not None and group is not None and together is None:
+            raise ActionError(  # the trainer's save is a collective of the whole group
+                "a Lightning save of some ranks of a process group only would hang the "
+                "others: save every rank of the group, without --force"
+            )
         if self.saver is not None:  # the trainer's: one file for a group, written by rank 0
             path = Path(folder) / ("checkpoint.ckpt" if group is not None else f"{replica}.ckpt")
             self.saver(str(path))

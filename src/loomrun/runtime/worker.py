@@ -73,6 +73,7 @@ class Worker:
         self.metrics = Metrics(self.warn_once)
         self.answers = AnswerBook(self.warn_once)
         self.snapshots = Snapshots(self)  # snapshot, rollback, save; the periodic ones
+        self.ignores_usr1 = False  # boot set SIGUSR1 aside (a scheduler's, for the supervisor)
         self.applied_listeners = self.answers.listeners
         # The process group's agreement (runtime.group), once torch.distributed is set up.
         self.group = None
@@ -365,10 +366,11 @@ class Worker:
 
     def _answer(self, outcome: pb.Outcome, quiet: bool = False, replayed: bool = False) -> None:
         """Every change read gets one answer; `quiet` ones (superseded) leave the name open
-        for the change that replaced it. A `replayed` one is of the record, outside the
-        desired state: the live changes there stay answered (or scheduled) as they were,
-        and none is applied again for it."""
-        if not quiet and not replayed:
+        for the change that replaced it. Only a change taken replaces one the ranks agreed
+        on that waits for its step (a refused one, even forced on one rank, does not). A
+        `replayed` one is of the record, outside the desired state: the live changes there
+        stay answered (or scheduled) as they were, and none is applied again for it."""
+        if not quiet and not replayed and outcome.state in (pb.APPLIED, pb.OVERRIDDEN):
             self._supersede_scheduled(names_of(outcome), outcome.change_id)
         self.answers.give(outcome, quiet, replayed)
 
