@@ -142,7 +142,7 @@ def test_two_ranks_roll_back_together_and_stay_identical(procs, tmp_path):
 
 
 @pytest.mark.slow
-def test_ranks_that_do_not_all_hold_a_snapshot_none_rolls_back(procs, tmp_path):
+def test_ranks_that_do_not_all_hold_a_snapshot_none_rolls_back_and_at_step(procs, tmp_path):
     ranks = ("r0", "r1")
     job, sup, out = run_to_file(procs, tmp_path, "lacks", "--step-time", "0.01", replicas=2)
     wait_ready(job, ranks)
@@ -162,6 +162,17 @@ def test_ranks_that_do_not_all_hold_a_snapshot_none_rolls_back(procs, tmp_path):
     assert r0[at + 1] == r1[at + 1], "neither rolled back: still identical"
     forced = run_loomrun("rollback", "mine", "--replica", "r0", "--force", "--job", job)
     assert forced.returncode == 2 and "would leave them different" in forced.stderr
+
+    code, both = cli_json("snapshot", "both", "--job", job)
+    assert code == 0, both
+    taken = one_step(both)
+    later = max(hashes(out.read_text(), "r0")) + 150  # agreed on now, done at its step
+    code, back = cli_json("rollback", "both", "--at-step", later, "--job", job)
+    assert code == 0 and one_step(back) == later, back
+    at_least(out, later + 1, ranks)
+    text = out.read_text()
+    for rank in ranks:
+        assert hashes(text, rank, "params")[later + 1] == hashes(text, rank, "params")[taken]
     stop(job, sup)
 
 
@@ -328,3 +339,39 @@ def torch_load(path) -> dict:
     )
     assert read.returncode == 0, read.stderr
     return next(iter(json.loads(read.stdout).values()))
+
+
+@pytest.mark.slow
+def test_the_hugging_face_trainer_rolls_back_its_weights_and_its_schedule(procs, tmp_path):
+    """Under the Trainer (accelerate's wrapped optimizer and scheduler, a linear decay
+    that moves lr every step): the step a rollback lands in changes nothing (it runs with
+    the snapshot's lr), and the next steps run the snapshot's schedule again from its
+    first step: the scheduler skipped its step in the no-op one."""
+    pytest.importorskip("transformers")
+    job = job_id("hf-rollback")
+    out = tmp_path / "hf.out"
+    with out.open("w") as sink:
+        sup = procs.start("--job", job, SCRIPTS / "hf_trainer.py", stdout=sink)
+    wait_ready(job, timeout=120)
+
+    def stepped() -> dict[int, str]:
+        return {
+            int(m[1]): m[2]
+            for m in re.finditer(r"^\[r0\] stepped (\d+) (.+)$", out.read_text(), re.M)
+        }
+
+    wait_for(lambda: len(stepped()) >= 20, 120, what="20 steps")
+    code, taken = cli_json("snapshot", "hf", "--job", job)
+    assert code == 0, taken
+    at_snapshot = one_step(taken)
+    wait_for(lambda: len(stepped()) >= at_snapshot + 30, 120, what="30 more steps")
+    code, back = cli_json("rollback", "hf", "--job", job)
+    assert code == 0, back
+    at = one_step(back)
+    wait_for(lambda: len(stepped()) >= at + 6, 120, what="steps after the rollback")
+    stop(job, sup)
+    lrs = stepped()
+    assert lrs[at_snapshot + 1] != lrs[at_snapshot], "(the schedule moves every step)"
+    assert lrs[at] == lrs[at_snapshot], "the no-op step, with the snapshot's lr"
+    for k in range(5):  # then the snapshot's steps again, from its first
+        assert lrs[at + 1 + k] == lrs[at_snapshot + k], (k, lrs[at + 1 + k])
