@@ -160,22 +160,30 @@ class DesiredConfig:
         return starts
 
 
+def _held(mailbox) -> DesiredConfig | None:
+    """The desired state a replica's mailbox holds (None when it holds none, or a torn one)."""
+    from loomrun.mailbox import MailboxError
+
+    try:
+        _, state = mailbox.desired.read()
+    except MailboxError:
+        return None
+    if state is None:
+        return None
+    desired = DesiredConfig()
+    desired.state.CopyFrom(state)
+    return desired
+
+
 def restart_from(mailbox) -> None:
     """A replica's mailbox made ready for its next worker, on a job with no control plane:
     a clean worker side (the last may have died mid-write), and the desired state it held,
     rebased, so that no step number of the last incarnation carries over (without a broker
     nothing was steered, and what the mailbox holds applies at once), without an action
     (a save on SIGUSR1: nothing says whether it was done, and a save is not done twice)."""
-    from loomrun.mailbox import MailboxError
-
     mailbox.reset_worker_side()
-    try:
-        _, state = mailbox.desired.read()
-    except MailboxError:
-        state = None
-    if state is not None:
-        desired = DesiredConfig()
-        desired.state.CopyFrom(state)
+    desired = _held(mailbox)
+    if desired is not None:
         for name in ACTIONS & set(desired.state.params):  # asked of the worker before (SIGUSR1)
             desired.drop(name)
         desired.rebase()
@@ -185,14 +193,6 @@ def restart_from(mailbox) -> None:
 def ask_once(mailbox, name: str, want: pb.DesiredParam) -> None:
     """An action (a save on SIGUSR1) into a replica's mailbox, on a job with no control
     plane: the desired state it holds, with the action added."""
-    from loomrun.mailbox import MailboxError
-
-    try:
-        _, state = mailbox.desired.read()
-    except MailboxError:
-        state = None
-    desired = DesiredConfig()
-    if state is not None:
-        desired.state.CopyFrom(state)
+    desired = _held(mailbox) or DesiredConfig()
     desired.take(name, want)
     mailbox.desired.write(desired.state)

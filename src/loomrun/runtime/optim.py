@@ -300,10 +300,9 @@ class Optimizers:
         takes of them in this step (`counts`, by id: as many as each took per step since
         the snapshot; none for one stepped per epoch), and stay at the snapshot's step as
         the parameters do."""
-        self.skipping = {id(s): counts.get(id(s), 1) for s in schedulers if counts.get(id(s), 1)}
+        found = {id(s): counts.get(id(s), 1) for s in schedulers}  # each `step` is wrapped
+        self.skipping = {key: count for key, count in found.items() if count}
         self._skip_at = self.worker.step
-        for scheduler in schedulers:
-            _wrap_step(type(scheduler))
 
     def skips(self, scheduler) -> bool:
         """Whether this call of the scheduler's step is one skipped (in that very step)."""

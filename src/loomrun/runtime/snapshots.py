@@ -298,9 +298,8 @@ class Snapshots:
             raise ActionError(problem)
         started = time.perf_counter()
         failed: Exception | None = None
-        counts = {
-            id(ref()): getattr(ref(), "last_epoch", None) for ref, _ in chosen.content.schedulers
-        }
+        live = [ref() for ref, _ in chosen.content.schedulers]
+        counts = {id(s): getattr(s, "last_epoch", None) for s in live if s is not None}
         try:
             now = self.optimizers.optimizers if self.optimizers is not None else []
             notes, restored = restore(chosen.content, self._steered(), now)
