@@ -57,6 +57,7 @@ _HEADER = 64
 _STEP_OFFSET = 24
 _PIDNS_OFFSET = 32
 _READ_OFFSET = 40
+_STATUS_READ_OFFSET = 48
 _SLOT_HEADER = 16
 _TORN_READ_TRIES = 10_000
 _QUICK_READ_TRIES = 3
@@ -232,6 +233,9 @@ class Mailbox:
         # The supervisor's: the last outcome it has read from the acks, so the worker keeps
         # (and rewrites) only the answers not yet read.
         self.outcomes_read = self._view[_READ_OFFSET : _READ_OFFSET + 8].cast("Q")
+        # The supervisor's too: the status it read last, so the worker's next status holds
+        # every metric's values since then (its window), even when a status was not read.
+        self.status_read = self._view[_STATUS_READ_OFFSET : _STATUS_READ_OFFSET + 8].cast("Q")
 
     @classmethod
     def create(cls, path: Path) -> Mailbox:
@@ -278,6 +282,7 @@ class Mailbox:
             self.slots[name].clear()
         self.step[0] = 0
         self.outcomes_read[0] = 0
+        self.status_read[0] = 0
 
     def close(self) -> None:
         if self._map.closed:
@@ -286,6 +291,7 @@ class Mailbox:
             slot.release()
         self.step.release()
         self.outcomes_read.release()
+        self.status_read.release()
         self._view.release()
         self._map.close()
 

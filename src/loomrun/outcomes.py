@@ -18,12 +18,15 @@ STATES = {
     pb.MISSED: "missed",
     pb.SUPERSEDED: "superseded",
     pb.OVERRIDDEN: "overridden",
+    pb.FIRED: "fired",
 }
 # Why a change is superseded when the replica never read it: a later change to one of its
 # keys came first (the client knows it when that change was applied; the supervisor, for a
 # change of several keys, when one of them moved on before the rest came).
 OVERTAKEN = "a later change to it reached the replica first"
-KINDS = {pb.SET: "set", pb.HOLD: "hold", pb.UNSET: "unset"}
+# A rule's arithmetic on the value in effect (scale, shift) is replayed as the set of the
+# value it came to (its record's `new`).
+KINDS = {pb.SET: "set", pb.HOLD: "hold", pb.UNSET: "unset", pb.SCALE: "scale", pb.SHIFT: "shift"}
 KIND_OF = {word: kind for kind, word in KINDS.items()}
 
 
@@ -112,6 +115,8 @@ def sentence(
     `lr 0.1 -> 0.05, momentum 0.9 -> 0.8 at step 12`."""
     from loomrun.params import format_value as shown
 
+    if state == "fired":  # a rule's: `name` is the rule's, `reason` what met it
+        return f"rule {name} fired at step {step}: {reason}"
     if (name in ACTIONS or name == SNAPSHOT_EVERY) and not parts:
         return action_sentence(name, state, old, new, step, reason, replica)
     parts = parts or [(name, old, new)]

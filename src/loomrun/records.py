@@ -43,6 +43,8 @@ def record(job: str, outcome: pb.Outcome) -> dict[str, Any]:
         "change_id": outcome.change_id,
         "revision": outcome.revision,
     }
+    if outcome.metrics:  # a rule's firing: the values that met its condition
+        out["metrics"] = dict(sorted(outcome.metrics.items()))
     if outcome.parts:  # one change of several parameters: "name", "old", "new" are the first's
         out["parts"] = [
             {"name": p.name, "old": P.from_field(p, "old"), "new": P.from_field(p, "new")}

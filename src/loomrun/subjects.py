@@ -3,6 +3,7 @@
 loomrun_desired   {job}.{replica}.param.{name}   DesiredParam (version = KV revision);
                                                  a field's path is its name (key_token)
                   {job}.{replica}.pause          DesiredParam with a bool value
+                  {job}.rules.{name}             Rule (loomrun rule add)
 loomrun_state     {job}.{replica}.schema         Schema
                   {job}.{replica}.outcome.{name} Outcome of the latest change
 loomrun_status    {job}.{replica}                ReplicaStatus (memory, a few per second)
@@ -50,6 +51,7 @@ LOST_AFTER_SECONDS = 10.0
 # A job id: a KV key token and a subject token, and part of a shared-memory segment's name.
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 # A replica's name: r0, r1, ... (its global rank).
+RULE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 REPLICA_NAME = re.compile(r"r[0-9]{1,6}")
 # A parameter's name; `lr.0`, `lr.1`, ... name one optimizer param group's lr.
 PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}(\.[0-9]{1,4})?")
@@ -97,6 +99,11 @@ def desired_param(job: str, replica: str, name: str) -> str:
 
 def desired_pause(job: str, replica: str) -> str:
     return f"{job}.{replica}.{PAUSE}"
+
+
+def rule(job: str, name: str = "*") -> str:
+    """A rule of a job (a Rule) in the desired-config bucket; not a replica's key."""
+    return f"{job}.rules.{name}"
 
 
 def schema(job: str, replica: str = "*") -> str:

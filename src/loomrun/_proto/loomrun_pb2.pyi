@@ -12,6 +12,8 @@ class ChangeKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SET: _ClassVar[ChangeKind]
     HOLD: _ClassVar[ChangeKind]
     UNSET: _ClassVar[ChangeKind]
+    SCALE: _ClassVar[ChangeKind]
+    SHIFT: _ClassVar[ChangeKind]
 
 class OutcomeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -21,6 +23,7 @@ class OutcomeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MISSED: _ClassVar[OutcomeState]
     SUPERSEDED: _ClassVar[OutcomeState]
     OVERRIDDEN: _ClassVar[OutcomeState]
+    FIRED: _ClassVar[OutcomeState]
 
 class ParamKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -46,12 +49,15 @@ class ReplicaState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 SET: ChangeKind
 HOLD: ChangeKind
 UNSET: ChangeKind
+SCALE: ChangeKind
+SHIFT: ChangeKind
 OUTCOME_STATE_UNSPECIFIED: OutcomeState
 APPLIED: OutcomeState
 REJECTED: OutcomeState
 MISSED: OutcomeState
 SUPERSEDED: OutcomeState
 OVERRIDDEN: OutcomeState
+FIRED: OutcomeState
 PARAM_KIND_UNSPECIFIED: ParamKind
 FLOAT: ParamKind
 INT: ParamKind
@@ -147,7 +153,14 @@ class DesiredState(_message.Message):
     def __init__(self, version: _Optional[int] = ..., params: _Optional[_Mapping[str, DesiredParam]] = ..., pause: _Optional[_Union[DesiredParam, _Mapping]] = ...) -> None: ...
 
 class Outcome(_message.Message):
-    __slots__ = ("name", "version", "state", "step", "old", "new", "reason", "time", "change_id", "seq", "replica", "origin", "revision", "kind", "ended", "parts")
+    __slots__ = ("name", "version", "state", "step", "old", "new", "reason", "time", "change_id", "seq", "replica", "origin", "revision", "kind", "ended", "parts", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +177,7 @@ class Outcome(_message.Message):
     KIND_FIELD_NUMBER: _ClassVar[int]
     ENDED_FIELD_NUMBER: _ClassVar[int]
     PARTS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     state: OutcomeState
@@ -180,7 +194,8 @@ class Outcome(_message.Message):
     kind: ChangeKind
     ended: bool
     parts: _containers.RepeatedCompositeFieldContainer[Part]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[OutcomeState, str]] = ..., step: _Optional[int] = ..., old: _Optional[_Union[Value, _Mapping]] = ..., new: _Optional[_Union[Value, _Mapping]] = ..., reason: _Optional[str] = ..., time: _Optional[float] = ..., change_id: _Optional[str] = ..., seq: _Optional[int] = ..., replica: _Optional[str] = ..., origin: _Optional[str] = ..., revision: _Optional[int] = ..., kind: _Optional[_Union[ChangeKind, str]] = ..., ended: _Optional[bool] = ..., parts: _Optional[_Iterable[_Union[Part, _Mapping]]] = ...) -> None: ...
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[OutcomeState, str]] = ..., step: _Optional[int] = ..., old: _Optional[_Union[Value, _Mapping]] = ..., new: _Optional[_Union[Value, _Mapping]] = ..., reason: _Optional[str] = ..., time: _Optional[float] = ..., change_id: _Optional[str] = ..., seq: _Optional[int] = ..., replica: _Optional[str] = ..., origin: _Optional[str] = ..., revision: _Optional[int] = ..., kind: _Optional[_Union[ChangeKind, str]] = ..., ended: _Optional[bool] = ..., parts: _Optional[_Iterable[_Union[Part, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Part(_message.Message):
     __slots__ = ("name", "old", "new", "overridden")
@@ -247,7 +262,7 @@ class Schema(_message.Message):
     def __init__(self, params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., group_size: _Optional[int] = ..., group_rank: _Optional[int] = ..., agree_every: _Optional[int] = ...) -> None: ...
 
 class Status(_message.Message):
-    __slots__ = ("step", "steps_per_sec", "metrics", "paused", "values", "time", "pid", "applied_version", "own", "held", "snapshots", "snapshot_every", "snapshot_keep")
+    __slots__ = ("step", "steps_per_sec", "metrics", "paused", "values", "time", "pid", "applied_version", "own", "held", "snapshots", "snapshot_every", "snapshot_keep", "windows")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -269,6 +284,13 @@ class Status(_message.Message):
         key: str
         value: Value
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+    class WindowsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: MetricWindow
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[MetricWindow, _Mapping]] = ...) -> None: ...
     STEP_FIELD_NUMBER: _ClassVar[int]
     STEPS_PER_SEC_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
@@ -282,6 +304,7 @@ class Status(_message.Message):
     SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_EVERY_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_KEEP_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
     step: int
     steps_per_sec: float
     metrics: _containers.ScalarMap[str, float]
@@ -295,7 +318,38 @@ class Status(_message.Message):
     snapshots: _containers.RepeatedCompositeFieldContainer[SnapshotInfo]
     snapshot_every: int
     snapshot_keep: int
-    def __init__(self, step: _Optional[int] = ..., steps_per_sec: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., paused: _Optional[bool] = ..., values: _Optional[_Mapping[str, Value]] = ..., time: _Optional[float] = ..., pid: _Optional[int] = ..., applied_version: _Optional[int] = ..., own: _Optional[_Mapping[str, Value]] = ..., held: _Optional[_Iterable[str]] = ..., snapshots: _Optional[_Iterable[_Union[SnapshotInfo, _Mapping]]] = ..., snapshot_every: _Optional[int] = ..., snapshot_keep: _Optional[int] = ...) -> None: ...
+    windows: _containers.MessageMap[str, MetricWindow]
+    def __init__(self, step: _Optional[int] = ..., steps_per_sec: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., paused: _Optional[bool] = ..., values: _Optional[_Mapping[str, Value]] = ..., time: _Optional[float] = ..., pid: _Optional[int] = ..., applied_version: _Optional[int] = ..., own: _Optional[_Mapping[str, Value]] = ..., held: _Optional[_Iterable[str]] = ..., snapshots: _Optional[_Iterable[_Union[SnapshotInfo, _Mapping]]] = ..., snapshot_every: _Optional[int] = ..., snapshot_keep: _Optional[int] = ..., windows: _Optional[_Mapping[str, MetricWindow]] = ...) -> None: ...
+
+class MetricWindow(_message.Message):
+    __slots__ = ("count", "mean", "min", "max")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    mean: float
+    min: float
+    max: float
+    def __init__(self, count: _Optional[int] = ..., mean: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ...) -> None: ...
+
+class Rule(_message.Message):
+    __slots__ = ("name", "when", "then", "cooldown", "across", "replicas", "origin")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WHEN_FIELD_NUMBER: _ClassVar[int]
+    THEN_FIELD_NUMBER: _ClassVar[int]
+    COOLDOWN_FIELD_NUMBER: _ClassVar[int]
+    ACROSS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    when: str
+    then: str
+    cooldown: int
+    across: str
+    replicas: _containers.RepeatedScalarFieldContainer[str]
+    origin: str
+    def __init__(self, name: _Optional[str] = ..., when: _Optional[str] = ..., then: _Optional[str] = ..., cooldown: _Optional[int] = ..., across: _Optional[str] = ..., replicas: _Optional[_Iterable[str]] = ..., origin: _Optional[str] = ...) -> None: ...
 
 class SnapshotInfo(_message.Message):
     __slots__ = ("name", "step", "bytes", "periodic", "time", "seconds")

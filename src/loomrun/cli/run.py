@@ -219,6 +219,14 @@ class ProcCount(click.ParamType):
     help="Where SIGUSR1 to the supervisor saves a checkpoint of every replica (as `loomrun "
     "save`), in usr1-N-step-S [default: the job's folder in the state directory, saves/].",
 )
+@click.option(
+    "--rules",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="Rules that steer the job by themselves from its start (a TOML file, one table "
+    "per rule: when, then, cooldown, across, replicas; see `loomrun rule add --help`).",
+)
 @broker_flags
 @click.option(
     "--wait-broker",

@@ -26,10 +26,12 @@ from loomrun.client.model import (
     Result,
     SteerError,
     how_it_ended,
+    origin,
     suggest,
     this_run,
     with_ended,
 )
+from loomrun.rulelang import MOST_RULES
 
 
 class Steering:
@@ -376,6 +378,52 @@ class Steering:
                 row["replicas"].append(replica)
         ordered = sorted(rows.values(), key=lambda r: (r["step"], r["name"]))
         return found.job, ordered, every
+
+    # -- rules ---------------------------------------------------------------------------
+
+    async def add_rule(
+        self, job: str | None, name: str, when: str, then: str, cooldown: int = 0,
+        across: str = "", replicas: list[str] | None = None,
+    ) -> tuple[str, pb.Rule]:  # fmt: skip
+        """A rule of the job (replacing one of that name), checked here as its supervisor
+        reads it: it steers by itself from the next status on (control.rules)."""
+        from loomrun.rulelang import RuleError, read_rule
+
+        found = await self.job(job)
+        if any(node.nnodes > 1 for node in found.nodes):
+            raise SteerError(f"job {found.job} runs on several nodes: rules run on a job of one")
+        targets = self.targets(found, replicas) if replicas else []
+        rule = pb.Rule(name=name, when=when, then=then, cooldown=cooldown, across=across,
+                       replicas=targets, origin=origin())  # fmt: skip
+        try:
+            read_rule(rule)
+        except RuleError as error:
+            raise SteerError(str(error)) from None
+        held = await self.rules(found.job)
+        if name not in {r.name for r in held} and len(held) >= MOST_RULES:
+            raise SteerError(f"job {found.job} has {len(held)} rules, the most it may have")
+        kv = await self.kv(S.DESIRED)
+        await kv.put(S.rule(found.job, name), rule.SerializeToString())
+        return found.job, rule
+
+    async def rules(self, job: str) -> list[pb.Rule]:
+        """The job's rules, as the bucket holds them, by name."""
+        rules = []
+        for data in (await self.entries(S.DESIRED, S.rule(job))).values():
+            with contextlib.suppress(DecodeError):
+                rules.append(pb.Rule.FromString(data))
+        return sorted(rules, key=lambda r: r.name)
+
+    async def remove_rule(self, job: str | None, name: str) -> str:
+        """The rule goes; SteerError when the job has none of that name."""
+        found = await self.job(job)
+        held = await self.rules(found.job)
+        if name not in {r.name for r in held}:
+            have = ", ".join(r.name for r in held) or "none"
+            raise SteerError(f"job {found.job} has no rule {name!r} (it has: {have})")
+        kv = await self.kv(S.DESIRED)
+        await kv.delete(S.rule(found.job, name))
+        return found.job
 
     async def close(self) -> None:
         await self.correlator.close()

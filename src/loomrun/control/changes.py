@@ -13,7 +13,7 @@ from collections import deque
 
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.desired import DesiredConfig, copy
-from loomrun.outcomes import names_of
+from loomrun.outcomes import names_of, part_of
 from loomrun.subjects import ACTIONS
 
 SEEN_IDS = 32  # per parameter: enough to know a change seen again
@@ -205,12 +205,26 @@ class ReplicaChanges:
         )
         for name in names_of(outcome):
             self._written.get(name, {}).pop(outcome.change_id, None)
+            if taken and outcome.kind in (pb.SCALE, pb.SHIFT):
+                self._worked_out(name, outcome)
             if name in ACTIONS and not replayed:  # never in effect; done (or not) for good
                 self._done[name] = outcome.change_id
             elif taken and not replayed:
                 self._in_effect[name] = outcome.change_id
             if outcome.state != pb.SUPERSEDED:  # the worker took up the name: no base now
                 self._baseline.pop(name, None)
+
+    def _worked_out(self, name: str, outcome: pb.Outcome) -> None:
+        """Arithmetic on the value in effect (a rule's lr*0.5), applied: held from now on
+        as the value it came to, which a restarted worker starts from (not the factor,
+        which would apply again to whatever it starts with)."""
+        part = part_of(outcome, name) if outcome.parts else outcome
+        if not part.new.WhichOneof("kind"):
+            return
+        for entry in (self.taken_change(outcome.change_id, name), self.desired.entry(name)):
+            if entry is not None and entry.change_id == outcome.change_id:
+                entry.kind = pb.SET
+                entry.value.CopyFrom(part.new)
 
     def acks_read(self, scheduled: set[str], read_version: int) -> list[dict[str, pb.DesiredParam]]:
         """The worker's acks were read: the changes its ranks agreed on and that wait for

@@ -31,8 +31,10 @@ from loomrun.control.peers import Peers
 from loomrun.control.pump import MailboxPump
 from loomrun.control.registry import Registry
 from loomrun.control.relay import DesiredRelay
+from loomrun.control.rules import Rules
 from loomrun.devices import DeviceInfo, Devices
 from loomrun.mailbox import Mailbox, MailboxError
+from loomrun.outcomes import outcome_sentence
 from loomrun.output import say
 from loomrun.records import metrics_file, node_file, write_whole
 
@@ -69,6 +71,7 @@ class ReplicaView:
         self.seen = {"acks": 0, "schema": 0, "status": 0}
         self.outcome_seq = 0
         self.status: pb.Status | None = None
+        self.unpublished = False  # a status read and not published yet
         self.schema: pb.Schema | None = None  # its parameters, as published last
         self.next_status = 0.0
         self.heartbeat = 0.0
@@ -152,6 +155,8 @@ class ControlPlane:
         tell: Callable[[str], None] | None = None,
         ledger_dirs: list[Path] | None = None,
         started: float | None = None,
+        rules: list[pb.Rule] | None = None,
+        rules_on: bool = True,
     ):
         self.job = job
         # When this node's run started, by its clock, and where in the state bucket (see
@@ -182,6 +187,11 @@ class ControlPlane:
         )  # fmt: skip
         self._tasks: list[asyncio.Task] = []
         self._watch_task: asyncio.Task | None = None
+        # Rules run on a job of one node (node 0 does not read other nodes' statuses).
+        self.rules = Rules(job, self.replicas, self.ask, self._fired, rules_on, rules)
+        self.rules.outbox = self.outbox
+        if nnodes == 1:
+            self.pump.on_status, self.pump.on_answer = self.rules.status, self.rules.answered
         # Called with each GroupFailure of another node of this job (the supervisor's).
         self.on_node_failure: Callable[[pb.GroupFailure], None] | None = None
 
@@ -198,7 +208,7 @@ class ControlPlane:
             script=" ".join([spec.target_name, *spec.args]), replicas=views,
             options=spec.broker, on_device_failure=on_device_failure,
             wait_broker=spec.wait_broker, tell=tell,
-            ledger_dirs=ledger_dirs, started=started,
+            ledger_dirs=ledger_dirs, started=started, rules=spec.rules, rules_on=not spec.replay,
         )  # fmt: skip
         plane.on_node_failure = on_node_failure
         for replica in replicas:
@@ -227,6 +237,8 @@ class ControlPlane:
                           self.on_node_failure, self._steps)  # fmt: skip
             self._tasks.append(asyncio.ensure_future(peers.watch(self.link)))
         self._watch_task = asyncio.ensure_future(self.link.settle(self.relay.watch))
+        if self.registry.nnodes == 1:
+            self._tasks.append(asyncio.ensure_future(self.link.settle(self._watch_rules)))
 
     async def _serving(self) -> bool:
         """Connected, and the job's state set up on the broker: live control."""
@@ -254,6 +266,9 @@ class ControlPlane:
             for bucket in (S.DESIRED, S.STATE):
                 for key in await self.link.keys(bucket, S.replica_keys(self.job, name)):
                     await self.link.kv[bucket].purge(key)
+        if self.registry.node_rank == 0:
+            earlier = await self.link.keys(S.DESIRED, S.rule(self.job))
+            await self.rules.start_over(self.link.kv[S.DESIRED], earlier)
         own = S.node_failure_record(self.job, self.registry.node_rank)  # an earlier run's failure
         revision = await buckets.purge(self.link.nc, S.STATE, own)
         self._mark = Mark(await buckets.made(self.link.nc, S.STATE), revision, time.time())
@@ -287,9 +302,22 @@ class ControlPlane:
 
     def ask(self, name: str, want: pb.DesiredParam, replicas: list[str]) -> None:
         """Want `want` of every one of `replicas` (of any node), as a client would write
-        it: the supervisor's own action (a save on SIGUSR1). Kept while the broker is away."""
+        it: the supervisor's own changes (a save on SIGUSR1, a rule's). Kept while the
+        broker is away."""
         for replica in replicas:
-            self.outbox.put(S.DESIRED, S.desired_param(self.job, replica, name), want)
+            key = (
+                S.desired_pause(self.job, replica) if name == S.PAUSE
+                else S.desired_param(self.job, replica, name)
+            )  # fmt: skip
+            self.outbox.put(S.DESIRED, key, want)
+
+    async def _watch_rules(self) -> None:
+        await self.rules.watch(self.link.kv[S.DESIRED])
+
+    def _fired(self, outcome: pb.Outcome) -> None:
+        """A rule fired for a replica: a record in the ledger, an event."""
+        self.ledger.record(outcome)
+        self.event(outcome.replica, "fired", outcome_sentence(outcome), step=outcome.step)
 
     def node_failed(
         self, attempt: int, give_up: bool, reason: str, exit_code: int, stopped: bool = False
@@ -341,6 +369,8 @@ class ControlPlane:
             self._watch_task.cancel()
         self._watch_task = asyncio.ensure_future(self.link.settle(self.relay.watch))
         self._tasks = [t for t in self._tasks if not t.done()]
+        if self.registry.nnodes == 1:
+            self._tasks.append(asyncio.ensure_future(self.link.settle(self._watch_rules)))
         self._tasks.append(asyncio.ensure_future(self._missed_node_failures()))
         self.registry.publish_all()
         for replica in self.replicas.values():
@@ -377,6 +407,7 @@ class ControlPlane:
             say(error)
         if self._watch_task is not None:
             self._watch_task.cancel()
+        self.rules.stop()
         await self.link.close()
         self.devices.close()
         self.ledger.close()
@@ -403,6 +434,7 @@ class ControlPlane:
         self._last_read(replica)  # what it applied up to its end: what is in effect
         replica.mailbox.reset_worker_side()
         self.relay.rebase(replica)
+        self.rules.restarting(name)
 
     def replica_started(self, name: str, pid: int, restarts: int) -> None:
         replica = self.replicas[name]

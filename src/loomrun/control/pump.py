@@ -53,7 +53,9 @@ class MailboxPump:
         self.on_not_applied = None  # the relay's: a change applied nowhere is not wanted
         self._said_malformed: set[str] = set()
         self.ledger = None  # the change ledger: every answer, recorded
-        self.history = None  # the metric history: a point per status read, at most
+        self.history = None  # the metric history: a point per status published, at most
+        self.on_status = None  # the rules': each status the worker wrote, as read
+        self.on_answer = None  # the rules': each answer
         self._written = asyncio.Event()
         self._spin_until = 0.0
         self._window = (0.0, 0.0)  # (start, seconds spun since): the spinning budget
@@ -113,18 +115,21 @@ class MailboxPump:
                 if found[1] is not None:
                     replica.schema = found[1]
                     self.outbox.put(S.STATE, S.schema(self.job, replica.name), found[1])
-        fresh = box.status.seq[0] != replica.seen["status"]
-        if fresh and (final or now >= replica.next_status):
+        if box.status.seq[0] != replica.seen["status"]:  # every one, for the rules
             found = box.status.try_read()
             if found is not None:
-                replica.seen["status"] = found[0]
+                replica.seen["status"] = box.status_read[0] = found[0]
                 if found[1] is not None:
-                    replica.status = found[1]
-                    if self.history is not None:
-                        self.history.add(replica.name, found[1])
+                    replica.status, replica.unpublished = found[1], True
                     replica.worker_reported(found[1])  # a status written: not hung
-                    self.publish_status(replica)
-                    return
+                    if self.on_status is not None:
+                        self.on_status(replica.name, found[1])
+        if replica.unpublished and (final or now >= replica.next_status):
+            replica.unpublished = False
+            if self.history is not None:
+                self.history.add(replica.name, replica.status)
+            self.publish_status(replica)
+            return
         if replica.state in LIVE and now >= replica.heartbeat:
             self.publish_status(replica)
 
@@ -147,6 +152,8 @@ class MailboxPump:
 
     def _answered(self, replica, outcome: pb.Outcome) -> None:
         self._publish_outcome(replica, outcome)
+        if self.on_answer is not None:
+            self.on_answer(replica.name, outcome)
         replica.changes.answered(outcome, replayed=outcome.origin == REPLAYED)
         done = outcome.state in NOT_APPLIED or outcome.name in S.ACTIONS  # an action: once
         if done and self.on_not_applied is not None:

@@ -56,6 +56,7 @@ class LaunchSpec:
     snapshot_every: int = 0
     snapshot_keep: int = 2
     save_dir: Path | None = None  # where SIGUSR1 saves [default: the job's folder]
+    rules: tuple = ()  # a --rules file's (pb.Rule), run by the control plane (control.rules)
     broker: BrokerOptions | None = field(default_factory=BrokerOptions)
     wait_broker: bool = False
 
@@ -183,6 +184,7 @@ class RunOptions:
     snapshot_every: int
     snapshot_keep: int | None
     save_dir: Path | None
+    rules: Path | None
     broker: BrokerOptions | None  # None: --no-broker
     wait_broker: bool
 
@@ -241,9 +243,27 @@ class RunOptions:
             snapshot_every=self.snapshot_every,
             snapshot_keep=self.snapshot_keep or 2,
             save_dir=self.save_dir.absolute() if self.save_dir else None,
+            rules=self._rules(),
             broker=self.broker,
             wait_broker=self.wait_broker,
         )
+
+    def _rules(self) -> tuple:
+        """The --rules file's rules, each parsed (never evaluated)."""
+        if self.rules is None:
+            return ()
+        if self.broker is None:
+            raise LaunchError(
+                "rules are run by the control plane: leave out --no-broker", "--rules"
+            )
+        if self.nnodes > 1:
+            raise LaunchError("rules run on a job of one node (of one supervisor)", "--rules")
+        from loomrun.rulelang import RuleError, read_rules_file
+
+        try:
+            return tuple(read_rules_file(self.rules))
+        except RuleError as error:
+            raise LaunchError(str(error), "--rules") from None
 
     def _check_rendezvous(self) -> None:
         from loomrun import rendezvous

@@ -79,6 +79,41 @@ def composed(parts: dict[str, pb.DesiredParam], targets: dict[str, Target]) -> t
     return wants, fielded
 
 
+ARITHMETIC = {pb.SCALE: "*", pb.SHIFT: "+"}
+
+
+def worked_out(parts: dict[str, pb.DesiredParam], targets: dict[str, Target]) -> dict:
+    """A change's arithmetic (a rule's `set lr=lr*0.5`: SCALE, SHIFT) worked out on the
+    value in effect now, at the step it lands, made the SET of its result; the other parts
+    as they are. ParamError when a part's parameter holds no number, or the result does
+    not fit it (an int that comes out with a fraction)."""
+    if not any(want.kind in ARITHMETIC for want in parts.values()):
+        return parts
+    out = dict(parts)
+    for name, want in parts.items():
+        if want.kind not in ARITHMETIC:
+            continue
+        target = targets.get(name)
+        spec = target.spec if target is not None else None
+        if spec is None or spec.kind not in ("float", "int") or spec.is_list or "/" in name:
+            raise P.ParamError(f"{name}: arithmetic works on a parameter that is one number")
+        if want.value.WhichOneof("kind") != "f":
+            raise P.ParamError(f"{name}: the change's {ARITHMETIC[want.kind]} has no number")
+        current, by = target.get(), want.value.f
+        new = current * by if want.kind == pb.SCALE else current + by
+        if spec.kind == "int":
+            if new != round(new):
+                shown = f"{current}{ARITHMETIC[want.kind]}{by:g}"
+                raise P.ParamError(f"{name}={shown} is {new:g}, not a whole number")
+            new = int(round(new))
+        done = pb.DesiredParam()
+        done.CopyFrom(want)
+        done.kind = pb.SET
+        done.value.CopyFrom(P.to_pb(P.check(spec, new, name)))
+        out[name] = done
+    return out
+
+
 def reshaped(
     parts: dict[str, pb.DesiredParam], targets: dict[str, Target]
 ) -> tuple[set[str], set[str]]:

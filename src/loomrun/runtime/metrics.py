@@ -3,7 +3,11 @@
 A metric is kept as reported (a tensor stays a tensor) and made a number only when a
 status is due, so that reporting a GPU loss every step does not sync the device every
 step; a tensor on a GPU is read at most once a second, and never while a CUDA graph is
-being captured."""
+being captured.
+
+Between two statuses each metric's values are kept too (the values, folded into a count,
+a sum, a min and a max past FOLD_AT of them), and the status gives their mean, min and
+max: a spike of a few fast steps between two statuses still shows, for a rule to read."""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ from typing import Any
 
 DEVICE_READ_INTERVAL = 1.0  # seconds between reads of a metric that lives on a GPU
 RATE_AFTER = 0.1  # the first rate, this long after the first step
+FOLD_AT = 1024  # values of one metric kept between two statuses before they are folded
+UNREAD_KEPT = 64  # statuses' windows kept for a supervisor that has not read them
 
 
 class Metrics:
@@ -27,33 +33,83 @@ class Metrics:
         self._next_device_read = 0.0
         self._rate_mark: tuple[float, int] | None = None
         self._rate = 0.0
+        self._since: dict[str, list] = {}  # key -> its values since the last status
+        self._folded: dict[str, Window] = {}  # key -> those folded, past FOLD_AT
+        # The windows of the statuses written that the supervisor has not read: (the
+        # status slot's number, key -> Window), oldest first.
+        self._unread: list[tuple[int, dict[str, Window]]] = []
+        self._segment: dict[str, Window] = {}  # of the status being written
 
     def report(self, metrics: dict[str, Any]) -> None:
         if "loss" in metrics:
             self.own_loss = True
-        self.reported.update(metrics)
+        for key, value in metrics.items():
+            self.put(key, value)
 
-    def numbers(self, now: float, final: bool = False) -> dict[str, float]:
-        """The metrics as numbers; a GPU's as last read, unless one is due (or `final`)."""
-        numbers = {}
+    def put(self, key: str, value: Any) -> None:
+        self.reported[key] = value
+        values = self._since.get(key)
+        if values is None:
+            self._since[key] = [value]
+            return
+        values.append(value)
+        if len(values) >= FOLD_AT:
+            self._fold(key, values)
+
+    def _fold(self, key: str, values: list) -> None:
+        """The values kept, folded into their Window; a GPU's on the GPU (no sync)."""
+        if _on_device(values[-1]):
+            import torch
+
+            on = values[-1].device
+            kept = torch.stack([torch.as_tensor(v, device=on).reshape(()) for v in values])
+            kept = kept.double()
+            window = Window(len(values), kept.sum(), kept.min(), kept.max())
+        else:
+            numbers = [float(v) for v in values]
+            window = Window(len(numbers), sum(numbers), min(numbers), max(numbers))
+        values.clear()
+        held = self._folded.get(key)
+        self._folded[key] = window if held is None else held.merged(window)
+
+    def numbers(self, now: float, final: bool = False, read: int = 0) -> tuple[dict, dict]:
+        """The metrics as numbers, and each one's Window since the status the supervisor
+        read last (numbered `read`); a GPU's as last read, unless one is due (or
+        `final`): its values wait for that read. `written` numbers this status."""
+        numbers, windows = {}, {}
         read_devices = final or now >= self._next_device_read
         for key, value in list(self.reported.items()):
-            on_device = getattr(value, "is_cuda", False) or getattr(value, "is_xpu", False)
+            on_device = _on_device(value)
             if on_device and not (read_devices and _may_sync(value)):
                 if key in self._device_numbers:
                     numbers[key] = self._device_numbers[key]
                 continue
             try:
                 numbers[key] = float(value)
+                if self._since.get(key):
+                    self._fold(key, self._since[key])
             except (TypeError, ValueError, RuntimeError):
                 del self.reported[key]
+                self._since.pop(key, None)
                 self.warn(f"metric {key!r} is not a number ({value!r}); it is left out")
                 continue
+            if key in self._folded:
+                windows[key] = self._folded.pop(key)
             if on_device:
                 self._device_numbers[key] = numbers[key]
         if read_devices:
             self._next_device_read = now + DEVICE_READ_INTERVAL
-        return numbers
+        self._segment = windows
+        self._unread = [(seq, w) for seq, w in self._unread if seq > read]
+        if len(self._unread) > UNREAD_KEPT:  # nobody reads (no control plane): one for all
+            self._unread = [(self._unread[-1][0], _merged([w for _, w in self._unread]))]
+        return numbers, _merged([*(w for _, w in self._unread), windows])
+
+    def written(self, seq: int) -> None:
+        """The status just made is in the mailbox under number `seq` (0: it is not)."""
+        if seq and self._segment:
+            self._unread.append((seq, self._segment))
+        self._segment = {}
 
     def rate(self, now: float, step: int) -> float:
         """Steps per second, counted from the first step (not from start-up), over about a
@@ -68,6 +124,48 @@ class Metrics:
             self._rate = (step - mark_step) / elapsed
             self._rate_mark = (now, step)
         return self._rate
+
+
+class Window:
+    """One metric's values since the status before: how many, their sum, min and max."""
+
+    __slots__ = ("count", "total", "low", "high")
+
+    def __init__(self, count: int, total: float, low: float, high: float):
+        self.count, self.total, self.low, self.high = count, total, low, high
+
+    def merged(self, other: Window) -> Window:
+        if _on_device(self.total) or _on_device(other.total):  # no sync to compare them
+            import torch
+
+            low, high = torch.minimum, torch.maximum
+        else:
+            low, high = min, max
+        return Window(
+            self.count + other.count, self.total + other.total,
+            low(self.low, other.low), high(self.high, other.high),
+        )  # fmt: skip
+
+    def to_pb(self, window) -> None:
+        """Into a MetricWindow (the numbers read now: a GPU's only when it may be)."""
+        window.count = self.count
+        window.mean, window.min, window.max = (
+            float(self.total) / self.count,
+            float(self.low),
+            float(self.high),
+        )
+
+
+def _merged(windows: list[dict[str, Window]]) -> dict[str, Window]:
+    out: dict[str, Window] = {}
+    for each in windows:
+        for key, window in each.items():
+            out[key] = window if key not in out else out[key].merged(window)
+    return out
+
+
+def _on_device(value) -> bool:
+    return getattr(value, "is_cuda", False) or getattr(value, "is_xpu", False)
 
 
 def _may_sync(value) -> bool:
@@ -93,7 +191,7 @@ def track_loss(metrics: Metrics) -> None:
             loss = self
             if self is scaled[0]:
                 loss = scaled[1]
-            metrics.reported["loss"] = loss.detach()
+            metrics.put("loss", loss.detach())
         scaled[0] = scaled[1] = None
         return backward(self, *args, **kwargs)
 

@@ -47,6 +47,7 @@ from loomrun.runtime.change import (
     refusal,
     reshaped,
     whole,
+    worked_out,
 )
 from loomrun.runtime.metrics import Metrics
 from loomrun.runtime.snapshots import Snapshots
@@ -293,6 +294,11 @@ class Worker:
                 else f"unknown parameter {name!r} (this replica has: {known})"
             )
             return outcome
+        try:
+            arithmetic, parts = parts, worked_out(parts, self.targets)
+        except P.ParamError as error:
+            outcome.reason = str(error)
+            return outcome
         if several and (refused := refusal(parts, self.targets)):
             outcome.reason = refused
             return outcome
@@ -343,6 +349,8 @@ class Worker:
                     field.old.CopyFrom(P.to_pb(old))
                 fill(outcome, part, field)
                 self.answers.took(part, parts[part])
+            if name in parts and arithmetic[name] is not parts[name]:  # lr*0.5 came to:
+                said.new.CopyFrom(parts[name].value)
             if name not in fielded:
                 fill(outcome, name, said)
                 self.answers.took(name, parts[name])
@@ -427,16 +435,19 @@ class Worker:
             if ended:
                 found = {name: self.targets[name].get() for name in ended if name in self.targets}
                 self.stepped(set(), found, why=ended)  # writes the acks, and a status
-        rate, numbers = self.metrics.rate(now, self.step), self.metrics.numbers(now, final)
+        rate = self.metrics.rate(now, self.step)
+        numbers, windows = self.metrics.numbers(now, final, self.mailbox.status_read[0])
         status = pb.Status(
             step=self.step, steps_per_sec=rate, metrics=numbers, paused=self.paused,
             time=time.time(), pid=os.getpid(), applied_version=self._desired.version,
         )  # fmt: skip
         for target in self.targets.values():
             target.show(status, P.LARGEST_VALUE)
+        for key, window in windows.items():
+            window.to_pb(status.windows[key])
         status.snapshots.extend(self.snapshots.infos())
         status.snapshot_every, status.snapshot_keep = self.snapshots.every, self.snapshots.keep
-        self._write(self.mailbox.status, status)
+        self.metrics.written(self._write(self.mailbox.status, status))
         self._next_status = now + STATUS_INTERVAL
 
     def final_status(self) -> None:
@@ -447,11 +458,13 @@ class Worker:
                 self.stepped(self.answers.parked(), {})
             self.write_status(time.monotonic(), final=True)
 
-    def _write(self, slot, message) -> None:
+    def _write(self, slot, message) -> int:
+        """The slot's new number, or 0 when it could not be written (said once)."""
         try:
-            slot.write(message)
+            return slot.write(message)
         except MailboxError as error:
             self.warn_once(str(error))
+            return 0
 
     def warn_once(self, message: str) -> None:
         if message not in self._warned:

@@ -524,7 +524,8 @@ function markerPlugin() {
       for (const marker of state.markers) {
         const x = Math.round(u.valToPos(marker.step, "x", true));
         if (x < u.bbox.left || x > u.bbox.left + u.bbox.width) continue;
-        ctx.setLineDash(marker.name === "rollback" ? [] : [5, 4]);  // a rollback: solid
+        // a rollback: solid; a rule's firing: dotted, where the point met its condition
+        ctx.setLineDash(marker.outcome === "fired" ? [1, 3] : marker.name === "rollback" ? [] : [5, 4]);
         ctx.strokeStyle = color(marker.replica);
         ctx.beginPath();
         ctx.moveTo(x, u.bbox.top);
@@ -559,6 +560,7 @@ const ACTIONS = {
 };
 
 function describe(record) {
+  if (record.outcome === "fired") return `rule ${record.name} fired: ${record.reason}`;
   if (record.name === "pause") return record.new ? "paused" : "resumed";
   const done = record.new;
   if (ACTIONS[record.name] && done && typeof done === "object") return ACTIONS[record.name](done);
@@ -578,11 +580,11 @@ function onChanges(message) {
   const body = $("#changes tbody");
   for (const record of message.records) {
     state.records.push(record);
-    if (record.outcome === "applied" || record.outcome === "overridden") state.markers.push(record);
+    if (["applied", "overridden", "fired"].includes(record.outcome)) state.markers.push(record);
     body.prepend(el("tr", {"data-replica": record.replica, "data-change": record.change_id},
       el("td", {text: new Date(record.time * 1000).toLocaleTimeString()}),
       el("td", {text: record.replica}), el("td", {text: partsOf(record).map((p) => p.name).join(", ")}),
-      el("td", {text: record.name === "pause" || ACTIONS[record.name] ? describe(record) : partsOf(record).map((p) => `${format(p.old)} → ${format(p.new)}`).join(", ")}),
+      el("td", {text: record.outcome === "fired" || record.name === "pause" || ACTIONS[record.name] ? describe(record) : partsOf(record).map((p) => `${format(p.old)} → ${format(p.new)}`).join(", ")}),
       el("td", {text: String(record.step), class: "num"}),
       el("td", {text: record.outcome + (record.kind && record.kind !== "set" ? ` (${record.kind})` : "") + (record.reason ? `: ${record.reason}` : "")}),
       el("td", {text: record.who || "?"})));

@@ -1,0 +1,338 @@
+"""Rules that steer by themselves (`loomrun rule add`): read on each status of the replicas,
+acted on as a client's changes would be, recorded in the ledger.
+
+The supervisor reads every status its workers write (about ten a second each); each one
+carries, per metric, the last value and the mean, min and max since the status before
+(runtime.metrics), so a spike of a few fast steps between two statuses is seen. A rule
+looks at units: a replica that trains alone, or the ranks of a process group, whose
+values are taken together (`across`: the max of the ranks' values unless the rule says
+min or mean) once every rank has reported since the last point. A point that meets the
+condition fires the rule: its actions become changes of every replica of the unit, under
+one id each (the ranks of a group agree on each as on any change, and act at one step),
+written to the desired-config bucket as a client writes them. A rollback goes to the
+newest snapshot taken before the window of the point that met the condition (not one
+taken during it); `set lr=lr*0.5` is sent as a factor, which the worker applies to the
+value in effect at the step the change lands. A rule fires again only once its last
+firing's changes were all answered, on a window that began after they were, and
+`cooldown` steps after it fired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Callable
+
+from google.protobuf.message import DecodeError
+
+from loomrun import fields
+from loomrun import params as P
+from loomrun import subjects as S
+from loomrun._proto import loomrun_pb2 as pb
+from loomrun.desired import change, new_change_id
+from loomrun.output import say
+from loomrun.rulelang import (
+    MOST_RULES,
+    Action,
+    Condition,
+    Metric,
+    Rule,
+    RuleError,
+    Watcher,
+    read_rule,
+)
+
+
+class Unit:
+    """One rule's view of a replica, or of the ranks of a group: what each member reported
+    since the last point, the condition's history (a Watcher), and its last firing."""
+
+    def __init__(self, members: tuple[str, ...], when: Condition):
+        self.members = members
+        self.watcher = Watcher(when)
+        # member -> metric name -> [last, count, total, low, high] since the last point
+        self.pending: dict[str, dict[str, list[float]]] = {}
+        self.steps: dict[str, int] = {}
+        self.last_step: int | None = None  # the step of the last point
+        self.fired_step: int | None = None
+        self.waiting: dict[str, set[str]] = {}  # change id -> members yet to answer it
+        self.settled_at = 0  # the step its last firing's changes were all answered by
+
+    def take(self, member: str, status: pb.Status, names: set[str]) -> bool:
+        """A member's status: its fresh values of `names` kept. True when one was fresh."""
+        fresh = [name for name in names if name in status.windows and name in status.metrics]
+        if not fresh:
+            return False
+        kept = self.pending.setdefault(member, {})
+        for name in fresh:
+            w = status.windows[name]
+            last, held = status.metrics[name], kept.get(name)
+            if held is None:
+                kept[name] = [last, w.count, w.mean * w.count, w.min, w.max]
+            else:
+                held[:] = [last, held[1] + w.count, held[2] + w.mean * w.count,
+                           min(held[3], w.min), max(held[4], w.max)]  # fmt: skip
+        self.steps[member] = status.step
+        return True
+
+    def point(self, metrics: list[Metric], across: str) -> tuple[int, dict[Metric, float]] | None:
+        """Once every member reported since the last point: its step (the lowest of the
+        members') and each metric taken across them; the pending values start again."""
+        if set(self.pending) != set(self.members):
+            return None
+        point = {}
+        for metric in metrics:
+            found = [_stat(kept[metric.name], metric.stat) for kept in self.pending.values()
+                     if metric.name in kept]  # fmt: skip
+            if len(found) == len(self.members):
+                point[metric] = _across(found, across)
+        step = min(self.steps.values())
+        self.pending.clear()
+        return step, point
+
+    def may_fire(self, step: int, window_from: int, cooldown: int) -> bool:
+        if self.waiting or window_from < self.settled_at:
+            return False
+        return self.fired_step is None or step >= self.fired_step + cooldown
+
+
+def _stat(kept: list[float], stat: str) -> float:
+    last, count, total, low, high = kept
+    return {"last": last, "mean": total / count if count else last, "min": low, "max": high}[stat]
+
+
+def _across(values: list[float], across: str) -> float:
+    if across == "min":
+        return min(values)
+    if across == "mean":
+        return sum(values) / len(values)
+    return max(values)
+
+
+class Rules:
+    """The rules of a job, on the supervisor of its node 0: `status` reads each status,
+    `answered` each answer; `ask(name, want, replicas)` writes a change as a client would,
+    `record(outcome)` keeps a firing in the ledger (and says it as an event)."""
+
+    def __init__(self, job: str, replicas: dict, ask: Callable, record: Callable, on: bool = True,
+                 rules: list[pb.Rule] | None = None):  # fmt: skip
+        self.job = job
+        self.replicas = replicas
+        self.ask = ask
+        self.record = record
+        self.on = on  # off under --replay: the record holds what they did
+        self.rules: dict[str, Rule] = {}
+        self.outbox = None  # the control plane's: a rule written back to the bucket
+        self._watcher = None
+        self._task: asyncio.Task | None = None
+        for rule in rules or []:  # a --rules file's: read before, at the launch
+            self.put(rule)
+
+    # -- the rules themselves ----------------------------------------------------------
+
+    def put(self, message: pb.Rule) -> str:
+        """A rule added (or replaced); "" or why it is refused, in one line."""
+        try:
+            rule = read_rule(message)
+        except RuleError as error:
+            return str(error)
+        if message.name not in self.rules and len(self.rules) >= MOST_RULES:
+            return f"rule {message.name}: a job has {MOST_RULES} rules at most"
+        held = self.rules.get(message.name)
+        if held is not None and held.message == message:
+            return ""  # the same rule seen again (a reconnect): its history stays
+        self.rules[message.name] = rule
+        return ""
+
+    def remove(self, name: str) -> bool:
+        return self.rules.pop(name, None) is not None
+
+    async def start_over(self, kv, earlier: list[str]) -> None:
+        """A new run of the job: an earlier run's rules (`earlier`, their keys) leave the
+        bucket, and this run's (a --rules file's) go in, before the watch starts."""
+        for key in earlier:
+            await kv.purge(key)
+        for rule in self.listing():
+            await kv.put(S.rule(self.job, rule.name), rule.SerializeToString())
+
+    async def watch(self, kv) -> None:
+        """The job's rules as the bucket `kv` holds them (`loomrun rule add`, `rule rm`),
+        from its current contents on. A rule held here that the bucket lacks (a broker
+        whose store was made anew) is written there again."""
+        if self._watcher is not None:
+            with contextlib.suppress(Exception):
+                await self._watcher.stop()
+        if self._task is not None:
+            self._task.cancel()
+        self._watcher = await kv.watch(S.rule(self.job))
+        self._task = asyncio.ensure_future(self._take(self._watcher))
+
+    async def _take(self, watcher) -> None:
+        seen: set[str] = set()
+        async for entry in watcher:
+            if entry is None:  # the bucket's current contents are in
+                for rule in self.listing():
+                    if rule.name not in seen and self.outbox is not None:
+                        self.outbox.put(S.DESIRED, S.rule(self.job, rule.name), rule)
+                continue
+            name = S.last_token(entry.key)
+            seen.add(name)
+            if entry.operation in ("DEL", "PURGE") or not entry.value:
+                if self.remove(name):
+                    say(f"rule {name} removed")
+                continue
+            try:
+                rule = pb.Rule.FromString(entry.value)
+            except DecodeError:
+                say(f"ignored rule {name}: not a Rule")
+                continue
+            if rule.name != name:
+                say(f"ignored rule {name}: it names itself {rule.name[:64]!r}")
+                continue
+            known = name in self.rules
+            refused = self.put(rule)
+            if refused:
+                say(f"ignored {refused}")
+            elif not known:
+                say(f"rule {name}: when {rule.when}, then {rule.then}")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    # -- statuses and answers in -------------------------------------------------------
+
+    def status(self, replica: str, status: pb.Status) -> None:
+        if not self.on or not self.rules:
+            return
+        members = self._unit_of(replica)
+        for rule in list(self.rules.values()):
+            scope = set(rule.message.replicas)
+            if scope and not scope & set(members):
+                continue
+            unit = rule.units.get(members)
+            if unit is None:
+                for other in [m for m in rule.units if replica in m]:  # the group changed
+                    del rule.units[other]
+                unit = rule.units[members] = Unit(members, rule.when)
+            names = {metric.name for metric in rule.when.metrics}
+            if not unit.take(replica, status, names):
+                continue
+            found = unit.point(rule.when.metrics, rule.message.across or "max")
+            if found is None:
+                continue
+            step, point = found
+            window_from = unit.last_step if unit.last_step is not None else step
+            unit.last_step = step
+            seen = unit.watcher.see(point)
+            if seen is None or not seen[0]:
+                continue
+            if unit.may_fire(step, window_from, rule.message.cooldown):
+                self._fire(rule, unit, step, window_from, seen[1])
+
+    def answered(self, replica: str, outcome: pb.Outcome) -> None:
+        for rule in self.rules.values():
+            for unit in rule.units.values():
+                waiting = unit.waiting.get(outcome.change_id)
+                if waiting is None or replica not in waiting:
+                    continue
+                waiting.discard(replica)
+                unit.settled_at = max(unit.settled_at, outcome.step)
+                if not waiting:
+                    del unit.waiting[outcome.change_id]
+
+    def restarting(self, replica: str) -> None:
+        """A member restarts: what it had reported, and answers it owed, are gone."""
+        for rule in self.rules.values():
+            for members in [m for m in rule.units if replica in m]:
+                unit = rule.units[members]
+                unit.pending.clear()
+                for change_id in list(unit.waiting):
+                    unit.waiting[change_id].discard(replica)
+                    if not unit.waiting[change_id]:
+                        del unit.waiting[change_id]
+
+    def _unit_of(self, replica: str) -> tuple[str, ...]:
+        """A replica alone, or every replica of this node in its process group."""
+        schema = self.replicas[replica].schema
+        if schema is None or schema.group_size <= 1:
+            return (replica,)
+        return tuple(sorted(
+            name for name, view in self.replicas.items()
+            if view.schema is not None and view.schema.group_size == schema.group_size
+        ))  # fmt: skip
+
+    # -- a firing ----------------------------------------------------------------------
+
+    def _fire(self, rule: Rule, unit: Unit, step: int, window_from: int, values: dict) -> None:
+        firing = new_change_id()
+        origin = f"rule {rule.message.name}"
+        changes, problems = [], []
+        for i, action in enumerate(rule.then, start=1):
+            try:
+                changes += self._changes(action, unit, window_from, origin, f"{firing}-{i}")
+            except (P.ParamError, RuleError, ValueError) as error:
+                problems.append(f"{action}: {error}")
+        shown = ", ".join(f"{k}={_number(v)}" for k, v in values.items())
+        reason = f"{rule.message.when} ({shown}); then {rule.message.then}"
+        if problems:
+            reason += "; not asked: " + "; ".join(problems)
+        for member in unit.members:
+            self.record(pb.Outcome(
+                name=rule.message.name, state=pb.FIRED, step=step, reason=reason,
+                change_id=firing, origin=origin, replica=member, time=time.time(),
+                metrics={k: v for k, v in values.items() if math.isfinite(v)},
+            ))  # fmt: skip
+        for name, want in changes:
+            unit.waiting[want.change_id] = set(unit.members)
+            self.ask(name, want, list(unit.members))
+        unit.fired_step = step
+        who = unit.members[0] if len(unit.members) == 1 else ", ".join(unit.members)
+        say(f"rule {rule.message.name} fired at step {step} on {who}: {reason}")
+
+    def _changes(self, action: Action, unit: Unit, window_from: int, origin: str, change_id: str):
+        """The changes (name, DesiredParam) of one action of a firing."""
+        ask = lambda value, **kw: change(value, origin=origin, change_id=change_id, **kw)  # noqa: E731
+        if action.word in ("pause", "resume"):
+            return [(S.PAUSE, ask(action.word == "pause"))]
+        if action.word == "snapshot":
+            return [(S.SNAPSHOT, ask({"name": action.arg}))]
+        if action.word == "rollback":
+            value = {"name": action.arg} if action.arg else {"before": max(window_from, 1)}
+            return [(S.ROLLBACK, ask(value))]
+        if action.word == "save":
+            return [(S.SAVE, ask({"dir": action.arg}))]
+        if action.word == "unset":
+            keys = list(action.keys)
+            return [(key, ask(None, kind=pb.UNSET, together=keys)) for key in keys]
+        keys = [a.key for a in action.assigns]
+        made = []
+        for assign in action.assigns:
+            if assign.op:
+                by = {"*": assign.number, "/": 1 / assign.number,
+                      "+": assign.number, "-": -assign.number}[assign.op]  # fmt: skip
+                kind = pb.SCALE if assign.op in "*/" else pb.SHIFT
+                made.append((assign.key, ask(float(by), kind=kind, together=keys)))
+            else:
+                value = P.parse(self._spec(assign.key, unit), assign.text)
+                made.append((assign.key, ask(fields.to_wire(value), together=keys)))
+        return made
+
+    def _spec(self, key: str, unit: Unit) -> P.ParamSpec:
+        base, path = fields.split(key)
+        for member in unit.members:
+            schema = self.replicas[member].schema
+            for spec in schema.params if schema is not None else ():
+                if spec.name == base:
+                    found = P.spec_from_pb(spec)
+                    return fields.field_spec(found, path) if path else found
+        raise RuleError(f"the replicas have no parameter {base!r}")
+
+    def listing(self) -> list[pb.Rule]:
+        return [rule.message for rule in self.rules.values()]
+
+
+def _number(value: float) -> str:
+    return f"{value:.6g}"
