@@ -55,7 +55,7 @@ class Unit:
         # member -> metric name -> [last, count, total, low, high] since the last point
         self.pending: dict[str, dict[str, list[float]]] = {}
         self.steps: dict[str, int] = {}
-        self.last_step: int | None = None  # the step of the last point
+        self.last_step: int | None = None  # the lowest member's step at the last point
         self.fired_step: int | None = None
         self.waiting: dict[str, set[str]] = {}  # change id -> members yet to answer it
         self.settled_at = 0  # the step its last firing's changes were all answered by
@@ -77,9 +77,10 @@ class Unit:
         self.steps[member] = status.step
         return True
 
-    def point(self, metrics: list[Metric], across: str) -> tuple[int, dict[Metric, float]] | None:
-        """Once every member reported since the last point: its step (the lowest of the
-        members') and each metric taken across them; the pending values start again."""
+    def point(self, metrics: list[Metric], across: str) -> tuple[int, int, dict] | None:
+        """Once every member reported since the last point: the lowest and the highest of
+        the members' steps, and each metric taken across them; the pending values start
+        again."""
         if set(self.pending) != set(self.members):
             return None
         point = {}
@@ -88,9 +89,9 @@ class Unit:
                      if metric.name in kept]  # fmt: skip
             if len(found) == len(self.members):
                 point[metric] = _across(found, across)
-        step = min(self.steps.values())
+        low, high = min(self.steps.values()), max(self.steps.values())
         self.pending.clear()
-        return step, point
+        return low, high, point
 
     def may_fire(self, step: int, window_from: int, cooldown: int) -> bool:
         if self.waiting or window_from < self.settled_at:
@@ -223,9 +224,9 @@ class Rules:
             found = unit.point(rule.when.metrics, rule.message.across or "max")
             if found is None:
                 continue
-            step, point = found
-            window_from = unit.last_step if unit.last_step is not None else step
-            unit.last_step = step
+            low, step, point = found  # the point is whole at the last member's status
+            window_from = unit.last_step if unit.last_step is not None else low
+            unit.last_step = low  # where the next point's window may begin, at the earliest
             seen = unit.watcher.see(point)
             if seen is None or not seen[0]:
                 continue
