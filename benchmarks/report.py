@@ -28,6 +28,7 @@ SCRIPTS = [
     ("ui_browser.py", "loomrun ui in headless chromium at 64 and 2 replicas"),
     ("scale.py", "64 replicas on one supervisor: CPU, freshness, set fan-out"),
     ("snapshot.py", "snapshot, rollback and save of a 9.4 M-parameter model with AdamW"),
+    ("rules.py", "a rule's firing: from a one-step spike to its change applied"),
     ("group.py", "a 64-rank process group: one set, applied at one common step"),
 ]
 TIMEOUT = 1200
