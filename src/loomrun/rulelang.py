@@ -430,6 +430,8 @@ def _action(r: _Reader, words: list[tuple[str, int]]) -> Action:
         r.fail(rest[1][1], f"{word!r} takes one snapshot name at most")
     if word == "save" and len(rest) != 1:
         r.fail(end if not rest else rest[1][1], "expected one folder after 'save' (no spaces)")
+    if word == "save" and not rest[0][0].startswith("/"):
+        r.fail(rest[0][1], "expected an absolute folder (each worker's host saves there)")
     return Action(word, arg=rest[0][0] if rest else "")
 
 

@@ -111,6 +111,7 @@ def test_actions():
         ("set lr=lr/0", 11, "not zero"),
         ("pause now", 7, "takes nothing"),
         ("set lr=1 lr=2", 5, "set twice"),
+        ("save ckpt", 6, "an absolute folder"),
     ],
 )
 def test_actions_that_do_not_parse_name_their_character(text, where, words):

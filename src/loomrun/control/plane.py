@@ -226,6 +226,7 @@ class ControlPlane:
     async def _serve(self) -> None:
         if not await self._serving():
             self.outbox.no_broker()  # the ledger is kept on disk only
+            self.rules.off("no broker answers, and a rule's changes go through it")
             return
         self.registry.publish_all()
         self.link.on_reconnect.append(self._resync)

@@ -147,6 +147,11 @@ class Rules:
         self.rules[message.name] = rule
         return ""
 
+    def off(self, why: str) -> None:
+        if self.rules and self.on:
+            say(f"the job's rules are off: {why}")
+        self.on = False
+
     def remove(self, name: str) -> bool:
         return self.rules.pop(name, None) is not None
 
