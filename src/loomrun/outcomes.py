@@ -57,9 +57,18 @@ def answer(
         reason=reason,
         replica=replica,
     )
-    if want.HasField("value"):
-        outcome.new.CopyFrom(want.value)
+    outcome.new.CopyFrom(asked(want, name))
     return outcome
+
+
+def asked(want: pb.DesiredParam, name: str) -> pb.Value:
+    """What a change asks, as its answer says it until applied: the value; for arithmetic
+    on the value in effect (a rule's), the text of it (`lr*0.5`), never the bare factor."""
+    if want.kind in (pb.SCALE, pb.SHIFT) and want.value.WhichOneof("kind") == "f":
+        by = want.value.f
+        text = f"{name}*{by:g}" if want.kind == pb.SCALE else f"{name}{by:+g}"
+        return pb.Value(s=text)
+    return want.value
 
 
 def answer_change(
@@ -75,7 +84,7 @@ def answer_change(
         for name in names:
             part = outcome.parts.add(name=name)
             if parts[name].HasField("value"):
-                part.new.CopyFrom(parts[name].value)
+                part.new.CopyFrom(asked(parts[name], name))
     return outcome
 
 

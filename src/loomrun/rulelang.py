@@ -15,6 +15,7 @@ here, never evaluated by Python. An error names the character it stopped at, in 
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections import deque
@@ -125,11 +126,22 @@ def _shown(kind: str, text: str) -> str:
     return "the end" if kind == "end" else repr(text)
 
 
+MOST_CHARS = 1000  # of a condition, and of its actions
+MOST_TOKENS = 200  # of a condition: its tree is walked by recursion
+
+
 def parse_condition(text: str, what: str = "--when") -> Condition:
     """A `--when` made a Condition, or RuleError naming the character it stopped at."""
+    if len(text) > MOST_CHARS:
+        raise RuleError(f"{what} is {len(text)} characters long; at most {MOST_CHARS}")
     reader = _Reader(text, what)
+    if len(reader.tokens) > MOST_TOKENS:
+        reader.fail(reader.tokens[MOST_TOKENS][2], f"more than {MOST_TOKENS} words and signs")
     condition = Condition(text=text, tree=None)
-    tree, is_test = _or(reader, condition)
+    try:
+        tree, is_test = _or(reader, condition)
+    except RecursionError:
+        raise RuleError(f"{what} {text[:40]!r}...: nested too deeply") from None
     kind, rest, at = reader.peek()
     if kind != "end":
         reader.fail(at, f"expected an operator or the end, found {rest!r}")
@@ -284,7 +296,7 @@ class Series:
             return None
         if over.function == "ema":
             return self.emas[over.points]
-        window = list(self.points)[-over.points :]
+        window = list(itertools.islice(reversed(self.points), over.points))
         if over.function == "mean":
             return sum(window) / len(window)
         return min(window) if over.function == "min" else max(window)
@@ -393,6 +405,8 @@ class Action:
 
 def parse_actions(text: str, what: str = "--then") -> list[Action]:
     """A `--then` made Actions, or RuleError naming the character it stopped at."""
+    if len(text) > MOST_CHARS:
+        raise RuleError(f"{what} is {len(text)} characters long; at most {MOST_CHARS}")
     reader = _Reader("", what)
     reader.text = text
     actions, at = [], 0
@@ -421,8 +435,7 @@ def _action(r: _Reader, words: list[tuple[str, int]]) -> Action:
         if not rest:
             r.fail(end, "expected a parameter's name after 'unset'")
         for key, where in rest:
-            if not _KEY.fullmatch(key):
-                r.fail(where, f"expected a parameter's name, found {key!r}")
+            _key(r, key, where)
         return Action("unset", keys=tuple(w for w, _ in rest))
     if word in ("pause", "resume") and rest:
         r.fail(rest[0][1], f"{word!r} takes nothing after it")
@@ -435,12 +448,19 @@ def _action(r: _Reader, words: list[tuple[str, int]]) -> Action:
     return Action(word, arg=rest[0][0] if rest else "")
 
 
+def _key(r: _Reader, key: str, at: int) -> None:
+    """A parameter's name (or a field's path) a change can carry."""
+    if key in S.OWN_NAMES:
+        r.fail(at, f"{key!r} is loomrun's own: use the action {key.split('_')[0]!r}")
+    if not _KEY.fullmatch(key) or not S.is_key(key):
+        r.fail(at, f"expected a parameter's name (lr, lr.1, sched/warmup), found {key!r}")
+
+
 def _assign(r: _Reader, word: str, at: int) -> Assign:
     key, eq, value = word.partition("=")
     if not eq or not value:
         r.fail(at + len(word), f"expected KEY=VALUE, found {word!r}")
-    if not _KEY.fullmatch(key):
-        r.fail(at, f"expected a parameter's name, found {key!r}")
+    _key(r, key, at)
     arith = _ARITH.fullmatch(value)
     if arith is None or not _KEY.fullmatch(arith["key"]):  # 1e-3 is a value
         return Assign(key, text=value)
@@ -453,7 +473,7 @@ def _assign(r: _Reader, word: str, at: int) -> Assign:
         number = float(arith["num"])
     except ValueError:
         r.fail(at + len(key) + 1 + arith.start("num"), f"expected a number, found {arith['num']!r}")
-    if not math.isfinite(number) or (arith["op"] == "/" and number == 0):
+    if not math.isfinite(number) or (arith["op"] == "/" and (number == 0 or abs(number) < 1e-300)):
         r.fail(
             at + len(key) + 1 + arith.start("num"),
             "expected a finite number, not zero to divide by",

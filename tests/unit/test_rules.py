@@ -62,6 +62,18 @@ def test_a_condition_that_does_not_parse_names_its_character(text, where, words)
     assert words in said and "\n" not in said
 
 
+def test_a_condition_too_long_or_too_deep_is_refused_in_one_line():
+    for text in ["(" * 90 + "loss > 1" + ")" * 90, "loss" + " + loss" * 150 + " > 1",
+                 "loss > " + "-" * 199 + "1", "x" * 1001]:  # fmt: skip
+        with pytest.raises(RuleError) as caught:
+            parse_condition(text)
+        assert "\n" not in str(caught.value)
+    with pytest.raises(RuleError, match="loomrun's own"):
+        parse_actions("set pause=true")
+    with pytest.raises(RuleError, match="parameter's name"):
+        parse_actions("unset lr.")
+
+
 def test_a_condition_reads_metrics_and_functions():
     condition = parse_condition("loss.max > 3 * ema(loss, 20) and not (acc >= 0.9 or -lr < -1)")
     assert [str(m) for m in condition.metrics] == ["loss.max", "loss", "acc", "lr"]

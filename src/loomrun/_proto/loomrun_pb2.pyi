@@ -262,7 +262,7 @@ class Schema(_message.Message):
     def __init__(self, params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., group_size: _Optional[int] = ..., group_rank: _Optional[int] = ..., agree_every: _Optional[int] = ...) -> None: ...
 
 class Status(_message.Message):
-    __slots__ = ("step", "steps_per_sec", "metrics", "paused", "values", "time", "pid", "applied_version", "own", "held", "snapshots", "snapshot_every", "snapshot_keep", "windows")
+    __slots__ = ("step", "steps_per_sec", "metrics", "paused", "values", "time", "pid", "applied_version", "own", "held", "snapshots", "snapshot_every", "snapshot_keep", "windows", "window_step")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -305,6 +305,7 @@ class Status(_message.Message):
     SNAPSHOT_EVERY_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_KEEP_FIELD_NUMBER: _ClassVar[int]
     WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_STEP_FIELD_NUMBER: _ClassVar[int]
     step: int
     steps_per_sec: float
     metrics: _containers.ScalarMap[str, float]
@@ -319,7 +320,8 @@ class Status(_message.Message):
     snapshot_every: int
     snapshot_keep: int
     windows: _containers.MessageMap[str, MetricWindow]
-    def __init__(self, step: _Optional[int] = ..., steps_per_sec: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., paused: _Optional[bool] = ..., values: _Optional[_Mapping[str, Value]] = ..., time: _Optional[float] = ..., pid: _Optional[int] = ..., applied_version: _Optional[int] = ..., own: _Optional[_Mapping[str, Value]] = ..., held: _Optional[_Iterable[str]] = ..., snapshots: _Optional[_Iterable[_Union[SnapshotInfo, _Mapping]]] = ..., snapshot_every: _Optional[int] = ..., snapshot_keep: _Optional[int] = ..., windows: _Optional[_Mapping[str, MetricWindow]] = ...) -> None: ...
+    window_step: int
+    def __init__(self, step: _Optional[int] = ..., steps_per_sec: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., paused: _Optional[bool] = ..., values: _Optional[_Mapping[str, Value]] = ..., time: _Optional[float] = ..., pid: _Optional[int] = ..., applied_version: _Optional[int] = ..., own: _Optional[_Mapping[str, Value]] = ..., held: _Optional[_Iterable[str]] = ..., snapshots: _Optional[_Iterable[_Union[SnapshotInfo, _Mapping]]] = ..., snapshot_every: _Optional[int] = ..., snapshot_keep: _Optional[int] = ..., windows: _Optional[_Mapping[str, MetricWindow]] = ..., window_step: _Optional[int] = ...) -> None: ...
 
 class MetricWindow(_message.Message):
     __slots__ = ("count", "mean", "min", "max")

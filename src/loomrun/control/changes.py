@@ -205,7 +205,8 @@ class ReplicaChanges:
         )
         for name in names_of(outcome):
             self._written.get(name, {}).pop(outcome.change_id, None)
-            if taken and outcome.kind in (pb.SCALE, pb.SHIFT):
+            held = self.taken_change(outcome.change_id, name)
+            if taken and held is not None and held.kind in (pb.SCALE, pb.SHIFT):
                 self._worked_out(name, outcome)
             if name in ACTIONS and not replayed:  # never in effect; done (or not) for good
                 self._done[name] = outcome.change_id

@@ -188,10 +188,12 @@ class ControlPlane:
         self._tasks: list[asyncio.Task] = []
         self._watch_task: asyncio.Task | None = None
         # Rules run on a job of one node (node 0 does not read other nodes' statuses).
-        self.rules = Rules(job, self.replicas, self.ask, self._fired, rules_on, rules)
+        self.rules = Rules(job, self.replicas, self.ask, self._fired, False, rules)
+        self._rules_on = rules_on and nnodes == 1  # once the broker takes their changes
         self.rules.outbox = self.outbox
         if nnodes == 1:
             self.pump.on_status, self.pump.on_answer = self.rules.status, self.rules.answered
+            self.pump.reads_every_status = self.rules.reading
         # Called with each GroupFailure of another node of this job (the supervisor's).
         self.on_node_failure: Callable[[pb.GroupFailure], None] | None = None
 
@@ -229,6 +231,7 @@ class ControlPlane:
             self.rules.off("no broker answers, and a rule's changes go through it")
             return
         self.registry.publish_all()
+        self.rules.on = self._rules_on
         self.link.on_reconnect.append(self._resync)
         self._tasks.append(asyncio.ensure_future(self.outbox.run()))
         self._tasks.append(asyncio.ensure_future(self.outbox.run_records()))
@@ -444,6 +447,7 @@ class ControlPlane:
         )  # fmt: skip
         replica.hung, replica.reported, replica.status = False, None, None
         replica.seen = {"acks": 0, "schema": 0, "status": 0}
+        replica.unpublished = False
         replica.outcome_seq = 0
         self.registry.register_device(replica)
         self._hung_changed()

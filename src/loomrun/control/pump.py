@@ -55,6 +55,7 @@ class MailboxPump:
         self.ledger = None  # the change ledger: every answer, recorded
         self.history = None  # the metric history: a point per status published, at most
         self.on_status = None  # the rules': each status the worker wrote, as read
+        self.reads_every_status = None  # the rules': whether they want every status
         self.on_answer = None  # the rules': each answer
         self._written = asyncio.Event()
         self._spin_until = 0.0
@@ -65,6 +66,8 @@ class MailboxPump:
         """The relay wrote a change (poll fast for its answer), or refused to (answer now)."""
         if refused is not None:
             self._publish_outcome(replica, refused)
+            if self.on_answer is not None:
+                self.on_answer(replica.name, refused)
             return
         now = time.monotonic()
         self._spin_until = now + SPIN_FOR
@@ -115,7 +118,9 @@ class MailboxPump:
                 if found[1] is not None:
                     replica.schema = found[1]
                     self.outbox.put(S.STATE, S.schema(self.job, replica.name), found[1])
-        if box.status.seq[0] != replica.seen["status"]:  # every one, for the rules
+        fresh = box.status.seq[0] != replica.seen["status"]
+        every = self.reads_every_status is not None and self.reads_every_status()
+        if fresh and (every or final or now >= replica.next_status):
             found = box.status.try_read()
             if found is not None:
                 replica.seen["status"] = box.status_read[0] = found[0]
@@ -171,7 +176,8 @@ class MailboxPump:
         outcome.replica = replica.name
         for part in [outcome, *outcome.parts]:
             taken = replica.changes.taken_change(outcome.change_id, part.name)
-            if not part.new.WhichOneof("kind") and taken is not None:
+            arithmetic = taken is not None and taken.kind in (pb.SCALE, pb.SHIFT)
+            if not part.new.WhichOneof("kind") and taken is not None and not arithmetic:
                 part.new.CopyFrom(taken.value)  # too large for the acks: the ledger keeps it
         self.outbox.publish(S.outcomes(self.job, replica.name), outcome)
         if self.ledger is not None:

@@ -44,6 +44,8 @@ from loomrun.rulelang import (
     read_rule,
 )
 
+WAIT_LIMIT = 120.0  # seconds a firing's changes may go unanswered before it may fire again
+
 
 class Unit:
     """One rule's view of a replica, or of the ranks of a group: what each member reported
@@ -55,16 +57,18 @@ class Unit:
         # member -> metric name -> [last, count, total, low, high] since the last point
         self.pending: dict[str, dict[str, list[float]]] = {}
         self.steps: dict[str, int] = {}
-        self.last_step: int | None = None  # the lowest member's step at the last point
         self.fired_step: int | None = None
-        self.waiting: dict[str, set[str]] = {}  # change id -> members yet to answer it
+        # change id -> (members yet to answer it, when it was asked)
+        self.waiting: dict[str, tuple[set[str], float]] = {}
         self.settled_at = 0  # the step its last firing's changes were all answered by
+        self.starts: dict[str, int] = {}  # member -> the step its pending window began at
 
-    def take(self, member: str, status: pb.Status, names: set[str]) -> bool:
-        """A member's status: its fresh values of `names` kept. True when one was fresh."""
+    def take(self, member: str, status: pb.Status, names: set[str]) -> None:
+        """A member's status: its fresh values of `names` kept (a rank may report a metric
+        the others do not: the group's point takes the ranks that do)."""
         fresh = [name for name in names if name in status.windows and name in status.metrics]
-        if not fresh:
-            return False
+        if member not in self.pending:  # the first status since the last point
+            self.starts[member] = status.window_step
         kept = self.pending.setdefault(member, {})
         for name in fresh:
             w = status.windows[name]
@@ -73,12 +77,12 @@ class Unit:
                 kept[name] = [last, w.count, w.mean * w.count, w.min, w.max]
             else:
                 held[:] = [last, held[1] + w.count, held[2] + w.mean * w.count,
-                           min(held[3], w.min), max(held[4], w.max)]  # fmt: skip
+                           _low(held[3], w.min), _high(held[4], w.max)]  # fmt: skip
         self.steps[member] = status.step
-        return True
 
     def point(self, metrics: list[Metric], across: str) -> tuple[int, int, dict] | None:
-        """Once every member reported since the last point: the lowest and the highest of
+        """Once every member reported since the last point: the step its window began at
+        (the earliest member's: the status the supervisor had read before), the highest of
         the members' steps, and each metric taken across them; the pending values start
         again."""
         if set(self.pending) != set(self.members):
@@ -87,16 +91,27 @@ class Unit:
         for metric in metrics:
             found = [_stat(kept[metric.name], metric.stat) for kept in self.pending.values()
                      if metric.name in kept]  # fmt: skip
-            if len(found) == len(self.members):
+            if found:
                 point[metric] = _across(found, across)
-        low, high = min(self.steps.values()), max(self.steps.values())
+        start, high = min(self.starts.values()), max(self.steps.values())
         self.pending.clear()
-        return low, high, point
+        return start, high, point
 
-    def may_fire(self, step: int, window_from: int, cooldown: int) -> bool:
+    def may_fire(self, step: int, window_from: int, cooldown: int, now: float) -> bool:
+        for change_id, (members, asked) in list(self.waiting.items()):
+            if now - asked > WAIT_LIMIT:  # never answered (its write lost): not for ever
+                say(f"{', '.join(sorted(members))} gave no answer to {change_id} in "
+                    f"{WAIT_LIMIT:.0f}s; the rule may fire again")  # fmt: skip
+                del self.waiting[change_id]
         if self.waiting or window_from < self.settled_at:
             return False
         return self.fired_step is None or step >= self.fired_step + cooldown
+
+    def restarted(self) -> None:
+        """A member restarts: its steps start again, what it reported and owed is gone."""
+        self.pending.clear()
+        self.waiting.clear()
+        self.fired_step, self.settled_at = None, 0
 
 
 def _stat(kept: list[float], stat: str) -> float:
@@ -105,11 +120,17 @@ def _stat(kept: list[float], stat: str) -> float:
 
 
 def _across(values: list[float], across: str) -> float:
-    if across == "min":
-        return min(values)
-    if across == "mean":
+    if across == "mean" or any(math.isnan(v) for v in values):
         return sum(values) / len(values)
-    return max(values)
+    return min(values) if across == "min" else max(values)
+
+
+def _low(a: float, b: float) -> float:
+    return math.nan if math.isnan(a) or math.isnan(b) else min(a, b)
+
+
+def _high(a: float, b: float) -> float:
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
 class Rules:
@@ -128,6 +149,7 @@ class Rules:
         self.outbox = None  # the control plane's: a rule written back to the bucket
         self._watcher = None
         self._task: asyncio.Task | None = None
+        self._watching = asyncio.Lock()
         for rule in rules or []:  # a --rules file's: read before, at the launch
             self.put(rule)
 
@@ -167,13 +189,14 @@ class Rules:
         """The job's rules as the bucket `kv` holds them (`loomrun rule add`, `rule rm`),
         from its current contents on. A rule held here that the bucket lacks (a broker
         whose store was made anew) is written there again."""
-        if self._watcher is not None:
-            with contextlib.suppress(Exception):
-                await self._watcher.stop()
-        if self._task is not None:
-            self._task.cancel()
-        self._watcher = await kv.watch(S.rule(self.job))
-        self._task = asyncio.ensure_future(self._take(self._watcher))
+        async with self._watching:  # a reconnect's and the first watch, one at a time
+            if self._watcher is not None:
+                with contextlib.suppress(Exception):
+                    await self._watcher.stop()
+            if self._task is not None:
+                self._task.cancel()
+            self._watcher = await kv.watch(S.rule(self.job))
+            self._task = asyncio.ensure_future(self._take(self._watcher))
 
     async def _take(self, watcher) -> None:
         seen: set[str] = set()
@@ -210,38 +233,46 @@ class Rules:
 
     # -- statuses and answers in -------------------------------------------------------
 
+    def reading(self) -> bool:
+        """Whether every status is wanted (a rule is on)."""
+        return self.on and bool(self.rules)
+
     def status(self, replica: str, status: pb.Status) -> None:
         if not self.on or not self.rules:
             return
         members = self._unit_of(replica)
+        if members is None:
+            return  # a rank of a group whose every rank has not said so yet
         for rule in list(self.rules.values()):
-            scope = set(rule.message.replicas)
-            if scope and not scope & set(members):
-                continue
-            unit = rule.units.get(members)
-            if unit is None:
-                for other in [m for m in rule.units if replica in m]:  # the group changed
-                    del rule.units[other]
-                unit = rule.units[members] = Unit(members, rule.when)
-            names = {metric.name for metric in rule.when.metrics}
-            if not unit.take(replica, status, names):
-                continue
-            found = unit.point(rule.when.metrics, rule.message.across or "max")
-            if found is None:
-                continue
-            low, step, point = found  # the point is whole at the last member's status
-            window_from = unit.last_step if unit.last_step is not None else low
-            unit.last_step = low  # where the next point's window may begin, at the earliest
-            seen = unit.watcher.see(point)
-            if seen is None or not seen[0]:
-                continue
-            if unit.may_fire(step, window_from, rule.message.cooldown):
-                self._fire(rule, unit, step, window_from, seen[1])
+            try:
+                self._status(rule, replica, members, status)
+            except Exception as error:  # noqa: BLE001 - a rule never stops the pump
+                self.rules.pop(rule.message.name, None)
+                say(f"rule {rule.message.name} is off for this run: it failed ({error!r})")
+
+    def _status(self, rule: Rule, replica: str, members: tuple, status: pb.Status) -> None:
+        scope = set(rule.message.replicas)
+        if scope and not scope & set(members):
+            return
+        unit = rule.units.get(members)
+        if unit is None:
+            for other in [m for m in rule.units if replica in m]:  # the group changed
+                del rule.units[other]
+            unit = rule.units[members] = Unit(members, rule.when)
+        unit.take(replica, status, {metric.name for metric in rule.when.metrics})
+        found = unit.point(rule.when.metrics, rule.message.across or "max")
+        if found is None:
+            return
+        window_from, step, point = found  # whole at the last member's status
+        seen = unit.watcher.see(point)
+        cooldown = rule.message.cooldown
+        if seen and seen[0] and unit.may_fire(step, window_from, cooldown, time.monotonic()):
+            self._fire(rule, unit, step, window_from, seen[1])
 
     def answered(self, replica: str, outcome: pb.Outcome) -> None:
         for rule in self.rules.values():
             for unit in rule.units.values():
-                waiting = unit.waiting.get(outcome.change_id)
+                waiting = unit.waiting.get(outcome.change_id, (None,))[0]
                 if waiting is None or replica not in waiting:
                     continue
                 waiting.discard(replica)
@@ -253,22 +284,19 @@ class Rules:
         """A member restarts: what it had reported, and answers it owed, are gone."""
         for rule in self.rules.values():
             for members in [m for m in rule.units if replica in m]:
-                unit = rule.units[members]
-                unit.pending.clear()
-                for change_id in list(unit.waiting):
-                    unit.waiting[change_id].discard(replica)
-                    if not unit.waiting[change_id]:
-                        del unit.waiting[change_id]
+                rule.units[members].restarted()
 
-    def _unit_of(self, replica: str) -> tuple[str, ...]:
-        """A replica alone, or every replica of this node in its process group."""
+    def _unit_of(self, replica: str) -> tuple[str, ...] | None:
+        """A replica alone, or every replica of this node in its process group (None
+        until every one of them has said it is in the group)."""
         schema = self.replicas[replica].schema
         if schema is None or schema.group_size <= 1:
             return (replica,)
-        return tuple(sorted(
+        members = tuple(sorted(
             name for name, view in self.replicas.items()
             if view.schema is not None and view.schema.group_size == schema.group_size
         ))  # fmt: skip
+        return members if len(members) == schema.group_size else None
 
     # -- a firing ----------------------------------------------------------------------
 
@@ -292,7 +320,7 @@ class Rules:
                 metrics={k: v for k, v in values.items() if math.isfinite(v)},
             ))  # fmt: skip
         for name, want in changes:
-            unit.waiting[want.change_id] = set(unit.members)
+            unit.waiting[want.change_id] = (set(unit.members), time.monotonic())
             self.ask(name, want, list(unit.members))
         unit.fired_step = step
         who = unit.members[0] if len(unit.members) == 1 else ", ".join(unit.members)

@@ -5,6 +5,7 @@ changes, made into such entries."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -100,11 +101,16 @@ def worked_out(parts: dict[str, pb.DesiredParam], targets: dict[str, Target]) ->
         if want.value.WhichOneof("kind") != "f":
             raise P.ParamError(f"{name}: the change's {ARITHMETIC[want.kind]} has no number")
         current, by = target.get(), want.value.f
-        new = current * by if want.kind == pb.SCALE else current + by
+        shown = f"{name}={current!r}{ARITHMETIC[want.kind]}{by:g}"
+        try:
+            new = current * by if want.kind == pb.SCALE else current + by
+        except (TypeError, ArithmeticError):  # an optional parameter's None, say
+            raise P.ParamError(f"{shown}: no number to work on") from None
+        if not math.isfinite(new):
+            raise P.ParamError(f"{shown} is {new}, not a finite number")
         if spec.kind == "int":
             if new != round(new):
-                shown = f"{current}{ARITHMETIC[want.kind]}{by:g}"
-                raise P.ParamError(f"{name}={shown} is {new:g}, not a whole number")
+                raise P.ParamError(f"{shown} is {new:g}, not a whole number")
             new = int(round(new))
         done = pb.DesiredParam()
         done.CopyFrom(want)

@@ -12,6 +12,7 @@ max: a spike of a few fast steps between two statuses still shows, for a rule to
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 DEVICE_READ_INTERVAL = 1.0  # seconds between reads of a metric that lives on a GPU
@@ -35,10 +36,11 @@ class Metrics:
         self._rate = 0.0
         self._since: dict[str, list] = {}  # key -> its values since the last status
         self._folded: dict[str, Window] = {}  # key -> those folded, past FOLD_AT
-        # The windows of the statuses written that the supervisor has not read: (the
-        # status slot's number, key -> Window), oldest first.
-        self._unread: list[tuple[int, dict[str, Window]]] = []
+        # The statuses written that the supervisor has not read: (the status slot's
+        # number, its step, key -> Window), oldest first.
+        self._unread: list[tuple[int, int, dict[str, Window]]] = []
         self._segment: dict[str, Window] = {}  # of the status being written
+        self.window_step = 0  # the step of the status the supervisor read last
 
     def report(self, metrics: dict[str, Any]) -> None:
         if "loss" in metrics:
@@ -57,18 +59,28 @@ class Metrics:
             self._fold(key, values)
 
     def _fold(self, key: str, values: list) -> None:
-        """The values kept, folded into their Window; a GPU's on the GPU (no sync)."""
-        if _on_device(values[-1]):
-            import torch
+        """The values kept, folded into their Window; a GPU's on the GPU (no sync). Values
+        that cannot be (not numbers) are left out of the window, said once."""
+        try:
+            if _on_device(values[-1]):
+                import torch
 
-            on = values[-1].device
-            kept = torch.stack([torch.as_tensor(v, device=on).reshape(()) for v in values])
-            kept = kept.double()
-            window = Window(len(values), kept.sum(), kept.min(), kept.max())
-        else:
-            numbers = [float(v) for v in values]
-            window = Window(len(numbers), sum(numbers), min(numbers), max(numbers))
-        values.clear()
+                on = values[-1].device
+                kept = torch.stack([torch.as_tensor(v, device=on).reshape(()) for v in values])
+                kept = kept.double()
+                window = Window(len(values), kept.sum(), kept.min(), kept.max())
+            else:
+                numbers = [float(v) for v in values]
+                low, high = min(numbers), max(numbers)
+                if any(math.isnan(n) for n in numbers):  # min and max would skip it
+                    low = high = math.nan
+                window = Window(len(numbers), sum(numbers), low, high)
+        except (TypeError, ValueError, RuntimeError) as error:
+            self.warn(f"metric {key!r} has values that are not numbers ({error}); its "
+                      "mean, min and max leave them out")  # fmt: skip
+            return
+        finally:
+            values.clear()
         held = self._folded.get(key)
         self._folded[key] = window if held is None else held.merged(window)
 
@@ -86,29 +98,33 @@ class Metrics:
                 continue
             try:
                 numbers[key] = float(value)
-                if self._since.get(key):
-                    self._fold(key, self._since[key])
             except (TypeError, ValueError, RuntimeError):
                 del self.reported[key]
                 self._since.pop(key, None)
                 self.warn(f"metric {key!r} is not a number ({value!r}); it is left out")
                 continue
-            if key in self._folded:
-                windows[key] = self._folded.pop(key)
+            if self._since.get(key):
+                self._fold(key, self._since[key])
+            if key in self._folded:  # read now, while a GPU's may be
+                windows[key] = self._folded.pop(key).read()
             if on_device:
                 self._device_numbers[key] = numbers[key]
         if read_devices:
             self._next_device_read = now + DEVICE_READ_INTERVAL
         self._segment = windows
-        self._unread = [(seq, w) for seq, w in self._unread if seq > read]
+        for seq, step, _ in self._unread:
+            if seq <= read:
+                self.window_step = step
+        self._unread = [entry for entry in self._unread if entry[0] > read]
         if len(self._unread) > UNREAD_KEPT:  # nobody reads (no control plane): one for all
-            self._unread = [(self._unread[-1][0], _merged([w for _, w in self._unread]))]
-        return numbers, _merged([*(w for _, w in self._unread), windows])
+            seq, step, _ = self._unread[-1]
+            self._unread = [(seq, step, _merged([w for _, _, w in self._unread]))]
+        return numbers, _merged([*(w for _, _, w in self._unread), windows])
 
-    def written(self, seq: int) -> None:
+    def written(self, seq: int, step: int) -> None:
         """The status just made is in the mailbox under number `seq` (0: it is not)."""
-        if seq and self._segment:
-            self._unread.append((seq, self._segment))
+        if seq:
+            self._unread.append((seq, step, self._segment))
         self._segment = {}
 
     def rate(self, now: float, step: int) -> float:
@@ -138,13 +154,17 @@ class Window:
         if _on_device(self.total) or _on_device(other.total):  # no sync to compare them
             import torch
 
-            low, high = torch.minimum, torch.maximum
+            low, high = torch.minimum, torch.maximum  # which keep a NaN
         else:
-            low, high = min, max
+            low, high = _low, _high
         return Window(
             self.count + other.count, self.total + other.total,
             low(self.low, other.low), high(self.high, other.high),
         )  # fmt: skip
+
+    def read(self) -> Window:
+        """In numbers (a GPU's window synced here, once)."""
+        return Window(self.count, float(self.total), float(self.low), float(self.high))
 
     def to_pb(self, window) -> None:
         """Into a MetricWindow (the numbers read now: a GPU's only when it may be)."""
@@ -154,6 +174,14 @@ class Window:
             float(self.low),
             float(self.high),
         )
+
+
+def _low(a: float, b: float) -> float:
+    return math.nan if math.isnan(a) or math.isnan(b) else min(a, b)
+
+
+def _high(a: float, b: float) -> float:
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
 def _merged(windows: list[dict[str, Window]]) -> dict[str, Window]:

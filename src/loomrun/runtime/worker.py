@@ -79,15 +79,14 @@ class Worker:
         # The process group's agreement (runtime.group), once torch.distributed is set up.
         self.group = None
         # Launched as one of several ranks: until the script sets up its process group or
-        # takes its first step, a change waits, so that no rank applies alone what its
-        # group will agree on. (A script without a process group starts stepping first.)
+        # takes its first step (without one), a change waits: no rank applies alone what
+        # its group will agree on.
         self.expect_group = os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1")
         self._step_view = mailbox.step
         self._seq_view = mailbox.desired.seq
         self._seen = 0
         self._desired = pb.DesiredState()
-        # Checks run with each status: each returns the steered names no longer in effect
-        # (name -> why), as runtime.optim's Optimizers.replaced_groups.
+        # Checks run with each status: the steered names no longer in effect (name -> why).
         self.audits: dict[Any, Any] = {}
         self._scheduled: dict[str, pb.DesiredParam] = {}  # agreed, waiting for their step
         self._replay: deque[dict] = deque()  # recorded changes, each for its step
@@ -440,6 +439,7 @@ class Worker:
         status = pb.Status(
             step=self.step, steps_per_sec=rate, metrics=numbers, paused=self.paused,
             time=time.time(), pid=os.getpid(), applied_version=self._desired.version,
+            window_step=self.metrics.window_step,
         )  # fmt: skip
         for target in self.targets.values():
             target.show(status, P.LARGEST_VALUE)
@@ -447,7 +447,7 @@ class Worker:
             window.to_pb(status.windows[key])
         status.snapshots.extend(self.snapshots.infos())
         status.snapshot_every, status.snapshot_keep = self.snapshots.every, self.snapshots.keep
-        self.metrics.written(self._write(self.mailbox.status, status))
+        self.metrics.written(self._write(self.mailbox.status, status), self.step)
         self._next_status = now + STATUS_INTERVAL
 
     def final_status(self) -> None:
