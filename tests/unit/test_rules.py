@@ -6,6 +6,7 @@ fires it, once, and its change lands as lr*0.5 does, on the value then in effect
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -166,22 +167,28 @@ def test_the_window_holds_every_value_since_the_status_read_last():
     for value in (1.0, 9.0, 2.0):
         metrics.report({"loss": value})
     numbers, windows = metrics.numbers(0.0)
-    metrics.written(2)
+    metrics.written(2, 10)
     assert numbers == {"loss": 2.0}
     w = windows["loss"]
     assert (w.count, w.total, w.low, w.high) == (3, 12.0, 1.0, 9.0)
     metrics.put("loss", torch.tensor(5.0))  # the tensor a backward saw, read at the status
     _, windows = metrics.numbers(0.0, read=0)  # the status before was not read: both
-    metrics.written(4)
+    metrics.written(4, 20)
+    assert metrics.window_step == 0
     assert (windows["loss"].count, windows["loss"].high) == (4, 9.0)
     metrics.report({"loss": 3.0})
     _, windows = metrics.numbers(0.0, read=4)  # the one before was: this one's alone
     assert (windows["loss"].count, windows["loss"].total) == (1, 3.0)
-    metrics.written(6)  # not read either: the next one holds it too
+    assert metrics.window_step == 20, "the step of the status read: the window's start"
+    metrics.written(6, 30)  # not read either: the next one holds it too
     for i in range(FOLD_AT * 3 + 5):  # folded as they come: a fast loop keeps no list
         metrics.report({"loss": float(i % 100)})
     _, windows = metrics.numbers(0.0, read=4)
     assert windows["loss"].count == FOLD_AT * 3 + 5 + 1 and windows["loss"].high == 99.0
+    metrics.report({"loss": float("nan")})
+    metrics.report({"loss": 1.0})
+    _, windows = metrics.numbers(0.0, read=30)
+    assert math.isnan(windows["loss"].high) and math.isnan(windows["loss"].low)
 
 
 # -- arithmetic on the value in effect ------------------------------------------------------
