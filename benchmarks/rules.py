@@ -66,6 +66,8 @@ async def api_sets(options: BrokerOptions, rounds: int) -> list[float]:
 
 def firings(ledger: Path, spikes: Path) -> list[tuple[float, int]]:
     """(seconds, steps) from each spike to its firing's change applied."""
+    if not ledger.exists() or not spikes.exists():
+        return []
     at = {int(s): float(t) for s, t in (line.split() for line in spikes.read_text().splitlines())}
     records = [json.loads(line) for line in ledger.read_text().splitlines()]
     fired = [r for r in records if r["outcome"] == "fired"]
@@ -95,7 +97,7 @@ def main() -> None:
         ledger = Path(state) / "loomrun" / "jobs" / JOB / "changes.jsonl"
         try:
             deadline = time.monotonic() + 120
-            while len(found := firings(ledger, spikes) if ledger.exists() else []) < SPIKES:
+            while len(found := firings(ledger, spikes)) < SPIKES:
                 if time.monotonic() > deadline or job.poll() is not None:
                     raise SystemExit(f"only {len(found)} firings came")
                 time.sleep(0.2)
