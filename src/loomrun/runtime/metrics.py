@@ -18,6 +18,7 @@ from typing import Any
 DEVICE_READ_INTERVAL = 1.0  # seconds between reads of a metric that lives on a GPU
 RATE_AFTER = 0.1  # the first rate, this long after the first step
 FOLD_AT = 1024  # values of one metric kept between two statuses before they are folded
+FOLD_TENSORS_AT = 64  # a GPU's tensors: folded on the GPU, a few at a time
 UNREAD_KEPT = 64  # statuses' windows kept for a supervisor that has not read them
 
 
@@ -50,25 +51,30 @@ class Metrics:
 
     def put(self, key: str, value: Any) -> None:
         self.reported[key] = value
+        if getattr(value, "is_cpu", False):  # a CPU tensor, read now: no sync, 0.2 us
+            try:  # noqa: SIM105 - contextlib.suppress costs 0.3 us on every backward
+                value = float(value)
+            except (TypeError, ValueError, RuntimeError):
+                pass  # not one number: numbers() says so
         values = self._since.get(key)
         if values is None:
             self._since[key] = [value]
             return
         values.append(value)
-        if len(values) >= FOLD_AT:
+        if len(values) >= (FOLD_TENSORS_AT if hasattr(value, "detach") else FOLD_AT):
             self._fold(key, values)
 
     def _fold(self, key: str, values: list) -> None:
         """The values kept, folded into their Window; a GPU's on the GPU (no sync). Values
         that cannot be (not numbers) are left out of the window, said once."""
         try:
-            if _on_device(values[-1]):
+            if hasattr(values[-1], "detach"):  # tensors: one stack, where they are
                 import torch
 
-                on = values[-1].device
-                kept = torch.stack([torch.as_tensor(v, device=on).reshape(()) for v in values])
-                kept = kept.double()
+                kept = torch.stack(values).double()
                 window = Window(len(values), kept.sum(), kept.min(), kept.max())
+                if not _on_device(values[-1]):  # a GPU's waits for a read that may sync
+                    window = window.read()
             else:
                 numbers = [float(v) for v in values]
                 low, high = min(numbers), max(numbers)
