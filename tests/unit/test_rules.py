@@ -19,15 +19,8 @@ from loomrun.control.plane import ReplicaView, wire
 from loomrun.control.rules import Rules
 from loomrun.desired import change
 from loomrun.records import record
-from loomrun.rulelang import (
-    Metric,
-    RuleError,
-    Watcher,
-    parse_actions,
-    parse_condition,
-    read_rule,
-    read_rules_file,
-)
+from loomrun.rulebook import read_rule, read_rules_file
+from loomrun.rulelang import Metric, RuleError, Watcher, parse_actions, parse_condition
 from loomrun.runtime.change import worked_out
 from loomrun.runtime.metrics import FOLD_AT, Metrics
 from loomrun.runtime.target import Target

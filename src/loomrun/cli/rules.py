@@ -83,7 +83,8 @@ def add_command(name, when, then, cooldown, across, replicas, job, as_json, brok
     import json
 
     from loomrun._proto import loomrun_pb2 as pb
-    from loomrun.rulelang import RuleError, read_rule
+    from loomrun.rulebook import read_rule
+    from loomrun.rulelang import RuleError
 
     try:  # before the broker is asked anything: a rule that does not parse is a usage error
         read_rule(pb.Rule(name=name, when=when, then=then, cooldown=cooldown, across=across))

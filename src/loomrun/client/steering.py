@@ -31,7 +31,7 @@ from loomrun.client.model import (
     this_run,
     with_ended,
 )
-from loomrun.rulelang import MOST_RULES
+from loomrun.rulebook import MOST_RULES
 
 
 class Steering:
@@ -387,7 +387,8 @@ class Steering:
     ) -> tuple[str, pb.Rule]:  # fmt: skip
         """A rule of the job (replacing one of that name), checked here as its supervisor
         reads it: it steers by itself from the next status on (control.rules)."""
-        from loomrun.rulelang import RuleError, read_rule
+        from loomrun.rulebook import read_rule
+        from loomrun.rulelang import RuleError
 
         found = await self.job(job)
         if any(node.nnodes > 1 for node in found.nodes):

@@ -33,16 +33,8 @@ from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.desired import change, new_change_id
 from loomrun.output import say
-from loomrun.rulelang import (
-    MOST_RULES,
-    Action,
-    Condition,
-    Metric,
-    Rule,
-    RuleError,
-    Watcher,
-    read_rule,
-)
+from loomrun.rulebook import MOST_RULES, Rule, read_rule
+from loomrun.rulelang import Action, Condition, Metric, RuleError, Watcher
 
 WAIT_LIMIT = 120.0  # seconds a firing's changes may go unanswered before it may fire again
 

@@ -258,7 +258,8 @@ class RunOptions:
             )
         if self.nnodes > 1:
             raise LaunchError("rules run on a job of one node (of one supervisor)", "--rules")
-        from loomrun.rulelang import RuleError, read_rules_file
+        from loomrun.rulebook import read_rules_file
+        from loomrun.rulelang import RuleError
 
         try:
             return tuple(read_rules_file(self.rules))
