@@ -119,8 +119,8 @@ class MailboxPump:
                     replica.schema = found[1]
                     self.outbox.put(S.STATE, S.schema(self.job, replica.name), found[1])
         fresh = box.status.seq[0] != replica.seen["status"]
-        every = self.reads_every_status is not None and self.reads_every_status()
-        if fresh and (every or final or now >= replica.next_status):
+        due = final or now >= replica.next_status
+        if fresh and (due or (self.reads_every_status is not None and self.reads_every_status())):
             found = box.status.try_read()
             if found is not None:
                 replica.seen["status"] = box.status_read[0] = found[0]

@@ -32,6 +32,7 @@ from loomrun import params as P
 from loomrun import subjects as S
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.desired import change, new_change_id
+from loomrun.metricwindow import Window
 from loomrun.output import say
 from loomrun.rulebook import MOST_RULES, Rule, read_rule
 from loomrun.rulelang import Action, Condition, Metric, RuleError, Watcher
@@ -47,7 +48,7 @@ class Unit:
         self.members = members
         self.watcher = Watcher(when)
         # member -> metric name -> [last, count, total, low, high] since the last point
-        self.pending: dict[str, dict[str, list[float]]] = {}
+        self.pending: dict[str, dict[str, tuple[float, Window]]] = {}  # member -> name ->
         self.steps: dict[str, int] = {}
         self.fired_step: int | None = None
         # change id -> (members yet to answer it, when it was asked)
@@ -63,13 +64,8 @@ class Unit:
             self.starts[member] = status.window_step
         kept = self.pending.setdefault(member, {})
         for name in fresh:
-            w = status.windows[name]
-            last, held = status.metrics[name], kept.get(name)
-            if held is None:
-                kept[name] = [last, w.count, w.mean * w.count, w.min, w.max]
-            else:
-                held[:] = [last, held[1] + w.count, held[2] + w.mean * w.count,
-                           _low(held[3], w.min), _high(held[4], w.max)]  # fmt: skip
+            window, held = Window.of_pb(status.windows[name]), kept.get(name)
+            kept[name] = (status.metrics[name], window if held is None else held[1].merged(window))
         self.steps[member] = status.step
 
     def point(self, metrics: list[Metric], across: str) -> tuple[int, int, dict] | None:
@@ -81,7 +77,7 @@ class Unit:
             return None
         point = {}
         for metric in metrics:
-            found = [_stat(kept[metric.name], metric.stat) for kept in self.pending.values()
+            found = [_stat(*kept[metric.name], metric.stat) for kept in self.pending.values()
                      if metric.name in kept]  # fmt: skip
             if found:
                 point[metric] = _across(found, across)
@@ -106,23 +102,18 @@ class Unit:
         self.fired_step, self.settled_at = None, 0
 
 
-def _stat(kept: list[float], stat: str) -> float:
-    last, count, total, low, high = kept
-    return {"last": last, "mean": total / count if count else last, "min": low, "max": high}[stat]
+def _stat(last: float, window: Window, stat: str) -> float:
+    if stat == "last" or (stat == "mean" and not window.count):
+        return last
+    if stat == "mean":
+        return window.total / window.count
+    return window.low if stat == "min" else window.high
 
 
 def _across(values: list[float], across: str) -> float:
     if across == "mean" or any(math.isnan(v) for v in values):
         return sum(values) / len(values)
     return min(values) if across == "min" else max(values)
-
-
-def _low(a: float, b: float) -> float:
-    return math.nan if math.isnan(a) or math.isnan(b) else min(a, b)
-
-
-def _high(a: float, b: float) -> float:
-    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
 class Rules:

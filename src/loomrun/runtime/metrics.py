@@ -15,6 +15,8 @@ import functools
 import math
 from typing import Any
 
+from loomrun.metricwindow import Window, merged, on_device
+
 DEVICE_READ_INTERVAL = 1.0  # seconds between reads of a metric that lives on a GPU
 RATE_AFTER = 0.1  # the first rate, this long after the first step
 FOLD_AT = 1024  # values of one metric kept between two statuses before they are folded
@@ -73,7 +75,7 @@ class Metrics:
 
                 kept = torch.stack(values).double()
                 window = Window(len(values), kept.sum(), kept.min(), kept.max())
-                if not _on_device(values[-1]):  # a GPU's waits for a read that may sync
+                if not on_device(values[-1]):  # a GPU's waits for a read that may sync
                     window = window.read()
             else:
                 numbers = [float(v) for v in values]
@@ -97,8 +99,8 @@ class Metrics:
         numbers, windows = {}, {}
         read_devices = final or now >= self._next_device_read
         for key, value in list(self.reported.items()):
-            on_device = _on_device(value)
-            if on_device and not (read_devices and _may_sync(value)):
+            device = on_device(value)
+            if device and not (read_devices and _may_sync(value)):
                 if key in self._device_numbers:
                     numbers[key] = self._device_numbers[key]
                 continue
@@ -113,7 +115,7 @@ class Metrics:
                 self._fold(key, self._since[key])
             if key in self._folded:  # read now, while a GPU's may be
                 windows[key] = self._folded.pop(key).read()
-            if on_device:
+            if device:
                 self._device_numbers[key] = numbers[key]
         if read_devices:
             self._next_device_read = now + DEVICE_READ_INTERVAL
@@ -124,8 +126,8 @@ class Metrics:
         self._unread = [entry for entry in self._unread if entry[0] > read]
         if len(self._unread) > UNREAD_KEPT:  # nobody reads (no control plane): one for all
             seq, step, _ = self._unread[-1]
-            self._unread = [(seq, step, _merged([w for _, _, w in self._unread]))]
-        return numbers, _merged([*(w for _, _, w in self._unread), windows])
+            self._unread = [(seq, step, merged([w for _, _, w in self._unread]))]
+        return numbers, merged([*(w for _, _, w in self._unread), windows])
 
     def written(self, seq: int, step: int) -> None:
         """The status just made is in the mailbox under number `seq` (0: it is not)."""
@@ -146,60 +148,6 @@ class Metrics:
             self._rate = (step - mark_step) / elapsed
             self._rate_mark = (now, step)
         return self._rate
-
-
-class Window:
-    """One metric's values since the status before: how many, their sum, min and max."""
-
-    __slots__ = ("count", "total", "low", "high")
-
-    def __init__(self, count: int, total: float, low: float, high: float):
-        self.count, self.total, self.low, self.high = count, total, low, high
-
-    def merged(self, other: Window) -> Window:
-        if _on_device(self.total) or _on_device(other.total):  # no sync to compare them
-            import torch
-
-            low, high = torch.minimum, torch.maximum  # which keep a NaN
-        else:
-            low, high = _low, _high
-        return Window(
-            self.count + other.count, self.total + other.total,
-            low(self.low, other.low), high(self.high, other.high),
-        )  # fmt: skip
-
-    def read(self) -> Window:
-        """In numbers (a GPU's window synced here, once)."""
-        return Window(self.count, float(self.total), float(self.low), float(self.high))
-
-    def to_pb(self, window) -> None:
-        """Into a MetricWindow (the numbers read now: a GPU's only when it may be)."""
-        window.count = self.count
-        window.mean, window.min, window.max = (
-            float(self.total) / self.count,
-            float(self.low),
-            float(self.high),
-        )
-
-
-def _low(a: float, b: float) -> float:
-    return math.nan if math.isnan(a) or math.isnan(b) else min(a, b)
-
-
-def _high(a: float, b: float) -> float:
-    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
-
-
-def _merged(windows: list[dict[str, Window]]) -> dict[str, Window]:
-    out: dict[str, Window] = {}
-    for each in windows:
-        for key, window in each.items():
-            out[key] = window if key not in out else out[key].merged(window)
-    return out
-
-
-def _on_device(value) -> bool:
-    return getattr(value, "is_cuda", False) or getattr(value, "is_xpu", False)
 
 
 def _may_sync(value) -> bool:
