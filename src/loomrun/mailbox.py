@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from google.protobuf.message import Message
 
 MAGIC = b"LOOMMBX2"
+COPY_MAGIC = b"LOOMSTA1"  # a copy's segment (statesegment): its header begins as this one's
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 SLOT_NAMES = ("desired", "acks", "schema", "status")
 # Room for structured values of up to params.LARGEST_VALUE (16 KiB) each; tmpfs pages are
@@ -92,7 +93,7 @@ def find_segment(job: str, replica: str) -> Path | None:
     return found[0] if len(found) == 1 else None
 
 
-def _pid_namespace() -> int:
+def pid_namespace() -> int:
     try:
         return os.stat("/proc/self/ns/pid").st_ino
     except OSError:
@@ -100,10 +101,10 @@ def _pid_namespace() -> int:
 
 
 def sweep_stale() -> list[Path]:
-    """Remove this user's segments whose supervisor is gone (a SIGKILL leaves it no chance
-    to clean up). Another user's, or one made in another pid namespace (where its pid means
-    another process), is never touched."""
-    removed, uid, namespace = [], os.getuid(), _pid_namespace()
+    """Remove this user's segments (mailboxes, copies) whose supervisor is gone (a SIGKILL
+    leaves it no chance to clean up). Another user's, or one made in another pid namespace
+    (where its pid means another process), is never touched."""
+    removed, uid, namespace = [], os.getuid(), pid_namespace()
     for path in SHM_DIR.glob("loomrun-*"):
         try:
             info = path.lstat()
@@ -113,7 +114,7 @@ def sweep_stale() -> list[Path]:
                 header = f.read(_PIDNS_OFFSET + 8)
         except OSError:
             continue
-        if len(header) < _PIDNS_OFFSET + 8 or header[:8] != MAGIC:
+        if len(header) < _PIDNS_OFFSET + 8 or header[:8] not in (MAGIC, COPY_MAGIC):
             continue
         pid = struct.unpack_from("<i", header, 16)[0]
         if struct.unpack_from("<Q", header, _PIDNS_OFFSET)[0] != namespace:
@@ -248,7 +249,7 @@ class Mailbox:
             os.ftruncate(fd, SEGMENT_SIZE)
             header = struct.pack("<IIi", SEGMENT_SIZE, len(SLOT_NAMES), os.getpid())
             os.pwrite(fd, MAGIC + header, 0)
-            os.pwrite(fd, struct.pack("<Q", _pid_namespace()), _PIDNS_OFFSET)
+            os.pwrite(fd, struct.pack("<Q", pid_namespace()), _PIDNS_OFFSET)
         except OSError as error:
             os.close(fd)
             path.unlink(missing_ok=True)

@@ -184,12 +184,24 @@ def action_sentence(
         if name == "save":
             size = f": {size}" if size else ""
             return f"saved {done.get('file', label)} at step {step}{size}{took}{note}"
+        if name == "share":
+            return (
+                f"state shared for {done.get('target')} at step {step}: {size}{took} "
+                f"(through {'the object store' if done.get('via') == 'store' else 'shm'}){note}"
+            )
+        if name == "copy":
+            return (
+                f"copied {done.get('from')}'s state of step {done.get('step')} at step "
+                f"{step}: {size}{took}{note}"
+            )
         return f"snapshot {label} taken at step {step}: {size}{took}{note}"
     what = {
         "snapshot": f"snapshot {label}".rstrip(),
         "rollback": f"rollback to {label or _before(done)}",
         "save": f"save to {label}",
         SNAPSHOT_EVERY: "periodic snapshots",
+        "share": f"share of the state for {done.get('target', '?')}",
+        "copy": f"copy from {done.get('from', '?')}",
     }[name]
     if state == "rejected":
         return f"{what} refused: {reason}" + (f" (at step {step})" if step else "")

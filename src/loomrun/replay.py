@@ -22,7 +22,7 @@ from pathlib import Path
 from loomrun.broker.state import state_dir
 from loomrun.outcomes import KIND_OF
 from loomrun.records import job_dir, node_files
-from loomrun.subjects import PAUSE, ROLLBACK, SAVE, SNAPSHOT
+from loomrun.subjects import COPY, PAUSE, ROLLBACK, SAVE, SHARE, SNAPSHOT
 
 ORIGIN = "replay"
 
@@ -92,7 +92,7 @@ def schedules(records: list[dict], replicas: list[str]) -> tuple[dict[str, list]
         taken = item["outcome"] == "applied" or (
             item["outcome"] == "overridden" and not item["ended"]
         )
-        if not taken or item["name"] in (PAUSE, SAVE) or item["step"] < 1:
+        if not taken or item["name"] in (PAUSE, SAVE, SHARE, COPY) or item["step"] < 1:
             continue
         if item["kind"] not in KIND_OF:
             raise ReplayError(f"the change of {item['name']} has an unknown kind {item['kind']!r}")

@@ -9,6 +9,7 @@ loomrun_state     {job}.{replica}.schema         Schema
 loomrun_status    {job}.{replica}                ReplicaStatus (memory, a few per second)
 loomrun_jobs      {job}.n{node_rank}             JobInfo with a heartbeat
 loomrun_devices   {uuid}                         Device
+object store loomrun_states  {job}.{source}.{target}.{token}  a replica's state, across hosts
 stream LOOMRUN_EVENTS on loomrun.{job}.events.{replica}   Event
 subject loomrun.{job}.outcomes.{replica}         Outcome, each once, as it happens
 subject loomrun.{job}.history.{replica}          request: MetricSeries, from its supervisor
@@ -26,6 +27,7 @@ STATE = "loomrun_state"
 STATUS = "loomrun_status"
 JOBS = "loomrun_jobs"
 DEVICES = "loomrun_devices"
+STATES = "loomrun_states"  # an object store: the states `copy` carries between hosts
 EVENTS_STREAM = "LOOMRUN_EVENTS"
 EVENTS_SUBJECTS = "loomrun.*.events.>"
 LEDGER_STREAM = "LOOMRUN_LEDGER"
@@ -40,7 +42,9 @@ PAUSE = "pause"
 # What `snapshot`, `rollback` and `save` write: an action, done once at one step (never a
 # parameter, never in effect); and the periodic snapshots' setting (`snapshot --every`).
 SNAPSHOT, ROLLBACK, SAVE = "snapshot", "rollback", "save"
-ACTIONS = frozenset({SNAPSHOT, ROLLBACK, SAVE})
+# `copy r2 --from r0`: r0 shares its state (writes it out for r2), then r2 copies it in.
+SHARE, COPY = "share", "copy"
+ACTIONS = frozenset({SNAPSHOT, ROLLBACK, SAVE, SHARE, COPY})
 SNAPSHOT_EVERY = "snapshot_every"
 SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # loomrun's own names: no parameter may be declared with one.
@@ -161,6 +165,10 @@ def node_failure_record(job: str, node_rank: int | str) -> str:
 def history(job: str, replica: str = "*") -> str:
     """Where a replica's supervisor answers a request for its metric history."""
     return f"loomrun.{job}.history.{replica}"
+
+
+def state_object(job: str, source: str, target: str, token: str) -> str:
+    return f"{job}.{source}.{target}.{token}"
 
 
 def split_desired(key: str) -> tuple[str, str, str | None] | None:

@@ -1,7 +1,8 @@
 """A seeded regression whose data turns bad for a few steps: from --bad-from, for --bad-for
 steps, the targets are 8 times too large, and SGD with momentum carries the damage on for
 long after. A loop in the usual shape (DDP on gloo when launched with several ranks, a
-BatchNorm, dropout, a warm-up schedule), written for the snapshot and rollback tests.
+BatchNorm, dropout, a warm-up schedule), written for the snapshot, rollback and copy tests (--independent: replicas of their own,
+each seeded by its rank).
 
 Each step prints `step <n> hash <h> params <p> loss <l> lr <lr> sched <e>`: n counts the
 optimizer steps from 1 (as loomrun counts them); h hashes the model's state_dict before
@@ -29,14 +30,15 @@ parser.add_argument("--iters", type=int, default=100_000)
 parser.add_argument("--bad-from", type=int, default=60)
 parser.add_argument("--bad-for", type=int, default=4)
 parser.add_argument("--step-time", type=float, default=0.0)
+parser.add_argument("--independent", action="store_true", help="replicas of their own, no DDP")
 args = parser.parse_args()
 
 stop = loomrun.param("stop", bool, default=False, doc="end the run after this step")
-ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.independent
 if ddp:
     dist.init_process_group("gloo")
-rank = dist.get_rank() if ddp else 0
-torch.manual_seed(0)
+rank = dist.get_rank() if ddp else int(os.environ.get("RANK", "0"))
+torch.manual_seed(rank if args.independent else 0)
 model = nn.Sequential(
     nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.05), nn.Linear(32, 1)
 )

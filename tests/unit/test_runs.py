@@ -7,7 +7,7 @@ from loomrun._proto import loomrun_pb2 as pb
 
 
 def test_a_record_is_of_this_run_by_the_brokers_order_and_before_it_by_its_time():
-    from loomrun.control.plane import Mark, of_this_run
+    from loomrun.control.runs import Mark, of_this_run
 
     made, started = "2026-11-30T01:00:00Z", 1000.0
     mark = Mark(made, 120, started + 2.0)  # purged 2 s after starting
@@ -21,7 +21,7 @@ def test_a_record_is_of_this_run_by_the_brokers_order_and_before_it_by_its_time(
 
 
 def test_node_0_forgets_the_ledger_parts_no_node_of_its_run_writes():
-    from loomrun.control.plane import earlier_parts
+    from loomrun.control.runs import earlier_parts
 
     found = {S.ledger("j", k): 3 for k in ("0", "1", "2", "10", "01", "x")}
     gone = {S.ledger("j", k) for k in ("2", "10", "01", "x")}

@@ -369,6 +369,56 @@ class SnapshotInfo(_message.Message):
     seconds: float
     def __init__(self, name: _Optional[str] = ..., step: _Optional[int] = ..., bytes: _Optional[int] = ..., periodic: _Optional[bool] = ..., time: _Optional[float] = ..., seconds: _Optional[float] = ...) -> None: ...
 
+class StateManifest(_message.Message):
+    __slots__ = ("source", "step", "tensors", "tree")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    TREE_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    step: int
+    tensors: _containers.RepeatedCompositeFieldContainer[StateTensor]
+    tree: StateTree
+    def __init__(self, source: _Optional[str] = ..., step: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[StateTensor, _Mapping]]] = ..., tree: _Optional[_Union[StateTree, _Mapping]] = ...) -> None: ...
+
+class StateTensor(_message.Message):
+    __slots__ = ("dtype", "shape", "offset")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class StateTree(_message.Message):
+    __slots__ = ("none", "b", "i", "f", "s", "list", "tuple", "map", "tensor")
+    NONE_FIELD_NUMBER: _ClassVar[int]
+    B_FIELD_NUMBER: _ClassVar[int]
+    I_FIELD_NUMBER: _ClassVar[int]
+    F_FIELD_NUMBER: _ClassVar[int]
+    S_FIELD_NUMBER: _ClassVar[int]
+    LIST_FIELD_NUMBER: _ClassVar[int]
+    TUPLE_FIELD_NUMBER: _ClassVar[int]
+    MAP_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    none: bool
+    b: bool
+    i: int
+    f: float
+    s: str
+    list: StateItems
+    tuple: StateItems
+    map: StateItems
+    tensor: int
+    def __init__(self, none: _Optional[bool] = ..., b: _Optional[bool] = ..., i: _Optional[int] = ..., f: _Optional[float] = ..., s: _Optional[str] = ..., list: _Optional[_Union[StateItems, _Mapping]] = ..., tuple: _Optional[_Union[StateItems, _Mapping]] = ..., map: _Optional[_Union[StateItems, _Mapping]] = ..., tensor: _Optional[int] = ...) -> None: ...
+
+class StateItems(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[StateTree]
+    def __init__(self, items: _Optional[_Iterable[_Union[StateTree, _Mapping]]] = ...) -> None: ...
+
 class ReplicaStatus(_message.Message):
     __slots__ = ("job", "replica", "host", "state", "restarts", "exit_code", "status", "device_uuid", "device_name", "gpu_util", "gpu_mem_used", "gpu_mem_total", "time", "pid")
     JOB_FIELD_NUMBER: _ClassVar[int]

@@ -33,6 +33,7 @@ COMMANDS = {
     "snapshot": "loomrun.cli.snapshots:snapshot_command",
     "rollback": "loomrun.cli.snapshots:rollback_command",
     "save": "loomrun.cli.snapshots:save_command",
+    "copy": "loomrun.cli.snapshots:copy_command",
     "rule": "loomrun.cli.rules:rule_group",
     "get": "loomrun.cli.inspecting:get_command",
     "schema": "loomrun.cli.inspecting:schema_command",

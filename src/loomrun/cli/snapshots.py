@@ -1,5 +1,6 @@
-"""snapshot, rollback, save: actions on a running job's training state, each done once at
-one step (the ranks of a process group: one they agree on) and answered like a `set`."""
+"""snapshot, rollback, save, copy: actions on a running job's training state, each done
+once at one step (the ranks of a process group: one they agree on) and answered like a
+`set`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 
 import click
 
+from loomrun.cli.options import Seconds, broker_options, job_option, json_option
 from loomrun.cli.steer import run_change, steering_options
 
 ACTION_CODES = (
@@ -181,3 +183,61 @@ def save_command(folder, job, replicas, at_step, force, timeout, no_wait, as_jso
         broker, job, no_wait, as_json,
         lambda s: s.act(job, SAVE, value, replicas, at_step, timeout, not no_wait, force),
     )  # fmt: skip
+
+
+def _copy_args(ctx, param, values: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+    """`r2 r3 lr=0.004`: the replicas to copy into, and the values to set on them."""
+    from loomrun.cli.steer import _parse_assignments
+    from loomrun.subjects import REPLICA_NAME
+
+    targets = [v for v in values if "=" not in v]
+    for name in targets:
+        if not REPLICA_NAME.fullmatch(name):
+            raise click.BadParameter(f"{name!r} is not a replica (like r2) nor KEY=VALUE")
+    if not targets:
+        raise click.BadParameter("name a replica to copy into (like r2)")
+    return targets, _parse_assignments(ctx, param, tuple(v for v in values if "=" in v))
+
+
+@click.command("copy", epilog=ACTION_CODES)
+@click.argument("args", nargs=-1, required=True, callback=_copy_args,
+                metavar="REPLICA... [KEY=VALUE...]")  # fmt: skip
+@click.option("--from", "source", required=True, metavar="REPLICA", help="Whose state to copy.")
+@click.option(
+    "--via",
+    type=click.Choice(["auto", "shm", "store"]),
+    default="auto",
+    show_default=True,
+    help="Shared memory (one host), or the broker's object store (between hosts); auto "
+    "chooses by where the two replicas run.",
+)
+@job_option()
+@click.option("--timeout", type=Seconds(min=0), default=60.0, show_default=True,
+              help="Seconds to wait for each answer.")  # fmt: skip
+@json_option()
+@broker_options
+def copy_command(args, source, via, job, timeout, as_json, broker):
+    """Give replicas another replica's training state at their next step, with no restart
+    (the exploit of population-based training), and set values beside it (explore).
+
+    \b
+      loomrun copy r2 --from r0              r2 trains on from r0's state
+      loomrun copy r2 r3 --from r0 lr=0.004  and with lr 0.004 (explore)
+    For independent replicas (--replicas N without torch.distributed). The source writes
+    what a snapshot holds (parameters, buffers, optimizer, scheduler and GradScaler state;
+    not its RNG, nor the values loomrun steers on it) at one step, into shared memory, or
+    for a replica on another host into the broker's JetStream object store (within
+    LOOMRUN_COPY_STORE_BYTES, 1G unless told). The values are set next, then each target
+    puts the state in place at its next step. Each answer says at which step, how many
+    bytes and how long it took.
+    """
+    from loomrun.subjects import REPLICA_NAME
+
+    targets, values = args
+    if not REPLICA_NAME.fullmatch(source):
+        raise click.BadParameter(f"{source!r} is not a replica (like r0)", param_hint="--from")
+    if source in targets:
+        raise click.BadParameter(f"{source} cannot copy its own state", param_hint="--from")
+    run_change(
+        broker, job, False, as_json, lambda s: s.copy(job, targets, source, values, via, timeout)
+    )

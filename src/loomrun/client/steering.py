@@ -357,6 +357,17 @@ class Steering:
         return await self._one(found.job, targets, name, key, value, at_step, at_once,
                                timeout, wait)  # fmt: skip
 
+    async def copy(
+        self, job: str | None, targets: list[str], source: str,
+        values: dict[str, Any] | None = None, via: str = "auto", timeout: float = 60.0,
+    ) -> list[Result]:  # fmt: skip
+        """Each of `targets` takes `source`'s training state at its next step, with no
+        restart, and `values` set beside it (client.copying): independent replicas only.
+        `via`: shm (one host), store (the broker's object store), or auto."""
+        from loomrun.client.copying import copy_state
+
+        return await copy_state(self, job, targets, source, values or {}, via, timeout)
+
     async def snapshots(self, job: str | None) -> tuple[str, list[dict[str, Any]], dict]:
         """The snapshots every replica keeps (from their statuses): one row per name and
         step, with its size and the replicas that hold it; and each replica's periodic

@@ -13,7 +13,6 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 from google.protobuf.message import DecodeError
 
@@ -32,6 +31,8 @@ from loomrun.control.pump import MailboxPump
 from loomrun.control.registry import Registry
 from loomrun.control.relay import DesiredRelay
 from loomrun.control.rules import Rules
+from loomrun.control.runs import Mark, earlier_parts, of_this_run
+from loomrun.control.transfer import Transfer
 from loomrun.devices import DeviceInfo, Devices
 from loomrun.mailbox import Mailbox, MailboxError
 from loomrun.outcomes import outcome_sentence
@@ -91,36 +92,6 @@ class ReplicaView:
         self.hung = False
 
 
-class Mark(NamedTuple):
-    """Where this node's run starts in the state bucket: its stream's making (as the broker
-    says), the revision of this node's purge of its own earlier record, and when that was
-    (this node's clock)."""
-
-    made: str
-    revision: int
-    time: float
-
-
-def of_this_run(revision: int, written: float, stream_made: str, mark: Mark, started: float):
-    """Whether another node's record (its `revision` in a stream made at `stream_made`, and
-    the time it says it was `written`) is of this node's run, which `started` and set its
-    `mark` in the bucket. After the mark in the broker's order (a later revision, or a
-    stream made since, whose revisions began again at 1), it is, whatever any clock says.
-    Before it, only the record's time can tell: between this node's start and its mark, it
-    is (another node failed while this one connected); a time after the mark on a record
-    written before it is a clock running ahead, and an earlier run's record."""
-    if stream_made != mark.made or revision > mark.revision:
-        return True
-    return started <= written <= mark.time
-
-
-def earlier_parts(subjects: dict[str, int] | list[str], nnodes: int) -> set[str]:
-    """The parts of a job's change ledger (`loomrun.JOB.ledger.K` subjects) that no node of
-    a run of `nnodes` nodes writes: an earlier run's with more nodes, or none of loomrun's."""
-    ours = {str(rank) for rank in range(nnodes)}
-    return {s for s in subjects if S.last_token(s) not in ours}
-
-
 def wire(
     job: str, replicas: dict[str, ReplicaView], outbox: Outbox, link: BrokerLink | None = None,
     *, host: str = "", devices: Devices | None = None, events=None, ledger: Ledger | None = None,
@@ -132,6 +103,7 @@ def wire(
     pump.ledger, pump.history = ledger, history
     relay = DesiredRelay(job, replicas, link, outbox, pump.written)
     pump.on_not_applied = relay.not_applied
+    relay.transfer = pump.transfer = Transfer(job, link, replicas) if link is not None else None
     return relay, pump
 
 
@@ -400,6 +372,8 @@ class ControlPlane:
                 await asyncio.wait_for(self.outbox.flush(), 3.0)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.outbox.flush_records(), RECORDS_AT_CLOSE)
+        if self.pump.transfer is not None:
+            await self.pump.transfer.close()
         missing = self.outbox.unacked + self.outbox.dropped
         if missing:
             kept = "changes.jsonl has them" if self.ledger.on_disk else "no file has them"

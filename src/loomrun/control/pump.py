@@ -57,6 +57,7 @@ class MailboxPump:
         self.on_status = None  # the rules': each status the worker wrote, as read
         self.reads_every_status = None  # the rules': whether they want every status
         self.on_answer = None  # the rules': each answer
+        self.transfer = None  # control.transfer: a share for another host goes out first
         self._written = asyncio.Event()
         self._spin_until = 0.0
         self._window = (0.0, 0.0)  # (start, seconds spun since): the spinning budget
@@ -156,6 +157,12 @@ class MailboxPump:
             self._answered(replica, answer_change(parts, pb.SUPERSEDED, step))
 
     def _answered(self, replica, outcome: pb.Outcome) -> None:
+        if self.transfer is not None and self.transfer.carries(outcome):
+            self.transfer.carry(replica.name, outcome, lambda done: self._answer(replica, done))
+        else:
+            self._answer(replica, outcome)
+
+    def _answer(self, replica, outcome: pb.Outcome) -> None:
         self._publish_outcome(replica, outcome)
         if self.on_answer is not None:
             self.on_answer(replica.name, outcome)

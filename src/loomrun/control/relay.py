@@ -56,6 +56,8 @@ class DesiredRelay:
         self.refusal = ""
         self._watcher = None
         self._mine = f"{job}."
+        self.transfer = None  # control.transfer: a copy from another host is fetched first
+        self._latest: dict[str, str] = {}  # a copy's key -> the change id it took last
 
     def subjects(self, several_filters: bool = True) -> list[str]:
         """What this node watches: its own replicas' keys only, so that on a job of many
@@ -136,6 +138,17 @@ class DesiredRelay:
         if want.together and not together_fits(name, want.together):
             say(f"ignored a desired value for {key} with a malformed list of its change's keys")
             return
+        if name == S.COPY and self.transfer is not None:
+            self._latest[key] = want.change_id
+            if self.transfer.needs_fetch(replica.name, want):
+
+                def fetched() -> None:  # unless a later copy came meanwhile
+                    if self._latest.get(key) == want.change_id:
+                        self.take(key, operation, data, revision)
+
+                self.transfer.fetch(replica.name, want, fetched)
+                return
+            want = self.transfer.annotated(want)
         want.revision = revision
         want.ClearField("base")  # the supervisor's own, never a client's
         self._superseded(replica, changes.delivered(name, want.change_id))

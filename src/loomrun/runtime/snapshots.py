@@ -28,7 +28,7 @@ from loomrun import params as P
 from loomrun._proto import loomrun_pb2 as pb
 from loomrun.outcomes import answer_change, size_words
 from loomrun.runtime.change import lead
-from loomrun.subjects import ROLLBACK, SAVE, SNAPSHOT, SNAPSHOT_EVERY
+from loomrun.subjects import COPY, ROLLBACK, SAVE, SHARE, SNAPSHOT, SNAPSHOT_EVERY
 from loomrun.subjects import SNAPSHOT_NAME as NAME
 
 KEEP = 2  # periodic snapshots kept, unless told
@@ -145,7 +145,7 @@ class Snapshots:
                 )
             done, old = {
                 SNAPSHOT: self._snapshot, ROLLBACK: self._rollback, SAVE: self._save,
-                SNAPSHOT_EVERY: self._every,
+                SNAPSHOT_EVERY: self._every, SHARE: self._share, COPY: self._copy,
             }[name](value, step, together)  # fmt: skip
         except ActionError as error:
             outcome.reason = str(error)
@@ -169,7 +169,7 @@ class Snapshots:
         return group
 
     def _snapshot(self, value: dict, step: int, together) -> tuple[dict, None]:
-        name = _text(value, "name") or f"step-{step}"
+        name = text(value, "name") or f"step-{step}"
         if not NAME.fullmatch(name):
             raise ActionError(f"{name!r} cannot name a snapshot (letters, digits, _ . -)")
         taken, dropped = self._take(name, step, periodic=False)
@@ -184,10 +184,10 @@ class Snapshots:
         from loomrun.runtime.trainstate import capture
 
         started = time.perf_counter()
-        found = self._found()
+        found = self.found()
         dropped = self._room(found.nbytes(), name, periodic)
         try:
-            content = capture(found, self._steered())
+            content = capture(found, self.steered())
         except Exception as error:  # noqa: BLE001 - said in the answer
             gone = f" (dropped {', '.join(dropped)} first, to make room)" if dropped else ""
             raise ActionError(f"cannot take it: {type(error).__name__}: {error}{gone}") from None
@@ -195,7 +195,18 @@ class Snapshots:
         self.kept.append(taken)
         return taken, dropped
 
-    def _found(self):
+    def _share(self, value: dict, step: int, together) -> tuple[dict, None]:
+        from loomrun.runtime.statecopy import share_action
+
+        return share_action(self, value, step), None
+
+    def _copy(self, value: dict, step: int, together) -> tuple[dict, None]:
+        from loomrun.runtime.statecopy import copy_action
+
+        return copy_action(self, value, step), None
+
+    def found(self):
+        """The objects of this replica's training state (ActionError when none yet)."""
         optimizers = self.optimizers.optimizers if self.optimizers is not None else []
         schedulers = self.optimizers.schedulers if self.optimizers is not None else ()
         if not optimizers and not self.finder.tracked:
@@ -205,7 +216,7 @@ class Snapshots:
             )
         return self.finder.find(optimizers, schedulers)
 
-    def _steered(self):
+    def steered(self):
         return self.optimizers.steered if self.optimizers is not None else None
 
     def _room(self, need: int, name: str, periodic: bool) -> list[str]:
@@ -276,7 +287,7 @@ class Snapshots:
         before = value.get("before", 0)
         if not isinstance(before, int) or isinstance(before, bool) or before < 0:
             raise ActionError(f"before must be a step number, not {before!r}")
-        name, problem, chosen = _text(value, "name"), "", None
+        name, problem, chosen = text(value, "name"), "", None
         try:
             chosen = self.choose(name, before, step)
             check(chosen.content)
@@ -302,7 +313,7 @@ class Snapshots:
         counts = {id(s): getattr(s, "last_epoch", None) for s in live if s is not None}
         try:
             now = self.optimizers.optimizers if self.optimizers is not None else []
-            notes, restored = restore(chosen.content, self._steered(), now)
+            notes, restored = restore(chosen.content, self.steered(), now)
         except Exception as error:  # noqa: BLE001 - said in the answer, and to the other ranks
             failed, notes, restored = error, [], []
         whole = together.alike("whole" if failed is None else "") if together else True
@@ -311,15 +322,12 @@ class Snapshots:
                 f"the rollback to {chosen.name} failed part-way ({type(failed).__name__}: "
                 f"{failed}): this replica's state is now partly the snapshot's"
             )
-        if not self.worker.explicit_steps and self.optimizers is not None:
-            # This step's optimizer step is a no-op: each scheduler restored skips the
-            # steps it takes in one (as many as it took a step since the snapshot).
-            skips = {}
-            for scheduler in restored:
-                now, then = counts.get(id(scheduler)), getattr(scheduler, "last_epoch", None)
-                if isinstance(now, int) and isinstance(then, int) and step > chosen.step:
-                    skips[id(scheduler)] = round((now - then) / (step - chosen.step))
-            self.optimizers.skip_next_step(restored, skips)
+        skips = {}  # each scheduler restored skips as many as it took per step since
+        for scheduler in restored:
+            now, then = counts.get(id(scheduler)), getattr(scheduler, "last_epoch", None)
+            if isinstance(now, int) and isinstance(then, int) and step > chosen.step:
+                skips[id(scheduler)] = round((now - then) / (step - chosen.step))
+        self.skip(restored, skips)
         seconds = time.perf_counter() - started
         done = {"name": chosen.name, "step": chosen.step, "seconds": round(seconds, 6)}
         if not whole:
@@ -328,10 +336,17 @@ class Snapshots:
             done["note"] = "; ".join(notes)
         return done, {"step": step}
 
+    def skip(self, restored: list, counts: dict[int, int]) -> None:
+        """At the boundary inside an optimizer step, the state was just put back: that
+        step is a no-op (the gradients are None), and each scheduler restored skips the
+        steps the script takes of it in one step (`counts` by id; one when not known)."""
+        if not self.worker.explicit_steps and self.optimizers is not None:
+            self.optimizers.skip_next_step(restored, counts)
+
     def _save(self, value: dict, step: int, together) -> tuple[dict, None]:
         from loomrun.runtime.trainstate import write_checkpoint
 
-        folder = _text(value, "dir").replace("{step}", str(step))
+        folder = text(value, "dir").replace("{step}", str(step))
         if not folder or not os.path.isabs(folder):
             raise ActionError(f"save needs an absolute folder, not {folder!r}")
         replica = os.environ.get("LOOMRUN_REPLICA", "r0")
@@ -359,7 +374,7 @@ class Snapshots:
     def _checkpoint(self, step: int, replica: str) -> dict:
         from loomrun.runtime.trainstate import checkpoint
 
-        data = checkpoint(self._found())
+        data = checkpoint(self.found())
         group = self.worker.group
         data.update(
             format="loomrun-checkpoint/1", step=step, replica=replica, time=time.time(),
@@ -398,7 +413,7 @@ class Snapshots:
         return [s.info() for s in self.kept]
 
 
-def _text(value: dict, key: str) -> str:
+def text(value: dict, key: str) -> str:
     found = value.get(key, "")
     if not isinstance(found, str):
         raise ActionError(f"{key} must be text, not {found!r}")
