@@ -1,8 +1,8 @@
 """A seeded regression whose data turns bad for a few steps: from --bad-from, for --bad-for
 steps, the targets are 8 times too large, and SGD with momentum carries the damage on for
 long after. A loop in the usual shape (DDP on gloo when launched with several ranks, a
-BatchNorm, dropout, a warm-up schedule), written for the snapshot, rollback and copy tests (--independent: replicas of their own,
-each seeded by its rank).
+BatchNorm, dropout, a warm-up schedule), written for the snapshot, rollback and copy
+tests (--independent: replicas of their own, each seeded by its rank).
 
 Each step prints `step <n> hash <h> params <p> loss <l> lr <lr> sched <e>`: n counts the
 optimizer steps from 1 (as loomrun counts them); h hashes the model's state_dict before
