@@ -11,12 +11,12 @@ from jobs import cli_json, job_id, one_step
 SPIKY = SCRIPTS / "spiky.py"
 
 
-def run_to_file(procs, tmp_path, name, *args, replicas=1, extra=()):
+def run_to_file(procs, tmp_path, name, *args, replicas=1, extra=(), env=None):
     out = tmp_path / f"{name}.out"
     job = job_id(name)
     with out.open("w") as sink:
         sup = procs.start(
-            "--replicas", replicas, "--job", job, *extra, SPIKY, *args, stdout=sink
+            "--replicas", replicas, "--job", job, *extra, SPIKY, *args, stdout=sink, env=env
         )  # fmt: skip
     return job, sup, out
 
