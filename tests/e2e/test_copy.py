@@ -97,8 +97,9 @@ def test_a_copy_refused_is_one_line_and_the_job_trains_on(procs, tmp_path):
     code, refused = cli_json("copy", "r1", "--from", "r0", "--via", "store", "--job", job)
     share = copied(refused)["share"]
     assert code == 1 and share["state"] == "rejected" and "copy" not in copied(refused)
-    assert "more than 2.0 KB (the object store's budget, LOOMRUN_COPY_STORE_BYTES)" in (
-        share["reason"]
+    assert (
+        "more than 2.0 KB (the object store's budget, LOOMRUN_COPY_STORE_BYTES)"
+        in (share["reason"])
     ), share
     for args, said in [
         (("r1", "--from", "r1"), "r1 cannot copy its own state"),
