@@ -28,7 +28,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    # Replicas here are independent runs (no DDP): each gets its own seed.
+    # Replicas here are independent runs of one task (no DDP): each gets its own seed for
+    # its initial weights and its batches; the task itself is the same for all of them.
     torch.manual_seed(args.seed + int(os.environ.get("RANK", "0")))
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
@@ -37,7 +38,8 @@ def main() -> None:
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=50, gamma=0.5)
     elif args.scheduler == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps)
-    true_w = torch.randn(16, 1)
+    true_w = torch.randn(16, 1, generator=torch.Generator().manual_seed(1234))
+    losses = []
 
     for step in range(1, args.steps + 1):
         x = torch.randn(args.batch, 16)
@@ -49,12 +51,15 @@ def main() -> None:
         if scheduler is not None:
             scheduler.step()
         loss_value = loss.item()
+        losses.append(loss_value)
         loomrun.report(loss=loss_value)
         if step % args.print_every == 0 or step == args.steps:
             lr = optimizer.param_groups[0]["lr"]
             print(f"step {step:5d}  loss {loss_value:.4f}  lr {lr:.6g}", flush=True)
         if args.step_time:
             time.sleep(args.step_time)
+    tail = losses[-50:]
+    print(f"final loss {sum(tail) / len(tail):.6f} (the mean of the last {len(tail)} steps)")
 
 
 if __name__ == "__main__":
