@@ -5,46 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import shutil
-import subprocess
-import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
-from conftest import ROOT, SCRIPTS, run_loomrun, wait_for
+from conftest import SCRIPTS, run_loomrun, wait_for
 from jobs import job_id, start, wait_ready
+from pages import ARTIFACTS, chromium_session, read_lines, start_ui
 
 from loomrun.ui.server import cookie_name
 
-ARTIFACTS = Path(os.environ.get("LOOMRUN_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 
-
-def read_lines(proc: subprocess.Popen) -> list[str]:
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-    return lines
-
-
-def start_ui(procs, *args) -> tuple[str, str, str]:
-    """Start `loomrun ui`; its URL, base address and token, as it printed them."""
-    proc = procs.start("ui", *args)
-    lines = read_lines(proc)
-
-    def printed():
-        for line in list(lines):
-            if found := re.search(r"(http://127\.0\.0\.1:\d+)/\?token=(\S+)", line):
-                return found
-        assert proc.poll() is None, proc.stderr.read()
-        return None
-
-    found = wait_for(printed, 30, what="the URL loomrun ui prints")
-    return found[0], found[1], found[2]
+@pytest.fixture
+def browser():
+    with chromium_session() as session:
+        yield session
 
 
 def call(base: str, path: str, body=None, token=None, headers=None, raw: bytes | None = None):
@@ -129,32 +106,6 @@ async def websocket_gate(base: str, token: str) -> None:
             assert frame["type"] == "frame"
             frame = json.loads((await live.receive(timeout=10)).data)  # still going
             assert frame["type"] == "frame"
-
-
-@pytest.fixture
-def browser():
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if chromium is None or driver is None:
-        pytest.skip("chromium and chromium-driver are not installed (make test installs them "
-                    "with apt-get where it runs as root)")  # fmt: skip
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    profile = tempfile.mkdtemp(prefix="loomrun-chromium-")
-    for flag in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--window-size=1400,1600", f"--user-data-dir={profile}",
-    ):  # fmt: skip
-        options.add_argument(flag)
-    session = webdriver.Chrome(service=Service(driver), options=options)
-    try:
-        yield session
-    finally:
-        session.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def used_lrs(lines: list[str], replica: str) -> list[tuple[int, float]]:

@@ -524,8 +524,10 @@ function markerPlugin() {
       for (const marker of state.markers) {
         const x = Math.round(u.valToPos(marker.step, "x", true));
         if (x < u.bbox.left || x > u.bbox.left + u.bbox.width) continue;
-        // a rollback: solid; a rule's firing: dotted, where the point met its condition
-        ctx.setLineDash(marker.outcome === "fired" ? [1, 3] : marker.name === "rollback" ? [] : [5, 4]);
+        // a rollback: solid; a rule's firing: dotted, where the point met its condition;
+        // a copy of another replica's state (an exploit): dash-dot
+        ctx.setLineDash(marker.outcome === "fired" ? [1, 3] : marker.name === "rollback" ? []
+          : marker.name === "copy" ? [8, 3, 2, 3] : [5, 4]);
         ctx.strokeStyle = color(marker.replica);
         ctx.beginPath();
         ctx.moveTo(x, u.bbox.top);
@@ -557,6 +559,8 @@ const ACTIONS = {
   snapshot: (done) => `snapshot ${done.name}`,
   save: (done) => `saved ${done.file}`,
   snapshot_every: (done) => (done.every ? `a snapshot every ${done.every} steps` : "periodic snapshots off"),
+  share: (done) => `state shared for ${done.target}`,
+  copy: (done) => `copied ${done.from}'s state (of step ${done.step})`,
 };
 
 function describe(record) {
@@ -580,7 +584,8 @@ function onChanges(message) {
   const body = $("#changes tbody");
   for (const record of message.records) {
     state.records.push(record);
-    if (["applied", "overridden", "fired"].includes(record.outcome)) state.markers.push(record);
+    // a share is drawn by its copy, on the replica that took it
+    if (["applied", "overridden", "fired"].includes(record.outcome) && record.name !== "share") state.markers.push(record);
     body.prepend(el("tr", {"data-replica": record.replica, "data-change": record.change_id},
       el("td", {text: new Date(record.time * 1000).toLocaleTimeString()}),
       el("td", {text: record.replica}), el("td", {text: partsOf(record).map((p) => p.name).join(", ")}),
