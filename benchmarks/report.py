@@ -29,6 +29,7 @@ SCRIPTS = [
     ("scale.py", "64 replicas on one supervisor: CPU, freshness, set fan-out"),
     ("snapshot.py", "snapshot, rollback and save of a 9.4 M-parameter model with AdamW"),
     ("rules.py", "a rule's firing: from a one-step spike to its change applied"),
+    ("statecopy.py", "loomrun copy of a 9.4 M-parameter model: shared memory, object store"),
     ("group.py", "a 64-rank process group: one set, applied at one common step"),
 ]
 TIMEOUT = 1200
