@@ -91,7 +91,11 @@ async def pbt(args: argparse.Namespace) -> int:
                     print(f"pbt round {rounds + 1}: {winner} shows no lr: no exploit", flush=True)
                     continue
                 explored = lr * chance.choice(args.factors)
-                results = await steering.copy(job, [loser], winner, {"lr": explored})
+                try:
+                    results = await steering.copy(job, [loser], winner, {"lr": explored})
+                except SteerError as error:  # one of them ended meanwhile: the job ends
+                    print(f"pbt round {rounds + 1}: no exploit: {error}", flush=True)
+                    continue
                 for result in results:
                     print(f"pbt round {rounds + 1}: {result.replica}  {result.sentence()}")
             rounds += 1

@@ -77,6 +77,13 @@ def header(size: int, manifest: int, data: int, supervisor: int) -> bytes:
     return bytes(block)
 
 
+def own(view: mmap.mmap) -> None:
+    """Name this process as the segment's supervisor (a segment fetched from another host
+    names that host's)."""
+    struct.pack_into("<i", view, 16, os.getpid())
+    struct.pack_into("<Q", view, 32, pid_namespace())
+
+
 def create(path: Path, size: int) -> mmap.mmap:
     """A new segment of `size` bytes, mapped for writing; SegmentError if it exists."""
     flags = os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW

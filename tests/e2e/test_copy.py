@@ -70,7 +70,6 @@ def test_copy_gives_a_replica_anothers_state_through_shm_and_the_object_store(pr
     assert copied(second)["share"]["new"]["object"].endswith(
         copied(second)["share"]["new"]["token"]
     )
-    assert copied(second)["copy"]["change_id"] != copied(first)["copy"]["change_id"]
     assert copies_left(job) == [], "each segment goes once read"
     last = max(copied(second)["copy"]["step"], copied(first)["copy"]["step"])
     at_least(out, last + 2, ("r2",))
@@ -81,6 +80,19 @@ def test_copy_gives_a_replica_anothers_state_through_shm_and_the_object_store(pr
     lrs = hashes(text, "r2", "lr")
     assert float(lrs[at + 1]) == float(lrs[again + 1]) == 0.005, "its own value stays"
     assert float(hashes(text, "r1", "lr")[again + 1]) == 0.02, "the source keeps its own"
+
+    # Two targets in one command: each its own share, one after another.
+    code, both = cli_json("copy", "r1", "r2", "--from", "r0", "--job", job)
+    assert code == 0, both
+    shares = [c for c in both["changes"] if c["name"] == "share"]
+    assert [c["new"]["target"] for c in shares] == ["r1", "r2"], both
+    into = {c["replica"]: c for c in both["changes"] if c["name"] == "copy"}
+    at_least(out, max(c["step"] for c in into.values()) + 2, ("r1", "r2"))
+    text = out.read_text()
+    for share in shares:
+        target = share["new"]["target"]
+        check_copy(text, {"changes": [share, into[target]]}, "r0", target, "shm")
+    assert copies_left(job) == []
 
     log = run_loomrun("log", "--job", job)
     assert f"copied r0's state of step {copied(first)['share']['step']}" in log.stdout, log.stdout

@@ -1,12 +1,13 @@
 """examples/pbt.py, live on 4 replicas of examples/train.py (a learning rate far too low
 for the task), as the README runs it: every 200 steps the worst replica takes the best
 one's state and a perturbed lr, with no restart. Its best replica ends at least as good
-as the best of the same 4 seeds unsteered, and the page (in chromium) draws each exploit
-as a marker on the loss curves."""
+as the best of the same 4 seeds unsteered (by a margin), and the page (in chromium, where
+it is installed) draws each exploit as a marker on the loss curves."""
 
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 
@@ -38,19 +39,8 @@ def test_pbt_beats_the_best_unsteered_seed_and_the_page_shows_its_exploits(procs
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        with chromium_session() as browser:
-            browser.get(url)
-            state = lambda expression: browser.execute_script(f"return {expression}")  # noqa: E731
-            wait_for(
-                lambda: state("window.loomrun.markers.filter((m) => m.name === 'copy').length")
-                >= 3,
-                120, what="three exploits drawn on the page",
-            )  # fmt: skip
-            copies = state("window.loomrun.markers.filter((m) => m.name === 'copy')")
-            assert all(m["outcome"] == "applied" and m["new"]["from"] for m in copies), copies
-            assert state("window.loomrun.markers.some((m) => m.name === 'share')") is False
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            assert browser.save_screenshot(str(ARTIFACTS / "pbt.png"))
+        if shutil.which("chromium") and shutil.which("chromedriver"):
+            page(url)
         said, errors = controller.communicate(timeout=300)
     finally:
         controller.kill()
@@ -66,4 +56,22 @@ def test_pbt_beats_the_best_unsteered_seed_and_the_page_shows_its_exploits(procs
     unsteered = finals(alone.stdout)
     print(f"pbt: best {min(steered.values()):.4f}; the same seeds unsteered: best "
           f"{min(unsteered.values()):.4f}")  # fmt: skip
-    assert min(steered.values()) <= min(unsteered.values()), (steered, unsteered)
+    # Better by a margin: a replica never exploited trains as it would unsteered, so a tie
+    # is what a PBT whose copies did nothing would give.
+    assert min(steered.values()) < 0.9 * min(unsteered.values()), (steered, unsteered)
+
+
+def page(url: str) -> None:
+    """The page draws each exploit as a marker (a copy's, never a share's)."""
+    with chromium_session() as browser:
+        browser.get(url)
+        state = lambda expression: browser.execute_script(f"return {expression}")  # noqa: E731
+        wait_for(
+            lambda: state("window.loomrun.markers.filter((m) => m.name === 'copy').length") >= 3,
+            120, what="three exploits drawn on the page",
+        )  # fmt: skip
+        copies = state("window.loomrun.markers.filter((m) => m.name === 'copy')")
+        assert all(m["outcome"] == "applied" and m["new"]["from"] for m in copies), copies
+        assert state("window.loomrun.markers.some((m) => m.name === 'share')") is False
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        assert browser.save_screenshot(str(ARTIFACTS / "pbt.png"))

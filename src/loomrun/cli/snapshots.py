@@ -227,9 +227,9 @@ def copy_command(args, source, via, job, timeout, as_json, broker):
     what a snapshot holds (parameters, buffers, optimizer, scheduler and GradScaler state;
     not its RNG, nor the values loomrun steers on it) at one step, into shared memory, or
     for a replica on another host into the broker's JetStream object store (within
-    LOOMRUN_COPY_STORE_BYTES, 1G unless told). The values are set next, then each target
-    puts the state in place at its next step. Each answer says at which step, how many
-    bytes and how long it took.
+    LOOMRUN_COPY_STORE_BYTES in the job's environment, 1G unless told). The values are set
+    next, then each target puts the state in place at its next step. Each answer says at
+    which step, how many bytes and how long the worker took (not the object store's part).
     """
     from loomrun.subjects import REPLICA_NAME
 

@@ -6,7 +6,8 @@ to shared memory; for a replica on another host, carried through the broker's ob
 store by the supervisors), the values are set on r2, then r2 copies the state in at its
 next step. The values go first so that from the step of the copy on, r2 trains r0's state
 with its own new values (the weights it had meanwhile are replaced). Each target gets its
-own share: two targets may get r0's state of two steps.
+own share, one after another (a share is a change of the source's one key): two targets
+may get r0's state of two steps.
 """
 
 from __future__ import annotations
@@ -50,12 +51,22 @@ async def copy_state(
         raise SteerError(f"{source} is not running ({ended[source]}): there is no state to copy")
     checked = await steering.check(found.job, targets, values) if values else {}
     hosts = {r: s.host for r, s in (await steering.statuses(found.job)).items()}
-    done = await asyncio.gather(*(
-        _copy_one(steering, found.job, target, source, checked.get(target, {}),
-                  _way(via, hosts, source, target), timeout)
-        for target in targets
-    ))  # fmt: skip
+    rest = []
+    for target in targets:  # one share after another: each is a change of the source's one key
+        way = _way(via, hosts, source, target)
+        shared, token = await _share(steering, found.job, target, source, way, timeout)
+        rest.append(_done(shared))
+        if shared and shared[0].state == "applied":
+            rest.append(asyncio.ensure_future(_copy_in(
+                steering, found.job, target, source, checked.get(target, {}), way, token,
+                shared[0].outcome.step, timeout,
+            )))  # fmt: skip
+    done = await asyncio.gather(*rest)
     return [result for results in done for result in results]
+
+
+async def _done(results: list[Result]) -> list[Result]:
+    return results
 
 
 def _way(via: str, hosts: dict[str, str], source: str, target: str) -> str:
@@ -67,25 +78,28 @@ def _way(via: str, hosts: dict[str, str], source: str, target: str) -> str:
     return "shm" if here and here == there else "store"
 
 
-async def _copy_one(
-    steering, job: str, target: str, source: str, values: dict[str, Any], via: str,
-    timeout: float,
-) -> list[Result]:  # fmt: skip
+async def _share(
+    steering, job: str, target: str, source: str, via: str, timeout: float
+) -> tuple[list[Result], str]:
     token = secrets.token_hex(8)
     asked = {"target": target, "token": token, "via": via}
     shared = await steering._one(
         job, [source], S.SHARE, lambda r: S.desired_param(job, r, S.SHARE), asked, None, True,
         timeout, True,
     )  # fmt: skip
-    results = list(shared)
-    if not shared or shared[0].state != "applied":
-        return results  # nothing was written for the target
+    return shared, token
+
+
+async def _copy_in(
+    steering, job: str, target: str, source: str, values: dict[str, Any], via: str,
+    token: str, step: int, timeout: float,
+) -> list[Result]:  # fmt: skip
+    results = []
     if values:
         writes = [(target, {n: (S.desired_param(job, target, n), v) for n, v in values.items()})]
         results += await steering.correlator.write_and_wait(
             job, writes, 0, True, timeout, True, pb.SET
         )
-    step = shared[0].outcome.step
     wanted = {"from": source, "token": token, "step": step, "via": via}
     results += await steering._one(
         job, [target], S.COPY, lambda r: S.desired_param(job, r, S.COPY), wanted, None, True,

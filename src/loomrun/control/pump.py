@@ -1,6 +1,7 @@
 """The mailboxes out: each worker's outcomes, schema and status, published.
 
-Outcomes go out each exactly once, in the order the worker answered, on the job's outcomes
+Outcomes go out each exactly once, in the order the worker answered (a share for another
+host: once its state is in the object store, control.transfer), on the job's outcomes
 subject (a `set` waits there for its own change's id) and as the latest per parameter for
 `get`. A change the relay replaced before the worker read it is answered here: superseded.
 Status goes out when the worker wrote one, and at least every heartbeat while the replica
@@ -157,19 +158,24 @@ class MailboxPump:
             self._answered(replica, answer_change(parts, pb.SUPERSEDED, step))
 
     def _answered(self, replica, outcome: pb.Outcome) -> None:
-        if self.transfer is not None and self.transfer.carries(outcome):
-            self.transfer.carry(replica.name, outcome, lambda done: self._answer(replica, done))
+        carried = self.transfer is not None and self.transfer.carries(outcome)
+        if carried:  # told once its state is in the object store; settled here at once
+            told = pb.Outcome()
+            told.CopyFrom(outcome)
+            self.transfer.carry(replica.name, told, lambda done: self._tell(replica, done))
         else:
-            self._answer(replica, outcome)
-
-    def _answer(self, replica, outcome: pb.Outcome) -> None:
-        self._publish_outcome(replica, outcome)
-        if self.on_answer is not None:
-            self.on_answer(replica.name, outcome)
+            self._tell(replica, outcome)
+        if self.transfer is not None:
+            self.transfer.answered(replica.name, outcome)
         replica.changes.answered(outcome, replayed=outcome.origin == REPLAYED)
         done = outcome.state in NOT_APPLIED or outcome.name in S.ACTIONS  # an action: once
         if done and self.on_not_applied is not None:
             self.on_not_applied(replica, outcome)
+
+    def _tell(self, replica, outcome: pb.Outcome) -> None:
+        self._publish_outcome(replica, outcome)
+        if self.on_answer is not None:
+            self.on_answer(replica.name, outcome)
 
     def _malformed(self, replica, outcome: pb.Outcome) -> None:
         """An answer no worker of loomrun writes (its parameter's name, or a count far past

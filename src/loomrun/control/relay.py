@@ -140,11 +140,16 @@ class DesiredRelay:
             return
         if name == S.COPY and self.transfer is not None:
             self._latest[key] = want.change_id
+            if self.transfer.fetching(want):
+                return  # delivered once fetched
             if self.transfer.needs_fetch(replica.name, want):
 
-                def fetched() -> None:  # unless a later copy came meanwhile
+                def fetched() -> None:
                     if self._latest.get(key) == want.change_id:
                         self.take(key, operation, data, revision)
+                    else:  # a later copy came meanwhile: this one is never delivered
+                        self.transfer.dropped(replica.name, want)
+                        self._superseded(replica, [{name: want}])
 
                 self.transfer.fetch(replica.name, want, fetched)
                 return

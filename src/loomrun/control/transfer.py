@@ -6,8 +6,9 @@ job has already, so no file server is needed. On one host nothing moves here: th
 reads the source's segment. Objects go once fetched, and age out after an hour besides.
 
 A fetch that fails still delivers the copy, with the reason added to its value: the worker
-answers it, refused, at its step, as any change is answered. When the supervisor ends, the
-segments its replicas shared or were to copy, and never read, are removed.
+answers it, refused, at its step, as any change is answered. A segment no copy read goes
+when its copy is answered otherwise, LEFT_FOR after its share, or when the supervisor
+ends.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import Callable
 
 from loomrun import params as P
@@ -24,6 +26,7 @@ from loomrun._proto import loomrun_pb2 as pb
 from loomrun.output import say
 
 OBJECT_TTL = 3600.0  # seconds an object no target fetched is kept
+LEFT_FOR = 600.0  # seconds a segment shared on this host waits for its copy, at most
 REMEMBERED = 1000  # change ids of fetches kept, at most
 
 
@@ -35,6 +38,8 @@ class Transfer:
         self._store = None
         self._tasks: set[asyncio.Task] = set()
         self._fetched: dict[str, str] = {}  # change id -> "" once fetched, else why not
+        self._fetching: set[str] = set()  # change ids of the fetches under way
+        self._shared: dict[str, tuple[float, object]] = {}  # token -> (when, its segment)
 
     async def _objects(self):
         if self._store is None:
@@ -91,6 +96,27 @@ class Transfer:
                 path.unlink(missing_ok=True)
         answered(outcome)
 
+    def answered(self, replica: str, outcome: pb.Outcome) -> None:
+        """Each answer of this node's replicas: a share's segment on this host is kept for
+        its copy LEFT_FOR at most; a copy not done removes the segment it was to read."""
+        value = P.from_pb(outcome.new)
+        if isinstance(value, dict):
+            token = str(value.get("token", ""))
+            if outcome.name == S.SHARE and outcome.state == pb.APPLIED:
+                with contextlib.suppress(seg.SegmentError):
+                    path = seg.segment_path(self.job, replica, str(value.get("target")), token)
+                    self._shared[token] = (time.monotonic(), path)
+            elif outcome.name == S.COPY and outcome.state != pb.APPLIED:
+                with contextlib.suppress(seg.SegmentError):
+                    seg.segment_path(self.job, str(value.get("from")), replica, token).unlink(
+                        missing_ok=True
+                    )
+        now = time.monotonic()
+        for token, (when, path) in list(self._shared.items()):
+            if now - when > LEFT_FOR:
+                path.unlink(missing_ok=True)
+                del self._shared[token]
+
     # -- the target's node: a copy from another host -------------------------------------
 
     def needs_fetch(self, replica: str, want: pb.DesiredParam) -> bool:
@@ -102,8 +128,14 @@ class Transfer:
             and want.change_id not in self._fetched
         )
 
+    def fetching(self, want: pb.DesiredParam) -> bool:
+        """A fetch for this very change is under way (seen again after a reconnect): it
+        delivers the change once done."""
+        return want.change_id in self._fetching
+
     def fetch(self, replica: str, want: pb.DesiredParam, then: Callable[[], None]) -> None:
         """Fetch the object into this host's segment for the copy, then `then()`."""
+        self._fetching.add(want.change_id)
         self._start(self._fetch(replica, want, then))
 
     async def _fetch(self, replica: str, want: pb.DesiredParam, then: Callable[[], None]) -> None:
@@ -122,6 +154,7 @@ class Transfer:
             view = seg.create(path, info.size)
             try:
                 await store.get(name, writeinto=view)
+                seg.own(view)  # this host's supervisor, for the sweep
             except BaseException:
                 path.unlink(missing_ok=True)
                 raise
@@ -137,7 +170,17 @@ class Transfer:
         if len(self._fetched) >= REMEMBERED:
             self._fetched.pop(next(iter(self._fetched)))
         self._fetched[want.change_id] = problem
+        self._fetching.discard(want.change_id)
         then()
+
+    def dropped(self, replica: str, want: pb.DesiredParam) -> None:
+        """A copy fetched, and replaced by a later one before it was delivered."""
+        value = P.from_pb(want.value)
+        with contextlib.suppress(seg.SegmentError):
+            path = seg.segment_path(
+                self.job, str(value.get("from")), replica, str(value.get("token"))
+            )
+            path.unlink(missing_ok=True)
 
     def annotated(self, want: pb.DesiredParam) -> pb.DesiredParam:
         """The copy as the worker gets it: with the reason its fetch failed, if it did."""
@@ -151,6 +194,9 @@ class Transfer:
     # -- the end ---------------------------------------------------------------------------
 
     async def close(self) -> None:
+        """The transfers under way finish (a share done is answered), for 10 s at most."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=10.0)
         for task in list(self._tasks):
             task.cancel()
         with contextlib.suppress(Exception):

@@ -33,6 +33,11 @@ from loomrun.runtime.keep import InEffect
 from loomrun.runtime.trainstate import Captured, Found, StateError, rng_state
 
 DEEPEST = 32  # levels of nesting a value may have
+# The tensor types a copy carries (any bytes are a valid value of each).
+DTYPES = frozenset({
+    "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
+    "complex64", "complex128", "float8_e4m3fn", "float8_e5m2", "bool",
+})  # fmt: skip
 
 
 @dataclass
@@ -53,6 +58,10 @@ def share(found: Found, steered, source: str, step: int, path: Path, budget: int
     manifest = pb.StateManifest(source=source, step=step, tree=tree)
     position = 0
     for tensor in tensors:
+        if str(tensor.dtype).removeprefix("torch.") not in DTYPES or tensor.is_sparse:
+            raise StateError(
+                f"the state holds a tensor of {tensor.dtype}, which a copy cannot carry"
+            )
         manifest.tensors.add(
             dtype=str(tensor.dtype).removeprefix("torch."), shape=tensor.shape, offset=position
         )
@@ -65,15 +74,17 @@ def share(found: Found, steered, source: str, step: int, path: Path, budget: int
 
         raise StateError(f"the state takes {size_words(size)}, more than {size_words(budget)}")
     view = seg.create(path, size)
-    try:
-        _write(view, tensors, manifest, data)
+    try:  # its size last: until then no reader takes it, and the sweep knows its supervisor
+        view[: seg.HEADER] = seg.header(0, len(head), data, _supervisor())
         view[seg.HEADER : seg.HEADER + len(head)] = head
-        view[: seg.HEADER] = seg.header(size, len(head), data, _supervisor())
+        _write(view, tensors, manifest, data)
+        view[8:16] = size.to_bytes(8, "little")
     except BaseException:
         path.unlink(missing_ok=True)
         raise
     finally:
-        view.close()
+        with contextlib.suppress(BufferError):  # the error above is the one said
+            view.close()
     return Shared(path, size, time.perf_counter() - started)
 
 
@@ -85,8 +96,10 @@ def _write(view, tensors: list, manifest: pb.StateManifest, data: int) -> None:
             into = torch.frombuffer(
                 view, dtype=tensor.dtype, count=tensor.numel(), offset=data + entry.offset
             )
-            into.view(tensor.shape).copy_(tensor.detach())
-            del into  # the map closes only once no tensor points into it
+            try:
+                into.view(tensor.shape).copy_(tensor.detach())
+            finally:
+                del into  # the map closes only once no tensor points into it
 
 
 def _supervisor() -> int:
@@ -197,7 +210,7 @@ class Incoming:
     def _tensor(self, entry: pb.StateTensor, data: int):
         import torch
 
-        dtype = getattr(torch, entry.dtype, None)
+        dtype = getattr(torch, entry.dtype) if entry.dtype in DTYPES else None
         if not isinstance(dtype, torch.dtype) or entry.offset % seg.ALIGN:
             raise StateError(f"the copy holds a tensor of type {entry.dtype!r} at {entry.offset}")
         if any(n < 0 for n in entry.shape) or len(entry.shape) > 64:
@@ -376,6 +389,11 @@ def copy_action(snapshots, value: dict, step: int) -> dict:
         if path is not None:
             path.unlink(missing_ok=True)  # mapped, it stays readable here until closed
     try:
+        if (incoming.manifest.source, incoming.manifest.step) != (source, value.get("step")):
+            raise StateError(
+                f"the segment holds {incoming.manifest.source}'s state of step "
+                f"{incoming.manifest.step}, not {source}'s of step {value.get('step')}"
+            )
         found = snapshots.found()
         captured = bind(incoming, found)
     except StateError as error:
