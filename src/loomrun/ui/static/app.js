@@ -502,7 +502,7 @@ function makeChart(name, replicas, before = null) {
     width, height: 200,
     scales: {x: {time: false}, y: logScale[name] ? {distr: 3} : {}},
     // the values' own digits on the y axis: an lr of 0.0003 is not "0"
-    axes: [{label: "step"}, {size: 60, values: (u, ticks) => ticks.map((v) => g(v, 3))}],
+    axes: [{label: "step"}, {size: 70, values: (u, ticks) => ticks.map((v) => g(v, 3))}],
     legend: {live: false},
     cursor: {drag: {x: true, y: false}},
     series: [{label: "step"}, ...replicas.map((r) => ({
