@@ -134,28 +134,34 @@ async def measure(options: BrokerOptions, rounds: int, folder: str) -> dict[str,
     return out
 
 
+def on_a_job(state: str, launch: list[str], work):
+    """`work(broker options)`'s result, run against a job of WORKER started with `launch`
+    on a bundled broker of its own, in the state folder `state`."""
+    env = {**os.environ, "XDG_STATE_HOME": state, "OMP_NUM_THREADS": "1"}
+    os.environ["XDG_STATE_HOME"] = state
+    broker = BundledBroker.start(free_port())
+    env["LOOMRUN_NATS"] = broker.url
+    script = Path(state) / "train.py"
+    script.write_text(WORKER)
+    job = subprocess.Popen(
+        [LOOMRUN, *launch, str(script), str(HERE)], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        return asyncio.run(work(BrokerOptions(broker.url)))
+    finally:
+        job.terminate()
+        job.wait(timeout=60)
+        broker.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as state:
         base = baselines(args.rounds, state)
-        env = {**os.environ, "XDG_STATE_HOME": state, "OMP_NUM_THREADS": "1"}
-        os.environ["XDG_STATE_HOME"] = state
-        broker = BundledBroker.start(free_port())
-        env["LOOMRUN_NATS"] = broker.url
-        script = Path(state) / "train.py"
-        script.write_text(WORKER)
-        job = subprocess.Popen(
-            [LOOMRUN, "--job", JOB, str(script), str(HERE)], env=env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            found = asyncio.run(measure(BrokerOptions(broker.url), args.rounds, state + "/ck"))
-        finally:
-            job.terminate()
-            job.wait(timeout=60)
-            broker.stop()
+        found = on_a_job(state, ["--job", JOB], lambda o: measure(o, args.rounds, state + "/ck"))
     mb = base["bytes"] / 1e6
     print(f"model: {base['params'] / 1e6:.1f} M parameters; with AdamW's state {mb:.0f} MB")
     for action, baseline in (("snapshot", "clone"), ("rollback", "copy_"), ("save", "save")):

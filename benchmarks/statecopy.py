@@ -16,21 +16,14 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-from snapshot import WORKER, baselines
+from snapshot import baselines, on_a_job
 
-from loomrun.broker.bundled import BundledBroker
 from loomrun.broker.connect import BrokerOptions
 from loomrun.client import Steering
-from loomrun.launch import free_port
 
-HERE = Path(__file__).resolve().parent
-LOOMRUN = str(Path(sys.executable).parent / "loomrun")
 JOB = f"copy-{os.getpid()}"
 
 
@@ -73,22 +66,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as state:
         base = baselines(3, state)
-        env = {**os.environ, "XDG_STATE_HOME": state, "OMP_NUM_THREADS": "1"}
-        os.environ["XDG_STATE_HOME"] = state
-        broker = BundledBroker.start(free_port())
-        env["LOOMRUN_NATS"] = broker.url
-        script = Path(state) / "train.py"
-        script.write_text(WORKER)
-        job = subprocess.Popen(
-            [LOOMRUN, "--replicas", "2", "--job", JOB, str(script), str(HERE)], env=env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            found = asyncio.run(measure(BrokerOptions(broker.url), args.rounds))
-        finally:
-            job.terminate()
-            job.wait(timeout=60)
-            broker.stop()
+        launch = ["--replicas", "2", "--job", JOB]
+        found = on_a_job(state, launch, lambda options: measure(options, args.rounds))
     mb = base["bytes"] / 1e6
     print(f"model: {base['params'] / 1e6:.1f} M parameters; with AdamW's state {mb:.0f} MB")
     snap = statistics.median(d["snapshot"]["seconds"] for d, _ in found["snapshot"])
