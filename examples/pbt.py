@@ -26,7 +26,7 @@ from loomrun.broker import BrokerError
 from loomrun.broker.connect import BrokerOptions
 from loomrun.client import SteerError, Steering
 
-LIVE = ("running", "paused", "starting")
+ENDED = ("exited", "failed", "stopped")
 
 
 class Round:
@@ -70,11 +70,14 @@ async def pbt(args: argparse.Namespace) -> int:
         while args.rounds == 0 or rounds < args.rounds:
             statuses = await steering.statuses(job)
             live = {r: s for r, s in statuses.items() if r in replicas}
-            if len(live) < len(replicas) or any(_state(s) not in LIVE for s in live.values()):
+            if any(_state(s) in ENDED for s in live.values()):
                 break  # the job ends
+            if len(live) < len(replicas):  # one not seen yet (starting, or its broker away)
+                await asyncio.sleep(args.poll)
+                continue
             for replica, status in live.items():
                 round_.take(replica, status)
-            if any(_state(s) in LIVE and s.status.step < end for s in live.values()):
+            if any(s.status.step < end for s in live.values()):
                 await asyncio.sleep(args.poll)
                 continue
             ranked = round_.ranked()

@@ -1,6 +1,6 @@
 """examples/pbt.py, live on 4 replicas of examples/train.py (a learning rate far too low
 for the task), as the README runs it: every 200 steps the worst replica takes the best
-one's state and a perturbed lr, with no restart. Its best replica ends at least as good
+one's state and its lr halved or doubled, with no restart. Its best replica ends at least as good
 as the best of the same 4 seeds unsteered (by a margin), and the page (in chromium, where
 it is installed) draws each exploit as a marker on the loss curves."""
 
@@ -16,7 +16,7 @@ from conftest import EXAMPLES, run_loomrun, wait_for
 from jobs import job_id, wait_ready
 from pages import ARTIFACTS, chromium_session, start_ui
 
-TASK = ("--steps", "2400", "--lr", "0.0003", "--print-every", "100000")
+TASK = ("--steps", "2400", "--lr", "0.0001", "--print-every", "100000")
 REPLICAS = ("r0", "r1", "r2", "r3")
 
 
@@ -35,7 +35,8 @@ def test_pbt_beats_the_best_unsteered_seed_and_the_page_shows_its_exploits(procs
     wait_ready(job, REPLICAS)
     url, _, _ = start_ui(procs, "--job", job)
     controller = subprocess.Popen(
-        [sys.executable, EXAMPLES / "pbt.py", "--job", job, "--every", "200", "--poll", "0.05"],
+        [sys.executable, EXAMPLES / "pbt.py", "--job", job, "--every", "200", "--poll", "0.05",
+         "--factors", "0.5", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -58,7 +59,8 @@ def test_pbt_beats_the_best_unsteered_seed_and_the_page_shows_its_exploits(procs
           f"{min(unsteered.values()):.4f}")  # fmt: skip
     # Better by a margin: a replica never exploited trains as it would unsteered, so a tie
     # is what a PBT whose copies did nothing would give.
-    assert min(steered.values()) < 0.9 * min(unsteered.values()), (steered, unsteered)
+    # (0.018-0.026 against 0.059 in this session's runs, on a loaded machine too)
+    assert min(steered.values()) < 0.75 * min(unsteered.values()), (steered, unsteered)
 
 
 def page(url: str) -> None:

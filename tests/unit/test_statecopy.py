@@ -22,6 +22,7 @@ from loomrun.runtime.trainstate import Finder, StateError, restore
 def trained(seed: int, width: int = 16):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(8, width), nn.BatchNorm1d(width), nn.Linear(width, 1))
+    model.register_buffer("mask", torch.rand(width) > 0.5)  # a bool travels as 0/1 bytes
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, betas=(0.8, 0.9))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5**e)
     for _ in range(3):

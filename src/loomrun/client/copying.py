@@ -51,22 +51,27 @@ async def copy_state(
         raise SteerError(f"{source} is not running ({ended[source]}): there is no state to copy")
     checked = await steering.check(found.job, targets, values) if values else {}
     hosts = {r: s.host for r, s in (await steering.statuses(found.job)).items()}
-    rest = []
-    for target in targets:  # one share after another: each is a change of the source's one key
-        way = _way(via, hosts, source, target)
-        shared, token = await _share(steering, found.job, target, source, way, timeout)
-        rest.append(_done(shared))
-        if shared and shared[0].state == "applied":
-            rest.append(asyncio.ensure_future(_copy_in(
-                steering, found.job, target, source, checked.get(target, {}), way, token,
-                shared[0].outcome.step, timeout,
-            )))  # fmt: skip
-    done = await asyncio.gather(*rest)
-    return [result for results in done for result in results]
-
-
-async def _done(results: list[Result]) -> list[Result]:
-    return results
+    parts: list = []  # per target: its share's answers, then the task of its values and copy
+    try:
+        for target in targets:  # one share after another: each a change of the source's key
+            way = _way(via, hosts, source, target)
+            shared, token = await _share(steering, found.job, target, source, way, timeout)
+            parts.append(shared)
+            if shared and shared[0].state == "applied":
+                parts.append(asyncio.ensure_future(_copy_in(
+                    steering, found.job, target, source, checked.get(target, {}), way, token,
+                    shared[0].outcome.step, timeout,
+                )))  # fmt: skip
+        tasks = [part for part in parts if isinstance(part, asyncio.Future)]
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for part in parts:
+            if isinstance(part, asyncio.Future):
+                part.cancel()
+        raise
+    return [
+        r for part in parts for r in (part.result() if isinstance(part, asyncio.Future) else part)
+    ]
 
 
 def _way(via: str, hosts: dict[str, str], source: str, target: str) -> str:

@@ -358,6 +358,8 @@ class ControlPlane:
         """Record how the job ended, drop its devices, flush what is pending, stop a bundled
         broker. The job stays listed as finished, so `ls` and `watch` can say how it ended."""
         self.link.closing = True
+        if self.pump.transfer is not None:  # a share being stored is answered, then flushed
+            await self.pump.transfer.close()
         for task in self._tasks:  # the final flush below is the only one running
             task.cancel()
         if self.link.connected:
@@ -372,8 +374,6 @@ class ControlPlane:
                 await asyncio.wait_for(self.outbox.flush(), 3.0)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.outbox.flush_records(), RECORDS_AT_CLOSE)
-        if self.pump.transfer is not None:
-            await self.pump.transfer.close()
         missing = self.outbox.unacked + self.outbox.dropped
         if missing:
             kept = "changes.jsonl has them" if self.ledger.on_disk else "no file has them"

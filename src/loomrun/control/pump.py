@@ -67,6 +67,8 @@ class MailboxPump:
     def written(self, replica, refused: pb.Outcome | None) -> None:
         """The relay wrote a change (poll fast for its answer), or refused to (answer now)."""
         if refused is not None:
+            if self.transfer is not None:
+                self.transfer.answered(replica.name, refused)
             self._publish_outcome(replica, refused)
             if self.on_answer is not None:
                 self.on_answer(replica.name, refused)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
 from collections.abc import Callable
 
 from loomrun import params as P
@@ -39,7 +38,7 @@ class Transfer:
         self._tasks: set[asyncio.Task] = set()
         self._fetched: dict[str, str] = {}  # change id -> "" once fetched, else why not
         self._fetching: set[str] = set()  # change ids of the fetches under way
-        self._shared: dict[str, tuple[float, object]] = {}  # token -> (when, its segment)
+        self._waiting: set[asyncio.TimerHandle] = set()  # the removals of shared segments
 
     async def _objects(self):
         if self._store is None:
@@ -97,25 +96,21 @@ class Transfer:
         answered(outcome)
 
     def answered(self, replica: str, outcome: pb.Outcome) -> None:
-        """Each answer of this node's replicas: a share's segment on this host is kept for
-        its copy LEFT_FOR at most; a copy not done removes the segment it was to read."""
+        """Each answer of this node's replicas: a share's segment on this host waits for its
+        copy LEFT_FOR at most; a copy not done removes the segment it was to read."""
+        if outcome.name not in (S.SHARE, S.COPY):
+            return
         value = P.from_pb(outcome.new)
-        if isinstance(value, dict):
-            token = str(value.get("token", ""))
+        if not isinstance(value, dict):
+            return
+        token = str(value.get("token", ""))
+        with contextlib.suppress(seg.SegmentError, OSError):
             if outcome.name == S.SHARE and outcome.state == pb.APPLIED:
-                with contextlib.suppress(seg.SegmentError):
-                    path = seg.segment_path(self.job, replica, str(value.get("target")), token)
-                    self._shared[token] = (time.monotonic(), path)
+                path = seg.segment_path(self.job, replica, str(value.get("target")), token)
+                later = asyncio.get_running_loop().call_later(LEFT_FOR, _remove, path)
+                self._waiting.add(later)
             elif outcome.name == S.COPY and outcome.state != pb.APPLIED:
-                with contextlib.suppress(seg.SegmentError):
-                    seg.segment_path(self.job, str(value.get("from")), replica, token).unlink(
-                        missing_ok=True
-                    )
-        now = time.monotonic()
-        for token, (when, path) in list(self._shared.items()):
-            if now - when > LEFT_FOR:
-                path.unlink(missing_ok=True)
-                del self._shared[token]
+                _remove(seg.segment_path(self.job, str(value.get("from")), replica, token))
 
     # -- the target's node: a copy from another host -------------------------------------
 
@@ -201,6 +196,8 @@ class Transfer:
             task.cancel()
         with contextlib.suppress(Exception):
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        for later in self._waiting:
+            later.cancel()
         self.remove_left()
 
     def remove_left(self) -> None:
@@ -216,6 +213,11 @@ def _chunks(name: str, max_payload: int):
 
     size = max(128 << 10, min(max_payload - (4 << 10), 8 << 20))
     return api.ObjectMeta(name=name, options=api.ObjectMetaOptions(max_chunk_size=size))
+
+
+def _remove(path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
 
 
 def _no_links(path, flags: int) -> int:

@@ -33,7 +33,8 @@ from loomrun.runtime.keep import InEffect
 from loomrun.runtime.trainstate import Captured, Found, StateError, rng_state
 
 DEEPEST = 32  # levels of nesting a value may have
-# The tensor types a copy carries (any bytes are a valid value of each).
+# The tensor types a copy carries (any bytes are a valid value of each; a bool's are
+# checked to be 0 or 1).
 DTYPES = frozenset({
     "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
     "complex64", "complex128", "float8_e4m3fn", "float8_e5m2", "bool",
@@ -58,7 +59,7 @@ def share(found: Found, steered, source: str, step: int, path: Path, budget: int
     manifest = pb.StateManifest(source=source, step=step, tree=tree)
     position = 0
     for tensor in tensors:
-        if str(tensor.dtype).removeprefix("torch.") not in DTYPES or tensor.is_sparse:
+        if str(tensor.dtype).removeprefix("torch.") not in DTYPES or not _strided(tensor):
             raise StateError(
                 f"the state holds a tensor of {tensor.dtype}, which a copy cannot carry"
             )
@@ -86,6 +87,12 @@ def share(found: Found, steered, source: str, step: int, path: Path, budget: int
         with contextlib.suppress(BufferError):  # the error above is the one said
             view.close()
     return Shared(path, size, time.perf_counter() - started)
+
+
+def _strided(tensor) -> bool:
+    import torch
+
+    return tensor.layout == torch.strided
 
 
 def _write(view, tensors: list, manifest: pb.StateManifest, data: int) -> None:
@@ -223,6 +230,11 @@ class Incoming:
             raise StateError("the copy holds a tensor past its end")
         if not count:
             return torch.empty(tuple(entry.shape), dtype=dtype)
+        if dtype == torch.bool:
+            found = torch.frombuffer(self.view, dtype=torch.uint8, count=count, offset=start)
+            if int(found.max()) > 1:
+                raise StateError("the copy holds a bool tensor with bytes other than 0 and 1")
+            return found.view(torch.bool).view(tuple(entry.shape))
         found = torch.frombuffer(self.view, dtype=dtype, count=count, offset=start)
         return found.view(tuple(entry.shape))
 
